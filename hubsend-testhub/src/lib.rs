@@ -1,0 +1,367 @@
+//! A local, scriptable Event Hubs-compatible AMQP 1.0 server for tests and offline use.
+//!
+//! It speaks the service's wire protocol (SASL MSSBCBS/PLAIN/ANONYMOUS, `$cbs` put-token with
+//! SAS verification, producer links per hub and partition, batches, `$management` READ), stores
+//! what it receives for inspection, and injects faults on request.
+
+#![deny(missing_docs)]
+
+mod faults;
+mod hash;
+mod sas;
+mod server;
+mod store;
+mod tls;
+mod wire;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use faults::Faults;
+pub use store::StoredEvent;
+
+/// A right a SAS policy grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Right {
+    /// Send events.
+    Send,
+    /// Receive events.
+    Listen,
+    /// Manage entities (implies nothing else here; list Send/Listen explicitly).
+    Manage,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Policy {
+    pub name: String,
+    pub key: String,
+    pub rights: Vec<Right>,
+}
+
+/// Configuration of a [`TestHub`]; builder style.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) tls: bool,
+    pub(crate) hubs: Vec<(String, u32)>,
+    hubs_customised: bool,
+    pub(crate) policies: Vec<Policy>,
+    policies_customised: bool,
+    pub(crate) max_message_size: u64,
+    pub(crate) advertised_max_message_size: Option<u64>,
+    pub(crate) link_credit: u32,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn random_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+impl HubConfig {
+    /// Defaults: 127.0.0.1, port 0, no TLS, hub `telemetry` with 4 partitions, policies
+    /// `send-only` (Send) and `manage` (Manage, Send, Listen) with random keys, 1 MiB
+    /// max-message-size, link credit 300.
+    pub fn new() -> Self {
+        Self {
+            host: "127.0.0.1".to_string(),
+            port: 0,
+            tls: false,
+            hubs: vec![("telemetry".to_string(), 4)],
+            hubs_customised: false,
+            policies: vec![
+                Policy {
+                    name: "send-only".to_string(),
+                    key: random_key(),
+                    rights: vec![Right::Send],
+                },
+                Policy {
+                    name: "manage".to_string(),
+                    key: random_key(),
+                    rights: vec![Right::Manage, Right::Send, Right::Listen],
+                },
+            ],
+            policies_customised: false,
+            max_message_size: 1_048_576,
+            advertised_max_message_size: None,
+            link_credit: 300,
+        }
+    }
+
+    /// Interface to bind.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// Port to bind (0 = any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Serve raw TLS (as Azure's 5671) with a generated CA and a server certificate for
+    /// `localhost` and 127.0.0.1.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
+        self
+    }
+
+    /// Adds a hub; the first call replaces the default hub.
+    pub fn hub(mut self, name: impl Into<String>, partitions: u32) -> Self {
+        if !self.hubs_customised {
+            self.hubs.clear();
+            self.hubs_customised = true;
+        }
+        self.hubs.push((name.into(), partitions.max(1)));
+        self
+    }
+
+    /// Adds a SAS policy; the first call replaces the default policies.
+    pub fn policy(
+        mut self,
+        name: impl Into<String>,
+        key: impl Into<String>,
+        rights: &[Right],
+    ) -> Self {
+        if !self.policies_customised {
+            self.policies.clear();
+            self.policies_customised = true;
+        }
+        self.policies.push(Policy {
+            name: name.into(),
+            key: key.into(),
+            rights: rights.to_vec(),
+        });
+        self
+    }
+
+    /// Largest accepted delivery in bytes (advertised on producer links).
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Advertise a different max-message-size than the one enforced (a misbehaving hub, for
+    /// testing the server-side rejection with clients that check sizes locally).
+    #[doc(hidden)]
+    pub fn advertise_max_message_size(mut self, bytes: u64) -> Self {
+        self.advertised_max_message_size = Some(bytes);
+        self
+    }
+
+    /// Credit granted to producer links.
+    pub fn link_credit(mut self, credit: u32) -> Self {
+        self.link_credit = credit.max(1);
+        self
+    }
+}
+
+/// Counters of what the hub has seen.
+#[derive(Clone, Debug, Default)]
+pub struct HubStats {
+    /// Connections that completed the AMQP open.
+    pub connections_accepted: u64,
+    /// put-token requests answered 202.
+    pub put_tokens_accepted: u64,
+    /// put-token requests answered with an error status.
+    pub put_tokens_rejected: u64,
+    /// Deliveries received on producer links.
+    pub transfers_received: u64,
+    /// Deliveries disposed Accepted.
+    pub deliveries_accepted: u64,
+    /// Deliveries disposed Rejected.
+    pub deliveries_rejected: u64,
+    /// Links attached (all kinds).
+    pub links_attached: u64,
+    /// Link attaches refused.
+    pub links_refused: u64,
+    /// `$management` requests answered.
+    pub management_requests: u64,
+}
+
+/// Errors starting a [`TestHub`].
+#[derive(Debug, thiserror::Error)]
+pub enum TestHubError {
+    /// Binding or socket setup failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Certificate generation or TLS setup failed.
+    #[error("tls setup failed: {0}")]
+    Tls(String),
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A running hub. Shuts the server down when dropped.
+#[derive(Debug)]
+pub struct TestHub {
+    addr: SocketAddr,
+    shared: Arc<server::Shared>,
+    ca_pem: Option<String>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestHub {
+    /// Binds and starts serving.
+    ///
+    /// # Errors
+    /// Fails when binding fails, the configuration has no hub, or TLS setup fails.
+    pub async fn start(config: HubConfig) -> Result<TestHub, TestHubError> {
+        if config.hubs.is_empty() {
+            return Err(TestHubError::Config("no hub configured".to_string()));
+        }
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
+        let addr = listener.local_addr()?;
+        let (tls_acceptor, ca_pem) = if config.tls {
+            let (acc, pem) = tls::make_acceptor(&config.host).map_err(TestHubError::Tls)?;
+            (Some(acc), Some(pem))
+        } else {
+            (None, None)
+        };
+        let shared = Arc::new(server::Shared::new(config));
+        let accept_task = tokio::spawn(server::accept_loop(listener, shared.clone(), tls_acceptor));
+        Ok(TestHub {
+            addr,
+            shared,
+            ca_pem,
+            accept_task: Some(accept_task),
+        })
+    }
+
+    /// The bound socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connection string for the first hub and the first policy with the Send right.
+    pub fn connection_string(&self) -> String {
+        let cfg = &self.shared.config;
+        let policy = cfg
+            .policies
+            .iter()
+            .find(|p| p.rights.contains(&Right::Send))
+            .or_else(|| cfg.policies.first())
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        let hub = cfg.hubs.first().map(|h| h.0.clone()).unwrap_or_default();
+        self.connection_string_for(&policy, &hub)
+    }
+
+    /// Connection string for `policy` and `hub` (names are not checked).
+    pub fn connection_string_for(&self, policy: &str, hub: &str) -> String {
+        let cfg = &self.shared.config;
+        let key = cfg
+            .policies
+            .iter()
+            .find(|p| p.name == policy)
+            .map(|p| p.key.clone())
+            .unwrap_or_default();
+        let port = self.addr.port();
+        if cfg.tls {
+            format!(
+                "Endpoint=sb://localhost:{port}/;SharedAccessKeyName={policy};SharedAccessKey={key};EntityPath={hub}"
+            )
+        } else {
+            let ip = self.addr.ip();
+            let host = if ip.is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                ip.to_string()
+            };
+            format!(
+                "Endpoint=sb://{host}:{port}/;SharedAccessKeyName={policy};SharedAccessKey={key};EntityPath={hub};UseDevelopmentEmulator=true"
+            )
+        }
+    }
+
+    /// PEM of the CA that signed the server certificate (TLS only).
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
+    }
+
+    /// All stored events of `hub`, ordered by (partition, sequence number).
+    pub fn events(&self, hub: &str) -> Vec<StoredEvent> {
+        self.shared.events(hub, None)
+    }
+
+    /// Stored events of one partition of `hub`.
+    pub fn partition_events(&self, hub: &str, partition: u32) -> Vec<StoredEvent> {
+        self.shared.events(hub, Some(partition))
+    }
+
+    /// Waits until at least `count` events of `hub` are stored or `timeout` passes; returns
+    /// what is stored then.
+    pub async fn wait_for_events(
+        &self,
+        hub: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<StoredEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.stored.notified();
+            let events = self.events(hub);
+            if events.len() >= count {
+                return events;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.events(hub);
+            }
+        }
+    }
+
+    /// Snapshot of the counters.
+    pub fn stats(&self) -> HubStats {
+        self.shared.stats.lock().unwrap().clone()
+    }
+
+    /// Handle to fault injection.
+    pub fn faults(&self) -> Faults {
+        Faults {
+            shared: self.shared.faults.clone(),
+        }
+    }
+
+    /// The partition the service would route `key` to in `hub` (PROTOCOL J).
+    pub fn partition_for_key(&self, hub: &str, key: &str) -> u32 {
+        let count = self.shared.partition_count(hub).unwrap_or(1);
+        hash::partition_for_key(key, count)
+    }
+
+    /// Stops accepting and drops every connection.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        tokio::task::yield_now().await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
+        }
+        self.faults().drop_connections();
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Builds a SAS token for `resource` (signed over the upper-case percent-encoded resource).
+pub fn sign_sas_token(
+    resource: &str,
+    key_name: &str,
+    key: &str,
+    expires_at_unix_secs: u64,
+) -> String {
+    sas::sign(resource, key_name, key, expires_at_unix_secs)
+}

@@ -1,0 +1,758 @@
+//! The AMQP engine behind a [`Producer`](crate::Producer): one connection and session, CBS
+//! authorisation with timed token refresh, one task per sender link, and `$management` reads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::delivery::DeliveryFut;
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::link::{DetachError, SendError, SenderAttachError};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::{self, SenderSettleMode};
+use fe2o3_amqp::types::messaging::{Batch, Data, Message, Outcome};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp_types::primitives::{Symbol, Timestamp};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::auth::{AccessToken, TokenProvider};
+use crate::batch::BATCH_MESSAGE_FORMAT;
+use crate::error::{Condition, Error, ErrorKind, Result};
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub(crate) struct ConnectConfig {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) hub: String,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) provider: Arc<dyn TokenProvider>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) max_frame_size: u32,
+}
+
+/// Maps a fe2o3 AMQP error (condition + description) to ours.
+pub(crate) fn from_amqp_error(error: &definitions::Error, context: &str) -> Error {
+    let symbol = serde_amqp::to_vec(&error.condition)
+        .ok()
+        .and_then(|bytes| serde_amqp::from_slice::<Symbol>(&bytes).ok())
+        .map(|s| s.0)
+        .unwrap_or_else(|| "amqp:internal-error".to_owned());
+    Error::from_condition(
+        Condition::from_symbol(&symbol),
+        error.description.as_deref(),
+        context,
+    )
+}
+
+fn stop_reason_error(reason: &fe2o3_amqp::link::SessionStopReason, context: &str) -> Error {
+    use fe2o3_amqp::connection::ConnectionStopReason as C;
+    use fe2o3_amqp::link::SessionStopReason as S;
+    match reason {
+        S::EndedWithError(e) | S::RemoteEndedWithError(e) => from_amqp_error(e, context),
+        S::ConnectionStopped(C::ClosedWithError(e) | C::RemoteClosedWithError(e)) => {
+            from_amqp_error(e, context)
+        }
+        _ => Error::new(
+            ErrorKind::Connection,
+            format!("{context}: the connection or session ended"),
+        ),
+    }
+}
+
+fn detach_error(error: &DetachError, context: &str) -> Error {
+    match error {
+        DetachError::RemoteDetachedWithError(e) | DetachError::RemoteClosedWithError(e) => {
+            from_amqp_error(e, context)
+        }
+        DetachError::SessionStopped(reason) => stop_reason_error(reason, context),
+        _ => Error::new(
+            ErrorKind::Link,
+            format!("{context}: the hub detached the link"),
+        ),
+    }
+}
+
+pub(crate) fn send_error(error: SendError, context: &str) -> Error {
+    use fe2o3_amqp::link::LinkStateError as L;
+    match error {
+        SendError::LinkStateError(L::RemoteDetachedWithError(e) | L::RemoteClosedWithError(e)) => {
+            from_amqp_error(&e, context)
+        }
+        SendError::LinkStateError(L::SessionStopped(reason)) => stop_reason_error(&reason, context),
+        SendError::Detached(d) => detach_error(&d, context),
+        SendError::MessageSizeExceeded(e) => {
+            Error::new(ErrorKind::MessageTooLarge, format!("{context}: {e}")).with_source(e)
+        }
+        other => Error::new(ErrorKind::Link, format!("{context}: {other}")).with_source(other),
+    }
+}
+
+fn attach_error(error: SenderAttachError, context: &str) -> Error {
+    match error {
+        SenderAttachError::RemoteClosedWithError(e) => from_amqp_error(&e, context),
+        SenderAttachError::SessionStopped(reason) => stop_reason_error(&reason, context),
+        other => Error::new(ErrorKind::Link, format!("{context}: {other}")).with_source(other),
+    }
+}
+
+fn outcome_result(result: std::result::Result<Outcome, SendError>) -> Result<()> {
+    match result {
+        Ok(Outcome::Accepted(_)) => Ok(()),
+        Ok(Outcome::Rejected(rejected)) => Err(match rejected.error {
+            Some(e) => from_amqp_error(&e, "the hub rejected the delivery"),
+            None => Error::new(ErrorKind::Rejected, "the hub rejected the delivery"),
+        }),
+        Ok(Outcome::Released(_)) => Err(Error::new(
+            ErrorKind::NotStored,
+            "the hub released the delivery without storing it",
+        )),
+        Ok(Outcome::Modified(_)) => Err(Error::new(
+            ErrorKind::NotStored,
+            "the hub returned the delivery as modified without storing it",
+        )),
+        #[allow(unreachable_patterns)]
+        Ok(_) => Err(Error::new(
+            ErrorKind::Protocol,
+            "the hub settled the delivery with an unexpected state",
+        )),
+        Err(e) => Err(send_error(e, "delivery failed")),
+    }
+}
+
+/// One message on its way to a sender link, with the caller's reply slot.
+pub(crate) struct Outgoing {
+    pub(crate) message: Message<Batch<Data>>,
+    pub(crate) reply: oneshot::Sender<Result<()>>,
+    pub(crate) permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+struct Pending {
+    fut: DeliveryFut<std::result::Result<Outcome, SendError>>,
+    reply: oneshot::Sender<Result<()>>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// A live sender link: its queue and the task that drains it.
+pub(crate) struct LinkHandle {
+    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) max_message_size: u64,
+    task: JoinHandle<()>,
+}
+
+/// The connection a producer owns.
+pub(crate) struct Engine {
+    config: ConnectConfig,
+    connection: Mutex<ConnectionHandle<()>>,
+    session: Mutex<SessionHandle<()>>,
+    cbs: Mutex<CbsClient>,
+    links: Mutex<HashMap<String, Arc<LinkHandle>>>,
+    management: Mutex<Option<Management>>,
+    token: Mutex<AccessToken>,
+    link_counter: AtomicU64,
+    refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Default link capacity (queue depth) and the hub's size limit as seen at connect.
+    queue_depth: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("host", &self.config.host)
+            .field("port", &self.config.port)
+            .field("hub", &self.config.hub)
+            .field("tls", &self.config.tls.is_some())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// The audience every token is put for: the hub, which covers its partitions.
+    pub(crate) fn audience(&self) -> String {
+        hub_audience(&self.config)
+    }
+
+    pub(crate) fn hub(&self) -> &str {
+        &self.config.hub
+    }
+
+    /// Opens the connection and session and authorises the hub audience.
+    pub(crate) async fn connect(config: ConnectConfig, queue_depth: usize) -> Result<Arc<Engine>> {
+        let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
+        async move {
+            let timeout = config.connect_timeout;
+            let (connection, session, cbs, token) = tokio::time::timeout(timeout, open(&config))
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "connecting to {}:{} took longer than {:?}",
+                            config.host, config.port, timeout
+                        ),
+                    )
+                })??;
+            tracing::info!("connected");
+            let engine = Arc::new(Engine {
+                config,
+                connection: Mutex::new(connection),
+                session: Mutex::new(session),
+                cbs: Mutex::new(cbs),
+                links: Mutex::new(HashMap::new()),
+                management: Mutex::new(None),
+                token: Mutex::new(token),
+                link_counter: AtomicU64::new(0),
+                refresher: std::sync::Mutex::new(None),
+                queue_depth,
+            });
+            let refresher = tokio::spawn(
+                refresh_tokens(Arc::downgrade(&engine)).instrument(tracing::Span::current()),
+            );
+            if let Ok(mut slot) = engine.refresher.lock() {
+                *slot = Some(refresher);
+            }
+            Ok(engine)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The sender link for `target` (the hub or `hub/Partitions/N`), attached on first use.
+    pub(crate) async fn link(self: &Arc<Self>, partition: Option<&str>) -> Result<Arc<LinkHandle>> {
+        let target = match partition {
+            Some(id) => format!("{}/Partitions/{}", self.config.hub, id),
+            None => self.config.hub.clone(),
+        };
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.get(&target) {
+            if !link.tx.is_closed() {
+                return Ok(link.clone());
+            }
+        }
+        let n = self.link_counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("hubsend-sender-{n}");
+        let span = tracing::info_span!("link", name = %name, target = %target);
+        let sender = {
+            let mut session = self.session.lock().await;
+            tokio::time::timeout(
+                self.config.operation_timeout,
+                Sender::builder()
+                    .name(name.clone())
+                    .target(target.clone())
+                    .sender_settle_mode(SenderSettleMode::Unsettled)
+                    .attach(&mut session),
+            )
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("attaching a sender to `{target}` timed out"),
+                )
+            })?
+            .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))?
+        };
+        // The service always announces its limit; a silent peer gets Event Hubs' standard 1 MB.
+        let max_message_size = sender.max_message_size().unwrap_or(1024 * 1024);
+        let _enter = span.enter();
+        tracing::info!(max_message_size, "sender link attached");
+        drop(_enter);
+        let (tx, rx) = mpsc::channel(self.queue_depth);
+        let task = tokio::spawn(run_link(sender, rx).instrument(span));
+        let handle = Arc::new(LinkHandle {
+            tx,
+            max_message_size,
+            task,
+        });
+        links.insert(target, handle.clone());
+        Ok(handle)
+    }
+
+    /// Performs one `$management` READ and returns the response body.
+    pub(crate) async fn management_read(
+        &self,
+        entity_type: &str,
+        partition: Option<&str>,
+    ) -> Result<fe2o3_amqp_types::primitives::Value> {
+        let token = self.token.lock().await.clone();
+        let mut slot = self.management.lock().await;
+        if slot.is_none() {
+            let mut session = self.session.lock().await;
+            *slot = Some(Management::attach(&mut session, self.config.operation_timeout).await?);
+        }
+        let management = slot
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Management, "management link unavailable"))?;
+        let result = tokio::time::timeout(
+            self.config.operation_timeout,
+            management.read(entity_type, &self.config.hub, partition, token.secret()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                "the $management request timed out",
+            ))
+        });
+        if result
+            .as_ref()
+            .is_err_and(|e| e.kind() != ErrorKind::NotFound)
+        {
+            // Replies are matched by order; after a failure start afresh.
+            *slot = None;
+        }
+        result
+    }
+
+    /// Sends the current token for the hub audience again (a refresh).
+    async fn put_token(&self) -> Result<SystemTime> {
+        let audience = self.audience();
+        let token = self.config.provider.token(&audience).await?;
+        let expires = token.expires_at();
+        let mut cbs = self.cbs.lock().await;
+        put_token(&mut cbs, &audience, &token, self.config.operation_timeout).await?;
+        *self.token.lock().await = token;
+        Ok(expires)
+    }
+
+    /// Drains every link, then closes the CBS links, session and connection.
+    pub(crate) async fn close(&self) -> Result<()> {
+        if let Ok(mut slot) = self.refresher.lock() {
+            if let Some(task) = slot.take() {
+                task.abort();
+            }
+        }
+        let links: Vec<Arc<LinkHandle>> = self.links.lock().await.drain().map(|(_, l)| l).collect();
+        for link in links {
+            match Arc::try_unwrap(link) {
+                Ok(link) => {
+                    drop(link.tx);
+                    let _ = link.task.await;
+                }
+                Err(shared) => {
+                    // A concurrent send still holds it; its task ends when that send is done.
+                    tracing::debug!(
+                        still_shared = Arc::strong_count(&shared),
+                        "link shared at close"
+                    );
+                }
+            }
+        }
+        if let Some(m) = self.management.lock().await.take() {
+            m.close().await;
+        }
+        let mut connection = self.connection.lock().await;
+        let mut session = self.session.lock().await;
+        let _ = session.end().await;
+        connection.close().await.map_err(|e| {
+            Error::new(ErrorKind::Connection, "closing the connection failed").with_source(e)
+        })?;
+        tracing::info!(hub = %self.config.hub, "connection closed");
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.refresher.lock() {
+            if let Some(task) = slot.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+fn hub_audience(config: &ConnectConfig) -> String {
+    format!("sb://{}/{}", config.host, config.hub)
+}
+
+async fn open(
+    config: &ConnectConfig,
+) -> Result<(
+    ConnectionHandle<()>,
+    SessionHandle<()>,
+    CbsClient,
+    AccessToken,
+)> {
+    let tcp = TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot reach {}:{}", config.host, config.port),
+            )
+            .with_source(e)
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let container_id = format!("hubsend-{}", uuid::Uuid::new_v4().simple());
+    let builder = Connection::builder()
+        .container_id(container_id)
+        .hostname(config.host.as_str())
+        .scheme("amqp")
+        .max_frame_size(config.max_frame_size)
+        .sasl_profile(SaslProfile::Anonymous);
+    let open_error = |e: fe2o3_amqp::connection::OpenError| {
+        let context = format!("opening the AMQP connection to {} failed", config.host);
+        match &e {
+            fe2o3_amqp::connection::OpenError::RemoteClosedWithError(err) => {
+                from_amqp_error(err, &context)
+            }
+            _ => Error::new(ErrorKind::Connection, context).with_source(e),
+        }
+    };
+    let mut connection = match &config.tls {
+        Some(tls) => {
+            let stream = crate::tls::connect(tls.clone(), &config.host, tcp).await?;
+            builder.open_with_stream(stream).await.map_err(open_error)?
+        }
+        None => builder.open_with_stream(tcp).await.map_err(open_error)?,
+    };
+    let mut session = Session::begin(&mut connection).await.map_err(|e| {
+        Error::new(ErrorKind::Connection, "beginning the AMQP session failed").with_source(e)
+    })?;
+    let mut cbs = CbsClient::builder()
+        .client_node_addr(format!("hubsend-cbs-{}", uuid::Uuid::new_v4().simple()))
+        .attach(&mut session)
+        .await
+        .map_err(|e| {
+            Error::new(ErrorKind::Link, "attaching the $cbs links failed").with_source(e)
+        })?;
+    let audience = hub_audience(config);
+    let token = config.provider.token(&audience).await?;
+    put_token(&mut cbs, &audience, &token, config.operation_timeout).await?;
+    Ok((connection, session, cbs, token))
+}
+
+async fn put_token(
+    cbs: &mut CbsClient,
+    audience: &str,
+    token: &AccessToken,
+    timeout: Duration,
+) -> Result<()> {
+    let expires_ms = token
+        .expires_at()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let cbs_token = CbsToken::new(
+        token.secret(),
+        token.token_type().as_str(),
+        Some(Timestamp::from_milliseconds(expires_ms)),
+    );
+    let result = tokio::time::timeout(timeout, cbs.put_token(audience, cbs_token))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("put-token for `{audience}` timed out"),
+            )
+        })?;
+    match result {
+        Ok(()) => {
+            tracing::debug!(audience, "token accepted");
+            Ok(())
+        }
+        Err(fe2o3_amqp_management::error::Error::Status(status)) => {
+            let code = status.code.0.get();
+            let description = status.description.unwrap_or_default();
+            let kind = match code {
+                401 | 403 => ErrorKind::Unauthorized,
+                404 => ErrorKind::NotFound,
+                _ => ErrorKind::Connection,
+            };
+            tracing::warn!(audience, code, "token refused");
+            Err(Error::new(
+                kind,
+                format!(
+                    "the hub refused the token for audience `{audience}` ({code}): {description}"
+                ),
+            ))
+        }
+        Err(e) => Err(Error::new(
+            ErrorKind::Connection,
+            format!("put-token for `{audience}` failed"),
+        )
+        .with_source(e)),
+    }
+}
+
+/// When to put a fresh token: after 80 % of its lifetime, and at least 5 minutes before expiry
+/// when the lifetime allows it, but never before half of it has passed.
+pub(crate) fn refresh_delay(now: SystemTime, expires_at: SystemTime) -> Duration {
+    let lifetime = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+    lifetime
+        .mul_f64(0.8)
+        .min(lifetime.saturating_sub(Duration::from_secs(300)))
+        .max(lifetime / 2)
+}
+
+async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
+    let mut expires_at = match engine.upgrade() {
+        Some(e) => e.token.lock().await.expires_at(),
+        None => return,
+    };
+    loop {
+        let delay = refresh_delay(SystemTime::now(), expires_at);
+        tokio::time::sleep(delay.max(Duration::from_millis(200))).await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        match engine.put_token().await {
+            Ok(next) => {
+                tracing::info!(audience = %engine.audience(), "token refreshed");
+                expires_at = next;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "token refresh failed; retrying");
+                // Try again well before the old token runs out.
+                let remaining = expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep((remaining / 4).min(Duration::from_secs(30))).await;
+                if remaining.is_zero() {
+                    // Keep the loop alive; a later success revives new links.
+                    expires_at = SystemTime::now() + Duration::from_secs(5);
+                }
+            }
+        }
+    }
+}
+
+/// Drains one sender link: hands each message to fe2o3 (which waits for credit) and passes the
+/// delivery future to a settler that reports outcomes in order.
+async fn run_link(mut sender: Sender, mut rx: mpsc::Receiver<Outgoing>) {
+    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Pending>();
+    let settler = tokio::spawn(
+        async move {
+            while let Some(p) = settle_rx.recv().await {
+                let result = outcome_result(p.fut.await);
+                if let Err(e) = &result {
+                    tracing::debug!(error = %e, "delivery failed");
+                }
+                let _ = p.reply.send(result);
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+    let mut failure: Option<Error> = None;
+    while let Some(out) = rx.recv().await {
+        let sendable = Sendable::builder()
+            .message(out.message)
+            .message_format(BATCH_MESSAGE_FORMAT)
+            .build();
+        match sender.send_batchable(sendable).await {
+            Ok(fut) => {
+                tracing::trace!("transfer sent");
+                let _ = settle_tx.send(Pending {
+                    fut,
+                    reply: out.reply,
+                    _permits: out.permits,
+                });
+            }
+            Err(e) => {
+                let recoverable = matches!(e, SendError::MessageSizeExceeded(_));
+                let error = send_error(e, "sending failed");
+                if recoverable {
+                    let _ = out.reply.send(Err(error));
+                    continue;
+                }
+                tracing::warn!(error = %error, "sender link lost");
+                let _ = out.reply.send(Err(clone_error(&error)));
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    rx.close();
+    if let Some(error) = &failure {
+        while let Ok(out) = rx.try_recv() {
+            let _ = out.reply.send(Err(clone_error(error)));
+        }
+    }
+    drop(settle_tx);
+    let _ = settler.await;
+    if failure.is_none() {
+        let _ = sender.close().await;
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    let copy = Error::new(e.kind(), e.message().to_owned());
+    match e.condition() {
+        Some(c) => copy.with_condition(c.clone()),
+        None => copy,
+    }
+}
+
+/// The `$management` request/response link pair.
+struct Management {
+    sender: Sender,
+    receiver: Receiver,
+    reply_to: String,
+    next_id: u64,
+}
+
+impl Management {
+    async fn attach(session: &mut SessionHandle<()>, timeout: Duration) -> Result<Management> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let reply_to = format!("hubsend-mgmt-{id}");
+        let attach = async {
+            let sender = Sender::builder()
+                .name(format!("{reply_to}-sender"))
+                .target("$management")
+                .attach(session)
+                .await
+                .map_err(|e| attach_error(e, "attaching to $management failed"))?;
+            let receiver = Receiver::builder()
+                .name(format!("{reply_to}-receiver"))
+                .source("$management")
+                .target(reply_to.clone())
+                .attach(session)
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Management, "attaching to $management failed")
+                        .with_source(e)
+                })?;
+            Ok::<_, Error>((sender, receiver))
+        };
+        let (sender, receiver) = tokio::time::timeout(timeout, attach)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Timeout, "attaching to $management timed out"))??;
+        Ok(Management {
+            sender,
+            receiver,
+            reply_to,
+            next_id: 0,
+        })
+    }
+
+    async fn read(
+        &mut self,
+        entity_type: &str,
+        hub: &str,
+        partition: Option<&str>,
+        token: &str,
+    ) -> Result<fe2o3_amqp_types::primitives::Value> {
+        use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, MessageId, Properties};
+        use fe2o3_amqp_types::primitives::{SimpleValue, Value};
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut props = ApplicationProperties::builder()
+            .insert("operation", "READ")
+            .insert("type", entity_type)
+            .insert("name", hub)
+            .insert("security_token", token);
+        if let Some(p) = partition {
+            props = props.insert("partition", p);
+        }
+        let message = Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::Ulong(id)),
+                reply_to: Some(self.reply_to.clone()),
+                ..Properties::default()
+            })
+            .application_properties(props.build())
+            .value(Value::Null)
+            .build();
+        let outcome = self
+            .sender
+            .send(message)
+            .await
+            .map_err(|e| send_error(e, "the $management request failed"))?;
+        if !matches!(outcome, Outcome::Accepted(_)) {
+            return Err(Error::new(
+                ErrorKind::Management,
+                "the $management node did not accept the request",
+            ));
+        }
+        let delivery = self.receiver.recv::<Body<Value>>().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Management,
+                "reading the $management reply failed",
+            )
+            .with_source(e)
+        })?;
+        let _ = self.receiver.accept(&delivery).await;
+        let message = delivery.into_message();
+        let app = message
+            .application_properties
+            .map(|a| a.0)
+            .unwrap_or_default();
+        let status = ["status-code", "statusCode"]
+            .iter()
+            .find_map(|k| app.get(*k))
+            .and_then(|v| match v {
+                SimpleValue::Int(v) => Some(*v as i64),
+                SimpleValue::Uint(v) => Some(*v as i64),
+                SimpleValue::Long(v) => Some(*v),
+                SimpleValue::Ushort(v) => Some(*v as i64),
+                SimpleValue::Short(v) => Some(*v as i64),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Management,
+                    "the $management reply has no status code",
+                )
+            })?;
+        let description = ["status-description", "statusDescription"]
+            .iter()
+            .find_map(|k| app.get(*k))
+            .and_then(|v| match v {
+                SimpleValue::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        match status {
+            200 => match message.body {
+                Body::Value(v) => Ok(v.0),
+                _ => Err(Error::new(
+                    ErrorKind::Management,
+                    "the $management reply has no value body",
+                )),
+            },
+            404 => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("$management READ {entity_type}: {description}"),
+            )
+            .with_condition(Condition::NotFound)),
+            401 | 403 => Err(Error::new(
+                ErrorKind::Unauthorized,
+                format!("$management READ {entity_type}: {description}"),
+            )
+            .with_condition(Condition::UnauthorizedAccess)),
+            other => Err(Error::new(
+                ErrorKind::Management,
+                format!("$management READ {entity_type} answered {other}: {description}"),
+            )),
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.sender.close().await;
+        let _ = self.receiver.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_happens_well_before_expiry() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = refresh_delay(now, now + Duration::from_secs(3600));
+        assert_eq!(hour, Duration::from_secs(2880));
+        let short = refresh_delay(now, now + Duration::from_secs(4));
+        assert_eq!(short, Duration::from_secs(2));
+        assert_eq!(refresh_delay(now, now), Duration::ZERO);
+    }
+}

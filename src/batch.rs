@@ -1,0 +1,270 @@
+//! [`EventBatch`]: events packed into one AMQP batch message (format 0x80013700) whose size is
+//! counted exactly, so a batch that accepted an event is never refused by the hub for size.
+
+use std::fmt;
+
+use fe2o3_amqp_types::messaging::{Batch, Data, Message, MessageAnnotations};
+use fe2o3_amqp_types::primitives::Binary;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{encode_message, Event, PARTITION_KEY_ANNOTATION};
+
+/// The AMQP message format of an Event Hubs batch (Microsoft's vendor format 0x80013700).
+pub(crate) const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
+
+/// Options for [`Producer::create_batch`](crate::Producer::create_batch).
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct BatchOptions {
+    pub(crate) partition_key: Option<String>,
+    pub(crate) partition_id: Option<String>,
+    pub(crate) max_size: Option<u64>,
+}
+
+impl BatchOptions {
+    /// Default options: round-robin over partitions, size limit = the link's maximum.
+    pub fn new() -> BatchOptions {
+        BatchOptions::default()
+    }
+
+    /// Routes the whole batch by this partition key (the hub hashes it to a partition).
+    pub fn partition_key(mut self, key: impl Into<String>) -> BatchOptions {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sends the whole batch to this partition id.
+    pub fn partition_id(mut self, id: impl Into<String>) -> BatchOptions {
+        self.partition_id = Some(id.into());
+        self
+    }
+
+    /// Caps the batch below the link's maximum message size.
+    pub fn max_size_in_bytes(mut self, bytes: u64) -> BatchOptions {
+        self.max_size = Some(bytes);
+        self
+    }
+}
+
+/// Why [`EventBatch::try_add`] did not take an event. Either way the event is handed back.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum TryAddError {
+    /// The batch has no room left for this event: send it and add the event to a new batch.
+    Full(Event),
+    /// The event does not fit even into an empty batch: it can never be sent with this limit.
+    TooLarge(Event),
+}
+
+impl TryAddError {
+    /// The event that was not added.
+    pub fn into_event(self) -> Event {
+        match self {
+            TryAddError::Full(e) | TryAddError::TooLarge(e) => e,
+        }
+    }
+}
+
+impl fmt::Display for TryAddError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryAddError::Full(_) => f.write_str("the batch is full"),
+            TryAddError::TooLarge(_) => {
+                f.write_str("the event is larger than the batch size limit")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TryAddError {}
+
+/// Where a batch or event goes: the hub (round robin), a partition key, or a partition id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub(crate) struct Route {
+    pub(crate) partition_key: Option<String>,
+    pub(crate) partition_id: Option<String>,
+}
+
+/// Events packed for one send, counted to the byte.
+///
+/// Created by [`Producer::create_batch`](crate::Producer::create_batch); sent by
+/// [`Producer::send_batch`](crate::Producer::send_batch). Each event is encoded once, when
+/// it is added; the encoded size is what the limit is checked against.
+pub struct EventBatch {
+    route: Route,
+    max_size: u64,
+    /// Encoded size of the envelope without any body section (the partition key annotation).
+    envelope_size: u64,
+    size: u64,
+    sections: Vec<Data>,
+}
+
+impl fmt::Debug for EventBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBatch")
+            .field("route", &self.route)
+            .field("len", &self.sections.len())
+            .field("size", &self.size)
+            .field("max_size", &self.max_size)
+            .finish()
+    }
+}
+
+/// Bytes a data section adds around a payload of `len` bytes: descriptor (3) + vbin8 (2) or
+/// vbin32 (5) header.
+fn section_overhead(len: usize) -> u64 {
+    if len <= u8::MAX as usize {
+        5
+    } else {
+        8
+    }
+}
+
+impl EventBatch {
+    pub(crate) fn new(route: Route, max_size: u64) -> Result<EventBatch> {
+        let envelope_size = envelope(route.partition_key.as_deref(), Vec::new())
+            .map(|m| encode_message(&m))??
+            .len() as u64;
+        if max_size <= envelope_size {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                format!("a batch of {max_size} bytes cannot hold any event"),
+            ));
+        }
+        Ok(EventBatch {
+            route,
+            max_size,
+            envelope_size,
+            size: envelope_size,
+            sections: Vec::new(),
+        })
+    }
+
+    /// Adds `event` if it fits; otherwise hands it back (see [`TryAddError`]).
+    pub fn try_add(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
+        let encoded = match event.encode(None) {
+            Ok(bytes) => bytes,
+            // Our own types always encode; treat a failure as "cannot be sent".
+            Err(_) => return Err(TryAddError::TooLarge(event)),
+        };
+        let added = encoded.len() as u64 + section_overhead(encoded.len());
+        if self.envelope_size + added > self.max_size {
+            return Err(TryAddError::TooLarge(event));
+        }
+        if self.size + added > self.max_size {
+            return Err(TryAddError::Full(event));
+        }
+        self.size += added;
+        self.sections.push(Data(Binary::from(encoded)));
+        Ok(())
+    }
+
+    /// How many events the batch holds.
+    pub fn len(&self) -> usize {
+        self.sections.len()
+    }
+
+    /// Whether the batch holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.sections.is_empty()
+    }
+
+    /// The encoded size of the batch message as it will go on the wire, in bytes.
+    pub fn size_in_bytes(&self) -> u64 {
+        self.size
+    }
+
+    /// The size limit this batch fills up to, in bytes.
+    pub fn max_size_in_bytes(&self) -> u64 {
+        self.max_size
+    }
+
+    /// The partition key the batch is routed by, if any.
+    pub fn partition_key(&self) -> Option<&str> {
+        self.route.partition_key.as_deref()
+    }
+
+    /// The partition id the batch is sent to, if any.
+    pub fn partition_id(&self) -> Option<&str> {
+        self.route.partition_id.as_deref()
+    }
+
+    pub(crate) fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Consumes the batch into the envelope message to transfer.
+    pub(crate) fn into_message(self) -> Result<Message<Batch<Data>>> {
+        envelope(self.route.partition_key.as_deref(), self.sections)
+    }
+}
+
+fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Result<Message<Batch<Data>>> {
+    let mut builder = Message::builder();
+    if let Some(key) = partition_key {
+        builder = builder.message_annotations(
+            MessageAnnotations::builder()
+                .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
+                .build(),
+        );
+    }
+    Ok(builder.data_batch(sections).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(key: Option<&str>) -> Route {
+        Route {
+            partition_key: key.map(str::to_owned),
+            partition_id: None,
+        }
+    }
+
+    #[test]
+    fn size_is_exact_for_small_and_large_events() {
+        for key in [None, Some("compressor-7")] {
+            let mut batch = EventBatch::new(route(key), 64 * 1024).unwrap();
+            for i in 0..40 {
+                let body = vec![b'x'; if i % 2 == 0 { 100 } else { 300 + i }];
+                batch
+                    .try_add(Event::new(body).with_property("i", i as i64))
+                    .unwrap();
+            }
+            let size = batch.size_in_bytes();
+            let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
+            assert_eq!(encoded.len() as u64, size);
+        }
+    }
+
+    #[test]
+    fn fills_to_the_limit_and_never_beyond() {
+        let limit = 10_000;
+        let mut batch = EventBatch::new(route(Some("k")), limit).unwrap();
+        let mut n = 0;
+        let rejected = loop {
+            match batch.try_add(Event::new(vec![7u8; 97])) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(rejected, TryAddError::Full(_)));
+        assert_eq!(rejected.into_event().body().len(), 97);
+        let size = batch.size_in_bytes();
+        assert!(size <= limit);
+        // The next event would have crossed the limit.
+        assert!(size + 97 + 2 + 3 + 5 > limit, "size {size} with {n} events");
+        let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
+        assert_eq!(encoded.len() as u64, size);
+    }
+
+    #[test]
+    fn too_large_event_is_handed_back() {
+        let mut batch = EventBatch::new(route(None), 1000).unwrap();
+        let err = batch.try_add(Event::new(vec![0u8; 1000])).unwrap_err();
+        assert!(matches!(err, TryAddError::TooLarge(_)));
+        assert!(batch.is_empty());
+        assert!(EventBatch::new(route(Some("k")), 10).is_err());
+    }
+}

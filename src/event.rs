@@ -1,0 +1,381 @@
+//! What gets sent: [`Event`] (body plus metadata), its application [`PropertyValue`]s, and the
+//! [`Telemetry`] record that most hubsend users stream.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use fe2o3_amqp_types::messaging::{
+    message::__private::Serializable, ApplicationProperties, Data, Message, MessageAnnotations,
+    MessageId, Properties,
+};
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The message annotation that carries an event's partition key.
+pub(crate) const PARTITION_KEY_ANNOTATION: &str = "x-opt-partition-key";
+
+/// One event: an opaque body plus the metadata Event Hubs keeps with it.
+///
+/// ```
+/// let event = hubsend::Event::new(br#"{"sensor_id":"a","value":1}"#.to_vec())
+///     .with_content_type("application/json")
+///     .with_property("site", "plant-3");
+/// assert_eq!(event.body().len(), 27);
+/// ```
+#[derive(Clone, Default, PartialEq)]
+pub struct Event {
+    body: Vec<u8>,
+    content_type: Option<String>,
+    message_id: Option<String>,
+    correlation_id: Option<String>,
+    properties: Vec<(String, PropertyValue)>,
+}
+
+impl fmt::Debug for Event {
+    // Payloads may be sensitive and large: Debug shows their size, never their bytes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("body_len", &self.body.len())
+            .field("content_type", &self.content_type)
+            .field("message_id", &self.message_id)
+            .field("correlation_id", &self.correlation_id)
+            .field("properties", &self.properties.len())
+            .finish()
+    }
+}
+
+impl Event {
+    /// An event with this body and no metadata.
+    pub fn new(body: impl Into<Vec<u8>>) -> Event {
+        Event {
+            body: body.into(),
+            ..Event::default()
+        }
+    }
+
+    /// An event whose body is `value` serialised as JSON, with content type `application/json`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] when `value` cannot be serialised.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Event> {
+        let body = serde_json::to_vec(value).map_err(|e| {
+            Error::new(ErrorKind::InvalidConfig, "event body is not serialisable").with_source(e)
+        })?;
+        Ok(Event::new(body).with_content_type("application/json"))
+    }
+
+    /// Sets the MIME content type (AMQP `content-type`).
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Event {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Sets the message id (AMQP `message-id`, sent as a string).
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Event {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sets the correlation id (AMQP `correlation-id`, sent as a string).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Event {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Adds an application property. Setting the same key twice keeps the last value.
+    pub fn with_property(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<PropertyValue>,
+    ) -> Event {
+        let key = key.into();
+        let value = value.into();
+        match self.properties.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.properties.push((key, value)),
+        }
+        self
+    }
+
+    /// The body bytes.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The content type, if set.
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// The message id, if set.
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// The correlation id, if set.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// The application properties in insertion order.
+    pub fn properties(&self) -> impl Iterator<Item = (&str, &PropertyValue)> {
+        self.properties.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Builds the AMQP message for this event, with the partition key annotation when given.
+    pub(crate) fn to_message(&self, partition_key: Option<&str>) -> Message<Data> {
+        let mut builder = Message::builder();
+        if let Some(key) = partition_key {
+            builder = builder.message_annotations(
+                MessageAnnotations::builder()
+                    .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
+                    .build(),
+            );
+        }
+        if self.content_type.is_some() || self.message_id.is_some() || self.correlation_id.is_some()
+        {
+            let properties = Properties {
+                message_id: self.message_id.clone().map(MessageId::String),
+                correlation_id: self.correlation_id.clone().map(MessageId::String),
+                content_type: self.content_type.clone().map(Symbol::from),
+                ..Properties::default()
+            };
+            builder = builder.properties(properties);
+        }
+        if !self.properties.is_empty() {
+            let mut app = ApplicationProperties::builder();
+            for (k, v) in &self.properties {
+                app = app.insert(k.clone(), v.to_simple_value());
+            }
+            builder = builder.application_properties(app.build());
+        }
+        builder.data(Binary::from(self.body.clone())).build()
+    }
+
+    /// The complete AMQP encoding of this event as one message (one batch section's payload).
+    pub(crate) fn encode(&self, partition_key: Option<&str>) -> Result<Vec<u8>> {
+        encode_message(&self.to_message(partition_key))
+    }
+}
+
+/// Encodes a message exactly as it goes on the wire.
+pub(crate) fn encode_message<B: serde::Serialize>(message: &Message<B>) -> Result<Vec<u8>>
+where
+    for<'a> Serializable<&'a Message<B>>: serde::Serialize,
+{
+    serde_amqp::to_vec(&Serializable(message)).map_err(|e| {
+        Error::new(ErrorKind::Protocol, "failed to encode an AMQP message").with_source(e)
+    })
+}
+
+/// An application property value: the AMQP simple types Event Hubs stores.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub enum PropertyValue {
+    /// A boolean.
+    Bool(bool),
+    /// A signed 64-bit integer (AMQP `long`).
+    Long(i64),
+    /// A 64-bit float (AMQP `double`).
+    Double(f64),
+    /// A UTF-8 string.
+    String(String),
+    /// Raw bytes.
+    Binary(Vec<u8>),
+    /// A point in time (AMQP `timestamp`, millisecond precision).
+    Timestamp(DateTime<Utc>),
+}
+
+impl PropertyValue {
+    fn to_simple_value(&self) -> SimpleValue {
+        match self {
+            PropertyValue::Bool(b) => SimpleValue::Bool(*b),
+            PropertyValue::Long(v) => SimpleValue::Long(*v),
+            PropertyValue::Double(v) => SimpleValue::Double((*v).into()),
+            PropertyValue::String(s) => SimpleValue::String(s.clone()),
+            PropertyValue::Binary(b) => SimpleValue::Binary(Binary::from(b.clone())),
+            PropertyValue::Timestamp(t) => SimpleValue::Timestamp(
+                fe2o3_amqp_types::primitives::Timestamp::from_milliseconds(t.timestamp_millis()),
+            ),
+        }
+    }
+}
+
+impl From<bool> for PropertyValue {
+    fn from(v: bool) -> Self {
+        PropertyValue::Bool(v)
+    }
+}
+impl From<i64> for PropertyValue {
+    fn from(v: i64) -> Self {
+        PropertyValue::Long(v)
+    }
+}
+impl From<i32> for PropertyValue {
+    fn from(v: i32) -> Self {
+        PropertyValue::Long(v.into())
+    }
+}
+impl From<f64> for PropertyValue {
+    fn from(v: f64) -> Self {
+        PropertyValue::Double(v)
+    }
+}
+impl From<&str> for PropertyValue {
+    fn from(v: &str) -> Self {
+        PropertyValue::String(v.to_owned())
+    }
+}
+impl From<String> for PropertyValue {
+    fn from(v: String) -> Self {
+        PropertyValue::String(v)
+    }
+}
+impl From<Vec<u8>> for PropertyValue {
+    fn from(v: Vec<u8>) -> Self {
+        PropertyValue::Binary(v)
+    }
+}
+impl From<DateTime<Utc>> for PropertyValue {
+    fn from(v: DateTime<Utc>) -> Self {
+        PropertyValue::Timestamp(v)
+    }
+}
+
+/// One sensor reading: the ingestion schema hubsend's users stream.
+///
+/// Serialises as `{"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}`;
+/// `value` may also be a string such as `"Running"`. Timestamps are kept in UTC; any RFC 3339
+/// offset on input is normalised.
+///
+/// ```
+/// let t: hubsend::Telemetry = serde_json::from_str(
+///     r#"{"sensor_id":"pump-1:state","timestamp":"2025-08-19T10:30:00+02:00","value":"Running"}"#,
+/// ).unwrap();
+/// assert_eq!(t.timestamp.to_rfc3339(), "2025-08-19T08:30:00+00:00");
+/// let event = t.to_event().unwrap();
+/// assert_eq!(event.content_type(), Some("application/json"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// Which sensor produced the reading, e.g. `compressor-7:vibe_x`.
+    pub sensor_id: String,
+    /// When the reading was taken, in UTC.
+    #[serde(with = "rfc3339_utc")]
+    pub timestamp: DateTime<Utc>,
+    /// The reading itself.
+    pub value: TelemetryValue,
+}
+
+/// A telemetry reading's value: a number or a state string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TelemetryValue {
+    /// A numeric reading.
+    Number(f64),
+    /// A state or other textual reading, such as `"Running"`.
+    Text(String),
+}
+
+impl From<f64> for TelemetryValue {
+    fn from(v: f64) -> Self {
+        TelemetryValue::Number(v)
+    }
+}
+impl From<&str> for TelemetryValue {
+    fn from(v: &str) -> Self {
+        TelemetryValue::Text(v.to_owned())
+    }
+}
+
+impl Telemetry {
+    /// A reading of `value` from `sensor_id` at `timestamp`.
+    pub fn new(
+        sensor_id: impl Into<String>,
+        timestamp: DateTime<Utc>,
+        value: impl Into<TelemetryValue>,
+    ) -> Telemetry {
+        Telemetry {
+            sensor_id: sensor_id.into(),
+            timestamp,
+            value: value.into(),
+        }
+    }
+
+    /// The reading as a JSON event (`application/json`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] when a numeric value is not finite (JSON has no NaN).
+    pub fn to_event(&self) -> Result<Event> {
+        if let TelemetryValue::Number(v) = self.value {
+            if !v.is_finite() {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!("telemetry value for `{}` is not finite", self.sensor_id),
+                ));
+            }
+        }
+        Event::json(self)
+    }
+}
+
+mod rfc3339_utc {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| serde::de::Error::custom(format!("timestamp is not RFC 3339: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_round_trips_with_number_and_text() {
+        let json = r#"{"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}"#;
+        let t: Telemetry = serde_json::from_str(json).unwrap();
+        assert_eq!(t.value, TelemetryValue::Number(42.1));
+        assert_eq!(serde_json::to_string(&t).unwrap(), json);
+        let s: Telemetry = serde_json::from_str(
+            r#"{"sensor_id":"p","timestamp":"2025-08-19T08:30:00.250-01:00","value":"Running"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.value, TelemetryValue::Text("Running".into()));
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["timestamp"],
+            "2025-08-19T09:30:00.250Z"
+        );
+        assert!(serde_json::from_str::<Telemetry>(
+            r#"{"sensor_id":"p","timestamp":"yesterday","value":1}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn encoding_matches_the_documented_byte_layout() {
+        // PROTOCOL.md E.2: annotations{x-opt-partition-key:"pk"} + data "hello" = 41 bytes.
+        let bytes = Event::new(b"hello".to_vec()).encode(Some("pk")).unwrap();
+        let mut expected = vec![0x00, 0x53, 0x72, 0xc1, 0x1a, 0x02, 0xa3, 0x13];
+        expected.extend_from_slice(b"x-opt-partition-key");
+        expected.extend_from_slice(&[0xa1, 0x02, b'p', b'k', 0x00, 0x53, 0x75, 0xa0, 0x05]);
+        expected.extend_from_slice(b"hello");
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn debug_hides_the_body() {
+        let e = Event::new(b"secret-payload".to_vec());
+        assert!(!format!("{e:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,32 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![deny(rustdoc::broken_intra_doc_links)]
+//!
+//! # Layout
+//!
+//! - [`producer`]: the [`Producer`] handle, its builder and options, [`DeliveryFuture`].
+//! - [`batch`]: [`EventBatch`], exact size accounting for batch messages.
+//! - [`event`]: [`Event`], [`PropertyValue`], and the [`Telemetry`] record.
+//! - [`connection_string`]: parsing Event Hubs connection strings.
+//! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
+//! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
+//! - `amqp` (private): the engine task that owns the fe2o3 connection, session and links.
+
+mod amqp;
+pub mod auth;
+pub mod batch;
+pub mod connection_string;
+pub mod error;
+pub mod event;
+pub mod producer;
+mod tls;
+
+pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
+pub use batch::{BatchOptions, EventBatch, TryAddError};
+pub use connection_string::ConnectionString;
+pub use error::{Condition, Error, ErrorKind, Result};
+pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
+pub use producer::{
+    DeliveryFuture, HubProperties, PartitionProperties, Producer, ProducerBuilder, ProducerOptions,
+    SendOptions,
+};

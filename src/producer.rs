@@ -1,0 +1,745 @@
+//! [`Producer`]: a cheap, cloneable handle that streams events and batches over one AMQP
+//! connection, with a bounded number of deliveries in flight.
+//!
+//! # Delivery model
+//!
+//! Sending is two-stage. `send(..).await` returns as soon as the event is validated, sized
+//! against the link's limit, and queued on its sender link; it yields a [`DeliveryFuture`].
+//! Awaiting that future gives the hub's outcome: `Ok(())` once the hub accepted (stored) the
+//! event, or the error it answered with. Many deliveries can be in flight at once, up to
+//! [`ProducerOptions::max_in_flight`] deliveries and [`ProducerOptions::max_in_flight_bytes`]
+//! bytes; past that `send` waits (backpressure) and `try_send` fails with
+//! [`ErrorKind::Busy`]. Order on a link is the order of calls.
+//!
+//! Every single event travels as a one-event batch message (format 0x80013700), as
+//! Microsoft's JavaScript SDK does, so its size is known exactly before anything is sent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fe2o3_amqp_types::primitives::{SimpleValue, Value};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::amqp::{ConnectConfig, Engine, Outgoing};
+use crate::auth::TokenProvider;
+use crate::batch::{BatchOptions, EventBatch, Route};
+use crate::connection_string::ConnectionString;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::Event;
+
+/// Tunables of a [`Producer`]. Every setter has a sensible default:
+///
+/// | setting | default |
+/// |---|---|
+/// | [`max_in_flight`](Self::max_in_flight) | 1024 deliveries |
+/// | [`max_in_flight_bytes`](Self::max_in_flight_bytes) | 32 MiB |
+/// | [`token_lifetime`](Self::token_lifetime) | 1 hour (SAS keys) |
+/// | [`connect_timeout`](Self::connect_timeout) | 30 s |
+/// | [`operation_timeout`](Self::operation_timeout) | 60 s |
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ProducerOptions {
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_in_flight_bytes: usize,
+    pub(crate) token_lifetime: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        ProducerOptions {
+            max_in_flight: 1024,
+            max_in_flight_bytes: 32 * 1024 * 1024,
+            token_lifetime: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProducerOptions {
+    /// The defaults listed above.
+    pub fn new() -> ProducerOptions {
+        ProducerOptions::default()
+    }
+
+    /// At most this many deliveries (events or batches) await the hub's outcome at once.
+    pub fn max_in_flight(mut self, deliveries: usize) -> Self {
+        self.max_in_flight = deliveries.max(1);
+        self
+    }
+
+    /// At most this many encoded bytes await the hub's outcome at once.
+    pub fn max_in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.max_in_flight_bytes = bytes.max(1);
+        self
+    }
+
+    /// Lifetime of the SAS tokens hubsend signs; they are re-put on the same connection
+    /// before they expire.
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = lifetime;
+        self
+    }
+
+    /// How long opening the connection (TCP, TLS, SASL, CBS) may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a link attach, put-token or management request may take.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+}
+
+/// Per-send routing: partition key or partition id (not both).
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct SendOptions {
+    route: Route,
+}
+
+impl SendOptions {
+    /// Round robin over partitions (the hub decides).
+    pub fn new() -> SendOptions {
+        SendOptions::default()
+    }
+
+    /// Routes by this key: events with the same key land on the same partition, in order.
+    pub fn partition_key(mut self, key: impl Into<String>) -> SendOptions {
+        self.route.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sends to this partition id.
+    pub fn partition_id(mut self, id: impl Into<String>) -> SendOptions {
+        self.route.partition_id = Some(id.into());
+        self
+    }
+}
+
+/// Builds a [`Producer`]. Setters never fail; [`connect`](Self::connect) reports every problem.
+#[must_use]
+pub struct ProducerBuilder {
+    connection_string: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    hub: Option<String>,
+    provider: Option<Arc<dyn TokenProvider>>,
+    extra_roots_pem: Vec<Vec<u8>>,
+    plaintext: bool,
+    options: ProducerOptions,
+}
+
+impl std::fmt::Debug for ProducerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerBuilder")
+            .field(
+                "connection_string",
+                &self.connection_string.as_ref().map(|_| "<redacted>"),
+            )
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("hub", &self.hub)
+            .field("provider", &self.provider)
+            .field("extra_roots", &self.extra_roots_pem.len())
+            .field("plaintext", &self.plaintext)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl ProducerBuilder {
+    /// Takes namespace, hub and credentials from a connection string
+    /// (`Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…`).
+    pub fn connection_string(mut self, connection_string: impl Into<String>) -> Self {
+        self.connection_string = Some(connection_string.into());
+        self
+    }
+
+    /// The namespace host, e.g. `contoso.servicebus.windows.net` (with [`credential`](Self::credential)).
+    pub fn namespace(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// The port (default 5671 for TLS, 5672 plain).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The event hub name; must equal the connection string's `EntityPath` when both are set.
+    pub fn event_hub(mut self, hub: impl Into<String>) -> Self {
+        self.hub = Some(hub.into());
+        self
+    }
+
+    /// Authorises with this token provider instead of the connection string's credentials.
+    pub fn credential(mut self, provider: Arc<dyn TokenProvider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Trusts this root CA (PEM) in addition to the platform's, for private endpoints and tests.
+    pub fn add_root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.extra_roots_pem.push(pem.into());
+        self
+    }
+
+    /// Connects over plain TCP without TLS. Only for local test hubs and the emulator (which a
+    /// connection string with `UseDevelopmentEmulator=true` selects on its own).
+    pub fn danger_plaintext(mut self, plaintext: bool) -> Self {
+        self.plaintext = plaintext;
+        self
+    }
+
+    /// Replaces the tunables.
+    pub fn options(mut self, options: ProducerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Opens the connection, authorises it and attaches the hub's sender link.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConnectionString`] or [`ErrorKind::InvalidConfig`] for bad input,
+    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] when the hub cannot be reached,
+    /// [`ErrorKind::Unauthorized`] when it refuses the credentials, [`ErrorKind::NotFound`]
+    /// when the hub does not exist.
+    pub async fn connect(self) -> Result<Producer> {
+        let mut host = self.host;
+        let mut port = self.port;
+        let mut hub = self.hub;
+        let mut plaintext = self.plaintext;
+        let mut provider = self.provider;
+        if let Some(cs) = &self.connection_string {
+            let parsed = ConnectionString::parse(cs)?;
+            host.get_or_insert_with(|| parsed.host().to_owned());
+            port.get_or_insert(parsed.port());
+            plaintext |= parsed.use_development_emulator();
+            match (&hub, parsed.entity_path()) {
+                (Some(explicit), Some(path)) if explicit != path => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!("event hub `{explicit}` differs from the connection string's EntityPath `{path}`"),
+                    ))
+                }
+                (None, Some(path)) => hub = Some(path.to_owned()),
+                _ => {}
+            }
+            if provider.is_none() {
+                provider = Some(
+                    parsed
+                        .credential()
+                        .into_provider(self.options.token_lifetime),
+                );
+            }
+        }
+        let host = host.ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                "no namespace: give a connection string or `namespace`",
+            )
+        })?;
+        let hub = hub.ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                "no event hub: give `EntityPath` in the connection string or `event_hub`",
+            )
+        })?;
+        let provider = provider.ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                "no credentials: give a connection string or `credential`",
+            )
+        })?;
+        let tls = if plaintext {
+            None
+        } else {
+            let mut roots = Vec::new();
+            for pem in &self.extra_roots_pem {
+                roots.extend(crate::tls::parse_pem_certificates(pem)?);
+            }
+            Some(crate::tls::client_config(&roots)?)
+        };
+        let config = ConnectConfig {
+            port: port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
+            host,
+            hub,
+            tls,
+            provider,
+            connect_timeout: self.options.connect_timeout,
+            operation_timeout: self.options.operation_timeout,
+            max_frame_size: 65536,
+        };
+        let engine = Engine::connect(config, self.options.max_in_flight).await?;
+        // Attach the hub link now so a missing hub or missing rights fail at connect.
+        let link = engine.link(None).await?;
+        let max_message_size = link.max_message_size;
+        let byte_budget = self
+            .options
+            .max_in_flight_bytes
+            .max(max_message_size as usize)
+            .min(u32::MAX as usize);
+        Ok(Producer {
+            inner: Arc::new(Inner {
+                engine,
+                deliveries: Arc::new(Semaphore::new(self.options.max_in_flight)),
+                bytes: Arc::new(Semaphore::new(byte_budget)),
+                max_message_size,
+            }),
+        })
+    }
+}
+
+/// A handle onto one AMQP connection to one event hub.
+///
+/// Cheap to clone (`Arc` inside; don't wrap it in another) and `Send + Sync`: every clone
+/// shares the connection, its sender links and its in-flight bound. Create it with
+/// [`Producer::builder`] or [`Producer::from_connection_string`].
+///
+/// Dropping every clone stops token refresh and lets the connection's tasks end once their
+/// queued deliveries settle, without waiting; call [`close`](Self::close) to wait for every
+/// outcome and close the connection cleanly.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Arc<Engine>,
+    deliveries: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_message_size: u64,
+}
+
+/// Properties of an event hub, read from `$management`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct HubProperties {
+    /// The hub's name.
+    pub name: String,
+    /// When the hub was created.
+    pub created_at: Option<DateTime<Utc>>,
+    /// The partition ids, in the hub's order.
+    pub partition_ids: Vec<String>,
+}
+
+/// Properties of one partition, read from `$management`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PartitionProperties {
+    /// The hub's name.
+    pub hub: String,
+    /// The partition id.
+    pub id: String,
+    /// Sequence number of the first event still retained (-1 when empty).
+    pub begin_sequence_number: i64,
+    /// Sequence number of the last event enqueued (-1 when empty).
+    pub last_enqueued_sequence_number: i64,
+    /// Offset of the last event enqueued.
+    pub last_enqueued_offset: String,
+    /// When the last event was enqueued.
+    pub last_enqueued_time: Option<DateTime<Utc>>,
+    /// Whether the partition holds no event.
+    pub is_empty: bool,
+}
+
+impl Producer {
+    /// A builder for a producer.
+    pub fn builder() -> ProducerBuilder {
+        ProducerBuilder {
+            connection_string: None,
+            host: None,
+            port: None,
+            hub: None,
+            provider: None,
+            extra_roots_pem: Vec::new(),
+            plaintext: false,
+            options: ProducerOptions::default(),
+        }
+    }
+
+    /// Connects with a connection string and default options.
+    ///
+    /// # Errors
+    /// As [`ProducerBuilder::connect`].
+    pub async fn from_connection_string(connection_string: &str) -> Result<Producer> {
+        Producer::builder()
+            .connection_string(connection_string)
+            .connect()
+            .await
+    }
+
+    /// The hub this producer sends to.
+    pub fn event_hub(&self) -> &str {
+        self.inner.engine.hub()
+    }
+
+    /// The largest message (event or batch) the hub's link takes, in bytes.
+    pub fn max_message_size(&self) -> u64 {
+        self.inner.max_message_size
+    }
+
+    /// Queues one event; the returned future resolves with the hub's outcome.
+    ///
+    /// Waits while the in-flight bound is reached.
+    ///
+    /// # Errors
+    /// [`ErrorKind::MessageTooLarge`] (nothing is sent), [`ErrorKind::NotFound`] for an
+    /// unknown partition, [`ErrorKind::InvalidConfig`] when both a partition key and id are
+    /// given, connection and authorisation errors when a new link cannot be attached.
+    ///
+    /// # Cancel safety
+    /// Cancelling before it returns sends nothing.
+    pub async fn send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
+        let batch = self.single_event_batch(event, options.route).await?;
+        self.submit(batch, true).await
+    }
+
+    /// Like [`send`](Self::send) but fails with [`ErrorKind::Busy`] instead of waiting when
+    /// the in-flight bound is reached.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send), plus [`ErrorKind::Busy`].
+    pub async fn try_send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
+        let batch = self.single_event_batch(event, options.route).await?;
+        self.submit(batch, false).await
+    }
+
+    /// Sends one event and waits for the hub's outcome.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send), plus the hub's rejection.
+    pub async fn send_and_wait(&self, event: Event, options: SendOptions) -> Result<()> {
+        self.send(event, options).await?.await
+    }
+
+    /// An empty batch whose size limit is the link's maximum message size (or less).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidBatchSize`] when the requested size is zero or above the link's
+    /// maximum; [`ErrorKind::NotFound`] for an unknown partition id.
+    pub async fn create_batch(&self, options: BatchOptions) -> Result<EventBatch> {
+        let route = Route {
+            partition_key: options.partition_key,
+            partition_id: options.partition_id,
+        };
+        check_route(&route)?;
+        let link = self
+            .inner
+            .engine
+            .link(route.partition_id.as_deref())
+            .await?;
+        let limit = link.max_message_size;
+        let max = match options.max_size {
+            Some(0) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidBatchSize,
+                    "a batch size of 0 bytes was requested",
+                ))
+            }
+            Some(requested) if requested > limit => {
+                return Err(Error::new(
+                    ErrorKind::InvalidBatchSize,
+                    format!("requested {requested} bytes but the link allows at most {limit}"),
+                ))
+            }
+            Some(requested) => requested,
+            None => limit,
+        };
+        EventBatch::new(route, max)
+    }
+
+    /// Queues a batch; the returned future resolves with the hub's outcome for all its events.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send). An empty batch is an [`ErrorKind::InvalidBatchSize`] error.
+    pub async fn send_batch(&self, batch: EventBatch) -> Result<DeliveryFuture> {
+        if batch.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                "the batch holds no event",
+            ));
+        }
+        self.submit(batch, true).await
+    }
+
+    /// Reads the hub's properties from `$management`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Management`] for an unexpected reply, [`ErrorKind::Unauthorized`] when
+    /// the credentials lack the right to read.
+    pub async fn hub_properties(&self) -> Result<HubProperties> {
+        let value = self
+            .inner
+            .engine
+            .management_read("com.microsoft:eventhub", None)
+            .await?;
+        let map = MapView::new(&value)?;
+        Ok(HubProperties {
+            name: map.string("name").unwrap_or_default(),
+            created_at: map.timestamp("created_at"),
+            partition_ids: map.strings("partition_ids"),
+        })
+    }
+
+    /// Reads one partition's properties from `$management`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown partition, as [`hub_properties`](Self::hub_properties) otherwise.
+    pub async fn partition_properties(&self, id: &str) -> Result<PartitionProperties> {
+        let value = self
+            .inner
+            .engine
+            .management_read("com.microsoft:partition", Some(id))
+            .await?;
+        let map = MapView::new(&value)?;
+        Ok(PartitionProperties {
+            hub: map.string("name").unwrap_or_default(),
+            id: map.string("partition").unwrap_or_else(|| id.to_owned()),
+            begin_sequence_number: map.long("begin_sequence_number").unwrap_or(-1),
+            last_enqueued_sequence_number: map.long("last_enqueued_sequence_number").unwrap_or(-1),
+            last_enqueued_offset: map
+                .string("last_enqueued_offset")
+                .unwrap_or_else(|| "-1".into()),
+            last_enqueued_time: map.timestamp("last_enqueued_time_utc"),
+            is_empty: map.bool("is_partition_empty").unwrap_or(false),
+        })
+    }
+
+    /// Waits for every queued delivery's outcome, then closes links, session and connection.
+    ///
+    /// Other clones of this producer fail with [`ErrorKind::Closed`] afterwards.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] when the close handshake fails (deliveries are settled by then).
+    pub async fn close(self) -> Result<()> {
+        self.inner.engine.close().await
+    }
+
+    async fn single_event_batch(&self, event: Event, route: Route) -> Result<EventBatch> {
+        check_route(&route)?;
+        let link = self
+            .inner
+            .engine
+            .link(route.partition_id.as_deref())
+            .await?;
+        let mut batch = EventBatch::new(route, link.max_message_size)?;
+        match batch.try_add(event) {
+            Ok(()) => Ok(batch),
+            Err(rejected) => {
+                let len = rejected.into_event().body().len();
+                Err(Error::new(
+                    ErrorKind::MessageTooLarge,
+                    format!(
+                        "an event with a {len}-byte body does not fit the link's {}-byte limit",
+                        link.max_message_size
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn submit(&self, batch: EventBatch, wait: bool) -> Result<DeliveryFuture> {
+        let size = batch.size_in_bytes().min(u32::MAX as u64) as u32;
+        let link = self
+            .inner
+            .engine
+            .link(batch.route().partition_id.as_deref())
+            .await?;
+        if batch.size_in_bytes() > link.max_message_size {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "the batch is {} bytes but the link allows {}",
+                    batch.size_in_bytes(),
+                    link.max_message_size
+                ),
+            ));
+        }
+        let permits = self.permits(size, wait).await?;
+        let message = batch.into_message()?;
+        let (reply, rx) = oneshot::channel();
+        link.tx
+            .send(Outgoing {
+                message,
+                reply,
+                permits,
+            })
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
+        Ok(DeliveryFuture { rx })
+    }
+
+    async fn permits(
+        &self,
+        bytes: u32,
+        wait: bool,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
+        if wait {
+            let d = self
+                .inner
+                .deliveries
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
+            let b = self
+                .inner
+                .bytes
+                .clone()
+                .acquire_many_owned(bytes)
+                .await
+                .map_err(closed)?;
+            Ok((d, b))
+        } else {
+            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
+            let d = self
+                .inner
+                .deliveries
+                .clone()
+                .try_acquire_owned()
+                .map_err(busy)?;
+            let b = self
+                .inner
+                .bytes
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .map_err(busy)?;
+            Ok((d, b))
+        }
+    }
+}
+
+fn check_route(route: &Route) -> Result<()> {
+    if route.partition_key.is_some() && route.partition_id.is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            "give a partition key or a partition id, not both",
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves with the hub's outcome for one delivery: `Ok(())` once the hub stored it.
+///
+/// Dropping it neither cancels the delivery nor leaks in-flight capacity.
+#[derive(Debug)]
+#[must_use = "the outcome of a delivery is only known by awaiting its future"]
+pub struct DeliveryFuture {
+    rx: oneshot::Receiver<Result<()>>,
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::new(
+                ErrorKind::Closed,
+                "the producer stopped before the hub settled the delivery",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Read access to a `$management` reply map with string keys.
+struct MapView<'a> {
+    entries: Vec<(&'a str, &'a Value)>,
+}
+
+impl<'a> MapView<'a> {
+    fn new(value: &'a Value) -> Result<MapView<'a>> {
+        match value {
+            Value::Map(map) => Ok(MapView {
+                entries: map
+                    .iter()
+                    .filter_map(|(k, v)| match k {
+                        Value::String(s) => Some((s.as_str(), v)),
+                        Value::Symbol(s) => Some((s.0.as_str(), v)),
+                        _ => None,
+                    })
+                    .collect(),
+            }),
+            _ => Err(Error::new(
+                ErrorKind::Management,
+                "the $management reply is not a map",
+            )),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        match self.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Symbol(s) => Some(s.0.clone()),
+            _ => None,
+        }
+    }
+
+    fn long(&self, key: &str) -> Option<i64> {
+        match self.get(key)? {
+            Value::Long(v) => Some(*v),
+            Value::Int(v) => Some(*v as i64),
+            Value::Uint(v) => Some(*v as i64),
+            Value::Ulong(v) => i64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+
+    fn bool(&self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn timestamp(&self, key: &str) -> Option<DateTime<Utc>> {
+        match self.get(key)? {
+            Value::Timestamp(t) => DateTime::from_timestamp_millis(t.milliseconds()),
+            _ => None,
+        }
+    }
+
+    fn strings(&self, key: &str) -> Vec<String> {
+        let items: Vec<&Value> = match self.get(key) {
+            Some(Value::Array(a)) => a.0.iter().collect(),
+            Some(Value::List(l)) => l.iter().collect(),
+            _ => Vec::new(),
+        };
+        items
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync + Clone>() {}
+    is::<Producer>();
+    let _ = SimpleValue::Null;
+}
