@@ -1,9 +1,12 @@
 //! The AMQP engine behind a [`Producer`](crate::Producer): one connection and session, CBS
 //! authorisation with timed token refresh, one task per sender link, and `$management` reads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use std::time::{Duration, SystemTime};
 
 use fe2o3_amqp::connection::ConnectionHandle;
@@ -26,6 +29,7 @@ use tracing::Instrument;
 use crate::auth::{AccessToken, TokenProvider};
 use crate::batch::BATCH_MESSAGE_FORMAT;
 use crate::error::{Condition, Error, ErrorKind, Result};
+use crate::retry::{classify, Action, RetryOptions};
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -38,6 +42,7 @@ pub(crate) struct ConnectConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) operation_timeout: Duration,
     pub(crate) max_frame_size: u32,
+    pub(crate) retry: RetryOptions,
 }
 
 /// Maps a fe2o3 AMQP error (condition + description) to ours.
@@ -136,12 +141,6 @@ pub(crate) struct Outgoing {
     pub(crate) permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-struct Pending {
-    fut: DeliveryFut<std::result::Result<Outcome, SendError>>,
-    reply: oneshot::Sender<Result<()>>,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-}
-
 /// A live sender link: its queue and the task that drains it.
 pub(crate) struct LinkHandle {
     pub(crate) tx: mpsc::Sender<Outgoing>,
@@ -160,8 +159,14 @@ pub(crate) struct Engine {
     token: Mutex<AccessToken>,
     link_counter: AtomicU64,
     refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// Default link capacity (queue depth) and the hub's size limit as seen at connect.
+    /// How many messages may wait in a link's queue.
     queue_depth: usize,
+    /// Serialises reconnects so concurrent link tasks open one new connection, not several.
+    reconnect_lock: Mutex<()>,
+    /// Connections opened after the first; also the generation of the current connection.
+    pub(crate) reconnects: AtomicU64,
+    /// Links re-attached after a loss.
+    pub(crate) recoveries: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -213,6 +218,9 @@ impl Engine {
                 link_counter: AtomicU64::new(0),
                 refresher: std::sync::Mutex::new(None),
                 queue_depth,
+                reconnect_lock: Mutex::new(()),
+                reconnects: AtomicU64::new(0),
+                recoveries: AtomicU64::new(0),
             });
             let refresher = tokio::spawn(
                 refresh_tokens(Arc::downgrade(&engine)).instrument(tracing::Span::current()),
@@ -238,35 +246,37 @@ impl Engine {
                 return Ok(link.clone());
             }
         }
-        let n = self.link_counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!("hubsend-sender-{n}");
-        let span = tracing::info_span!("link", name = %name, target = %target);
-        let sender = {
-            let mut session = self.session.lock().await;
-            tokio::time::timeout(
-                self.config.operation_timeout,
-                Sender::builder()
-                    .name(name.clone())
-                    .target(target.clone())
-                    .sender_settle_mode(SenderSettleMode::Unsettled)
-                    .attach(&mut session),
-            )
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("attaching a sender to `{target}` timed out"),
-                )
-            })?
-            .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))?
+        // fe2o3 can report IllegalState for an attach right after a refused one on the same
+        // session (a race over the released handle); a short pause resolves it.
+        let mut attempt = 0;
+        let (sender, generation) = loop {
+            match self.attach_sender(&target).await {
+                Err(e) if e.kind() == ErrorKind::Link && e.condition().is_none() && attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "attach failed locally; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
         };
+        let span = tracing::info_span!("link", name = %sender.name(), target = %target);
         // The service always announces its limit; a silent peer gets Event Hubs' standard 1 MB.
         let max_message_size = sender.max_message_size().unwrap_or(1024 * 1024);
         let _enter = span.enter();
         tracing::info!(max_message_size, "sender link attached");
         drop(_enter);
         let (tx, rx) = mpsc::channel(self.queue_depth);
-        let task = tokio::spawn(run_link(sender, rx).instrument(span));
+        let task = tokio::spawn(
+            run_link(
+                Arc::downgrade(self),
+                target.clone(),
+                sender,
+                generation,
+                rx,
+                self.config.retry.clone(),
+            )
+            .instrument(span),
+        );
         let handle = Arc::new(LinkHandle {
             tx,
             max_message_size,
@@ -274,6 +284,69 @@ impl Engine {
         });
         links.insert(target, handle.clone());
         Ok(handle)
+    }
+
+    /// Attaches a sender to `target`, reconnecting first when the connection is gone.
+    pub(crate) async fn attach_sender(&self, target: &str) -> Result<(Sender, u64)> {
+        let ended =
+            self.session.lock().await.is_ended() || self.connection.lock().await.is_closed();
+        if ended {
+            self.reconnect().await?;
+        }
+        let n = self.link_counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("hubsend-sender-{n}");
+        let mut session = self.session.lock().await;
+        let generation = self.reconnects.load(Ordering::Relaxed);
+        tokio::time::timeout(
+            self.config.operation_timeout,
+            Sender::builder()
+                .name(name)
+                .target(target.to_owned())
+                .sender_settle_mode(SenderSettleMode::Unsettled)
+                .attach(&mut session),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("attaching a sender to `{target}` timed out"),
+            )
+        })?
+        .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))
+        .map(|sender| (sender, generation))
+    }
+
+    /// Whether the connection of `generation` is gone (replaced, closed or its session ended).
+    async fn is_lost(&self, generation: u64) -> bool {
+        if self.reconnects.load(Ordering::Relaxed) != generation {
+            return true;
+        }
+        self.session.lock().await.is_ended() || self.connection.lock().await.is_closed()
+    }
+
+    /// Opens a new connection, session and CBS link and re-authorises, unless another task
+    /// already did since the old connection failed.
+    async fn reconnect(&self) -> Result<()> {
+        let _one_at_a_time = self.reconnect_lock.lock().await;
+        let alive =
+            !self.session.lock().await.is_ended() && !self.connection.lock().await.is_closed();
+        if alive {
+            return Ok(());
+        }
+        tracing::info!("reconnecting");
+        let (connection, session, cbs, token) =
+            tokio::time::timeout(self.config.connect_timeout, open(&self.config))
+                .await
+                .map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
+        *self.management.lock().await = None;
+        *self.cbs.lock().await = cbs;
+        *self.token.lock().await = token;
+        *self.session.lock().await = session;
+        let old = std::mem::replace(&mut *self.connection.lock().await, connection);
+        drop(old);
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("reconnected");
+        Ok(())
     }
 
     /// Performs one `$management` READ and returns the response body.
@@ -526,62 +599,235 @@ async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
     }
 }
 
-/// Drains one sender link: hands each message to fe2o3 (which waits for credit) and passes the
-/// delivery future to a settler that reports outcomes in order.
-async fn run_link(mut sender: Sender, mut rx: mpsc::Receiver<Outgoing>) {
-    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Pending>();
-    let settler = tokio::spawn(
-        async move {
-            while let Some(p) = settle_rx.recv().await {
-                let result = outcome_result(p.fut.await);
-                if let Err(e) = &result {
-                    tracing::debug!(error = %e, "delivery failed");
+/// One delivery the hub has not settled yet, kept so it can be sent again.
+struct InFlight {
+    sendable: Sendable<Batch<Data>>,
+    reply: oneshot::Sender<Result<()>>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    attempts: u32,
+}
+
+type Outcomes = FuturesOrdered<DeliveryFut<std::result::Result<Outcome, SendError>>>;
+
+/// Drains one sender link. Each message is handed to fe2o3 (which waits for credit) and kept
+/// until the hub settles it; outcomes come back in order. A throttled delivery is retried
+/// after a back-off; a lost link or connection is recovered and every unsettled delivery
+/// is sent again, in its original order (see [`crate::retry`]).
+async fn run_link(
+    engine: Weak<Engine>,
+    target: String,
+    mut sender: Sender,
+    mut generation: u64,
+    mut rx: mpsc::Receiver<Outgoing>,
+    retry: RetryOptions,
+) {
+    let mut unsettled: VecDeque<InFlight> = VecDeque::new();
+    let mut outcomes: Outcomes = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        if !open && unsettled.is_empty() {
+            break;
+        }
+        let mut lost: Option<Error> = None;
+        tokio::select! {
+            biased;
+            Some(result) = outcomes.next(), if !outcomes.is_empty() => {
+                let Some(mut item) = unsettled.pop_front() else { continue };
+                match outcome_result(result) {
+                    Ok(()) => {
+                        let _ = item.reply.send(Ok(()));
+                    }
+                    Err(error) => match classify(&error) {
+                        Action::Retry if item.attempts < retry.max_retries => {
+                            item.attempts += 1;
+                            let delay = retry.delay(item.attempts);
+                            tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
+                            tokio::time::sleep(delay).await;
+                            match send_unless_lost(&mut sender, &item.sendable, &engine, generation).await {
+                                Ok(fut) => {
+                                    outcomes.push_back(fut);
+                                    unsettled.push_back(item);
+                                }
+                                Err(e) => {
+                                    unsettled.push_back(item);
+                                    lost = Some(e);
+                                }
+                            }
+                        }
+                        Action::Reattach => {
+                            unsettled.push_front(item);
+                            lost = Some(error);
+                        }
+                        _ => {
+                            let _ = item.reply.send(Err(error));
+                        }
+                    },
                 }
-                let _ = p.reply.send(result);
+            }
+            () = connection_lost(&engine, generation), if !unsettled.is_empty() => {
+                lost = Some(Error::new(ErrorKind::Connection, "the connection was lost"));
+            }
+            message = rx.recv(), if open => match message {
+                None => open = false,
+                Some(out) => {
+                    let item = InFlight {
+                        sendable: Sendable::builder()
+                            .message(out.message)
+                            .message_format(BATCH_MESSAGE_FORMAT)
+                            .build(),
+                        reply: out.reply,
+                        _permits: out.permits,
+                        attempts: 0,
+                    };
+                    match send_unless_lost(&mut sender, &item.sendable, &engine, generation).await {
+                        Ok(fut) => {
+                            tracing::trace!("transfer sent");
+                            outcomes.push_back(fut);
+                            unsettled.push_back(item);
+                        }
+                        Err(e) if e.kind() == ErrorKind::MessageTooLarge => {
+                            let _ = item.reply.send(Err(e));
+                        }
+                        Err(e) => {
+                            unsettled.push_back(item);
+                            lost = Some(e);
+                        }
+                    }
+                }
+            },
+        }
+        if let Some(error) = lost {
+            settle_ready(&mut outcomes, &mut unsettled);
+            match recover(&engine, &target, &retry, error, &unsettled).await {
+                Ok((new_sender, new_generation, fresh)) => {
+                    sender = new_sender;
+                    generation = new_generation;
+                    outcomes = fresh;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "giving up on the link");
+                    for item in unsettled.drain(..) {
+                        let _ = item.reply.send(Err(clone_error(&error)));
+                    }
+                    rx.close();
+                    while let Ok(out) = rx.try_recv() {
+                        let _ = out.reply.send(Err(clone_error(&error)));
+                    }
+                    return;
+                }
             }
         }
-        .instrument(tracing::Span::current()),
-    );
-    let mut failure: Option<Error> = None;
-    while let Some(out) = rx.recv().await {
-        let sendable = Sendable::builder()
-            .message(out.message)
-            .message_format(BATCH_MESSAGE_FORMAT)
-            .build();
-        match sender.send_batchable(sendable).await {
-            Ok(fut) => {
-                tracing::trace!("transfer sent");
-                let _ = settle_tx.send(Pending {
-                    fut,
-                    reply: out.reply,
-                    _permits: out.permits,
-                });
+    }
+    let _ = sender.close().await;
+}
+
+/// Hands one message to fe2o3, unless the connection is lost while it waits for credit
+/// (fe2o3 would otherwise wait for credit forever on a dead link).
+async fn send_unless_lost(
+    sender: &mut Sender,
+    sendable: &Sendable<Batch<Data>>,
+    engine: &Weak<Engine>,
+    generation: u64,
+) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
+    tokio::select! {
+        result = sender.send_batchable_ref(sendable) => result.map_err(|e| send_error(e, "sending failed")),
+        () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
+    }
+}
+
+/// Resolves once the connection of `generation` is gone.
+async fn connection_lost(engine: &Weak<Engine>, generation: u64) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match engine.upgrade() {
+            Some(engine) if !engine.is_lost(generation).await => {}
+            _ => return,
+        }
+    }
+}
+
+/// Settles, in order, the outcomes that already arrived as accepted (or as final failures),
+/// so that recovery resends only what the hub has not settled.
+fn settle_ready(outcomes: &mut Outcomes, unsettled: &mut VecDeque<InFlight>) {
+    while let Some(Some(result)) = outcomes.next().now_or_never() {
+        match outcome_result(result) {
+            Ok(()) => {
+                if let Some(item) = unsettled.pop_front() {
+                    let _ = item.reply.send(Ok(()));
+                }
             }
+            Err(error) if classify(&error) == Action::Fail => {
+                if let Some(item) = unsettled.pop_front() {
+                    let _ = item.reply.send(Err(error));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Re-attaches the link (reconnecting when the connection is gone) and resends every
+/// unsettled delivery in order, retrying with back-off.
+async fn recover(
+    engine: &Weak<Engine>,
+    target: &str,
+    retry: &RetryOptions,
+    cause: Error,
+    unsettled: &VecDeque<InFlight>,
+) -> Result<(Sender, u64, Outcomes)> {
+    tracing::warn!(error = %cause, unsettled = unsettled.len(), "sender link lost; recovering");
+    let mut last = cause;
+    for attempt in 1..=retry.max_retries.max(1) {
+        if attempt > 1 {
+            tokio::time::sleep(retry.delay(attempt - 1)).await;
+        }
+        let Some(engine) = engine.upgrade() else {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the producer was dropped during recovery",
+            ));
+        };
+        if last.kind() == ErrorKind::Unauthorized {
+            // The hub detached the link because the token ran out: put a fresh one first.
+            // If the hub refuses it, the credentials are wrong and retrying cannot help.
+            if let Err(e) = engine.put_token().await {
+                if e.kind() == ErrorKind::Unauthorized {
+                    return Err(e);
+                }
+                last = e;
+                continue;
+            }
+        }
+        let (mut sender, generation) = match engine.attach_sender(target).await {
+            Ok(attached) => attached,
+            Err(e) if classify(&e) == Action::Fail => return Err(e),
             Err(e) => {
-                let recoverable = matches!(e, SendError::MessageSizeExceeded(_));
-                let error = send_error(e, "sending failed");
-                if recoverable {
-                    let _ = out.reply.send(Err(error));
-                    continue;
+                tracing::debug!(error = %e, attempt, "recovery attempt failed");
+                last = e;
+                continue;
+            }
+        };
+        let mut outcomes: Outcomes = FuturesOrdered::new();
+        let mut failed = None;
+        for item in unsettled {
+            match sender.send_batchable_ref(&item.sendable).await {
+                Ok(fut) => outcomes.push_back(fut),
+                Err(e) => {
+                    failed = Some(send_error(e, "resending failed"));
+                    break;
                 }
-                tracing::warn!(error = %error, "sender link lost");
-                let _ = out.reply.send(Err(clone_error(&error)));
-                failure = Some(error);
-                break;
             }
         }
-    }
-    rx.close();
-    if let Some(error) = &failure {
-        while let Ok(out) = rx.try_recv() {
-            let _ = out.reply.send(Err(clone_error(error)));
+        match failed {
+            None => {
+                engine.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(resent = unsettled.len(), "sender link recovered");
+                return Ok((sender, generation, outcomes));
+            }
+            Some(e) => last = e,
         }
     }
-    drop(settle_tx);
-    let _ = settler.await;
-    if failure.is_none() {
-        let _ = sender.close().await;
-    }
+    Err(last)
 }
 
 fn clone_error(e: &Error) -> Error {

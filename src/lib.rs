@@ -9,6 +9,7 @@
 //! - [`event`]: [`Event`], [`PropertyValue`], and the [`Telemetry`] record.
 //! - [`connection_string`]: parsing Event Hubs connection strings.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
+//! - [`retry`]: [`RetryOptions`] and the failure classifier.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
 //! - `amqp` (private): the engine task that owns the fe2o3 connection, session and links.
 
@@ -18,7 +19,9 @@ pub mod batch;
 pub mod connection_string;
 pub mod error;
 pub mod event;
+pub mod ingest;
 pub mod producer;
+pub mod retry;
 mod tls;
 
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
@@ -28,5 +31,6 @@ pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
 pub use producer::{
     DeliveryFuture, HubProperties, PartitionProperties, Producer, ProducerBuilder, ProducerOptions,
-    SendOptions,
+    ProducerStats, SendOptions,
 };
+pub use retry::RetryOptions;

@@ -30,6 +30,7 @@ use crate::batch::{BatchOptions, EventBatch, Route};
 use crate::connection_string::ConnectionString;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
+use crate::retry::RetryOptions;
 
 /// Tunables of a [`Producer`]. Every setter has a sensible default:
 ///
@@ -40,6 +41,7 @@ use crate::event::Event;
 /// | [`token_lifetime`](Self::token_lifetime) | 1 hour (SAS keys) |
 /// | [`connect_timeout`](Self::connect_timeout) | 30 s |
 /// | [`operation_timeout`](Self::operation_timeout) | 60 s |
+/// | [`retry`](Self::retry) | [`RetryOptions::default`] |
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ProducerOptions {
@@ -48,6 +50,7 @@ pub struct ProducerOptions {
     pub(crate) token_lifetime: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) operation_timeout: Duration,
+    pub(crate) retry: RetryOptions,
 }
 
 impl Default for ProducerOptions {
@@ -58,6 +61,7 @@ impl Default for ProducerOptions {
             token_lifetime: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(60),
+            retry: RetryOptions::default(),
         }
     }
 }
@@ -90,6 +94,12 @@ impl ProducerOptions {
     /// How long opening the connection (TCP, TLS, SASL, CBS) may take.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How failed deliveries, lost links and lost connections are retried.
+    pub fn retry(mut self, retry: RetryOptions) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -280,6 +290,7 @@ impl ProducerBuilder {
             connect_timeout: self.options.connect_timeout,
             operation_timeout: self.options.operation_timeout,
             max_frame_size: 65536,
+            retry: self.options.retry.clone(),
         };
         let engine = Engine::connect(config, self.options.max_in_flight).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
@@ -296,6 +307,7 @@ impl ProducerBuilder {
                 deliveries: Arc::new(Semaphore::new(self.options.max_in_flight)),
                 bytes: Arc::new(Semaphore::new(byte_budget)),
                 max_message_size,
+                max_in_flight: self.options.max_in_flight,
             }),
         })
     }
@@ -321,6 +333,19 @@ struct Inner {
     deliveries: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_message_size: u64,
+    max_in_flight: usize,
+}
+
+/// A snapshot of a producer's counters (see [`Producer::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProducerStats {
+    /// Deliveries waiting for the hub's outcome.
+    pub in_flight: usize,
+    /// New connections opened after the first one was lost.
+    pub reconnects: u64,
+    /// Sender links re-attached (and their unsettled deliveries resent) after a loss.
+    pub link_recoveries: u64,
 }
 
 /// Properties of an event hub, read from `$management`.
@@ -389,6 +414,16 @@ impl Producer {
     /// The largest message (event or batch) the hub's link takes, in bytes.
     pub fn max_message_size(&self) -> u64 {
         self.inner.max_message_size
+    }
+
+    /// Counters of this producer's connection: deliveries in flight, reconnects, recovered links.
+    pub fn stats(&self) -> ProducerStats {
+        let engine = &self.inner.engine;
+        ProducerStats {
+            in_flight: self.inner.max_in_flight - self.inner.deliveries.available_permits(),
+            reconnects: engine.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+            link_recoveries: engine.recoveries.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Queues one event; the returned future resolves with the hub's outcome.

@@ -384,7 +384,13 @@ async fn hub_and_partition_properties() {
 #[tokio::test]
 async fn rejections_surface_with_the_hubs_condition() {
     let hub = hub().await;
-    let producer = producer(&hub).await;
+    // With retries off, the hub's throttling reaches the caller as it was sent.
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(ProducerOptions::new().retry(hubsend::RetryOptions::new().max_retries(0)))
+        .connect()
+        .await
+        .unwrap();
     hub.faults()
         .reject_every_nth(2, "com.microsoft:server-busy");
     let mut outcomes = Vec::new();
@@ -403,6 +409,18 @@ async fn rejections_surface_with_the_hubs_condition() {
         assert!(e.is_retriable());
     }
     assert_eq!(hub.events(HUB).len(), 5);
+
+    // With the default policy the same throttling is retried away.
+    let retrying = Producer::from_connection_string(&hub.connection_string())
+        .await
+        .unwrap();
+    for i in 10..20u8 {
+        retrying
+            .send_and_wait(Event::new(vec![i]), SendOptions::new())
+            .await
+            .expect("server-busy is retried");
+    }
+    assert_eq!(hub.events(HUB).len(), 15);
 }
 
 #[tokio::test]

@@ -1,1 +1,210 @@
-fn main() {}
+//! `hubsend`: stream telemetry files into Azure Event Hubs, benchmark a hub, inspect a hub.
+//!
+//! This file only parses arguments; the commands live in [`commands`], the record parsing and
+//! streaming in the `hubsend::ingest` library module.
+
+mod commands;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The environment variable read when `--connection-string` is not given.
+const CONNECTION_STRING_ENV: &str = "EVENTHUB_CONNECTION_STRING";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hubsend",
+    version,
+    about = "Stream telemetry into Azure Event Hubs over AMQP 1.0"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate NDJSON or CSV telemetry records and send them as batched events.
+    Send(SendArgs),
+    /// Send synthetic telemetry at full speed and report throughput and latency.
+    Bench(BenchArgs),
+    /// Show the hub's name, partitions and per-partition properties.
+    Info(InfoArgs),
+}
+
+/// The connection string argument shared by every command.
+#[derive(Debug, Args)]
+struct ConnectionArgs {
+    /// Event Hubs connection string (with EntityPath); defaults to $EVENTHUB_CONNECTION_STRING.
+    #[arg(long, env = CONNECTION_STRING_ENV, hide_env_values = true)]
+    connection_string: Option<String>,
+
+    /// Extra trusted root CA certificate (PEM), for private or test endpoints.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+}
+
+/// Input formats of `hubsend send`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// One JSON object per line.
+    Ndjson,
+    /// Comma-separated values with a header row.
+    Csv,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+
+    /// File to read, or `-` for standard input.
+    #[arg(long, value_name = "PATH", default_value = "-")]
+    input: String,
+
+    /// Input format.
+    #[arg(long, value_enum, default_value_t = Format::Ndjson)]
+    format: Format,
+
+    /// Route each record by this field's value (string form) as its partition key.
+    #[arg(long, value_name = "FIELD", conflicts_with = "partition_id")]
+    partition_key_field: Option<String>,
+
+    /// Send every record to this partition.
+    #[arg(long, value_name = "ID")]
+    partition_id: Option<String>,
+
+    /// At most this many batches await the hub's outcome at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
+
+    /// Write every invalid line to this file as one JSON object per line.
+    #[arg(long, value_name = "PATH")]
+    rejects: Option<PathBuf>,
+
+    /// Print the summary as one JSON object on the last line of standard output.
+    #[arg(long)]
+    json: bool,
+
+    /// Exit with status 3 when any line is invalid.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+
+    /// How many events to send.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    events: u64,
+
+    /// Approximate JSON body size of each event, in bytes.
+    #[arg(long, value_name = "B", default_value_t = 256)]
+    payload_bytes: usize,
+
+    /// Route by `sensor_id` over this many distinct sensors (0: no partition key).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    partitions_key_cardinality: u64,
+
+    /// At most this many batches await the hub's outcome at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: u32,
+
+    /// Print the results as one JSON object on the last line of standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+
+    /// Print the properties as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hubsend: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Send(args) => commands::send(args.into()).await,
+            Command::Bench(args) => commands::bench(args.into()).await,
+            Command::Info(args) => commands::info(args.into()).await,
+        }
+    });
+    // The input reader thread may be blocked on a terminal: don't wait for it.
+    runtime.shutdown_background();
+    ExitCode::from(code)
+}
+
+impl From<ConnectionArgs> for commands::Connection {
+    fn from(a: ConnectionArgs) -> Self {
+        commands::Connection {
+            connection_string: a.connection_string.filter(|s| !s.trim().is_empty()),
+            ca_file: a.ca_file,
+        }
+    }
+}
+
+impl From<SendArgs> for commands::SendConfig {
+    fn from(a: SendArgs) -> Self {
+        commands::SendConfig {
+            connection: a.connection.into(),
+            input: a.input,
+            csv: a.format == Format::Csv,
+            partition_key_field: a.partition_key_field,
+            partition_id: a.partition_id,
+            max_in_flight: a.max_in_flight as usize,
+            rejects: a.rejects,
+            json: a.json,
+            strict: a.strict,
+        }
+    }
+}
+
+impl From<BenchArgs> for commands::BenchConfig {
+    fn from(a: BenchArgs) -> Self {
+        commands::BenchConfig {
+            connection: a.connection.into(),
+            events: a.events,
+            payload_bytes: a.payload_bytes,
+            key_cardinality: a.partitions_key_cardinality,
+            max_in_flight: a.max_in_flight as usize,
+            json: a.json,
+        }
+    }
+}
+
+impl From<InfoArgs> for commands::InfoConfig {
+    fn from(a: InfoArgs) -> Self {
+        commands::InfoConfig {
+            connection: a.connection.into(),
+            json: a.json,
+        }
+    }
+}

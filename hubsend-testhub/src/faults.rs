@@ -49,6 +49,8 @@ impl FaultShared {
     }
 
     /// Counts one incoming transfer; returns the rejection condition if this one must fail.
+    // `is_multiple_of` needs Rust 1.87; the workspace MSRV is 1.85.
+    #[allow(unknown_lints, clippy::manual_is_multiple_of)]
     pub(crate) fn on_transfer(&self) -> Option<String> {
         let mut st = self.state.lock().unwrap();
         st.transfer_count += 1;

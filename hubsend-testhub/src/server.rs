@@ -761,7 +761,7 @@ fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Message<Body<V
         shared.stat(|s| s.put_tokens_rejected += 1);
         response(msg, status, desc, None, Value::Null)
     };
-    if !app_prop_string(msg, "operation").is_some_and(|o| o == "put-token") {
+    if app_prop_string(msg, "operation").is_none_or(|o| o != "put-token") {
         return reject(400, "The operation is not supported.");
     }
     let Some(name) = app_prop_string(msg, "name") else {
@@ -802,7 +802,7 @@ fn handle_management(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Message<Body<
     let fail = |status: i32, cond: &str, desc: String| {
         response(msg, status, &desc, Some(cond), Value::Null)
     };
-    if !app_prop_string(msg, "operation").is_some_and(|o| o.eq_ignore_ascii_case("READ")) {
+    if app_prop_string(msg, "operation").is_none_or(|o| !o.eq_ignore_ascii_case("READ")) {
         return fail(
             501,
             "amqp:not-implemented",

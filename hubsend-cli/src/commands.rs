@@ -1,0 +1,490 @@
+//! The `send`, `bench` and `info` commands: wiring from parsed arguments to the library, plus
+//! the progress display and summaries. Each returns the process exit status.
+
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hubsend::ingest::{
+    self, IngestObserver, IngestOptions, IngestReport, InputFormat, ParsedLine, Progress, Reject,
+    Routing,
+};
+use hubsend::{ErrorKind, Producer, ProducerOptions};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// Exit status: success.
+const EXIT_OK: u8 = 0;
+/// Exit status: a valid record was not stored, or the hub could not be used.
+const EXIT_FAILED: u8 = 1;
+/// Exit status: bad usage (e.g. no connection string).
+const EXIT_USAGE: u8 = 2;
+/// Exit status: `--strict` and some lines were invalid.
+const EXIT_REJECTED: u8 = 3;
+/// Exit status: stopped by Ctrl-C (everything read so far was stored).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Where and how to connect.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub(crate) connection_string: Option<String>,
+    pub(crate) ca_file: Option<PathBuf>,
+}
+
+/// Arguments of `hubsend send`.
+#[derive(Debug)]
+pub(crate) struct SendConfig {
+    pub(crate) connection: Connection,
+    pub(crate) input: String,
+    pub(crate) csv: bool,
+    pub(crate) partition_key_field: Option<String>,
+    pub(crate) partition_id: Option<String>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) rejects: Option<PathBuf>,
+    pub(crate) json: bool,
+    pub(crate) strict: bool,
+}
+
+/// Arguments of `hubsend bench`.
+#[derive(Debug)]
+pub(crate) struct BenchConfig {
+    pub(crate) connection: Connection,
+    pub(crate) events: u64,
+    pub(crate) payload_bytes: usize,
+    pub(crate) key_cardinality: u64,
+    pub(crate) max_in_flight: usize,
+    pub(crate) json: bool,
+}
+
+/// Arguments of `hubsend info`.
+#[derive(Debug)]
+pub(crate) struct InfoConfig {
+    pub(crate) connection: Connection,
+    pub(crate) json: bool,
+}
+
+fn no_connection_string() -> u8 {
+    eprintln!(
+        "hubsend: no connection string: pass --connection-string or set EVENTHUB_CONNECTION_STRING"
+    );
+    EXIT_USAGE
+}
+
+/// Connects, printing a clear reason on failure.
+async fn connect(
+    connection_string: &str,
+    ca_file: Option<&PathBuf>,
+    max_in_flight: usize,
+) -> Result<Producer, u8> {
+    let mut builder = Producer::builder()
+        .connection_string(connection_string)
+        .options(ProducerOptions::new().max_in_flight(max_in_flight));
+    if let Some(path) = ca_file {
+        match std::fs::read(path) {
+            Ok(pem) => builder = builder.add_root_certificate_pem(pem),
+            Err(e) => {
+                eprintln!("hubsend: cannot read CA file {}: {e}", path.display());
+                return Err(EXIT_FAILED);
+            }
+        }
+    }
+    builder.connect().await.map_err(|e| {
+        let hint = match e.kind() {
+            ErrorKind::Unauthorized => {
+                " (check SharedAccessKeyName and SharedAccessKey, and that the policy may send)"
+            }
+            ErrorKind::NotFound => " (check EntityPath: the event hub does not exist)",
+            ErrorKind::InvalidConnectionString => {
+                " (expected Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…)"
+            }
+            _ => "",
+        };
+        eprintln!("hubsend: cannot connect: {e}{hint}");
+        EXIT_FAILED
+    })
+}
+
+/// Shows progress on a terminal and reports rejects on stderr and in the rejects file.
+struct CliObserver {
+    terminal: bool,
+    progress_shown: bool,
+    rejects: Option<BufWriter<File>>,
+    rejects_error: Option<std::io::Error>,
+}
+
+impl CliObserver {
+    fn new(rejects: Option<BufWriter<File>>) -> Self {
+        CliObserver {
+            terminal: std::io::stderr().is_terminal(),
+            progress_shown: false,
+            rejects,
+            rejects_error: None,
+        }
+    }
+
+    fn clear_progress(&mut self) {
+        if self.progress_shown {
+            eprint!("\r\x1b[2K");
+            self.progress_shown = false;
+        }
+    }
+
+    /// Flushes the rejects file; returns the first write error, if any.
+    fn finish(&mut self) -> Option<std::io::Error> {
+        self.clear_progress();
+        if let Some(mut w) = self.rejects.take() {
+            if let Err(e) = w.flush() {
+                self.rejects_error.get_or_insert(e);
+            }
+        }
+        self.rejects_error.take()
+    }
+}
+
+impl IngestObserver for CliObserver {
+    fn rejected(&mut self, reject: &Reject) {
+        self.clear_progress();
+        eprintln!("line {}: {}", reject.line, reject.reason);
+        if let Some(w) = &mut self.rejects {
+            if let Err(e) = writeln!(w, "{}", reject.to_json_line()) {
+                self.rejects_error.get_or_insert(e);
+                self.rejects = None;
+            }
+        }
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        if !self.terminal {
+            return;
+        }
+        eprint!(
+            "\r\x1b[2K{} records, {} sent, {} rejected, {} failed | {:.0} events/s, {:.2} MB/s | {} in flight",
+            p.records,
+            p.sent,
+            p.rejected,
+            p.failed,
+            p.events_per_sec(),
+            p.mb_per_sec(),
+            p.in_flight
+        );
+        self.progress_shown = true;
+    }
+}
+
+async fn ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        // No signal handling available: never fire.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn human_summary(report: &IngestReport) {
+    eprintln!(
+        "hubsend: sent {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; {} rejected, {} failed{}",
+        report.sent,
+        report.bytes as f64 / 1e6,
+        report.seconds,
+        report.events_per_sec,
+        report.mb_per_sec,
+        report.rejected,
+        report.failed,
+        if report.interrupted { " (stopped early)" } else { "" }
+    );
+}
+
+/// `hubsend send`.
+pub(crate) async fn send(config: SendConfig) -> u8 {
+    let Some(cs) = config.connection.connection_string.as_deref() else {
+        return no_connection_string();
+    };
+    let format = if config.csv {
+        InputFormat::Csv
+    } else {
+        InputFormat::Ndjson
+    };
+    let input = if config.input == "-" {
+        ingest::spawn_reader(std::io::stdin(), format)
+    } else {
+        match File::open(&config.input) {
+            Ok(file) => ingest::spawn_reader(file, format),
+            Err(e) => {
+                eprintln!("hubsend: cannot open input {}: {e}", config.input);
+                return EXIT_FAILED;
+            }
+        }
+    };
+    let rejects = match &config.rejects {
+        None => None,
+        Some(path) => match File::create(path) {
+            Ok(f) => Some(BufWriter::new(f)),
+            Err(e) => {
+                eprintln!(
+                    "hubsend: cannot create rejects file {}: {e}",
+                    path.display()
+                );
+                return EXIT_FAILED;
+            }
+        },
+    };
+    let producer = match connect(cs, config.connection.ca_file.as_ref(), config.max_in_flight).await
+    {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let routing = match (config.partition_key_field, config.partition_id) {
+        (Some(field), _) => Routing::PartitionKeyField(field),
+        (None, Some(id)) => Routing::PartitionId(id),
+        (None, None) => Routing::RoundRobin,
+    };
+    let options = IngestOptions::new()
+        .routing(routing)
+        .max_in_flight(config.max_in_flight);
+    let mut observer = CliObserver::new(rejects);
+    let mut interrupted_by_signal = false;
+    let signal = async {
+        ctrl_c().await;
+        interrupted_by_signal = true;
+    };
+    let report = ingest::ingest(&producer, input, &options, &mut observer, signal).await;
+    let rejects_error = observer.finish();
+    if let Err(e) = producer.close().await {
+        tracing::debug!(error = %e, "closing the connection failed");
+    }
+
+    human_summary(&report);
+    if let Some(error) = &report.error {
+        eprintln!("hubsend: {error}");
+    }
+    if let Some(e) = &rejects_error {
+        eprintln!("hubsend: writing the rejects file failed: {e}");
+    }
+    if config.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    }
+    if !report.all_sent() || rejects_error.is_some() {
+        EXIT_FAILED
+    } else if config.strict && report.rejected > 0 {
+        eprintln!(
+            "hubsend: {} invalid line(s) and --strict was given",
+            report.rejected
+        );
+        EXIT_REJECTED
+    } else if interrupted_by_signal {
+        EXIT_INTERRUPTED
+    } else {
+        EXIT_OK
+    }
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 when unknown.
+fn peak_rss_mb() -> f64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Feeds `count` synthetic records into a channel for [`ingest::ingest`].
+fn synthetic_input(
+    count: u64,
+    payload_bytes: usize,
+    cardinality: u64,
+) -> mpsc::Receiver<std::io::Result<ParsedLine>> {
+    let (tx, rx) = mpsc::channel(8192);
+    tokio::spawn(async move {
+        for i in 0..count {
+            let line = ParsedLine {
+                line: i + 1,
+                raw: String::new(),
+                result: Ok(ingest::synthetic_record(i, payload_bytes, cardinality)),
+            };
+            if tx.send(Ok(line)).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `hubsend bench`.
+pub(crate) async fn bench(config: BenchConfig) -> u8 {
+    // Without a connection string, benchmark against a local test hub in this process.
+    let mut local_hub = None;
+    let cs = match &config.connection.connection_string {
+        Some(cs) => cs.clone(),
+        None => match hubsend_testhub::TestHub::start(hubsend_testhub::HubConfig::new()).await {
+            Ok(hub) => {
+                let cs = hub.connection_string();
+                if !config.json {
+                    eprintln!(
+                        "hubsend: no connection string; using a local test hub on {}",
+                        hub.addr()
+                    );
+                }
+                local_hub = Some(hub);
+                cs
+            }
+            Err(e) => {
+                eprintln!("hubsend: cannot start the local test hub: {e}");
+                return EXIT_FAILED;
+            }
+        },
+    };
+    let producer = match connect(
+        &cs,
+        config.connection.ca_file.as_ref(),
+        config.max_in_flight,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let routing = if config.key_cardinality > 0 {
+        Routing::PartitionKeyField(ingest::SENSOR_ID.to_owned())
+    } else {
+        Routing::RoundRobin
+    };
+    let options = IngestOptions::new()
+        .routing(routing)
+        .max_in_flight(config.max_in_flight)
+        .max_open_batches(config.key_cardinality.clamp(1, 1024) as usize)
+        .linger(Duration::from_millis(200));
+    let input = synthetic_input(config.events, config.payload_bytes, config.key_cardinality);
+    let mut observer = CliObserver::new(None);
+    let report = ingest::ingest(&producer, input, &options, &mut observer, ctrl_c()).await;
+    observer.finish();
+    if let Err(e) = producer.close().await {
+        tracing::debug!(error = %e, "closing the connection failed");
+    }
+    drop(local_hub);
+
+    let peak = peak_rss_mb();
+    let summary = json!({
+        "events": report.sent,
+        "failed": report.failed,
+        "bytes": report.bytes,
+        "seconds": report.seconds,
+        "events_per_sec": report.events_per_sec,
+        "mb_per_sec": report.mb_per_sec,
+        "p50_ms": report.p50_ms,
+        "p99_ms": report.p99_ms,
+        "peak_rss_mb": peak,
+        "batches": report.batches,
+        "payload_bytes": config.payload_bytes,
+        "partition_keys": report.partition_keys,
+        "local_hub": config.connection.connection_string.is_none(),
+    });
+    eprintln!(
+        "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB",
+        report.sent,
+        report.bytes as f64 / 1e6,
+        report.seconds,
+        report.events_per_sec,
+        report.mb_per_sec,
+        report.p50_ms,
+        report.p99_ms,
+        peak
+    );
+    if let Some(error) = &report.error {
+        eprintln!("hubsend: {error}");
+    }
+    if config.json {
+        println!("{summary}");
+    }
+    if report.all_sent() && report.sent == config.events {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+/// `hubsend info`.
+pub(crate) async fn info(config: InfoConfig) -> u8 {
+    let Some(cs) = config.connection.connection_string.as_deref() else {
+        return no_connection_string();
+    };
+    let producer = match connect(cs, config.connection.ca_file.as_ref(), 1).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let hub = match producer.hub_properties().await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("hubsend: cannot read the hub's properties: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let mut partitions = Vec::new();
+    for id in &hub.partition_ids {
+        match producer.partition_properties(id).await {
+            Ok(p) => partitions.push(p),
+            Err(e) => {
+                eprintln!("hubsend: cannot read partition {id}'s properties: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    }
+    if let Err(e) = producer.close().await {
+        tracing::debug!(error = %e, "closing the connection failed");
+    }
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| ingest::format_timestamp(&t));
+    if config.json {
+        let parts: Vec<_> = partitions
+            .iter()
+            .map(|p| {
+                json!({
+                    "id": p.id,
+                    "begin_sequence_number": p.begin_sequence_number,
+                    "last_enqueued_sequence_number": p.last_enqueued_sequence_number,
+                    "last_enqueued_offset": p.last_enqueued_offset,
+                    "last_enqueued_time": time(p.last_enqueued_time),
+                    "is_empty": p.is_empty,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "name": hub.name,
+                "created_at": time(hub.created_at),
+                "partition_ids": hub.partition_ids,
+                "partitions": parts,
+            })
+        );
+    } else {
+        println!("hub:        {}", hub.name);
+        if let Some(created) = time(hub.created_at) {
+            println!("created at: {created}");
+        }
+        println!("partitions: {}", hub.partition_ids.join(", "));
+        println!();
+        println!(
+            "{:>9}  {:>14}  {:>14}  {:>14}  {:<24}  empty",
+            "partition", "begin seq", "last seq", "last offset", "last enqueued"
+        );
+        for p in &partitions {
+            println!(
+                "{:>9}  {:>14}  {:>14}  {:>14}  {:<24}  {}",
+                p.id,
+                p.begin_sequence_number,
+                p.last_enqueued_sequence_number,
+                p.last_enqueued_offset,
+                time(p.last_enqueued_time).unwrap_or_else(|| "-".into()),
+                if p.is_empty { "yes" } else { "no" }
+            );
+        }
+    }
+    EXIT_OK
+}

@@ -1,0 +1,850 @@
+//! End-to-end tests: the real `hubsend` binary against a test hub running in this process.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use hubsend_testhub::{HubConfig, StoredEvent, TestHub};
+use serde_json::{json, Value};
+
+const HUB: &str = "telemetry";
+
+/// A scratch directory unique to this test process and call.
+fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hubsend-cli-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The last stdout line parsed as JSON.
+    fn json(&self) -> Value {
+        let last = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no stdout; stderr:\n{}", self.stderr));
+        serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("last stdout line `{last}` is not JSON: {e}"))
+    }
+}
+
+/// Runs the binary off the async runtime so the hub keeps serving meanwhile.
+async fn hubsend(args: &[&str], env: &[(&str, &str)], stdin: Option<Vec<u8>>) -> Run {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let output: Output = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubsend"));
+        cmd.args(&args)
+            .env_remove("EVENTHUB_CONNECTION_STRING")
+            .env_remove("RUST_LOG")
+            .envs(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd.spawn().expect("spawn hubsend");
+        if let Some(bytes) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            });
+        }
+        child.wait_with_output().expect("wait for hubsend")
+    })
+    .await
+    .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn bodies(events: &[StoredEvent]) -> Vec<Value> {
+    let mut out: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.content_type.as_deref(), Some("application/json"));
+            serde_json::from_slice(&e.body).expect("stored body is JSON")
+        })
+        .collect();
+    out.sort_by_key(|v| v.to_string());
+    out
+}
+
+fn sorted(mut values: Vec<Value>) -> Vec<Value> {
+    values.sort_by_key(|v| v.to_string());
+    values
+}
+
+fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+const MIXED_NDJSON: &str = r#"{"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}
+{"sensor_id":"pump-1:state","timestamp":"2025-08-19T10:30:00+02:00","value":"Running","site":"plant-3","tags":{"line":[1,2]}}
+{"timestamp":"2025-08-19T08:30:00Z","value":1}
+this is not json
+
+{"sensor_id":"fan-2","timestamp":"2025-08-19T08:30:00.125-05:00","value":-3,"ok":true}
+{"sensor_id":"fan-2","timestamp":"19/08/2025 08:30","value":1}
+{"sensor_id":"fan-3","timestamp":"2025-08-19T08:30:00Z","value":true}
+[1,2,3]
+{"sensor_id":"","timestamp":"2025-08-19T08:30:00Z","value":1}
+{"sensor_id":"fan-4","timestamp":"2025-08-19T08:30:00Z"}
+{"sensor_id":"fan-5","timestamp":"2025-08-19T23:59:59.999999+00:30","value":1e3}
+"#;
+
+fn mixed_expected() -> Vec<Value> {
+    sorted(vec![
+        json!({"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}),
+        json!({"sensor_id":"pump-1:state","timestamp":"2025-08-19T08:30:00Z","value":"Running","site":"plant-3","tags":{"line":[1,2]}}),
+        json!({"sensor_id":"fan-2","timestamp":"2025-08-19T13:30:00.125Z","value":-3,"ok":true}),
+        json!({"sensor_id":"fan-5","timestamp":"2025-08-19T23:29:59.999999Z","value":1000.0}),
+    ])
+}
+
+/// (line, reason prefix) of every bad line in [`MIXED_NDJSON`].
+const MIXED_REJECTS: &[(u64, &str)] = &[
+    (3, "missing field `sensor_id`"),
+    (4, "not a JSON object: "),
+    (7, "`timestamp` is not RFC 3339: "),
+    (8, "`value` must be a number or a string"),
+    (9, "not a JSON object: found an array"),
+    (10, "`sensor_id` must be a non-empty string"),
+    (11, "missing field `value`"),
+];
+
+fn assert_rejects_reported(stderr: &str) {
+    for (line, reason) in MIXED_REJECTS {
+        let prefix = format!("line {line}: {reason}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&prefix)),
+            "stderr lacks `{prefix}`:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_ndjson_file_sends_good_lines_and_reports_bad_ones() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("mixed");
+    let input = write(&dir, "in.ndjson", MIXED_NDJSON);
+    let rejects = dir.join("rejects.jsonl");
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--input",
+            &input,
+            "--rejects",
+            rejects.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_rejects_reported(&run.stderr);
+
+    let events = hub.wait_for_events(HUB, 4, Duration::from_secs(10)).await;
+    assert_eq!(bodies(&events), mixed_expected());
+    assert!(events
+        .iter()
+        .all(|e| e.batched && e.partition_key.is_none()));
+
+    let summary = run.json();
+    assert_eq!(summary["sent"], 4);
+    assert_eq!(summary["rejected"], MIXED_REJECTS.len());
+    assert_eq!(summary["failed"], 0);
+    let body_bytes: usize = events.iter().map(|e| e.body.len()).sum();
+    assert_eq!(summary["bytes"], body_bytes);
+    for field in ["seconds", "events_per_sec"] {
+        assert!(summary[field].is_number(), "{field} in {summary}");
+    }
+
+    // The rejects file: one JSON object per bad line, with number, reason and raw text.
+    let written = std::fs::read_to_string(&rejects).unwrap();
+    let lines: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), MIXED_REJECTS.len());
+    let raw: Vec<&str> = MIXED_NDJSON.lines().collect();
+    for (got, (line, reason)) in lines.iter().zip(MIXED_REJECTS) {
+        assert_eq!(got["line"], *line);
+        assert!(got["reason"].as_str().unwrap().starts_with(reason), "{got}");
+        assert_eq!(got["raw"], raw[*line as usize - 1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_exits_3_on_invalid_lines_but_still_sends_the_good_ones() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("strict");
+    let input = write(&dir, "in.ndjson", MIXED_NDJSON);
+    let run = hubsend(
+        &["send", "--input", &input, "--strict", "--json"],
+        &[("EVENTHUB_CONNECTION_STRING", &hub.connection_string())],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 3, "stderr:\n{}", run.stderr);
+    assert_rejects_reported(&run.stderr);
+    assert_eq!(run.json()["sent"], 4);
+    assert_eq!(bodies(&hub.events(HUB)), mixed_expected());
+
+    // A clean file under --strict exits 0.
+    let clean = write(
+        &dir,
+        "clean.ndjson",
+        r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+    );
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--input",
+            &clean,
+            "--strict",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_is_the_default_input() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let input = (0..50)
+        .map(|i| {
+            format!(
+                r#"{{"sensor_id":"s-{i}","timestamp":"2025-08-19T08:30:{:02}+01:00","value":{i}}}"#,
+                i % 60
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--json",
+        ],
+        &[],
+        Some(input.into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 50);
+    let expected: Vec<Value> = (0..50)
+        .map(|i| json!({"sensor_id": format!("s-{i}"), "timestamp": format!("2025-08-19T07:30:{:02}Z", i % 60), "value": i}))
+        .collect();
+    assert_eq!(
+        bodies(&hub.wait_for_events(HUB, 50, Duration::from_secs(10)).await),
+        sorted(expected)
+    );
+
+    // `--input -` is the same.
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--input",
+            "-",
+            "--json",
+        ],
+        &[],
+        Some(br#"{"sensor_id":"x","timestamp":"2025-08-19T08:30:00Z","value":"Idle"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_input_types_values_and_passes_columns_through() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("csv");
+    let input = write(
+        &dir,
+        "in.csv",
+        "sensor_id,timestamp,value,unit,note\n\
+         t-1,2025-08-19T08:30:00Z,21.5,C,plain\n\
+         t-2,2025-08-19T10:30:00+02:00,Running,,\"with, comma\"\n\
+         t-3,not a time,1,C,x\n\
+         t-4,2025-08-19T08:30:00Z,7,C\n\
+         t-5,2025-08-19T08:30:00Z,NaN,C,\"two\nlines\"\n\
+         t-6,2025-08-19T08:30:00Z,,C,x\n\
+         t-7,2025-08-19T08:30:00Z,-12,42,x\n",
+    );
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--input",
+            &input,
+            "--format",
+            "csv",
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    for expected in [
+        "line 4: `timestamp` is not RFC 3339",
+        "line 5: malformed CSV: the row has 4 fields but the header has 5",
+        "line 8: `value` is empty",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "stderr lacks `{expected}`:\n{}",
+            run.stderr
+        );
+    }
+    let summary = run.json();
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["rejected"].as_u64()),
+        (Some(4), Some(3))
+    );
+    let events = hub.wait_for_events(HUB, 4, Duration::from_secs(10)).await;
+    assert_eq!(
+        bodies(&events),
+        sorted(vec![
+            json!({"sensor_id":"t-1","timestamp":"2025-08-19T08:30:00Z","value":21.5,"unit":"C","note":"plain"}),
+            json!({"sensor_id":"t-2","timestamp":"2025-08-19T08:30:00Z","value":"Running","unit":"","note":"with, comma"}),
+            json!({"sensor_id":"t-5","timestamp":"2025-08-19T08:30:00Z","value":"NaN","unit":"C","note":"two\nlines"}),
+            json!({"sensor_id":"t-7","timestamp":"2025-08-19T08:30:00Z","value":-12,"unit":"42","note":"x"}),
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_key_field_routes_each_record_by_its_key() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("keys");
+    // 40 sensors interleaved, 400 records: more keys than one batch, order per key kept.
+    let lines: Vec<String> = (0..400)
+        .map(|i| {
+            format!(
+                r#"{{"sensor_id":"machine-{}:temp","timestamp":"2025-08-19T08:30:00Z","value":{i},"line":{}}}"#,
+                i % 40,
+                i % 3
+            )
+        })
+        .collect();
+    let input = write(&dir, "in.ndjson", &(lines.join("\n") + "\n"));
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--input",
+            &input,
+            "--partition-key-field",
+            "sensor_id",
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 400);
+    assert_eq!(run.json()["partition_keys"], 40);
+    let events = hub.wait_for_events(HUB, 400, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 400);
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for e in &events {
+        let body: Value = serde_json::from_slice(&e.body).unwrap();
+        let key = body["sensor_id"].as_str().unwrap().to_owned();
+        assert_eq!(e.partition_key.as_deref(), Some(key.as_str()));
+        assert_eq!(e.partition, hub.partition_for_key(HUB, &key), "key {key}");
+        per_key
+            .entry(key)
+            .or_default()
+            .push(body["value"].as_i64().unwrap());
+    }
+    assert_eq!(per_key.len(), 40);
+    for (key, values) in per_key {
+        let mut sorted = values.clone();
+        sorted.sort_unstable();
+        assert_eq!(values, sorted, "order of {key}");
+        assert_eq!(values.len(), 10);
+    }
+    let partitions: std::collections::BTreeSet<u32> = events.iter().map(|e| e.partition).collect();
+    assert!(partitions.len() > 1, "40 keys all hashed to one partition?");
+
+    // A numeric field routes by its string form; records without it are rejected.
+    let hub2 = TestHub::start(HubConfig::new()).await.unwrap();
+    let input = write(
+        &dir,
+        "numeric.ndjson",
+        "{\"sensor_id\":\"a\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":1,\"line\":7}\n\
+         {\"sensor_id\":\"b\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":2}\n",
+    );
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub2.connection_string(),
+            "--input",
+            &input,
+            "--partition-key-field",
+            "line",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 2: missing partition key field `line`"),
+        "{}",
+        run.stderr
+    );
+    let events = hub2.wait_for_events(HUB, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].partition_key.as_deref(), Some("7"));
+    assert_eq!(events[0].partition, hub2.partition_for_key(HUB, "7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_id_sends_everything_to_that_partition() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let input: String = (0..30)
+        .map(|i| {
+            format!(
+                "{{\"sensor_id\":\"s{i}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n"
+            )
+        })
+        .collect();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--partition-id",
+            "2",
+            "--json",
+        ],
+        &[],
+        Some(input.into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 30);
+    let events = hub.wait_for_events(HUB, 30, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 30);
+    assert!(events.iter().all(|e| e.partition == 2));
+
+    // Key and id together are refused by the argument parser.
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--partition-id",
+            "2",
+            "--partition-key-field",
+            "x",
+        ],
+        &[],
+        Some(Vec::new()),
+    )
+    .await;
+    assert_eq!(run.code, 2, "stderr:\n{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_batches_stream_with_a_small_in_flight_bound() {
+    let hub = TestHub::start(HubConfig::new().max_message_size(64 * 1024))
+        .await
+        .unwrap();
+    let padding = "p".repeat(400);
+    let input: String = (0..3000)
+        .map(|i| format!("{{\"sensor_id\":\"s{}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i},\"pad\":\"{padding}\"}}\n", i % 7))
+        .collect();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--max-in-flight",
+            "3",
+            "--json",
+        ],
+        &[],
+        Some(input.into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let summary = run.json();
+    assert_eq!(summary["sent"], 3000);
+    assert!(
+        summary["batches"].as_u64().unwrap() >= 3000 * 450 / (64 * 1024),
+        "{summary}"
+    );
+    let events = hub
+        .wait_for_events(HUB, 3000, Duration::from_secs(10))
+        .await;
+    let mut values: Vec<i64> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<Value>(&e.body).unwrap()["value"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    values.sort_unstable();
+    assert_eq!(
+        values,
+        (0..3000).collect::<Vec<i64>>(),
+        "every record exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_key_fails_with_a_clear_message() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let good = hub.connection_string();
+    let key = good
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap()
+        .to_owned();
+    let bad_key = "d3JvbmcgZG9lcyBub3QgbWF0dGVyIHdoYXQgaXQgaXMgYXQgYWxs";
+    let bad = good.replace(&key, bad_key);
+    let run = hubsend(
+        &["send", "--connection-string", &bad, "--json"],
+        &[],
+        Some(br#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.to_lowercase().contains("unauthorized"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains(bad_key) && !run.stdout.contains(bad_key),
+        "the key leaked"
+    );
+    assert!(hub.events(HUB).is_empty());
+
+    // info fails the same way.
+    let run = hubsend(&["info", "--connection-string", &bad], &[], None).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.to_lowercase().contains("unauthorized"),
+        "stderr:\n{}",
+        run.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_connection_string_is_a_usage_error() {
+    let run = hubsend(&["send"], &[], Some(Vec::new())).await;
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("EVENTHUB_CONNECTION_STRING"),
+        "{}",
+        run.stderr
+    );
+    let run = hubsend(&["info"], &[], None).await;
+    assert_eq!(run.code, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_hub_with_ca_file() {
+    let hub = TestHub::start(HubConfig::new().tls(true)).await.unwrap();
+    let dir = scratch("tls");
+    let ca = write(&dir, "ca.pem", &hub.ca_pem().unwrap());
+    let record = br#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1}"#.to_vec();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--ca-file",
+            &ca,
+            "--json",
+        ],
+        &[],
+        Some(record.clone()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 1);
+    assert_eq!(
+        hub.wait_for_events(HUB, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+
+    // Without the CA the server is not trusted.
+    let run = hubsend(
+        &["send", "--connection-string", &hub.connection_string()],
+        &[],
+        Some(record),
+    )
+    .await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("cannot connect"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_json_lists_partitions() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--partition-id",
+            "1",
+        ],
+        &[],
+        Some(
+            b"{\"sensor_id\":\"a\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":1}\n\
+              {\"sensor_id\":\"b\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":2}\n"
+                .to_vec(),
+        ),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+
+    let run = hubsend(
+        &[
+            "info",
+            "--connection-string",
+            &hub.connection_string_for("manage", HUB),
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let info = run.json();
+    assert_eq!(info["name"], HUB);
+    assert_eq!(info["partition_ids"], json!(["0", "1", "2", "3"]));
+    let parts = info["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4);
+    for p in parts {
+        let id = p["id"].as_str().unwrap();
+        if id == "1" {
+            assert_eq!(p["is_empty"], false, "{p}");
+            assert_eq!(p["last_enqueued_sequence_number"], 1, "{p}");
+        } else {
+            assert_eq!(p["is_empty"], true, "{p}");
+        }
+    }
+
+    // The human form names the hub and every partition.
+    let run = hubsend(
+        &[
+            "info",
+            "--connection-string",
+            &hub.connection_string_for("manage", HUB),
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stdout.contains("telemetry") && run.stdout.contains("0, 1, 2, 3"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_without_connection_string_uses_a_local_hub() {
+    let run = hubsend(&["bench", "--events", "20000", "--json"], &[], None).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let b = run.json();
+    assert_eq!(b["events"], 20000, "{b}");
+    for field in [
+        "bytes",
+        "seconds",
+        "events_per_sec",
+        "mb_per_sec",
+        "p50_ms",
+        "p99_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(b[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {b}");
+    }
+    assert!(b["p99_ms"].as_f64() >= b["p50_ms"].as_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_against_a_hub_with_partition_keys() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let run = hubsend(
+        &[
+            "bench",
+            "--connection-string",
+            &hub.connection_string(),
+            "--events",
+            "2000",
+            "--payload-bytes",
+            "300",
+            "--partitions-key-cardinality",
+            "8",
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["events"], 2000);
+    let events = hub
+        .wait_for_events(HUB, 2000, Duration::from_secs(10))
+        .await;
+    assert_eq!(events.len(), 2000);
+    for e in &events {
+        let key = e.partition_key.as_deref().expect("keyed");
+        assert_eq!(e.partition, hub.partition_for_key(HUB, key));
+        assert!(
+            (280..=320).contains(&e.body.len()),
+            "body of {} bytes",
+            e.body.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_deliveries_exit_1_with_the_reason() {
+    let hub = TestHub::start(HubConfig::new().max_message_size(4 * 1024))
+        .await
+        .unwrap();
+    hub.faults()
+        .reject_every_nth(2, "com.microsoft:argument-error");
+    let input: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"sensor_id\":\"s{i}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n"
+            )
+        })
+        .collect();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--json",
+        ],
+        &[],
+        Some(input.into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    let summary = run.json();
+    let (sent, failed) = (
+        summary["sent"].as_u64().unwrap(),
+        summary["failed"].as_u64().unwrap(),
+    );
+    assert!(failed > 0 && sent + failed == 300, "{summary}");
+    assert_eq!(sent as usize, hub.events(HUB).len());
+    assert!(
+        run.stderr.contains("argument-error"),
+        "stderr:\n{}",
+        run.stderr
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_reading_flushes_and_reports() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
+        .args([
+            "send",
+            "--connection-string",
+            &hub.connection_string(),
+            "--json",
+        ])
+        .env_remove("EVENTHUB_CONNECTION_STRING")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep stdin open: the input never ends on its own.
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..7 {
+        writeln!(
+            stdin,
+            r#"{{"sensor_id":"s{i}","timestamp":"2025-08-19T08:30:00Z","value":{i}}}"#
+        )
+        .unwrap();
+    }
+    stdin.flush().unwrap();
+    // Idle input is flushed after a short linger, so the events arrive while reading goes on.
+    assert_eq!(
+        hub.wait_for_events(HUB, 7, Duration::from_secs(10))
+            .await
+            .len(),
+        7
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    drop(stdin);
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_eq!(run.code, 130, "stderr:\n{}", run.stderr);
+    let summary = run.json();
+    assert_eq!(summary["sent"], 7);
+    assert_eq!(summary["interrupted"], true);
+    assert!(run.stderr.contains("stopped early"), "{}", run.stderr);
+}
