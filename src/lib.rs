@@ -5,6 +5,7 @@
 //! # Layout
 //!
 //! - [`producer`]: the [`Producer`] handle, its builder and options, [`DeliveryFuture`].
+//! - [`buffered`]: [`BufferedProducer`], batching and linger done for you.
 //! - [`batch`]: [`EventBatch`], exact size accounting for batch messages.
 //! - [`event`]: [`Event`], [`PropertyValue`], and the [`Telemetry`] record.
 //! - [`connection_string`]: parsing Event Hubs connection strings.
@@ -16,6 +17,7 @@
 mod amqp;
 pub mod auth;
 pub mod batch;
+pub mod buffered;
 pub mod connection_string;
 pub mod error;
 pub mod event;
@@ -26,6 +28,7 @@ mod tls;
 
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
 pub use batch::{BatchOptions, EventBatch, TryAddError};
+pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch};
 pub use connection_string::ConnectionString;
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};

@@ -134,6 +134,10 @@ impl SendOptions {
         self.route.partition_id = Some(id.into());
         self
     }
+
+    pub(crate) fn into_route(self) -> (Option<String>, Option<String>) {
+        (self.route.partition_key, self.route.partition_id)
+    }
 }
 
 /// Builds a [`Producer`]. Setters never fail; [`connect`](Self::connect) reports every problem.
@@ -614,7 +618,7 @@ impl Producer {
             })
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
-        Ok(DeliveryFuture { rx })
+        Ok(DeliveryFuture::from_receiver(rx))
     }
 
     async fn permits(
@@ -675,6 +679,12 @@ fn check_route(route: &Route) -> Result<()> {
 #[must_use = "the outcome of a delivery is only known by awaiting its future"]
 pub struct DeliveryFuture {
     rx: oneshot::Receiver<Result<()>>,
+}
+
+impl DeliveryFuture {
+    pub(crate) fn from_receiver(rx: oneshot::Receiver<Result<()>>) -> DeliveryFuture {
+        DeliveryFuture { rx }
+    }
 }
 
 impl Future for DeliveryFuture {

@@ -1,0 +1,513 @@
+//! [`BufferedProducer`]: fire-and-forget with guarantees. `enqueue` returns once an event is
+//! in a bounded buffer; background lanes (one per route) pack batches up to the size limit
+//! or a linger time, keep several in flight, and report every outcome.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::batch::{BatchOptions, EventBatch, TryAddError};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::Event;
+use crate::producer::{DeliveryFuture, Producer, SendOptions};
+
+/// A batch the hub did not store, reported to the failure callback.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct FailedBatch {
+    /// How many events the batch held.
+    pub events: usize,
+    /// The partition key the batch was routed by, if any.
+    pub partition_key: Option<String>,
+    /// The partition id the batch was sent to, if any.
+    pub partition_id: Option<String>,
+    /// Why it failed, after the retry policy was spent.
+    pub error: Error,
+}
+
+type FailureCallback = Arc<dyn Fn(FailedBatch) + Send + Sync>;
+
+/// Tunables of a [`BufferedProducer`].
+///
+/// | setting | default |
+/// |---|---|
+/// | [`max_buffered_events`](Self::max_buffered_events) | 50,000 |
+/// | [`linger`](Self::linger) | 10 ms |
+/// | [`max_lanes`](Self::max_lanes) | 1,024 |
+#[derive(Clone)]
+#[must_use]
+pub struct BufferedOptions {
+    max_buffered_events: usize,
+    linger: Duration,
+    max_lanes: usize,
+    on_failure: Option<FailureCallback>,
+}
+
+impl fmt::Debug for BufferedOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferedOptions")
+            .field("max_buffered_events", &self.max_buffered_events)
+            .field("linger", &self.linger)
+            .field("max_lanes", &self.max_lanes)
+            .field("on_failure", &self.on_failure.is_some())
+            .finish()
+    }
+}
+
+impl Default for BufferedOptions {
+    fn default() -> Self {
+        BufferedOptions {
+            max_buffered_events: 50_000,
+            linger: Duration::from_millis(10),
+            max_lanes: 1024,
+            on_failure: None,
+        }
+    }
+}
+
+impl BufferedOptions {
+    /// The defaults listed above.
+    pub fn new() -> BufferedOptions {
+        BufferedOptions::default()
+    }
+
+    /// At most this many events wait in the buffer (not yet sent); `enqueue` waits beyond it.
+    /// Together with the producer's in-flight bounds this caps memory.
+    pub fn max_buffered_events(mut self, events: usize) -> Self {
+        self.max_buffered_events = events.max(1);
+        self
+    }
+
+    /// How long a partly filled batch waits for more events before it is sent.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// At most this many routes (partition keys or ids) have an open batch at once; an idle
+    /// lane is closed after its batch is sent.
+    pub fn max_lanes(mut self, lanes: usize) -> Self {
+        self.max_lanes = lanes.max(1);
+        self
+    }
+
+    /// Called once for every batch the hub did not store (after retries).
+    pub fn on_failure(mut self, callback: impl Fn(FailedBatch) + Send + Sync + 'static) -> Self {
+        self.on_failure = Some(Arc::new(callback));
+        self
+    }
+}
+
+/// What a [`BufferedProducer`] has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct BufferedReport {
+    /// Events accepted into the buffer.
+    pub enqueued: u64,
+    /// Events the hub stored.
+    pub sent: u64,
+    /// Events in batches the hub did not store.
+    pub failed: u64,
+}
+
+enum LaneCommand {
+    Event(Event, OwnedSemaphorePermit),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RouteKey {
+    partition_key: Option<String>,
+    partition_id: Option<String>,
+}
+
+struct Lane {
+    tx: mpsc::Sender<LaneCommand>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    producer: Producer,
+    options: BufferedOptions,
+    buffer: Arc<Semaphore>,
+    lanes: tokio::sync::Mutex<HashMap<RouteKey, Lane>>,
+    enqueued: AtomicU64,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    closed: Mutex<bool>,
+}
+
+/// A producer front that batches for you. Cheap to clone; see the [module docs](self).
+///
+/// Create it with [`BufferedProducer::new`]. Call [`flush`](Self::flush) to wait for every
+/// outcome so far and [`close`](Self::close) to flush and stop. Order per route (partition key,
+/// partition id, or none) is the order of `enqueue` calls.
+#[derive(Clone)]
+pub struct BufferedProducer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for BufferedProducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferedProducer")
+            .field("hub", &self.shared.producer.event_hub())
+            .field("report", &self.report())
+            .finish()
+    }
+}
+
+impl BufferedProducer {
+    /// A buffered front on `producer`.
+    pub fn new(producer: Producer, options: BufferedOptions) -> BufferedProducer {
+        BufferedProducer {
+            shared: Arc::new(Shared {
+                buffer: Arc::new(Semaphore::new(options.max_buffered_events)),
+                producer,
+                options,
+                lanes: tokio::sync::Mutex::new(HashMap::new()),
+                enqueued: AtomicU64::new(0),
+                sent: Arc::new(AtomicU64::new(0)),
+                failed: Arc::new(AtomicU64::new(0)),
+                closed: Mutex::new(false),
+            }),
+        }
+    }
+
+    /// Puts `event` in the buffer, waiting while it is full.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Closed`] after [`close`](Self::close); [`ErrorKind::InvalidConfig`]
+    /// when both a partition key and id are given; [`ErrorKind::NotFound`] for an unknown
+    /// partition (found when its lane first attaches).
+    pub async fn enqueue(&self, event: Event, options: SendOptions) -> Result<()> {
+        let permit = self
+            .shared
+            .buffer
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?;
+        self.put(event, options, permit).await
+    }
+
+    /// Like [`enqueue`](Self::enqueue) but fails with [`ErrorKind::Busy`] when the buffer is full.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue), plus [`ErrorKind::Busy`].
+    pub async fn try_enqueue(&self, event: Event, options: SendOptions) -> Result<()> {
+        let permit = self
+            .shared
+            .buffer
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::new(ErrorKind::Busy, "the buffer is full"))?;
+        self.put(event, options, permit).await
+    }
+
+    async fn put(
+        &self,
+        event: Event,
+        options: SendOptions,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<()> {
+        if self.shared.closed.lock().map(|c| *c).unwrap_or(true) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the buffered producer is closed",
+            ));
+        }
+        let (partition_key, partition_id) = options.into_route();
+        if partition_key.is_some() && partition_id.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "give a partition key or a partition id, not both",
+            ));
+        }
+        let route = RouteKey {
+            partition_key,
+            partition_id,
+        };
+        let tx = self.lane(route).await?;
+        tx.send(LaneCommand::Event(event, permit))
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?;
+        self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn lane(&self, route: RouteKey) -> Result<mpsc::Sender<LaneCommand>> {
+        let mut lanes = self.shared.lanes.lock().await;
+        if let Some(lane) = lanes.get(&route) {
+            if !lane.tx.is_closed() {
+                return Ok(lane.tx.clone());
+            }
+        }
+        lanes.retain(|_, lane| !lane.tx.is_closed());
+        if lanes.len() >= self.shared.options.max_lanes {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "more than {} routes are open at once",
+                    self.shared.options.max_lanes
+                ),
+            ));
+        }
+        let mut batch_options = BatchOptions::new();
+        if let Some(k) = &route.partition_key {
+            batch_options = batch_options.partition_key(k.clone());
+        }
+        if let Some(p) = &route.partition_id {
+            batch_options = batch_options.partition_id(p.clone());
+        }
+        // Fails early (unknown partition) before any event is taken.
+        let first = self
+            .shared
+            .producer
+            .create_batch(batch_options.clone())
+            .await?;
+        let (tx, rx) = mpsc::channel(256);
+        let lane = LaneTask {
+            producer: self.shared.producer.clone(),
+            batch_options,
+            linger: self.shared.options.linger,
+            sent: self.shared.sent.clone(),
+            failed: self.shared.failed.clone(),
+            on_failure: self.shared.options.on_failure.clone(),
+        };
+        let task = tokio::spawn(lane.run(first, rx));
+        lanes.insert(
+            route,
+            Lane {
+                tx: tx.clone(),
+                task,
+            },
+        );
+        Ok(tx)
+    }
+
+    /// Sends every partly filled batch now and waits until every event enqueued before the
+    /// call has an outcome.
+    pub async fn flush(&self) {
+        let senders: Vec<mpsc::Sender<LaneCommand>> = self
+            .shared
+            .lanes
+            .lock()
+            .await
+            .values()
+            .map(|l| l.tx.clone())
+            .collect();
+        let mut waits = Vec::new();
+        for tx in senders {
+            let (done, wait) = oneshot::channel();
+            if tx.send(LaneCommand::Flush(done)).await.is_ok() {
+                waits.push(wait);
+            }
+        }
+        for wait in waits {
+            let _ = wait.await;
+        }
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> BufferedReport {
+        BufferedReport {
+            enqueued: self.shared.enqueued.load(Ordering::Relaxed),
+            sent: self.shared.sent.load(Ordering::Relaxed),
+            failed: self.shared.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Flushes, stops the lanes and returns the final counters. Enqueueing afterwards fails
+    /// with [`ErrorKind::Closed`]. The underlying [`Producer`] stays open.
+    pub async fn close(self) -> BufferedReport {
+        if let Ok(mut closed) = self.shared.closed.lock() {
+            *closed = true;
+        }
+        self.flush().await;
+        let lanes: Vec<Lane> = self
+            .shared
+            .lanes
+            .lock()
+            .await
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for lane in lanes {
+            drop(lane.tx);
+            let _ = lane.task.await;
+        }
+        self.shared.buffer.close();
+        self.report()
+    }
+}
+
+/// One route's batching loop.
+struct LaneTask {
+    producer: Producer,
+    batch_options: BatchOptions,
+    linger: Duration,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    on_failure: Option<FailureCallback>,
+}
+
+impl LaneTask {
+    async fn run(self, first: EventBatch, mut rx: mpsc::Receiver<LaneCommand>) {
+        // Outcomes are awaited in order by a settler, so the lane never waits on the hub
+        // except through the producer's in-flight bound.
+        let (settle_tx, mut settle_rx) =
+            mpsc::unbounded_channel::<(usize, DeliveryFuture, Option<oneshot::Sender<()>>)>();
+        let sent = self.sent.clone();
+        let failed = self.failed.clone();
+        let on_failure = self.on_failure.clone();
+        let key = self.batch_options.partition_key.clone();
+        let id = self.batch_options.partition_id.clone();
+        let settler = tokio::spawn(async move {
+            while let Some((events, delivery, flushed)) = settle_rx.recv().await {
+                match delivery.await {
+                    Ok(()) => {
+                        sent.fetch_add(events as u64, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        failed.fetch_add(events as u64, Ordering::Relaxed);
+                        tracing::warn!(events, error = %error, "buffered batch failed");
+                        if let Some(cb) = &on_failure {
+                            cb(FailedBatch {
+                                events,
+                                partition_key: key.clone(),
+                                partition_id: id.clone(),
+                                error,
+                            });
+                        }
+                    }
+                }
+                if let Some(done) = flushed {
+                    let _ = done.send(());
+                }
+            }
+        });
+        let mut batch = Some(first);
+        let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let command = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.ship(&mut batch, &mut permits, &settle_tx, None).await;
+                        deadline = None;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            match command {
+                None => break,
+                Some(LaneCommand::Flush(done)) => {
+                    self.ship(&mut batch, &mut permits, &settle_tx, Some(done))
+                        .await;
+                    deadline = None;
+                }
+                Some(LaneCommand::Event(event, permit)) => {
+                    let mut event = event;
+                    loop {
+                        let current = match &mut batch {
+                            Some(b) => b,
+                            None => {
+                                match self.producer.create_batch(self.batch_options.clone()).await {
+                                    Ok(b) => batch.insert(b),
+                                    Err(error) => {
+                                        self.fail(1, error);
+                                        break;
+                                    }
+                                }
+                            }
+                        };
+                        match current.try_add(event) {
+                            Ok(()) => {
+                                permits.push(permit);
+                                if deadline.is_none() {
+                                    deadline = Some(tokio::time::Instant::now() + self.linger);
+                                }
+                                break;
+                            }
+                            Err(TryAddError::Full(back)) => {
+                                self.ship(&mut batch, &mut permits, &settle_tx, None).await;
+                                deadline = None;
+                                event = back;
+                            }
+                            Err(TryAddError::TooLarge(back)) => {
+                                let len = back.body().len();
+                                self.fail(
+                                    1,
+                                    Error::new(
+                                        ErrorKind::MessageTooLarge,
+                                        format!("an event with a {len}-byte body exceeds the batch size limit"),
+                                    ),
+                                );
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.ship(&mut batch, &mut permits, &settle_tx, None).await;
+        drop(settle_tx);
+        let _ = settler.await;
+    }
+
+    /// Sends the open batch (if it holds anything) and releases its buffer permits.
+    async fn ship(
+        &self,
+        batch: &mut Option<EventBatch>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        settle: &mpsc::UnboundedSender<(usize, DeliveryFuture, Option<oneshot::Sender<()>>)>,
+        flushed: Option<oneshot::Sender<()>>,
+    ) {
+        let full = match batch.take() {
+            Some(b) if !b.is_empty() => b,
+            other => {
+                *batch = other;
+                if let Some(done) = flushed {
+                    // Nothing open: the flush is done once earlier batches settle.
+                    let (tx, rx) = oneshot::channel::<crate::Result<()>>();
+                    let _ = tx.send(Ok(()));
+                    let _ = settle.send((0, DeliveryFuture::from_receiver(rx), Some(done)));
+                }
+                return;
+            }
+        };
+        let events = full.len();
+        match self.producer.send_batch(full).await {
+            Ok(delivery) => {
+                let _ = settle.send((events, delivery, flushed));
+            }
+            Err(error) => {
+                self.fail(events, error);
+                if let Some(done) = flushed {
+                    let _ = done.send(());
+                }
+            }
+        }
+        permits.clear();
+    }
+
+    fn fail(&self, events: usize, error: Error) {
+        self.failed.fetch_add(events as u64, Ordering::Relaxed);
+        tracing::warn!(events, error = %error, "buffered events failed");
+        if let Some(cb) = &self.on_failure {
+            cb(FailedBatch {
+                events,
+                partition_key: self.batch_options.partition_key.clone(),
+                partition_id: self.batch_options.partition_id.clone(),
+                error,
+            });
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The buffered producer against the test hub: everything enqueued arrives (or is reported
+//! failed), in order per key, through faults, with bounded buffering.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubsend::{
+    BufferedOptions, BufferedProducer, ErrorKind, Event, Producer, ProducerOptions, RetryOptions,
+    SendOptions,
+};
+use hubsend_testhub::{HubConfig, TestHub};
+
+const HUB: &str = "telemetry";
+
+async fn setup(retries: u32) -> (TestHub, Producer) {
+    let hub = TestHub::start(HubConfig::new().max_message_size(64 * 1024))
+        .await
+        .unwrap();
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(
+            ProducerOptions::new().max_in_flight(16).retry(
+                RetryOptions::new()
+                    .max_retries(retries)
+                    .base_delay(Duration::from_millis(20))
+                    .max_delay(Duration::from_millis(300)),
+            ),
+        )
+        .connect()
+        .await
+        .unwrap();
+    (hub, producer)
+}
+
+/// Enqueues `n` events over 8 keys; returns the buffered producer's final report.
+async fn stream(buffered: &BufferedProducer, n: usize) {
+    for i in 0..n {
+        let key = format!("sensor-{}", i % 8);
+        let event = Event::new(format!(r#"{{"sensor_id":"{key}","value":{i}}}"#))
+            .with_property("n", i as i64);
+        buffered
+            .enqueue(event, SendOptions::new().partition_key(key))
+            .await
+            .unwrap();
+    }
+}
+
+fn check_all_arrived_in_order(hub: &TestHub, n: usize) -> usize {
+    let stored = hub.events(HUB);
+    let mut seen = HashSet::new();
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for e in &stored {
+        let i = e.application_properties["n"].as_i64().unwrap();
+        if seen.insert(i) {
+            per_key
+                .entry(e.partition_key.clone().unwrap())
+                .or_default()
+                .push(i);
+        }
+    }
+    assert_eq!(seen.len(), n, "every event arrived");
+    for (key, ns) in per_key {
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "order within {key}");
+    }
+    stored.len() - n
+}
+
+#[tokio::test]
+async fn everything_enqueued_arrives_in_order_per_key() {
+    let (hub, producer) = setup(8).await;
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new().linger(Duration::from_millis(200)),
+    );
+    stream(&buffered, 100_000).await;
+    let report = buffered.close().await;
+    assert_eq!(report.enqueued, 100_000);
+    assert_eq!(report.sent, 100_000);
+    assert_eq!(report.failed, 0);
+    assert_eq!(check_all_arrived_in_order(&hub, 100_000), 0);
+    // Batches were filled (about 600 of these events fit in 64 KiB), not sent one by one.
+    assert!(hub.stats().transfers_received < 2_000, "{:?}", hub.stats());
+}
+
+#[tokio::test]
+async fn everything_arrives_through_a_dropped_connection() {
+    let (hub, producer) = setup(10).await;
+    let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
+    let faults = hub.faults();
+    let inject = async {
+        while hub.stats().deliveries_accepted < 40 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        faults.drop_connections();
+    };
+    tokio::join!(stream(&buffered, 100_000), inject);
+    let report = buffered.close().await;
+    assert_eq!(report.sent, 100_000, "{report:?}");
+    let duplicates = check_all_arrived_in_order(&hub, 100_000);
+    println!("buffered tcp drop: {duplicates} duplicates");
+    assert!(producer.stats().reconnects >= 1);
+}
+
+#[tokio::test]
+async fn everything_arrives_through_forced_detaches() {
+    let (hub, producer) = setup(10).await;
+    hub.faults()
+        .detach_links_after(30, "amqp:link:detach-forced", "injected");
+    let buffered = BufferedProducer::new(producer, BufferedOptions::new());
+    stream(&buffered, 100_000).await;
+    let report = buffered.close().await;
+    assert_eq!(report.sent, 100_000, "{report:?}");
+    let duplicates = check_all_arrived_in_order(&hub, 100_000);
+    println!("buffered detach-forced: {duplicates} duplicates");
+}
+
+#[tokio::test]
+async fn failures_are_reported_and_counted() {
+    let (hub, producer) = setup(0).await;
+    hub.faults().reject_every_nth(2, "amqp:not-allowed");
+    let reported = Arc::new(AtomicU64::new(0));
+    let seen = reported.clone();
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new().on_failure(move |failed| {
+            assert!(failed.partition_key.is_some());
+            assert_eq!(failed.error.kind(), ErrorKind::Rejected);
+            seen.fetch_add(failed.events as u64, Ordering::Relaxed);
+        }),
+    );
+    stream(&buffered, 20_000).await;
+    let report = buffered.close().await;
+    assert_eq!(report.sent + report.failed, 20_000);
+    assert!(report.failed > 0);
+    assert_eq!(reported.load(Ordering::Relaxed), report.failed);
+    assert_eq!(hub.events(HUB).len() as u64, report.sent);
+}
+
+#[tokio::test]
+async fn flush_sends_partial_batches_and_waits() {
+    let (hub, producer) = setup(8).await;
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new().linger(Duration::from_secs(60)),
+    );
+    for i in 0..10u8 {
+        buffered
+            .enqueue(Event::new(vec![i]), SendOptions::new())
+            .await
+            .unwrap();
+    }
+    assert_eq!(hub.events(HUB).len(), 0, "lingering, not sent yet");
+    buffered.flush().await;
+    assert_eq!(hub.events(HUB).len(), 10);
+    assert_eq!(buffered.report().sent, 10);
+    let err = buffered
+        .enqueue(
+            Event::new(b"x".to_vec()),
+            SendOptions::new().partition_id("77"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let report = buffered.clone().close().await;
+    assert_eq!(report.sent, 10);
+    let err = buffered
+        .enqueue(Event::new(b"late".to_vec()), SendOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn the_buffer_is_bounded() {
+    let (hub, producer) = setup(8).await;
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new()
+            .max_buffered_events(100)
+            .linger(Duration::from_secs(60)),
+    );
+    for i in 0..100u8 {
+        buffered
+            .try_enqueue(Event::new(vec![i]), SendOptions::new())
+            .await
+            .unwrap();
+    }
+    let err = buffered
+        .try_enqueue(Event::new(b"one too many".to_vec()), SendOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    buffered.flush().await;
+    buffered
+        .try_enqueue(Event::new(b"room again".to_vec()), SendOptions::new())
+        .await
+        .unwrap();
+    let report = buffered.close().await;
+    assert_eq!(report.sent, 101);
+    assert_eq!(hub.events(HUB).len(), 101);
+}
