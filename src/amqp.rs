@@ -297,23 +297,41 @@ impl Engine {
         let name = format!("hubsend-sender-{n}");
         let mut session = self.session.lock().await;
         let generation = self.reconnects.load(Ordering::Relaxed);
-        tokio::time::timeout(
+        let attach = tokio::time::timeout(
             self.config.operation_timeout,
             Sender::builder()
                 .name(name)
                 .target(target.to_owned())
                 .sender_settle_mode(SenderSettleMode::Unsettled)
                 .attach(&mut session),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("attaching a sender to `{target}` timed out"),
-            )
-        })?
-        .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))
-        .map(|sender| (sender, generation))
+        );
+        // fe2o3 may not wake an attach whose connection dies under it: watch the connection.
+        let lost = self.connection_closed();
+        tokio::select! {
+            result = attach => result
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("attaching a sender to `{target}` timed out"),
+                    )
+                })?
+                .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))
+                .map(|sender| (sender, generation)),
+            () = lost => Err(Error::new(
+                ErrorKind::Connection,
+                format!("the connection was lost while attaching to `{target}`"),
+            )),
+        }
+    }
+
+    /// Resolves once the current connection has closed.
+    async fn connection_closed(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.connection.lock().await.is_closed() {
+                return;
+            }
+        }
     }
 
     /// Whether the connection of `generation` is gone (replaced, closed or its session ended).
@@ -321,7 +339,13 @@ impl Engine {
         if self.reconnects.load(Ordering::Relaxed) != generation {
             return true;
         }
-        self.session.lock().await.is_ended() || self.connection.lock().await.is_closed()
+        // The session lock is held during attaches; don't wait for it, the connection tells.
+        let session_ended = self
+            .session
+            .try_lock()
+            .map(|s| s.is_ended())
+            .unwrap_or(false);
+        session_ended || self.connection.lock().await.is_closed()
     }
 
     /// Opens a new connection, session and CBS link and re-authorises, unless another task
@@ -391,7 +415,14 @@ impl Engine {
         let token = self.config.provider.token(&audience).await?;
         let expires = token.expires_at();
         let mut cbs = self.cbs.lock().await;
-        put_token(&mut cbs, &audience, &token, self.config.operation_timeout).await?;
+        tokio::select! {
+            result = put_token(&mut cbs, &audience, &token, self.config.operation_timeout) => result?,
+            // A put-token on a dead connection would hold the CBS lock until it timed out and
+            // block the reconnect that replaces it.
+            () = self.connection_closed() => {
+                return Err(Error::new(ErrorKind::Connection, "the connection closed during put-token"));
+            }
+        }
         *self.token.lock().await = token;
         Ok(expires)
     }
