@@ -10,6 +10,7 @@
 //! - [`event`]: [`Event`], [`PropertyValue`], and the [`Telemetry`] record.
 //! - [`connection_string`]: parsing Event Hubs connection strings.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
+//! - `entra` (feature `entra`): `ClientSecretCredential`, Microsoft Entra ID client secrets.
 //! - [`retry`]: [`RetryOptions`] and the failure classifier.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
 //! - `amqp` (private): the engine task that owns the fe2o3 connection, session and links.
@@ -19,6 +20,8 @@ pub mod auth;
 pub mod batch;
 pub mod buffered;
 pub mod connection_string;
+#[cfg(feature = "entra")]
+pub mod entra;
 pub mod error;
 pub mod event;
 pub mod ingest;
@@ -30,6 +33,8 @@ pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, Tok
 pub use batch::{BatchOptions, EventBatch, TryAddError};
 pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch};
 pub use connection_string::ConnectionString;
+#[cfg(feature = "entra")]
+pub use entra::ClientSecretCredential;
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
 pub use producer::{

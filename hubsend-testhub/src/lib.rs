@@ -1,13 +1,15 @@
 //! A local, scriptable Event Hubs-compatible AMQP 1.0 server for tests and offline use.
 //!
 //! It speaks the service's wire protocol (SASL MSSBCBS/PLAIN/ANONYMOUS, `$cbs` put-token with
-//! SAS verification, producer links per hub and partition, batches, `$management` READ), stores
+//! SAS verification (and HS256 `jwt` tokens from trusted issuers), producer links per hub and partition, batches, `$management` READ), stores
 //! what it receives for inspection, and injects faults on request.
 
 #![deny(missing_docs)]
 
 mod faults;
+mod fullframe;
 mod hash;
+mod jwt;
 mod sas;
 mod server;
 mod store;
@@ -17,6 +19,7 @@ mod wire;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use faults::Faults;
+pub use jwt::{sign_hs256 as sign_jwt_hs256, EVENT_HUBS_AUDIENCE};
 pub use store::StoredEvent;
 
 /// A right a SAS policy grants.
@@ -50,6 +53,7 @@ pub struct HubConfig {
     pub(crate) max_message_size: u64,
     pub(crate) advertised_max_message_size: Option<u64>,
     pub(crate) link_credit: u32,
+    pub(crate) jwt_issuers: Vec<jwt::TrustedIssuer>,
 }
 
 impl Default for HubConfig {
@@ -91,6 +95,7 @@ impl HubConfig {
             max_message_size: 1_048_576,
             advertised_max_message_size: None,
             link_credit: 300,
+            jwt_issuers: Vec::new(),
         }
     }
 
@@ -142,6 +147,21 @@ impl HubConfig {
         self
     }
 
+    /// Sets the key of the policy `name` (a default one or one added before); a name not
+    /// configured yet is added with every right (Manage, Send, Listen). Keeps the defaults.
+    pub fn policy_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
+        let (name, key) = (name.into(), key.into());
+        match self.policies.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.key = key,
+            None => self.policies.push(Policy {
+                name,
+                key,
+                rights: vec![Right::Manage, Right::Send, Right::Listen],
+            }),
+        }
+        self
+    }
+
     /// Largest accepted delivery in bytes (advertised on producer links).
     pub fn max_message_size(mut self, bytes: u64) -> Self {
         self.max_message_size = bytes;
@@ -170,6 +190,8 @@ pub struct HubStats {
     pub connections_accepted: u64,
     /// put-token requests answered 202.
     pub put_tokens_accepted: u64,
+    /// Of those, `jwt` (Entra ID) tokens.
+    pub jwt_put_tokens_accepted: u64,
     /// put-token requests answered with an error status.
     pub put_tokens_rejected: u64,
     /// Deliveries received on producer links.

@@ -25,6 +25,11 @@ struct Args {
     /// Partition count.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
+    /// Set a policy's key instead of a random one, as NAME=KEY (repeatable). The default
+    /// policies are `send-only` (Send) and `manage` (Manage, Send, Listen); other names are
+    /// added with every right.
+    #[arg(long = "policy-key", value_name = "NAME=KEY", value_parser = parse_policy_key)]
+    policy_keys: Vec<(String, String)>,
     /// Enable TLS and write the CA certificate to DIR/ca.pem.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -37,11 +42,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = HubConfig::new()
+    let mut config = HubConfig::new()
         .host(args.host)
         .port(args.port)
         .hub(args.hub, args.partitions)
         .tls(args.tls_dir.is_some());
+    for (name, key) in args.policy_keys {
+        config = config.policy_key(name, key);
+    }
     let hub = TestHub::start(config).await?;
     println!("{}", hub.connection_string());
     if let (Some(dir), Some(pem)) = (&args.tls_dir, hub.ca_pem()) {
@@ -53,6 +61,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     wait_for_signal().await;
     hub.shutdown().await;
     Ok(())
+}
+
+/// Parses `NAME=KEY` (the key may itself contain `=`).
+fn parse_policy_key(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, k)) if !n.is_empty() && !k.is_empty() => Ok((n.to_string(), k.to_string())),
+        _ => Err(format!("expected NAME=KEY, got '{s}'")),
+    }
 }
 
 #[cfg(unix)]

@@ -44,6 +44,9 @@ use crate::{
     HubConfig, HubStats, Right,
 };
 
+#[path = "consumer.rs"]
+mod consumer;
+
 const BATCH_FORMAT: u32 = 0x8001_3700;
 
 pub(crate) fn now_ms() -> i64 {
@@ -198,6 +201,7 @@ impl Shared {
                 application_properties: d.application_properties,
                 batched,
                 link_target: link_target.to_string(),
+                encoded_message: d.raw,
             });
         }
         drop(store);
@@ -612,6 +616,9 @@ async fn handle_attach(
                 }
                 None => {
                     let a = addr.unwrap_or_default();
+                    if consumer::is_consumer_address(&a) {
+                        return consumer::consumer_attach(attach, a, session, ctx).await;
+                    }
                     let desc = format!(
                         "The messaging entity 'sb://{}/{}' could not be found.",
                         ctx.host,
@@ -778,15 +785,23 @@ fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Message<Body<V
             "InjectedFault: put-token failure requested by the test.",
         );
     }
-    match shared.verify_token(&token, &name) {
-        Ok(v) => {
-            let rights = shared.policy_rights(&v.policy);
+    let jwt = app_prop_string(msg, "type").is_some_and(|t| t == "jwt");
+    let verified = if jwt {
+        let v = shared.verify_jwt(&token, &name);
+        v.map(|v| (v.audience, v.expires_at, v.rights))
+    } else {
+        let v = shared.verify_token(&token, &name);
+        v.map(|v| (v.audience, v.expires_at, shared.policy_rights(&v.policy)))
+    };
+    match verified {
+        Ok((audience, expires_at, rights)) => {
             ctx.tokens.lock().unwrap().push(Token {
-                audience: v.audience,
-                expires_at_ms: (v.expires_at as i64).saturating_mul(1000),
+                audience,
+                expires_at_ms: (expires_at as i64).saturating_mul(1000),
                 rights,
             });
             shared.stat(|s| s.put_tokens_accepted += 1);
+            shared.stat(|s| s.jwt_put_tokens_accepted += u64::from(jwt));
             response(msg, 202, "Accepted", None, Value::Null)
         }
         Err(e) => {
@@ -822,7 +837,10 @@ fn handle_management(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Message<Body<
     };
     let entity = format!("{}/$management", hub.to_ascii_lowercase());
     let authorised = match app_prop_string(msg, "security_token") {
-        Some(token) => shared.verify_token(&token, &format!("/{entity}")).is_ok(),
+        Some(token) => {
+            shared.verify_token(&token, &format!("/{entity}")).is_ok()
+                || shared.jwt_security_token_ok(&token, &entity)
+        }
         None => !matches!(ctx.authorised(&entity, None), Auth::No),
     };
     if !authorised {

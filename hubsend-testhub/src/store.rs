@@ -34,6 +34,9 @@ pub struct StoredEvent {
     pub batched: bool,
     /// The target address of the link it arrived on, as the client sent it.
     pub link_target: String,
+    /// The event as the client sent it, as one encoded AMQP message (all its sections); what
+    /// consumers receive back, with the service's annotations added.
+    pub encoded_message: Vec<u8>,
 }
 
 /// Events of one hub.
@@ -66,6 +69,8 @@ pub(crate) struct Decoded {
     pub correlation_id: Option<String>,
     pub partition_key: Option<String>,
     pub application_properties: BTreeMap<String, serde_json::Value>,
+    /// The message re-encoded (all sections).
+    pub raw: Vec<u8>,
 }
 
 pub(crate) fn message_id_string(id: &MessageId) -> String {
@@ -175,5 +180,6 @@ pub(crate) fn decode(msg: &Message<Body<Value>>, encoded_len: usize) -> Decoded 
         correlation_id: props.and_then(|p| p.correlation_id.as_ref().map(message_id_string)),
         partition_key: partition_key_of(msg),
         application_properties,
+        raw: serde_amqp::to_vec(&Serializable(msg.clone())).unwrap_or_default(),
     }
 }

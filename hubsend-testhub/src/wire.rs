@@ -100,9 +100,9 @@ impl<S> Wire<S> {
                 return;
             }
             let frame: Vec<u8> = self.pending.drain(..size).collect();
-            let rewritten = self.rewrite(&frame);
-            self.out
-                .extend_from_slice(rewritten.as_deref().unwrap_or(&frame));
+            let frame = self.rewrite(&frame).unwrap_or(frame);
+            let frame = crate::fullframe::pad(&frame).unwrap_or(frame);
+            self.out.extend_from_slice(&frame);
         }
     }
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Interop suite: Microsoft's official Python SDK (azure-eventhub) against hubsend-testhub, with
+# events produced by the hubsend CLI read back by the SDK's consumer.
+#
+# Creates a venv under target/interop-venv (PyPI is the only network access), builds the hub and
+# the CLI, starts the hub on a free port, runs interop.py, stops the hub. Exits non-zero on any
+# failure; the last line is `interop: N passed, M failed`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+AZURE_EVENTHUB_VERSION="5.15.1"
+VENV="$ROOT/target/interop-venv"
+WORK="$ROOT/target/interop"
+PYTHON_BIN="${PYTHON:-python3}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+mkdir -p "$WORK"
+
+fail() {
+  echo "interop: setup failed: $*" >&2
+  echo "interop: 0 passed, 1 failed"
+  exit 1
+}
+
+command -v "$PYTHON_BIN" >/dev/null 2>&1 || fail "python3 not found"
+
+# 1. Python environment (reused when the pinned SDK is already there).
+if ! "$VENV/bin/python" -c "import azure.eventhub, sys; sys.exit(azure.eventhub.__version__ != '$AZURE_EVENTHUB_VERSION')" 2>/dev/null; then
+  rm -rf "$VENV"
+  "$PYTHON_BIN" -m venv "$VENV" || fail "python3 -m venv failed (install python3-venv)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "azure-eventhub==$AZURE_EVENTHUB_VERSION" || fail "pip install azure-eventhub failed"
+fi
+
+# 2. Binaries.
+cargo build --quiet -p hubsend-testhub --bin hubsend-testhub || fail "building hubsend-testhub failed"
+cargo build --quiet -p hubsend-cli --bin hubsend || fail "building hubsend failed"
+HUB_BIN="$CARGO_TARGET_DIR/debug/hubsend-testhub"
+HUBSEND_BIN="$CARGO_TARGET_DIR/debug/hubsend"
+
+# 3. The hub, on a free port, with a known key for the `manage` (Listen) policy.
+MANAGE_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+HUB_OUT="$WORK/hub.stdout"
+HUB_LOG="$WORK/hub.log"
+: >"$HUB_OUT"
+RUST_LOG="${RUST_LOG:-hubsend_testhub=info}" "$HUB_BIN" --port 0 --policy-key "manage=$MANAGE_KEY" \
+  >"$HUB_OUT" 2>"$HUB_LOG" &
+HUB_PID=$!
+cleanup() {
+  if kill -0 "$HUB_PID" 2>/dev/null; then
+    kill "$HUB_PID" 2>/dev/null || true
+    wait "$HUB_PID" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+CS=""
+for _ in $(seq 1 100); do
+  CS="$(head -n 1 "$HUB_OUT" 2>/dev/null || true)"
+  [ -n "$CS" ] && break
+  kill -0 "$HUB_PID" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$CS" ] || { tail -n 50 "$HUB_LOG" >&2 || true; fail "the hub printed no connection string"; }
+echo "interop: hub at ${CS%%;SharedAccessKey=*};..."
+
+# 4. The checks (bounded, so a hang cannot stall CI).
+STATUS=0
+timeout 600 "$VENV/bin/python" "$ROOT/tests/interop/interop.py" \
+  --connection-string "$CS" --manage-key "$MANAGE_KEY" --hubsend "$HUBSEND_BIN" \
+  >"$WORK/interop.out" 2>&1 || STATUS=$?
+# The SDK's own log lines are noise unless something failed.
+if [ "$STATUS" -ne 0 ]; then
+  cat "$WORK/interop.out"
+  echo "--- hub log (last 80 lines) ---"
+  tail -n 80 "$HUB_LOG" || true
+  if ! tail -n 1 "$WORK/interop.out" | grep -q '^interop: '; then
+    echo "interop: 0 passed, 1 failed (interop.py exited $STATUS)"
+  fi
+  exit 1
+fi
+grep -E '^(PASS|FAIL|  hubsend report|interop:)' "$WORK/interop.out"
