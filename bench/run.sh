@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds the test hub, the bench example and the comparison peers (release), then runs the full
+# comparison: hubsend vs Microsoft's azure_messaging_eventhubs vs a raw fe2o3-amqp ceiling, over
+# plain and TLS loopback, for 100-byte and 1 KiB events. Output is saved under bench/results/.
+#
+#   bench/run.sh                 # defaults below
+#   EVENTS=4000000 bench/run.sh  # more events per batched run
+#   NO_PEERS=1 bench/run.sh      # hubsend only (skips building the official crate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-bench}"
+EVENTS="${EVENTS:-2000000}"
+EVENTS_1K="${EVENTS_1K:-500000}"
+
+cargo build --release -p hubsend-testhub
+cargo build --release --example bench
+PEERS_ARG=()
+if [[ -z "${NO_PEERS:-}" ]]; then
+    (cd bench-peers && cargo build --release --locked)
+else
+    PEERS_ARG=(--no-peers)
+fi
+
+mkdir -p bench/results
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+out="bench/results/bench-$stamp.txt"
+{
+    echo "# hubsend bench $stamp  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "# $(nproc) cores, $(uname -sr), $(rustc --version)"
+    echo
+    echo "## 100-byte telemetry events"
+    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" "${PEERS_ARG[@]}" "$@"
+    echo
+    echo "## 1 KiB events"
+    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 1024 --events "$EVENTS_1K" "${PEERS_ARG[@]}" "$@"
+} 2>&1 | tee "$out"
+echo "saved to $out"

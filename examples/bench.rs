@@ -1,0 +1,786 @@
+//! Throughput / latency / memory benchmark for hubsend, with Microsoft's official crate and a
+//! raw fe2o3-amqp "ceiling" sender run against the same hub and payload for comparison.
+//!
+//! ```text
+//! cargo build --release -p hubsend-testhub
+//! (cd bench-peers && cargo build --release)          # optional: official + ceiling peers
+//! cargo run --release --example bench -- [--events N] [--payload-bytes B[,B2..]] [--tls|--both]
+//!                                         [--mode batch|single|latency|all] [--json]
+//! ```
+//!
+//! Options (all optional):
+//! * `--events N` events per batched run (default 2,000,000); `--single-events N` for the
+//!   single-event pipelined runs (default N/4); `--latency-events N` (default 2,000, sent one at
+//!   a time, after 200 warm-up sends); `--official-events N` caps the official crate's batched
+//!   run and `--official-single-events N` its single-send run (defaults N/4 and 20,000).
+//! * `--payload-bytes 100,1024` event body sizes (default 100: a telemetry JSON record).
+//! * `--tls` TLS only, `--both` plain then TLS (default: plain only).
+//! * `--official-concurrency C` concurrent tasks driving the official crate's batched mode
+//!   (default 4) and `--official-single-concurrency C` its send_event mode (default 1: more
+//!   concurrent send_event calls only queue inside the crate and make its stalls, below, worse);
+//!   `--official-latency-events N` (default 500).
+//! * The official crate (0.16, on fe2o3-amqp 0.16) sometimes never resolves a send whose
+//!   `accepted` disposition has arrived; the peer gives up on such a send after 1 s and reports
+//!   `stalled_sends`. The table shows its raw rate; ratios use the rate with stalls taken out.
+//! * `--max-in-flight N` hubsend's in-flight delivery bound (default: the library's).
+//! * `--no-peers` skip the official and ceiling binaries even when they are built.
+//!
+//! The hub: `EVENTHUB_CONNECTION_STRING` (+ `EVENTHUB_CA_FILE`) when set; otherwise the
+//! release `hubsend-testhub` binary (`HUBSEND_TESTHUB_BIN`, else next to this example's
+//! target dir) is started as a separate process, one per transport, and killed at the end.
+//! Every measured mode runs in its own child process (this binary with `--child`), so the
+//! peak RSS (VmHWM) reported for a mode is that mode's alone. Peers are found through
+//! `HUBSEND_BENCH_OFFICIAL_BIN` / `HUBSEND_BENCH_CEILING_BIN`, else in the same target dir,
+//! else in `bench-peers/target/release`.
+//!
+//! MB/s counts event body bytes (payload), not wire bytes.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hubsend::{BatchOptions, Event, Producer, ProducerOptions, SendOptions, TryAddError};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// shared helpers (same payload generator as bench-peers/src/lib.rs)
+
+struct Args(Vec<(String, String)>);
+
+impl Args {
+    fn parse() -> Args {
+        let mut out = Vec::new();
+        let mut it = std::env::args().skip(1).peekable();
+        while let Some(a) = it.next() {
+            if a == "--bench" {
+                continue; // passed by `cargo bench`-style harnesses
+            }
+            let Some(key) = a.strip_prefix("--") else {
+                eprintln!("unexpected argument {a:?}; see the header of examples/bench.rs");
+                std::process::exit(2);
+            };
+            let value = match it.peek() {
+                Some(v) if !v.starts_with("--") => it.next().unwrap(),
+                _ => "true".to_owned(),
+            };
+            out.push((key.to_owned(), value));
+        }
+        Args(out)
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+    fn num(&self, key: &str, default: u64) -> u64 {
+        self.get(key)
+            .map(|v| {
+                v.replace('_', "").parse().unwrap_or_else(|_| {
+                    eprintln!("--{key} wants a number, got {v:?}");
+                    std::process::exit(2)
+                })
+            })
+            .unwrap_or(default)
+    }
+    fn flag(&self, key: &str) -> bool {
+        self.get(key).is_some_and(|v| v != "false")
+    }
+}
+
+/// `count` distinct bodies of exactly `bytes` bytes, shaped like telemetry JSON.
+fn bodies(bytes: usize, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut s = format!(
+                "{{\"sensor_id\":\"compressor-{}:vibe_x\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{}.{}",
+                i % 10,
+                40 + i % 50,
+                i % 10
+            );
+            if s.len() + 1 < bytes {
+                let pad = bytes - s.len() - 1;
+                if pad > 9 {
+                    s.push_str(",\"pad\":\"");
+                    s.push_str(&"x".repeat(pad - 9));
+                    s.push('"');
+                } else {
+                    s.push_str(&" ".repeat(pad));
+                }
+            }
+            s.push('}');
+            let mut v = s.into_bytes();
+            v.truncate(bytes);
+            v
+        })
+        .collect()
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the ")" that closes the command name; utime and stime are 14th and 15th.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    samples.sort();
+    let at =
+        |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3;
+    (at(0.50), at(0.99))
+}
+
+// ---------------------------------------------------------------------------------------------
+// child: one hubsend mode in this process
+
+fn run_child(args: &Args) -> hubsend::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(child(args))
+}
+
+async fn child(args: &Args) -> hubsend::Result<()> {
+    let mode = args.get("child").unwrap_or("batch").to_owned();
+    let cs = args.get("cs").expect("--cs").to_owned();
+    let events = args.num("events", 1_000_000);
+    let payload = args.num("payload-bytes", 100) as usize;
+    let pool = bodies(payload, 1024);
+
+    let mut options = ProducerOptions::new();
+    if let Some(n) = args.get("max-in-flight") {
+        options = options.max_in_flight(n.parse().expect("--max-in-flight"));
+    }
+    let mut builder = Producer::builder().connection_string(cs).options(options);
+    if let Some(ca) = args.get("ca") {
+        builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("reading --ca"));
+    }
+    let producer = builder.connect().await?;
+    // Warm-up: attach the link, one round trip, untimed.
+    producer
+        .send_and_wait(Event::new(pool[0].clone()), SendOptions::new())
+        .await?;
+
+    // Outcomes are awaited in order by a separate task, so the loop below only queues.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<hubsend::DeliveryFuture>();
+    let waiter = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(fut) = rx.recv().await {
+            fut.await?;
+            n += 1;
+        }
+        hubsend::Result::Ok(n)
+    });
+
+    let mut latency = None;
+    let mut batches = 0u64;
+    let start = Instant::now();
+    match mode.as_str() {
+        "batch" => {
+            let mut batch = producer.create_batch(BatchOptions::new()).await?;
+            for i in 0..events as usize {
+                let event = Event::new(pool[i % pool.len()].clone());
+                if let Err(e) = batch.try_add(event) {
+                    let TryAddError::Full(event) = e else {
+                        panic!("a {payload}-byte event does not fit an empty batch");
+                    };
+                    let full = std::mem::replace(
+                        &mut batch,
+                        producer.create_batch(BatchOptions::new()).await?,
+                    );
+                    tx.send(producer.send_batch(full).await?).ok();
+                    batches += 1;
+                    batch.try_add(event).expect("fits an empty batch");
+                }
+            }
+            if !batch.is_empty() {
+                tx.send(producer.send_batch(batch).await?).ok();
+                batches += 1;
+            }
+        }
+        "single" => {
+            for i in 0..events as usize {
+                let event = Event::new(pool[i % pool.len()].clone());
+                tx.send(producer.send(event, SendOptions::new()).await?)
+                    .ok();
+            }
+        }
+        "latency" => {
+            for i in 0..200 {
+                producer
+                    .send_and_wait(Event::new(pool[i % pool.len()].clone()), SendOptions::new())
+                    .await?;
+            }
+            let mut samples = Vec::with_capacity(events as usize);
+            let t0 = Instant::now();
+            for i in 0..events as usize {
+                let t = Instant::now();
+                producer
+                    .send_and_wait(Event::new(pool[i % pool.len()].clone()), SendOptions::new())
+                    .await?;
+                samples.push(t.elapsed());
+            }
+            let _ = t0;
+            latency = Some(percentiles(samples));
+        }
+        other => panic!("unknown child mode {other}"),
+    }
+    drop(tx);
+    let settled = waiter.await.expect("waiter task")?;
+    let seconds = start.elapsed().as_secs_f64();
+    if mode == "batch" {
+        assert_eq!(settled, batches);
+    } else if mode == "single" {
+        assert_eq!(settled, events);
+    }
+
+    let eps = events as f64 / seconds;
+    let mut line = format!(
+        "{{\"tool\":\"hubsend\",\"mode\":\"{mode}\",\"events\":{events},\"payload_bytes\":{payload},\"seconds\":{seconds:.4},\"events_per_sec\":{eps:.1},\"mb_per_sec\":{:.2},\"peak_rss_kib\":{},\"cpu_seconds\":{:.2}",
+        eps * payload as f64 / 1e6,
+        proc_status_kib("VmHWM:"),
+        cpu_seconds()
+    );
+    if let Some((p50, p99)) = latency {
+        line.push_str(&format!(",\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3}"));
+    }
+    if mode == "batch" {
+        line.push_str(&format!(
+            ",\"batches\":{batches},\"max_message_size\":{}",
+            producer.max_message_size()
+        ));
+    }
+    line.push('}');
+    println!("{line}");
+    let _ = tokio::time::timeout(Duration::from_secs(5), producer.close()).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// parent: hub process, children, peers, table
+
+/// `target/release` (or `$CARGO_TARGET_DIR/release`) this example was built into.
+fn release_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?; // .../release/examples
+    if dir.file_name()? == "examples" {
+        dir.parent().map(Path::to_path_buf)
+    } else {
+        Some(dir.to_path_buf())
+    }
+}
+
+fn find_bin(env: &str, name: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
+        return Some(PathBuf::from(p)).filter(|p| p.exists());
+    }
+    let mut candidates = Vec::new();
+    if let Some(d) = release_dir() {
+        candidates.push(d.join(name));
+    }
+    if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
+        candidates.push(Path::new(&t).join("release").join(name));
+    }
+    candidates.push(PathBuf::from("target/release").join(name));
+    candidates.push(PathBuf::from("bench-peers/target/release").join(name));
+    candidates.into_iter().find(|p| p.exists())
+}
+
+struct Hub {
+    cs: String,
+    ca: Option<PathBuf>,
+    tls: bool,
+    process: Option<Child>,
+}
+
+impl Hub {
+    fn start(tls: bool) -> Hub {
+        if let Ok(cs) = std::env::var("EVENTHUB_CONNECTION_STRING") {
+            if !cs.trim().is_empty() {
+                let ca = std::env::var("EVENTHUB_CA_FILE").ok().map(PathBuf::from);
+                let tls = !cs
+                    .to_ascii_lowercase()
+                    .contains("usedevelopmentemulator=true");
+                return Hub {
+                    cs,
+                    ca,
+                    tls,
+                    process: None,
+                };
+            }
+        }
+        let Some(bin) = find_bin("HUBSEND_TESTHUB_BIN", "hubsend-testhub") else {
+            eprintln!(
+                "the test hub binary was not found. Build it with\n    \
+                 cargo build --release -p hubsend-testhub\n\
+                 (same CARGO_TARGET_DIR as this example), or set HUBSEND_TESTHUB_BIN, or set \
+                 EVENTHUB_CONNECTION_STRING to use an existing hub."
+            );
+            std::process::exit(1);
+        };
+        let dir = std::env::temp_dir().join(format!("hubsend-bench-{}", std::process::id()));
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--host", "127.0.0.1", "--partitions", "4"]);
+        if tls {
+            cmd.arg("--tls-dir").arg(&dir);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let cs = lines
+            .next()
+            .and_then(|l| l.ok())
+            .expect("the test hub prints its connection string");
+        let ca = if tls {
+            let _ = lines.next(); // "CA certificate: ..." — written before it is printed
+            Some(dir.join("ca.pem"))
+        } else {
+            None
+        };
+        Hub {
+            cs,
+            ca,
+            tls,
+            process: Some(child),
+        }
+    }
+
+    /// `host:port` from the connection string's Endpoint.
+    fn authority(&self) -> String {
+        let ep = self
+            .cs
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("Endpoint="))
+            .unwrap_or("");
+        let rest = ep.split_once("://").map_or(ep, |x| x.1);
+        rest.trim_end_matches('/').to_owned()
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        let pid = self.process.as_ref()?.id();
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Runs a command that prints one JSON line; returns it, or None (with a note) on failure.
+fn run_json(label: &str, cmd: &mut Command) -> Option<Value> {
+    eprintln!("  running {label} ...");
+    let out = match cmd.stderr(Stdio::piped()).output() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("  {label}: cannot start: {e}");
+            return None;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .and_then(|l| serde_json::from_str::<Value>(l).ok());
+    if json.is_none() || !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        eprintln!(
+            "  {label}: failed ({}):\n    {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
+        );
+        return None;
+    }
+    json
+}
+
+struct Row {
+    transport: &'static str,
+    payload: u64,
+    name: String,
+    json: Value,
+}
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.get("child").is_some() {
+        if let Err(e) = run_child(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+
+    let events = args.num("events", 2_000_000);
+    let single_events = args.num("single-events", (events / 4).max(1));
+    let latency_events = args.num("latency-events", 2_000);
+    let official_events = args.num("official-events", (events / 4).max(1));
+    let official_single_events = args.num("official-single-events", 2_000);
+    let official_latency_events = args.num("official-latency-events", 500);
+    let official_conc = args.num("official-concurrency", 4);
+    let official_single_conc = args.num("official-single-concurrency", 1);
+    let mode = args.get("mode").unwrap_or("all").to_owned();
+    let modes: Vec<&str> = match mode.as_str() {
+        "all" => vec!["batch", "single", "latency"],
+        m @ ("batch" | "single" | "latency") => vec![m],
+        other => {
+            eprintln!("--mode batch|single|latency|all, not {other}");
+            std::process::exit(2);
+        }
+    };
+    let payloads: Vec<u64> = args
+        .get("payload-bytes")
+        .unwrap_or("100")
+        .split(',')
+        .map(|p| p.trim().parse().expect("--payload-bytes"))
+        .collect();
+    let transports: Vec<bool> = if args.flag("both") {
+        vec![false, true]
+    } else {
+        vec![args.flag("tls")]
+    };
+    let json_out = args.flag("json");
+    let peers = !args.flag("no-peers");
+    let official = peers
+        .then(|| find_bin("HUBSEND_BENCH_OFFICIAL_BIN", "official"))
+        .flatten();
+    let ceiling = peers
+        .then(|| find_bin("HUBSEND_BENCH_CEILING_BIN", "ceiling"))
+        .flatten();
+    if peers && (official.is_none() || ceiling.is_none()) {
+        eprintln!(
+            "note: bench-peers binaries not found (official: {}, ceiling: {}); build them with\n    \
+             (cd bench-peers && cargo build --release)   # same CARGO_TARGET_DIR",
+            official.is_some(),
+            ceiling.is_some()
+        );
+    }
+    let me = std::env::current_exe().expect("current exe");
+
+    let mut rows: Vec<Row> = Vec::new();
+    for &tls in &transports {
+        let hub = Hub::start(tls);
+        let transport = if hub.tls { "tls" } else { "plain" };
+        // The endpoint only: the connection string carries the hub's key.
+        let endpoint = hub.cs.split(';').next().unwrap_or_default();
+        eprintln!("hub ({transport}): {endpoint}");
+        for &payload in &payloads {
+            let mut push = |name: &str, json: Option<Value>| {
+                if let Some(json) = json {
+                    if json_out {
+                        let mut j = json.clone();
+                        j["transport"] = Value::from(transport);
+                        j["row"] = Value::from(name);
+                        println!("{j}");
+                    }
+                    rows.push(Row {
+                        transport,
+                        payload,
+                        name: name.to_owned(),
+                        json,
+                    });
+                }
+            };
+            for m in &modes {
+                let n = match *m {
+                    "batch" => events,
+                    "single" => single_events,
+                    _ => latency_events,
+                };
+                let mut cmd = Command::new(&me);
+                cmd.arg("--child")
+                    .arg(m)
+                    .arg("--cs")
+                    .arg(&hub.cs)
+                    .arg("--events")
+                    .arg(n.to_string())
+                    .arg("--payload-bytes")
+                    .arg(payload.to_string());
+                if let Some(ca) = &hub.ca {
+                    cmd.arg("--ca").arg(ca);
+                }
+                if let Some(mif) = args.get("max-in-flight") {
+                    cmd.arg("--max-in-flight").arg(mif);
+                }
+                let name = format!("hubsend {m}");
+                push(
+                    &name,
+                    run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
+                );
+            }
+            if let Some(bin) = &ceiling {
+                if modes.contains(&"batch") {
+                    let mut cmd = Command::new(bin);
+                    cmd.arg("--connection-string")
+                        .arg(&hub.cs)
+                        .arg("--events")
+                        .arg(events.to_string())
+                        .arg("--payload-bytes")
+                        .arg(payload.to_string());
+                    if let Some(ca) = &hub.ca {
+                        cmd.arg("--ca").arg(ca);
+                    }
+                    push(
+                        "ceiling (raw fe2o3)",
+                        run_json(&format!("ceiling ({transport}, {payload} B)"), &mut cmd),
+                    );
+                }
+            }
+            if let Some(bin) = &official {
+                let endpoint = if hub.tls {
+                    // The official crate verifies through the platform verifier: trust the
+                    // hub's CA via SSL_CERT_FILE and dial the name on the certificate.
+                    format!("amqps://{}", hub.authority())
+                } else {
+                    format!("amqp://{}", hub.authority())
+                };
+                for m in &modes {
+                    let (n, conc) = match *m {
+                        "batch" => (official_events, official_conc),
+                        "single" => (official_single_events, official_single_conc),
+                        _ => (official_latency_events, 1),
+                    };
+                    let mut cmd = Command::new(bin);
+                    cmd.arg("--connection-string")
+                        .arg(&hub.cs)
+                        .arg("--endpoint")
+                        .arg(&endpoint)
+                        .arg("--mode")
+                        .arg(m)
+                        .arg("--events")
+                        .arg(n.to_string())
+                        .arg("--payload-bytes")
+                        .arg(payload.to_string())
+                        .arg("--concurrency")
+                        .arg(conc.to_string());
+                    if let Some(ca) = &hub.ca {
+                        cmd.env("SSL_CERT_FILE", ca);
+                    }
+                    let name = match *m {
+                        "batch" => "official batch".to_owned(),
+                        "single" => "official send_event".to_owned(),
+                        _ => "official latency".to_owned(),
+                    };
+                    push(
+                        &name,
+                        run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
+                    );
+                }
+            }
+        }
+        if let Some(rss) = hub.rss_mib() {
+            eprintln!("hub ({transport}) RSS at the end: {rss:.0} MiB");
+        }
+    }
+
+    print_table(&rows);
+}
+
+fn print_table(rows: &[Row]) {
+    let get = |t: &str, p: u64, name: &str| {
+        rows.iter()
+            .find(|r| r.transport == t && r.payload == p && r.name == name)
+            .map(|r| &r.json)
+    };
+    println!();
+    println!(
+        "{:<6} {:>6}  {:<22} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "link",
+        "bytes",
+        "mode",
+        "events",
+        "events/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "RSS MB",
+        "CPU s"
+    );
+    println!("{}", "-".repeat(106));
+    let opt = |v: Option<f64>, prec: usize| match v {
+        Some(x) => format!("{x:.prec$}"),
+        None => "-".to_owned(),
+    };
+    for r in rows {
+        let j = &r.json;
+        let is_latency = r.name.ends_with("latency");
+        let stalls = f(j, "stalled_sends").filter(|s| *s > 0.0);
+        let name = if stalls.is_some() {
+            format!("{} *", r.name)
+        } else {
+            r.name.clone()
+        };
+        println!(
+            "{:<6} {:>6}  {:<22} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7}",
+            r.transport,
+            r.payload,
+            name,
+            f(j, "events").map_or("-".into(), |e| format!("{e:.0}")),
+            if is_latency {
+                "-".to_owned()
+            } else {
+                f(j, "events_per_sec").map_or("-".into(), |e| group(e as u64))
+            },
+            if is_latency {
+                "-".to_owned()
+            } else {
+                opt(f(j, "mb_per_sec"), 1)
+            },
+            opt(f(j, "p50_ms"), 3),
+            opt(f(j, "p99_ms"), 3),
+            opt(f(j, "peak_rss_kib").map(|k| k * 1024.0 / 1e6), 1),
+            opt(f(j, "cpu_seconds"), 2),
+        );
+        if let Some(s) = stalls {
+            match f(j, "events_per_sec_excl_stalls").filter(|_| !is_latency) {
+                Some(x) => println!(
+                    "{:>16}* {s} stalled sends (1 s timeout each, official-crate bug); {} ev/s without them",
+                    "",
+                    group(x as u64)
+                ),
+                None => println!(
+                    "{:>16}* {s} stalled sends excluded from the percentiles (official-crate bug)",
+                    ""
+                ),
+            }
+        }
+    }
+
+    // Ratios and targets, per transport and payload.
+    let mut keys: Vec<(&str, u64)> = rows.iter().map(|r| (r.transport, r.payload)).collect();
+    keys.dedup();
+    println!();
+    for (t, p) in keys {
+        let eps = |name: &str| get(t, p, name).and_then(|j| f(j, "events_per_sec"));
+        let hb = eps("hubsend batch");
+        let hs = eps("hubsend single");
+        // For the official crate, the rate with its stalled sends taken out (see
+        // bench-peers/src/bin/official.rs `guard`): the comparison it would get without that bug.
+        let eps_official = |name: &str| {
+            get(t, p, name)
+                .and_then(|j| f(j, "events_per_sec_excl_stalls").or(f(j, "events_per_sec")))
+        };
+        let ob = eps_official("official batch");
+        let os = eps_official("official send_event");
+        let ce = eps("ceiling (raw fe2o3)");
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "n/a".to_owned(),
+        };
+        println!("[{t}, {p} B]");
+        println!("  hubsend batch  / official batch      = {}", ratio(hb, ob));
+        println!("  hubsend single / official send_event = {}", ratio(hs, os));
+        println!(
+            "  hubsend batch  / ceiling             = {}",
+            match (hb, ce) {
+                (Some(a), Some(b)) => format!("{:.1}%", 100.0 * a / b),
+                _ => "n/a".to_owned(),
+            }
+        );
+        if let (Some(a), Some(b)) = (
+            get(t, p, "hubsend latency").and_then(|j| f(j, "p99_ms")),
+            get(t, p, "official latency").and_then(|j| f(j, "p99_ms")),
+        ) {
+            println!("  single send p99: hubsend {a:.3} ms, official {b:.3} ms");
+        }
+        if p <= 128 {
+            let mark = |ok: Option<bool>| match ok {
+                Some(true) => "MET",
+                Some(false) => "MISSED",
+                None => "n/a",
+            };
+            let rss_max = rows
+                .iter()
+                .filter(|r| r.transport == t && r.payload == p && r.name.starts_with("hubsend"))
+                .filter_map(|r| f(&r.json, "peak_rss_kib"))
+                .fold(None::<f64>, |m, k| Some(m.map_or(k, |m| m.max(k))));
+            let p99 = get(t, p, "hubsend latency").and_then(|j| f(j, "p99_ms"));
+            println!("  targets (stated for TLS, ~100 B events):");
+            println!(
+                "    batched >= 1.5M ev/s ........ {}",
+                mark(hb.map(|v| v >= 1.5e6))
+            );
+            println!(
+                "    batched >= 80% of ceiling ... {}",
+                mark(hb.zip(ce).map(|(a, b)| a >= 0.8 * b))
+            );
+            println!(
+                "    batched >= 5x official ...... {}",
+                mark(hb.zip(ob).map(|(a, b)| a >= 5.0 * b))
+            );
+            println!(
+                "    single >= 200k ev/s ......... {}",
+                mark(hs.map(|v| v >= 2e5))
+            );
+            println!(
+                "    single >= 20x send_event .... {}",
+                mark(hs.zip(os).map(|(a, b)| a >= 20.0 * b))
+            );
+            println!(
+                "    single send p99 < 2 ms ...... {}",
+                mark(p99.map(|v| v < 2.0))
+            );
+            println!(
+                "    peak RSS < 64 MB ............ {}",
+                mark(rss_max.map(|k| k * 1024.0 < 64e6))
+            );
+        }
+    }
+}
+
+/// 1234567 -> "1,234,567".
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
