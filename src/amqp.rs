@@ -167,6 +167,62 @@ pub(crate) struct Engine {
     pub(crate) reconnects: AtomicU64,
     /// Links re-attached after a loss.
     pub(crate) recoveries: AtomicU64,
+    /// Delivery outcome counters, shared with the link tasks.
+    pub(crate) counters: Arc<Counters>,
+    /// Connection state changes, for applications that watch them.
+    pub(crate) events: tokio::sync::broadcast::Sender<ConnectionEvent>,
+}
+
+/// Delivery outcome counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Deliveries the hub accepted.
+    pub(crate) accepted: AtomicU64,
+    /// Deliveries sent again (after throttling or a lost link or connection).
+    pub(crate) retried: AtomicU64,
+    /// Deliveries that failed for good.
+    pub(crate) failed: AtomicU64,
+}
+
+impl Counters {
+    /// Hands a final outcome to the caller and counts it.
+    fn settle(&self, reply: oneshot::Sender<Result<()>>, result: Result<()>) {
+        let counter = if result.is_ok() {
+            &self.accepted
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _ = reply.send(result);
+    }
+}
+
+/// A change in a producer's connection, delivered by [`Producer::subscribe`](crate::Producer::subscribe).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The connection was lost; hubsend is opening a new one.
+    Reconnecting,
+    /// A new connection is open and authorised.
+    Reconnected,
+    /// A fresh token was put on the connection before the old one expired.
+    TokenRefreshed,
+    /// Refreshing the token failed; it will be tried again before the old one expires.
+    TokenRefreshFailed(String),
+    /// A sender link was lost and re-attached; its unsettled deliveries were sent again.
+    LinkRecovered {
+        /// The link's target (`hub` or `hub/Partitions/N`).
+        target: String,
+        /// How many deliveries were sent again.
+        resent: usize,
+    },
+    /// Recovery gave up; the link's deliveries failed with this error.
+    GaveUp {
+        /// The link's target.
+        target: String,
+        /// Why.
+        error: String,
+    },
 }
 
 impl std::fmt::Debug for Engine {
@@ -221,6 +277,8 @@ impl Engine {
                 reconnect_lock: Mutex::new(()),
                 reconnects: AtomicU64::new(0),
                 recoveries: AtomicU64::new(0),
+                counters: Arc::new(Counters::default()),
+                events: tokio::sync::broadcast::channel(64).0,
             });
             let refresher = tokio::spawn(
                 refresh_tokens(Arc::downgrade(&engine)).instrument(tracing::Span::current()),
@@ -358,6 +416,7 @@ impl Engine {
             return Ok(());
         }
         tracing::info!("reconnecting");
+        let _ = self.events.send(ConnectionEvent::Reconnecting);
         let (connection, session, cbs, token) =
             tokio::time::timeout(self.config.connect_timeout, open(&self.config))
                 .await
@@ -370,6 +429,7 @@ impl Engine {
         drop(old);
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::info!("reconnected");
+        let _ = self.events.send(ConnectionEvent::Reconnected);
         Ok(())
     }
 
@@ -612,10 +672,14 @@ async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
         match engine.put_token().await {
             Ok(next) => {
                 tracing::info!(audience = %engine.audience(), "token refreshed");
+                let _ = engine.events.send(ConnectionEvent::TokenRefreshed);
                 expires_at = next;
             }
             Err(error) => {
                 tracing::warn!(error = %error, "token refresh failed; retrying");
+                let _ = engine
+                    .events
+                    .send(ConnectionEvent::TokenRefreshFailed(error.to_string()));
                 // Try again well before the old token runs out.
                 let remaining = expires_at
                     .duration_since(SystemTime::now())
@@ -636,6 +700,10 @@ struct InFlight {
     reply: oneshot::Sender<Result<()>>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     attempts: u32,
+    /// When it was first handed to a link (for the overall deadline).
+    first_sent: tokio::time::Instant,
+    /// When it was last handed to a link (for the per-try timeout).
+    last_sent: tokio::time::Instant,
 }
 
 type Outcomes = FuturesOrdered<DeliveryFut<std::result::Result<Outcome, SendError>>>;
@@ -652,6 +720,10 @@ async fn run_link(
     mut rx: mpsc::Receiver<Outgoing>,
     retry: RetryOptions,
 ) {
+    let counters = match engine.upgrade() {
+        Some(e) => e.counters.clone(),
+        None => return,
+    };
     let mut unsettled: VecDeque<InFlight> = VecDeque::new();
     let mut outcomes: Outcomes = FuturesOrdered::new();
     let mut open = true;
@@ -666,11 +738,16 @@ async fn run_link(
                 let Some(mut item) = unsettled.pop_front() else { continue };
                 match outcome_result(result) {
                     Ok(()) => {
-                        let _ = item.reply.send(Ok(()));
+                        counters.settle(item.reply, Ok(()));
                     }
                     Err(error) => match classify(&error) {
-                        Action::Retry if item.attempts < retry.max_retries => {
+                        Action::Retry
+                            if item.attempts < retry.max_retries
+                                && item.first_sent.elapsed() < retry.deadline =>
+                        {
                             item.attempts += 1;
+                            item.last_sent = tokio::time::Instant::now();
+                            counters.retried.fetch_add(1, Ordering::Relaxed);
                             let delay = retry.delay(item.attempts);
                             tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
                             tokio::time::sleep(delay).await;
@@ -690,10 +767,18 @@ async fn run_link(
                             lost = Some(error);
                         }
                         _ => {
-                            let _ = item.reply.send(Err(error));
+                            counters.settle(item.reply, Err(error));
                         }
                     },
                 }
+            }
+            () = tokio::time::sleep_until(
+                unsettled.front().map(|i| i.last_sent).unwrap_or_else(tokio::time::Instant::now) + retry.try_timeout
+            ), if !unsettled.is_empty() => {
+                lost = Some(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no outcome from the hub within {:?}", retry.try_timeout),
+                ));
             }
             () = connection_lost(&engine, generation), if !unsettled.is_empty() => {
                 lost = Some(Error::new(ErrorKind::Connection, "the connection was lost"));
@@ -709,6 +794,8 @@ async fn run_link(
                         reply: out.reply,
                         _permits: out.permits,
                         attempts: 0,
+                        first_sent: tokio::time::Instant::now(),
+                        last_sent: tokio::time::Instant::now(),
                     };
                     match send_unless_lost(&mut sender, &item.sendable, &engine, generation).await {
                         Ok(fut) => {
@@ -717,7 +804,7 @@ async fn run_link(
                             unsettled.push_back(item);
                         }
                         Err(e) if e.kind() == ErrorKind::MessageTooLarge => {
-                            let _ = item.reply.send(Err(e));
+                            counters.settle(item.reply, Err(e));
                         }
                         Err(e) => {
                             unsettled.push_back(item);
@@ -728,8 +815,9 @@ async fn run_link(
             },
         }
         if let Some(error) = lost {
-            settle_ready(&mut outcomes, &mut unsettled);
-            match recover(&engine, &target, &retry, error, &unsettled).await {
+            settle_ready(&mut outcomes, &mut unsettled, &counters);
+            expire(&mut unsettled, &retry, &counters);
+            match recover(&engine, &target, &retry, error, &mut unsettled).await {
                 Ok((new_sender, new_generation, fresh)) => {
                     sender = new_sender;
                     generation = new_generation;
@@ -737,12 +825,18 @@ async fn run_link(
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "giving up on the link");
+                    if let Some(e) = engine.upgrade() {
+                        let _ = e.events.send(ConnectionEvent::GaveUp {
+                            target: target.clone(),
+                            error: error.to_string(),
+                        });
+                    }
                     for item in unsettled.drain(..) {
-                        let _ = item.reply.send(Err(clone_error(&error)));
+                        counters.settle(item.reply, Err(clone_error(&error)));
                     }
                     rx.close();
                     while let Ok(out) = rx.try_recv() {
-                        let _ = out.reply.send(Err(clone_error(&error)));
+                        counters.settle(out.reply, Err(clone_error(&error)));
                     }
                     return;
                 }
@@ -779,21 +873,41 @@ async fn connection_lost(engine: &Weak<Engine>, generation: u64) {
 
 /// Settles, in order, the outcomes that already arrived as accepted (or as final failures),
 /// so that recovery resends only what the hub has not settled.
-fn settle_ready(outcomes: &mut Outcomes, unsettled: &mut VecDeque<InFlight>) {
+fn settle_ready(outcomes: &mut Outcomes, unsettled: &mut VecDeque<InFlight>, counters: &Counters) {
     while let Some(Some(result)) = outcomes.next().now_or_never() {
         match outcome_result(result) {
             Ok(()) => {
                 if let Some(item) = unsettled.pop_front() {
-                    let _ = item.reply.send(Ok(()));
+                    counters.settle(item.reply, Ok(()));
                 }
             }
             Err(error) if classify(&error) == Action::Fail => {
                 if let Some(item) = unsettled.pop_front() {
-                    let _ = item.reply.send(Err(error));
+                    counters.settle(item.reply, Err(error));
                 }
             }
             Err(_) => break,
         }
+    }
+}
+
+/// Fails the deliveries that have used up their overall deadline.
+fn expire(unsettled: &mut VecDeque<InFlight>, retry: &RetryOptions, counters: &Counters) {
+    let (expired, kept): (VecDeque<InFlight>, VecDeque<InFlight>) = unsettled
+        .drain(..)
+        .partition(|item| item.first_sent.elapsed() >= retry.deadline);
+    *unsettled = kept;
+    for item in expired {
+        counters.settle(
+            item.reply,
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the delivery was not stored within its {:?} deadline",
+                    retry.deadline
+                ),
+            )),
+        );
     }
 }
 
@@ -804,7 +918,7 @@ async fn recover(
     target: &str,
     retry: &RetryOptions,
     cause: Error,
-    unsettled: &VecDeque<InFlight>,
+    unsettled: &mut VecDeque<InFlight>,
 ) -> Result<(Sender, u64, Outcomes)> {
     tracing::warn!(error = %cause, unsettled = unsettled.len(), "sender link lost; recovering");
     let mut last = cause;
@@ -840,7 +954,8 @@ async fn recover(
         };
         let mut outcomes: Outcomes = FuturesOrdered::new();
         let mut failed = None;
-        for item in unsettled {
+        for item in unsettled.iter_mut() {
+            item.last_sent = tokio::time::Instant::now();
             match sender.send_batchable_ref(&item.sendable).await {
                 Ok(fut) => outcomes.push_back(fut),
                 Err(e) => {
@@ -852,7 +967,15 @@ async fn recover(
         match failed {
             None => {
                 engine.recoveries.fetch_add(1, Ordering::Relaxed);
+                engine
+                    .counters
+                    .retried
+                    .fetch_add(unsettled.len() as u64, Ordering::Relaxed);
                 tracing::info!(resent = unsettled.len(), "sender link recovered");
+                let _ = engine.events.send(ConnectionEvent::LinkRecovered {
+                    target: target.to_owned(),
+                    resent: unsettled.len(),
+                });
                 return Ok((sender, generation, outcomes));
             }
             Some(e) => last = e,

@@ -113,6 +113,9 @@ pub struct BufferedReport {
     pub sent: u64,
     /// Events in batches the hub did not store.
     pub failed: u64,
+    /// Events without an outcome yet (non-zero only from [`BufferedProducer::close_within`]
+    /// when its deadline passed first).
+    pub pending: u64,
 }
 
 enum LaneCommand {
@@ -315,10 +318,32 @@ impl BufferedProducer {
 
     /// Counters so far.
     pub fn report(&self) -> BufferedReport {
+        let enqueued = self.shared.enqueued.load(Ordering::Relaxed);
+        let sent = self.shared.sent.load(Ordering::Relaxed);
+        let failed = self.shared.failed.load(Ordering::Relaxed);
         BufferedReport {
-            enqueued: self.shared.enqueued.load(Ordering::Relaxed),
-            sent: self.shared.sent.load(Ordering::Relaxed),
-            failed: self.shared.failed.load(Ordering::Relaxed),
+            enqueued,
+            sent,
+            failed,
+            pending: enqueued.saturating_sub(sent + failed),
+        }
+    }
+
+    /// Like [`close`](Self::close), but returns when `deadline` passes even if outcomes are
+    /// still outstanding; the report's `pending` says how many events had none by then. The
+    /// deliveries still in flight keep going in the background.
+    pub async fn close_within(self, deadline: Duration) -> BufferedReport {
+        let observer = self.clone();
+        match tokio::time::timeout(deadline, self.close()).await {
+            Ok(report) => report,
+            Err(_) => {
+                let report = observer.report();
+                tracing::warn!(
+                    pending = report.pending,
+                    "close deadline passed with events in flight"
+                );
+                report
+            }
         }
     }
 

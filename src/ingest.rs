@@ -754,6 +754,8 @@ pub struct Progress {
     pub bytes: u64,
     /// Batches awaiting the hub's outcome.
     pub in_flight: usize,
+    /// Deliveries the producer sent again (throttling, lost links or connections).
+    pub retries: u64,
     /// Time since the run started.
     pub elapsed: Duration,
 }
@@ -936,6 +938,7 @@ impl State<'_> {
             failed: self.report.failed,
             bytes: self.report.bytes,
             in_flight: self.in_flight.len(),
+            retries: self.producer.stats().retried,
             elapsed: self.started.elapsed(),
         }
     }

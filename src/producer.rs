@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::amqp::{ConnectConfig, Engine, Outgoing};
+use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, Outgoing};
 use crate::auth::TokenProvider;
 use crate::batch::{BatchOptions, EventBatch, Route};
 use crate::connection_string::ConnectionString;
@@ -346,6 +346,12 @@ struct Inner {
 pub struct ProducerStats {
     /// Deliveries waiting for the hub's outcome.
     pub in_flight: usize,
+    /// Deliveries (events or batches) the hub accepted.
+    pub sent: u64,
+    /// Deliveries sent again after throttling or a lost link or connection.
+    pub retried: u64,
+    /// Deliveries that failed for good.
+    pub failed: u64,
     /// New connections opened after the first one was lost.
     pub reconnects: u64,
     /// Sender links re-attached (and their unsettled deliveries resent) after a loss.
@@ -420,14 +426,25 @@ impl Producer {
         self.inner.max_message_size
     }
 
-    /// Counters of this producer's connection: deliveries in flight, reconnects, recovered links.
+    /// Counters of this producer's connection: deliveries in flight, accepted, retried and
+    /// failed, reconnects and recovered links.
     pub fn stats(&self) -> ProducerStats {
         let engine = &self.inner.engine;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ProducerStats {
             in_flight: self.inner.max_in_flight - self.inner.deliveries.available_permits(),
-            reconnects: engine.reconnects.load(std::sync::atomic::Ordering::Relaxed),
-            link_recoveries: engine.recoveries.load(std::sync::atomic::Ordering::Relaxed),
+            sent: load(&engine.counters.accepted),
+            retried: load(&engine.counters.retried),
+            failed: load(&engine.counters.failed),
+            reconnects: load(&engine.reconnects),
+            link_recoveries: load(&engine.recoveries),
         }
+    }
+
+    /// Connection state changes (reconnecting, reconnected, token refreshed, link recovered,
+    /// gave up) from now on. A receiver that falls more than 64 events behind skips the oldest.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
+        self.inner.engine.events.subscribe()
     }
 
     /// Queues one event; the returned future resolves with the hub's outcome.

@@ -27,6 +27,8 @@ use crate::error::{Condition, Error, ErrorKind};
 /// | [`max_retries`](Self::max_retries) | 8 |
 /// | [`base_delay`](Self::base_delay) | 200 ms |
 /// | [`max_delay`](Self::max_delay) | 30 s |
+/// | [`try_timeout`](Self::try_timeout) | 60 s |
+/// | [`deadline`](Self::deadline) | 10 min |
 ///
 /// The n-th retry waits `base_delay × 2^(n-1)`, capped at `max_delay`, plus up to 20 % jitter.
 #[derive(Debug, Clone)]
@@ -35,6 +37,8 @@ pub struct RetryOptions {
     pub(crate) max_retries: u32,
     pub(crate) base_delay: Duration,
     pub(crate) max_delay: Duration,
+    pub(crate) try_timeout: Duration,
+    pub(crate) deadline: Duration,
 }
 
 impl Default for RetryOptions {
@@ -43,6 +47,8 @@ impl Default for RetryOptions {
             max_retries: 8,
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(30),
+            try_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(600),
         }
     }
 }
@@ -68,6 +74,20 @@ impl RetryOptions {
     /// The longest back-off delay.
     pub fn max_delay(mut self, delay: Duration) -> Self {
         self.max_delay = delay;
+        self
+    }
+
+    /// How long one attempt may wait for the hub's outcome before the link is treated as
+    /// lost (re-attached, and the delivery sent again).
+    pub fn try_timeout(mut self, timeout: Duration) -> Self {
+        self.try_timeout = timeout;
+        self
+    }
+
+    /// How long a delivery may take in all, retries included, before it fails with
+    /// [`ErrorKind::Timeout`].
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
         self
     }
 

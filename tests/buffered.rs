@@ -201,3 +201,29 @@ async fn the_buffer_is_bounded() {
     assert_eq!(report.sent, 101);
     assert_eq!(hub.events(HUB).len(), 101);
 }
+
+#[tokio::test]
+async fn close_within_a_deadline_reports_what_is_still_pending() {
+    let (hub, producer) = setup(8).await;
+    hub.faults().delay_dispositions(Duration::from_secs(3));
+    let buffered = BufferedProducer::new(producer, BufferedOptions::new());
+    for i in 0..1_000 {
+        buffered
+            .enqueue(Event::new(format!("{i}")), SendOptions::new())
+            .await
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let report = buffered.close_within(Duration::from_millis(300)).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(report.enqueued, 1_000);
+    assert_eq!(report.pending, 1_000 - report.sent - report.failed);
+    assert!(report.pending > 0, "{report:?}");
+    // Nothing is lost by giving up waiting: the deliveries still land.
+    assert_eq!(
+        hub.wait_for_events(HUB, 1_000, Duration::from_secs(10))
+            .await
+            .len(),
+        1_000
+    );
+}

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use hubsend::{
-    BatchOptions, ErrorKind, Event, Producer, ProducerOptions, RetryOptions, TryAddError,
+    BatchOptions, ConnectionEvent, ErrorKind, Event, Producer, ProducerOptions, RetryOptions,
+    TryAddError,
 };
 use hubsend_testhub::{HubConfig, TestHub};
 
@@ -170,6 +171,7 @@ async fn link_detached_with_server_busy() {
 async fn connection_closed_with_connection_forced() {
     let hub = start_hub().await;
     let producer = producer(&hub, Duration::from_secs(3600)).await;
+    let mut events = producer.subscribe();
     let faults = hub.faults();
     let stream = stream(&producer);
     let inject = async {
@@ -179,8 +181,25 @@ async fn connection_closed_with_connection_forced() {
     let (failed, ()) = tokio::join!(stream, inject);
     assert_eq!(failed, 0);
     verify(&hub, "connection:forced", true);
-    assert!(producer.stats().reconnects >= 1, "{:?}", producer.stats());
+    let stats = producer.stats();
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert!(
+        stats.retried >= 1 && stats.failed == 0 && stats.sent >= 100,
+        "{stats:?}"
+    );
     assert!(hub.stats().connections_accepted >= 2);
+    // The application saw it happen.
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    assert!(seen.contains(&ConnectionEvent::Reconnecting), "{seen:?}");
+    assert!(seen.contains(&ConnectionEvent::Reconnected), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ConnectionEvent::LinkRecovered { .. })),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -212,6 +231,11 @@ async fn every_nth_delivery_rejected_server_busy() {
         "a rejected delivery was not stored, so a retry cannot duplicate"
     );
     assert!(hub.stats().deliveries_rejected >= 20);
+    assert!(
+        producer.stats().retried >= hub.stats().deliveries_rejected,
+        "{:?}",
+        producer.stats()
+    );
 }
 
 #[tokio::test]
@@ -268,4 +292,52 @@ async fn non_retriable_failures_fail_fast() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MessageTooLarge);
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_silent_hub_is_retried_after_the_try_timeout_and_fails_at_the_deadline() {
+    let hub = start_hub().await;
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(
+            ProducerOptions::new().retry(
+                RetryOptions::new()
+                    .base_delay(Duration::from_millis(20))
+                    .try_timeout(Duration::from_millis(400))
+                    .deadline(Duration::from_millis(1500)),
+            ),
+        )
+        .connect()
+        .await
+        .unwrap();
+    // Outcomes that take 1 s: the first try times out, the link is re-attached, the delivery
+    // is sent again; once the hub answers in time again it succeeds.
+    hub.faults().delay_dispositions(Duration::from_millis(1000));
+    let slow = producer
+        .send(Event::new(b"slow".to_vec()), hubsend::SendOptions::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    hub.faults().clear();
+    slow.await.expect("stored after a retry");
+    assert!(
+        producer.stats().link_recoveries >= 1,
+        "{:?}",
+        producer.stats()
+    );
+
+    // A hub that never answers in time: the delivery fails once the deadline has passed.
+    hub.faults().delay_dispositions(Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let err = producer
+        .send_and_wait(Event::new(b"never".to_vec()), hubsend::SendOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(hub.events(HUB).iter().any(|e| e.body == b"slow"));
 }

@@ -159,14 +159,15 @@ impl IngestObserver for CliObserver {
             return;
         }
         eprint!(
-            "\r\x1b[2K{} records, {} sent, {} rejected, {} failed | {:.0} events/s, {:.2} MB/s | {} in flight",
+            "\r\x1b[2K{} records, {} sent, {} rejected, {} failed | {:.0} events/s, {:.2} MB/s | {} in flight, {} retries",
             p.records,
             p.sent,
             p.rejected,
             p.failed,
             p.events_per_sec(),
             p.mb_per_sec(),
-            p.in_flight
+            p.in_flight,
+            p.retries
         );
         self.progress_shown = true;
     }
