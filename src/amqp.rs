@@ -409,10 +409,17 @@ impl Engine {
     /// Opens a new connection, session and CBS link and re-authorises, unless another task
     /// already did since the old connection failed.
     async fn reconnect(&self) -> Result<()> {
+        self.reconnect_from(None).await
+    }
+
+    /// Reconnects; with `Some(generation)`, also when that connection still looks alive (it
+    /// stopped answering), unless another task already replaced it.
+    async fn reconnect_from(&self, stale: Option<u64>) -> Result<()> {
         let _one_at_a_time = self.reconnect_lock.lock().await;
         let alive =
             !self.session.lock().await.is_ended() && !self.connection.lock().await.is_closed();
-        if alive {
+        let replace_stale = stale == Some(self.reconnects.load(Ordering::Relaxed));
+        if alive && !replace_stale {
             return Ok(());
         }
         tracing::info!("reconnecting");
@@ -751,7 +758,7 @@ async fn run_link(
                             let delay = retry.delay(item.attempts);
                             tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
                             tokio::time::sleep(delay).await;
-                            match send_unless_lost(&mut sender, &item.sendable, &engine, generation).await {
+                            match send_unless_lost(&mut sender, &item.sendable, &engine, generation, retry.try_timeout).await {
                                 Ok(fut) => {
                                     outcomes.push_back(fut);
                                     unsettled.push_back(item);
@@ -797,7 +804,7 @@ async fn run_link(
                         first_sent: tokio::time::Instant::now(),
                         last_sent: tokio::time::Instant::now(),
                     };
-                    match send_unless_lost(&mut sender, &item.sendable, &engine, generation).await {
+                    match send_unless_lost(&mut sender, &item.sendable, &engine, generation, retry.try_timeout).await {
                         Ok(fut) => {
                             tracing::trace!("transfer sent");
                             outcomes.push_back(fut);
@@ -853,10 +860,16 @@ async fn send_unless_lost(
     sendable: &Sendable<Batch<Data>>,
     engine: &Weak<Engine>,
     generation: u64,
+    try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
     tokio::select! {
         result = sender.send_batchable_ref(sendable) => result.map_err(|e| send_error(e, "sending failed")),
         () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
+        // No credit within a try: a silently dead connection looks exactly like this.
+        () = tokio::time::sleep(try_timeout) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("the hub granted no link credit within {try_timeout:?}"),
+        )),
     }
 }
 
@@ -946,6 +959,18 @@ async fn recover(
         let (mut sender, generation) = match engine.attach_sender(target).await {
             Ok(attached) => attached,
             Err(e) if classify(&e) == Action::Fail => return Err(e),
+            Err(e) if e.kind() == ErrorKind::Timeout => {
+                // The connection takes attaches but does not answer: replace it.
+                tracing::warn!(error = %e, "the connection stopped answering; replacing it");
+                let stale = engine.reconnects.load(Ordering::Relaxed);
+                last = match engine.reconnect_from(Some(stale)).await {
+                    Ok(()) => {
+                        Error::new(ErrorKind::Connection, "replaced an unresponsive connection")
+                    }
+                    Err(e) => e,
+                };
+                continue;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, attempt, "recovery attempt failed");
                 last = e;

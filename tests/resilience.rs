@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use hubsend::{
-    BatchOptions, ConnectionEvent, ErrorKind, Event, Producer, ProducerOptions, RetryOptions,
-    TryAddError,
+    BatchOptions, BufferedOptions, BufferedProducer, ConnectionEvent, ErrorKind, Event, Producer,
+    ProducerOptions, RetryOptions, SendOptions, TryAddError,
 };
 use hubsend_testhub::{HubConfig, TestHub};
 
@@ -45,9 +45,48 @@ async fn producer(hub: &TestHub, lifetime: Duration) -> Producer {
         .unwrap()
 }
 
+/// The two ways to stream: batches built by the caller, or the buffered producer.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    Batches,
+    Buffered,
+}
+
+const APIS: [Api; 2] = [Api::Batches, Api::Buffered];
+
+/// Streams `EVENTS` events over `KEYS` partition keys through `api`; returns how many
+/// deliveries (batch API) or events (buffered API) failed for good.
+async fn stream(producer: &Producer, api: Api) -> usize {
+    match api {
+        Api::Batches => stream_batches(producer).await,
+        Api::Buffered => stream_buffered(producer).await,
+    }
+}
+
+async fn stream_buffered(producer: &Producer) -> usize {
+    let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
+    for i in 0..EVENTS {
+        let k = i % KEYS;
+        let body = format!(
+            r#"{{"sensor_id":"sensor-{k}","timestamp":"2025-08-19T08:30:00Z","value":{i},"n":{i}}}"#
+        );
+        let event = Event::new(body).with_property("n", i as i64);
+        buffered
+            .enqueue(
+                event,
+                SendOptions::new().partition_key(format!("sensor-{k}")),
+            )
+            .await
+            .unwrap();
+    }
+    let report = buffered.close().await;
+    assert_eq!(report.enqueued, EVENTS as u64);
+    report.failed as usize
+}
+
 /// Streams `EVENTS` events, `KEYS` partition keys, one open batch per key, every batch's
 /// outcome awaited at the end. Returns the number of deliveries that failed for good.
-async fn stream(producer: &Producer) -> usize {
+async fn stream_batches(producer: &Producer) -> usize {
     let mut batches = Vec::new();
     for k in 0..KEYS {
         batches.push(
@@ -147,126 +186,140 @@ async fn wait_until_stored(hub: &TestHub, at_least: u64) {
 
 #[tokio::test]
 async fn link_detached_with_detach_forced() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    hub.faults()
-        .detach_links_after(40, "amqp:link:detach-forced", "Idle timeout (injected)");
-    assert_eq!(stream(&producer).await, 0);
-    verify(&hub, "detach-forced", true);
-    assert!(producer.stats().link_recoveries >= 1);
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        hub.faults()
+            .detach_links_after(40, "amqp:link:detach-forced", "Idle timeout (injected)");
+        assert_eq!(stream(&producer, api).await, 0);
+        verify(&hub, &format!("detach-forced ({api:?})"), true);
+        assert!(producer.stats().link_recoveries >= 1);
+    }
 }
 
 #[tokio::test]
 async fn link_detached_with_server_busy() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    hub.faults()
-        .detach_links_after(60, "com.microsoft:server-busy", "throttled (injected)");
-    assert_eq!(stream(&producer).await, 0);
-    verify(&hub, "detach server-busy", false);
-    assert!(producer.stats().link_recoveries >= 1);
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        hub.faults()
+            .detach_links_after(60, "com.microsoft:server-busy", "throttled (injected)");
+        assert_eq!(stream(&producer, api).await, 0);
+        verify(&hub, &format!("detach server-busy ({api:?})"), false);
+        assert!(producer.stats().link_recoveries >= 1);
+    }
 }
 
 #[tokio::test]
 async fn connection_closed_with_connection_forced() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    let mut events = producer.subscribe();
-    let faults = hub.faults();
-    let stream = stream(&producer);
-    let inject = async {
-        wait_until_stored(&hub, 50).await;
-        faults.close_connections("amqp:connection:forced", "maintenance (injected)");
-    };
-    let (failed, ()) = tokio::join!(stream, inject);
-    assert_eq!(failed, 0);
-    verify(&hub, "connection:forced", true);
-    let stats = producer.stats();
-    assert!(stats.reconnects >= 1, "{stats:?}");
-    assert!(
-        stats.retried >= 1 && stats.failed == 0 && stats.sent >= 100,
-        "{stats:?}"
-    );
-    assert!(hub.stats().connections_accepted >= 2);
-    // The application saw it happen.
-    let mut seen = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        seen.push(event);
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        let mut events = producer.subscribe();
+        let faults = hub.faults();
+        let stream = stream(&producer, api);
+        let inject = async {
+            wait_until_stored(&hub, 50).await;
+            faults.close_connections("amqp:connection:forced", "maintenance (injected)");
+        };
+        let (failed, ()) = tokio::join!(stream, inject);
+        assert_eq!(failed, 0);
+        verify(&hub, &format!("connection:forced ({api:?})"), true);
+        let stats = producer.stats();
+        assert!(stats.reconnects >= 1, "{stats:?}");
+        assert!(
+            stats.retried >= 1 && stats.failed == 0 && stats.sent >= 100,
+            "{stats:?}"
+        );
+        assert!(hub.stats().connections_accepted >= 2);
+        // The application saw it happen.
+        let mut seen = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            seen.push(event);
+        }
+        assert!(seen.contains(&ConnectionEvent::Reconnecting), "{seen:?}");
+        assert!(seen.contains(&ConnectionEvent::Reconnected), "{seen:?}");
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, ConnectionEvent::LinkRecovered { .. })),
+            "{seen:?}"
+        );
     }
-    assert!(seen.contains(&ConnectionEvent::Reconnecting), "{seen:?}");
-    assert!(seen.contains(&ConnectionEvent::Reconnected), "{seen:?}");
-    assert!(
-        seen.iter()
-            .any(|e| matches!(e, ConnectionEvent::LinkRecovered { .. })),
-        "{seen:?}"
-    );
 }
 
 #[tokio::test]
 async fn tcp_dropped_without_close() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    let faults = hub.faults();
-    let stream = stream(&producer);
-    let inject = async {
-        wait_until_stored(&hub, 70).await;
-        faults.drop_connections();
-    };
-    let (failed, ()) = tokio::join!(stream, inject);
-    assert_eq!(failed, 0);
-    verify(&hub, "tcp drop", true);
-    assert!(producer.stats().reconnects >= 1);
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        let faults = hub.faults();
+        let stream = stream(&producer, api);
+        let inject = async {
+            wait_until_stored(&hub, 70).await;
+            faults.drop_connections();
+        };
+        let (failed, ()) = tokio::join!(stream, inject);
+        assert_eq!(failed, 0);
+        verify(&hub, &format!("tcp drop ({api:?})"), true);
+        assert!(producer.stats().reconnects >= 1);
+    }
 }
 
 #[tokio::test]
 async fn every_nth_delivery_rejected_server_busy() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    hub.faults()
-        .reject_every_nth(7, "com.microsoft:server-busy");
-    assert_eq!(stream(&producer).await, 0);
-    let duplicates = verify(&hub, "reject every 7th", false);
-    assert_eq!(
-        duplicates, 0,
-        "a rejected delivery was not stored, so a retry cannot duplicate"
-    );
-    assert!(hub.stats().deliveries_rejected >= 20);
-    assert!(
-        producer.stats().retried >= hub.stats().deliveries_rejected,
-        "{:?}",
-        producer.stats()
-    );
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        hub.faults()
+            .reject_every_nth(7, "com.microsoft:server-busy");
+        assert_eq!(stream(&producer, api).await, 0);
+        let duplicates = verify(&hub, &format!("reject every 7th ({api:?})"), false);
+        assert_eq!(
+            duplicates, 0,
+            "a rejected delivery was not stored, so a retry cannot duplicate"
+        );
+        assert!(hub.stats().deliveries_rejected >= 20);
+        assert!(
+            producer.stats().retried >= hub.stats().deliveries_rejected,
+            "{:?}",
+            producer.stats()
+        );
+    }
 }
 
 #[tokio::test]
 async fn short_lived_tokens_expire_and_are_refreshed() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(2)).await;
-    let start = tokio::time::Instant::now();
-    // Stream three times over several token lifetimes.
-    for round in 0..3 {
-        assert_eq!(stream(&producer).await, 0, "round {round}");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(2)).await;
+        let start = tokio::time::Instant::now();
+        // Stream three times over several token lifetimes.
+        for round in 0..3 {
+            assert_eq!(stream(&producer, api).await, 0, "round {round}");
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        assert!(start.elapsed() > Duration::from_secs(4));
+        let stored = hub.events(HUB).len();
+        assert!(stored >= 3 * EVENTS, "{stored}");
+        assert!(hub.stats().put_tokens_accepted >= 3, "{:?}", hub.stats());
     }
-    assert!(start.elapsed() > Duration::from_secs(4));
-    let stored = hub.events(HUB).len();
-    assert!(stored >= 3 * EVENTS, "{stored}");
-    assert!(hub.stats().put_tokens_accepted >= 3, "{:?}", hub.stats());
 }
 
 #[tokio::test]
 async fn credit_withheld_for_a_while() {
-    let hub = start_hub().await;
-    let producer = producer(&hub, Duration::from_secs(3600)).await;
-    let faults = hub.faults();
-    let stream = stream(&producer);
-    let inject = async {
-        wait_until_stored(&hub, 30).await;
-        faults.withhold_credit(Duration::from_millis(1500));
-    };
-    let (failed, ()) = tokio::join!(stream, inject);
-    assert_eq!(failed, 0);
-    verify(&hub, "credit withheld", true);
+    for api in APIS {
+        let hub = start_hub().await;
+        let producer = producer(&hub, Duration::from_secs(3600)).await;
+        let faults = hub.faults();
+        let stream = stream(&producer, api);
+        let inject = async {
+            wait_until_stored(&hub, 30).await;
+            faults.withhold_credit(Duration::from_millis(1500));
+        };
+        let (failed, ()) = tokio::join!(stream, inject);
+        assert_eq!(failed, 0);
+        verify(&hub, &format!("credit withheld ({api:?})"), true);
+    }
 }
 
 #[tokio::test]
