@@ -584,6 +584,25 @@ impl Producer {
         self.inner.engine.close().await
     }
 
+    /// Like [`close`](Self::close), but gives up waiting when `deadline` passes.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome (they keep going
+    /// in the background until the hub answers or the connection drops).
+    pub async fn close_within(self, deadline: Duration) -> Result<()> {
+        let watcher = self.clone();
+        match tokio::time::timeout(deadline, self.close()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{} deliveries had no outcome when the {deadline:?} close deadline passed",
+                    watcher.stats().in_flight
+                ),
+            )),
+        }
+    }
+
     async fn single_event_batch(&self, event: Event, route: Route) -> Result<EventBatch> {
         check_route(&route)?;
         let link = self

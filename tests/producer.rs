@@ -492,3 +492,32 @@ async fn a_second_policy_connects_and_reads_management() {
         4
     );
 }
+
+#[tokio::test]
+async fn close_waits_for_outcomes_or_reports_at_its_deadline() {
+    let hub = hub().await;
+    let producer = producer(&hub).await;
+    hub.faults().delay_dispositions(Duration::from_millis(300));
+    let pending = producer
+        .send(Event::new(b"a".to_vec()), SendOptions::new())
+        .await
+        .unwrap();
+    // close() waits: the delivery settles before the connection closes.
+    producer.clone().close().await.unwrap();
+    pending.await.unwrap();
+
+    let producer = self::producer(&hub).await;
+    hub.faults().delay_dispositions(Duration::from_secs(3));
+    let _pending = producer
+        .send(Event::new(b"b".to_vec()), SendOptions::new())
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = producer
+        .close_within(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.to_string().contains("1 deliveries"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
