@@ -111,9 +111,9 @@ impl fmt::Debug for EventBatch {
 }
 
 /// Bytes a data section adds around a payload of `len` bytes: descriptor (3) + vbin8 (2) or
-/// vbin32 (5) header.
+/// vbin32 (5) header. serde_amqp (which fe2o3 encodes with) uses vbin8 only up to 254 bytes.
 fn section_overhead(len: usize) -> u64 {
-    if len <= u8::MAX as usize {
+    if len < u8::MAX as usize {
         5
     } else {
         8
@@ -235,6 +235,19 @@ mod tests {
             let size = batch.size_in_bytes();
             let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
             assert_eq!(encoded.len() as u64, size);
+        }
+    }
+
+    #[test]
+    fn size_is_exact_at_the_vbin8_boundary() {
+        // Find bodies whose encoded event is 253..=257 bytes: both sides of vbin8/vbin32.
+        for body in 240..260 {
+            let mut batch = EventBatch::new(route(None), 64 * 1024).unwrap();
+            batch.try_add(Event::new(vec![3u8; body])).unwrap();
+            batch.try_add(Event::new(vec![4u8; body + 1])).unwrap();
+            let size = batch.size_in_bytes();
+            let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
+            assert_eq!(encoded.len() as u64, size, "body {body}");
         }
     }
 
