@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, Outgoing};
+use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Outgoing};
 use crate::auth::TokenProvider;
 use crate::batch::{BatchOptions, EventBatch, Route};
 use crate::connection_string::ConnectionString;
@@ -459,8 +459,8 @@ impl Producer {
     /// # Cancel safety
     /// Cancelling before it returns sends nothing.
     pub async fn send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
-        let batch = self.single_event_batch(event, options.route).await?;
-        self.submit(batch, true).await
+        let (batch, link) = self.single_event_batch(event, options.route).await?;
+        self.submit_on(link, batch, true).await
     }
 
     /// Like [`send`](Self::send) but fails with [`ErrorKind::Busy`] instead of waiting when
@@ -469,8 +469,8 @@ impl Producer {
     /// # Errors
     /// As [`send`](Self::send), plus [`ErrorKind::Busy`].
     pub async fn try_send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
-        let batch = self.single_event_batch(event, options.route).await?;
-        self.submit(batch, false).await
+        let (batch, link) = self.single_event_batch(event, options.route).await?;
+        self.submit_on(link, batch, false).await
     }
 
     /// Sends one event and waits for the hub's outcome.
@@ -603,7 +603,12 @@ impl Producer {
         }
     }
 
-    async fn single_event_batch(&self, event: Event, route: Route) -> Result<EventBatch> {
+    /// A one-event batch for `route`, with the link it goes on (looked up once per send).
+    async fn single_event_batch(
+        &self,
+        event: Event,
+        route: Route,
+    ) -> Result<(EventBatch, Arc<LinkHandle>)> {
         check_route(&route)?;
         let link = self
             .inner
@@ -612,7 +617,7 @@ impl Producer {
             .await?;
         let mut batch = EventBatch::new(route, link.max_message_size)?;
         match batch.try_add(event) {
-            Ok(()) => Ok(batch),
+            Ok(()) => Ok((batch, link)),
             Err(rejected) => {
                 let len = rejected.into_event().body().len();
                 Err(Error::new(
@@ -627,12 +632,21 @@ impl Producer {
     }
 
     async fn submit(&self, batch: EventBatch, wait: bool) -> Result<DeliveryFuture> {
-        let size = batch.size_in_bytes().min(u32::MAX as u64) as u32;
         let link = self
             .inner
             .engine
             .link(batch.route().partition_id.as_deref())
             .await?;
+        self.submit_on(link, batch, wait).await
+    }
+
+    async fn submit_on(
+        &self,
+        link: Arc<LinkHandle>,
+        batch: EventBatch,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        let size = batch.size_in_bytes().min(u32::MAX as u64) as u32;
         if batch.size_in_bytes() > link.max_message_size {
             return Err(Error::new(
                 ErrorKind::MessageTooLarge,
