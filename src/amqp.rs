@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::auth::{AccessToken, TokenProvider};
-use crate::batch::BATCH_MESSAGE_FORMAT;
+use crate::batch::{Sections, BATCH_MESSAGE_FORMAT};
 use crate::error::{Condition, Error, ErrorKind, Result};
 use crate::retry::{classify, Action, RetryOptions};
 
@@ -136,9 +136,18 @@ fn outcome_result(result: std::result::Result<Outcome, SendError>) -> Result<()>
 
 /// One message on its way to a sender link, with the caller's reply slot.
 pub(crate) struct Outgoing {
-    pub(crate) message: Message<Batch<Data>>,
+    pub(crate) sections: Sections,
+    /// Whether the link may pack this into one delivery with the messages queued right
+    /// behind it (single-event sends; a caller's own batch always goes as built).
+    pub(crate) mergeable: bool,
+    pub(crate) waiter: Waiter,
+}
+
+/// A caller waiting for the outcome of (part of) a delivery, and the in-flight permits it holds.
+pub(crate) struct Waiter {
     pub(crate) reply: oneshot::Sender<Result<()>>,
-    pub(crate) permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    /// Released when the caller's outcome is settled.
+    pub(crate) _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// A live sender link: its queue and the task that drains it.
@@ -185,15 +194,32 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// Hands a final outcome to the caller and counts it.
-    fn settle(&self, reply: oneshot::Sender<Result<()>>, result: Result<()>) {
+    /// Hands a final outcome to every caller waiting on one delivery, and counts it once per
+    /// caller (a delivery can carry several single-event sends).
+    fn settle(&self, waiters: Vec<Waiter>, result: Result<()>) {
         let counter = if result.is_ok() {
             &self.accepted
         } else {
             &self.failed
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let _ = reply.send(result);
+        counter.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                for waiter in waiters {
+                    let _ = waiter.reply.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                let mut waiters = waiters;
+                if let Some(last) = waiters.pop() {
+                    for waiter in waiters {
+                        let _ = waiter.reply.send(Err(clone_error(&error)));
+                    }
+                    // The last caller gets the original, with its source chain.
+                    let _ = last.reply.send(Err(error));
+                }
+            }
+        }
     }
 }
 
@@ -318,8 +344,7 @@ impl Engine {
             }
         };
         let span = tracing::info_span!("link", name = %sender.name(), target = %target);
-        // The service always announces its limit; a silent peer gets Event Hubs' standard 1 MB.
-        let max_message_size = sender.max_message_size().unwrap_or(1024 * 1024);
+        let max_message_size = link_limit(&sender);
         let _enter = span.enter();
         tracing::info!(max_message_size, "sender link attached");
         drop(_enter);
@@ -704,8 +729,8 @@ async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
 /// One delivery the hub has not settled yet, kept so it can be sent again.
 struct InFlight {
     sendable: Sendable<Batch<Data>>,
-    reply: oneshot::Sender<Result<()>>,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    /// Every caller whose events this delivery carries.
+    waiters: Vec<Waiter>,
     attempts: u32,
     /// When it was first handed to a link (for the overall deadline).
     first_sent: tokio::time::Instant,
@@ -734,6 +759,9 @@ async fn run_link(
     let mut unsettled: VecDeque<InFlight> = VecDeque::new();
     let mut outcomes: Outcomes = FuturesOrdered::new();
     let mut open = true;
+    // A message taken off the queue that could not join the delivery before it.
+    let mut carried: Option<Outgoing> = None;
+    let mut limit = link_limit(&sender);
     loop {
         if !open && unsettled.is_empty() {
             break;
@@ -745,7 +773,7 @@ async fn run_link(
                 let Some(mut item) = unsettled.pop_front() else { continue };
                 match outcome_result(result) {
                     Ok(()) => {
-                        counters.settle(item.reply, Ok(()));
+                        counters.settle(item.waiters, Ok(()));
                     }
                     Err(error) => match classify(&error) {
                         Action::Retry
@@ -754,7 +782,7 @@ async fn run_link(
                         {
                             item.attempts += 1;
                             item.last_sent = tokio::time::Instant::now();
-                            counters.retried.fetch_add(1, Ordering::Relaxed);
+                            counters.retried.fetch_add(item.waiters.len() as u64, Ordering::Relaxed);
                             let delay = retry.delay(item.attempts);
                             tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
                             tokio::time::sleep(delay).await;
@@ -774,7 +802,7 @@ async fn run_link(
                             lost = Some(error);
                         }
                         _ => {
-                            counters.settle(item.reply, Err(error));
+                            counters.settle(item.waiters, Err(error));
                         }
                     },
                 }
@@ -790,28 +818,28 @@ async fn run_link(
             () = connection_lost(&engine, generation), if !unsettled.is_empty() => {
                 lost = Some(Error::new(ErrorKind::Connection, "the connection was lost"));
             }
-            message = rx.recv(), if open => match message {
+            message = next_outgoing(&mut carried, &mut rx), if open => match message {
                 None => open = false,
                 Some(out) => {
+                    let (sections, waiters) = coalesce(out, &mut rx, &mut carried, limit);
                     let item = InFlight {
                         sendable: Sendable::builder()
-                            .message(out.message)
+                            .message(sections.into_message())
                             .message_format(BATCH_MESSAGE_FORMAT)
                             .build(),
-                        reply: out.reply,
-                        _permits: out.permits,
+                        waiters,
                         attempts: 0,
                         first_sent: tokio::time::Instant::now(),
                         last_sent: tokio::time::Instant::now(),
                     };
                     match send_unless_lost(&mut sender, &item.sendable, &engine, generation, retry.try_timeout).await {
                         Ok(fut) => {
-                            tracing::trace!("transfer sent");
+                            tracing::trace!(callers = item.waiters.len(), "transfer sent");
                             outcomes.push_back(fut);
                             unsettled.push_back(item);
                         }
                         Err(e) if e.kind() == ErrorKind::MessageTooLarge => {
-                            counters.settle(item.reply, Err(e));
+                            counters.settle(item.waiters, Err(e));
                         }
                         Err(e) => {
                             unsettled.push_back(item);
@@ -827,6 +855,7 @@ async fn run_link(
             match recover(&engine, &target, &retry, error, &mut unsettled).await {
                 Ok((new_sender, new_generation, fresh)) => {
                     sender = new_sender;
+                    limit = link_limit(&sender);
                     generation = new_generation;
                     outcomes = fresh;
                 }
@@ -839,11 +868,15 @@ async fn run_link(
                         });
                     }
                     for item in unsettled.drain(..) {
-                        counters.settle(item.reply, Err(clone_error(&error)));
+                        counters.settle(item.waiters, Err(clone_error(&error)));
                     }
                     rx.close();
-                    while let Ok(out) = rx.try_recv() {
-                        counters.settle(out.reply, Err(clone_error(&error)));
+                    for out in carried
+                        .take()
+                        .into_iter()
+                        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    {
+                        counters.settle(vec![out.waiter], Err(clone_error(&error)));
                     }
                     return;
                 }
@@ -851,6 +884,52 @@ async fn run_link(
         }
     }
     let _ = sender.close().await;
+}
+
+/// The largest message a sender link takes. The service always announces its limit; a
+/// silent peer (or one announcing 0, "no limit") gets Event Hubs' standard 1 MB.
+fn link_limit(sender: &Sender) -> u64 {
+    match sender.max_message_size() {
+        Some(0) | None => 1024 * 1024,
+        Some(limit) => limit,
+    }
+}
+
+/// The message carried over from the last coalescing pass, else the next one queued.
+async fn next_outgoing(
+    carried: &mut Option<Outgoing>,
+    rx: &mut mpsc::Receiver<Outgoing>,
+) -> Option<Outgoing> {
+    match carried.take() {
+        Some(out) => Some(out),
+        None => rx.recv().await,
+    }
+}
+
+/// Packs the single-event sends queued right behind `first` into its delivery, in order, as
+/// long as they share its partition key and the message stays within `limit` bytes. Under
+/// load this turns a stream of `send` calls into full batch messages (one transfer, one
+/// outcome for all of them); with nothing queued, `first` goes out alone and at once.
+fn coalesce(
+    first: Outgoing,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    carried: &mut Option<Outgoing>,
+    limit: u64,
+) -> (Sections, Vec<Waiter>) {
+    let mut sections = first.sections;
+    let mut waiters = vec![first.waiter];
+    if first.mergeable {
+        while let Ok(next) = rx.try_recv() {
+            if next.mergeable && sections.can_absorb(&next.sections, limit) {
+                sections.absorb(next.sections);
+                waiters.push(next.waiter);
+            } else {
+                *carried = Some(next);
+                break;
+            }
+        }
+    }
+    (sections, waiters)
 }
 
 /// Hands one message to fe2o3, unless the connection is lost while it waits for credit
@@ -863,6 +942,9 @@ async fn send_unless_lost(
     try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
     tokio::select! {
+        // Biased: when credit is there the send completes on its first poll, and the two
+        // watchdog timers below are never registered.
+        biased;
         result = sender.send_batchable_ref(sendable) => result.map_err(|e| send_error(e, "sending failed")),
         () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
         // No credit within a try: a silently dead connection looks exactly like this.
@@ -891,12 +973,12 @@ fn settle_ready(outcomes: &mut Outcomes, unsettled: &mut VecDeque<InFlight>, cou
         match outcome_result(result) {
             Ok(()) => {
                 if let Some(item) = unsettled.pop_front() {
-                    counters.settle(item.reply, Ok(()));
+                    counters.settle(item.waiters, Ok(()));
                 }
             }
             Err(error) if classify(&error) == Action::Fail => {
                 if let Some(item) = unsettled.pop_front() {
-                    counters.settle(item.reply, Err(error));
+                    counters.settle(item.waiters, Err(error));
                 }
             }
             Err(_) => break,
@@ -912,7 +994,7 @@ fn expire(unsettled: &mut VecDeque<InFlight>, retry: &RetryOptions, counters: &C
     *unsettled = kept;
     for item in expired {
         counters.settle(
-            item.reply,
+            item.waiters,
             Err(Error::new(
                 ErrorKind::Timeout,
                 format!(

@@ -2,6 +2,7 @@
 //! counted exactly, so a batch that accepted an event is never refused by the hub for size.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use fe2o3_amqp_types::messaging::{Batch, Data, Message, MessageAnnotations};
 use fe2o3_amqp_types::primitives::Binary;
@@ -122,9 +123,7 @@ fn section_overhead(len: usize) -> u64 {
 
 impl EventBatch {
     pub(crate) fn new(route: Route, max_size: u64) -> Result<EventBatch> {
-        let envelope_size = envelope(route.partition_key.as_deref(), Vec::new())
-            .map(|m| encode_message(&m))??
-            .len() as u64;
+        let envelope_size = envelope_size(route.partition_key.as_deref())?;
         if max_size <= envelope_size {
             return Err(Error::new(
                 ErrorKind::InvalidBatchSize,
@@ -194,21 +193,117 @@ impl EventBatch {
     }
 
     /// Consumes the batch into the envelope message to transfer.
+    /// The batch's encoded sections, ready for a link.
+    pub(crate) fn into_sections(self) -> Sections {
+        Sections {
+            partition_key: self.route.partition_key,
+            sections: self.sections,
+            envelope_size: self.envelope_size,
+            size: self.size,
+        }
+    }
+
+    #[cfg(test)]
     pub(crate) fn into_message(self) -> Result<Message<Batch<Data>>> {
-        envelope(self.route.partition_key.as_deref(), self.sections)
+        Ok(self.into_sections().into_message())
     }
 }
 
-fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Result<Message<Batch<Data>>> {
-    let mut builder = Message::builder();
-    if let Some(key) = partition_key {
-        builder = builder.message_annotations(
-            MessageAnnotations::builder()
-                .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
-                .build(),
-        );
+/// Encoded events on their way to a link: the data sections of one batch message, the
+/// partition key its envelope carries, and its exact encoded size.
+pub(crate) struct Sections {
+    partition_key: Option<String>,
+    sections: Vec<Data>,
+    envelope_size: u64,
+    size: u64,
+}
+
+impl Sections {
+    /// One event as a one-event batch message, or `MessageTooLarge` when it exceeds `limit`.
+    pub(crate) fn single(
+        event: &Event,
+        partition_key: Option<String>,
+        limit: u64,
+    ) -> Result<Sections> {
+        let envelope_size = envelope_size(partition_key.as_deref())?;
+        let encoded = event.encode(None)?;
+        let size = envelope_size + encoded.len() as u64 + section_overhead(encoded.len());
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "an event with a {}-byte body does not fit the link's {limit}-byte limit",
+                    event.body().len()
+                ),
+            ));
+        }
+        Ok(Sections {
+            partition_key,
+            sections: vec![Data(Binary::from(encoded))],
+            envelope_size,
+            size,
+        })
     }
-    Ok(builder.data_batch(sections).build())
+
+    /// Exact encoded size of the message these sections make.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether `other`'s events can join this message: same partition key, and the merged
+    /// message still within `limit` bytes.
+    pub(crate) fn can_absorb(&self, other: &Sections, limit: u64) -> bool {
+        self.partition_key == other.partition_key
+            && self.size + (other.size - other.envelope_size) <= limit
+    }
+
+    /// Appends `other`'s events after this message's own (check [`can_absorb`](Self::can_absorb) first).
+    pub(crate) fn absorb(&mut self, other: Sections) {
+        self.size += other.size - other.envelope_size;
+        self.sections.extend(other.sections);
+    }
+
+    /// The batch message (format 0x80013700) these sections make.
+    pub(crate) fn into_message(self) -> Message<Batch<Data>> {
+        let mut builder = Message::builder();
+        if let Some(key) = self.partition_key {
+            builder = builder.message_annotations(
+                MessageAnnotations::builder()
+                    .insert(PARTITION_KEY_ANNOTATION, key)
+                    .build(),
+            );
+        }
+        builder.data_batch(self.sections).build()
+    }
+}
+
+/// Encoded size of a batch message's envelope without any data section (the partition key
+/// annotation, if any). The keyless size is computed once.
+fn envelope_size(partition_key: Option<&str>) -> Result<u64> {
+    static KEYLESS: OnceLock<u64> = OnceLock::new();
+    let measure = |key: Option<&str>| -> Result<u64> {
+        Ok(encode_message(&envelope(key, Vec::new()))?.len() as u64)
+    };
+    match partition_key {
+        None => match KEYLESS.get() {
+            Some(size) => Ok(*size),
+            None => {
+                let size = measure(None)?;
+                Ok(*KEYLESS.get_or_init(|| size))
+            }
+        },
+        Some(key) => measure(Some(key)),
+    }
+}
+
+fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Message<Batch<Data>> {
+    Sections {
+        partition_key: partition_key.map(str::to_owned),
+        sections,
+        envelope_size: 0,
+        size: 0,
+    }
+    .into_message()
 }
 
 #[cfg(test)]
@@ -236,6 +331,36 @@ mod tests {
             let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
             assert_eq!(encoded.len() as u64, size);
         }
+    }
+
+    #[test]
+    fn merged_single_sends_keep_an_exact_size_and_respect_the_limit() {
+        for key in [None, Some("pump-1")] {
+            let key = key.map(str::to_owned);
+            let event = |n: usize| Event::new(vec![b'x'; n]).with_property("n", n as i64);
+            let mut merged = Sections::single(&event(10), key.clone(), 4096).unwrap();
+            for n in [1, 254, 255, 600] {
+                let next = Sections::single(&event(n), key.clone(), 4096).unwrap();
+                assert!(merged.can_absorb(&next, 4096));
+                merged.absorb(next);
+            }
+            let size = merged.size();
+            assert_eq!(
+                encode_message(&merged.into_message()).unwrap().len() as u64,
+                size
+            );
+
+            let a = Sections::single(&event(900), key.clone(), 4096).unwrap();
+            let b = Sections::single(&event(900), key.clone(), 4096).unwrap();
+            assert!(!a.can_absorb(&b, a.size() + 10), "limit respected");
+            let other = Sections::single(&event(1), Some("other".into()), 4096).unwrap();
+            assert!(!a.can_absorb(&other, 4096), "keys never mix");
+        }
+        let big = Sections::single(&Event::new(vec![0u8; 5000]), None, 4096);
+        assert_eq!(
+            big.err().map(|e| e.kind()),
+            Some(ErrorKind::MessageTooLarge)
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::messaging::{
-    message::__private::Serializable, ApplicationProperties, Data, Message, MessageAnnotations,
+    message::__private::Serializable, ApplicationProperties, Message, MessageAnnotations,
     MessageId, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
@@ -125,39 +125,109 @@ impl Event {
     }
 
     /// Builds the AMQP message for this event, with the partition key annotation when given.
-    pub(crate) fn to_message(&self, partition_key: Option<&str>) -> Message<Data> {
+    ///
+    /// Only the reference for [`encode`](Self::encode)'s byte layout (the hot path writes the
+    /// sections directly and never clones the body).
+    #[cfg(test)]
+    pub(crate) fn to_message(
+        &self,
+        partition_key: Option<&str>,
+    ) -> Message<fe2o3_amqp_types::messaging::Data> {
         let mut builder = Message::builder();
-        if let Some(key) = partition_key {
-            builder = builder.message_annotations(
-                MessageAnnotations::builder()
-                    .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
-                    .build(),
-            );
+        if let Some(annotations) = annotations(partition_key) {
+            builder = builder.message_annotations(annotations);
         }
-        if self.content_type.is_some() || self.message_id.is_some() || self.correlation_id.is_some()
-        {
-            let properties = Properties {
-                message_id: self.message_id.clone().map(MessageId::String),
-                correlation_id: self.correlation_id.clone().map(MessageId::String),
-                content_type: self.content_type.clone().map(Symbol::from),
-                ..Properties::default()
-            };
+        if let Some(properties) = self.amqp_properties() {
             builder = builder.properties(properties);
         }
-        if !self.properties.is_empty() {
-            let mut app = ApplicationProperties::builder();
-            for (k, v) in &self.properties {
-                app = app.insert(k.clone(), v.to_simple_value());
-            }
-            builder = builder.application_properties(app.build());
+        if let Some(app) = self.application_properties() {
+            builder = builder.application_properties(app);
         }
         builder.data(Binary::from(self.body.clone())).build()
     }
 
-    /// The complete AMQP encoding of this event as one message (one batch section's payload).
-    pub(crate) fn encode(&self, partition_key: Option<&str>) -> Result<Vec<u8>> {
-        encode_message(&self.to_message(partition_key))
+    fn amqp_properties(&self) -> Option<Properties> {
+        if self.content_type.is_none() && self.message_id.is_none() && self.correlation_id.is_none()
+        {
+            return None;
+        }
+        Some(Properties {
+            message_id: self.message_id.clone().map(MessageId::String),
+            correlation_id: self.correlation_id.clone().map(MessageId::String),
+            content_type: self.content_type.clone().map(Symbol::from),
+            ..Properties::default()
+        })
     }
+
+    fn application_properties(&self) -> Option<ApplicationProperties> {
+        if self.properties.is_empty() {
+            return None;
+        }
+        let mut app = ApplicationProperties::builder();
+        for (k, v) in &self.properties {
+            app = app.insert(k.clone(), v.to_simple_value());
+        }
+        Some(app.build())
+    }
+
+    /// The complete AMQP encoding of this event as one message (one batch section's payload).
+    ///
+    /// Written straight into one buffer sized up front: the metadata sections (when there are
+    /// any) through serde_amqp, then the data section around the body, so the body is copied
+    /// exactly once and nothing else is allocated for a plain event.
+    pub(crate) fn encode(&self, partition_key: Option<&str>) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.body.len() + DATA_SECTION_HEADER_MAX);
+        let failed =
+            |e| Error::new(ErrorKind::Protocol, "failed to encode an AMQP message").with_source(e);
+        if let Some(annotations) = annotations(partition_key) {
+            annotations
+                .serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+                .map_err(failed)?;
+        }
+        if let Some(properties) = self.amqp_properties() {
+            properties
+                .serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+                .map_err(failed)?;
+        }
+        if let Some(app) = self.application_properties() {
+            app.serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+                .map_err(failed)?;
+        }
+        write_data_section(&mut out, &self.body)?;
+        Ok(out)
+    }
+}
+
+/// The longest data-section header: descriptor (3 bytes) and a vbin32 constructor (5 bytes).
+const DATA_SECTION_HEADER_MAX: usize = 8;
+
+/// Appends one AMQP data section (descriptor `0x75`, then the bytes as binary) exactly as
+/// serde_amqp encodes `Data`: vbin8 below 255 bytes, vbin32 from there on.
+fn write_data_section(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    out.extend_from_slice(&[0x00, 0x53, 0x75]);
+    if bytes.len() < u8::MAX as usize {
+        out.extend_from_slice(&[0xa0, bytes.len() as u8]);
+    } else {
+        let len = u32::try_from(bytes.len()).map_err(|_| {
+            Error::new(
+                ErrorKind::MessageTooLarge,
+                format!("an event body of {} bytes cannot be encoded", bytes.len()),
+            )
+        })?;
+        out.push(0xb0);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// The message-annotations section carrying a partition key, if there is one.
+fn annotations(partition_key: Option<&str>) -> Option<MessageAnnotations> {
+    partition_key.map(|key| {
+        MessageAnnotations::builder()
+            .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
+            .build()
+    })
 }
 
 /// Encodes a message exactly as it goes on the wire.
@@ -371,6 +441,38 @@ mod tests {
         expected.extend_from_slice(&[0xa1, 0x02, b'p', b'k', 0x00, 0x53, 0x75, 0xa0, 0x05]);
         expected.extend_from_slice(b"hello");
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn direct_encoding_equals_serde_amqp_message_encoding() {
+        let ts = DateTime::from_timestamp_millis(1_755_592_200_000).unwrap();
+        let events = [
+            Event::new(Vec::new()),
+            Event::new(vec![7u8; 100]),
+            Event::new(vec![1u8; 254]),
+            Event::new(vec![2u8; 255]),
+            Event::new(vec![3u8; 70_000]),
+            Event::new(b"{}".to_vec())
+                .with_content_type("application/json")
+                .with_message_id("m-1")
+                .with_correlation_id("c-1"),
+            Event::new(b"x".to_vec())
+                .with_property("site", "plant-3")
+                .with_property("n", 42i64)
+                .with_property("ok", true)
+                .with_property("t", ts)
+                .with_property("raw", vec![0u8, 1]),
+        ];
+        for event in &events {
+            for key in [None, Some("compressor-7")] {
+                let expected = encode_message(&event.to_message(key)).unwrap();
+                assert_eq!(
+                    event.encode(key).unwrap(),
+                    expected,
+                    "{event:?} key {key:?}"
+                );
+            }
+        }
     }
 
     #[test]

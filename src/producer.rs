@@ -24,9 +24,9 @@ use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Outgoing};
+use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Outgoing, Waiter};
 use crate::auth::TokenProvider;
-use crate::batch::{BatchOptions, EventBatch, Route};
+use crate::batch::{BatchOptions, EventBatch, Route, Sections};
 use crate::connection_string::ConnectionString;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
@@ -459,8 +459,7 @@ impl Producer {
     /// # Cancel safety
     /// Cancelling before it returns sends nothing.
     pub async fn send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
-        let (batch, link) = self.single_event_batch(event, options.route).await?;
-        self.submit_on(link, batch, true).await
+        self.send_single(event, options.route, true).await
     }
 
     /// Like [`send`](Self::send) but fails with [`ErrorKind::Busy`] instead of waiting when
@@ -469,8 +468,7 @@ impl Producer {
     /// # Errors
     /// As [`send`](Self::send), plus [`ErrorKind::Busy`].
     pub async fn try_send(&self, event: Event, options: SendOptions) -> Result<DeliveryFuture> {
-        let (batch, link) = self.single_event_batch(event, options.route).await?;
-        self.submit_on(link, batch, false).await
+        self.send_single(event, options.route, false).await
     }
 
     /// Sends one event and waits for the hub's outcome.
@@ -603,32 +601,17 @@ impl Producer {
         }
     }
 
-    /// A one-event batch for `route`, with the link it goes on (looked up once per send).
-    async fn single_event_batch(
-        &self,
-        event: Event,
-        route: Route,
-    ) -> Result<(EventBatch, Arc<LinkHandle>)> {
+    /// Encodes one event and queues it on its link (looked up once per send), where it may
+    /// share a delivery with the single sends queued right behind it.
+    async fn send_single(&self, event: Event, route: Route, wait: bool) -> Result<DeliveryFuture> {
         check_route(&route)?;
         let link = self
             .inner
             .engine
             .link(route.partition_id.as_deref())
             .await?;
-        let mut batch = EventBatch::new(route, link.max_message_size)?;
-        match batch.try_add(event) {
-            Ok(()) => Ok((batch, link)),
-            Err(rejected) => {
-                let len = rejected.into_event().body().len();
-                Err(Error::new(
-                    ErrorKind::MessageTooLarge,
-                    format!(
-                        "an event with a {len}-byte body does not fit the link's {}-byte limit",
-                        link.max_message_size
-                    ),
-                ))
-            }
-        }
+        let sections = Sections::single(&event, route.partition_key, link.max_message_size)?;
+        self.submit_on(link, sections, true, wait).await
     }
 
     async fn submit(&self, batch: EventBatch, wait: bool) -> Result<DeliveryFuture> {
@@ -637,16 +620,6 @@ impl Producer {
             .engine
             .link(batch.route().partition_id.as_deref())
             .await?;
-        self.submit_on(link, batch, wait).await
-    }
-
-    async fn submit_on(
-        &self,
-        link: Arc<LinkHandle>,
-        batch: EventBatch,
-        wait: bool,
-    ) -> Result<DeliveryFuture> {
-        let size = batch.size_in_bytes().min(u32::MAX as u64) as u32;
         if batch.size_in_bytes() > link.max_message_size {
             return Err(Error::new(
                 ErrorKind::MessageTooLarge,
@@ -657,14 +630,28 @@ impl Producer {
                 ),
             ));
         }
+        self.submit_on(link, batch.into_sections(), false, wait)
+            .await
+    }
+
+    async fn submit_on(
+        &self,
+        link: Arc<LinkHandle>,
+        sections: Sections,
+        mergeable: bool,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        let size = sections.size().min(u32::MAX as u64) as u32;
         let permits = self.permits(size, wait).await?;
-        let message = batch.into_message()?;
         let (reply, rx) = oneshot::channel();
         link.tx
             .send(Outgoing {
-                message,
-                reply,
-                permits,
+                sections,
+                mergeable,
+                waiter: Waiter {
+                    reply,
+                    _permits: permits,
+                },
             })
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;

@@ -521,3 +521,56 @@ async fn close_waits_for_outcomes_or_reports_at_its_deadline() {
     assert!(err.to_string().contains("1 deliveries"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn pipelined_single_sends_share_deliveries_but_never_mix_keys() {
+    // One credit at a time: every delivery costs a round trip, so sends queue up behind it
+    // and the link must pack them into shared deliveries.
+    let hub = TestHub::start(HubConfig::new().link_credit(1))
+        .await
+        .unwrap();
+    let producer = producer(&hub).await;
+    let keys = [Some("pump-1"), Some("pump-2"), None];
+    let total = 3000usize;
+    let mut futures = Vec::with_capacity(total);
+    for i in 0..total {
+        // Runs of 25 events per key, so neighbours in the queue often share a key.
+        let key = keys[(i / 25) % keys.len()];
+        let options = match key {
+            Some(k) => SendOptions::new().partition_key(k),
+            None => SendOptions::new(),
+        };
+        let body = format!("{}:{i}", key.unwrap_or("-"));
+        futures.push(producer.send(Event::new(body), options).await.unwrap());
+    }
+    for fut in futures {
+        fut.await.expect("every send is accepted");
+    }
+    let stored = hub.wait_for_events(HUB, total, WAIT).await;
+    assert_eq!(stored.len(), total, "each event stored exactly once");
+    let transfers = hub.stats().transfers_received;
+    assert!(
+        transfers < total as u64 / 2,
+        "{transfers} deliveries for {total} sends: queued sends were not packed together"
+    );
+    for key in keys {
+        let tag = key.unwrap_or("-");
+        let seq: Vec<usize> = stored
+            .iter()
+            .filter_map(|e| {
+                let body = std::str::from_utf8(&e.body).unwrap();
+                let (k, i) = body.split_once(':').unwrap();
+                (k == tag).then(|| {
+                    assert_eq!(e.partition_key.as_deref(), key, "event {body} kept its key");
+                    i.parse().unwrap()
+                })
+            })
+            .collect();
+        assert_eq!(seq.len(), total / keys.len());
+        if key.is_some() {
+            // A keyed stream lands on one partition in the order it was sent.
+            assert!(seq.windows(2).all(|w| w[0] < w[1]), "order kept for {tag}");
+        }
+    }
+    producer.close().await.unwrap();
+}
