@@ -6,11 +6,13 @@
 #   bench/run.sh                 # defaults below
 #   EVENTS=4000000 bench/run.sh  # more events per batched run
 #   NO_PEERS=1 bench/run.sh      # hubsend only (skips building the official crate)
+#   STEADY=0 bench/run.sh        # skip the 60 s steady-state memory run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-bench}"
 EVENTS="${EVENTS:-2000000}"
 EVENTS_1K="${EVENTS_1K:-500000}"
+STEADY="${STEADY:-60}"   # seconds of full-speed 100-byte streaming with RSS sampled (0: skip)
 
 cargo build --release -p hubsend-testhub
 cargo build --release --example bench
@@ -29,7 +31,7 @@ out="bench/results/bench-$stamp.txt"
     echo "# $(nproc) cores, $(uname -sr), $(rustc --version)"
     echo
     echo "## 100-byte telemetry events"
-    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" "${PEERS_ARG[@]}" "$@"
+    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" --steady-seconds "$STEADY" "${PEERS_ARG[@]}" "$@"
     echo
     echo "## 1 KiB events"
     "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 1024 --events "$EVENTS_1K" "${PEERS_ARG[@]}" "$@"

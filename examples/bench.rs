@@ -22,7 +22,10 @@
 //! * The official crate (0.16, on fe2o3-amqp 0.16) sometimes never resolves a send whose
 //!   `accepted` disposition has arrived; the peer gives up on such a send after 1 s and reports
 //!   `stalled_sends`. The table shows its raw rate; ratios use the rate with stalls taken out.
-//! * `--max-in-flight N` hubsend's in-flight delivery bound (default: the library's).
+//! * `--steady-seconds S` also runs hubsend's batched mode at full speed for S seconds with
+//!   its resident memory sampled every second (the "RSS flat" target; default 0: skipped).
+//! * `--max-in-flight N` / `--max-in-flight-bytes B` hubsend's in-flight bounds (default: the
+//!   library's).
 //! * `--no-peers` skip the official and ceiling binaries even when they are built.
 //!
 //! The hub: `EVENTHUB_CONNECTION_STRING` (+ `EVENTHUB_CA_FILE`) when set; otherwise the
@@ -166,13 +169,16 @@ fn run_child(args: &Args) -> hubsend::Result<()> {
 async fn child(args: &Args) -> hubsend::Result<()> {
     let mode = args.get("child").unwrap_or("batch").to_owned();
     let cs = args.get("cs").expect("--cs").to_owned();
-    let events = args.num("events", 1_000_000);
+    let mut events = args.num("events", 1_000_000);
     let payload = args.num("payload-bytes", 100) as usize;
     let pool = bodies(payload, 1024);
 
     let mut options = ProducerOptions::new();
     if let Some(n) = args.get("max-in-flight") {
         options = options.max_in_flight(n.parse().expect("--max-in-flight"));
+    }
+    if let Some(n) = args.get("max-in-flight-bytes") {
+        options = options.max_in_flight_bytes(n.parse().expect("--max-in-flight-bytes"));
     }
     let mut builder = Producer::builder().connection_string(cs).options(options);
     if let Some(ca) = args.get("ca") {
@@ -197,8 +203,35 @@ async fn child(args: &Args) -> hubsend::Result<()> {
 
     let mut latency = None;
     let mut batches = 0u64;
+    let mut rss_samples: Vec<u64> = Vec::new();
     let start = Instant::now();
     match mode.as_str() {
+        "steady" => {
+            // Full-speed batches for a fixed time, with resident memory sampled every second.
+            let run_for = Duration::from_secs(args.num("seconds", 60));
+            let mut next_sample = Instant::now() + Duration::from_secs(1);
+            let mut batch = producer.create_batch(BatchOptions::new()).await?;
+            let mut i = 0usize;
+            while start.elapsed() < run_for {
+                let event = Event::new(pool[i % pool.len()].clone());
+                i += 1;
+                if let Err(e) = batch.try_add(event) {
+                    let event = e.into_event();
+                    let full = std::mem::replace(
+                        &mut batch,
+                        producer.create_batch(BatchOptions::new()).await?,
+                    );
+                    tx.send(producer.send_batch(full).await?).ok();
+                    batches += 1;
+                    batch.try_add(event).expect("fits an empty batch");
+                    if Instant::now() >= next_sample {
+                        rss_samples.push(proc_status_kib("VmRSS:"));
+                        next_sample += Duration::from_secs(1);
+                    }
+                }
+            }
+            events = i as u64 - batch.len() as u64;
+        }
         "batch" => {
             let mut batch = producer.create_batch(BatchOptions::new()).await?;
             for i in 0..events as usize {
@@ -251,7 +284,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     drop(tx);
     let settled = waiter.await.expect("waiter task")?;
     let seconds = start.elapsed().as_secs_f64();
-    if mode == "batch" {
+    if mode == "batch" || mode == "steady" {
         assert_eq!(settled, batches);
     } else if mode == "single" {
         assert_eq!(settled, events);
@@ -267,7 +300,14 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     if let Some((p50, p99)) = latency {
         line.push_str(&format!(",\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3}"));
     }
-    if mode == "batch" {
+    if !rss_samples.is_empty() {
+        let mib: Vec<String> = rss_samples
+            .iter()
+            .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+            .collect();
+        line.push_str(&format!(",\"rss_samples_mib\":[{}]", mib.join(",")));
+    }
+    if mode == "batch" || mode == "steady" {
         line.push_str(&format!(
             ",\"batches\":{batches},\"max_message_size\":{}",
             producer.max_message_size()
@@ -463,6 +503,7 @@ fn main() {
     let official_latency_events = args.num("official-latency-events", 500);
     let official_conc = args.num("official-concurrency", 4);
     let official_single_conc = args.num("official-single-concurrency", 1);
+    let steady_seconds = args.num("steady-seconds", 0);
     let mode = args.get("mode").unwrap_or("all").to_owned();
     let modes: Vec<&str> = match mode.as_str() {
         "all" => vec!["batch", "single", "latency"],
@@ -543,14 +584,37 @@ fn main() {
                 if let Some(ca) = &hub.ca {
                     cmd.arg("--ca").arg(ca);
                 }
-                if let Some(mif) = args.get("max-in-flight") {
-                    cmd.arg("--max-in-flight").arg(mif);
+                for flag in ["max-in-flight", "max-in-flight-bytes"] {
+                    if let Some(value) = args.get(flag) {
+                        cmd.arg(format!("--{flag}")).arg(value);
+                    }
                 }
                 let name = format!("hubsend {m}");
                 push(
                     &name,
                     run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
                 );
+            }
+            if steady_seconds > 0 {
+                let mut cmd = Command::new(&me);
+                cmd.arg("--child")
+                    .arg("steady")
+                    .arg("--cs")
+                    .arg(&hub.cs)
+                    .arg("--seconds")
+                    .arg(steady_seconds.to_string())
+                    .arg("--payload-bytes")
+                    .arg(payload.to_string());
+                if let Some(ca) = &hub.ca {
+                    cmd.arg("--ca").arg(ca);
+                }
+                for flag in ["max-in-flight", "max-in-flight-bytes"] {
+                    if let Some(value) = args.get(flag) {
+                        cmd.arg(format!("--{flag}")).arg(value);
+                    }
+                }
+                let label = format!("hubsend steady {steady_seconds}s ({transport}, {payload} B)");
+                push("hubsend steady", run_json(&label, &mut cmd));
             }
             if let Some(bin) = &ceiling {
                 if modes.contains(&"batch") {
@@ -768,6 +832,29 @@ fn print_table(rows: &[Row]) {
                 "    peak RSS < 64 MB ............ {}",
                 mark(rss_max.map(|k| k * 1024.0 < 64e6))
             );
+            if let Some(samples) = get(t, p, "hubsend steady")
+                .and_then(|j| j.get("rss_samples_mib"))
+                .and_then(Value::as_array)
+            {
+                let mib: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
+                // Flat: after a 10 s warm-up, resident memory never grows by more than 10 %.
+                let flat = (mib.len() > 10).then(|| {
+                    let base = mib[9];
+                    mib[10..].iter().all(|m| *m <= base * 1.10)
+                });
+                println!(
+                    "    RSS flat over {:>2} s ......... {}",
+                    mib.len(),
+                    mark(flat)
+                );
+                let every_10: Vec<String> = mib
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (i + 1) % 10 == 0)
+                    .map(|(i, m)| format!("{}s {m:.0}", i + 1))
+                    .collect();
+                println!("      RSS MiB over the steady run: {}", every_10.join(", "));
+            }
         }
     }
 }
