@@ -80,6 +80,15 @@ impl fmt::Display for TryAddError {
 impl std::error::Error for TryAddError {}
 
 /// Where a batch or event goes: the hub (round robin), a partition key, or a partition id.
+/// Why [`EventBatch::add_ref`] refused an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// The batch has no room left for it.
+    Full,
+    /// It does not fit even an empty batch.
+    TooLarge,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Route {
     pub(crate) partition_key: Option<String>,
@@ -141,17 +150,26 @@ impl EventBatch {
 
     /// Adds `event` if it fits; otherwise hands it back (see [`TryAddError`]).
     pub fn try_add(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
+        match self.add_ref(&event) {
+            Ok(()) => Ok(()),
+            Err(Rejection::Full) => Err(TryAddError::Full(event)),
+            Err(Rejection::TooLarge) => Err(TryAddError::TooLarge(event)),
+        }
+    }
+
+    /// [`try_add`](Self::try_add) for a borrowed event (the caller keeps it).
+    pub(crate) fn add_ref(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
         let encoded = match event.encode(None) {
             Ok(bytes) => bytes,
             // Our own types always encode; treat a failure as "cannot be sent".
-            Err(_) => return Err(TryAddError::TooLarge(event)),
+            Err(_) => return Err(Rejection::TooLarge),
         };
         let added = encoded.len() as u64 + section_overhead(encoded.len());
         if self.envelope_size + added > self.max_size {
-            return Err(TryAddError::TooLarge(event));
+            return Err(Rejection::TooLarge);
         }
         if self.size + added > self.max_size {
-            return Err(TryAddError::Full(event));
+            return Err(Rejection::Full);
         }
         self.size += added;
         self.sections.push(Data(Binary::from(encoded)));

@@ -11,17 +11,19 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::batch::{BatchOptions, EventBatch, TryAddError};
+use crate::batch::{BatchOptions, EventBatch, Rejection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 use crate::producer::{DeliveryFuture, Producer, SendOptions};
 
-/// A batch the hub did not store, reported to the failure callback.
+/// Events the hub did not store, reported to the failure callback: the events themselves, so
+/// the application can keep, log or re-route every one of them.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct FailedBatch {
-    /// How many events the batch held.
-    pub events: usize,
+    /// The events that were not stored, in `enqueue` order (one batch's worth, or a single
+    /// event refused before sending).
+    pub events: Vec<Event>,
     /// The partition key the batch was routed by, if any.
     pub partition_key: Option<String>,
     /// The partition id the batch was sent to, if any.
@@ -96,7 +98,10 @@ impl BufferedOptions {
         self
     }
 
-    /// Called once for every batch the hub did not store (after retries).
+    /// Called once for every batch the hub did not store (after retries), with its events.
+    ///
+    /// While a callback is set, each lane keeps the events of its batches until the hub's
+    /// outcome (they are moved, not copied), so in-flight memory roughly doubles.
     pub fn on_failure(mut self, callback: impl Fn(FailedBatch) + Send + Sync + 'static) -> Self {
         self.on_failure = Some(Arc::new(callback));
         self
@@ -385,25 +390,25 @@ impl LaneTask {
     async fn run(self, first: EventBatch, mut rx: mpsc::Receiver<LaneCommand>) {
         // Outcomes are awaited in order by a settler, so the lane never waits on the hub
         // except through the producer's in-flight bound.
-        let (settle_tx, mut settle_rx) =
-            mpsc::unbounded_channel::<(usize, DeliveryFuture, Option<oneshot::Sender<()>>)>();
+        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Shipped>();
         let sent = self.sent.clone();
         let failed = self.failed.clone();
         let on_failure = self.on_failure.clone();
         let key = self.batch_options.partition_key.clone();
         let id = self.batch_options.partition_id.clone();
         let settler = tokio::spawn(async move {
-            while let Some((events, delivery, flushed)) = settle_rx.recv().await {
-                match delivery.await {
+            while let Some(shipped) = settle_rx.recv().await {
+                let count = shipped.count as u64;
+                match shipped.delivery.await {
                     Ok(()) => {
-                        sent.fetch_add(events as u64, Ordering::Relaxed);
+                        sent.fetch_add(count, Ordering::Relaxed);
                     }
                     Err(error) => {
-                        failed.fetch_add(events as u64, Ordering::Relaxed);
-                        tracing::warn!(events, error = %error, "buffered batch failed");
+                        failed.fetch_add(count, Ordering::Relaxed);
+                        tracing::warn!(events = count, error = %error, "buffered batch failed");
                         if let Some(cb) = &on_failure {
                             cb(FailedBatch {
-                                events,
+                                events: shipped.events,
                                 partition_key: key.clone(),
                                 partition_id: id.clone(),
                                 error,
@@ -411,20 +416,24 @@ impl LaneTask {
                         }
                     }
                 }
-                if let Some(done) = flushed {
+                if let Some(done) = shipped.flushed {
                     let _ = done.send(());
                 }
             }
         });
         let mut batch = Some(first);
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+        // The open batch's events, kept for the failure callback (only when there is one).
+        let keep = self.on_failure.is_some();
+        let mut kept: Vec<Event> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let command = match deadline {
                 Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
                     Ok(c) => c,
                     Err(_) => {
-                        self.ship(&mut batch, &mut permits, &settle_tx, None).await;
+                        self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
+                            .await;
                         deadline = None;
                         continue;
                     }
@@ -434,55 +443,56 @@ impl LaneTask {
             match command {
                 None => break,
                 Some(LaneCommand::Flush(done)) => {
-                    self.ship(&mut batch, &mut permits, &settle_tx, Some(done))
+                    self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, Some(done))
                         .await;
                     deadline = None;
                 }
-                Some(LaneCommand::Event(event, permit)) => {
-                    let mut event = event;
-                    loop {
-                        let current = match &mut batch {
-                            Some(b) => b,
-                            None => {
-                                match self.producer.create_batch(self.batch_options.clone()).await {
-                                    Ok(b) => batch.insert(b),
-                                    Err(error) => {
-                                        self.fail(1, error);
-                                        break;
-                                    }
+                Some(LaneCommand::Event(event, permit)) => loop {
+                    let current = match &mut batch {
+                        Some(b) => b,
+                        None => {
+                            match self.producer.create_batch(self.batch_options.clone()).await {
+                                Ok(b) => batch.insert(b),
+                                Err(error) => {
+                                    self.fail(vec![event], error);
+                                    break;
                                 }
                             }
-                        };
-                        match current.try_add(event) {
-                            Ok(()) => {
-                                permits.push(permit);
-                                if deadline.is_none() {
-                                    deadline = Some(tokio::time::Instant::now() + self.linger);
-                                }
-                                break;
+                        }
+                    };
+                    match current.add_ref(&event) {
+                        Ok(()) => {
+                            permits.push(permit);
+                            if keep {
+                                kept.push(event);
                             }
-                            Err(TryAddError::Full(back)) => {
-                                self.ship(&mut batch, &mut permits, &settle_tx, None).await;
-                                deadline = None;
-                                event = back;
+                            if deadline.is_none() {
+                                deadline = Some(tokio::time::Instant::now() + self.linger);
                             }
-                            Err(TryAddError::TooLarge(back)) => {
-                                let len = back.body().len();
-                                self.fail(
-                                    1,
+                            break;
+                        }
+                        Err(Rejection::Full) => {
+                            self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
+                                .await;
+                            deadline = None;
+                        }
+                        Err(Rejection::TooLarge) => {
+                            let len = event.body().len();
+                            self.fail(
+                                    vec![event],
                                     Error::new(
                                         ErrorKind::MessageTooLarge,
                                         format!("an event with a {len}-byte body exceeds the batch size limit"),
                                     ),
                                 );
-                                break;
-                            }
+                            break;
                         }
                     }
-                }
+                },
             }
         }
-        self.ship(&mut batch, &mut permits, &settle_tx, None).await;
+        self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
+            .await;
         drop(settle_tx);
         let _ = settler.await;
     }
@@ -492,7 +502,8 @@ impl LaneTask {
         &self,
         batch: &mut Option<EventBatch>,
         permits: &mut Vec<OwnedSemaphorePermit>,
-        settle: &mpsc::UnboundedSender<(usize, DeliveryFuture, Option<oneshot::Sender<()>>)>,
+        kept: &mut Vec<Event>,
+        settle: &mpsc::UnboundedSender<Shipped>,
         flushed: Option<oneshot::Sender<()>>,
     ) {
         let full = match batch.take() {
@@ -503,18 +514,29 @@ impl LaneTask {
                     // Nothing open: the flush is done once earlier batches settle.
                     let (tx, rx) = oneshot::channel::<crate::Result<()>>();
                     let _ = tx.send(Ok(()));
-                    let _ = settle.send((0, DeliveryFuture::from_receiver(rx), Some(done)));
+                    let _ = settle.send(Shipped {
+                        count: 0,
+                        delivery: DeliveryFuture::from_receiver(rx),
+                        events: Vec::new(),
+                        flushed: Some(done),
+                    });
                 }
                 return;
             }
         };
-        let events = full.len();
+        let count = full.len();
+        let events = std::mem::take(kept);
         match self.producer.send_batch(full).await {
             Ok(delivery) => {
-                let _ = settle.send((events, delivery, flushed));
+                let _ = settle.send(Shipped {
+                    count,
+                    delivery,
+                    events,
+                    flushed,
+                });
             }
             Err(error) => {
-                self.fail(events, error);
+                self.fail_count(count, events, error);
                 if let Some(done) = flushed {
                     let _ = done.send(());
                 }
@@ -523,9 +545,14 @@ impl LaneTask {
         permits.clear();
     }
 
-    fn fail(&self, events: usize, error: Error) {
-        self.failed.fetch_add(events as u64, Ordering::Relaxed);
-        tracing::warn!(events, error = %error, "buffered events failed");
+    fn fail(&self, events: Vec<Event>, error: Error) {
+        self.fail_count(events.len(), events, error);
+    }
+
+    /// Counts `count` failed events and hands `events` (the kept ones, if any) to the callback.
+    fn fail_count(&self, count: usize, events: Vec<Event>, error: Error) {
+        self.failed.fetch_add(count as u64, Ordering::Relaxed);
+        tracing::warn!(events = count, error = %error, "buffered events failed");
         if let Some(cb) = &self.on_failure {
             cb(FailedBatch {
                 events,
@@ -535,4 +562,13 @@ impl LaneTask {
             });
         }
     }
+}
+
+/// A batch handed to the producer, waiting for its outcome in the lane's settler.
+struct Shipped {
+    count: usize,
+    delivery: DeliveryFuture,
+    /// Its events, when a failure callback wants them back.
+    events: Vec<Event>,
+    flushed: Option<oneshot::Sender<()>>,
 }

@@ -2,7 +2,6 @@
 //! failed), in order per key, through faults, with bounded buffering.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,25 +116,49 @@ async fn everything_arrives_through_forced_detaches() {
 }
 
 #[tokio::test]
-async fn failures_are_reported_and_counted() {
+async fn failures_are_reported_with_their_events() {
     let (hub, producer) = setup(0).await;
     hub.faults().reject_every_nth(2, "amqp:not-allowed");
-    let reported = Arc::new(AtomicU64::new(0));
-    let seen = reported.clone();
+    let returned = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let seen = returned.clone();
     let buffered = BufferedProducer::new(
         producer,
         BufferedOptions::new().on_failure(move |failed| {
             assert!(failed.partition_key.is_some());
             assert_eq!(failed.error.kind(), ErrorKind::Rejected);
-            seen.fetch_add(failed.events as u64, Ordering::Relaxed);
+            let mut seen = seen.lock().unwrap();
+            for event in &failed.events {
+                let n = event
+                    .properties()
+                    .find_map(|(k, v)| match (k, v) {
+                        ("n", hubsend::PropertyValue::Long(n)) => Some(*n),
+                        _ => None,
+                    })
+                    .expect("the event comes back whole, properties included");
+                seen.push(n);
+            }
         }),
     );
     stream(&buffered, 20_000).await;
     let report = buffered.close().await;
     assert_eq!(report.sent + report.failed, 20_000);
     assert!(report.failed > 0);
-    assert_eq!(reported.load(Ordering::Relaxed), report.failed);
-    assert_eq!(hub.events(HUB).len() as u64, report.sent);
+    let returned = returned.lock().unwrap().clone();
+    assert_eq!(
+        returned.len() as u64,
+        report.failed,
+        "every failed event comes back"
+    );
+    // Stored and returned events are disjoint and together are everything enqueued.
+    let stored: HashSet<i64> = hub
+        .events(HUB)
+        .iter()
+        .map(|e| e.application_properties["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(stored.len() as u64, report.sent);
+    let returned: HashSet<i64> = returned.into_iter().collect();
+    assert!(stored.is_disjoint(&returned));
+    assert_eq!(stored.len() + returned.len(), 20_000);
 }
 
 #[tokio::test]
