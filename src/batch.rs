@@ -150,6 +150,28 @@ impl EventBatch {
 
     /// Adds `event` if it fits; otherwise hands it back (see [`TryAddError`]).
     pub fn try_add(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
+        if let Some(len) = event.bare_encoded_len() {
+            // A body alone: size it without encoding, then let its allocation become the
+            // encoding (no second buffer, no copy to one).
+            let added = match self.room_for(len) {
+                Ok(added) => added,
+                Err(Rejection::Full) => return Err(TryAddError::Full(event)),
+                Err(Rejection::TooLarge) => return Err(TryAddError::TooLarge(event)),
+            };
+            match event.into_bare_encoding() {
+                Ok(encoded) => {
+                    self.size += added;
+                    self.sections.push(Data(Binary::from(encoded)));
+                    return Ok(());
+                }
+                Err(event) => return self.try_add_encoding(event),
+            }
+        }
+        self.try_add_encoding(event)
+    }
+
+    /// [`try_add`](Self::try_add) through a fresh encoding of the event.
+    fn try_add_encoding(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
         match self.add_ref(&event) {
             Ok(()) => Ok(()),
             Err(Rejection::Full) => Err(TryAddError::Full(event)),
@@ -164,16 +186,22 @@ impl EventBatch {
             // Our own types always encode; treat a failure as "cannot be sent".
             Err(_) => return Err(Rejection::TooLarge),
         };
-        let added = encoded.len() as u64 + section_overhead(encoded.len());
+        let added = self.room_for(encoded.len())?;
+        self.size += added;
+        self.sections.push(Data(Binary::from(encoded)));
+        Ok(())
+    }
+
+    /// The bytes an event encoded to `len` bytes would add, if the batch has room for it.
+    fn room_for(&self, len: usize) -> std::result::Result<u64, Rejection> {
+        let added = len as u64 + section_overhead(len);
         if self.envelope_size + added > self.max_size {
             return Err(Rejection::TooLarge);
         }
         if self.size + added > self.max_size {
             return Err(Rejection::Full);
         }
-        self.size += added;
-        self.sections.push(Data(Binary::from(encoded)));
-        Ok(())
+        Ok(added)
     }
 
     /// How many events the batch holds.

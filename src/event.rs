@@ -201,22 +201,62 @@ impl Event {
 /// The longest data-section header: descriptor (3 bytes) and a vbin32 constructor (5 bytes).
 const DATA_SECTION_HEADER_MAX: usize = 8;
 
+impl Event {
+    /// Whether the event is a body alone, with no metadata section.
+    fn is_bare(&self) -> bool {
+        self.content_type.is_none()
+            && self.message_id.is_none()
+            && self.correlation_id.is_none()
+            && self.properties.is_empty()
+    }
+
+    /// For a bare event, its exact encoded size (without a partition key), known without
+    /// encoding it.
+    pub(crate) fn bare_encoded_len(&self) -> Option<usize> {
+        (self.is_bare() && u32::try_from(self.body.len()).is_ok())
+            .then(|| self.body.len() + data_section_header(self.body.len()).1)
+    }
+
+    /// A bare event's encoding (without a partition key), consuming it: the body's
+    /// allocation becomes the encoding, with the section header written in front of the bytes
+    /// where they lie. Any other event is handed back.
+    pub(crate) fn into_bare_encoding(self) -> std::result::Result<Vec<u8>, Event> {
+        if self.bare_encoded_len().is_none() {
+            return Err(self);
+        }
+        let mut bytes = self.body;
+        let (header, len) = data_section_header(bytes.len());
+        bytes.splice(0..0, header[..len].iter().copied());
+        Ok(bytes)
+    }
+}
+
+/// The header of a data section around `len` bytes (as serde_amqp writes it: vbin8 below 255
+/// bytes, vbin32 from there on) and how many of its bytes are used. `len` must fit a u32.
+fn data_section_header(len: usize) -> ([u8; DATA_SECTION_HEADER_MAX], usize) {
+    let mut header = [0x00, 0x53, 0x75, 0, 0, 0, 0, 0];
+    if len < u8::MAX as usize {
+        header[3] = 0xa0;
+        header[4] = len as u8;
+        (header, 5)
+    } else {
+        header[3] = 0xb0;
+        header[4..8].copy_from_slice(&(len as u32).to_be_bytes());
+        (header, 8)
+    }
+}
+
 /// Appends one AMQP data section (descriptor `0x75`, then the bytes as binary) exactly as
 /// serde_amqp encodes `Data`: vbin8 below 255 bytes, vbin32 from there on.
 fn write_data_section(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
-    out.extend_from_slice(&[0x00, 0x53, 0x75]);
-    if bytes.len() < u8::MAX as usize {
-        out.extend_from_slice(&[0xa0, bytes.len() as u8]);
-    } else {
-        let len = u32::try_from(bytes.len()).map_err(|_| {
-            Error::new(
-                ErrorKind::MessageTooLarge,
-                format!("an event body of {} bytes cannot be encoded", bytes.len()),
-            )
-        })?;
-        out.push(0xb0);
-        out.extend_from_slice(&len.to_be_bytes());
+    if u32::try_from(bytes.len()).is_err() {
+        return Err(Error::new(
+            ErrorKind::MessageTooLarge,
+            format!("an event body of {} bytes cannot be encoded", bytes.len()),
+        ));
     }
+    let (header, len) = data_section_header(bytes.len());
+    out.extend_from_slice(&header[..len]);
     out.extend_from_slice(bytes);
     Ok(())
 }
