@@ -383,7 +383,16 @@ impl Hub {
         };
         let dir = std::env::temp_dir().join(format!("hubsend-bench-{}", std::process::id()));
         let mut cmd = Command::new(&bin);
-        cmd.args(["--host", "127.0.0.1", "--partitions", "4"]);
+        // Like the service's retention, the hub keeps only the newest events per partition, so
+        // its memory (and its page faults on fresh memory) stay flat however long the runs are.
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--partitions",
+            "4",
+            "--retain-events",
+            "100000",
+        ]);
         if tls {
             cmd.arg("--tls-dir").arg(&dir);
         }

@@ -20,8 +20,8 @@ use fe2o3_amqp::{
 use fe2o3_amqp_types::{
     definitions,
     messaging::{
-        annotations::OwnedKey, message::__private::Deserializable, AmqpValue, Body,
-        DeliveryAnnotations, Message, MessageAnnotations, Source,
+        annotations::OwnedKey, AmqpValue, Body, DeliveryAnnotations, Message, MessageAnnotations,
+        Source,
     },
     performatives::Attach,
     primitives::{Symbol, Timestamp, Value},
@@ -30,7 +30,11 @@ use serde_amqp::descriptor::Descriptor;
 use tokio::time::Instant;
 
 use super::{amqp_error, link_properties, now_ms, refuse, Auth, ConnCtx};
-use crate::{sas::normalise, store::StoredEvent, Right};
+use crate::{
+    sas::normalise,
+    store::{partition_key_of, EventRef, PartitionLog},
+    Right,
+};
 
 /// Name (and key) of the selector filter in a source's filter set.
 const SELECTOR_FILTER: &str = "apache.org:selector-filter:string";
@@ -73,7 +77,7 @@ pub(crate) enum Position {
 
 impl Position {
     /// Whether `ev` is at or after this position (positions are monotonic in a partition).
-    fn admits(&self, ev: &StoredEvent) -> bool {
+    fn admits(&self, ev: &EventRef) -> bool {
         let cmp = |have: i64, want: i64, inclusive: bool| {
             if inclusive {
                 have >= want
@@ -85,7 +89,7 @@ impl Position {
             Position::Start | Position::Latest => true,
             Position::Offset { value, inclusive } => cmp(ev.offset, *value, *inclusive),
             Position::Sequence { value, inclusive } => cmp(ev.sequence_number, *value, *inclusive),
-            Position::EnqueuedTime { ms, inclusive } => cmp(ev.enqueued_time_ms, *ms, *inclusive),
+            Position::EnqueuedTime { ms, inclusive } => cmp(ev.enqueued_time_ms(), *ms, *inclusive),
         }
     }
 }
@@ -252,7 +256,7 @@ pub(super) async fn consumer_attach(
             };
             // `@latest` means what is stored now is skipped.
             let start = if position == Position::Latest {
-                link.stored_len()
+                link.next_sequence()
             } else {
                 0
             };
@@ -277,41 +281,38 @@ async fn refuse_consumer(
 }
 
 impl ConsumerLink {
-    fn with_partition<T>(&self, f: impl FnOnce(&[StoredEvent]) -> T) -> Option<T> {
-        let store = self.ctx.shared.store.lock().unwrap();
-        let hs = store.get(&self.hub.to_ascii_lowercase())?;
-        hs.partitions.get(self.partition as usize).map(|p| f(p))
+    fn with_partition<T>(&self, f: impl FnOnce(&PartitionLog) -> T) -> Option<T> {
+        self.ctx
+            .shared
+            .with_hub(&self.hub, |hs| {
+                hs.partitions.get(self.partition as usize).map(f)
+            })
+            .flatten()
     }
 
-    fn stored_len(&self) -> usize {
-        self.with_partition(|p| p.len()).unwrap_or(0)
+    fn next_sequence(&self) -> i64 {
+        self.with_partition(PartitionLog::next_sequence)
+            .unwrap_or(0)
     }
 
-    /// Up to [`FETCH`] events from index `from` (= sequence number), and the partition's last
-    /// event.
-    fn fetch(&self, from: usize) -> (Vec<StoredEvent>, Option<StoredEvent>) {
-        self.with_partition(|p| {
-            let batch = p.get(from..).unwrap_or_default();
-            (
-                batch.iter().take(FETCH).cloned().collect(),
-                p.last().cloned(),
-            )
-        })
-        .unwrap_or_default()
+    /// Up to [`FETCH`] events from sequence number `from` (or the oldest retained one), and the
+    /// partition's last event.
+    fn fetch(&self, from: i64) -> (Vec<EventRef>, Option<EventRef>) {
+        self.with_partition(|p| (p.range(from, FETCH), p.last()))
+            .unwrap_or_default()
     }
 
     /// The delivered form of a stored event.
-    fn message(&self, ev: &StoredEvent, last: Option<&StoredEvent>) -> Message<Body<Value>> {
-        let mut msg = match serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(
-            &ev.encoded_message,
-        ) {
-            Ok(Deserializable(m)) => m,
-            Err(_) => Message::builder()
+    fn message(&self, ev: &EventRef, last: Option<&EventRef>) -> Message<Body<Value>> {
+        let mut msg = ev.message().unwrap_or_else(|| {
+            Message::builder()
                 .body(Body::Value(AmqpValue(Value::Binary(
-                    ev.body.clone().into(),
+                    ev.raw().to_vec().into(),
                 ))))
-                .build(),
-        };
+                .build()
+        });
+        let partition_key =
+            partition_key_of(&msg).or_else(|| ev.meta.route_key.as_deref().map(str::to_string));
         let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
         let mut ann = msg.message_annotations.take().unwrap_or_default();
         ann.0.insert(
@@ -322,11 +323,10 @@ impl ConsumerLink {
             .insert(key("x-opt-offset"), Value::String(ev.offset.to_string()));
         ann.0.insert(
             key("x-opt-enqueued-time"),
-            Value::Timestamp(Timestamp::from_milliseconds(ev.enqueued_time_ms)),
+            Value::Timestamp(Timestamp::from_milliseconds(ev.enqueued_time_ms())),
         );
-        if let Some(pk) = &ev.partition_key {
-            ann.0
-                .insert(key("x-opt-partition-key"), Value::String(pk.clone()));
+        if let Some(pk) = partition_key {
+            ann.0.insert(key("x-opt-partition-key"), Value::String(pk));
         }
         msg.message_annotations = Some(MessageAnnotations(ann.0));
         msg.delivery_annotations = None;
@@ -342,7 +342,7 @@ impl ConsumerLink {
             );
             da.0.insert(
                 key("last_enqueued_time_utc"),
-                Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms)),
+                Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms())),
             );
             da.0.insert(
                 key("runtime_info_retrieval_time_utc"),
@@ -354,7 +354,7 @@ impl ConsumerLink {
     }
 }
 
-async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: usize, position: Position) {
+async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, position: Position) {
     let shared = link.ctx.shared.clone();
     let mut next = start;
     // Skips events before the filter's position; dropped once the first event qualifies.
@@ -387,7 +387,7 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: usize, pos
             continue;
         }
         for ev in batch {
-            next = ev.sequence_number as usize + 1;
+            next = ev.sequence_number + 1;
             if let Some(pos) = &skip_until {
                 if !pos.admits(&ev) {
                     continue;

@@ -10,6 +10,7 @@ mod faults;
 mod fullframe;
 mod hash;
 mod jwt;
+mod raw;
 mod sas;
 mod server;
 mod store;
@@ -54,6 +55,7 @@ pub struct HubConfig {
     pub(crate) advertised_max_message_size: Option<u64>,
     pub(crate) link_credit: u32,
     pub(crate) jwt_issuers: Vec<jwt::TrustedIssuer>,
+    pub(crate) retain_events: Option<usize>,
 }
 
 impl Default for HubConfig {
@@ -71,7 +73,7 @@ fn random_key() -> String {
 impl HubConfig {
     /// Defaults: 127.0.0.1, port 0, no TLS, hub `telemetry` with 4 partitions, policies
     /// `send-only` (Send) and `manage` (Manage, Send, Listen) with random keys, 1 MiB
-    /// max-message-size, link credit 300.
+    /// max-message-size, link credit 300, every event retained.
     pub fn new() -> Self {
         Self {
             host: "127.0.0.1".to_string(),
@@ -96,6 +98,7 @@ impl HubConfig {
             advertised_max_message_size: None,
             link_credit: 300,
             jwt_issuers: Vec::new(),
+            retain_events: None,
         }
     }
 
@@ -179,6 +182,15 @@ impl HubConfig {
     /// Credit granted to producer links.
     pub fn link_credit(mut self, credit: u32) -> Self {
         self.link_credit = credit.max(1);
+        self
+    }
+
+    /// Keep at most `events` events per partition (`None`, the default, keeps all), dropping
+    /// the oldest, like the service's retention: sequence numbers and offsets keep counting,
+    /// and consumers and `$management` see only what is retained. Bounds the hub's memory in
+    /// long runs.
+    pub fn retain_events(mut self, events: Option<usize>) -> Self {
+        self.retain_events = events;
         self
     }
 }
@@ -330,9 +342,8 @@ impl TestHub {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.stored.notified();
-            let events = self.events(hub);
-            if events.len() >= count {
-                return events;
+            if self.shared.event_count(hub) >= count {
+                return self.events(hub);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.events(hub);

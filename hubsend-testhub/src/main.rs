@@ -33,6 +33,10 @@ struct Args {
     /// Enable TLS and write the CA certificate to DIR/ca.pem.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Keep at most N events per partition, dropping the oldest (default: keep all). Bounds
+    /// the hub's memory in long benchmarks; sequence numbers and offsets keep counting.
+    #[arg(long, value_name = "N")]
+    retain_events: Option<usize>,
 }
 
 #[tokio::main]
@@ -46,7 +50,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .host(args.host)
         .port(args.port)
         .hub(args.hub, args.partitions)
-        .tls(args.tls_dir.is_some());
+        .tls(args.tls_dir.is_some())
+        .retain_events(args.retain_events);
     for (name, key) in args.policy_keys {
         config = config.policy_key(name, key);
     }

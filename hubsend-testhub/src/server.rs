@@ -22,7 +22,7 @@ use fe2o3_amqp::{
 use fe2o3_amqp_types::{
     definitions::{self, ErrorCondition, Fields, ReceiverSettleMode, Role},
     messaging::{
-        message::__private::Deserializable, AmqpValue, ApplicationProperties, Body, Message,
+        message::__private::Serializable, AmqpValue, ApplicationProperties, Body, Message,
         Properties, TargetArchetype,
     },
     performatives::Attach,
@@ -37,10 +37,10 @@ use tokio::{
 
 use crate::{
     faults::{ConnCommand, FaultShared},
-    hash,
+    hash, raw,
     sas::{self, covers, normalise},
-    store::{self, Decoded, HubStore, StoredEvent},
-    wire::{Wire, WireControl},
+    store::{BufferPool, DeliveryMeta, EventRef, HubStore, StoredEvent},
+    wire::{is_request_node, Captured, Wire, WireControl},
     HubConfig, HubStats, Right,
 };
 
@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub stored: Notify,
     pub stats: Mutex<HubStats>,
     pub faults: Arc<FaultShared>,
+    /// Payload buffers of deliveries dropped by retention, for the wire to reuse.
+    pub pool: Arc<BufferPool>,
     next_conn: AtomicU64,
 }
 
@@ -95,6 +97,7 @@ impl Shared {
             stored: Notify::new(),
             stats: Mutex::new(HubStats::default()),
             faults: Arc::new(FaultShared::new()),
+            pool: Arc::new(BufferPool::default()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -112,17 +115,37 @@ impl Shared {
         self.find_hub(hub).map(|h| h.1)
     }
 
-    pub(crate) fn events(&self, hub: &str, partition: Option<u32>) -> Vec<StoredEvent> {
+    /// Runs `f` on the store of `hub` (matched case-insensitively), if it exists.
+    pub(crate) fn with_hub<T>(&self, hub: &str, f: impl FnOnce(&HubStore) -> T) -> Option<T> {
         let store = self.store.lock().unwrap();
-        let Some(hs) = store.get(&hub.to_ascii_lowercase()) else {
-            return Vec::new();
-        };
-        hs.partitions
+        store.get(&hub.to_ascii_lowercase()).map(f)
+    }
+
+    /// The retained events of `hub` (one partition or all), still encoded.
+    pub(crate) fn event_refs(&self, hub: &str, partition: Option<u32>) -> Vec<EventRef> {
+        self.with_hub(hub, |hs| {
+            hs.partitions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| partition.is_none_or(|p| p as usize == *i))
+                .flat_map(|(_, log)| log.all())
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The retained events of `hub` (one partition or all), decoded. The store is not locked
+    /// while decoding.
+    pub(crate) fn events(&self, hub: &str, partition: Option<u32>) -> Vec<StoredEvent> {
+        self.event_refs(hub, partition)
             .iter()
-            .enumerate()
-            .filter(|(i, _)| partition.is_none_or(|p| p as usize == *i))
-            .flat_map(|(_, evs)| evs.iter().cloned())
+            .map(EventRef::to_stored)
             .collect()
+    }
+
+    /// Number of retained events of `hub`.
+    pub(crate) fn event_count(&self, hub: &str) -> usize {
+        self.with_hub(hub, HubStore::len).unwrap_or(0)
     }
 
     fn stat(&self, f: impl FnOnce(&mut HubStats)) {
@@ -158,22 +181,21 @@ impl Shared {
         )
     }
 
-    /// Stores decoded events of one delivery; returns the partition used.
+    /// Stores the events of one delivery (`spans` into `payload`); returns the partition used.
     fn store_events(
         &self,
         hub: &str,
         partition: Option<u32>,
-        route_key: Option<String>,
-        events: Vec<Decoded>,
-        batched: bool,
-        link_target: &str,
+        payload: Vec<u8>,
+        spans: Box<[(u32, u32)]>,
+        mut meta: DeliveryMeta,
     ) -> u32 {
         let mut store = self.store.lock().unwrap();
         let Some(hs) = store.get_mut(&hub.to_ascii_lowercase()) else {
             return 0;
         };
         let count = hs.partitions.len() as u32;
-        let p = match (partition, &route_key) {
+        let p = match (partition, &meta.route_key) {
             (Some(p), _) => p,
             (None, Some(k)) => hash::partition_for_key(k, count),
             (None, None) => {
@@ -182,28 +204,12 @@ impl Shared {
                 p
             }
         };
-        let now = now_ms();
-        for d in events {
-            let idx = p as usize;
-            let seq = hs.partitions[idx].len() as i64;
-            let offset = hs.next_offset[idx];
-            hs.next_offset[idx] += d.encoded_len.max(1) as i64;
-            hs.partitions[idx].push(StoredEvent {
-                partition: p,
-                sequence_number: seq,
-                offset,
-                enqueued_time_ms: now,
-                body: d.body,
-                content_type: d.content_type,
-                message_id: d.message_id,
-                correlation_id: d.correlation_id,
-                partition_key: d.partition_key.or_else(|| route_key.clone()),
-                application_properties: d.application_properties,
-                batched,
-                link_target: link_target.to_string(),
-                encoded_message: d.raw,
-            });
+        if partition.is_some() {
+            meta.route_key = None;
         }
+        meta.enqueued_time_ms = now_ms();
+        let retain = self.config.retain_events;
+        hs.partitions[p as usize].append(Arc::new(payload), spans, meta, retain, &self.pool);
         drop(store);
         self.stored.notify_waiters();
         p
@@ -382,7 +388,10 @@ async fn handle_connection(
     let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     shared.faults.connections.lock().unwrap().push(cmd_tx);
-    let control = Arc::new(WireControl::default());
+    let control = Arc::new(WireControl::new(
+        shared.config.max_message_size,
+        shared.pool.clone(),
+    ));
     let authed = Arc::new(Mutex::new(None));
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("{:032x}_G{id}", rand::random::<u128>()))
@@ -504,14 +513,16 @@ struct ReplyLink {
 
 type Replies = Arc<Mutex<Vec<ReplyLink>>>;
 
+/// The request node a target address names. Everything else a client sends to is a producer
+/// target, whose payloads the wire captures (the two must agree: see [`is_request_node`]).
 fn node_of(addr: &str) -> Option<Node> {
-    let a = addr.trim_start_matches('/');
-    if a.eq_ignore_ascii_case("$cbs") {
+    if !is_request_node(addr) {
+        return None;
+    }
+    if addr.trim_start_matches('/').eq_ignore_ascii_case("$cbs") {
         Some(Node::Cbs)
-    } else if a.eq_ignore_ascii_case("$management") {
-        Some(Node::Management)
     } else {
-        None
+        Some(Node::Management)
     }
 }
 
@@ -888,30 +899,34 @@ fn handle_management(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Message<Body<
                 ),
             );
         };
-        let events = shared.events(&hub, Some(p));
-        let last = events.last();
+        let (begin, empty, last) = shared
+            .with_hub(&hub, |hs| {
+                let log = &hs.partitions[p as usize];
+                (log.begin_sequence(), log.is_empty(), log.last())
+            })
+            .unwrap_or((0, true, None));
         map.insert(s("name"), s(&hub));
         map.insert(s("partition"), s(&p.to_string()));
         map.insert(s("type"), s("com.microsoft:partition"));
         map.insert(
             s("begin_sequence_number"),
-            Value::Long(if events.is_empty() { -1 } else { 0 }),
+            Value::Long(if empty { -1 } else { begin }),
         );
         map.insert(
             s("last_enqueued_sequence_number"),
-            Value::Long(last.map(|e| e.sequence_number).unwrap_or(-1)),
+            Value::Long(last.as_ref().map(|e| e.sequence_number).unwrap_or(-1)),
         );
         map.insert(
             s("last_enqueued_offset"),
-            s(&last.map(|e| e.offset).unwrap_or(-1).to_string()),
+            s(&last.as_ref().map(|e| e.offset).unwrap_or(-1).to_string()),
         );
         map.insert(
             s("last_enqueued_time_utc"),
             Value::Timestamp(Timestamp::from_milliseconds(
-                last.map(|e| e.enqueued_time_ms).unwrap_or(0),
+                last.as_ref().map(|e| e.enqueued_time_ms()).unwrap_or(0),
             )),
         );
-        map.insert(s("is_partition_empty"), Value::Bool(events.is_empty()));
+        map.insert(s("is_partition_empty"), Value::Bool(empty));
         map.insert(s("last_enqueued_sequence_number_epoch"), Value::Long(0));
     } else {
         return fail(
@@ -987,7 +1002,7 @@ async fn producer_attach(
                     ctx: ctx.clone(),
                     hub,
                     partition,
-                    target: address,
+                    target: address.into(),
                     entity,
                     max_message_size: mms,
                     name,
@@ -1003,7 +1018,7 @@ struct ProducerLink {
     ctx: Arc<ConnCtx>,
     hub: String,
     partition: Option<u32>,
-    target: String,
+    target: Arc<str>,
     entity: String,
     max_message_size: u64,
     name: String,
@@ -1014,11 +1029,17 @@ enum Verdict {
     Reject(definitions::Error),
 }
 
+fn decode_error(description: &str) -> Verdict {
+    Verdict::Reject(amqp_error("amqp:decode-error", description))
+}
+
 impl ProducerLink {
-    fn process(&self, format: u32, delivery_id: u32, msg: Message<Body<Value>>) -> Verdict {
+    /// Checks one delivery and stores its events. `payload` is the encoded message as the
+    /// client sent it; nothing is decoded here, only walked (see [`raw`]).
+    fn process(&self, format: u32, delivery_id: u32, payload: Captured) -> Verdict {
         let shared = &self.ctx.shared;
-        let (size, msg) = store::encoded_len(msg);
-        if size as u64 > self.max_message_size {
+        let size = payload.size;
+        if size > self.max_message_size {
             return Verdict::Reject(amqp_error(
                 "amqp:link:message-size-exceeded",
                 format!(
@@ -1033,48 +1054,72 @@ impl ProducerLink {
                 "The request was rejected by fault injection.",
             ));
         }
+        let buf = payload.bytes;
+        if buf.len() > u32::MAX as usize {
+            return decode_error("The message is too large to store.");
+        }
         let batched = format == BATCH_FORMAT;
-        let (events, key) = if batched {
-            let Body::Data(sections) = &msg.body else {
-                return Verdict::Reject(amqp_error(
-                    "amqp:decode-error",
-                    "A batch must carry data sections.",
-                ));
-            };
-            let mut events = Vec::new();
-            for d in sections.iter() {
-                match serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&d.0) {
-                    Ok(Deserializable(inner)) => events.push(store::decode(&inner, d.0.len())),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "undecodable event in batch");
-                        return Verdict::Reject(amqp_error(
-                            "amqp:decode-error",
-                            "A batch section is not an encoded AMQP message.",
-                        ));
-                    }
-                }
-            }
-            let key = store::partition_key_of(&msg)
-                .or_else(|| events.first().and_then(|e| e.partition_key.clone()));
-            (events, key)
-        } else if format == 0 {
-            let d = store::decode(&msg, size);
-            let key = d.partition_key.clone();
-            (vec![d], key)
-        } else {
+        if !batched && format != 0 {
             return Verdict::Reject(amqp_error(
                 "amqp:not-implemented",
                 format!("The message format {format} is not supported."),
             ));
-        };
-        let key = if self.partition.is_some() { None } else { key };
+        }
+        // 100-byte events take ~110 bytes each in a batch.
+        let mut spans: Vec<(u32, u32)> =
+            Vec::with_capacity(if batched { buf.len() / 96 } else { 1 });
+        let mut annotations = None;
+        let mut first_key = None;
+        let mut bodies = 0usize;
+        for section in raw::Sections::new(&buf) {
+            let Some(s) = section else {
+                tracing::warn!("undecodable message");
+                return decode_error("The message is not an encoded AMQP message.");
+            };
+            if s.code == raw::MESSAGE_ANNOTATIONS {
+                annotations = Some(s);
+            }
+            if !batched || !raw::is_body(s.code) {
+                continue;
+            }
+            bodies += 1;
+            let range = (s.code == raw::DATA).then(|| raw::data_range(&buf, &s));
+            let Some((start, end)) = range.flatten() else {
+                return decode_error("A batch must carry data sections.");
+            };
+            let event = &buf[start..end];
+            let Some(event_annotations) = raw::check_message(event) else {
+                tracing::warn!("undecodable event in batch");
+                return decode_error("A batch section is not an encoded AMQP message.");
+            };
+            if spans.is_empty() {
+                first_key = event_annotations.and_then(|a| raw::partition_key(event, &a));
+            }
+            spans.push((start as u32, event.len() as u32));
+        }
+        if buf.is_empty() {
+            return decode_error("The message is not an encoded AMQP message.");
+        }
+        let key = annotations
+            .and_then(|a| raw::partition_key(&buf, &a))
+            .or(first_key);
+        if batched && bodies == 0 {
+            return decode_error("A batch must carry data sections.");
+        }
+        if !batched {
+            spans.push((0, buf.len() as u32));
+        }
         shared.store_events(
             &self.hub,
             self.partition,
-            key,
-            events,
-            batched,
-            &self.target,
+            buf,
+            spans.into_boxed_slice(),
+            DeliveryMeta {
+                batched,
+                link_target: self.target.clone(),
+                route_key: key.map(Arc::from),
+                enqueued_time_ms: 0,
+            },
         );
         Verdict::Accept
     }
@@ -1122,7 +1167,14 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                 let format = delivery.message_format().unwrap_or(0);
                 let id = *delivery.delivery_id();
                 let info = DeliveryInfo::from(&delivery);
-                let verdict = link.process(format, id, delivery.into_message());
+                let msg = delivery.into_message();
+                // The wire captured the payload; a message that is not its marker (a link
+                // the wire did not see as a producer) is taken as sent.
+                let payload = link.ctx.control.take(&msg).unwrap_or_else(|| {
+                    let bytes = serde_amqp::to_vec(&Serializable(msg)).unwrap_or_default();
+                    Captured { size: bytes.len() as u64, bytes }
+                });
+                let verdict = link.process(format, id, payload);
                 let delay = shared.faults.disposition_delay();
                 if delay.is_zero() && pending.is_empty() {
                     dispose(&receiver, &shared, info, verdict).await;

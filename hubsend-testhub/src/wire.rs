@@ -1,9 +1,19 @@
-//! The byte stream under each connection: a kill switch for fault injection, and a rewriter
-//! that puts `max-message-size` into producer ATTACH replies without fe2o3 enforcing it.
+//! The byte stream under each connection: a kill switch for fault injection, a rewriter
+//! that puts `max-message-size` into producer ATTACH replies without fe2o3 enforcing it, and
+//! the capture of producer payloads on the way in.
 //!
 //! fe2o3's receiver detaches the whole link when a delivery exceeds the advertised size, but
 //! the service rejects only that delivery (PROTOCOL E.3/J). So producer links are accepted with
 //! no local limit and the advertised limit is written into the outgoing ATTACH here.
+//!
+//! Capture: fe2o3 would scan and decode every byte of every delivery (and its batch sections
+//! one by one) before the hub sees it, which made the decoding the hub's whole cost. So the
+//! read side follows the client's ATTACH/DETACH/END frames to know which (channel, handle)
+//! pairs are producer links (client role sender, target not `$cbs`/`$management`), lifts the
+//! payload out of their TRANSFER frames, and hands fe2o3 the same frames with the payload
+//! removed; the last frame of a delivery carries instead a tiny message naming a ticket
+//! ([`marker`]) under which the payload waits in [`WireControl`]. fe2o3 still runs the link
+//! protocol (credit, windows, settlement, multi-frame assembly) on frames it sees one for one.
 
 use std::{
     collections::HashMap,
@@ -16,8 +26,34 @@ use std::{
     task::{Context, Poll},
 };
 
-use fe2o3_amqp_types::performatives::Attach;
+use fe2o3_amqp_types::{
+    definitions::Role,
+    messaging::{Body, Message, TargetArchetype},
+    performatives::{Attach, Detach, Transfer},
+    primitives::Value,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::store::BufferPool;
+
+/// Descriptor of the amqp-value that stands in for a captured payload.
+const MARKER_DESCRIPTOR: &[u8] = b"hubsend-testhub:captured-payload";
+/// Read buffer size: many 64 KiB frames per read.
+const READ_CHUNK: usize = 1024 * 1024;
+/// First capacity of a multi-frame payload's buffer when the pool has none (untouched pages
+/// of a large allocation cost nothing; the buffer is shrunk to fit when complete).
+const FIRST_CAPACITY: u64 = 4 * 1024 * 1024;
+/// Frames larger than this are not parsed (fe2o3 refuses them anyway).
+const MAX_PARSED_FRAME: usize = 64 * 1024 * 1024;
+
+/// A producer delivery's payload, lifted out of its TRANSFER frames.
+#[derive(Debug, Default)]
+pub(crate) struct Captured {
+    /// The encoded message; empty when the delivery was larger than the capture limit.
+    pub bytes: Vec<u8>,
+    /// The delivery's full size in bytes.
+    pub size: u64,
+}
 
 /// Shared per-connection controls for a [`Wire`].
 #[derive(Debug, Default)]
@@ -26,12 +62,93 @@ pub(crate) struct WireControl {
     pub killed: AtomicBool,
     /// Link name → max-message-size to advertise in our ATTACH for that link.
     pub advertise: Mutex<HashMap<String, u64>>,
+    /// Captured payloads by ticket, until the producer link takes them.
+    captured: Mutex<HashMap<u64, Captured>>,
+    /// Payloads larger than this are counted, not kept (they are rejected as oversize).
+    pub capture_limit: u64,
+    /// Where multi-frame payloads get their buffers.
+    pool: Arc<BufferPool>,
+}
+
+impl WireControl {
+    /// Controls whose capture keeps payloads up to `capture_limit` bytes, in buffers from
+    /// `pool` when it has some.
+    pub(crate) fn new(capture_limit: u64, pool: Arc<BufferPool>) -> Self {
+        Self {
+            capture_limit,
+            pool,
+            ..Self::default()
+        }
+    }
+
+    /// Takes the payload a received message stands in for, if it is a capture marker.
+    pub(crate) fn take(&self, msg: &Message<Body<Value>>) -> Option<Captured> {
+        let Body::Value(v) = &msg.body else {
+            return None;
+        };
+        let Value::Described(d) = &v.0 else {
+            return None;
+        };
+        let named = matches!(&d.descriptor,
+            serde_amqp::descriptor::Descriptor::Name(n) if n.0.as_bytes() == MARKER_DESCRIPTOR);
+        let Value::Ulong(ticket) = d.value else {
+            return None;
+        };
+        if !named {
+            return None;
+        }
+        self.captured.lock().unwrap().remove(&ticket)
+    }
+}
+
+/// The encoded message fe2o3 receives in place of a captured payload: an amqp-value section
+/// holding `ticket` described by [`MARKER_DESCRIPTOR`].
+fn marker(ticket: u64) -> Vec<u8> {
+    let mut m = vec![0x00, 0x53, 0x77, 0x00, 0xa3, MARKER_DESCRIPTOR.len() as u8];
+    m.extend_from_slice(MARKER_DESCRIPTOR);
+    m.push(0x80);
+    m.extend_from_slice(&ticket.to_be_bytes());
+    m
+}
+
+/// Whether a target address names a request node (`$cbs`, `$management`) rather than a hub.
+pub(crate) fn is_request_node(addr: &str) -> bool {
+    let a = addr.trim_start_matches('/');
+    a.eq_ignore_ascii_case("$cbs") || a.eq_ignore_ascii_case("$management")
+}
+
+/// A producer delivery being assembled.
+#[derive(Debug, Default)]
+struct Assembly {
+    bytes: Vec<u8>,
+    size: u64,
+}
+
+/// Read side state: unparsed input and frames ready for fe2o3.
+#[derive(Debug, Default)]
+struct ReadSide {
+    /// Input buffer; `buf[start..end]` is unparsed.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes for fe2o3; `ready[ready_pos..]` not handed out yet.
+    ready: Vec<u8>,
+    ready_pos: usize,
+    /// Producer links of the client: (channel, handle) → delivery being assembled.
+    producers: HashMap<(u16, u32), Option<Assembly>>,
+    next_ticket: u64,
+    /// Size of the incomplete frame at `start`, once its header is in.
+    need: usize,
+    /// Stop parsing and pass everything through (input we do not understand).
+    raw: bool,
+    eof: bool,
 }
 
 /// Stream wrapper; see the module docs.
 pub(crate) struct Wire<S> {
     inner: S,
     control: Arc<WireControl>,
+    read: ReadSide,
     /// Bytes accepted from fe2o3 but not yet parsed into whole units.
     pending: Vec<u8>,
     /// Bytes ready for the socket.
@@ -51,6 +168,7 @@ impl<S> Wire<S> {
         Self {
             inner,
             control,
+            read: ReadSide::default(),
             pending: Vec::new(),
             out: Vec::new(),
             passthrough: 0,
@@ -137,6 +255,215 @@ impl<S> Wire<S> {
     }
 }
 
+impl ReadSide {
+    /// Parses every complete unit in the input into `ready`.
+    fn parse(&mut self, control: &WireControl) {
+        while self.start < self.end {
+            let avail = &self.buf[self.start..self.end];
+            if self.raw {
+                self.ready.extend_from_slice(avail);
+                self.start = self.end;
+                return;
+            }
+            if avail.len() < 8 {
+                self.need = 8;
+                return;
+            }
+            if &avail[..4] == b"AMQP" {
+                self.ready.extend_from_slice(&avail[..8]);
+                self.start += 8;
+                continue;
+            }
+            let size = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+            if !(8..=MAX_PARSED_FRAME).contains(&size) {
+                self.raw = true;
+                continue;
+            }
+            if avail.len() < size {
+                self.need = size;
+                return;
+            }
+            let (start, end) = (self.start, self.start + size);
+            self.start = end;
+            self.need = 0;
+            let buf = std::mem::take(&mut self.buf);
+            self.frame(&buf[start..end], control);
+            self.buf = buf;
+        }
+    }
+
+    /// Handles one whole frame: passes it on, noting producer links, or lifts its payload.
+    fn frame(&mut self, frame: &[u8], control: &WireControl) {
+        let doff = frame[4] as usize * 4;
+        let channel = u16::from_be_bytes([frame[6], frame[7]]);
+        if frame[5] != 0 || doff < 8 || frame.len() < doff + 3 || frame[doff] != 0x00 {
+            self.ready.extend_from_slice(frame);
+            return;
+        }
+        let body = &frame[doff..];
+        let (code, list) = match body[1] {
+            0x53 => (u64::from(body[2]), 3),
+            0x80 if body.len() >= 10 => (
+                u64::from_be_bytes(body[2..10].try_into().unwrap_or_default()),
+                10,
+            ),
+            _ => {
+                self.ready.extend_from_slice(frame);
+                return;
+            }
+        };
+        match code {
+            0x12 => {
+                if let Ok(attach) = serde_amqp::from_slice::<Attach>(body) {
+                    let key = (channel, attach.handle.0);
+                    let address = attach.target.as_deref().and_then(|t| match t {
+                        TargetArchetype::Target(t) => t.address.as_deref(),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    });
+                    let producer =
+                        attach.role == Role::Sender && address.is_some_and(|a| !is_request_node(a));
+                    if producer {
+                        self.producers.insert(key, None);
+                    } else {
+                        self.producers.remove(&key);
+                    }
+                }
+            }
+            0x16 => {
+                if let Ok(detach) = serde_amqp::from_slice::<Detach>(body) {
+                    self.producers.remove(&(channel, detach.handle.0));
+                }
+            }
+            0x17 => self.producers.retain(|k, _| k.0 != channel),
+            0x14 => {
+                if let Some(perf_end) = crate::raw::skip_value(body, list) {
+                    if self.transfer(frame, doff, perf_end, channel, control) {
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.ready.extend_from_slice(frame);
+    }
+
+    /// Lifts the payload of a producer link's TRANSFER; false when the frame is not one.
+    fn transfer(
+        &mut self,
+        frame: &[u8],
+        doff: usize,
+        perf_end: usize,
+        channel: u16,
+        control: &WireControl,
+    ) -> bool {
+        let body = &frame[doff..];
+        let Ok(transfer) = serde_amqp::from_slice::<Transfer>(&body[..perf_end]) else {
+            return false;
+        };
+        let Some(slot) = self.producers.get_mut(&(channel, transfer.handle.0)) else {
+            return false;
+        };
+        let payload = &body[perf_end..];
+        let replacement = if transfer.aborted {
+            *slot = None;
+            Vec::new()
+        } else {
+            let asm = slot.get_or_insert_with(|| Assembly {
+                bytes: if !transfer.more {
+                    Vec::with_capacity(payload.len())
+                } else {
+                    control.pool.take().unwrap_or_else(|| {
+                        Vec::with_capacity(control.capture_limit.min(FIRST_CAPACITY) as usize)
+                    })
+                },
+                size: 0,
+            });
+            asm.size += payload.len() as u64;
+            if asm.size <= control.capture_limit {
+                asm.bytes.extend_from_slice(payload);
+            } else {
+                asm.bytes = Vec::new();
+            }
+            if transfer.more {
+                Vec::new()
+            } else {
+                let asm = slot.take().unwrap_or_default();
+                let mut bytes = asm.bytes;
+                if bytes.capacity() - bytes.len() > bytes.len() / 8 + 4096 {
+                    bytes.shrink_to_fit();
+                }
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                control.captured.lock().unwrap().insert(
+                    ticket,
+                    Captured {
+                        bytes,
+                        size: asm.size,
+                    },
+                );
+                marker(ticket)
+            }
+        };
+        let total = doff + perf_end + replacement.len();
+        self.ready.extend_from_slice(&(total as u32).to_be_bytes());
+        self.ready.extend_from_slice(&frame[4..doff + perf_end]);
+        self.ready.extend_from_slice(&replacement);
+        true
+    }
+}
+
+impl<S: AsyncRead + Unpin> Wire<S> {
+    /// Fills `read.ready` with at least one byte, or reports EOF (nothing ready) or pending.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = &mut self.read;
+        loop {
+            if r.ready_pos < r.ready.len() {
+                return Poll::Ready(Ok(()));
+            }
+            r.ready.clear();
+            r.ready_pos = 0;
+            r.parse(&self.control);
+            if !r.ready.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if r.eof {
+                // A truncated unit at EOF goes through as is; fe2o3 reports it.
+                r.ready.extend_from_slice(&r.buf[r.start..r.end]);
+                r.start = r.end;
+                return Poll::Ready(Ok(()));
+            }
+            // Make room: move the unparsed tail to the front when the free space is short or
+            // the incomplete frame would not fit.
+            let want = READ_CHUNK.max(r.need);
+            if r.buf.len() < want {
+                r.buf.resize(want, 0);
+            }
+            if r.start > 0
+                && (r.start == r.end
+                    || r.buf.len() - r.end < READ_CHUNK / 8
+                    || r.buf.len() - r.start < r.need)
+            {
+                r.buf.copy_within(r.start..r.end, 0);
+                r.end -= r.start;
+                r.start = 0;
+            }
+            let mut rb = ReadBuf::new(&mut r.buf[r.end..]);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        r.eof = true;
+                    }
+                    r.end += n;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> Wire<S> {
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
@@ -168,7 +495,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
         if this.control.killed.load(Ordering::SeqCst) {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        match this.poll_fill(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        let r = &mut this.read;
+        let n = buf.remaining().min(r.ready.len() - r.ready_pos);
+        buf.put_slice(&r.ready[r.ready_pos..r.ready_pos + n]);
+        r.ready_pos += n;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -217,5 +552,174 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
             }
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp_types::{
+        definitions::{Handle, ReceiverSettleMode, SenderSettleMode},
+        messaging::{message::__private::Deserializable, Source, Target},
+    };
+
+    fn frame(channel: u16, body: &[u8]) -> Vec<u8> {
+        let mut f = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&[2, 0]);
+        f.extend_from_slice(&channel.to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn attach(handle: u32, role: Role, target: &str) -> Vec<u8> {
+        let attach = Attach {
+            name: format!("link-{handle}"),
+            handle: Handle(handle),
+            role,
+            snd_settle_mode: SenderSettleMode::Unsettled,
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: Some(Box::new(Source::default())),
+            target: Some(Box::new(TargetArchetype::Target(
+                Target::builder().address(target).build(),
+            ))),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: Some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        serde_amqp::to_vec(&attach).unwrap()
+    }
+
+    fn transfer(handle: u32, id: u32, more: bool, payload: &[u8]) -> Vec<u8> {
+        let t = Transfer {
+            handle: Handle(handle),
+            delivery_id: Some(id),
+            delivery_tag: Some(vec![id as u8].into()),
+            message_format: Some(0),
+            settled: None,
+            more,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        };
+        let mut b = serde_amqp::to_vec(&t).unwrap();
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Runs `input` through a read side; returns the frames fe2o3 would see.
+    fn run(input: &[u8], control: &WireControl) -> Vec<Vec<u8>> {
+        let mut rs = ReadSide {
+            buf: input.to_vec(),
+            end: input.len(),
+            ..ReadSide::default()
+        };
+        rs.parse(control);
+        assert_eq!(rs.start, rs.end, "everything parsed");
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < rs.ready.len() {
+            let n = if &rs.ready[pos..pos + 4] == b"AMQP" {
+                8
+            } else {
+                u32::from_be_bytes(rs.ready[pos..pos + 4].try_into().unwrap()) as usize
+            };
+            out.push(rs.ready[pos..pos + n].to_vec());
+            pos += n;
+        }
+        out
+    }
+
+    /// The payload of a TRANSFER frame.
+    fn payload(frame: &[u8]) -> &[u8] {
+        let body = &frame[8..];
+        &body[crate::raw::skip_value(body, 3).unwrap()..]
+    }
+
+    #[test]
+    fn producer_payloads_are_captured_and_others_pass() {
+        let control = WireControl::new(1 << 20, Arc::default());
+        let message = vec![0x00, 0x53, 0x75, 0xa0, 6, 1, 2, 3, 4, 5, 6];
+        let mut input = b"AMQP\x00\x01\x00\x00".to_vec();
+        input.extend(frame(0, &attach(0, Role::Sender, "telemetry")));
+        input.extend(frame(0, &attach(1, Role::Sender, "$cbs")));
+        // A delivery in three frames on the producer link.
+        input.extend(frame(0, &transfer(0, 0, true, &message[..4])));
+        input.extend(frame(0, &transfer(0, 0, true, &message[4..9])));
+        input.extend(frame(0, &transfer(0, 0, false, &message[9..])));
+        // A request on $cbs and a transfer on another channel pass through.
+        input.extend(frame(0, &transfer(1, 1, false, &message)));
+        input.extend(frame(3, &transfer(0, 2, false, &message)));
+        // After the detach, handle 0 is not a producer any more.
+        let detach = Detach {
+            handle: Handle(0),
+            closed: true,
+            error: None,
+        };
+        input.extend(frame(0, &serde_amqp::to_vec(&detach).unwrap()));
+        input.extend(frame(0, &transfer(0, 3, false, &message)));
+
+        let frames = run(&input, &control);
+        assert_eq!(frames.len(), 10);
+        assert_eq!(frames[0], b"AMQP\x00\x01\x00\x00");
+        assert_eq!(
+            frames[1..3],
+            [
+                frame(0, &attach(0, Role::Sender, "telemetry")),
+                frame(0, &attach(1, Role::Sender, "$cbs"))
+            ]
+        );
+        // Partial frames reach fe2o3 without their payload; the last carries a marker.
+        assert!(payload(&frames[3]).is_empty());
+        assert!(payload(&frames[4]).is_empty());
+        let marked: Deserializable<Message<Body<Value>>> =
+            serde_amqp::from_slice(payload(&frames[5])).unwrap();
+        let captured = control.take(&marked.0).expect("marker names a capture");
+        assert_eq!(captured.bytes, message);
+        assert_eq!(captured.size, message.len() as u64);
+        assert!(control.take(&marked.0).is_none(), "taken once");
+        // Performatives are kept as they were.
+        let t: Transfer = serde_amqp::from_slice(&frames[4][8..]).unwrap();
+        assert!(t.more);
+        assert_eq!(t.delivery_id, Some(0));
+        for f in &frames[6..] {
+            assert!(
+                f == &frame(0, &transfer(1, 1, false, &message))
+                    || f == &frame(3, &transfer(0, 2, false, &message))
+                    || f == &frame(0, &serde_amqp::to_vec(&detach).unwrap())
+                    || f == &frame(0, &transfer(0, 3, false, &message))
+            );
+        }
+        assert_eq!(payload(&frames[9]), &message[..]);
+    }
+
+    #[test]
+    fn oversize_payloads_are_counted_not_kept() {
+        let control = WireControl::new(8, Arc::default());
+        let mut input = frame(0, &attach(5, Role::Sender, "telemetry/Partitions/1"));
+        input.extend(frame(0, &transfer(5, 0, true, &[0u8; 6])));
+        input.extend(frame(0, &transfer(5, 0, false, &[0u8; 6])));
+        let frames = run(&input, &control);
+        let marked: Deserializable<Message<Body<Value>>> =
+            serde_amqp::from_slice(payload(&frames[2])).unwrap();
+        let captured = control.take(&marked.0).unwrap();
+        assert!(captured.bytes.is_empty());
+        assert_eq!(captured.size, 12);
+    }
+
+    #[test]
+    fn a_plain_value_message_is_not_a_marker() {
+        let control = WireControl::new(8, Arc::default());
+        let msg: Message<Body<Value>> = Message::builder()
+            .body(Body::Value(fe2o3_amqp_types::messaging::AmqpValue(
+                Value::Ulong(0),
+            )))
+            .build();
+        assert!(control.take(&msg).is_none());
     }
 }
