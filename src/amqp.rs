@@ -728,7 +728,8 @@ async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
 
 /// One delivery the hub has not settled yet, kept so it can be sent again.
 struct InFlight {
-    sendable: Sendable<Batch<Data>>,
+    /// The delivery's events, compact; the fe2o3 message is built from them for each send.
+    sections: Sections,
     /// Every caller whose events this delivery carries.
     waiters: Vec<Waiter>,
     attempts: u32,
@@ -786,7 +787,7 @@ async fn run_link(
                             let delay = retry.delay(item.attempts);
                             tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
                             tokio::time::sleep(delay).await;
-                            match send_unless_lost(&mut sender, &item.sendable, &engine, generation, retry.try_timeout).await {
+                            match send_unless_lost(&mut sender, &item.sections, &engine, generation, retry.try_timeout).await {
                                 Ok(fut) => {
                                     outcomes.push_back(fut);
                                     unsettled.push_back(item);
@@ -823,16 +824,13 @@ async fn run_link(
                 Some(out) => {
                     let (sections, waiters) = coalesce(out, &mut rx, &mut carried, limit);
                     let item = InFlight {
-                        sendable: Sendable::builder()
-                            .message(sections.into_message())
-                            .message_format(BATCH_MESSAGE_FORMAT)
-                            .build(),
+                        sections,
                         waiters,
                         attempts: 0,
                         first_sent: tokio::time::Instant::now(),
                         last_sent: tokio::time::Instant::now(),
                     };
-                    match send_unless_lost(&mut sender, &item.sendable, &engine, generation, retry.try_timeout).await {
+                    match send_unless_lost(&mut sender, &item.sections, &engine, generation, retry.try_timeout).await {
                         Ok(fut) => {
                             tracing::trace!(callers = item.waiters.len(), "transfer sent");
                             outcomes.push_back(fut);
@@ -932,20 +930,30 @@ fn coalesce(
     (sections, waiters)
 }
 
+/// The fe2o3 message for one delivery. It lives only until fe2o3 has serialised it, so the
+/// per-event buffers it needs are allocated and freed on this task.
+fn sendable(sections: &Sections) -> Sendable<Batch<Data>> {
+    Sendable::builder()
+        .message(sections.to_message())
+        .message_format(BATCH_MESSAGE_FORMAT)
+        .build()
+}
+
 /// Hands one message to fe2o3, unless the connection is lost while it waits for credit
 /// (fe2o3 would otherwise wait for credit forever on a dead link).
 async fn send_unless_lost(
     sender: &mut Sender,
-    sendable: &Sendable<Batch<Data>>,
+    sections: &Sections,
     engine: &Weak<Engine>,
     generation: u64,
     try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
+    let sendable = sendable(sections);
     tokio::select! {
         // Biased: when credit is there the send completes on its first poll, and the two
         // watchdog timers below are never registered.
         biased;
-        result = sender.send_batchable_ref(sendable) => result.map_err(|e| send_error(e, "sending failed")),
+        result = sender.send_batchable_ref(&sendable) => result.map_err(|e| send_error(e, "sending failed")),
         () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
         // No credit within a try: a silently dead connection looks exactly like this.
         () = tokio::time::sleep(try_timeout) => Err(Error::new(
@@ -1063,7 +1071,7 @@ async fn recover(
         let mut failed = None;
         for item in unsettled.iter_mut() {
             item.last_sent = tokio::time::Instant::now();
-            match sender.send_batchable_ref(&item.sendable).await {
+            match sender.send_batchable_ref(&sendable(&item.sections)).await {
                 Ok(fut) => outcomes.push_back(fut),
                 Err(e) => {
                     failed = Some(send_error(e, "resending failed"));

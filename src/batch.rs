@@ -106,14 +106,14 @@ pub struct EventBatch {
     /// Encoded size of the envelope without any body section (the partition key annotation).
     envelope_size: u64,
     size: u64,
-    sections: Vec<Data>,
+    events: Encoded,
 }
 
 impl fmt::Debug for EventBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventBatch")
             .field("route", &self.route)
-            .field("len", &self.sections.len())
+            .field("len", &self.events.len())
             .field("size", &self.size)
             .field("max_size", &self.max_size)
             .finish()
@@ -127,6 +127,43 @@ fn section_overhead(len: usize) -> u64 {
         5
     } else {
         8
+    }
+}
+
+/// Encoded events, back to back in one buffer, with where each one ends.
+///
+/// One growing buffer instead of one allocation per event: adding an event is a copy, and
+/// the per-event buffers fe2o3's message type needs are made (and freed) on the link's task,
+/// right when the message is serialised.
+#[derive(Default)]
+struct Encoded {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Encoded {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Each event's encoding as a data section of a batch message (copies).
+    fn to_sections(&self) -> Vec<Data> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let data = Data(Binary::from(self.bytes[start..end].to_vec()));
+                start = end;
+                data
+            })
+            .collect()
+    }
+
+    /// Appends `other`'s events after these.
+    fn append(&mut self, other: &Encoded) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends.extend(other.ends.iter().map(|end| end + base));
     }
 }
 
@@ -144,34 +181,12 @@ impl EventBatch {
             max_size,
             envelope_size,
             size: envelope_size,
-            sections: Vec::new(),
+            events: Encoded::default(),
         })
     }
 
     /// Adds `event` if it fits; otherwise hands it back (see [`TryAddError`]).
     pub fn try_add(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
-        if let Some(len) = event.bare_encoded_len() {
-            // A body alone: size it without encoding, then let its allocation become the
-            // encoding (no second buffer, no copy to one).
-            let added = match self.room_for(len) {
-                Ok(added) => added,
-                Err(Rejection::Full) => return Err(TryAddError::Full(event)),
-                Err(Rejection::TooLarge) => return Err(TryAddError::TooLarge(event)),
-            };
-            match event.into_bare_encoding() {
-                Ok(encoded) => {
-                    self.size += added;
-                    self.sections.push(Data(Binary::from(encoded)));
-                    return Ok(());
-                }
-                Err(event) => return self.try_add_encoding(event),
-            }
-        }
-        self.try_add_encoding(event)
-    }
-
-    /// [`try_add`](Self::try_add) through a fresh encoding of the event.
-    fn try_add_encoding(&mut self, event: Event) -> std::result::Result<(), TryAddError> {
         match self.add_ref(&event) {
             Ok(()) => Ok(()),
             Err(Rejection::Full) => Err(TryAddError::Full(event)),
@@ -181,14 +196,30 @@ impl EventBatch {
 
     /// [`try_add`](Self::try_add) for a borrowed event (the caller keeps it).
     pub(crate) fn add_ref(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
-        let encoded = match event.encode(None) {
-            Ok(bytes) => bytes,
-            // Our own types always encode; treat a failure as "cannot be sent".
-            Err(_) => return Err(Rejection::TooLarge),
+        let start = self.events.bytes.len();
+        let added = match event.bare_encoded_len() {
+            // A body alone: sized without encoding, so a full batch costs no work.
+            Some(len) => {
+                let added = self.room_for(len)?;
+                event.write_bare_encoding(&mut self.events.bytes);
+                added
+            }
+            None => {
+                let checked = event
+                    .encode_into(&mut self.events.bytes, None)
+                    .map_err(|_| Rejection::TooLarge)
+                    .and_then(|()| self.room_for(self.events.bytes.len() - start));
+                match checked {
+                    Ok(added) => added,
+                    Err(rejection) => {
+                        self.events.bytes.truncate(start);
+                        return Err(rejection);
+                    }
+                }
+            }
         };
-        let added = self.room_for(encoded.len())?;
         self.size += added;
-        self.sections.push(Data(Binary::from(encoded)));
+        self.events.ends.push(self.events.bytes.len());
         Ok(())
     }
 
@@ -206,12 +237,12 @@ impl EventBatch {
 
     /// How many events the batch holds.
     pub fn len(&self) -> usize {
-        self.sections.len()
+        self.events.len()
     }
 
     /// Whether the batch holds no event.
     pub fn is_empty(&self) -> bool {
-        self.sections.is_empty()
+        self.events.len() == 0
     }
 
     /// The encoded size of the batch message as it will go on the wire, in bytes.
@@ -238,12 +269,11 @@ impl EventBatch {
         &self.route
     }
 
-    /// Consumes the batch into the envelope message to transfer.
-    /// The batch's encoded sections, ready for a link.
+    /// The batch's encoded events, ready for a link.
     pub(crate) fn into_sections(self) -> Sections {
         Sections {
             partition_key: self.route.partition_key,
-            sections: self.sections,
+            events: self.events,
             envelope_size: self.envelope_size,
             size: self.size,
         }
@@ -251,15 +281,16 @@ impl EventBatch {
 
     #[cfg(test)]
     pub(crate) fn into_message(self) -> Result<Message<Batch<Data>>> {
-        Ok(self.into_sections().into_message())
+        Ok(self.into_sections().to_message())
     }
 }
 
 /// Encoded events on their way to a link: the data sections of one batch message, the
-/// partition key its envelope carries, and its exact encoded size.
+/// partition key its envelope carries, and its exact encoded size. Kept by the link until the
+/// hub settles the delivery, so it can be sent again.
 pub(crate) struct Sections {
     partition_key: Option<String>,
-    sections: Vec<Data>,
+    events: Encoded,
     envelope_size: u64,
     size: u64,
 }
@@ -271,24 +302,14 @@ impl Sections {
         partition_key: Option<String>,
         limit: u64,
     ) -> Result<Sections> {
-        let envelope_size = envelope_size(partition_key.as_deref())?;
-        let encoded = event.encode(None)?;
-        let size = envelope_size + encoded.len() as u64 + section_overhead(encoded.len());
-        if size > limit {
-            return Err(Error::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "an event with a {}-byte body does not fit the link's {limit}-byte limit",
-                    event.body().len()
-                ),
-            ));
-        }
-        Ok(Sections {
+        let route = Route {
             partition_key,
-            sections: vec![Data(Binary::from(encoded))],
-            envelope_size,
-            size,
-        })
+            partition_id: None,
+        };
+        let mut batch =
+            EventBatch::new(route, limit.max(1)).map_err(|_| too_large(event, limit))?;
+        batch.add_ref(event).map_err(|_| too_large(event, limit))?;
+        Ok(batch.into_sections())
     }
 
     /// Exact encoded size of the message these sections make.
@@ -306,21 +327,23 @@ impl Sections {
     /// Appends `other`'s events after this message's own (check [`can_absorb`](Self::can_absorb) first).
     pub(crate) fn absorb(&mut self, other: Sections) {
         self.size += other.size - other.envelope_size;
-        self.sections.extend(other.sections);
+        self.events.append(&other.events);
     }
 
     /// The batch message (format 0x80013700) these sections make.
-    pub(crate) fn into_message(self) -> Message<Batch<Data>> {
-        let mut builder = Message::builder();
-        if let Some(key) = self.partition_key {
-            builder = builder.message_annotations(
-                MessageAnnotations::builder()
-                    .insert(PARTITION_KEY_ANNOTATION, key)
-                    .build(),
-            );
-        }
-        builder.data_batch(self.sections).build()
+    pub(crate) fn to_message(&self) -> Message<Batch<Data>> {
+        envelope(self.partition_key.as_deref(), self.events.to_sections())
     }
+}
+
+fn too_large(event: &Event, limit: u64) -> Error {
+    Error::new(
+        ErrorKind::MessageTooLarge,
+        format!(
+            "an event with a {}-byte body does not fit the link's {limit}-byte limit",
+            event.body().len()
+        ),
+    )
 }
 
 /// Encoded size of a batch message's envelope without any data section (the partition key
@@ -343,13 +366,15 @@ fn envelope_size(partition_key: Option<&str>) -> Result<u64> {
 }
 
 fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Message<Batch<Data>> {
-    Sections {
-        partition_key: partition_key.map(str::to_owned),
-        sections,
-        envelope_size: 0,
-        size: 0,
+    let mut builder = Message::builder();
+    if let Some(key) = partition_key {
+        builder = builder.message_annotations(
+            MessageAnnotations::builder()
+                .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
+                .build(),
+        );
     }
-    .into_message()
+    builder.data_batch(sections).build()
 }
 
 #[cfg(test)]
@@ -392,7 +417,7 @@ mod tests {
             }
             let size = merged.size();
             assert_eq!(
-                encode_message(&merged.into_message()).unwrap().len() as u64,
+                encode_message(&merged.to_message()).unwrap().len() as u64,
                 size
             );
 

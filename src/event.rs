@@ -170,31 +170,35 @@ impl Event {
         Some(app.build())
     }
 
-    /// The complete AMQP encoding of this event as one message (one batch section's payload).
-    ///
-    /// Written straight into one buffer sized up front: the metadata sections (when there are
-    /// any) through serde_amqp, then the data section around the body, so the body is copied
-    /// exactly once and nothing else is allocated for a plain event.
+    /// The complete AMQP encoding of this event as one message, in a buffer of its own.
+    #[cfg(test)]
     pub(crate) fn encode(&self, partition_key: Option<&str>) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.body.len() + DATA_SECTION_HEADER_MAX);
+        self.encode_into(&mut out, partition_key)?;
+        Ok(out)
+    }
+
+    /// Appends the complete AMQP encoding of this event as one message (one batch section's
+    /// payload) to `out`: the metadata sections (when there are any) through serde_amqp, then
+    /// the data section around the body. No fe2o3 message is built and the body is not cloned.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>, partition_key: Option<&str>) -> Result<()> {
         let failed =
             |e| Error::new(ErrorKind::Protocol, "failed to encode an AMQP message").with_source(e);
         if let Some(annotations) = annotations(partition_key) {
             annotations
-                .serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+                .serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
                 .map_err(failed)?;
         }
         if let Some(properties) = self.amqp_properties() {
             properties
-                .serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+                .serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
                 .map_err(failed)?;
         }
         if let Some(app) = self.application_properties() {
-            app.serialize(&mut serde_amqp::ser::Serializer::new(&mut out))
+            app.serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
                 .map_err(failed)?;
         }
-        write_data_section(&mut out, &self.body)?;
-        Ok(out)
+        write_data_section(out, &self.body)
     }
 }
 
@@ -217,17 +221,12 @@ impl Event {
             .then(|| self.body.len() + data_section_header(self.body.len()).1)
     }
 
-    /// A bare event's encoding (without a partition key), consuming it: the body's
-    /// allocation becomes the encoding, with the section header written in front of the bytes
-    /// where they lie. Any other event is handed back.
-    pub(crate) fn into_bare_encoding(self) -> std::result::Result<Vec<u8>, Event> {
-        if self.bare_encoded_len().is_none() {
-            return Err(self);
-        }
-        let mut bytes = self.body;
-        let (header, len) = data_section_header(bytes.len());
-        bytes.splice(0..0, header[..len].iter().copied());
-        Ok(bytes)
+    /// Appends a bare event's encoding (without a partition key): the data-section header,
+    /// then the body. Only for events [`bare_encoded_len`](Self::bare_encoded_len) accepts.
+    pub(crate) fn write_bare_encoding(&self, out: &mut Vec<u8>) {
+        let (header, len) = data_section_header(self.body.len());
+        out.extend_from_slice(&header[..len]);
+        out.extend_from_slice(&self.body);
     }
 }
 
