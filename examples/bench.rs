@@ -23,7 +23,8 @@
 //!   `accepted` disposition has arrived; the peer gives up on such a send after 1 s and reports
 //!   `stalled_sends`. The table shows its raw rate; ratios use the rate with stalls taken out.
 //! * `--steady-seconds S` also runs hubsend's batched mode at full speed for S seconds with
-//!   its resident memory sampled every second (the "RSS flat" target; default 0: skipped).
+//!   its resident memory sampled every second (the "RSS flat" target: the mean of the last 10
+//!   samples within 10 % of the mean of seconds 10-20; default 0: skipped).
 //! * `--max-in-flight N` / `--max-in-flight-bytes B` hubsend's in-flight bounds (default: the
 //!   library's).
 //! * `--no-peers` skip the official and ceiling binaries even when they are built.
@@ -846,11 +847,12 @@ fn print_table(rows: &[Row]) {
                 .and_then(Value::as_array)
             {
                 let mib: Vec<f64> = samples.iter().filter_map(Value::as_f64).collect();
-                // Flat: after a 10 s warm-up, resident memory never grows by more than 10 %.
-                let flat = (mib.len() > 10).then(|| {
-                    let base = mib[9];
-                    mib[10..].iter().all(|m| *m <= base * 1.10)
-                });
+                // Flat: no growth trend. The mean of the last 10 samples is within 10 % of the
+                // mean of the 10 after a 10 s warm-up (single samples jitter by a few MB as
+                // batches come and go; a leak shows up as a rising mean).
+                let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+                let flat = (mib.len() >= 30)
+                    .then(|| mean(&mib[mib.len() - 10..]) <= mean(&mib[10..20]) * 1.10);
                 println!(
                     "    RSS flat over {:>2} s ......... {}",
                     mib.len(),

@@ -320,11 +320,14 @@ fn synthetic_input(
 
 /// `hubsend bench`.
 pub(crate) async fn bench(config: BenchConfig) -> u8 {
-    // Without a connection string, benchmark against a local test hub in this process.
+    // Without a connection string, benchmark against a local test hub in this process. It
+    // keeps only the newest events (like the service's retention), so the peak RSS reported
+    // is the producer's and not a store of everything sent.
     let mut local_hub = None;
+    let hub_config = hubsend_testhub::HubConfig::new().retain_events(Some(100_000));
     let cs = match &config.connection.connection_string {
         Some(cs) => cs.clone(),
-        None => match hubsend_testhub::TestHub::start(hubsend_testhub::HubConfig::new()).await {
+        None => match hubsend_testhub::TestHub::start(hub_config).await {
             Ok(hub) => {
                 let cs = hub.connection_string();
                 if !config.json {
