@@ -576,19 +576,15 @@ fn main() {
                     });
                 }
             };
-            for m in &modes {
-                let n = match *m {
-                    "batch" => events,
-                    "single" => single_events,
-                    _ => latency_events,
-                };
+            // A hubsend child measuring `mode`; `amount` is `--events N` or `--seconds S`.
+            let hubsend_child = |mode: &str, amount: (&str, u64)| {
                 let mut cmd = Command::new(&me);
                 cmd.arg("--child")
-                    .arg(m)
+                    .arg(mode)
                     .arg("--cs")
                     .arg(&hub.cs)
-                    .arg("--events")
-                    .arg(n.to_string())
+                    .arg(format!("--{}", amount.0))
+                    .arg(amount.1.to_string())
                     .arg("--payload-bytes")
                     .arg(payload.to_string());
                 if let Some(ca) = &hub.ca {
@@ -599,6 +595,15 @@ fn main() {
                         cmd.arg(format!("--{flag}")).arg(value);
                     }
                 }
+                cmd
+            };
+            for m in &modes {
+                let n = match *m {
+                    "batch" => events,
+                    "single" => single_events,
+                    _ => latency_events,
+                };
+                let mut cmd = hubsend_child(m, ("events", n));
                 let name = format!("hubsend {m}");
                 push(
                     &name,
@@ -606,23 +611,7 @@ fn main() {
                 );
             }
             if steady_seconds > 0 {
-                let mut cmd = Command::new(&me);
-                cmd.arg("--child")
-                    .arg("steady")
-                    .arg("--cs")
-                    .arg(&hub.cs)
-                    .arg("--seconds")
-                    .arg(steady_seconds.to_string())
-                    .arg("--payload-bytes")
-                    .arg(payload.to_string());
-                if let Some(ca) = &hub.ca {
-                    cmd.arg("--ca").arg(ca);
-                }
-                for flag in ["max-in-flight", "max-in-flight-bytes"] {
-                    if let Some(value) = args.get(flag) {
-                        cmd.arg(format!("--{flag}")).arg(value);
-                    }
-                }
+                let mut cmd = hubsend_child("steady", ("seconds", steady_seconds));
                 let label = format!("hubsend steady {steady_seconds}s ({transport}, {payload} B)");
                 push("hubsend steady", run_json(&label, &mut cmd));
             }
