@@ -79,7 +79,6 @@ impl fmt::Display for TryAddError {
 
 impl std::error::Error for TryAddError {}
 
-/// Where a batch or event goes: the hub (round robin), a partition key, or a partition id.
 /// Why [`EventBatch::add_ref`] refused an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rejection {
@@ -89,6 +88,7 @@ pub(crate) enum Rejection {
     TooLarge,
 }
 
+/// Where a batch or event goes: the hub (round robin), a partition key, or a partition id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Route {
     pub(crate) partition_key: Option<String>,
@@ -196,26 +196,20 @@ impl EventBatch {
 
     /// [`try_add`](Self::try_add) for a borrowed event (the caller keeps it).
     pub(crate) fn add_ref(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
+        // A body alone is sized without encoding it, so a full batch costs no work.
+        if let Some(len) = event.bare_encoded_len() {
+            self.room_for(len)?;
+        }
         let start = self.events.bytes.len();
-        let added = match event.bare_encoded_len() {
-            // A body alone: sized without encoding, so a full batch costs no work.
-            Some(len) => {
-                let added = self.room_for(len)?;
-                event.write_bare_encoding(&mut self.events.bytes);
-                added
-            }
-            None => {
-                let checked = event
-                    .encode_into(&mut self.events.bytes, None)
-                    .map_err(|_| Rejection::TooLarge)
-                    .and_then(|()| self.room_for(self.events.bytes.len() - start));
-                match checked {
-                    Ok(added) => added,
-                    Err(rejection) => {
-                        self.events.bytes.truncate(start);
-                        return Err(rejection);
-                    }
-                }
+        let checked = event
+            .encode_into(&mut self.events.bytes, None)
+            .map_err(|_| Rejection::TooLarge)
+            .and_then(|()| self.room_for(self.events.bytes.len() - start));
+        let added = match checked {
+            Ok(added) => added,
+            Err(rejection) => {
+                self.events.bytes.truncate(start);
+                return Err(rejection);
             }
         };
         self.size += added;

@@ -146,6 +146,21 @@ impl Event {
         builder.data(Binary::from(self.body.clone())).build()
     }
 
+    /// Whether the event is a body alone, with no metadata section.
+    fn is_bare(&self) -> bool {
+        self.content_type.is_none()
+            && self.message_id.is_none()
+            && self.correlation_id.is_none()
+            && self.properties.is_empty()
+    }
+
+    /// For a bare event, its exact encoded size (without a partition key), known without
+    /// encoding it.
+    pub(crate) fn bare_encoded_len(&self) -> Option<usize> {
+        (self.is_bare() && u32::try_from(self.body.len()).is_ok())
+            .then(|| self.body.len() + data_section_header(self.body.len()).1)
+    }
+
     fn amqp_properties(&self) -> Option<Properties> {
         if self.content_type.is_none() && self.message_id.is_none() && self.correlation_id.is_none()
         {
@@ -182,21 +197,14 @@ impl Event {
     /// payload) to `out`: the metadata sections (when there are any) through serde_amqp, then
     /// the data section around the body. No fe2o3 message is built and the body is not cloned.
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>, partition_key: Option<&str>) -> Result<()> {
-        let failed =
-            |e| Error::new(ErrorKind::Protocol, "failed to encode an AMQP message").with_source(e);
         if let Some(annotations) = annotations(partition_key) {
-            annotations
-                .serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
-                .map_err(failed)?;
+            write_section(out, &annotations)?;
         }
         if let Some(properties) = self.amqp_properties() {
-            properties
-                .serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
-                .map_err(failed)?;
+            write_section(out, &properties)?;
         }
         if let Some(app) = self.application_properties() {
-            app.serialize(&mut serde_amqp::ser::Serializer::new(&mut *out))
-                .map_err(failed)?;
+            write_section(out, &app)?;
         }
         write_data_section(out, &self.body)
     }
@@ -204,31 +212,6 @@ impl Event {
 
 /// The longest data-section header: descriptor (3 bytes) and a vbin32 constructor (5 bytes).
 const DATA_SECTION_HEADER_MAX: usize = 8;
-
-impl Event {
-    /// Whether the event is a body alone, with no metadata section.
-    fn is_bare(&self) -> bool {
-        self.content_type.is_none()
-            && self.message_id.is_none()
-            && self.correlation_id.is_none()
-            && self.properties.is_empty()
-    }
-
-    /// For a bare event, its exact encoded size (without a partition key), known without
-    /// encoding it.
-    pub(crate) fn bare_encoded_len(&self) -> Option<usize> {
-        (self.is_bare() && u32::try_from(self.body.len()).is_ok())
-            .then(|| self.body.len() + data_section_header(self.body.len()).1)
-    }
-
-    /// Appends a bare event's encoding (without a partition key): the data-section header,
-    /// then the body. Only for events [`bare_encoded_len`](Self::bare_encoded_len) accepts.
-    pub(crate) fn write_bare_encoding(&self, out: &mut Vec<u8>) {
-        let (header, len) = data_section_header(self.body.len());
-        out.extend_from_slice(&header[..len]);
-        out.extend_from_slice(&self.body);
-    }
-}
 
 /// The header of a data section around `len` bytes (as serde_amqp writes it: vbin8 below 255
 /// bytes, vbin32 from there on) and how many of its bytes are used. `len` must fit a u32.
@@ -243,6 +226,15 @@ fn data_section_header(len: usize) -> ([u8; DATA_SECTION_HEADER_MAX], usize) {
         header[4..8].copy_from_slice(&(len as u32).to_be_bytes());
         (header, 8)
     }
+}
+
+/// Appends one message section (annotations, properties, ...) as serde_amqp encodes it.
+fn write_section<T: Serialize>(out: &mut Vec<u8>, section: &T) -> Result<()> {
+    section
+        .serialize(&mut serde_amqp::ser::Serializer::new(out))
+        .map_err(|e| {
+            Error::new(ErrorKind::Protocol, "failed to encode an AMQP message").with_source(e)
+        })
 }
 
 /// Appends one AMQP data section (descriptor `0x75`, then the bytes as binary) exactly as
