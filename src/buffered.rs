@@ -284,8 +284,12 @@ impl BufferedProducer {
             batch_options,
             linger: self.shared.options.linger,
             sent: self.shared.sent.clone(),
-            failed: self.shared.failed.clone(),
-            on_failure: self.shared.options.on_failure.clone(),
+            failures: Failures {
+                failed: self.shared.failed.clone(),
+                on_failure: self.shared.options.on_failure.clone(),
+                partition_key: route.partition_key.clone(),
+                partition_id: route.partition_id.clone(),
+            },
         };
         let task = tokio::spawn(lane.run(first, rx));
         lanes.insert(
@@ -382,8 +386,32 @@ struct LaneTask {
     batch_options: BatchOptions,
     linger: Duration,
     sent: Arc<AtomicU64>,
+    failures: Failures,
+}
+
+/// Where one lane's failed events go: the shared counter and the application's callback.
+#[derive(Clone)]
+struct Failures {
     failed: Arc<AtomicU64>,
     on_failure: Option<FailureCallback>,
+    partition_key: Option<String>,
+    partition_id: Option<String>,
+}
+
+impl Failures {
+    /// Counts `count` failed events and hands `events` (the kept ones, if any) to the callback.
+    fn report(&self, count: usize, events: Vec<Event>, error: Error) {
+        self.failed.fetch_add(count as u64, Ordering::Relaxed);
+        tracing::warn!(events = count, error = %error, "buffered events failed");
+        if let Some(cb) = &self.on_failure {
+            cb(FailedBatch {
+                events,
+                partition_key: self.partition_key.clone(),
+                partition_id: self.partition_id.clone(),
+                error,
+            });
+        }
+    }
 }
 
 impl LaneTask {
@@ -392,29 +420,14 @@ impl LaneTask {
         // except through the producer's in-flight bound.
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Shipped>();
         let sent = self.sent.clone();
-        let failed = self.failed.clone();
-        let on_failure = self.on_failure.clone();
-        let key = self.batch_options.partition_key.clone();
-        let id = self.batch_options.partition_id.clone();
+        let failures = self.failures.clone();
         let settler = tokio::spawn(async move {
             while let Some(shipped) = settle_rx.recv().await {
-                let count = shipped.count as u64;
                 match shipped.delivery.await {
                     Ok(()) => {
-                        sent.fetch_add(count, Ordering::Relaxed);
+                        sent.fetch_add(shipped.count as u64, Ordering::Relaxed);
                     }
-                    Err(error) => {
-                        failed.fetch_add(count, Ordering::Relaxed);
-                        tracing::warn!(events = count, error = %error, "buffered batch failed");
-                        if let Some(cb) = &on_failure {
-                            cb(FailedBatch {
-                                events: shipped.events,
-                                partition_key: key.clone(),
-                                partition_id: id.clone(),
-                                error,
-                            });
-                        }
-                    }
+                    Err(error) => failures.report(shipped.count, shipped.events, error),
                 }
                 if let Some(done) = shipped.flushed {
                     let _ = done.send(());
@@ -424,7 +437,7 @@ impl LaneTask {
         let mut batch = Some(first);
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
         // The open batch's events, kept for the failure callback (only when there is one).
-        let keep = self.on_failure.is_some();
+        let keep = self.failures.on_failure.is_some();
         let mut kept: Vec<Event> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -536,7 +549,7 @@ impl LaneTask {
                 });
             }
             Err(error) => {
-                self.fail_count(count, events, error);
+                self.failures.report(count, events, error);
                 if let Some(done) = flushed {
                     let _ = done.send(());
                 }
@@ -546,21 +559,7 @@ impl LaneTask {
     }
 
     fn fail(&self, events: Vec<Event>, error: Error) {
-        self.fail_count(events.len(), events, error);
-    }
-
-    /// Counts `count` failed events and hands `events` (the kept ones, if any) to the callback.
-    fn fail_count(&self, count: usize, events: Vec<Event>, error: Error) {
-        self.failed.fetch_add(count as u64, Ordering::Relaxed);
-        tracing::warn!(events = count, error = %error, "buffered events failed");
-        if let Some(cb) = &self.on_failure {
-            cb(FailedBatch {
-                events,
-                partition_key: self.batch_options.partition_key.clone(),
-                partition_id: self.batch_options.partition_id.clone(),
-                error,
-            });
-        }
+        self.failures.report(events.len(), events, error);
     }
 }
 
