@@ -35,21 +35,9 @@ fn be32(b: &[u8]) -> Option<u32> {
 /// Returns `frame` (one whole frame, header included) with its performative padded to full
 /// length, or `None` when it already is full length or is not a performative frame.
 pub(crate) fn pad(frame: &[u8]) -> Option<Vec<u8>> {
-    let doff = *frame.get(4)? as usize * 4;
     let frame_type = *frame.get(5)?;
-    if doff < 8 || frame.len() <= doff + 2 {
-        return None;
-    }
+    let (doff, code, mut pos) = crate::wire::performative(frame)?;
     let body = &frame[doff..];
-    if body[0] != 0x00 {
-        return None;
-    }
-    // Descriptor: smallulong or ulong code.
-    let (code, mut pos) = match body[1] {
-        0x53 => (*body.get(2)? as u64, 3),
-        0x80 => (u64::from_be_bytes(body.get(2..10)?.try_into().ok()?), 10),
-        _ => return None,
-    };
     let full = field_count(frame_type, code)?;
     let descriptor_end = pos;
     // The list: (count, start of the field bytes, end of the list).
@@ -89,12 +77,7 @@ pub(crate) fn pad(frame: &[u8]) -> Option<Vec<u8>> {
     new_body.extend_from_slice(fields);
     new_body.extend(std::iter::repeat_n(0x40u8, missing));
     new_body.extend_from_slice(&body[list_end..]);
-    let total = doff + new_body.len();
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&(total as u32).to_be_bytes());
-    out.extend_from_slice(&frame[4..doff]);
-    out.extend_from_slice(&new_body);
-    Some(out)
+    Some(crate::wire::reframe(frame, doff, &new_body))
 }
 
 #[cfg(test)]

@@ -117,6 +117,46 @@ pub(crate) fn is_request_node(addr: &str) -> bool {
     a.eq_ignore_ascii_case("$cbs") || a.eq_ignore_ascii_case("$management")
 }
 
+/// Where a frame's performative is: the frame's data offset, the performative's descriptor
+/// code (from a smallulong or ulong descriptor), and the offset of its list within the frame
+/// body. `None` for a frame without a described performative (e.g. a heartbeat).
+pub(crate) fn performative(frame: &[u8]) -> Option<(usize, u64, usize)> {
+    let doff = *frame.get(4)? as usize * 4;
+    if doff < 8 {
+        return None;
+    }
+    let body = frame.get(doff..)?;
+    if *body.first()? != 0x00 {
+        return None;
+    }
+    match *body.get(1)? {
+        0x53 => Some((doff, u64::from(*body.get(2)?), 3)),
+        0x80 => Some((
+            doff,
+            u64::from_be_bytes(body.get(2..10)?.try_into().ok()?),
+            10,
+        )),
+        _ => None,
+    }
+}
+
+/// Appends to `out` a frame with the header of `frame` (whose header runs to `keep`: its data
+/// offset, or further to keep the start of the body too), then `rest`, with the size fixed.
+pub(crate) fn reframe_into(out: &mut Vec<u8>, frame: &[u8], keep: usize, rest: &[u8]) {
+    let total = keep + rest.len();
+    out.reserve(total);
+    out.extend_from_slice(&(total as u32).to_be_bytes());
+    out.extend_from_slice(&frame[4..keep]);
+    out.extend_from_slice(rest);
+}
+
+/// [`reframe_into`] a new buffer.
+pub(crate) fn reframe(frame: &[u8], keep: usize, rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    reframe_into(&mut out, frame, keep, rest);
+    out
+}
+
 /// A producer delivery being assembled.
 #[derive(Debug, Default)]
 struct Assembly {
@@ -225,20 +265,11 @@ impl<S> Wire<S> {
     }
 
     fn rewrite(&self, frame: &[u8]) -> Option<Vec<u8>> {
-        let doff = frame[4] as usize * 4;
-        let ftype = frame[5];
-        if ftype != 0 || doff < 8 || frame.len() <= doff + 3 {
+        let (doff, code, _) = performative(frame)?;
+        if frame[5] != 0 || code != 0x12 {
             return None;
         }
         let body = &frame[doff..];
-        let is_attach = body[0] == 0x00
-            && ((body[1] == 0x53 && body[2] == 0x12)
-                || (body[1] == 0x80
-                    && body.len() > 10
-                    && body[2..10] == [0, 0, 0, 0, 0, 0, 0, 0x12]));
-        if !is_attach {
-            return None;
-        }
         let mut attach: Attach = serde_amqp::from_slice(body).ok()?;
         let size = {
             let map = self.control.advertise.lock().unwrap();
@@ -246,12 +277,7 @@ impl<S> Wire<S> {
         };
         attach.max_message_size = Some(size);
         let new_body = serde_amqp::to_vec(&attach).ok()?;
-        let total = doff + new_body.len();
-        let mut out = Vec::with_capacity(total);
-        out.extend_from_slice(&(total as u32).to_be_bytes());
-        out.extend_from_slice(&frame[4..doff]);
-        out.extend_from_slice(&new_body);
-        Some(out)
+        Some(reframe(frame, doff, &new_body))
     }
 }
 
@@ -294,24 +320,12 @@ impl ReadSide {
 
     /// Handles one whole frame: passes it on, noting producer links, or lifts its payload.
     fn frame(&mut self, frame: &[u8], control: &WireControl) {
-        let doff = frame[4] as usize * 4;
         let channel = u16::from_be_bytes([frame[6], frame[7]]);
-        if frame[5] != 0 || doff < 8 || frame.len() < doff + 3 || frame[doff] != 0x00 {
+        let Some((doff, code, list)) = performative(frame).filter(|_| frame[5] == 0) else {
             self.ready.extend_from_slice(frame);
             return;
-        }
-        let body = &frame[doff..];
-        let (code, list) = match body[1] {
-            0x53 => (u64::from(body[2]), 3),
-            0x80 if body.len() >= 10 => (
-                u64::from_be_bytes(body[2..10].try_into().unwrap_or_default()),
-                10,
-            ),
-            _ => {
-                self.ready.extend_from_slice(frame);
-                return;
-            }
         };
+        let body = &frame[doff..];
         match code {
             0x12 => {
                 if let Ok(attach) = serde_amqp::from_slice::<Attach>(body) {
@@ -405,10 +419,7 @@ impl ReadSide {
                 marker(ticket)
             }
         };
-        let total = doff + perf_end + replacement.len();
-        self.ready.extend_from_slice(&(total as u32).to_be_bytes());
-        self.ready.extend_from_slice(&frame[4..doff + perf_end]);
-        self.ready.extend_from_slice(&replacement);
+        reframe_into(&mut self.ready, frame, doff + perf_end, &replacement);
         true
     }
 }
