@@ -803,34 +803,30 @@ fn print_table(rows: &[Row]) {
                 .fold(None::<f64>, |m, k| Some(m.map_or(k, |m| m.max(k))));
             let p99 = get(t, p, "hubsend latency").and_then(|j| f(j, "p99_ms"));
             println!("  targets (stated for TLS, ~100 B events):");
-            println!(
-                "    batched >= 1.5M ev/s ........ {}",
-                mark(hb.map(|v| v >= 1.5e6))
-            );
-            println!(
-                "    batched >= 80% of ceiling ... {}",
-                mark(hb.zip(ce).map(|(a, b)| a >= 0.8 * b))
-            );
-            println!(
-                "    batched >= 5x official ...... {}",
-                mark(hb.zip(ob).map(|(a, b)| a >= 5.0 * b))
-            );
-            println!(
-                "    single >= 200k ev/s ......... {}",
-                mark(hs.map(|v| v >= 2e5))
-            );
-            println!(
-                "    single >= 20x send_event .... {}",
-                mark(hs.zip(os).map(|(a, b)| a >= 20.0 * b))
-            );
-            println!(
-                "    single send p99 < 2 ms ...... {}",
-                mark(p99.map(|v| v < 2.0))
-            );
-            println!(
-                "    peak RSS < 64 MB ............ {}",
-                mark(rss_max.map(|k| k * 1024.0 < 64e6))
-            );
+            let targets = [
+                ("batched >= 1.5M ev/s ........", hb.map(|v| v >= 1.5e6)),
+                (
+                    "batched >= 80% of ceiling ...",
+                    hb.zip(ce).map(|(a, b)| a >= 0.8 * b),
+                ),
+                (
+                    "batched >= 5x official ......",
+                    hb.zip(ob).map(|(a, b)| a >= 5.0 * b),
+                ),
+                ("single >= 200k ev/s .........", hs.map(|v| v >= 2e5)),
+                (
+                    "single >= 20x send_event ....",
+                    hs.zip(os).map(|(a, b)| a >= 20.0 * b),
+                ),
+                ("single send p99 < 2 ms ......", p99.map(|v| v < 2.0)),
+                (
+                    "peak RSS < 64 MB ............",
+                    rss_max.map(|k| k * 1024.0 < 64e6),
+                ),
+            ];
+            for (label, met) in targets {
+                println!("    {label} {}", mark(met));
+            }
             if let Some(samples) = get(t, p, "hubsend steady")
                 .and_then(|j| j.get("rss_samples_mib"))
                 .and_then(Value::as_array)
