@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(rustdoc::broken_intra_doc_links)]
+// docs.rs builds with `--cfg docsrs` (see `[package.metadata.docs.rs]`) and marks the items
+// that need a cargo feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //!
 //! # Layout
 //!
@@ -21,6 +24,7 @@ pub mod batch;
 pub mod buffered;
 pub mod connection_string;
 #[cfg(feature = "entra")]
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub mod entra;
 pub mod error;
 pub mod event;
@@ -35,6 +39,7 @@ pub use batch::{BatchOptions, EventBatch, TryAddError};
 pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch};
 pub use connection_string::ConnectionString;
 #[cfg(feature = "entra")]
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub use entra::ClientSecretCredential;
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
