@@ -14,6 +14,7 @@
 //! - [`connection_string`]: parsing Event Hubs connection strings.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
 //! - `entra` (feature `entra`): `ClientSecretCredential`, Microsoft Entra ID client secrets.
+//! - [`iothub`]: IoT Hub connection strings and SAS tokens (device and policy keys).
 //! - [`retry`]: [`RetryOptions`] and the failure classifier.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
 //! - `amqp` (private): the engine task that owns the fe2o3 connection, session and links.
@@ -29,6 +30,7 @@ pub mod entra;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod iothub;
 pub mod producer;
 pub mod retry;
 mod tls;
