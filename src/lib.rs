@@ -40,6 +40,6 @@ pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
 pub use producer::{
     DeliveryFuture, HubProperties, PartitionProperties, Producer, ProducerBuilder, ProducerOptions,
-    ProducerStats, SendOptions,
+    ProducerStats, SendOptions, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use retry::RetryOptions;

@@ -1,22 +1,21 @@
 //! The AMQP engine behind a [`Producer`](crate::Producer): one connection and session, CBS
 //! authorisation with timed token refresh, one task per sender link, and `$management` reads.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+mod ledger;
+mod link;
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use futures_util::FutureExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use std::time::{Duration, SystemTime};
 
 use fe2o3_amqp::connection::ConnectionHandle;
-use fe2o3_amqp::link::delivery::DeliveryFut;
-use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::link::{DetachError, SendError, SenderAttachError};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{self, SenderSettleMode};
-use fe2o3_amqp::types::messaging::{Batch, Data, Message, Outcome};
+use fe2o3_amqp::types::messaging::{Message, Outcome};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
@@ -27,9 +26,9 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::auth::{AccessToken, TokenProvider};
-use crate::batch::{Sections, BATCH_MESSAGE_FORMAT};
+use crate::batch::Sections;
 use crate::error::{Condition, Error, ErrorKind, Result};
-use crate::retry::{classify, Action, RetryOptions};
+use crate::retry::RetryOptions;
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -43,6 +42,24 @@ pub(crate) struct ConnectConfig {
     pub(crate) operation_timeout: Duration,
     pub(crate) max_frame_size: u32,
     pub(crate) retry: RetryOptions,
+    /// The largest message size hubsend believes a link announces (see
+    /// [`ProducerOptions::max_message_size`](crate::ProducerOptions::max_message_size)).
+    pub(crate) max_message_size: u64,
+}
+
+/// How long link tasks get to fail what they hold once the producer is closed, before they
+/// are stopped (their callers then see [`ErrorKind::Closed`] all the same).
+const CLOSED_GRACE: Duration = Duration::from_millis(500);
+
+/// Where a producer's connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lifecycle {
+    /// Sending.
+    Open,
+    /// `close` was called: no new sends; queued and unsettled deliveries still settle.
+    Closing,
+    /// Closed: nothing is sent, nothing reconnects; whatever is still unsettled fails.
+    Closed,
 }
 
 /// Maps a fe2o3 AMQP error (condition + description) to ours.
@@ -110,7 +127,7 @@ fn attach_error(error: SenderAttachError, context: &str) -> Error {
     }
 }
 
-fn outcome_result(result: std::result::Result<Outcome, SendError>) -> Result<()> {
+pub(crate) fn outcome_result(result: std::result::Result<Outcome, SendError>) -> Result<()> {
     match result {
         Ok(Outcome::Accepted(_)) => Ok(()),
         Ok(Outcome::Rejected(rejected)) => Err(match rejected.error {
@@ -154,7 +171,7 @@ pub(crate) struct Waiter {
 pub(crate) struct LinkHandle {
     pub(crate) tx: mpsc::Sender<Outgoing>,
     pub(crate) max_message_size: u64,
-    task: JoinHandle<()>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The connection a producer owns.
@@ -180,6 +197,8 @@ pub(crate) struct Engine {
     pub(crate) counters: Arc<Counters>,
     /// Connection state changes, for applications that watch them.
     pub(crate) events: tokio::sync::broadcast::Sender<ConnectionEvent>,
+    /// Open, closing or closed; link tasks watch it.
+    lifecycle: tokio::sync::watch::Sender<Lifecycle>,
 }
 
 /// Delivery outcome counters.
@@ -210,13 +229,8 @@ impl Counters {
                 }
             }
             Err(error) => {
-                let mut waiters = waiters;
-                if let Some(last) = waiters.pop() {
-                    for waiter in waiters {
-                        let _ = waiter.reply.send(Err(clone_error(&error)));
-                    }
-                    // The last caller gets the original, with its source chain.
-                    let _ = last.reply.send(Err(error));
+                for waiter in waiters {
+                    let _ = waiter.reply.send(Err(error.clone()));
                 }
             }
         }
@@ -305,6 +319,7 @@ impl Engine {
                 recoveries: AtomicU64::new(0),
                 counters: Arc::new(Counters::default()),
                 events: tokio::sync::broadcast::channel(64).0,
+                lifecycle: tokio::sync::watch::channel(Lifecycle::Open).0,
             });
             let refresher = tokio::spawn(
                 refresh_tokens(Arc::downgrade(&engine)).instrument(tracing::Span::current()),
@@ -324,6 +339,7 @@ impl Engine {
             Some(id) => format!("{}/Partitions/{}", self.config.hub, id),
             None => self.config.hub.clone(),
         };
+        self.check_open()?;
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(&target) {
             if !link.tx.is_closed() {
@@ -344,29 +360,37 @@ impl Engine {
             }
         };
         let span = tracing::info_span!("link", name = %sender.name(), target = %target);
-        let max_message_size = link_limit(&sender);
+        let max_message_size = link::link_limit(&sender, self.config.max_message_size);
         let _enter = span.enter();
         tracing::info!(max_message_size, "sender link attached");
         drop(_enter);
         let (tx, rx) = mpsc::channel(self.queue_depth);
-        let task = tokio::spawn(
-            run_link(
-                Arc::downgrade(self),
-                target.clone(),
-                sender,
-                generation,
-                rx,
-                self.config.retry.clone(),
-            )
-            .instrument(span),
+        let task = link::LinkTask::new(
+            Arc::downgrade(self),
+            target.clone(),
+            sender,
+            generation,
+            self.config.retry.clone(),
+            self.counters.clone(),
+            self.config.max_message_size,
+            self.lifecycle.subscribe(),
         );
+        let task = tokio::spawn(task.run(rx).instrument(span));
         let handle = Arc::new(LinkHandle {
             tx,
             max_message_size,
-            task,
+            task: std::sync::Mutex::new(Some(task)),
         });
         links.insert(target, handle.clone());
         Ok(handle)
+    }
+
+    /// Fails with [`ErrorKind::Closed`] once `close` was called.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        match *self.lifecycle.borrow() {
+            Lifecycle::Open => Ok(()),
+            _ => Err(Error::new(ErrorKind::Closed, "the producer is closed")),
+        }
     }
 
     /// Attaches a sender to `target`, reconnecting first when the connection is gone.
@@ -441,6 +465,12 @@ impl Engine {
     /// stopped answering), unless another task already replaced it.
     async fn reconnect_from(&self, stale: Option<u64>) -> Result<()> {
         let _one_at_a_time = self.reconnect_lock.lock().await;
+        if *self.lifecycle.borrow() == Lifecycle::Closed {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the producer is closed; not reconnecting",
+            ));
+        }
         let alive =
             !self.session.lock().await.is_ended() && !self.connection.lock().await.is_closed();
         let replace_stale = stale == Some(self.reconnects.load(Ordering::Relaxed));
@@ -519,27 +549,54 @@ impl Engine {
         Ok(expires)
     }
 
-    /// Drains every link, then closes the CBS links, session and connection.
-    pub(crate) async fn close(&self) -> Result<()> {
+    /// Closes the producer: no new sends; every queued and unsettled delivery settles (with
+    /// recovery where needed) until `deadline`; whatever is still unsettled then fails with
+    /// [`ErrorKind::Closed`]. Then the CBS links, session and connection close, and nothing
+    /// reconnects afterwards. Returns how many callers had no outcome at the deadline.
+    pub(crate) async fn close(
+        &self,
+        deadline: Option<Duration>,
+        in_flight: impl Fn() -> usize,
+    ) -> Result<usize> {
+        self.lifecycle.send_if_modified(|state| {
+            let open = *state == Lifecycle::Open;
+            if open {
+                *state = Lifecycle::Closing;
+            }
+            open
+        });
         if let Ok(mut slot) = self.refresher.lock() {
             if let Some(task) = slot.take() {
                 task.abort();
             }
         }
         let links: Vec<Arc<LinkHandle>> = self.links.lock().await.drain().map(|(_, l)| l).collect();
-        for link in links {
-            match Arc::try_unwrap(link) {
-                Ok(link) => {
-                    drop(link.tx);
-                    let _ = link.task.await;
+        let tasks: Vec<JoinHandle<()>> = links
+            .iter()
+            .filter_map(|l| l.task.lock().ok().and_then(|mut t| t.take()))
+            .collect();
+        drop(links);
+        let aborts: Vec<tokio::task::AbortHandle> =
+            tasks.iter().map(|t| t.abort_handle()).collect();
+        let mut all = futures_util::future::join_all(tasks);
+        let mut unresolved = 0;
+        let drained = match deadline {
+            None => {
+                (&mut all).await;
+                true
+            }
+            Some(deadline) => tokio::time::timeout(deadline, &mut all).await.is_ok(),
+        };
+        // From here on nothing reconnects; link tasks still running fail what they hold.
+        self.lifecycle.send_replace(Lifecycle::Closed);
+        if !drained {
+            unresolved = in_flight();
+            // A task inside a send or an attach notices within its try; don't wait that long.
+            if tokio::time::timeout(CLOSED_GRACE, &mut all).await.is_err() {
+                for abort in &aborts {
+                    abort.abort();
                 }
-                Err(shared) => {
-                    // A concurrent send still holds it; its task ends when that send is done.
-                    tracing::debug!(
-                        still_shared = Arc::strong_count(&shared),
-                        "link shared at close"
-                    );
-                }
+                all.await;
             }
         }
         if let Some(m) = self.management.lock().await.take() {
@@ -547,12 +604,20 @@ impl Engine {
         }
         let mut connection = self.connection.lock().await;
         let mut session = self.session.lock().await;
-        let _ = session.end().await;
-        connection.close().await.map_err(|e| {
-            Error::new(ErrorKind::Connection, "closing the connection failed").with_source(e)
-        })?;
+        let _ = tokio::time::timeout(self.config.operation_timeout, session.end()).await;
+        match tokio::time::timeout(self.config.operation_timeout, connection.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if !drained => tracing::debug!(error = %e, "closing the connection failed"),
+            Ok(Err(e)) => {
+                return Err(
+                    Error::new(ErrorKind::Connection, "closing the connection failed")
+                        .with_source(e),
+                )
+            }
+            Err(_) => tracing::debug!("the hub did not answer the close"),
+        }
         tracing::info!(hub = %self.config.hub, "connection closed");
-        Ok(())
+        Ok(unresolved)
     }
 }
 
@@ -658,7 +723,7 @@ async fn put_token(
         }
         Err(fe2o3_amqp_management::error::Error::Status(status)) => {
             let code = status.code.0.get();
-            let description = status.description.unwrap_or_default();
+            let description = crate::error::sanitize(&status.description.unwrap_or_default());
             let kind = match code {
                 401 | 403 => ErrorKind::Unauthorized,
                 404 => ErrorKind::NotFound,
@@ -723,387 +788,6 @@ async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
                 }
             }
         }
-    }
-}
-
-/// One delivery the hub has not settled yet, kept so it can be sent again.
-struct InFlight {
-    /// The delivery's events, compact; the fe2o3 message is built from them for each send.
-    sections: Sections,
-    /// Every caller whose events this delivery carries.
-    waiters: Vec<Waiter>,
-    attempts: u32,
-    /// When it was first handed to a link (for the overall deadline).
-    first_sent: tokio::time::Instant,
-    /// When it was last handed to a link (for the per-try timeout).
-    last_sent: tokio::time::Instant,
-}
-
-type Outcomes = FuturesOrdered<DeliveryFut<std::result::Result<Outcome, SendError>>>;
-
-/// Drains one sender link. Each message is handed to fe2o3 (which waits for credit) and kept
-/// until the hub settles it; outcomes come back in order. A throttled delivery is retried
-/// after a back-off; a lost link or connection is recovered and every unsettled delivery
-/// is sent again, in its original order (see [`crate::retry`]).
-async fn run_link(
-    engine: Weak<Engine>,
-    target: String,
-    mut sender: Sender,
-    mut generation: u64,
-    mut rx: mpsc::Receiver<Outgoing>,
-    retry: RetryOptions,
-) {
-    let counters = match engine.upgrade() {
-        Some(e) => e.counters.clone(),
-        None => return,
-    };
-    let mut unsettled: VecDeque<InFlight> = VecDeque::new();
-    let mut outcomes: Outcomes = FuturesOrdered::new();
-    let mut open = true;
-    // A message taken off the queue that could not join the delivery before it.
-    let mut carried: Option<Outgoing> = None;
-    let mut limit = link_limit(&sender);
-    loop {
-        if !open && unsettled.is_empty() {
-            break;
-        }
-        let mut lost: Option<Error> = None;
-        tokio::select! {
-            biased;
-            Some(result) = outcomes.next(), if !outcomes.is_empty() => {
-                let Some(mut item) = unsettled.pop_front() else { continue };
-                match outcome_result(result) {
-                    Ok(()) => {
-                        counters.settle(item.waiters, Ok(()));
-                    }
-                    Err(error) => match classify(&error) {
-                        Action::Retry
-                            if item.attempts < retry.max_retries
-                                && item.first_sent.elapsed() < retry.deadline =>
-                        {
-                            item.attempts += 1;
-                            item.last_sent = tokio::time::Instant::now();
-                            counters.retried.fetch_add(item.waiters.len() as u64, Ordering::Relaxed);
-                            let delay = retry.delay(item.attempts);
-                            tracing::debug!(error = %error, attempt = item.attempts, ?delay, "retrying a delivery");
-                            tokio::time::sleep(delay).await;
-                            match send_unless_lost(&mut sender, &item.sections, &engine, generation, retry.try_timeout).await {
-                                Ok(fut) => {
-                                    outcomes.push_back(fut);
-                                    unsettled.push_back(item);
-                                }
-                                Err(e) => {
-                                    unsettled.push_back(item);
-                                    lost = Some(e);
-                                }
-                            }
-                        }
-                        Action::Reattach => {
-                            unsettled.push_front(item);
-                            lost = Some(error);
-                        }
-                        _ => {
-                            counters.settle(item.waiters, Err(error));
-                        }
-                    },
-                }
-            }
-            () = tokio::time::sleep_until(
-                unsettled.front().map(|i| i.last_sent).unwrap_or_else(tokio::time::Instant::now) + retry.try_timeout
-            ), if !unsettled.is_empty() => {
-                lost = Some(Error::new(
-                    ErrorKind::Timeout,
-                    format!("no outcome from the hub within {:?}", retry.try_timeout),
-                ));
-            }
-            () = connection_lost(&engine, generation), if !unsettled.is_empty() => {
-                lost = Some(Error::new(ErrorKind::Connection, "the connection was lost"));
-            }
-            message = next_outgoing(&mut carried, &mut rx), if open => match message {
-                None => open = false,
-                Some(out) => {
-                    let (sections, waiters) = coalesce(out, &mut rx, &mut carried, limit);
-                    let item = InFlight {
-                        sections,
-                        waiters,
-                        attempts: 0,
-                        first_sent: tokio::time::Instant::now(),
-                        last_sent: tokio::time::Instant::now(),
-                    };
-                    match send_unless_lost(&mut sender, &item.sections, &engine, generation, retry.try_timeout).await {
-                        Ok(fut) => {
-                            tracing::trace!(callers = item.waiters.len(), "transfer sent");
-                            outcomes.push_back(fut);
-                            unsettled.push_back(item);
-                        }
-                        Err(e) if e.kind() == ErrorKind::MessageTooLarge => {
-                            counters.settle(item.waiters, Err(e));
-                        }
-                        Err(e) => {
-                            unsettled.push_back(item);
-                            lost = Some(e);
-                        }
-                    }
-                }
-            },
-        }
-        if let Some(error) = lost {
-            settle_ready(&mut outcomes, &mut unsettled, &counters);
-            expire(&mut unsettled, &retry, &counters);
-            match recover(&engine, &target, &retry, error, &mut unsettled).await {
-                Ok((new_sender, new_generation, fresh)) => {
-                    sender = new_sender;
-                    limit = link_limit(&sender);
-                    generation = new_generation;
-                    outcomes = fresh;
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, "giving up on the link");
-                    if let Some(e) = engine.upgrade() {
-                        let _ = e.events.send(ConnectionEvent::GaveUp {
-                            target: target.clone(),
-                            error: error.to_string(),
-                        });
-                    }
-                    for item in unsettled.drain(..) {
-                        counters.settle(item.waiters, Err(clone_error(&error)));
-                    }
-                    rx.close();
-                    for out in carried
-                        .take()
-                        .into_iter()
-                        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-                    {
-                        counters.settle(vec![out.waiter], Err(clone_error(&error)));
-                    }
-                    return;
-                }
-            }
-        }
-    }
-    let _ = sender.close().await;
-}
-
-/// The largest message a sender link takes. The service always announces its limit; a
-/// silent peer (or one announcing 0, "no limit") gets Event Hubs' standard 1 MB.
-fn link_limit(sender: &Sender) -> u64 {
-    match sender.max_message_size() {
-        Some(0) | None => 1024 * 1024,
-        Some(limit) => limit,
-    }
-}
-
-/// The message carried over from the last coalescing pass, else the next one queued.
-async fn next_outgoing(
-    carried: &mut Option<Outgoing>,
-    rx: &mut mpsc::Receiver<Outgoing>,
-) -> Option<Outgoing> {
-    match carried.take() {
-        Some(out) => Some(out),
-        None => rx.recv().await,
-    }
-}
-
-/// Packs the single-event sends queued right behind `first` into its delivery, in order, as
-/// long as they share its partition key and the message stays within `limit` bytes. Under
-/// load this turns a stream of `send` calls into full batch messages (one transfer, one
-/// outcome for all of them); with nothing queued, `first` goes out alone and at once.
-fn coalesce(
-    first: Outgoing,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    carried: &mut Option<Outgoing>,
-    limit: u64,
-) -> (Sections, Vec<Waiter>) {
-    let mut sections = first.sections;
-    let mut waiters = vec![first.waiter];
-    if first.mergeable {
-        while let Ok(next) = rx.try_recv() {
-            if next.mergeable && sections.can_absorb(&next.sections, limit) {
-                sections.absorb(next.sections);
-                waiters.push(next.waiter);
-            } else {
-                *carried = Some(next);
-                break;
-            }
-        }
-    }
-    (sections, waiters)
-}
-
-/// The fe2o3 message for one delivery. It lives only until fe2o3 has serialised it, so the
-/// per-event buffers it needs are allocated and freed on this task.
-fn sendable(sections: &Sections) -> Sendable<Batch<Data>> {
-    Sendable::builder()
-        .message(sections.to_message())
-        .message_format(BATCH_MESSAGE_FORMAT)
-        .build()
-}
-
-/// Hands one message to fe2o3, unless the connection is lost while it waits for credit
-/// (fe2o3 would otherwise wait for credit forever on a dead link).
-async fn send_unless_lost(
-    sender: &mut Sender,
-    sections: &Sections,
-    engine: &Weak<Engine>,
-    generation: u64,
-    try_timeout: Duration,
-) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
-    let sendable = sendable(sections);
-    tokio::select! {
-        // Biased: when credit is there the send completes on its first poll, and the two
-        // watchdog timers below are never registered.
-        biased;
-        result = sender.send_batchable_ref(&sendable) => result.map_err(|e| send_error(e, "sending failed")),
-        () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
-        // No credit within a try: a silently dead connection looks exactly like this.
-        () = tokio::time::sleep(try_timeout) => Err(Error::new(
-            ErrorKind::Timeout,
-            format!("the hub granted no link credit within {try_timeout:?}"),
-        )),
-    }
-}
-
-/// Resolves once the connection of `generation` is gone.
-async fn connection_lost(engine: &Weak<Engine>, generation: u64) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        match engine.upgrade() {
-            Some(engine) if !engine.is_lost(generation).await => {}
-            _ => return,
-        }
-    }
-}
-
-/// Settles, in order, the outcomes that already arrived as accepted (or as final failures),
-/// so that recovery resends only what the hub has not settled.
-fn settle_ready(outcomes: &mut Outcomes, unsettled: &mut VecDeque<InFlight>, counters: &Counters) {
-    while let Some(Some(result)) = outcomes.next().now_or_never() {
-        match outcome_result(result) {
-            Ok(()) => {
-                if let Some(item) = unsettled.pop_front() {
-                    counters.settle(item.waiters, Ok(()));
-                }
-            }
-            Err(error) if classify(&error) == Action::Fail => {
-                if let Some(item) = unsettled.pop_front() {
-                    counters.settle(item.waiters, Err(error));
-                }
-            }
-            Err(_) => break,
-        }
-    }
-}
-
-/// Fails the deliveries that have used up their overall deadline.
-fn expire(unsettled: &mut VecDeque<InFlight>, retry: &RetryOptions, counters: &Counters) {
-    let (expired, kept): (VecDeque<InFlight>, VecDeque<InFlight>) = unsettled
-        .drain(..)
-        .partition(|item| item.first_sent.elapsed() >= retry.deadline);
-    *unsettled = kept;
-    for item in expired {
-        counters.settle(
-            item.waiters,
-            Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "the delivery was not stored within its {:?} deadline",
-                    retry.deadline
-                ),
-            )),
-        );
-    }
-}
-
-/// Re-attaches the link (reconnecting when the connection is gone) and resends every
-/// unsettled delivery in order, retrying with back-off.
-async fn recover(
-    engine: &Weak<Engine>,
-    target: &str,
-    retry: &RetryOptions,
-    cause: Error,
-    unsettled: &mut VecDeque<InFlight>,
-) -> Result<(Sender, u64, Outcomes)> {
-    tracing::warn!(error = %cause, unsettled = unsettled.len(), "sender link lost; recovering");
-    let mut last = cause;
-    for attempt in 1..=retry.max_retries.max(1) {
-        if attempt > 1 {
-            tokio::time::sleep(retry.delay(attempt - 1)).await;
-        }
-        let Some(engine) = engine.upgrade() else {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                "the producer was dropped during recovery",
-            ));
-        };
-        if last.kind() == ErrorKind::Unauthorized {
-            // The hub detached the link because the token ran out: put a fresh one first.
-            // If the hub refuses it, the credentials are wrong and retrying cannot help.
-            if let Err(e) = engine.put_token().await {
-                if e.kind() == ErrorKind::Unauthorized {
-                    return Err(e);
-                }
-                last = e;
-                continue;
-            }
-        }
-        let (mut sender, generation) = match engine.attach_sender(target).await {
-            Ok(attached) => attached,
-            Err(e) if classify(&e) == Action::Fail => return Err(e),
-            Err(e) if e.kind() == ErrorKind::Timeout => {
-                // The connection takes attaches but does not answer: replace it.
-                tracing::warn!(error = %e, "the connection stopped answering; replacing it");
-                let stale = engine.reconnects.load(Ordering::Relaxed);
-                last = match engine.reconnect_from(Some(stale)).await {
-                    Ok(()) => {
-                        Error::new(ErrorKind::Connection, "replaced an unresponsive connection")
-                    }
-                    Err(e) => e,
-                };
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, attempt, "recovery attempt failed");
-                last = e;
-                continue;
-            }
-        };
-        let mut outcomes: Outcomes = FuturesOrdered::new();
-        let mut failed = None;
-        for item in unsettled.iter_mut() {
-            item.last_sent = tokio::time::Instant::now();
-            match sender.send_batchable_ref(&sendable(&item.sections)).await {
-                Ok(fut) => outcomes.push_back(fut),
-                Err(e) => {
-                    failed = Some(send_error(e, "resending failed"));
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => {
-                engine.recoveries.fetch_add(1, Ordering::Relaxed);
-                engine
-                    .counters
-                    .retried
-                    .fetch_add(unsettled.len() as u64, Ordering::Relaxed);
-                tracing::info!(resent = unsettled.len(), "sender link recovered");
-                let _ = engine.events.send(ConnectionEvent::LinkRecovered {
-                    target: target.to_owned(),
-                    resent: unsettled.len(),
-                });
-                return Ok((sender, generation, outcomes));
-            }
-            Some(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-fn clone_error(e: &Error) -> Error {
-    let copy = Error::new(e.kind(), e.message().to_owned());
-    match e.condition() {
-        Some(c) => copy.with_condition(c.clone()),
-        None => copy,
     }
 }
 
@@ -1236,17 +920,26 @@ impl Management {
             },
             404 => Err(Error::new(
                 ErrorKind::NotFound,
-                format!("$management READ {entity_type}: {description}"),
+                format!(
+                    "$management READ {entity_type}: {}",
+                    crate::error::sanitize(&description)
+                ),
             )
             .with_condition(Condition::NotFound)),
             401 | 403 => Err(Error::new(
                 ErrorKind::Unauthorized,
-                format!("$management READ {entity_type}: {description}"),
+                format!(
+                    "$management READ {entity_type}: {}",
+                    crate::error::sanitize(&description)
+                ),
             )
             .with_condition(Condition::UnauthorizedAccess)),
             other => Err(Error::new(
                 ErrorKind::Management,
-                format!("$management READ {entity_type} answered {other}: {description}"),
+                format!(
+                    "$management READ {entity_type} answered {other}: {}",
+                    crate::error::sanitize(&description)
+                ),
             )),
         }
     }
