@@ -32,6 +32,20 @@ const DEFAULT_SAS_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// [`SasTokenProvider`] warns once when its signature has less than this left.
 const EXPIRY_WARNING: Duration = Duration::from_secs(5 * 60);
 
+/// The latest expiry hubsend accepts or hands to the hub: 9999-12-31T23:59:59Z.
+///
+/// Four-digit years are all that RFC 3339 timestamps and the service's own clock type
+/// (.NET `DateTime`, whose maximum is the end of year 9999) can hold, so a token whose `se`
+/// lies beyond it is a mistake or an attack, never a real signature. Keeping every expiry
+/// at or below it also keeps every expiry printable and its milliseconds inside an `i64`
+/// (the AMQP timestamp of a put-token's `expiration`).
+pub(crate) const MAX_EXPIRY_UNIX_SECS: u64 = 253_402_300_799;
+
+/// [`MAX_EXPIRY_UNIX_SECS`] as a time.
+pub(crate) fn max_expiry() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(MAX_EXPIRY_UNIX_SECS)
+}
+
 /// A secret string (a key or a token) whose `Debug` output is redacted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -134,17 +148,45 @@ pub(crate) fn parse_sas_expiry(signature: &str) -> std::result::Result<SystemTim
             Some(_) => {}
         }
     }
-    let se = se
-        .and_then(|se| se.parse::<u64>().ok())
-        .ok_or_else(|| "has a non-numeric `se` field (expected Unix seconds)".to_owned())?;
-    UNIX_EPOCH
-        .checked_add(Duration::from_secs(se))
-        .ok_or_else(|| "has an out-of-range `se` field".to_owned())
+    let se = se.unwrap_or_default();
+    if se.is_empty() || !se.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("has a non-numeric `se` field (expected Unix seconds)".to_owned());
+    }
+    match se.parse::<u64>() {
+        Ok(se) if se <= MAX_EXPIRY_UNIX_SECS => Ok(UNIX_EPOCH + Duration::from_secs(se)),
+        // Digits only, so the parse fails only on overflow.
+        _ => Err(format!(
+            "has an `se` field past the year 9999 (the latest accepted is \
+             {MAX_EXPIRY_UNIX_SECS}, 9999-12-31T23:59:59Z)"
+        )),
+    }
 }
 
 /// Formats a time as RFC 3339 in UTC, to the second.
-fn rfc3339(time: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+///
+/// Never panics: a time chrono cannot represent (more than about 262,000 years from 1970)
+/// is written as Unix seconds instead. `Debug` impls and error messages call this, and a
+/// formatter must not panic whatever time a caller's [`TokenProvider`] returned.
+pub(crate) fn rfc3339(time: SystemTime) -> String {
+    let secs = match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).ok(),
+        // Whole seconds before the epoch, rounded down as for a positive time.
+        Err(before) => {
+            let before = before.duration();
+            let whole = before.as_secs() + u64::from(before.subsec_nanos() > 0);
+            i64::try_from(whole).ok().map(|s| -s)
+        }
+    };
+    match secs.and_then(|s| chrono::DateTime::<chrono::Utc>::from_timestamp(s, 0)) {
+        Some(time) => time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        None => match time.duration_since(UNIX_EPOCH) {
+            Ok(after) => format!("{} s after 1970-01-01T00:00:00Z", after.as_secs()),
+            Err(before) => format!(
+                "{} s before 1970-01-01T00:00:00Z",
+                before.duration().as_secs()
+            ),
+        },
+    }
 }
 
 /// The kind of token a put-token carries, sent as its `type` application property.
@@ -185,11 +227,15 @@ pub struct AccessToken {
 
 impl AccessToken {
     /// Wraps a token that the hub will accept until `expires_at`.
+    ///
+    /// An `expires_at` past the end of the year 9999 is taken as 9999-12-31T23:59:59Z: no
+    /// hub can hold a later expiry, and the CBS layer must be able to send it as an AMQP
+    /// timestamp.
     pub fn new(token: impl Into<String>, token_type: TokenType, expires_at: SystemTime) -> Self {
         AccessToken {
             token: Secret(token.into()),
             token_type,
-            expires_at,
+            expires_at: expires_at.min(max_expiry()),
         }
     }
 
@@ -286,16 +332,17 @@ impl SasKeyProvider {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let lifetime_secs = self.lifetime.as_secs().max(1);
-        let expiry = now_secs.saturating_add(lifetime_secs);
+        // A huge lifetime signs until the latest expiry a hub accepts, not past it.
+        let expiry = now_secs
+            .saturating_add(lifetime_secs)
+            .min(MAX_EXPIRY_UNIX_SECS);
         let token = sign_sas(
             audience,
             Some(&self.key_name),
             self.key.expose().as_bytes(),
             expiry,
         );
-        let expires_at = UNIX_EPOCH
-            .checked_add(Duration::from_secs(expiry))
-            .unwrap_or(now);
+        let expires_at = UNIX_EPOCH + Duration::from_secs(expiry);
         AccessToken::new(token, TokenType::SharedAccessSignature, expires_at)
     }
 }
@@ -337,7 +384,8 @@ impl SasTokenProvider {
     /// # Errors
     ///
     /// [`ErrorKind::InvalidConfig`] when the signature lacks the prefix or a non-empty `sr`,
-    /// `sig` or numeric `se`. The message never contains the signature.
+    /// `sig` or numeric `se`, or when `se` lies past the end of the year 9999. The message
+    /// never contains the signature.
     pub fn new(signature: impl Into<String>) -> Result<Self> {
         let token = Secret(signature.into());
         let expires_at = parse_sas_expiry(token.expose()).map_err(|why| {
@@ -353,7 +401,7 @@ impl SasTokenProvider {
     pub(crate) fn from_parts(token: Secret, expires_at: SystemTime) -> Self {
         SasTokenProvider {
             token,
-            expires_at,
+            expires_at: expires_at.min(max_expiry()),
             warned: AtomicBool::new(false),
         }
     }
@@ -738,6 +786,114 @@ mod tests {
             parse_sas_expiry(ok),
             Ok(UNIX_EPOCH + Duration::from_secs(42))
         );
+    }
+
+    /// Issue #11 defect 5: a signature with `se` past chrono's last year (262143) used to be
+    /// accepted, and formatting the provider then panicked inside chrono.
+    #[test]
+    fn expiries_past_the_year_9999_are_refused() {
+        for se in [
+            "8210298412800",
+            "8210266876800",
+            "253402300800",
+            "18446744073709551615",
+            "99999999999999999999999",
+        ] {
+            let err =
+                SasTokenProvider::new(format!("SharedAccessSignature sr=a&sig=SECRETSIG&se={se}"))
+                    .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{se}");
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains("past the year 9999"), "{shown}");
+            assert!(!shown.contains("SECRETSIG"), "{shown}");
+        }
+        // The last second of 9999 is still a (silly but valid) expiry.
+        let provider =
+            SasTokenProvider::new("SharedAccessSignature sr=a&sig=s&se=253402300799").unwrap();
+        assert_eq!(provider.expires_at(), max_expiry());
+        assert!(format!("{provider:?}").contains("9999-12-31T23:59:59Z"));
+    }
+
+    /// Whatever time a caller's provider hands over, no `Debug` and no message panics.
+    #[test]
+    fn formatting_never_panics_for_any_time() {
+        let far = UNIX_EPOCH + Duration::from_secs(i64::MAX as u64);
+        let long_ago = UNIX_EPOCH - Duration::from_secs(i64::MAX as u64);
+        let token = AccessToken::new("t", TokenType::Jwt, far);
+        assert_eq!(token.expires_at(), max_expiry());
+        assert!(format!("{token:?}").contains("9999-12-31T23:59:59Z"));
+        let old = AccessToken::new("t", TokenType::Jwt, long_ago);
+        assert!(format!("{old:?}").contains("s before 1970-01-01T00:00:00Z"));
+
+        let provider = SasTokenProvider::from_parts(Secret::new("x"), far);
+        assert!(format!("{provider:?}").contains("9999-12-31T23:59:59Z"));
+        let provider = SasTokenProvider::from_parts(Secret::new("x"), long_ago);
+        let err = provider.token_at(SystemTime::now()).unwrap_err();
+        assert!(format!("{provider:?} {err} {err:?}").contains("s before 1970"));
+
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_millis(1500)),
+            "1969-12-31T23:59:58Z"
+        );
+        assert_eq!(
+            rfc3339(far),
+            format!("{} s after 1970-01-01T00:00:00Z", i64::MAX)
+        );
+
+        // A provider asked for an absurd lifetime signs up to the last accepted second.
+        let signed = SasKeyProvider::new("p", "k")
+            .with_lifetime(Duration::MAX)
+            .sign_at("sb://ns/hub", SystemTime::now());
+        assert_eq!(signed.expires_at(), max_expiry());
+        assert!(signed.secret().contains("&se=253402300799&"));
+        assert!(format!("{signed:?}").contains("9999-12-31T23:59:59Z"));
+    }
+
+    /// Property-style check over many random `se` values and token strings: parsing either
+    /// fails with a typed error or yields an expiry no later than the year 9999, and nothing
+    /// that is formatted afterwards panics or shows the signature.
+    #[test]
+    fn random_signatures_never_panic_or_leak() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+
+        let mut rng = StdRng::seed_from_u64(0x5e_c0de);
+        let alphabet = b"0123456789&=+-% skn=sr=se=sig=SECRETSIGx";
+        for round in 0..20_000 {
+            // Numbers of every magnitude, most of them near the edges that matter.
+            let se: String = match round % 4 {
+                0 => (rng.gen::<u64>() >> rng.gen_range(0..64)).to_string(),
+                1 => (MAX_EXPIRY_UNIX_SECS as i128 + rng.gen_range(-3_i128..4)).to_string(),
+                2 => (8_210_266_876_800_u64 + rng.gen_range(0..40_000_000_u64)).to_string(),
+                _ => (0..rng.gen_range(0..24))
+                    .map(|_| char::from(alphabet[rng.gen_range(0..alphabet.len())]))
+                    .collect(),
+            };
+            let signature = if round % 7 == 0 {
+                format!("SharedAccessSignature se={se}&sr=a&sig=SECRETSIG")
+            } else {
+                format!("SharedAccessSignature sr=a&sig=SECRETSIG&se={se}")
+            };
+            match SasTokenProvider::new(signature.as_str()) {
+                Ok(provider) => {
+                    assert!(provider.expires_at() <= max_expiry(), "{signature}");
+                    let shown = format!("{provider:?}");
+                    assert!(!shown.contains("SECRETSIG"), "{shown}");
+                    let token = provider.token_at(UNIX_EPOCH);
+                    let shown = match token {
+                        Ok(token) => format!("{token:?}"),
+                        Err(err) => format!("{err} {err:?}"),
+                    };
+                    assert!(!shown.contains("SECRETSIG"), "{shown}");
+                }
+                Err(err) => {
+                    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+                    let shown = format!("{err} {err:?}");
+                    assert!(!shown.contains("SECRETSIG"), "{shown}");
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -60,6 +60,18 @@ impl Field {
     }
 }
 
+/// Keys other clients write into connection strings that hubsend has no use for. Only these
+/// are ever named in logs; any other unknown key may be a secret pasted in the wrong place.
+const IGNORED_KEYS: &[&str] = &[
+    "TransportType",
+    "EnableAmqpLinkRedirect",
+    "OperationTimeout",
+    "Authentication",
+    "DeviceId",
+    "ModuleId",
+    "GatewayHostName",
+];
+
 fn invalid(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidConnectionString, message)
 }
@@ -131,7 +143,22 @@ impl ConnectionString {
                 )));
             }
             let Some(key) = Field::lookup(key_text) else {
-                tracing::trace!(key = key_text, "ignoring unknown connection string key");
+                // A key pasted without `SharedAccessKey=` lands here with its base64 padding
+                // as the `=`, so an unknown key's text is never shown: only a name known to
+                // be harmless, or else the part's position.
+                match IGNORED_KEYS
+                    .iter()
+                    .find(|k| k.eq_ignore_ascii_case(key_text))
+                {
+                    Some(known) => {
+                        tracing::trace!(key = known, "ignoring a connection string key");
+                    }
+                    None => tracing::trace!(
+                        part = position + 1,
+                        parts = parts.len(),
+                        "ignoring an unrecognised connection string key (not shown: it may be a secret)"
+                    ),
+                }
                 continue;
             };
             if value.is_empty() {
@@ -583,6 +610,69 @@ mod tests {
             "Endpoint=sb://ns/;SharedAccessSignature=SharedAccessSignature sr=x&sig=y",
             "`SharedAccessSignature` has no `se`",
         );
+    }
+
+    /// Runs `f` with a TRACE-level subscriber and returns everything it logged.
+    fn logs_of(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Issue #11 defect 6: a key pasted without `SharedAccessKey=` splits at its base64
+    /// padding into an "unknown key" that was logged in full at TRACE.
+    #[test]
+    fn trace_logs_never_show_unknown_keys_or_values() {
+        let cases = [
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;{SECRET}"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey=k;{SECRET}"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey=k;X={SECRET}"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey=k;{SECRET}=x"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey=k;{SAS_SECRET}"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey {SECRET}"),
+            format!("Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey:{SECRET}"),
+            format!(
+                "Endpoint=sb://ns/;SharedAccessKeyName=p;SharedAccessKey=k;TransportType={SECRET}"
+            ),
+        ];
+        let mut shown = String::new();
+        let logs = logs_of(|| {
+            for case in &cases {
+                match ConnectionString::parse(case) {
+                    Ok(cs) => shown.push_str(&format!("{cs:?}\n")),
+                    Err(e) => shown.push_str(&format!("{e} {e:?}\n")),
+                }
+            }
+        });
+        assert!(logs.contains("ignoring"), "nothing was logged: {logs}");
+        for text in [&logs, &shown] {
+            for secret in [SECRET, SAS_SECRET, "Zm9vYmFy", "U0VDUkVU"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+        // A harmless key other clients write is still named; the rest by position only.
+        assert!(logs.contains("TransportType"), "{logs}");
+        assert!(logs.contains("part=4"), "{logs}");
     }
 
     /// Parses many defective strings carrying a distinctive secret and checks that the
