@@ -20,6 +20,7 @@ pub mod auth;
 pub mod batch;
 pub mod buffered;
 pub mod connection_string;
+mod entity;
 #[cfg(feature = "entra")]
 pub mod entra;
 pub mod error;

@@ -58,7 +58,7 @@ pub struct ProducerOptions {
 /// The largest message any Event Hubs tier takes (Standard, Premium and Dedicated: 1 MB;
 /// Basic announces 256 KB itself). A link that announces more is held to this, so a peer's
 /// claim cannot make hubsend build messages of any size.
-pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = crate::entity::eventhubs::MAX_MESSAGE_SIZE;
 
 impl Default for ProducerOptions {
     fn default() -> Self {
@@ -413,6 +413,12 @@ pub struct PartitionProperties {
 }
 
 impl Producer {
+    /// The engine behind this producer (engine tests).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
     /// A builder for a producer.
     pub fn builder() -> ProducerBuilder {
         ProducerBuilder {

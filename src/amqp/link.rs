@@ -59,6 +59,8 @@ impl Future for Tagged {
 pub(crate) struct LinkTask {
     engine: Weak<Engine>,
     target: String,
+    /// The audience whose token authorises the link.
+    audience: String,
     sender: Sender,
     /// The connection generation the sender was attached on.
     generation: u64,
@@ -79,6 +81,7 @@ impl LinkTask {
     pub(crate) fn new(
         engine: Weak<Engine>,
         target: String,
+        audience: String,
         sender: Sender,
         generation: u64,
         retry: RetryOptions,
@@ -90,6 +93,7 @@ impl LinkTask {
         LinkTask {
             engine,
             target,
+            audience,
             sender,
             generation,
             retry,
@@ -392,7 +396,7 @@ impl LinkTask {
             {
                 // The hub detached the link because the token ran out: put a fresh one first.
                 // If the hub refuses it, the credentials are wrong and retrying cannot help.
-                if let Err(e) = engine.put_token().await {
+                if let Err(e) = engine.refresh(&self.audience).await {
                     if e.kind() == ErrorKind::Unauthorized {
                         return Err(e);
                     }

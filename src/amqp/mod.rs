@@ -1,8 +1,15 @@
 //! The AMQP engine behind a [`Producer`](crate::Producer): one connection and session, CBS
 //! authorisation with timed token refresh, one task per sender link, and `$management` reads.
 
+mod cbs;
+mod error;
 mod ledger;
 mod link;
+mod management;
+
+use error::{attach_error, from_amqp_error};
+pub(crate) use error::{outcome_result, send_error};
+use management::Management;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,24 +18,22 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fe2o3_amqp::connection::ConnectionHandle;
-use fe2o3_amqp::link::{DetachError, SendError, SenderAttachError};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
-use fe2o3_amqp::types::definitions::{self, SenderSettleMode};
-use fe2o3_amqp::types::messaging::{Message, Outcome};
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use fe2o3_amqp_cbs::client::CbsClient;
-use fe2o3_amqp_cbs::token::CbsToken;
-use fe2o3_amqp_types::primitives::{Symbol, Timestamp};
+use fe2o3_amqp::types::definitions::SenderSettleMode;
+use fe2o3_amqp::{Connection, Sender, Session};
+use fe2o3_amqp_management::client::MgmtClient;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::auth::{AccessToken, TokenProvider};
+use crate::auth::TokenProvider;
 use crate::batch::Sections;
-use crate::error::{Condition, Error, ErrorKind, Result};
+use crate::entity::{self, Entity};
+use crate::error::{Error, ErrorKind, Result};
 use crate::retry::RetryOptions;
+use cbs::Authorizer;
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -62,95 +67,6 @@ pub(crate) enum Lifecycle {
     Closed,
 }
 
-/// Maps a fe2o3 AMQP error (condition + description) to ours.
-pub(crate) fn from_amqp_error(error: &definitions::Error, context: &str) -> Error {
-    let symbol = serde_amqp::to_vec(&error.condition)
-        .ok()
-        .and_then(|bytes| serde_amqp::from_slice::<Symbol>(&bytes).ok())
-        .map(|s| s.0)
-        .unwrap_or_else(|| "amqp:internal-error".to_owned());
-    Error::from_condition(
-        Condition::from_symbol(&symbol),
-        error.description.as_deref(),
-        context,
-    )
-}
-
-fn stop_reason_error(reason: &fe2o3_amqp::link::SessionStopReason, context: &str) -> Error {
-    use fe2o3_amqp::connection::ConnectionStopReason as C;
-    use fe2o3_amqp::link::SessionStopReason as S;
-    match reason {
-        S::EndedWithError(e) | S::RemoteEndedWithError(e) => from_amqp_error(e, context),
-        S::ConnectionStopped(C::ClosedWithError(e) | C::RemoteClosedWithError(e)) => {
-            from_amqp_error(e, context)
-        }
-        _ => Error::new(
-            ErrorKind::Connection,
-            format!("{context}: the connection or session ended"),
-        ),
-    }
-}
-
-fn detach_error(error: &DetachError, context: &str) -> Error {
-    match error {
-        DetachError::RemoteDetachedWithError(e) | DetachError::RemoteClosedWithError(e) => {
-            from_amqp_error(e, context)
-        }
-        DetachError::SessionStopped(reason) => stop_reason_error(reason, context),
-        _ => Error::new(
-            ErrorKind::Link,
-            format!("{context}: the hub detached the link"),
-        ),
-    }
-}
-
-pub(crate) fn send_error(error: SendError, context: &str) -> Error {
-    use fe2o3_amqp::link::LinkStateError as L;
-    match error {
-        SendError::LinkStateError(L::RemoteDetachedWithError(e) | L::RemoteClosedWithError(e)) => {
-            from_amqp_error(&e, context)
-        }
-        SendError::LinkStateError(L::SessionStopped(reason)) => stop_reason_error(&reason, context),
-        SendError::Detached(d) => detach_error(&d, context),
-        SendError::MessageSizeExceeded(e) => {
-            Error::new(ErrorKind::MessageTooLarge, format!("{context}: {e}")).with_source(e)
-        }
-        other => Error::new(ErrorKind::Link, format!("{context}: {other}")).with_source(other),
-    }
-}
-
-fn attach_error(error: SenderAttachError, context: &str) -> Error {
-    match error {
-        SenderAttachError::RemoteClosedWithError(e) => from_amqp_error(&e, context),
-        SenderAttachError::SessionStopped(reason) => stop_reason_error(&reason, context),
-        other => Error::new(ErrorKind::Link, format!("{context}: {other}")).with_source(other),
-    }
-}
-
-pub(crate) fn outcome_result(result: std::result::Result<Outcome, SendError>) -> Result<()> {
-    match result {
-        Ok(Outcome::Accepted(_)) => Ok(()),
-        Ok(Outcome::Rejected(rejected)) => Err(match rejected.error {
-            Some(e) => from_amqp_error(&e, "the hub rejected the delivery"),
-            None => Error::new(ErrorKind::Rejected, "the hub rejected the delivery"),
-        }),
-        Ok(Outcome::Released(_)) => Err(Error::new(
-            ErrorKind::NotStored,
-            "the hub released the delivery without storing it",
-        )),
-        Ok(Outcome::Modified(_)) => Err(Error::new(
-            ErrorKind::NotStored,
-            "the hub returned the delivery as modified without storing it",
-        )),
-        #[allow(unreachable_patterns)]
-        Ok(_) => Err(Error::new(
-            ErrorKind::Protocol,
-            "the hub settled the delivery with an unexpected state",
-        )),
-        Err(e) => Err(send_error(e, "delivery failed")),
-    }
-}
-
 /// One message on its way to a sender link, with the caller's reply slot.
 pub(crate) struct Outgoing {
     pub(crate) sections: Sections,
@@ -179,10 +95,10 @@ pub(crate) struct Engine {
     config: ConnectConfig,
     connection: Mutex<ConnectionHandle<()>>,
     session: Mutex<SessionHandle<()>>,
-    cbs: Mutex<CbsClient>,
+    /// The token of every audience on this connection, kept fresh.
+    authorizer: Arc<Authorizer>,
     links: Mutex<HashMap<String, Arc<LinkHandle>>>,
     management: Mutex<Option<Management>>,
-    token: Mutex<AccessToken>,
     link_counter: AtomicU64,
     refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// How many messages may wait in a link's queue.
@@ -277,9 +193,9 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// The audience every token is put for: the hub, which covers its partitions.
+    /// The audience of the hub, which covers its partitions.
     pub(crate) fn audience(&self) -> String {
-        hub_audience(&self.config)
+        entity::eventhubs::audience(&self.config.host, &self.config.hub)
     }
 
     pub(crate) fn hub(&self) -> &str {
@@ -291,26 +207,39 @@ impl Engine {
         let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
         async move {
             let timeout = config.connect_timeout;
-            let (connection, session, cbs, token) = tokio::time::timeout(timeout, open(&config))
+            let (connection, session, cbs) = tokio::time::timeout(timeout, open(&config))
                 .await
                 .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "connecting to {}:{} took longer than {:?}",
-                            config.host, config.port, timeout
-                        ),
-                    )
-                })??;
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "connecting to {}:{} took longer than {:?}",
+                        config.host, config.port, timeout
+                    ),
+                )
+            })??;
+            let authorizer = Arc::new(Authorizer::new(config.operation_timeout));
+            authorizer.set_client(cbs).await;
+            let audience = entity::eventhubs::audience(&config.host, &config.hub);
+            tokio::time::timeout(
+                timeout,
+                authorizer.authorize(&audience, config.provider.clone()),
+            )
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("authorising `{audience}` took longer than {timeout:?}"),
+                )
+            })??;
             tracing::info!("connected");
             let engine = Arc::new(Engine {
                 config,
                 connection: Mutex::new(connection),
                 session: Mutex::new(session),
-                cbs: Mutex::new(cbs),
+                authorizer,
                 links: Mutex::new(HashMap::new()),
                 management: Mutex::new(None),
-                token: Mutex::new(token),
                 link_counter: AtomicU64::new(0),
                 refresher: std::sync::Mutex::new(None),
                 queue_depth,
@@ -322,7 +251,8 @@ impl Engine {
                 lifecycle: tokio::sync::watch::channel(Lifecycle::Open).0,
             });
             let refresher = tokio::spawn(
-                refresh_tokens(Arc::downgrade(&engine)).instrument(tracing::Span::current()),
+                refresh_tokens(engine.authorizer.clone(), engine.events.clone())
+                    .instrument(tracing::Span::current()),
             );
             if let Ok(mut slot) = engine.refresher.lock() {
                 *slot = Some(refresher);
@@ -333,18 +263,33 @@ impl Engine {
         .await
     }
 
-    /// The sender link for `target` (the hub or `hub/Partitions/N`), attached on first use.
+    /// The sender link for the hub or one of its partitions, attached on first use.
     pub(crate) async fn link(self: &Arc<Self>, partition: Option<&str>) -> Result<Arc<LinkHandle>> {
-        let target = match partition {
-            Some(id) => format!("{}/Partitions/{}", self.config.hub, id),
-            None => self.config.hub.clone(),
-        };
+        let entity = entity::eventhubs::sender(&self.config.host, &self.config.hub, partition);
+        self.link_to(entity, None).await
+    }
+
+    /// The sender link for `entity`, attached on first use. Its audience is authorised first
+    /// (with `provider`, else the connection's own credential) unless it already is; an
+    /// audience the hub refuses fails this link alone.
+    pub(crate) async fn link_to(
+        self: &Arc<Self>,
+        entity: Entity,
+        provider: Option<Arc<dyn TokenProvider>>,
+    ) -> Result<Arc<LinkHandle>> {
         self.check_open()?;
+        let target = entity.address.clone();
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(&target) {
             if !link.tx.is_closed() {
                 return Ok(link.clone());
             }
+        }
+        if !self.authorizer.knows(&entity.audience) {
+            let provider = provider.unwrap_or_else(|| self.config.provider.clone());
+            self.authorizer
+                .authorize(&entity.audience, provider)
+                .await?;
         }
         // fe2o3 can report IllegalState for an attach right after a refused one on the same
         // session (a race over the released handle); a short pause resolves it.
@@ -360,7 +305,11 @@ impl Engine {
             }
         };
         let span = tracing::info_span!("link", name = %sender.name(), target = %target);
-        let max_message_size = link::link_limit(&sender, self.config.max_message_size);
+        let cap = self
+            .config
+            .max_message_size
+            .min(entity.max_message_size.max(1));
+        let max_message_size = link::link_limit(&sender, cap);
         let _enter = span.enter();
         tracing::info!(max_message_size, "sender link attached");
         drop(_enter);
@@ -368,11 +317,12 @@ impl Engine {
         let task = link::LinkTask::new(
             Arc::downgrade(self),
             target.clone(),
+            entity.audience.clone(),
             sender,
             generation,
             self.config.retry.clone(),
             self.counters.clone(),
-            self.config.max_message_size,
+            cap,
             self.lifecycle.subscribe(),
         );
         let task = tokio::spawn(task.run(rx).instrument(span));
@@ -479,13 +429,19 @@ impl Engine {
         }
         tracing::info!("reconnecting");
         let _ = self.events.send(ConnectionEvent::Reconnecting);
-        let (connection, session, cbs, token) =
+        let (connection, session, cbs) =
             tokio::time::timeout(self.config.connect_timeout, open(&self.config))
                 .await
                 .map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
         *self.management.lock().await = None;
-        *self.cbs.lock().await = cbs;
-        *self.token.lock().await = token;
+        self.authorizer.set_client(cbs).await;
+        // Every audience again; one the hub refuses fails its own links when they attach.
+        if let Err(e) = self.authorizer.reauthorize_all().await {
+            if !matches!(e.kind(), ErrorKind::Unauthorized | ErrorKind::NotFound) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "an audience was refused on the new connection");
+        }
         *self.session.lock().await = session;
         let old = std::mem::replace(&mut *self.connection.lock().await, connection);
         drop(old);
@@ -501,7 +457,9 @@ impl Engine {
         entity_type: &str,
         partition: Option<&str>,
     ) -> Result<fe2o3_amqp_types::primitives::Value> {
-        let token = self.token.lock().await.clone();
+        let token = self.authorizer.token(&self.audience()).ok_or_else(|| {
+            Error::new(ErrorKind::Unauthorized, "the hub's audience has no token")
+        })?;
         let mut slot = self.management.lock().await;
         if slot.is_none() {
             let mut session = self.session.lock().await;
@@ -531,22 +489,9 @@ impl Engine {
         result
     }
 
-    /// Sends the current token for the hub audience again (a refresh).
-    async fn put_token(&self) -> Result<SystemTime> {
-        let audience = self.audience();
-        let token = self.config.provider.token(&audience).await?;
-        let expires = token.expires_at();
-        let mut cbs = self.cbs.lock().await;
-        tokio::select! {
-            result = put_token(&mut cbs, &audience, &token, self.config.operation_timeout) => result?,
-            // A put-token on a dead connection would hold the CBS lock until it timed out and
-            // block the reconnect that replaces it.
-            () = self.connection_closed() => {
-                return Err(Error::new(ErrorKind::Connection, "the connection closed during put-token"));
-            }
-        }
-        *self.token.lock().await = token;
-        Ok(expires)
+    /// Puts a fresh token for `audience` (a link was detached for an expired one).
+    pub(crate) async fn refresh(&self, audience: &str) -> Result<SystemTime> {
+        self.authorizer.refresh(audience).await
     }
 
     /// Closes the producer: no new sends; every queued and unsettled delivery settles (with
@@ -631,18 +576,10 @@ impl Drop for Engine {
     }
 }
 
-fn hub_audience(config: &ConnectConfig) -> String {
-    format!("sb://{}/{}", config.host, config.hub)
-}
-
+/// Opens a connection, its session and its `$cbs` links.
 async fn open(
     config: &ConnectConfig,
-) -> Result<(
-    ConnectionHandle<()>,
-    SessionHandle<()>,
-    CbsClient,
-    AccessToken,
-)> {
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient)> {
     let tcp = TcpStream::connect((config.host.as_str(), config.port))
         .await
         .map_err(|e| {
@@ -679,288 +616,28 @@ async fn open(
     let mut session = Session::begin(&mut connection).await.map_err(|e| {
         Error::new(ErrorKind::Connection, "beginning the AMQP session failed").with_source(e)
     })?;
-    let mut cbs = CbsClient::builder()
-        .client_node_addr(format!("hubsend-cbs-{}", uuid::Uuid::new_v4().simple()))
-        .attach(&mut session)
-        .await
-        .map_err(|e| {
-            Error::new(ErrorKind::Link, "attaching the $cbs links failed").with_source(e)
-        })?;
-    let audience = hub_audience(config);
-    let token = config.provider.token(&audience).await?;
-    put_token(&mut cbs, &audience, &token, config.operation_timeout).await?;
-    Ok((connection, session, cbs, token))
+    let cbs = Authorizer::attach(&mut session).await?;
+    Ok((connection, session, cbs))
 }
 
-async fn put_token(
-    cbs: &mut CbsClient,
-    audience: &str,
-    token: &AccessToken,
-    timeout: Duration,
-) -> Result<()> {
-    let expires_ms = token
-        .expires_at()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let cbs_token = CbsToken::new(
-        token.secret(),
-        token.token_type().as_str(),
-        Some(Timestamp::from_milliseconds(expires_ms)),
-    );
-    let result = tokio::time::timeout(timeout, cbs.put_token(audience, cbs_token))
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("put-token for `{audience}` timed out"),
-            )
-        })?;
-    match result {
-        Ok(()) => {
-            tracing::debug!(audience, "token accepted");
-            Ok(())
-        }
-        Err(fe2o3_amqp_management::error::Error::Status(status)) => {
-            let code = status.code.0.get();
-            let description = crate::error::sanitize(&status.description.unwrap_or_default());
-            let kind = match code {
-                401 | 403 => ErrorKind::Unauthorized,
-                404 => ErrorKind::NotFound,
-                _ => ErrorKind::Connection,
-            };
-            tracing::warn!(audience, code, "token refused");
-            Err(Error::new(
-                kind,
-                format!(
-                    "the hub refused the token for audience `{audience}` ({code}): {description}"
-                ),
-            ))
-        }
-        Err(e) => Err(Error::new(
-            ErrorKind::Connection,
-            format!("put-token for `{audience}` failed"),
-        )
-        .with_source(e)),
-    }
-}
-
-/// When to put a fresh token: after 80 % of its lifetime, and at least 5 minutes before expiry
-/// when the lifetime allows it, but never before half of it has passed.
-pub(crate) fn refresh_delay(now: SystemTime, expires_at: SystemTime) -> Duration {
-    let lifetime = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
-    lifetime
-        .mul_f64(0.8)
-        .min(lifetime.saturating_sub(Duration::from_secs(300)))
-        .max(lifetime / 2)
-}
-
-async fn refresh_tokens(engine: std::sync::Weak<Engine>) {
-    let mut expires_at = match engine.upgrade() {
-        Some(e) => e.token.lock().await.expires_at(),
-        None => return,
-    };
-    loop {
-        let delay = refresh_delay(SystemTime::now(), expires_at);
-        tokio::time::sleep(delay.max(Duration::from_millis(200))).await;
-        let Some(engine) = engine.upgrade() else {
-            return;
-        };
-        match engine.put_token().await {
-            Ok(next) => {
-                tracing::info!(audience = %engine.audience(), "token refreshed");
-                let _ = engine.events.send(ConnectionEvent::TokenRefreshed);
-                expires_at = next;
+/// Keeps every audience's token fresh, and tells the application.
+async fn refresh_tokens(
+    authorizer: Arc<Authorizer>,
+    events: tokio::sync::broadcast::Sender<ConnectionEvent>,
+) {
+    authorizer
+        .run_refresh(|audience, result| match result {
+            Ok(_) => {
+                tracing::info!(audience, "token refreshed");
+                let _ = events.send(ConnectionEvent::TokenRefreshed);
             }
             Err(error) => {
-                tracing::warn!(error = %error, "token refresh failed; retrying");
-                let _ = engine
-                    .events
-                    .send(ConnectionEvent::TokenRefreshFailed(error.to_string()));
-                // Try again well before the old token runs out.
-                let remaining = expires_at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
-                tokio::time::sleep((remaining / 4).min(Duration::from_secs(30))).await;
-                if remaining.is_zero() {
-                    // Keep the loop alive; a later success revives new links.
-                    expires_at = SystemTime::now() + Duration::from_secs(5);
-                }
+                tracing::warn!(audience, error = %error, "token refresh failed; retrying");
+                let _ = events.send(ConnectionEvent::TokenRefreshFailed(error.to_string()));
             }
-        }
-    }
-}
-
-/// The `$management` request/response link pair.
-struct Management {
-    sender: Sender,
-    receiver: Receiver,
-    reply_to: String,
-    next_id: u64,
-}
-
-impl Management {
-    async fn attach(session: &mut SessionHandle<()>, timeout: Duration) -> Result<Management> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let reply_to = format!("hubsend-mgmt-{id}");
-        let attach = async {
-            let sender = Sender::builder()
-                .name(format!("{reply_to}-sender"))
-                .target("$management")
-                .attach(session)
-                .await
-                .map_err(|e| attach_error(e, "attaching to $management failed"))?;
-            let receiver = Receiver::builder()
-                .name(format!("{reply_to}-receiver"))
-                .source("$management")
-                .target(reply_to.clone())
-                .attach(session)
-                .await
-                .map_err(|e| {
-                    Error::new(ErrorKind::Management, "attaching to $management failed")
-                        .with_source(e)
-                })?;
-            Ok::<_, Error>((sender, receiver))
-        };
-        let (sender, receiver) = tokio::time::timeout(timeout, attach)
-            .await
-            .map_err(|_| Error::new(ErrorKind::Timeout, "attaching to $management timed out"))??;
-        Ok(Management {
-            sender,
-            receiver,
-            reply_to,
-            next_id: 0,
         })
-    }
-
-    async fn read(
-        &mut self,
-        entity_type: &str,
-        hub: &str,
-        partition: Option<&str>,
-        token: &str,
-    ) -> Result<fe2o3_amqp_types::primitives::Value> {
-        use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, MessageId, Properties};
-        use fe2o3_amqp_types::primitives::{SimpleValue, Value};
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut props = ApplicationProperties::builder()
-            .insert("operation", "READ")
-            .insert("type", entity_type)
-            .insert("name", hub)
-            .insert("security_token", token);
-        if let Some(p) = partition {
-            props = props.insert("partition", p);
-        }
-        let message = Message::builder()
-            .properties(Properties {
-                message_id: Some(MessageId::Ulong(id)),
-                reply_to: Some(self.reply_to.clone()),
-                ..Properties::default()
-            })
-            .application_properties(props.build())
-            .value(Value::Null)
-            .build();
-        let outcome = self
-            .sender
-            .send(message)
-            .await
-            .map_err(|e| send_error(e, "the $management request failed"))?;
-        if !matches!(outcome, Outcome::Accepted(_)) {
-            return Err(Error::new(
-                ErrorKind::Management,
-                "the $management node did not accept the request",
-            ));
-        }
-        let delivery = self.receiver.recv::<Body<Value>>().await.map_err(|e| {
-            Error::new(
-                ErrorKind::Management,
-                "reading the $management reply failed",
-            )
-            .with_source(e)
-        })?;
-        let _ = self.receiver.accept(&delivery).await;
-        let message = delivery.into_message();
-        let app = message
-            .application_properties
-            .map(|a| a.0)
-            .unwrap_or_default();
-        let status = ["status-code", "statusCode"]
-            .iter()
-            .find_map(|k| app.get(*k))
-            .and_then(|v| match v {
-                SimpleValue::Int(v) => Some(*v as i64),
-                SimpleValue::Uint(v) => Some(*v as i64),
-                SimpleValue::Long(v) => Some(*v),
-                SimpleValue::Ushort(v) => Some(*v as i64),
-                SimpleValue::Short(v) => Some(*v as i64),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Management,
-                    "the $management reply has no status code",
-                )
-            })?;
-        let description = ["status-description", "statusDescription"]
-            .iter()
-            .find_map(|k| app.get(*k))
-            .and_then(|v| match v {
-                SimpleValue::String(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        match status {
-            200 => match message.body {
-                Body::Value(v) => Ok(v.0),
-                _ => Err(Error::new(
-                    ErrorKind::Management,
-                    "the $management reply has no value body",
-                )),
-            },
-            404 => Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "$management READ {entity_type}: {}",
-                    crate::error::sanitize(&description)
-                ),
-            )
-            .with_condition(Condition::NotFound)),
-            401 | 403 => Err(Error::new(
-                ErrorKind::Unauthorized,
-                format!(
-                    "$management READ {entity_type}: {}",
-                    crate::error::sanitize(&description)
-                ),
-            )
-            .with_condition(Condition::UnauthorizedAccess)),
-            other => Err(Error::new(
-                ErrorKind::Management,
-                format!(
-                    "$management READ {entity_type} answered {other}: {}",
-                    crate::error::sanitize(&description)
-                ),
-            )),
-        }
-    }
-
-    async fn close(self) {
-        let _ = self.sender.close().await;
-        let _ = self.receiver.close().await;
-    }
+        .await;
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refresh_happens_well_before_expiry() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let hour = refresh_delay(now, now + Duration::from_secs(3600));
-        assert_eq!(hour, Duration::from_secs(2880));
-        let short = refresh_delay(now, now + Duration::from_secs(4));
-        assert_eq!(short, Duration::from_secs(2));
-        assert_eq!(refresh_delay(now, now), Duration::ZERO);
-    }
-}
+mod tests;
