@@ -19,7 +19,7 @@ const EXIT_OK: u8 = 0;
 /// Exit status: a valid record was not stored, or the hub could not be used.
 const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage (e.g. no connection string).
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit status: `--strict` and some lines were invalid.
 const EXIT_REJECTED: u8 = 3;
 /// Exit status: stopped by Ctrl-C (everything read so far was stored).

@@ -917,3 +917,47 @@ async fn records_longer_than_the_message_limit_are_rejected_with_their_line() {
     );
     assert_eq!(run.json()["sent"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_never_echo_a_secret() {
+    let key = "c2VjcmV0LWtleS10aGF0LW11c3Qtbm90LWxlYWs=";
+    let cs = format!(
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={key};EntityPath=telemetry"
+    );
+    let sas = format!("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig={key}&se=1&skn=send;EntityPath=t");
+    let typo = format!("--conection-string={cs}");
+    let cases: Vec<Vec<&str>> = vec![
+        // The connection string given positionally.
+        vec!["send", &cs],
+        vec![&cs],
+        // A bare key pasted where a value was expected: unknown positionals are never shown.
+        vec!["send", key],
+        vec!["send", "--json", key],
+        vec!["send", &sas],
+        // A misspelt flag with the secret attached, and a secret given to the wrong flag.
+        vec!["send", &typo],
+        vec!["send", "--max-in-flight", &cs],
+        vec!["bench", "--events", &cs],
+    ];
+    for args in cases {
+        let run = hubsend(&args, &[], Some(Vec::new())).await;
+        assert_eq!(run.code, 2, "{args:?}: stderr:\n{}", run.stderr);
+        assert!(!run.stderr.is_empty(), "{args:?}: no message");
+        for output in [&run.stderr, &run.stdout] {
+            assert!(
+                !output.contains(key) && !output.contains("c2VjcmV0"),
+                "{args:?} leaked the key:\n{output}"
+            );
+        }
+        assert!(run.stderr.starts_with("error:"), "{}", run.stderr);
+    }
+    // What is wrong is still said.
+    let run = hubsend(&["send", &cs], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("unexpected argument"), "{}", run.stderr);
+    let run = hubsend(&["send", &typo], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("--conection-string"), "{}", run.stderr);
+    // Help still prints, to stdout, with status 0.
+    let run = hubsend(&["send", "--help"], &[], None).await;
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains("--connection-string"), "{}", run.stdout);
+}
