@@ -58,10 +58,10 @@ impl Event {
     /// An event whose body is `value` serialised as JSON, with content type `application/json`.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidConfig`] when `value` cannot be serialised.
+    /// [`ErrorKind::InvalidArgument`] when `value` cannot be serialised.
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Event> {
         let body = serde_json::to_vec(value).map_err(|e| {
-            Error::new(ErrorKind::InvalidConfig, "event body is not serialisable").with_source(e)
+            Error::new(ErrorKind::InvalidArgument, "event body is not serialisable").with_source(e)
         })?;
         Ok(Event::new(body).with_content_type("application/json"))
     }
@@ -408,12 +408,12 @@ impl Telemetry {
     /// The reading as a JSON event (`application/json`).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidConfig`] when a numeric value is not finite (JSON has no NaN).
+    /// [`ErrorKind::InvalidArgument`] when a numeric value is not finite (JSON has no NaN).
     pub fn to_event(&self) -> Result<Event> {
         if let TelemetryValue::Number(v) = self.value {
             if !v.is_finite() {
                 return Err(Error::new(
-                    ErrorKind::InvalidConfig,
+                    ErrorKind::InvalidArgument,
                     format!("telemetry value for `{}` is not finite", self.sensor_id),
                 ));
             }

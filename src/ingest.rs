@@ -78,6 +78,11 @@ pub enum RecordError {
     NotUtf8,
     /// The CSV row could not be read, or its shape does not match the header.
     Csv(String),
+    /// The line (NDJSON) or record (CSV) is longer than the limit, in bytes; it was skipped
+    /// without being read into memory whole.
+    TooLong(usize),
+    /// A CSV quoted field opened on this line is still open at the end of the input.
+    UnterminatedQuote(u64),
 }
 
 impl fmt::Display for RecordError {
@@ -98,6 +103,13 @@ impl fmt::Display for RecordError {
             ),
             RecordError::NotUtf8 => f.write_str("line is not valid UTF-8"),
             RecordError::Csv(why) => write!(f, "malformed CSV: {why}"),
+            RecordError::TooLong(limit) => {
+                write!(f, "longer than the {limit}-byte record limit (skipped)")
+            }
+            RecordError::UnterminatedQuote(line) => write!(
+                f,
+                "malformed CSV: the quoted field opened on line {line} is never closed"
+            ),
         }
     }
 }
@@ -356,23 +368,68 @@ impl Reject {
     }
 }
 
+/// How much of an over-long line or record is kept for the reject report.
+const RAW_PREVIEW_CHARS: usize = 256;
+
 /// Reads NDJSON lines from a buffered reader. Blank lines are skipped but counted.
+///
+/// A line longer than the record limit is never held whole: its first bytes are kept for the
+/// reject report and the rest is skipped up to the next newline, so memory stays bounded by the
+/// limit whatever the input holds.
 #[derive(Debug)]
 pub struct NdjsonRecords<R> {
     reader: R,
     line: u64,
+    limit: usize,
     buf: Vec<u8>,
     done: bool,
 }
 
 impl<R: BufRead> NdjsonRecords<R> {
-    /// Reads from `reader`.
-    pub fn new(reader: R) -> Self {
+    /// Reads from `reader`, refusing lines longer than `max_record_bytes` (without their line
+    /// terminator).
+    pub fn new(reader: R, max_record_bytes: usize) -> Self {
         NdjsonRecords {
             reader,
             line: 0,
+            limit: max_record_bytes,
             buf: Vec::new(),
             done: false,
+        }
+    }
+
+    /// Reads the next line into `buf` (at most the limit plus its `\r\n`); returns whether a line
+    /// was read and whether it was cut short.
+    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
+        self.buf.clear();
+        // Room for a line at the limit plus its CR LF, so one over the limit is still seen.
+        let keep = self.limit.saturating_add(3);
+        let mut read_any = false;
+        let mut cut = false;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if available.is_empty() {
+                return Ok(read_any.then_some(cut));
+            }
+            read_any = true;
+            let (chunk, ended) = match memchr::memchr(b'\n', available) {
+                Some(i) => (&available[..=i], true),
+                None => (available, false),
+            };
+            let room = keep.saturating_sub(self.buf.len());
+            if chunk.len() > room {
+                cut = true;
+            }
+            self.buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let consumed = chunk.len();
+            self.reader.consume(consumed);
+            if ended {
+                return Ok(Some(cut));
+            }
         }
     }
 }
@@ -382,67 +439,241 @@ impl<R: BufRead> Iterator for NdjsonRecords<R> {
 
     fn next(&mut self) -> Option<Self::Item> {
         while !self.done {
-            self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
-                Ok(0) => self.done = true,
-                Ok(_) => {
-                    self.line += 1;
-                    let mut bytes = self.buf.as_slice();
-                    if let Some(rest) = bytes.strip_suffix(b"\n") {
-                        bytes = rest;
-                    }
-                    if let Some(rest) = bytes.strip_suffix(b"\r") {
-                        bytes = rest;
-                    }
-                    let parsed = match std::str::from_utf8(bytes) {
-                        Ok(text) if text.trim().is_empty() => continue,
-                        Ok(text) => ParsedLine {
-                            line: self.line,
-                            raw: text.to_owned(),
-                            result: parse_ndjson_line(text),
-                        },
-                        Err(_) => ParsedLine {
-                            line: self.line,
-                            raw: String::from_utf8_lossy(bytes).into_owned(),
-                            result: Err(RecordError::NotUtf8),
-                        },
-                    };
-                    return Some(Ok(parsed));
+            let cut = match self.read_line() {
+                Ok(Some(cut)) => cut,
+                Ok(None) => {
+                    self.done = true;
+                    break;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
                 }
+            };
+            self.line += 1;
+            let mut bytes = self.buf.as_slice();
+            if let Some(rest) = bytes.strip_suffix(b"\n") {
+                bytes = rest;
             }
+            if let Some(rest) = bytes.strip_suffix(b"\r") {
+                bytes = rest;
+            }
+            if cut || bytes.len() > self.limit {
+                return Some(Ok(ParsedLine {
+                    line: self.line,
+                    raw: preview(&String::from_utf8_lossy(bytes)),
+                    result: Err(RecordError::TooLong(self.limit)),
+                }));
+            }
+            let parsed = match std::str::from_utf8(bytes) {
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => ParsedLine {
+                    line: self.line,
+                    raw: text.to_owned(),
+                    result: parse_ndjson_line(text),
+                },
+                Err(_) => ParsedLine {
+                    line: self.line,
+                    raw: String::from_utf8_lossy(bytes).into_owned(),
+                    result: Err(RecordError::NotUtf8),
+                },
+            };
+            return Some(Ok(parsed));
         }
         None
     }
 }
 
+/// The start of an over-long record's text, for its reject report.
+fn preview(text: &str) -> String {
+    truncate(text, RAW_PREVIEW_CHARS)
+}
+
 /// Reads CSV rows; the first row is the header.
+///
+/// Rows are parsed with `csv-core` into one buffer bounded by the record limit: a longer row
+/// is skipped to its end (counting its lines) without being held, and reported with the line it
+/// starts on. A quoted field still open at the end of the input is an error naming the line the
+/// quote opened on, not a record that swallowed the rest of the file.
 #[derive(Debug)]
 pub struct CsvRecords<R> {
-    // A newline is appended so every row is terminated, which makes line numbers exact.
-    reader: csv::Reader<std::io::Chain<CrlfToLf<R>, &'static [u8]>>,
+    input: BufReader<CrlfToLf<R>>,
+    parser: csv_core::Reader,
+    limit: usize,
     headers: Option<Vec<String>>,
-    row: csv::ByteRecord,
-    done: bool,
+    /// The current row's fields, back to back (the first `used` bytes), and where each ends.
+    fields: Vec<u8>,
+    used: usize,
+    ends: Vec<usize>,
+    stage: CsvStage,
+}
+
+/// How far [`CsvRecords`] has read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CsvStage {
+    /// Reading the input.
+    Input,
+    /// The input ended; a newline is fed so a last row without one ends normally. Only a row
+    /// inside a quoted field is still open after it.
+    FinalNewline,
+    /// Both fed: an empty input tells the parser there is nothing more.
+    Eof,
+    /// Nothing more to return.
+    Done,
+}
+
+/// One CSV row as read, before it becomes a [`ParsedLine`].
+struct CsvRow {
+    /// The line the row starts on.
+    line: u64,
+    /// The row was longer than the limit (its fields were not kept).
+    too_long: bool,
+    /// The line a quoted field still open at the end of the input opened on.
+    open_quote: Option<u64>,
 }
 
 impl<R: Read> CsvRecords<R> {
-    /// Reads from `reader`.
-    pub fn new(reader: R) -> Self {
-        let reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(CrlfToLf::new(reader).chain(&b"\n"[..]));
+    /// Reads from `reader`, refusing rows whose fields hold more than `max_record_bytes`.
+    pub fn new(reader: R, max_record_bytes: usize) -> Self {
         CsvRecords {
-            reader,
+            input: BufReader::with_capacity(64 * 1024, CrlfToLf::new(reader)),
+            parser: csv_core::Reader::new(),
+            limit: max_record_bytes,
             headers: None,
-            row: csv::ByteRecord::new(),
-            done: false,
+            fields: Vec::new(),
+            used: 0,
+            ends: Vec::new(),
+            stage: CsvStage::Input,
         }
+    }
+
+    /// Reads the next row into `fields`/`ends`; `None` at the end of the input.
+    fn read_row(&mut self) -> std::io::Result<Option<CsvRow>> {
+        self.used = 0;
+        self.ends.clear();
+        let line_before = self.parser.line();
+        let mut scratch = [0u8; 4096];
+        // Newlines inside the row's fields so far, and when the current field began.
+        let mut newlines = 0u64;
+        let mut field_newlines = 0u64;
+        let mut too_long = false;
+        loop {
+            let input: &[u8] = match self.stage {
+                CsvStage::Input => {
+                    let buf = match self.input.fill_buf() {
+                        Ok(b) => b,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if buf.is_empty() {
+                        self.stage = CsvStage::FinalNewline;
+                        continue;
+                    }
+                    buf
+                }
+                CsvStage::FinalNewline => b"\n",
+                CsvStage::Eof => b"",
+                CsvStage::Done => return Ok(None),
+            };
+            // Field bytes plus one per field end, so a row of a million empty fields counts too.
+            let used = self.used + self.ends.len();
+            if used >= self.limit {
+                too_long = true;
+            } else if self.used == self.fields.len() {
+                // Grow geometrically up to the limit; the spare bytes are reused by later rows.
+                let grown = (self.fields.len() * 2).max(1024).min(self.limit);
+                self.fields.resize(grown.max(self.used + 1), 0);
+            }
+            let output: &mut [u8] = if too_long {
+                &mut scratch
+            } else {
+                let end = self.fields.len().min(self.used + (self.limit - used));
+                &mut self.fields[self.used..end]
+            };
+            let fed = self.stage;
+            let (result, nin, nout) = self.parser.read_field(input, output);
+            newlines += memchr::memchr_iter(b'\n', &output[..nout]).count() as u64;
+            if !too_long {
+                self.used += nout;
+            }
+            match self.stage {
+                CsvStage::Input => self.input.consume(nin),
+                CsvStage::FinalNewline if nin > 0 => self.stage = CsvStage::Eof,
+                _ => {}
+            }
+            match result {
+                csv_core::ReadFieldResult::InputEmpty => {}
+                csv_core::ReadFieldResult::OutputFull => {}
+                csv_core::ReadFieldResult::End => {
+                    self.stage = CsvStage::Done;
+                    return Ok(None);
+                }
+                csv_core::ReadFieldResult::Field { record_end } => {
+                    if !too_long {
+                        self.ends.push(self.used);
+                    }
+                    if !record_end {
+                        field_newlines = newlines;
+                        continue;
+                    }
+                    // Only a row still inside a quoted field outlives the final newline.
+                    let unterminated = fed == CsvStage::Eof;
+                    // The parser stands after the row's terminator (none when unterminated):
+                    // the row began that many lines earlier, after any blank lines skipped.
+                    let terminator = u64::from(!unterminated);
+                    let line = self
+                        .parser
+                        .line()
+                        .saturating_sub(newlines + terminator)
+                        .max(line_before);
+                    if unterminated {
+                        // The final newline fed at the end is not the row's.
+                        if self.row().last() == Some(&b'\n') {
+                            self.used -= 1;
+                            if let Some(end) = self.ends.last_mut() {
+                                *end = self.used;
+                            }
+                        }
+                    }
+                    return Ok(Some(CsvRow {
+                        line,
+                        too_long,
+                        open_quote: unterminated.then_some(line + field_newlines),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The current row's field bytes, back to back.
+    fn row(&self) -> &[u8] {
+        &self.fields[..self.used]
+    }
+
+    /// The current row's fields as text, or `None` when one is not UTF-8.
+    fn field_strings(&self) -> Option<Vec<String>> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let field = std::str::from_utf8(&self.row()[start..end]).ok();
+                start = end;
+                field.map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// The current row's fields as text, invalid UTF-8 replaced.
+    fn lossy_fields(&self) -> Vec<String> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let field = String::from_utf8_lossy(&self.row()[start..end]).into_owned();
+                start = end;
+                field
+            })
+            .collect()
     }
 }
 
@@ -537,54 +768,33 @@ impl<R: Read> Iterator for CsvRecords<R> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if self.done {
-                return None;
-            }
-            let line_before = self.reader.position().line();
-            let read = self.reader.read_byte_record(&mut self.row);
-            // The reader now stands on the line after the row; the row started as many lines
-            // earlier as it holds newlines, plus its terminator. (The row's own position would
-            // point at any blank lines skipped before it.)
-            let embedded = self.row.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-            let line = self
-                .reader
-                .position()
-                .line()
-                .saturating_sub(1 + embedded)
-                .max(line_before);
-            match read {
-                Ok(false) => {
-                    self.done = true;
-                    return None;
-                }
-                Ok(true) => {}
+            let row = match self.read_row() {
+                Ok(Some(row)) => row,
+                Ok(None) => return None,
                 Err(e) => {
-                    if let csv::ErrorKind::Io(_) = e.kind() {
-                        self.done = true;
-                        return Some(Err(std::io::Error::other(e.to_string())));
-                    }
-                    // A parse error: report it and go on with the next row.
-                    return Some(Ok(ParsedLine {
-                        line,
-                        raw: String::new(),
-                        result: Err(RecordError::Csv(e.to_string())),
-                    }));
+                    self.stage = CsvStage::Done;
+                    return Some(Err(e));
                 }
-            }
-            let fields: Result<Vec<String>, _> = self
-                .row
-                .iter()
-                .map(|f| std::str::from_utf8(f).map(str::to_owned))
-                .collect();
-            let Ok(mut fields) = fields else {
-                let raw = self
-                    .row
-                    .iter()
-                    .map(|f| String::from_utf8_lossy(f).into_owned())
-                    .collect::<Vec<_>>();
+            };
+            let line = row.line;
+            if let Some(opened) = row.open_quote {
                 return Some(Ok(ParsedLine {
                     line,
-                    raw: reencode_csv(&raw),
+                    raw: preview(&reencode_csv(&self.lossy_fields())),
+                    result: Err(RecordError::UnterminatedQuote(opened)),
+                }));
+            }
+            if row.too_long {
+                return Some(Ok(ParsedLine {
+                    line,
+                    raw: preview(&reencode_csv(&self.lossy_fields())),
+                    result: Err(RecordError::TooLong(self.limit)),
+                }));
+            }
+            let Some(mut fields) = self.field_strings() else {
+                return Some(Ok(ParsedLine {
+                    line,
+                    raw: reencode_csv(&self.lossy_fields()),
                     result: Err(RecordError::NotUtf8),
                 }));
             };
@@ -614,16 +824,20 @@ impl<R: Read> Iterator for CsvRecords<R> {
 }
 
 /// Parses `reader` in `format`, one [`ParsedLine`] per data line; I/O errors end the stream.
+///
+/// A line or row longer than `max_record_bytes` becomes a [`RecordError::TooLong`] reject;
+/// memory stays bounded by that limit whatever the input holds.
 pub fn records<R: Read + Send + 'static>(
     reader: R,
     format: InputFormat,
+    max_record_bytes: usize,
 ) -> Box<dyn Iterator<Item = std::io::Result<ParsedLine>> + Send> {
     match format {
-        InputFormat::Ndjson => Box::new(NdjsonRecords::new(BufReader::with_capacity(
-            256 * 1024,
-            reader,
-        ))),
-        InputFormat::Csv => Box::new(CsvRecords::new(reader)),
+        InputFormat::Ndjson => Box::new(NdjsonRecords::new(
+            BufReader::with_capacity(256 * 1024, reader),
+            max_record_bytes,
+        )),
+        InputFormat::Csv => Box::new(CsvRecords::new(reader, max_record_bytes)),
     }
 }
 
@@ -633,12 +847,13 @@ pub fn records<R: Read + Send + 'static>(
 pub fn spawn_reader<R: Read + Send + 'static>(
     reader: R,
     format: InputFormat,
+    max_record_bytes: usize,
 ) -> mpsc::Receiver<std::io::Result<ParsedLine>> {
     let (tx, rx) = mpsc::channel(4096);
     std::thread::Builder::new()
         .name("hubsend-reader".into())
         .spawn(move || {
-            for item in records(reader, format) {
+            for item in records(reader, format, max_record_bytes) {
                 if tx.blocking_send(item).is_err() {
                     break;
                 }
@@ -1025,7 +1240,8 @@ impl State<'_> {
         }
     }
 
-    async fn add(&mut self, key: String, event: Event) {
+    /// Adds `event` (from input `line`, text `raw`) to its key's open batch.
+    async fn add(&mut self, key: String, event: Event, line: u64, raw: &str) {
         let len = event.body().len() as u64;
         let mut event = event;
         let mut fresh = false;
@@ -1052,14 +1268,22 @@ impl State<'_> {
                 Err(e) => {
                     let limit = batch.max_size_in_bytes();
                     let back = e.into_event();
-                    self.report.failed += 1;
-                    self.note_error(&Error::new(
+                    let error = Error::new(
                         ErrorKind::MessageTooLarge,
                         format!(
                             "an event with a {}-byte body does not fit the hub's {limit}-byte limit",
                             back.body().len()
                         ),
-                    ));
+                    );
+                    // Still a failed record (it was valid but cannot be stored), reported
+                    // with its line like any refused one.
+                    self.report.failed += 1;
+                    self.observer.rejected(&Reject {
+                        line,
+                        reason: error.to_string(),
+                        raw: preview(raw),
+                    });
+                    self.note_error(&error);
                     return;
                 }
             }
@@ -1084,7 +1308,8 @@ impl State<'_> {
             },
             _ => String::new(),
         };
-        self.add(key, record.to_event()).await;
+        self.add(key, record.to_event(), parsed.line, &parsed.raw)
+            .await;
     }
 }
 
@@ -1197,6 +1422,9 @@ pub fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The record limit of the tests that do not test it: the default hub's message limit.
+    const LIMIT: usize = 1024 * 1024;
 
     fn obj(v: Value) -> Map<String, Value> {
         match v {
@@ -1360,7 +1588,9 @@ mod tests {
     #[test]
     fn ndjson_reader_numbers_lines_skips_blanks_and_flags_bad_utf8() {
         let input: &[u8] = b"{\"sensor_id\":\"a\",\"timestamp\":\"2025-01-01T00:00:00Z\",\"value\":1}\r\n\n   \nbad\n\xff\xfe\n{\"sensor_id\":\"b\",\"timestamp\":\"2025-01-01T00:00:00Z\",\"value\":\"x\"}";
-        let lines: Vec<ParsedLine> = NdjsonRecords::new(input).map(Result::unwrap).collect();
+        let lines: Vec<ParsedLine> = NdjsonRecords::new(input, LIMIT)
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0].line, 1);
         assert!(lines[0].result.is_ok());
@@ -1380,13 +1610,137 @@ mod tests {
     }
 
     #[test]
+    fn an_over_long_ndjson_line_is_refused_with_its_number_and_reading_goes_on() {
+        let good = r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z","value":1}"#;
+        let long = format!(r#"{{"sensor_id":"b","pad":"{}"}}"#, "x".repeat(5000));
+        let input = format!("{good}\n{long}\r\n{good}\n{long}");
+        // A reader that hands out small chunks, so the skip crosses many buffer refills.
+        let reader = BufReader::with_capacity(64, input.as_bytes());
+        let lines: Vec<ParsedLine> = NdjsonRecords::new(reader, 1000)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            lines.iter().map(|l| l.line).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        for long_line in [&lines[1], &lines[3]] {
+            assert_eq!(
+                long_line.result.as_ref().err(),
+                Some(&RecordError::TooLong(1000))
+            );
+            assert!(long_line.raw.starts_with(r#"{"sensor_id":"b""#));
+            assert!(long_line.raw.chars().count() <= RAW_PREVIEW_CHARS + 1);
+        }
+        assert!(lines[0].result.is_ok() && lines[2].result.is_ok());
+        assert_eq!(
+            lines[1].result.as_ref().unwrap_err().to_string(),
+            "longer than the 1000-byte record limit (skipped)"
+        );
+        // Exactly at the limit is fine, with or without CR LF.
+        let at_limit = format!(
+            r#"{{"sensor_id":"c","timestamp":"2025-01-01T00:00:00Z","value":"{}"}}"#,
+            "v".repeat(100)
+        );
+        let limit = at_limit.len();
+        let input = format!("{at_limit}\r\n{at_limit}");
+        let lines: Vec<ParsedLine> = NdjsonRecords::new(input.as_bytes(), limit)
+            .map(Result::unwrap)
+            .collect();
+        assert!(lines.iter().all(|l| l.result.is_ok()), "{lines:?}");
+        let lines: Vec<ParsedLine> = NdjsonRecords::new(input.as_bytes(), limit - 1)
+            .map(Result::unwrap)
+            .collect();
+        assert!(lines
+            .iter()
+            .all(|l| l.result.as_ref().err() == Some(&RecordError::TooLong(limit - 1))));
+    }
+
+    #[test]
+    fn an_over_long_csv_row_is_refused_with_its_line_and_the_next_rows_read() {
+        let long = "y".repeat(3000);
+        let csv = format!(
+            "sensor_id,timestamp,value,note\n\
+             a,2025-01-01T00:00:00Z,1,x\n\
+             b,2025-01-01T00:00:00Z,2,\"{long}\n{long}\"\n\
+             c,2025-01-01T00:00:00Z,3,{long}\n\
+             d,2025-01-01T00:00:00Z,4,{}\n\
+             e,2025-01-01T00:00:00Z,5,z\n",
+            ",".repeat(2000)
+        );
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), 1000)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            rows.iter().map(|r| r.line).collect::<Vec<_>>(),
+            [2, 3, 5, 6, 7]
+        );
+        for long_row in &rows[1..4] {
+            assert_eq!(
+                long_row.result.as_ref().unwrap_err(),
+                &RecordError::TooLong(1000)
+            );
+            assert!(long_row.raw.chars().count() <= RAW_PREVIEW_CHARS + 1);
+        }
+        assert_eq!(rows[0].result.as_ref().unwrap().sensor_id(), "a");
+        assert_eq!(rows[4].result.as_ref().unwrap().sensor_id(), "e");
+    }
+
+    #[test]
+    fn an_unterminated_csv_quote_at_the_end_is_an_error_naming_its_line() {
+        let csv = "sensor_id,timestamp,value,note\n\
+                   a,2025-01-01T00:00:00Z,1,\"fine\nover two lines\"\n\
+                   b,2025-01-01T00:00:00Z,2,x\n\
+                   c,2025-01-01T00:00:00Z,3,\"never\nclosed\n\
+                   d,2025-01-01T00:00:00Z,4,y\n";
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), LIMIT)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(
+            rows[0].result.as_ref().unwrap().as_json()["note"],
+            "fine\nover two lines"
+        );
+        assert_eq!(rows[1].result.as_ref().unwrap().sensor_id(), "b");
+        assert_eq!(rows[2].line, 5);
+        assert_eq!(
+            rows[2].result.as_ref().unwrap_err(),
+            &RecordError::UnterminatedQuote(5)
+        );
+        assert_eq!(
+            rows[2].result.as_ref().unwrap_err().to_string(),
+            "malformed CSV: the quoted field opened on line 5 is never closed"
+        );
+        // A quote opened in a later line of a multi-line row is named by its own line.
+        let csv = "h1,h2\n\"one\ntwo\",\"three\nfour";
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), LIMIT)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].line, 2);
+        assert_eq!(
+            rows[0].result.as_ref().unwrap_err(),
+            &RecordError::UnterminatedQuote(3)
+        );
+        // An unterminated quote longer than the limit is still reported as unterminated.
+        let csv = format!("h\n\"{}", "z\n".repeat(5000));
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), 100)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].result.as_ref().unwrap_err(),
+            &RecordError::UnterminatedQuote(2)
+        );
+    }
+
+    #[test]
     fn bom_is_ignored() {
         let r = parse_ndjson_line(
             "\u{feff}{\"sensor_id\":\"a\",\"timestamp\":\"2025-01-01T00:00:00Z\",\"value\":1}",
         );
         assert!(r.is_ok());
         let csv = "\u{feff}sensor_id,timestamp,value\na,2025-01-01T00:00:00Z,1\n";
-        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes())
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), LIMIT)
             .map(Result::unwrap)
             .collect();
         assert_eq!(rows[0].result.as_ref().unwrap().sensor_id(), "a");
@@ -1453,7 +1807,7 @@ mod tests {
                    c,2025-01-01T00:00:00Z,3\n\
                    d,2025-01-01T00:00:00Z,Idle,\"two\nlines\"\n\
                    e,2025-01-01T00:00:00Z,4,z\n";
-        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes())
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), LIMIT)
             .map(Result::unwrap)
             .collect();
         let lines: Vec<u64> = rows.iter().map(|r| r.line).collect();
@@ -1483,7 +1837,7 @@ mod tests {
     fn csv_reader_handles_crlf_and_a_missing_final_newline() {
         let csv =
             "sensor_id,timestamp,value\r\na,2025-01-01T00:00:00Z,1\r\n\r\nb,2025-01-01T00:00:00Z,x";
-        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes())
+        let rows: Vec<ParsedLine> = CsvRecords::new(csv.as_bytes(), LIMIT)
             .map(Result::unwrap)
             .collect();
         assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), [2, 4]);
@@ -1521,9 +1875,9 @@ mod tests {
 
     #[test]
     fn csv_reader_handles_empty_and_header_only_input() {
-        assert_eq!(CsvRecords::new(&b""[..]).count(), 0);
+        assert_eq!(CsvRecords::new(&b""[..], LIMIT).count(), 0);
         assert_eq!(
-            CsvRecords::new(&b"sensor_id,timestamp,value\n"[..]).count(),
+            CsvRecords::new(&b"sensor_id,timestamp,value\n"[..], LIMIT).count(),
             0
         );
     }
@@ -1569,6 +1923,7 @@ mod tests {
 
     mod streaming {
         use super::super::*;
+        use super::LIMIT;
         use hubsend_testhub::{HubConfig, TestHub};
 
         #[derive(Default)]
@@ -1615,7 +1970,11 @@ mod tests {
                 .await
                 .unwrap();
             let producer = producer(&hub).await;
-            let input = spawn_reader(std::io::Cursor::new(ndjson(1000, 10)), InputFormat::Ndjson);
+            let input = spawn_reader(
+                std::io::Cursor::new(ndjson(1000, 10)),
+                InputFormat::Ndjson,
+                LIMIT,
+            );
             let mut observer = Collect::default();
             let options = IngestOptions::new()
                 .routing(Routing::PartitionKeyField(SENSOR_ID.into()))
@@ -1695,7 +2054,11 @@ mod tests {
             hub.faults()
                 .reject_every_nth(2, "com.microsoft:argument-error");
             let producer = producer(&hub).await;
-            let input = spawn_reader(std::io::Cursor::new(ndjson(400, 0)), InputFormat::Ndjson);
+            let input = spawn_reader(
+                std::io::Cursor::new(ndjson(400, 0)),
+                InputFormat::Ndjson,
+                LIMIT,
+            );
             let report = ingest(
                 &producer,
                 input,

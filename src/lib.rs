@@ -24,6 +24,7 @@ pub mod auth;
 pub mod batch;
 pub mod buffered;
 pub mod connection_string;
+mod entity;
 #[cfg(feature = "entra")]
 #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub mod entra;
@@ -47,6 +48,6 @@ pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
 pub use producer::{
     DeliveryFuture, HubProperties, PartitionProperties, Producer, ProducerBuilder, ProducerOptions,
-    ProducerStats, SendOptions,
+    ProducerStats, SendOptions, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use retry::RetryOptions;

@@ -42,6 +42,7 @@ use crate::retry::RetryOptions;
 /// | [`connect_timeout`](Self::connect_timeout) | 30 s |
 /// | [`operation_timeout`](Self::operation_timeout) | 60 s |
 /// | [`retry`](Self::retry) | [`RetryOptions::default`] |
+/// | [`max_message_size`](Self::max_message_size) | 1 MiB ([`DEFAULT_MAX_MESSAGE_SIZE`]) |
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ProducerOptions {
@@ -51,7 +52,13 @@ pub struct ProducerOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) operation_timeout: Duration,
     pub(crate) retry: RetryOptions,
+    pub(crate) max_message_size: u64,
 }
+
+/// The largest message any Event Hubs tier takes (Standard, Premium and Dedicated: 1 MB;
+/// Basic announces 256 KB itself). A link that announces more is held to this, so a peer's
+/// claim cannot make hubsend build messages of any size.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = crate::entity::eventhubs::MAX_MESSAGE_SIZE;
 
 impl Default for ProducerOptions {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for ProducerOptions {
             connect_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(60),
             retry: RetryOptions::default(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -112,6 +120,13 @@ impl ProducerOptions {
     /// How long a link attach, put-token or management request may take.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+
+    /// The most a sender link's announced max-message-size is believed: batches are filled
+    /// to the smaller of the two. Raise it only for a hub known to take larger messages.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes.max(1);
         self
     }
 }
@@ -301,6 +316,7 @@ impl ProducerBuilder {
             operation_timeout: self.options.operation_timeout,
             max_frame_size: 65536,
             retry: self.options.retry.clone(),
+            max_message_size: self.options.max_message_size,
         };
         let engine = Engine::connect(config, self.options.max_in_flight).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
@@ -397,6 +413,12 @@ pub struct PartitionProperties {
 }
 
 impl Producer {
+    /// The engine behind this producer (engine tests).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
     /// A builder for a producer.
     pub fn builder() -> ProducerBuilder {
         ProducerBuilder {
@@ -459,7 +481,7 @@ impl Producer {
     ///
     /// # Errors
     /// [`ErrorKind::MessageTooLarge`] (nothing is sent), [`ErrorKind::NotFound`] for an
-    /// unknown partition, [`ErrorKind::InvalidConfig`] when both a partition key and id are
+    /// unknown partition, [`ErrorKind::InvalidArgument`] when both a partition key and id are
     /// given, connection and authorisation errors when a new link cannot be attached.
     ///
     /// # Cancel safety
@@ -578,33 +600,36 @@ impl Producer {
         })
     }
 
-    /// Waits for every queued delivery's outcome, then closes links, session and connection.
-    ///
-    /// Other clones of this producer fail with [`ErrorKind::Closed`] afterwards.
+    /// Closes the producer: no new sends (from any clone), every queued and unsettled
+    /// delivery settles (recovering lost links as usual, within each delivery's deadline),
+    /// then links, session and connection close. Nothing reconnects afterwards; other clones
+    /// fail with [`ErrorKind::Closed`].
     ///
     /// # Errors
     /// [`ErrorKind::Connection`] when the close handshake fails (deliveries are settled by then).
     pub async fn close(self) -> Result<()> {
-        self.inner.engine.close().await
+        self.inner.engine.close(None, || 0).await.map(|_| ())
     }
 
-    /// Like [`close`](Self::close), but gives up waiting when `deadline` passes.
+    /// Like [`close`](Self::close), but stops waiting when `deadline` passes: deliveries
+    /// still without an outcome then fail with [`ErrorKind::Closed`] (their events may or
+    /// may not have been stored), and the connection closes.
     ///
     /// # Errors
-    /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome (they keep going
-    /// in the background until the hub answers or the connection drops).
+    /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome.
     pub async fn close_within(self, deadline: Duration) -> Result<()> {
-        let watcher = self.clone();
-        match tokio::time::timeout(deadline, self.close()).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::new(
+        let inner = self.inner.clone();
+        let in_flight = move || inner.max_in_flight - inner.deliveries.available_permits();
+        let unresolved = self.inner.engine.close(Some(deadline), in_flight).await?;
+        if unresolved > 0 {
+            return Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{} deliveries had no outcome when the {deadline:?} close deadline passed",
-                    watcher.stats().in_flight
+                    "{unresolved} deliveries had no outcome when the {deadline:?} close deadline passed"
                 ),
-            )),
+            ));
         }
+        Ok(())
     }
 
     /// Encodes one event and queues it on its link (looked up once per send), where it may
@@ -648,6 +673,7 @@ impl Producer {
         wait: bool,
     ) -> Result<DeliveryFuture> {
         let size = sections.size().min(u32::MAX as u64) as u32;
+        self.inner.engine.check_open()?;
         let permits = self.permits(size, wait).await?;
         let (reply, rx) = oneshot::channel();
         link.tx
@@ -708,7 +734,7 @@ impl Producer {
 fn check_route(route: &Route) -> Result<()> {
     if route.partition_key.is_some() && route.partition_id.is_some() {
         return Err(Error::new(
-            ErrorKind::InvalidConfig,
+            ErrorKind::InvalidArgument,
             "give a partition key or a partition id, not both",
         ));
     }

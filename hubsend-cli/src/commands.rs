@@ -19,7 +19,7 @@ const EXIT_OK: u8 = 0;
 /// Exit status: a valid record was not stored, or the hub could not be used.
 const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage (e.g. no connection string).
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit status: `--strict` and some lines were invalid.
 const EXIT_REJECTED: u8 = 3;
 /// Exit status: stopped by Ctrl-C (everything read so far was stored).
@@ -103,6 +103,13 @@ async fn connect(
         eprintln!("hubsend: cannot connect: {e}{hint}");
         EXIT_FAILED
     })
+}
+
+/// The longest input line or CSV row read: the hub's message limit. A record that long cannot
+/// become an event the hub stores (the event adds its framing), so nothing longer is worth
+/// holding in memory.
+fn record_limit(producer: &Producer) -> usize {
+    usize::try_from(producer.max_message_size()).unwrap_or(usize::MAX)
 }
 
 /// Shows progress on a terminal and reports rejects on stderr and in the rejects file.
@@ -204,11 +211,13 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     } else {
         InputFormat::Ndjson
     };
-    let input = if config.input == "-" {
-        ingest::spawn_reader(std::io::stdin(), format)
+    // Opened before connecting so a wrong path fails at once; read only once the hub's message
+    // limit is known, since that limit caps every line and row.
+    let source: Box<dyn std::io::Read + Send> = if config.input == "-" {
+        Box::new(std::io::stdin())
     } else {
         match File::open(&config.input) {
-            Ok(file) => ingest::spawn_reader(file, format),
+            Ok(file) => Box::new(file),
             Err(e) => {
                 eprintln!("hubsend: cannot open input {}: {e}", config.input);
                 return EXIT_FAILED;
@@ -233,6 +242,7 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
         Ok(p) => p,
         Err(code) => return code,
     };
+    let input = ingest::spawn_reader(source, format, record_limit(&producer));
     let routing = match (config.partition_key_field, config.partition_id) {
         (Some(field), _) => Routing::PartitionKeyField(field),
         (None, Some(id)) => Routing::PartitionId(id),

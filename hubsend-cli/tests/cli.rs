@@ -82,6 +82,14 @@ async fn hubsend(args: &[&str], env: &[(&str, &str)], stdin: Option<Vec<u8>>) ->
     }
 }
 
+/// `hubsend send --connection-string <hub> --input <input> <extra…>`.
+async fn send_file(hub: &TestHub, input: &str, extra: &[&str]) -> Run {
+    let cs = hub.connection_string();
+    let mut args = vec!["send", "--connection-string", &cs, "--input", input];
+    args.extend_from_slice(extra);
+    hubsend(&args, &[], None).await
+}
+
 fn bodies(events: &[StoredEvent]) -> Vec<Value> {
     let mut out: Vec<Value> = events
         .iter()
@@ -155,19 +163,10 @@ async fn mixed_ndjson_file_sends_good_lines_and_reports_bad_ones() {
     let dir = scratch("mixed");
     let input = write(&dir, "in.ndjson", MIXED_NDJSON);
     let rejects = dir.join("rejects.jsonl");
-    let run = hubsend(
-        &[
-            "send",
-            "--connection-string",
-            &hub.connection_string(),
-            "--input",
-            &input,
-            "--rejects",
-            rejects.to_str().unwrap(),
-            "--json",
-        ],
-        &[],
-        None,
+    let run = send_file(
+        &hub,
+        &input,
+        &["--rejects", rejects.to_str().unwrap(), "--json"],
     )
     .await;
     assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
@@ -847,4 +846,118 @@ async fn ctrl_c_stops_reading_flushes_and_reports() {
     assert_eq!(summary["sent"], 7);
     assert_eq!(summary["interrupted"], true);
     assert!(run.stderr.contains("stopped early"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_longer_than_the_message_limit_are_rejected_with_their_line() {
+    // The record limit follows the hub's message limit: 4 KiB here.
+    let hub = TestHub::start(HubConfig::new().max_message_size(4096))
+        .await
+        .unwrap();
+    let dir = scratch("long");
+    let good = |i: u32| {
+        format!(r#"{{"sensor_id":"s{i}","timestamp":"2025-08-19T08:30:00Z","value":{i}}}"#)
+    };
+    let long = format!(
+        r#"{{"sensor_id":"big","timestamp":"2025-08-19T08:30:00Z","value":1,"pad":"{}"}}"#,
+        "x".repeat(20_000)
+    );
+    let input = write(
+        &dir,
+        "in.ndjson",
+        &format!("{}\n{long}\n{}\n", good(1), good(3)),
+    );
+    let rejects = dir.join("rejects.jsonl");
+    let run = send_file(
+        &hub,
+        &input,
+        &["--rejects", rejects.to_str().unwrap(), "--json"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 2: longer than the 4096-byte record limit"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    let summary = run.json();
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let written = std::fs::read_to_string(&rejects).unwrap();
+    let entry: Value = serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["line"], 2);
+    assert!(entry["raw"]
+        .as_str()
+        .unwrap()
+        .starts_with(r#"{"sensor_id":"big""#));
+    assert!(
+        entry["raw"].as_str().unwrap().len() < 4096,
+        "the raw text is a preview"
+    );
+
+    // CSV: a quote left open swallows nothing; the error names the line it opened on.
+    let input = write(
+        &dir,
+        "open-quote.csv",
+        "sensor_id,timestamp,value,note\n\
+         a,2025-08-19T08:30:00Z,1,x\n\
+         b,2025-08-19T08:30:00Z,2,\"never closed\n\
+         c,2025-08-19T08:30:00Z,3,y\n",
+    );
+    let run = send_file(&hub, &input, &["--format", "csv", "--strict", "--json"]).await;
+    assert_eq!(run.code, 3, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 3: malformed CSV: the quoted field opened on line 3 is never closed"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert_eq!(run.json()["sent"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_never_echo_a_secret() {
+    let key = "c2VjcmV0LWtleS10aGF0LW11c3Qtbm90LWxlYWs=";
+    let cs = format!(
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={key};EntityPath=telemetry"
+    );
+    let sas = format!("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig={key}&se=1&skn=send;EntityPath=t");
+    let typo = format!("--conection-string={cs}");
+    let cases: Vec<Vec<&str>> = vec![
+        // The connection string given positionally.
+        vec!["send", &cs],
+        vec![&cs],
+        // A bare key pasted where a value was expected: unknown positionals are never shown.
+        vec!["send", key],
+        vec!["send", "--json", key],
+        vec!["send", &sas],
+        // A misspelt flag with the secret attached, and a secret given to the wrong flag.
+        vec!["send", &typo],
+        vec!["send", "--max-in-flight", &cs],
+        vec!["bench", "--events", &cs],
+    ];
+    for args in cases {
+        let run = hubsend(&args, &[], Some(Vec::new())).await;
+        assert_eq!(run.code, 2, "{args:?}: stderr:\n{}", run.stderr);
+        assert!(!run.stderr.is_empty(), "{args:?}: no message");
+        for output in [&run.stderr, &run.stdout] {
+            assert!(
+                !output.contains(key) && !output.contains("c2VjcmV0"),
+                "{args:?} leaked the key:\n{output}"
+            );
+        }
+        assert!(run.stderr.starts_with("error:"), "{}", run.stderr);
+    }
+    // What is wrong is still said.
+    let run = hubsend(&["send", &cs], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("unexpected argument"), "{}", run.stderr);
+    let run = hubsend(&["send", &typo], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("--conection-string"), "{}", run.stderr);
+    // Help still prints, to stdout, with status 0.
+    let run = hubsend(&["send", "--help"], &[], None).await;
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains("--connection-string"), "{}", run.stdout);
 }

@@ -1,7 +1,10 @@
 //! Fault injection: shared switches that connection, CBS and producer-link tasks consult.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,6 +28,19 @@ pub(crate) struct FaultState {
     pub withhold_until: Option<Instant>,
     pub delay: Duration,
     pub fail_put: Option<(u32, i32)>,
+    /// Hold each injected rejection until the link's next settlement and write both at once.
+    pub coalesce_rejections: bool,
+    /// Never dispose a producer delivery.
+    pub never_settle: bool,
+    /// Close each connection (with this condition) on its first producer transfer.
+    pub close_after_first_transfer: Option<String>,
+    /// Detach each producer link (with this condition) on its first transfer.
+    pub detach_after_first_transfer: Option<String>,
+}
+
+/// Withholding "forever": far enough that no test outlives it, near enough not to overflow.
+fn forever() -> Instant {
+    Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600)
 }
 
 /// Internal shared fault state.
@@ -36,6 +52,17 @@ pub(crate) struct FaultShared {
     /// Bumped whenever credit withholding changes, so links re-check.
     pub credit_tx: watch::Sender<u64>,
     pub connections: Mutex<Vec<mpsc::UnboundedSender<ConnCommand>>>,
+    /// Interval of the empty-frame flood in microseconds (0 = off); read by every wire.
+    pub heartbeat_every_us: AtomicU64,
+    /// Armed until the first producer transfer after arming takes it (see
+    /// [`Faults::dispose_all_deliveries_once`]).
+    pub dispose_all: AtomicBool,
+}
+
+impl Default for FaultShared {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FaultShared {
@@ -45,7 +72,27 @@ impl FaultShared {
             detach_tx: watch::channel(None).0,
             credit_tx: watch::channel(0).0,
             connections: Mutex::new(Vec::new()),
+            heartbeat_every_us: AtomicU64::new(0),
+            dispose_all: AtomicBool::new(false),
         }
+    }
+
+    /// Reads the fault state under its lock.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&FaultState) -> T) -> T {
+        f(&self.state.lock().unwrap())
+    }
+
+    /// The empty-frame flood interval, if armed.
+    pub(crate) fn heartbeat_every(&self) -> Option<Duration> {
+        match self.heartbeat_every_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Takes the one-shot all-ids disposition, if armed.
+    pub(crate) fn take_dispose_all(&self) -> bool {
+        self.dispose_all.load(Ordering::Relaxed) && self.dispose_all.swap(false, Ordering::SeqCst)
     }
 
     /// Counts one incoming transfer; returns the rejection condition if this one must fail.
@@ -147,11 +194,82 @@ impl Faults {
     }
 
     /// Dispose every `n`th transfer as Rejected with `condition` and store nothing for it
-    /// (`0` turns this off).
+    /// (`0` turns this off, coalescing too).
     pub fn reject_every_nth(&self, n: u64, condition: &str) {
         let mut st = self.shared.state.lock().unwrap();
         st.reject_every = (n > 0).then(|| (n, condition.to_string()));
+        st.coalesce_rejections = false;
         st.transfer_count = 0;
+    }
+
+    /// Like [`reject_every_nth`](Self::reject_every_nth), and each rejection is held back until
+    /// the same link's next delivery is settled: the client then receives the rejection's
+    /// DISPOSITION and the next delivery's DISPOSITION (normally an acceptance) in one TCP write,
+    /// flushed once, so both usually arrive in a single read. A rejection with no following
+    /// delivery within 100 ms is sent alone. Legal AMQP; it catches clients that pair outcomes
+    /// with deliveries by arrival order instead of by delivery id. `0` turns this off.
+    pub fn reject_every_nth_coalesced(&self, n: u64, condition: &str) {
+        self.reject_every_nth(n, condition);
+        self.shared.state.lock().unwrap().coalesce_rejections = n > 0;
+    }
+
+    /// Producer links attach normally but are never granted any credit while this is on (for
+    /// every link of every connection, already attached or attached later; [`clear`](Self::clear)
+    /// ends it). The client sees its ATTACH answered and a FLOW with link-credit 0, and can
+    /// never send a delivery.
+    pub fn never_grant_credit(&self) {
+        self.shared.state.lock().unwrap().withhold_until = Some(forever());
+        self.shared.credit_tx.send_modify(|g| *g += 1);
+    }
+
+    /// Producer deliveries are never settled (no DISPOSITION, nothing stored) while this is
+    /// on; credit keeps being granted, so the client can keep sending. Combine with
+    /// [`flood_heartbeats`](Self::flood_heartbeats) for a peer that looks alive forever.
+    pub fn never_settle(&self) {
+        self.shared.state.lock().unwrap().never_settle = true;
+    }
+
+    /// Every connection writes an empty AMQP frame (a heartbeat, 8 bytes) every `every` while
+    /// this is on, on top of its normal traffic, so the client's idle timeout never fires.
+    /// `Duration::ZERO` turns it off.
+    pub fn flood_heartbeats(&self, every: Duration) {
+        let us = every
+            .as_micros()
+            .clamp(u128::from(!every.is_zero()), u128::from(u64::MAX));
+        self.shared
+            .heartbeat_every_us
+            .store(us as u64, Ordering::Relaxed);
+    }
+
+    /// Each connection is closed with a CLOSE carrying `condition` (e.g.
+    /// `amqp:connection:forced`) as soon as its first producer TRANSFER arrives; that delivery
+    /// is neither settled nor stored. Every new connection gets the same treatment, so a
+    /// client that reconnects and resends storms; count it with
+    /// [`HubStats::connections_accepted`](crate::HubStats::connections_accepted).
+    pub fn close_each_connection_after_first_transfer(&self, condition: &str) {
+        self.shared.state.lock().unwrap().close_after_first_transfer = Some(condition.to_string());
+    }
+
+    /// Each producer link is detached (closed=true) with `condition` (e.g.
+    /// `amqp:link:detach-forced`) as soon as its first TRANSFER arrives; that delivery is
+    /// neither settled nor stored. Every link attached later gets the same, so a client that
+    /// re-attaches and resends storms; count it with
+    /// [`HubStats::producer_links_attached`](crate::HubStats::producer_links_attached).
+    pub fn detach_each_link_after_first_transfer(&self, condition: &str) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .detach_after_first_transfer = Some(condition.to_string());
+    }
+
+    /// Once, right after the next producer TRANSFER arrives, its connection sends one
+    /// DISPOSITION (role receiver, settled, accepted) on that session covering delivery ids
+    /// first=0 to last=4294967295 (`u32::MAX`). The delivery itself is then processed and
+    /// settled normally. A client that walks the range id by id spends tens of seconds in it
+    /// (fe2o3's session loop does, ~35 s of CPU).
+    pub fn dispose_all_deliveries_once(&self) {
+        self.shared.dispose_all.store(true, Ordering::SeqCst);
     }
 
     /// Stop granting new credit to producer links for `duration`.
@@ -177,6 +295,8 @@ impl Faults {
         *st = FaultState::default();
         st.transfer_count = count;
         drop(st);
+        self.shared.heartbeat_every_us.store(0, Ordering::Relaxed);
+        self.shared.dispose_all.store(false, Ordering::SeqCst);
         self.shared.credit_tx.send_modify(|g| *g += 1);
     }
 }

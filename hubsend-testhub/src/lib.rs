@@ -172,8 +172,11 @@ impl HubConfig {
     }
 
     /// Advertise a different max-message-size than the one enforced (a misbehaving hub, for
-    /// testing the server-side rejection with clients that check sizes locally).
-    #[doc(hidden)]
+    /// testing the server-side rejection with clients that check sizes locally, or, with
+    /// `u64::MAX`, clients that size buffers by the link limit). The producer ATTACH reply
+    /// carries exactly this value, whatever the client asked for. To announce and also accept
+    /// any size, use [`max_message_size`](Self::max_message_size)`(u64::MAX)` instead: that
+    /// value is announced to clients that attach without a limit of their own.
     pub fn advertise_max_message_size(mut self, bytes: u64) -> Self {
         self.advertised_max_message_size = Some(bytes);
         self
@@ -214,6 +217,8 @@ pub struct HubStats {
     pub deliveries_rejected: u64,
     /// Links attached (all kinds).
     pub links_attached: u64,
+    /// Of those, producer links (a client sending events).
+    pub producer_links_attached: u64,
     /// Link attaches refused.
     pub links_refused: u64,
     /// `$management` requests answered.
@@ -277,11 +282,23 @@ impl TestHub {
 
     /// Connection string for the first hub and the first policy with the Send right.
     pub fn connection_string(&self) -> String {
+        self.connection_string_with(Right::Send)
+    }
+
+    /// Connection string for the first hub and the first policy with the Listen right (by
+    /// default `manage`), for reading events back.
+    pub fn listen_connection_string(&self) -> String {
+        self.connection_string_with(Right::Listen)
+    }
+
+    /// Connection string for the first hub and the first policy granting `right` (else the
+    /// first policy).
+    fn connection_string_with(&self, right: Right) -> String {
         let cfg = &self.shared.config;
         let policy = cfg
             .policies
             .iter()
-            .find(|p| p.rights.contains(&Right::Send))
+            .find(|p| p.rights.contains(&right))
             .or_else(|| cfg.policies.first())
             .map(|p| p.name.clone())
             .unwrap_or_default();

@@ -1,7 +1,8 @@
-//! `hubsend-testhub` binary: serves a local Event Hubs-compatible endpoint until interrupted and
-//! prints its connection string as the first line of stdout.
+//! `hubsend-testhub` binary: serves a local Event Hubs-compatible endpoint until interrupted.
+//! Stdout: line 1 is the send-only connection string, line 2 the `manage` (Listen) policy's,
+//! then, with TLS, the CA certificate's path (the file is written before line 1).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use hubsend_testhub::{HubConfig, TestHub};
@@ -10,7 +11,10 @@ use hubsend_testhub::{HubConfig, TestHub};
 #[derive(Parser, Debug)]
 #[command(
     name = "hubsend-testhub",
-    about = "Local Event Hubs-compatible AMQP 1.0 test server"
+    about = "Local Event Hubs-compatible AMQP 1.0 test server",
+    after_help = "Stdout: line 1 is the connection string of the send-only policy (Send right), \
+line 2 that of the `manage` policy (Manage, Send, Listen: use it to read events back), and with \
+--tls-dir line 3 names the CA certificate (written before line 1 is printed)."
 )]
 struct Args {
     /// Interface to bind.
@@ -37,6 +41,79 @@ struct Args {
     /// the hub's memory in long benchmarks; sequence numbers and offsets keep counting.
     #[arg(long, value_name = "N")]
     retain_events: Option<usize>,
+    /// Largest accepted delivery in bytes, announced on producer links.
+    #[arg(long, value_name = "BYTES", default_value_t = 1_048_576)]
+    max_message_size: u64,
+    /// Announce this max-message-size on producer links whatever is enforced or asked for
+    /// (e.g. 18446744073709551615).
+    #[arg(long, value_name = "BYTES")]
+    advertise_max_message_size: Option<u64>,
+    /// Fault: reject every N-th producer delivery with --reject-condition.
+    #[arg(long, value_name = "N")]
+    reject_every: Option<u64>,
+    /// Condition of the rejections of --reject-every.
+    #[arg(
+        long,
+        value_name = "SYMBOL",
+        default_value = "com.microsoft:server-busy"
+    )]
+    reject_condition: String,
+    /// Fault: with --reject-every, write each rejection in one TCP write with the next
+    /// delivery's settlement.
+    #[arg(long, requires = "reject_every")]
+    coalesce_rejections: bool,
+    /// Fault: attach producer links but never grant them credit.
+    #[arg(long)]
+    never_grant_credit: bool,
+    /// Fault: never settle a producer delivery.
+    #[arg(long)]
+    never_settle: bool,
+    /// Fault: every connection writes an empty frame every MS milliseconds.
+    #[arg(long, value_name = "MS")]
+    flood_heartbeats_ms: Option<u64>,
+    /// Fault: close each connection with SYMBOL (e.g. amqp:connection:forced) on its first
+    /// producer transfer.
+    #[arg(long, value_name = "SYMBOL")]
+    close_after_first_transfer: Option<String>,
+    /// Fault: detach each producer link with SYMBOL (e.g. amqp:link:detach-forced) on its
+    /// first transfer.
+    #[arg(long, value_name = "SYMBOL")]
+    detach_after_first_transfer: Option<String>,
+    /// Fault: once, after the first producer transfer, send one disposition settling delivery
+    /// ids 0 to 4294967295.
+    #[arg(long)]
+    dispose_all_once: bool,
+}
+
+impl Args {
+    /// Arms the faults the flags ask for.
+    fn arm(&self, faults: &hubsend_testhub::Faults) {
+        if let Some(n) = self.reject_every {
+            if self.coalesce_rejections {
+                faults.reject_every_nth_coalesced(n, &self.reject_condition);
+            } else {
+                faults.reject_every_nth(n, &self.reject_condition);
+            }
+        }
+        if self.never_grant_credit {
+            faults.never_grant_credit();
+        }
+        if self.never_settle {
+            faults.never_settle();
+        }
+        if let Some(ms) = self.flood_heartbeats_ms {
+            faults.flood_heartbeats(Duration::from_millis(ms.max(1)));
+        }
+        if let Some(c) = &self.close_after_first_transfer {
+            faults.close_each_connection_after_first_transfer(c);
+        }
+        if let Some(c) = &self.detach_after_first_transfer {
+            faults.detach_each_link_after_first_transfer(c);
+        }
+        if self.dispose_all_once {
+            faults.dispose_all_deliveries_once();
+        }
+    }
 }
 
 #[tokio::main]
@@ -47,20 +124,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let mut config = HubConfig::new()
-        .host(args.host)
+        .host(&args.host)
         .port(args.port)
-        .hub(args.hub, args.partitions)
+        .hub(&args.hub, args.partitions)
         .tls(args.tls_dir.is_some())
-        .retain_events(args.retain_events);
-    for (name, key) in args.policy_keys {
+        .retain_events(args.retain_events)
+        .max_message_size(args.max_message_size);
+    if let Some(bytes) = args.advertise_max_message_size {
+        config = config.advertise_max_message_size(bytes);
+    }
+    for (name, key) in &args.policy_keys {
         config = config.policy_key(name, key);
     }
     let hub = TestHub::start(config).await?;
+    args.arm(&hub.faults());
+    let ca_path = match (&args.tls_dir, hub.ca_pem()) {
+        (Some(dir), Some(pem)) => {
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join("ca.pem");
+            std::fs::write(&path, pem)?;
+            Some(path)
+        }
+        _ => None,
+    };
     println!("{}", hub.connection_string());
-    if let (Some(dir), Some(pem)) = (&args.tls_dir, hub.ca_pem()) {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join("ca.pem");
-        std::fs::write(&path, pem)?;
+    println!("{}", hub.listen_connection_string());
+    if let Some(path) = ca_path {
         println!("CA certificate: {}", path.display());
     }
     wait_for_signal().await;

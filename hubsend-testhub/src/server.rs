@@ -316,6 +316,10 @@ struct ConnCtx {
     tokens: Mutex<Vec<Token>>,
     control: Arc<WireControl>,
     host: String,
+    /// Commands to this connection's own task (faults aimed at one connection).
+    commands: mpsc::UnboundedSender<ConnCommand>,
+    /// Producer transfers received on this connection.
+    transfers: AtomicU64,
 }
 
 enum Auth {
@@ -387,11 +391,16 @@ async fn handle_connection(
     };
     let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
-    shared.faults.connections.lock().unwrap().push(cmd_tx);
-    let control = Arc::new(WireControl::new(
-        shared.config.max_message_size,
-        shared.pool.clone(),
-    ));
+    shared
+        .faults
+        .connections
+        .lock()
+        .unwrap()
+        .push(cmd_tx.clone());
+    let control = Arc::new(
+        WireControl::new(shared.config.max_message_size, shared.pool.clone())
+            .with_faults(shared.faults.clone()),
+    );
     let authed = Arc::new(Mutex::new(None));
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("{:032x}_G{id}", rand::random::<u128>()))
@@ -456,6 +465,8 @@ async fn handle_connection(
         } else {
             host
         },
+        commands: cmd_tx,
+        transfers: AtomicU64::new(0),
     });
     tracing::info!(connection = id, "connection opened");
     let session_acceptor = SessionAcceptor::builder()
@@ -994,7 +1005,10 @@ async fn producer_attach(
         .build();
     match acceptor.accept_incoming_attach(attach, session).await {
         Ok(LinkEndpoint::Receiver(r)) => {
-            shared.stat(|s| s.links_attached += 1);
+            shared.stat(|s| {
+                s.links_attached += 1;
+                s.producer_links_attached += 1;
+            });
             tracing::info!(link = %name, hub = %hub, ?partition, "producer link attached");
             tokio::spawn(producer_loop(
                 r,
@@ -1137,6 +1151,9 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
     let mut credit_rx = shared.faults.credit_tx.subscribe();
     let mut pending: std::collections::VecDeque<(Instant, DeliveryInfo, Verdict)> =
         Default::default();
+    // A coalesced rejection waiting for the next settlement (and when to give up waiting).
+    let mut held: Option<(Instant, DeliveryInfo, Verdict)> = None;
+    let mut link_transfers = 0u64;
     let far = || Instant::now() + Duration::from_secs(3600 * 24);
     let close_error: Option<definitions::Error> = loop {
         let auth_deadline = match link.ctx.authorised(&link.entity, Some(Right::Send)) {
@@ -1153,6 +1170,7 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
             }
         };
         let next_disposition = pending.front().map(|p| p.0).unwrap_or_else(far);
+        let held_until = held.as_ref().map(|h| h.0).unwrap_or_else(far);
         let credit_back = withheld.map(Instant::from_std).unwrap_or_else(far);
         tokio::select! {
             d = receiver.recv::<Body<Value>>() => {
@@ -1164,9 +1182,13 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                     }
                 };
                 shared.stat(|s| s.transfers_received += 1);
+                if withheld.is_none() && receiver.credit() < credit / 2 + 1 {
+                    let _ = receiver.set_credit(credit).await;
+                }
+                link_transfers += 1;
+                let info = DeliveryInfo::from(&delivery);
                 let format = delivery.message_format().unwrap_or(0);
                 let id = *delivery.delivery_id();
-                let info = DeliveryInfo::from(&delivery);
                 let msg = delivery.into_message();
                 // The wire captured the payload; a message that is not its marker (a link
                 // the wire did not see as a producer) is taken as sent.
@@ -1174,15 +1196,31 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                     let bytes = serde_amqp::to_vec(&Serializable(msg)).unwrap_or_default();
                     Captured { size: bytes.len() as u64, bytes }
                 });
+                match first_transfer_fault(&link.ctx, link_transfers) {
+                    Some(FirstTransfer::Detach(err)) => break Some(err),
+                    Some(FirstTransfer::Closing | FirstTransfer::Unsettled) => continue,
+                    None => {}
+                }
                 let verdict = link.process(format, id, payload);
                 let delay = shared.faults.disposition_delay();
-                if delay.is_zero() && pending.is_empty() {
-                    dispose(&receiver, &shared, info, verdict).await;
-                } else {
+                if !delay.is_zero() || !pending.is_empty() {
                     pending.push_back((Instant::now() + delay, info, verdict));
+                } else if let Some((_, held_info, held_verdict)) = held.take() {
+                    // The held rejection and this settlement leave in one write.
+                    link.ctx.control.hold_next_rejection();
+                    dispose(&receiver, &shared, held_info, held_verdict).await;
+                    dispose(&receiver, &shared, info, verdict).await;
+                } else if matches!(verdict, Verdict::Reject(_))
+                    && shared.faults.read(|f| f.coalesce_rejections)
+                {
+                    held = Some((Instant::now() + COALESCE_WAIT, info, verdict));
+                } else {
+                    dispose(&receiver, &shared, info, verdict).await;
                 }
-                if withheld.is_none() && receiver.credit() < credit / 2 + 1 {
-                    let _ = receiver.set_credit(credit).await;
+            }
+            _ = tokio::time::sleep_until(held_until), if held.is_some() => {
+                if let Some((_, info, verdict)) = held.take() {
+                    dispose(&receiver, &shared, info, verdict).await;
                 }
             }
             _ = tokio::time::sleep_until(next_disposition), if !pending.is_empty() => {
@@ -1194,7 +1232,7 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                 if r.is_err() { continue; }
                 let v = detach_rx.borrow_and_update().clone();
                 if let Some((_, cond, desc)) = v {
-                    while let Some((_, info, verdict)) = pending.pop_front() {
+                    while let Some((_, info, verdict)) = held.take().or_else(|| pending.pop_front()) {
                         dispose(&receiver, &shared, info, verdict).await;
                     }
                     break Some(amqp_error(&cond, desc));
@@ -1217,6 +1255,9 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
             }
         }
     };
+    if let Some((_, info, verdict)) = held.take() {
+        dispose(&receiver, &shared, info, verdict).await;
+    }
     link.ctx
         .control
         .advertise
@@ -1233,6 +1274,45 @@ async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
     if let Ok(Err(e)) = result {
         tracing::debug!(error = ?e, "producer link close");
     }
+}
+
+/// How long a coalesced rejection waits for the next settlement before it is sent alone.
+const COALESCE_WAIT: Duration = Duration::from_millis(100);
+
+/// What a first-transfer or never-settle fault does with a delivery that just arrived.
+enum FirstTransfer {
+    /// The connection was told to close; leave the delivery unsettled.
+    Closing,
+    /// Detach the link with this error; leave the delivery unsettled.
+    Detach(definitions::Error),
+    /// Never settle it (and do not store it).
+    Unsettled,
+}
+
+/// Applies the faults that act on a delivery before it is looked at: closing the connection
+/// on its first transfer, detaching a link on its first (`link_transfers` counts the link's),
+/// never settling.
+fn first_transfer_fault(ctx: &ConnCtx, link_transfers: u64) -> Option<FirstTransfer> {
+    let first_on_connection = ctx.transfers.fetch_add(1, Ordering::SeqCst) == 0;
+    let (close, detach, never_settle) = ctx.shared.faults.read(|f| {
+        (
+            f.close_after_first_transfer.clone(),
+            f.detach_after_first_transfer.clone(),
+            f.never_settle,
+        )
+    });
+    let description = "Closed by fault injection after the first transfer.";
+    if let Some(condition) = close.filter(|_| first_on_connection) {
+        let _ = ctx.commands.send(ConnCommand::Close {
+            condition,
+            description: description.to_string(),
+        });
+        return Some(FirstTransfer::Closing);
+    }
+    if let Some(condition) = detach.filter(|_| link_transfers == 1) {
+        return Some(FirstTransfer::Detach(amqp_error(&condition, description)));
+    }
+    never_settle.then_some(FirstTransfer::Unsettled)
 }
 
 async fn dispose(receiver: &Receiver, shared: &Shared, info: DeliveryInfo, verdict: Verdict) {

@@ -26,15 +26,17 @@ use std::{
     task::{Context, Poll},
 };
 
+use std::{future::Future, sync::atomic::AtomicU32};
+
 use fe2o3_amqp_types::{
     definitions::Role,
-    messaging::{Body, Message, TargetArchetype},
-    performatives::{Attach, Detach, Transfer},
+    messaging::{Accepted, Body, DeliveryState, Message, TargetArchetype},
+    performatives::{Attach, Begin, Detach, Disposition, Transfer},
     primitives::Value,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::store::BufferPool;
+use crate::{faults::FaultShared, store::BufferPool};
 
 /// Descriptor of the amqp-value that stands in for a captured payload.
 const MARKER_DESCRIPTOR: &[u8] = b"hubsend-testhub:captured-payload";
@@ -45,6 +47,8 @@ const READ_CHUNK: usize = 1024 * 1024;
 const FIRST_CAPACITY: u64 = 4 * 1024 * 1024;
 /// Frames larger than this are not parsed (fe2o3 refuses them anyway).
 const MAX_PARSED_FRAME: usize = 64 * 1024 * 1024;
+/// An empty AMQP frame (a heartbeat): size 8, data offset 2, type 0, channel 0.
+const HEARTBEAT: [u8; 8] = [0, 0, 0, 8, 2, 0, 0, 0];
 
 /// A producer delivery's payload, lifted out of its TRANSFER frames.
 #[derive(Debug, Default)]
@@ -68,6 +72,14 @@ pub(crate) struct WireControl {
     pub capture_limit: u64,
     /// Where multi-frame payloads get their buffers.
     pool: Arc<BufferPool>,
+    /// The hub's fault switches (the heartbeat flood, the all-ids disposition).
+    faults: Arc<FaultShared>,
+    /// Rejected dispositions still to hold back until the disposition after them.
+    hold_requests: AtomicU32,
+    /// Client channel → our channel, from the BEGIN replies we wrote.
+    sessions: Mutex<HashMap<u16, u16>>,
+    /// Frames the hub writes on its own (faults), whole, waiting for the next chance.
+    inject: Mutex<Vec<u8>>,
 }
 
 impl WireControl {
@@ -79,6 +91,63 @@ impl WireControl {
             pool,
             ..Self::default()
         }
+    }
+
+    /// The same controls, consulting `faults`.
+    pub(crate) fn with_faults(mut self, faults: Arc<FaultShared>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// The next Rejected DISPOSITION written is held back and goes out in one write together
+    /// with the DISPOSITION written after it (see [`Faults::reject_every_nth_coalesced`]).
+    ///
+    /// [`Faults::reject_every_nth_coalesced`]: crate::Faults::reject_every_nth_coalesced
+    pub(crate) fn hold_next_rejection(&self) {
+        self.hold_requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Consumes one hold request if `frame` (a DISPOSITION body) is a rejection and one is due.
+    fn take_hold(&self, body: &[u8]) -> bool {
+        if self.hold_requests.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let rejected = serde_amqp::from_slice::<Disposition>(body)
+            .is_ok_and(|d| matches!(d.state, Some(DeliveryState::Rejected(_))));
+        rejected
+            && self
+                .hold_requests
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
+    /// Queues one DISPOSITION settling (accepted) every delivery id, on our end of the session
+    /// the client opened on `client_channel`.
+    fn inject_dispose_all(&self, client_channel: u16) {
+        let channel = self
+            .sessions
+            .lock()
+            .unwrap()
+            .get(&client_channel)
+            .copied()
+            .unwrap_or(client_channel);
+        let disposition = Disposition {
+            role: Role::Receiver,
+            first: 0,
+            last: Some(u32::MAX),
+            settled: true,
+            state: Some(DeliveryState::Accepted(Accepted {})),
+            batchable: false,
+        };
+        let Ok(body) = serde_amqp::to_vec(&disposition) else {
+            return;
+        };
+        let mut frame = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[2, 0]);
+        frame.extend_from_slice(&channel.to_be_bytes());
+        frame.extend_from_slice(&body);
+        let frame = crate::fullframe::pad(&frame).unwrap_or(frame);
+        self.inject.lock().unwrap().extend_from_slice(&frame);
     }
 
     /// Takes the payload a received message stands in for, if it is a capture marker.
@@ -195,6 +264,10 @@ pub(crate) struct Wire<S> {
     out: Vec<u8>,
     /// Raw bytes still to pass through for a frame that was forced out partially.
     passthrough: usize,
+    /// A rejection is waiting in `out` for the disposition after it; nothing is written.
+    holding: bool,
+    /// Next empty frame of the heartbeat flood, while it is armed.
+    flood: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> std::fmt::Debug for Wire<S> {
@@ -212,6 +285,33 @@ impl<S> Wire<S> {
             pending: Vec::new(),
             out: Vec::new(),
             passthrough: 0,
+            holding: false,
+            flood: None,
+        }
+    }
+
+    /// Notes what an outgoing frame means for the faults: the channel pairs of BEGIN replies,
+    /// and the hold around a coalesced rejection (held from the rejection to the next
+    /// disposition, which releases both).
+    fn note_outgoing(&mut self, frame: &[u8]) {
+        let Some((doff, code, _)) = performative(frame).filter(|_| frame[5] == 0) else {
+            return;
+        };
+        let body = &frame[doff..];
+        match code {
+            0x11 => {
+                if let Ok(Begin {
+                    remote_channel: Some(theirs),
+                    ..
+                }) = serde_amqp::from_slice::<Begin>(body)
+                {
+                    let ours = u16::from_be_bytes([frame[6], frame[7]]);
+                    self.control.sessions.lock().unwrap().insert(theirs, ours);
+                }
+            }
+            0x15 if self.holding => self.holding = false,
+            0x15 => self.holding = self.control.take_hold(body),
+            _ => {}
         }
     }
 
@@ -260,6 +360,7 @@ impl<S> Wire<S> {
             let frame: Vec<u8> = self.pending.drain(..size).collect();
             let frame = self.rewrite(&frame).unwrap_or(frame);
             let frame = crate::fullframe::pad(&frame).unwrap_or(frame);
+            self.note_outgoing(&frame);
             self.out.extend_from_slice(&frame);
         }
     }
@@ -407,6 +508,9 @@ impl ReadSide {
                 if bytes.capacity() - bytes.len() > bytes.len() / 8 + 4096 {
                     bytes.shrink_to_fit();
                 }
+                if control.faults.take_dispose_all() {
+                    control.inject_dispose_all(channel);
+                }
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
                 control.captured.lock().unwrap().insert(
@@ -476,7 +580,34 @@ impl<S: AsyncRead + Unpin> Wire<S> {
 }
 
 impl<S: AsyncWrite + Unpin> Wire<S> {
+    /// Writes what the hub sends on its own: injected frames and the heartbeat flood. Called
+    /// from the read side, which fe2o3 polls all the time; only between whole frames.
+    fn poll_inject(&mut self, cx: &mut Context<'_>) {
+        if self.passthrough > 0 || !self.pending.is_empty() || self.killed() {
+            return;
+        }
+        self.out.append(&mut self.control.inject.lock().unwrap());
+        match self.control.faults.heartbeat_every() {
+            Some(every) => {
+                let timer = self
+                    .flood
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+                while timer.as_mut().poll(cx).is_ready() {
+                    self.out.extend_from_slice(&HEARTBEAT);
+                    timer.as_mut().reset(tokio::time::Instant::now() + every);
+                }
+            }
+            None => self.flood = None,
+        }
+        if !self.out.is_empty() && self.poll_drain(cx).is_ready() {
+            let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        }
+    }
+
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.holding {
+            return Poll::Ready(Ok(()));
+        }
         while !self.out.is_empty() {
             let n = match Pin::new(&mut self.inner).poll_write(cx, &self.out) {
                 Poll::Ready(Ok(n)) => n,
@@ -496,7 +627,7 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Wire<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -506,7 +637,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
         if this.control.killed.load(Ordering::SeqCst) {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
         }
-        match this.poll_fill(cx) {
+        let filled = this.poll_fill(cx);
+        this.poll_inject(cx);
+        match filled {
             Poll::Ready(Ok(())) => {}
             other => return other,
         }
@@ -547,6 +680,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         this.process(true);
+        if this.holding {
+            // Reported flushed: fe2o3 must go on to write the disposition that releases it.
+            return Poll::Ready(Ok(()));
+        }
         match this.poll_drain(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
             other => other,
@@ -555,6 +692,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.holding = false;
         if !this.killed() {
             this.process(true);
             match this.poll_drain(cx) {

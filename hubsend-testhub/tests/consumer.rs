@@ -1,14 +1,12 @@
 //! Consumer links: a raw fe2o3 Receiver with the SDKs' selector filters reads events back.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod support;
+
+use std::time::Duration;
 
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::session::SessionHandle;
-use fe2o3_amqp::{
-    connection::ConnectionHandle, sasl_profile::SaslProfile, types::messaging::Outcome, Connection,
-    Receiver, Sender, Session,
-};
-use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
+use fe2o3_amqp::{connection::ConnectionHandle, types::messaging::Outcome, Receiver, Sender};
 use fe2o3_amqp_types::{
     messaging::{
         annotations::OwnedKey, ApplicationProperties, Body, Message, MessageAnnotations,
@@ -16,27 +14,11 @@ use fe2o3_amqp_types::{
     },
     primitives::{Binary, SimpleValue, Symbol, Value},
 };
-use hubsend_testhub::{sign_sas_token, HubConfig, Right, TestHub};
+use hubsend_testhub::TestHub;
 use serde_amqp::{described::Described, descriptor::Descriptor};
+use support::{hub, MANAGE_KEY, SEND_KEY};
 
-const SEND_KEY: &str = "c2VuZC1rZXktZm9yLXRoZS10ZXN0LWh1Yi0xMjM0NTY=";
-const MANAGE_KEY: &str = "bWFuYWdlLWtleS1mb3ItdGhlLXRlc3QtaHViLTEyMzQ=";
 const SELECTOR: &str = "apache.org:selector-filter:string";
-
-async fn hub() -> TestHub {
-    TestHub::start(
-        HubConfig::new()
-            .hub("telemetry", 4)
-            .policy("send", SEND_KEY, &[Right::Send])
-            .policy(
-                "manage",
-                MANAGE_KEY,
-                &[Right::Manage, Right::Send, Right::Listen],
-            ),
-    )
-    .await
-    .unwrap()
-}
 
 /// A connection and session with a put-token for `telemetry` under `policy`.
 async fn connect(
@@ -44,32 +26,11 @@ async fn connect(
     policy: &str,
     key: &str,
 ) -> (ConnectionHandle<()>, SessionHandle<()>) {
-    let mut conn = Connection::builder()
-        .container_id("consumer-test")
-        .sasl_profile(SaslProfile::Anonymous)
-        .open(format!("amqp://localhost:{}", hub.addr().port()).as_str())
+    let (conn, mut session) = support::connect_to(hub.addr()).await;
+    let audience = format!("sb://localhost:{}/telemetry", hub.addr().port());
+    support::put_token(&mut session, &audience, policy, key)
         .await
         .unwrap();
-    let mut session = Session::begin(&mut conn).await.unwrap();
-    let audience = format!("sb://localhost:{}/telemetry", hub.addr().port());
-    let se = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let token = sign_sas_token(&audience, policy, key, se);
-    let mut cbs = CbsClient::attach(&mut session).await.unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        cbs.put_token(
-            &audience,
-            CbsToken::new(token, "servicebus.windows.net:sastoken", None),
-        ),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let _ = cbs.close().await;
     (conn, session)
 }
 

@@ -1,122 +1,31 @@
 //! Drives the test hub with a raw fe2o3 client over real TCP.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod support;
+
+use std::time::Duration;
 
 use base64::Engine;
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{
-    connection::ConnectionHandle, sasl_profile::SaslProfile, types::messaging::Outcome, Connection,
-    Sender, Session,
+    sasl_profile::SaslProfile, types::messaging::Outcome, Connection, Sender, Session,
 };
-use fe2o3_amqp_cbs::{client::CbsClient, token::CbsToken};
 use fe2o3_amqp_types::{
-    messaging::{message::__private::Serializable, Body, Data, Message, MessageAnnotations},
+    messaging::{message::__private::Serializable, Body, Data, Message},
     primitives::{Binary, Value},
 };
-use hmac::{Hmac, Mac};
 use hubsend_testhub::{HubConfig, Right, TestHub};
-use sha2::Sha256;
-
-const SEND_KEY: &str = "c2VuZC1rZXktZm9yLXRoZS10ZXN0LWh1Yi0xMjM0NTY=";
-const MANAGE_KEY: &str = "bWFuYWdlLWtleS1mb3ItdGhlLXRlc3QtaHViLTEyMzQ=";
-
-/// Independent SAS signer (upper-case escapes, like .NET/Python).
-fn sign(resource: &str, key_name: &str, key: &str, ttl: u64) -> String {
-    let se = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + ttl;
-    let enc = |s: &str| {
-        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
-    let sr = enc(resource);
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
-    mac.update(format!("{sr}\n{se}").as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    format!(
-        "SharedAccessSignature sr={sr}&sig={}&se={se}&skn={key_name}",
-        enc(&sig)
-    )
-}
+use support::{connect_to, event, put_token, sign, MANAGE_KEY, SEND_KEY};
 
 async fn hub(max: u64) -> TestHub {
-    TestHub::start(
-        HubConfig::new()
-            .hub("telemetry", 4)
-            .policy("send", SEND_KEY, &[Right::Send])
-            .policy(
-                "manage",
-                MANAGE_KEY,
-                &[Right::Manage, Right::Send, Right::Listen],
-            )
-            .max_message_size(max),
-    )
-    .await
-    .unwrap()
-}
-
-async fn connect(hub: &TestHub) -> (ConnectionHandle<()>, SessionHandle<()>) {
-    let mut conn = Connection::builder()
-        .container_id("test-client")
-        .sasl_profile(SaslProfile::Anonymous)
-        .open(format!("amqp://localhost:{}", hub.addr().port()).as_str())
+    TestHub::start(support::config().max_message_size(max))
         .await
-        .unwrap();
-    let session = Session::begin(&mut conn).await.unwrap();
-    (conn, session)
-}
-
-async fn put_token(
-    session: &mut SessionHandle<()>,
-    audience: &str,
-    key_name: &str,
-    key: &str,
-) -> Result<(), String> {
-    let mut cbs = CbsClient::attach(session)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let token = sign(audience, key_name, key, 3600);
-    let r = tokio::time::timeout(
-        Duration::from_secs(5),
-        cbs.put_token(
-            audience,
-            CbsToken::new(token, "servicebus.windows.net:sastoken", None),
-        ),
-    )
-    .await
-    .map_err(|_| "timeout".to_string())?
-    .map_err(|e| format!("{e:?}"));
-    let _ = cbs.close().await;
-    r
-}
-
-fn event(body: &str, key: Option<&str>) -> Message<Body<Value>> {
-    let mut b = Message::builder().data(Binary::from(body.as_bytes().to_vec()));
-    if let Some(k) = key {
-        b = b.message_annotations(
-            MessageAnnotations::builder()
-                .insert("x-opt-partition-key", k)
-                .build(),
-        );
-    }
-    let m = b.build();
-    Message {
-        header: m.header,
-        delivery_annotations: m.delivery_annotations,
-        message_annotations: m.message_annotations,
-        properties: m.properties,
-        application_properties: m.application_properties,
-        body: Body::Data(vec![m.body].into()),
-        footer: m.footer,
-    }
+        .unwrap()
 }
 
 #[tokio::test]
 async fn put_token_then_send_plain_and_batch() {
     let hub = hub(1_048_576).await;
-    let (mut conn, mut session) = connect(&hub).await;
+    let (mut conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/telemetry", "send", SEND_KEY)
         .await
         .unwrap();
@@ -168,7 +77,7 @@ async fn put_token_then_send_plain_and_batch() {
 #[tokio::test]
 async fn wrong_key_is_401_and_attach_without_token_is_refused() {
     let hub = hub(1_048_576).await;
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     let err = put_token(
         &mut session,
         "sb://localhost/telemetry",
@@ -189,7 +98,7 @@ async fn wrong_key_is_401_and_attach_without_token_is_refused() {
 #[tokio::test]
 async fn unknown_hub_is_not_found() {
     let hub = hub(1_048_576).await;
-    let (mut conn, mut session) = connect(&hub).await;
+    let (mut conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/", "send", SEND_KEY)
         .await
         .unwrap();
@@ -213,7 +122,7 @@ async fn unknown_hub_is_not_found() {
 #[tokio::test]
 async fn attach_reply_carries_min_max_message_size() {
     let hub = hub(1_048_576).await;
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     put_token(
         &mut session,
         "amqps://localhost/telemetry",
@@ -247,7 +156,7 @@ async fn oversize_is_rejected_and_link_stays_up() {
     )
     .await
     .unwrap();
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/telemetry", "send", SEND_KEY)
         .await
         .unwrap();
@@ -277,7 +186,7 @@ async fn oversize_is_rejected_and_link_stays_up() {
 #[tokio::test]
 async fn partition_key_routing_matches_partition_for_key() {
     let hub = hub(1_048_576).await;
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/telemetry", "send", SEND_KEY)
         .await
         .unwrap();
@@ -306,7 +215,7 @@ async fn reject_every_nth_fault() {
     let hub = hub(1_048_576).await;
     hub.faults()
         .reject_every_nth(2, "com.microsoft:server-busy");
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/telemetry", "send", SEND_KEY)
         .await
         .unwrap();
@@ -334,7 +243,7 @@ async fn reject_every_nth_fault() {
 #[tokio::test]
 async fn detach_after_fault_and_token_refresh() {
     let hub = hub(1_048_576).await;
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     put_token(&mut session, "sb://localhost/telemetry", "send", SEND_KEY)
         .await
         .unwrap();
@@ -362,7 +271,7 @@ async fn management_read() {
         primitives::SimpleValue,
     };
     let hub = hub(1_048_576).await;
-    let (_conn, mut session) = connect(&hub).await;
+    let (_conn, mut session) = connect_to(hub.addr()).await;
     let mut sender = Sender::attach(&mut session, "mgmt-sender", "$management")
         .await
         .unwrap();

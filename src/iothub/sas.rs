@@ -11,7 +11,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::auth::{sas_encode, AccessToken, KeySigner, SigningKey, TokenProvider};
+use crate::auth::{AccessToken, KeySigner, SigningKey, TokenProvider};
+/// The resource one device's token covers: `{host}/devices/{id}`, the id percent-encoded (so
+/// it is encoded once there and once more as part of `sr`, as Microsoft's SDKs do).
+pub(crate) use crate::entity::iothub::device_audience as device_resource;
+use crate::entity::iothub::encode_id;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The longest device or module id IoT Hub allows.
@@ -51,18 +55,13 @@ pub(crate) fn check_id(what: &str, id: &str) -> std::result::Result<(), String> 
     }
 }
 
-/// The resource one device's token covers: `{host}/devices/{id}`, with the id percent-encoded
-/// (so it is encoded once here and once more as part of `sr`, as Microsoft's SDKs do).
-pub(crate) fn device_resource(host: &str, device_id: &str) -> String {
-    format!("{host}/devices/{}", sas_encode(device_id))
-}
-
-/// The resource one module's token covers: `{host}/devices/{device}/modules/{module}`.
+/// The resource one module's token covers: `{host}/devices/{device}/modules/{module}`, each
+/// id percent-encoded as one path segment (and encoded once more as part of `sr`).
 pub(crate) fn module_resource(host: &str, device_id: &str, module_id: &str) -> String {
     format!(
         "{}/modules/{}",
         device_resource(host, device_id),
-        sas_encode(module_id)
+        encode_id(module_id)
     )
 }
 
