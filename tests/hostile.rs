@@ -342,3 +342,26 @@ async fn a_disposition_over_every_delivery_id_does_not_stall_the_client() {
     assert_eq!(reported.len(), 20);
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
+
+/// Defect 9: what does not exist fails at once, not after retries (the README's promise).
+#[tokio::test]
+async fn what_does_not_exist_fails_at_once() {
+    let hub = start(HubConfig::new()).await;
+    let started = tokio::time::Instant::now();
+    let missing = hub
+        .connection_string()
+        .replace("EntityPath=telemetry", "EntityPath=missing");
+    let err = hubsend::Producer::from_connection_string(&missing)
+        .await
+        .expect_err("no such hub");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(!err.is_retriable());
+    let producer = producer_with(&hub, ProducerOptions::new()).await;
+    let err = producer
+        .send_and_wait(event(1), SendOptions::new().partition_id("99"))
+        .await
+        .expect_err("no such partition");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
