@@ -33,7 +33,9 @@ mod tls;
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
 pub use batch::{BatchOptions, EventBatch, TryAddError};
-pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch};
+pub use buffered::{
+    BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch,
+};
 pub use connection_string::ConnectionString;
 #[cfg(feature = "entra")]
 pub use entra::ClientSecretCredential;
