@@ -25,7 +25,6 @@ mod entity;
 pub mod entra;
 pub mod error;
 pub mod event;
-pub mod ingest;
 pub mod producer;
 pub mod retry;
 mod tls;
@@ -33,9 +32,7 @@ mod tls;
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
 pub use batch::{BatchOptions, EventBatch, TryAddError};
-pub use buffered::{
-    BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch,
-};
+pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch};
 pub use connection_string::ConnectionString;
 #[cfg(feature = "entra")]
 pub use entra::ClientSecretCredential;
