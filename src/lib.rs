@@ -30,7 +30,6 @@ mod entity;
 pub mod entra;
 pub mod error;
 pub mod event;
-pub mod ingest;
 pub mod iothub;
 pub mod producer;
 pub mod retry;
@@ -39,7 +38,7 @@ mod tls;
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
 pub use batch::{BatchOptions, EventBatch, TryAddError};
-pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch};
+pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch};
 pub use connection_string::ConnectionString;
 #[cfg(feature = "entra")]
 #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]

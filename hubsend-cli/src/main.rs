@@ -1,9 +1,12 @@
 //! `hubsend`: stream telemetry files into Azure Event Hubs, benchmark a hub, inspect a hub.
 //!
 //! This file only parses arguments; the commands live in [`commands`], the record parsing and
-//! streaming in the `hubsend::ingest` library module.
+//! streaming in [`ingest`].
 
 mod commands;
+mod ingest;
+mod signals;
+mod text;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -12,6 +15,22 @@ use std::process::ExitCode;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The end of `hubsend send --help`: stopping and exit statuses (scripts depend on them).
+const SEND_AFTER_HELP: &str = "\
+Stopping: the first Ctrl-C or SIGTERM stops reading, sends what is buffered, waits for the hub's
+outcomes and prints the summary; a second one stops at once and counts the events still without
+an outcome as `unknown`.
+
+Lines and CSV rows longer than the hub's message limit are rejected with their line number.
+
+Exit status:
+  0    every valid record was stored by the hub
+  1    a valid record was not stored, or the hub could not be used
+  2    usage error (e.g. no connection string)
+  3    --strict and some lines were invalid
+  4    a second signal stopped the wait for the hub's outcomes
+  130  stopped by Ctrl-C or SIGTERM; everything read was stored";
 
 /// The environment variable read when `--connection-string` is not given.
 const CONNECTION_STRING_ENV: &str = "EVENTHUB_CONNECTION_STRING";
@@ -30,6 +49,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate NDJSON or CSV telemetry records and send them as batched events.
+    #[command(after_help = SEND_AFTER_HELP)]
     Send(SendArgs),
     /// Send synthetic telemetry at full speed and report throughput and latency.
     Bench(BenchArgs),
