@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod producer;
 pub mod retry;
 mod tls;
+mod transport;
 
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
