@@ -34,6 +34,7 @@ pub mod iothub;
 pub mod producer;
 pub mod retry;
 mod tls;
+mod transport;
 
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
