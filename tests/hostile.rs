@@ -318,7 +318,6 @@ async fn recoveries_that_store_nothing_back_off_and_a_poison_delivery_fails() {
 /// Defect 10: one DISPOSITION covering delivery ids 0..=u32::MAX must not stall the
 /// connection.
 #[tokio::test]
-#[ignore = "until the transport's frame guard is wired in (#11 defect 10)"]
 async fn a_disposition_over_every_delivery_id_does_not_stall_the_client() {
     let hub = start(HubConfig::new()).await;
     let producer = producer_with(&hub, ProducerOptions::new().retry(fast_retry())).await;
@@ -364,4 +363,34 @@ async fn what_does_not_exist_fails_at_once() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
+
+/// #12: a dropped TCP stream is noticed the moment it ends, not by polling: the producer's
+/// `Disconnected` event arrives within 50 ms, with nothing in flight.
+#[tokio::test]
+async fn a_dropped_stream_is_noticed_at_once() {
+    let hub = start(HubConfig::new()).await;
+    let producer = producer_with(&hub, ProducerOptions::new().retry(fast_retry())).await;
+    for round in 0..3 {
+        let mut events = producer.subscribe();
+        let dropped = tokio::time::Instant::now();
+        hub.faults().drop_connections();
+        let seen = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(hubsend::ConnectionEvent::Disconnected { cause }) = events.recv().await {
+                    return cause;
+                }
+            }
+        })
+        .await
+        .expect("no Disconnected event");
+        let after = dropped.elapsed();
+        println!("round {round}: noticed after {after:?} ({seen})");
+        assert!(after < Duration::from_millis(50), "{after:?}");
+        // The next send reconnects.
+        producer
+            .send_and_wait(event(round), SendOptions::new())
+            .await
+            .expect("sends after the drop");
+    }
 }

@@ -32,6 +32,7 @@ use super::{
 use crate::batch::{Sections, BATCH_MESSAGE_FORMAT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::retry::{classify, Action, RetryOptions};
+use crate::transport::Lost;
 
 /// What a link keeps of one unsettled delivery: enough to send it again and to answer its
 /// callers.
@@ -64,6 +65,8 @@ pub(crate) struct LinkTask {
     sender: Sender,
     /// The connection generation the sender was attached on.
     generation: u64,
+    /// Flips when that connection's stream ends.
+    lost: Lost,
     retry: RetryOptions,
     counters: Arc<Counters>,
     ledger: Ledger<Pending>,
@@ -83,7 +86,7 @@ impl LinkTask {
         target: String,
         audience: String,
         sender: Sender,
-        generation: u64,
+        (generation, lost): (u64, Lost),
         retry: RetryOptions,
         counters: Arc<Counters>,
         cap: u64,
@@ -96,6 +99,7 @@ impl LinkTask {
             audience,
             sender,
             generation,
+            lost,
             retry,
             counters,
             ledger: Ledger::default(),
@@ -159,8 +163,12 @@ impl LinkTask {
                     }
                     lost = Some(error);
                 }
-                () = connection_lost(&self.engine, self.generation), if !self.ledger.is_empty() => {
-                    let error = Error::new(ErrorKind::Connection, "the connection was lost");
+                () = self.lost.lost(), if !self.ledger.is_empty() => {
+                    let cause = self.lost.cause().map(|c| c.to_string()).unwrap_or_default();
+                    let error = Error::new(
+                        ErrorKind::Connection,
+                        format!("the connection was lost: {cause}"),
+                    );
                     if let Some((id, _)) = waiting {
                         self.blame(id, &error);
                     }
@@ -303,8 +311,7 @@ impl LinkTask {
         let result = send_unless_lost(
             &mut self.sender,
             &entry.payload.sections,
-            &self.engine,
-            self.generation,
+            &self.lost,
             self.retry.try_timeout,
         )
         .await;
@@ -404,7 +411,7 @@ impl LinkTask {
                     continue;
                 }
             }
-            let (sender, generation) = match engine.attach_sender(&self.target).await {
+            let (sender, (generation, lost)) = match engine.attach_sender(&self.target).await {
                 Ok(attached) => attached,
                 Err(e) if classify(&e) == Action::Fail => return Err(e),
                 Err(e) if e.kind() == ErrorKind::Timeout => {
@@ -429,6 +436,7 @@ impl LinkTask {
             let old = std::mem::replace(&mut self.sender, sender);
             drop(old);
             self.generation = generation;
+            self.lost = lost;
             self.limit = link_limit(&self.sender, self.cap);
             let ids = self.ledger.ids();
             let resent = ids.len();
@@ -558,8 +566,7 @@ fn sendable(sections: &Sections) -> Sendable<Batch<Data>> {
 async fn send_unless_lost(
     sender: &mut Sender,
     sections: &Sections,
-    engine: &Weak<Engine>,
-    generation: u64,
+    lost: &Lost,
     try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
     let sendable = sendable(sections);
@@ -568,22 +575,11 @@ async fn send_unless_lost(
         // watchdog timers below are never registered.
         biased;
         result = sender.send_batchable_ref(&sendable) => result.map_err(|e| send_error(e, "sending failed")),
-        () = connection_lost(engine, generation) => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
+        () = lost.lost() => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
         // No credit within a try: a silently dead connection looks exactly like this.
         () = tokio::time::sleep(try_timeout) => Err(Error::new(
             ErrorKind::Timeout,
             format!("the hub granted no link credit within {try_timeout:?}"),
         )),
-    }
-}
-
-/// Resolves once the connection of `generation` is gone.
-async fn connection_lost(engine: &Weak<Engine>, generation: u64) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        match engine.upgrade() {
-            Some(engine) if !engine.is_lost(generation).await => {}
-            _ => return,
-        }
     }
 }

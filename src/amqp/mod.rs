@@ -23,7 +23,6 @@ use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::SenderSettleMode;
 use fe2o3_amqp::{Connection, Sender, Session};
 use fe2o3_amqp_management::client::MgmtClient;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -33,6 +32,7 @@ use crate::batch::Sections;
 use crate::entity::{self, Entity};
 use crate::error::{Error, ErrorKind, Result};
 use crate::retry::RetryOptions;
+use crate::transport::{self, Connected, Endpoint, Lost};
 use cbs::Authorizer;
 
 /// Where and how to connect.
@@ -106,10 +106,15 @@ pub(crate) struct Engine {
     session: Mutex<SessionHandle<()>>,
     /// The token of every audience on this connection, kept fresh.
     authorizer: Arc<Authorizer>,
+    /// Flips the moment the current connection's stream ends (no polling).
+    lost: std::sync::Mutex<Lost>,
     links: Mutex<HashMap<String, Arc<LinkHandle>>>,
     management: Mutex<Option<Management>>,
     link_counter: AtomicU64,
-    refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The token refresh queue and the connection watch, stopped on close and drop.
+    refresher: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The generation of the current connection, for the connection watch.
+    replaced: tokio::sync::watch::Sender<u64>,
     /// How many messages may wait in a link's queue.
     queue_depth: usize,
     /// Serialises reconnects so concurrent link tasks open one new connection, not several.
@@ -166,6 +171,12 @@ impl Counters {
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionEvent {
+    /// The connection's stream ended (noticed the moment it happens, not by polling); the
+    /// next send, or the links with deliveries in flight, reconnect.
+    Disconnected {
+        /// Why, as far as the transport knows (peer closed, read or write error).
+        cause: String,
+    },
     /// The connection was lost; hubsend is opening a new one.
     Reconnecting,
     /// A new connection is open and authorised.
@@ -221,17 +232,17 @@ impl Engine {
         let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
         async move {
             let timeout = config.connect_timeout;
-            let (connection, session, cbs) = tokio::time::timeout(timeout, open(&config))
+            let (connection, session, cbs, lost) = tokio::time::timeout(timeout, open(&config))
                 .await
                 .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "connecting to {}:{} took longer than {:?}",
-                        config.host, config.port, timeout
-                    ),
-                )
-            })??;
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "connecting to {}:{} took longer than {:?}",
+                            config.host, config.port, timeout
+                        ),
+                    )
+                })??;
             let authorizer = Arc::new(Authorizer::new(config.operation_timeout));
             authorizer.set_client(cbs).await;
             if let Some(audience) = audience {
@@ -253,10 +264,12 @@ impl Engine {
                 connection: Mutex::new(connection),
                 session: Mutex::new(session),
                 authorizer,
+                lost: std::sync::Mutex::new(lost),
                 links: Mutex::new(HashMap::new()),
                 management: Mutex::new(None),
                 link_counter: AtomicU64::new(0),
-                refresher: std::sync::Mutex::new(None),
+                refresher: std::sync::Mutex::new(Vec::new()),
+                replaced: tokio::sync::watch::channel(0).0,
                 queue_depth,
                 reconnect_lock: Mutex::new(()),
                 reconnects: AtomicU64::new(0),
@@ -269,8 +282,13 @@ impl Engine {
                 refresh_tokens(engine.authorizer.clone(), engine.events.clone())
                     .instrument(tracing::Span::current()),
             );
+            let watcher = tokio::spawn(
+                watch_connection(Arc::downgrade(&engine), engine.replaced.subscribe())
+                    .instrument(tracing::Span::current()),
+            );
             if let Ok(mut slot) = engine.refresher.lock() {
-                *slot = Some(refresher);
+                slot.push(refresher);
+                slot.push(watcher);
             }
             Ok(engine)
         }
@@ -359,7 +377,7 @@ impl Engine {
     }
 
     /// Attaches a sender to `target`, reconnecting first when the connection is gone.
-    pub(crate) async fn attach_sender(&self, target: &str) -> Result<(Sender, u64)> {
+    pub(crate) async fn attach_sender(&self, target: &str) -> Result<(Sender, (u64, Lost))> {
         let ended =
             self.session.lock().await.is_ended() || self.connection.lock().await.is_closed();
         if ended {
@@ -368,7 +386,7 @@ impl Engine {
         let n = self.link_counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("hubsend-sender-{n}");
         let mut session = self.session.lock().await;
-        let generation = self.reconnects.load(Ordering::Relaxed);
+        let (generation, lost) = self.current();
         let attach = tokio::time::timeout(
             self.config.operation_timeout,
             Sender::builder()
@@ -377,8 +395,9 @@ impl Engine {
                 .sender_settle_mode(SenderSettleMode::Unsettled)
                 .attach(&mut session),
         );
-        // fe2o3 may not wake an attach whose connection dies under it: watch the connection.
-        let lost = self.connection_closed();
+        // fe2o3 may not wake an attach whose connection dies under it: watch the stream.
+        let lost_handle = lost.clone();
+        let lost = lost.lost();
         tokio::select! {
             result = attach => result
                 .map_err(|_| {
@@ -388,7 +407,7 @@ impl Engine {
                     )
                 })?
                 .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))
-                .map(|sender| (sender, generation)),
+                .map(|sender| (sender, (generation, lost_handle))),
             () = lost => Err(Error::new(
                 ErrorKind::Connection,
                 format!("the connection was lost while attaching to `{target}`"),
@@ -396,28 +415,16 @@ impl Engine {
         }
     }
 
-    /// Resolves once the current connection has closed.
-    async fn connection_closed(&self) {
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if self.connection.lock().await.is_closed() {
-                return;
-            }
+    /// The current connection's generation and its loss watch.
+    pub(crate) fn current(&self) -> (u64, Lost) {
+        // Read under the lock that reconnect holds while it swaps both.
+        let lost = self.lost.lock().map(|l| l.clone());
+        let generation = self.reconnects.load(Ordering::Acquire);
+        match lost {
+            Ok(lost) => (generation, lost),
+            // A poisoned lock: report the connection as lost so callers recover.
+            Err(_) => (generation, Lost::already()),
         }
-    }
-
-    /// Whether the connection of `generation` is gone (replaced, closed or its session ended).
-    async fn is_lost(&self, generation: u64) -> bool {
-        if self.reconnects.load(Ordering::Relaxed) != generation {
-            return true;
-        }
-        // The session lock is held during attaches; don't wait for it, the connection tells.
-        let session_ended = self
-            .session
-            .try_lock()
-            .map(|s| s.is_ended())
-            .unwrap_or(false);
-        session_ended || self.connection.lock().await.is_closed()
     }
 
     /// Opens a new connection, session and CBS link and re-authorises, unless another task
@@ -436,15 +443,16 @@ impl Engine {
                 "the producer is closed; not reconnecting",
             ));
         }
-        let alive =
-            !self.session.lock().await.is_ended() && !self.connection.lock().await.is_closed();
+        let alive = !self.current().1.is_lost()
+            && !self.session.lock().await.is_ended()
+            && !self.connection.lock().await.is_closed();
         let replace_stale = stale == Some(self.reconnects.load(Ordering::Relaxed));
         if alive && !replace_stale {
             return Ok(());
         }
         tracing::info!("reconnecting");
         let _ = self.events.send(ConnectionEvent::Reconnecting);
-        let (connection, session, cbs) =
+        let (connection, session, cbs, lost) =
             tokio::time::timeout(self.config.connect_timeout, open(&self.config))
                 .await
                 .map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
@@ -460,7 +468,12 @@ impl Engine {
         *self.session.lock().await = session;
         let old = std::mem::replace(&mut *self.connection.lock().await, connection);
         drop(old);
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut slot) = self.lost.lock() {
+            *slot = lost;
+            self.reconnects.fetch_add(1, Ordering::Release);
+        }
+        self.replaced
+            .send_replace(self.reconnects.load(Ordering::Acquire));
         tracing::info!("reconnected");
         let _ = self.events.send(ConnectionEvent::Reconnected);
         Ok(())
@@ -526,7 +539,7 @@ impl Engine {
             open
         });
         if let Ok(mut slot) = self.refresher.lock() {
-            if let Some(task) = slot.take() {
+            for task in slot.drain(..) {
                 task.abort();
             }
         }
@@ -584,7 +597,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         if let Ok(mut slot) = self.refresher.lock() {
-            if let Some(task) = slot.take() {
+            for task in slot.drain(..) {
                 task.abort();
             }
         }
@@ -594,17 +607,11 @@ impl Drop for Engine {
 /// Opens a connection, its session and its `$cbs` links.
 async fn open(
     config: &ConnectConfig,
-) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient)> {
-    let tcp = TcpStream::connect((config.host.as_str(), config.port))
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot reach {}:{}", config.host, config.port),
-            )
-            .with_source(e)
-        })?;
-    let _ = tcp.set_nodelay(true);
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient, Lost)> {
+    let endpoint = Endpoint::new(config.host.as_str(), config.port)
+        .tls(config.tls.clone())
+        .connect_timeout(config.connect_timeout);
+    let Connected { io, lost } = transport::connect(&endpoint).await?;
     let container_id = format!("hubsend-{}", uuid::Uuid::new_v4().simple());
     let builder = Connection::builder()
         .container_id(container_id)
@@ -621,18 +628,12 @@ async fn open(
             _ => Error::new(ErrorKind::Connection, context).with_source(e),
         }
     };
-    let mut connection = match &config.tls {
-        Some(tls) => {
-            let stream = crate::tls::connect(tls.clone(), &config.host, tcp).await?;
-            builder.open_with_stream(stream).await.map_err(open_error)?
-        }
-        None => builder.open_with_stream(tcp).await.map_err(open_error)?,
-    };
+    let mut connection = builder.open_with_stream(io).await.map_err(open_error)?;
     let mut session = Session::begin(&mut connection).await.map_err(|e| {
         Error::new(ErrorKind::Connection, "beginning the AMQP session failed").with_source(e)
     })?;
     let cbs = Authorizer::attach(&mut session).await?;
-    Ok((connection, session, cbs))
+    Ok((connection, session, cbs, lost))
 }
 
 /// Keeps every audience's token fresh, and tells the application.
@@ -656,3 +657,34 @@ async fn refresh_tokens(
 
 #[cfg(test)]
 mod tests;
+
+/// Tells the application the moment the current connection's stream ends, once per
+/// connection.
+async fn watch_connection(
+    engine: std::sync::Weak<Engine>,
+    mut replaced: tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        let Some((generation, lost)) = engine.upgrade().map(|e| e.current()) else {
+            return;
+        };
+        lost.lost().await;
+        let Some(e) = engine.upgrade() else {
+            return;
+        };
+        if *e.lifecycle.borrow() == Lifecycle::Closed {
+            return;
+        }
+        let cause = lost
+            .cause()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "the connection ended".to_owned());
+        tracing::warn!(%cause, "connection lost");
+        let _ = e.events.send(ConnectionEvent::Disconnected { cause });
+        drop(e);
+        // Wait for the reconnect that replaces it.
+        if replaced.wait_for(|g| *g != generation).await.is_err() {
+            return;
+        }
+    }
+}

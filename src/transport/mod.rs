@@ -30,17 +30,6 @@
 //! WebSockets is a `Framing` variant: after TLS, upgrade to a WebSocket and adapt its binary
 //! messages back into a byte stream, which the guard and watch then wrap like any other.
 
-// Nothing dials through here yet: the AMQP layer's `open()` moves onto `connect` in the lead's
-// rewrite. Until then only the tests use this module.
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        unused_imports,
-        reason = "open() is not wired to the transport layer yet"
-    )
-)]
-
 pub(crate) mod guard;
 pub(crate) mod watch;
 
@@ -56,7 +45,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 
-pub(crate) use watch::{Loss, Lost};
+pub(crate) use watch::Lost;
 
 /// A byte stream the AMQP layer can run over. `Debug` because fe2o3's `open_with_stream`
 /// asks for it (it names the stream in its tracing spans).
@@ -150,7 +139,7 @@ impl fmt::Debug for Endpoint {
 pub(crate) struct Connected {
     /// Hand this to fe2o3 (`Connection::builder()...open_with_stream(io)`).
     pub(crate) io: BoxIo,
-    /// Resolves once `io` has ended, for whatever reason (see [`Loss`]).
+    /// Resolves once `io` has ended, for whatever reason (see [`watch::Loss`]).
     pub(crate) lost: Lost,
 }
 

@@ -10,6 +10,7 @@ use hubsend_testhub::{HubConfig, TestHub};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::watch::Loss;
 use super::*;
 
 /// Generous against a loaded machine; a watch that never flips fails long before.

@@ -83,6 +83,12 @@ impl Lost {
         let _ = rx.wait_for(Option::is_some).await;
     }
 
+    /// A handle that reports a loss from the start (for a connection that cannot be used).
+    pub(crate) fn already() -> Lost {
+        let (_tx, rx) = watch::channel(Some(Loss::Dropped));
+        Lost { rx }
+    }
+
     /// Whether the stream has been lost.
     pub(crate) fn is_lost(&self) -> bool {
         self.rx.borrow().is_some()
