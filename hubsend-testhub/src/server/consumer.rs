@@ -29,7 +29,10 @@ use fe2o3_amqp_types::{
 use serde_amqp::descriptor::Descriptor;
 use tokio::time::Instant;
 
-use super::{amqp_error, link_properties, now_ms, refuse, Auth, ConnCtx};
+use super::{
+    connection::{refuse, Auth, ConnCtx},
+    end_link, link_properties, now_ms,
+};
 use crate::{
     sas::normalise,
     store::{partition_key_of, EventRef, PartitionLog},
@@ -205,10 +208,7 @@ pub(super) async fn consumer_attach(
     let shared = &ctx.shared;
     let segs = consumer_segments(&address).unwrap_or_default();
     let path = segs.join("/");
-    let not_found = format!(
-        "The messaging entity 'sb://{}/{}' could not be found.",
-        ctx.host, path
-    );
+    let not_found = ctx.not_found(&path);
     let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
         return refuse_consumer(attach, session, ctx, "amqp:not-found", not_found).await;
     };
@@ -220,10 +220,7 @@ pub(super) async fn consumer_attach(
         _ => return refuse_consumer(attach, session, ctx, "amqp:not-found", not_found).await,
     };
     if matches!(ctx.authorised(&path, Some(Right::Listen)), Auth::No) {
-        let desc = format!(
-            "Unauthorized access. 'Listen' claim(s) are required to perform this operation. Resource: 'sb://{}/{}'.",
-            ctx.host, path
-        );
+        let desc = ctx.unauthorised(Right::Listen, &path);
         return refuse_consumer(attach, session, ctx, "amqp:unauthorized-access", desc).await;
     }
     let selector = attach.source.as_deref().and_then(selector_of);
@@ -359,20 +356,11 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
     let mut next = start;
     // Skips events before the filter's position; dropped once the first event qualifies.
     let mut skip_until = Some(position);
-    let far = || Instant::now() + Duration::from_secs(3600 * 24);
+    let _far = || Instant::now() + Duration::from_secs(3600 * 24);
     let close_error: Option<definitions::Error> = 'serve: loop {
-        let auth_deadline = match link.ctx.authorised(&link.entity, Some(Right::Listen)) {
-            Auth::No => break Some(amqp_error(
-                "amqp:unauthorized-access",
-                format!(
-                    "The token has expired. Code: RenewToken. Details: Unauthorized access. 'Listen' claim(s) are required to perform this operation. Resource: 'sb://{}/{}'.",
-                    link.ctx.host, link.entity
-                ),
-            )),
-            Auth::Forever => far(),
-            Auth::Until(ms) => {
-                Instant::now() + Duration::from_millis((ms - now_ms()).max(0) as u64 + 5)
-            }
+        let auth_deadline = match link.ctx.auth_deadline(&link.entity, Right::Listen) {
+            Ok(deadline) => deadline,
+            Err(expired) => break Some(expired),
         };
         let notified = shared.stored.notified();
         tokio::pin!(notified);
@@ -406,16 +394,7 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
             }
         }
     };
-    let result = match close_error {
-        Some(err) => {
-            tracing::info!(link = %link.name, condition = ?err.condition, "detaching consumer link");
-            tokio::time::timeout(Duration::from_secs(5), sender.close_with_error(err)).await
-        }
-        None => tokio::time::timeout(Duration::from_secs(2), sender.close()).await,
-    };
-    if let Ok(Err(e)) = result {
-        tracing::debug!(error = ?e, "consumer link close");
-    }
+    end_link(sender, "consumer", &link.name, close_error).await;
 }
 
 #[cfg(test)]
