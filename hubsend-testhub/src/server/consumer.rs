@@ -34,8 +34,9 @@ use super::{
     end_link, link_properties, now_ms,
 };
 use crate::{
+    raw,
     sas::normalise,
-    store::{partition_key_of, EventRef, PartitionLog},
+    store::{EventRef, PartitionLog},
     Right,
 };
 
@@ -299,7 +300,7 @@ impl ConsumerLink {
             .unwrap_or_default()
     }
 
-    /// The delivered form of a stored event.
+    /// The delivered form of a stored event, decoded (for fe2o3 to encode).
     fn message(&self, ev: &EventRef, last: Option<&EventRef>) -> Message<Body<Value>> {
         let mut msg = ev.message().unwrap_or_else(|| {
             Message::builder()
@@ -308,10 +309,60 @@ impl ConsumerLink {
                 ))))
                 .build()
         });
-        let partition_key =
-            partition_key_of(&msg).or_else(|| ev.meta.route_key.as_deref().map(str::to_string));
-        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
         let mut ann = msg.message_annotations.take().unwrap_or_default();
+        self.annotate(&mut ann, ev);
+        msg.message_annotations = Some(ann);
+        msg.delivery_annotations = self.delivery_annotations(last);
+        msg
+    }
+
+    /// The delivered form of a stored event, encoded: the producer's sections as they were
+    /// stored, with the message annotations (the only section decoded) completed and the
+    /// delivery annotations replaced. `None` when the stored event does not walk as a
+    /// message; [`message`](Self::message) handles those.
+    fn encoded(&self, ev: &EventRef, last: Option<&EventRef>) -> Option<Vec<u8>> {
+        let raw = ev.raw();
+        let (mut header, mut annotations, mut rest) = (None, None, None);
+        let mut start = 0;
+        for section in raw::Sections::new(raw) {
+            let s = section?;
+            match s.code {
+                raw::HEADER => header = Some(start..s.end),
+                // The producer's delivery annotations are not passed on.
+                raw::DELIVERY_ANNOTATIONS => {}
+                raw::MESSAGE_ANNOTATIONS => annotations = Some(start..s.end),
+                _ => {
+                    rest = Some(start);
+                    break;
+                }
+            }
+            start = s.end;
+        }
+        let mut ann: MessageAnnotations = match annotations {
+            Some(r) => serde_amqp::from_slice(&raw[r]).ok()?,
+            None => MessageAnnotations::default(),
+        };
+        self.annotate(&mut ann, ev);
+        let mut out = Vec::with_capacity(raw.len() + 256);
+        if let Some(h) = header {
+            out.extend_from_slice(&raw[h]);
+        }
+        if let Some(da) = self.delivery_annotations(last) {
+            out.extend(serde_amqp::to_vec(&da).ok()?);
+        }
+        out.extend(serde_amqp::to_vec(&ann).ok()?);
+        out.extend_from_slice(&raw[rest.unwrap_or(start)..]);
+        Some(out)
+    }
+
+    /// Adds the service's annotations of `ev` to its message annotations.
+    fn annotate(&self, ann: &mut MessageAnnotations, ev: &EventRef) {
+        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
+        let partition_key = match ann.0.get(&key("x-opt-partition-key")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Symbol(s)) => Some(s.0.clone()),
+            _ => ev.meta.route_key.as_deref().map(str::to_string),
+        };
         ann.0.insert(
             key("x-opt-sequence-number"),
             Value::Long(ev.sequence_number),
@@ -325,29 +376,30 @@ impl ConsumerLink {
         if let Some(pk) = partition_key {
             ann.0.insert(key("x-opt-partition-key"), Value::String(pk));
         }
-        msg.message_annotations = Some(MessageAnnotations(ann.0));
-        msg.delivery_annotations = None;
-        if let (true, Some(last)) = (self.runtime_metric, last) {
-            let mut da = DeliveryAnnotations::default();
-            da.0.insert(
-                key("last_enqueued_sequence_number"),
-                Value::Long(last.sequence_number),
-            );
-            da.0.insert(
-                key("last_enqueued_offset"),
-                Value::String(last.offset.to_string()),
-            );
-            da.0.insert(
-                key("last_enqueued_time_utc"),
-                Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms())),
-            );
-            da.0.insert(
-                key("runtime_info_retrieval_time_utc"),
-                Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
-            );
-            msg.delivery_annotations = Some(da);
-        }
-        msg
+    }
+
+    /// The last-enqueued-event delivery annotations, when the consumer asked for them.
+    fn delivery_annotations(&self, last: Option<&EventRef>) -> Option<DeliveryAnnotations> {
+        let last = last.filter(|_| self.runtime_metric)?;
+        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
+        let mut da = DeliveryAnnotations::default();
+        da.0.insert(
+            key("last_enqueued_sequence_number"),
+            Value::Long(last.sequence_number),
+        );
+        da.0.insert(
+            key("last_enqueued_offset"),
+            Value::String(last.offset.to_string()),
+        );
+        da.0.insert(
+            key("last_enqueued_time_utc"),
+            Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms())),
+        );
+        da.0.insert(
+            key("runtime_info_retrieval_time_utc"),
+            Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
+        );
+        Some(da)
     }
 }
 
@@ -382,7 +434,12 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
                 }
                 skip_until = None;
             }
-            let msg = link.message(&ev, last.as_ref());
+            // Encoded here and put in place on the wire when it fits one frame; else fe2o3
+            // encodes the decoded form.
+            let msg = link
+                .encoded(&ev, last.as_ref())
+                .and_then(|payload| link.ctx.control.stage(payload))
+                .unwrap_or_else(|| link.message(&ev, last.as_ref()));
             // Batchable: the TRANSFER's last field is set, so fe2o3 writes all of them
             // (PROTOCOL J); the outcome is not awaited.
             match sender.send_batchable(msg).await {
