@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -22,8 +22,11 @@ use crate::producer::{DeliveryFuture, Producer, SendOptions};
 #[non_exhaustive]
 pub struct FailedBatch {
     /// The events that were not stored, in `enqueue` order (one batch's worth, or a single
-    /// event refused before sending).
+    /// event refused before sending). Empty when
+    /// [`keep_failed_events`](BufferedOptions::keep_failed_events) is off.
     pub events: Vec<Event>,
+    /// How many events failed (`events.len()` when they are kept).
+    pub count: usize,
     /// The partition key the batch was routed by, if any.
     pub partition_key: Option<String>,
     /// The partition id the batch was sent to, if any.
@@ -34,6 +37,24 @@ pub struct FailedBatch {
 
 type FailureCallback = Arc<dyn Fn(FailedBatch) + Send + Sync>;
 
+/// A batch the hub stored, reported to the success callback.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SettledBatch {
+    /// How many events it held.
+    pub events: usize,
+    /// The sum of their body lengths.
+    pub body_bytes: u64,
+    /// From handing the batch to the producer to the hub's outcome (retries included).
+    pub latency: Duration,
+    /// The partition key the batch was routed by, if any.
+    pub partition_key: Option<String>,
+    /// The partition id the batch was sent to, if any.
+    pub partition_id: Option<String>,
+}
+
+type SuccessCallback = Arc<dyn Fn(SettledBatch) + Send + Sync>;
+
 /// Tunables of a [`BufferedProducer`].
 ///
 /// | setting | default |
@@ -41,6 +62,7 @@ type FailureCallback = Arc<dyn Fn(FailedBatch) + Send + Sync>;
 /// | [`max_buffered_events`](Self::max_buffered_events) | 50,000 |
 /// | [`linger`](Self::linger) | 10 ms |
 /// | [`max_lanes`](Self::max_lanes) | 1,024 |
+/// | [`keep_failed_events`](Self::keep_failed_events) | on (with a failure callback) |
 #[derive(Clone)]
 #[must_use]
 pub struct BufferedOptions {
@@ -48,6 +70,8 @@ pub struct BufferedOptions {
     linger: Duration,
     max_lanes: usize,
     on_failure: Option<FailureCallback>,
+    keep_failed_events: bool,
+    on_success: Option<SuccessCallback>,
 }
 
 impl fmt::Debug for BufferedOptions {
@@ -57,6 +81,8 @@ impl fmt::Debug for BufferedOptions {
             .field("linger", &self.linger)
             .field("max_lanes", &self.max_lanes)
             .field("on_failure", &self.on_failure.is_some())
+            .field("keep_failed_events", &self.keep_failed_events)
+            .field("on_success", &self.on_success.is_some())
             .finish()
     }
 }
@@ -68,6 +94,8 @@ impl Default for BufferedOptions {
             linger: Duration::from_millis(10),
             max_lanes: 1024,
             on_failure: None,
+            keep_failed_events: true,
+            on_success: None,
         }
     }
 }
@@ -91,8 +119,10 @@ impl BufferedOptions {
         self
     }
 
-    /// At most this many routes (partition keys or ids) have an open batch at once; an idle
-    /// lane is closed after its batch is sent.
+    /// At most this many routes (partition keys or ids) have a lane at once. A new route
+    /// beyond that retires the least recently used lane: its open batch is sent (partly filled)
+    /// and its outcomes still count towards [`flush`](BufferedProducer::flush) and
+    /// [`close`](BufferedProducer::close).
     pub fn max_lanes(mut self, lanes: usize) -> Self {
         self.max_lanes = lanes.max(1);
         self
@@ -104,6 +134,22 @@ impl BufferedOptions {
     /// outcome (they are moved, not copied), so in-flight memory roughly doubles.
     pub fn on_failure(mut self, callback: impl Fn(FailedBatch) + Send + Sync + 'static) -> Self {
         self.on_failure = Some(Arc::new(callback));
+        self
+    }
+
+    /// Whether the failure callback gets the failed events themselves (default) or only their
+    /// [`count`](FailedBatch::count). Off, lanes do not keep the events of in-flight batches,
+    /// for callers that only need to know what failed and why.
+    pub fn keep_failed_events(mut self, keep: bool) -> Self {
+        self.keep_failed_events = keep;
+        self
+    }
+
+    /// Called once for every batch the hub stored, with its event count, body bytes and
+    /// latency (for progress displays, metrics, or advancing a checkpoint). It runs on the
+    /// lane's settling task: keep it short.
+    pub fn on_success(mut self, callback: impl Fn(SettledBatch) + Send + Sync + 'static) -> Self {
+        self.on_success = Some(Arc::new(callback));
         self
     }
 }
@@ -137,13 +183,25 @@ struct RouteKey {
 struct Lane {
     tx: mpsc::Sender<LaneCommand>,
     task: JoinHandle<()>,
+    /// When an event last went to this lane (a count of `put`s), to retire the least recently
+    /// used one.
+    last_used: u64,
+}
+
+/// The lanes: open ones by route, and retired ones still settling their last batches (at most
+/// one per route: a new lane for the route takes over the wait, see [`LaneTask::run`]).
+#[derive(Default)]
+struct Lanes {
+    open: HashMap<RouteKey, Lane>,
+    retired: Vec<(RouteKey, JoinHandle<()>)>,
+    uses: u64,
 }
 
 struct Shared {
     producer: Producer,
     options: BufferedOptions,
     buffer: Arc<Semaphore>,
-    lanes: tokio::sync::Mutex<HashMap<RouteKey, Lane>>,
+    lanes: tokio::sync::Mutex<Lanes>,
     enqueued: AtomicU64,
     sent: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -177,7 +235,7 @@ impl BufferedProducer {
                 buffer: Arc::new(Semaphore::new(options.max_buffered_events)),
                 producer,
                 options,
-                lanes: tokio::sync::Mutex::new(HashMap::new()),
+                lanes: tokio::sync::Mutex::new(Lanes::default()),
                 enqueued: AtomicU64::new(0),
                 sent: Arc::new(AtomicU64::new(0)),
                 failed: Arc::new(AtomicU64::new(0)),
@@ -249,22 +307,36 @@ impl BufferedProducer {
     }
 
     async fn lane(&self, route: RouteKey) -> Result<mpsc::Sender<LaneCommand>> {
-        let mut lanes = self.shared.lanes.lock().await;
-        if let Some(lane) = lanes.get(&route) {
+        let mut guard = self.shared.lanes.lock().await;
+        let lanes = &mut *guard;
+        lanes.uses += 1;
+        if let Some(lane) = lanes.open.get_mut(&route) {
             if !lane.tx.is_closed() {
+                lane.last_used = lanes.uses;
                 return Ok(lane.tx.clone());
             }
         }
-        lanes.retain(|_, lane| !lane.tx.is_closed());
-        if lanes.len() >= self.shared.options.max_lanes {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "more than {} routes are open at once",
-                    self.shared.options.max_lanes
-                ),
-            ));
+        lanes.open.retain(|_, lane| !lane.tx.is_closed());
+        lanes.retired.retain(|(_, task)| !task.is_finished());
+        if lanes.open.len() >= self.shared.options.max_lanes {
+            // Retire the least recently used lane: dropping its sender makes it send its open
+            // batch and end once its outcomes are in.
+            let oldest = lanes
+                .open
+                .iter()
+                .min_by_key(|(_, lane)| lane.last_used)
+                .map(|(key, _)| key.clone());
+            if let Some((key, lane)) = oldest.and_then(|key| lanes.open.remove_entry(&key)) {
+                lanes.retired.push((key, lane.task));
+            }
         }
+        // A lane retired on this route may still be sending: the new one starts after it has
+        // settled, so order per route holds.
+        let predecessor = lanes
+            .retired
+            .iter()
+            .position(|(key, _)| *key == route)
+            .map(|i| lanes.retired.swap_remove(i).1);
         let mut batch_options = BatchOptions::new();
         if let Some(k) = &route.partition_key {
             batch_options = batch_options.partition_key(k.clone());
@@ -279,24 +351,32 @@ impl BufferedProducer {
             .create_batch(batch_options.clone())
             .await?;
         let (tx, rx) = mpsc::channel(256);
+        let options = &self.shared.options;
         let lane = LaneTask {
             producer: self.shared.producer.clone(),
             batch_options,
-            linger: self.shared.options.linger,
-            sent: self.shared.sent.clone(),
+            linger: options.linger,
+            successes: Successes {
+                sent: self.shared.sent.clone(),
+                on_success: options.on_success.clone(),
+                partition_key: route.partition_key.clone(),
+                partition_id: route.partition_id.clone(),
+            },
             failures: Failures {
                 failed: self.shared.failed.clone(),
-                on_failure: self.shared.options.on_failure.clone(),
+                on_failure: options.on_failure.clone(),
+                keep_events: options.keep_failed_events,
                 partition_key: route.partition_key.clone(),
                 partition_id: route.partition_id.clone(),
             },
         };
-        let task = tokio::spawn(lane.run(first, rx));
-        lanes.insert(
+        let task = tokio::spawn(lane.run(predecessor, first, rx));
+        lanes.open.insert(
             route,
             Lane {
                 tx: tx.clone(),
                 task,
+                last_used: lanes.uses,
             },
         );
         Ok(tx)
@@ -305,14 +385,15 @@ impl BufferedProducer {
     /// Sends every partly filled batch now and waits until every event enqueued before the
     /// call has an outcome.
     pub async fn flush(&self) {
-        let senders: Vec<mpsc::Sender<LaneCommand>> = self
-            .shared
-            .lanes
-            .lock()
-            .await
-            .values()
-            .map(|l| l.tx.clone())
-            .collect();
+        let (senders, retired): (Vec<mpsc::Sender<LaneCommand>>, Vec<_>) = {
+            let mut lanes = self.shared.lanes.lock().await;
+            let senders = lanes.open.values().map(|l| l.tx.clone()).collect();
+            (senders, std::mem::take(&mut lanes.retired))
+        };
+        // Retired lanes have sent everything they had: they end when it has settled.
+        for (_, task) in retired {
+            let _ = task.await;
+        }
         let mut waits = Vec::new();
         for tx in senders {
             let (done, wait) = oneshot::channel();
@@ -368,6 +449,7 @@ impl BufferedProducer {
             .lanes
             .lock()
             .await
+            .open
             .drain()
             .map(|(_, l)| l)
             .collect();
@@ -385,8 +467,33 @@ struct LaneTask {
     producer: Producer,
     batch_options: BatchOptions,
     linger: Duration,
-    sent: Arc<AtomicU64>,
+    successes: Successes,
     failures: Failures,
+}
+
+/// Where one lane's stored batches are told: the shared counter and the application's callback.
+#[derive(Clone)]
+struct Successes {
+    sent: Arc<AtomicU64>,
+    on_success: Option<SuccessCallback>,
+    partition_key: Option<String>,
+    partition_id: Option<String>,
+}
+
+impl Successes {
+    /// Counts `count` stored events and tells the callback.
+    fn report(&self, count: usize, body_bytes: u64, shipped_at: Instant) {
+        self.sent.fetch_add(count as u64, Ordering::Relaxed);
+        if let Some(cb) = &self.on_success {
+            cb(SettledBatch {
+                events: count,
+                body_bytes,
+                latency: shipped_at.elapsed(),
+                partition_key: self.partition_key.clone(),
+                partition_id: self.partition_id.clone(),
+            });
+        }
+    }
 }
 
 /// Where one lane's failed events go: the shared counter and the application's callback.
@@ -394,18 +501,27 @@ struct LaneTask {
 struct Failures {
     failed: Arc<AtomicU64>,
     on_failure: Option<FailureCallback>,
+    /// Whether the callback wants the events themselves.
+    keep_events: bool,
     partition_key: Option<String>,
     partition_id: Option<String>,
 }
 
 impl Failures {
+    /// Whether the lane must keep the events of its batches until their outcome.
+    fn keeps_events(&self) -> bool {
+        self.on_failure.is_some() && self.keep_events
+    }
+
     /// Counts `count` failed events and hands `events` (the kept ones, if any) to the callback.
     fn report(&self, count: usize, events: Vec<Event>, error: Error) {
         self.failed.fetch_add(count as u64, Ordering::Relaxed);
+        let events = if self.keep_events { events } else { Vec::new() };
         tracing::warn!(events = count, error = %error, "buffered events failed");
         if let Some(cb) = &self.on_failure {
             cb(FailedBatch {
                 events,
+                count,
                 partition_key: self.partition_key.clone(),
                 partition_id: self.partition_id.clone(),
                 error,
@@ -415,30 +531,45 @@ impl Failures {
 }
 
 impl LaneTask {
-    async fn run(self, first: EventBatch, mut rx: mpsc::Receiver<LaneCommand>) {
+    async fn run(
+        self,
+        predecessor: Option<JoinHandle<()>>,
+        first: EventBatch,
+        mut rx: mpsc::Receiver<LaneCommand>,
+    ) {
+        if let Some(earlier) = predecessor {
+            let _ = earlier.await;
+        }
         // Outcomes are awaited in order by a settler, so the lane never waits on the hub
         // except through the producer's in-flight bound.
         let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Shipped>();
-        let sent = self.sent.clone();
+        let successes = self.successes.clone();
         let failures = self.failures.clone();
         let settler = tokio::spawn(async move {
             while let Some(shipped) = settle_rx.recv().await {
-                match shipped.delivery.await {
-                    Ok(()) => {
-                        sent.fetch_add(shipped.count as u64, Ordering::Relaxed);
-                    }
-                    Err(error) => failures.report(shipped.count, shipped.events, error),
+                let Shipped {
+                    count,
+                    delivery,
+                    kept,
+                    at,
+                    flushed,
+                } = shipped;
+                match delivery.await {
+                    Ok(()) if count > 0 => successes.report(count, kept.body_bytes, at),
+                    Ok(()) => {}
+                    Err(error) => failures.report(count, kept.events, error),
                 }
-                if let Some(done) = shipped.flushed {
+                if let Some(done) = flushed {
                     let _ = done.send(());
                 }
             }
         });
         let mut batch = Some(first);
         let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
-        // The open batch's events, kept for the failure callback (only when there is one).
-        let keep = self.failures.on_failure.is_some();
-        let mut kept: Vec<Event> = Vec::new();
+        // The open batch's events, kept for the failure callback (only when it wants them),
+        // and their body bytes.
+        let keep = self.failures.keeps_events();
+        let mut kept = Kept::default();
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let command = match deadline {
@@ -476,8 +607,9 @@ impl LaneTask {
                     match current.add_ref(&event) {
                         Ok(()) => {
                             permits.push(permit);
+                            kept.body_bytes += event.body().len() as u64;
                             if keep {
-                                kept.push(event);
+                                kept.events.push(event);
                             }
                             if deadline.is_none() {
                                 deadline = Some(tokio::time::Instant::now() + self.linger);
@@ -515,7 +647,7 @@ impl LaneTask {
         &self,
         batch: &mut Option<EventBatch>,
         permits: &mut Vec<OwnedSemaphorePermit>,
-        kept: &mut Vec<Event>,
+        kept: &mut Kept,
         settle: &mpsc::UnboundedSender<Shipped>,
         flushed: Option<oneshot::Sender<()>>,
     ) {
@@ -530,7 +662,8 @@ impl LaneTask {
                     let _ = settle.send(Shipped {
                         count: 0,
                         delivery: DeliveryFuture::from_receiver(rx),
-                        events: Vec::new(),
+                        kept: Kept::default(),
+                        at: Instant::now(),
                         flushed: Some(done),
                     });
                 }
@@ -538,18 +671,20 @@ impl LaneTask {
             }
         };
         let count = full.len();
-        let events = std::mem::take(kept);
+        let kept = std::mem::take(kept);
+        let at = Instant::now();
         match self.producer.send_batch(full).await {
             Ok(delivery) => {
                 let _ = settle.send(Shipped {
                     count,
                     delivery,
-                    events,
+                    kept,
+                    at,
                     flushed,
                 });
             }
             Err(error) => {
-                self.failures.report(count, events, error);
+                self.failures.report(count, kept.events, error);
                 if let Some(done) = flushed {
                     let _ = done.send(());
                 }
@@ -563,11 +698,21 @@ impl LaneTask {
     }
 }
 
+/// What a lane keeps of its open batch besides the encoding.
+#[derive(Default)]
+struct Kept {
+    /// Its events, when a failure callback wants them back.
+    events: Vec<Event>,
+    /// The sum of their body lengths, for the success callback.
+    body_bytes: u64,
+}
+
 /// A batch handed to the producer, waiting for its outcome in the lane's settler.
 struct Shipped {
     count: usize,
     delivery: DeliveryFuture,
-    /// Its events, when a failure callback wants them back.
-    events: Vec<Event>,
+    kept: Kept,
+    /// When it was handed to the producer.
+    at: Instant,
     flushed: Option<oneshot::Sender<()>>,
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
 
-use crate::auth::{AccessToken, Secret, TokenProvider, TokenType};
+use crate::auth::{max_expiry, AccessToken, Secret, TokenProvider, TokenType};
 use crate::error::{Error, ErrorKind, Result};
 use crate::producer::ProducerBuilder;
 
@@ -55,6 +55,7 @@ const MAX_DESCRIPTION: usize = 400;
 ///     .await?;
 /// # Ok(()) }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub struct ClientSecretCredential {
     tenant_id: String,
     client_id: String,
@@ -218,8 +219,9 @@ impl ClientSecretCredential {
             })
     }
 
-    /// Builds the HTTP client: hubsend's rustls configuration (aws-lc-rs, platform roots,
-    /// Mozilla's as fallback, extra roots), no redirects, the request timeout.
+    /// Builds the HTTP client: hubsend's rustls configuration (the crypto provider chosen by
+    /// feature, platform roots, Mozilla's as fallback, extra roots), no redirects, the request
+    /// timeout.
     fn build_client(&self) -> Result<reqwest::Client> {
         let mut roots = Vec::new();
         for pem in &self.extra_roots_pem {
@@ -342,7 +344,7 @@ impl ClientSecretCredential {
                 tracing::debug!(token_type = kind, "unexpected OAuth token type");
             }
         }
-        let expires_at = requested_at + Duration::from_secs(expires_in);
+        let expires_at = expiry_after(requested_at, expires_in);
         tracing::debug!(
             tenant = %self.tenant_id,
             expires_in,
@@ -424,6 +426,16 @@ impl ClientSecretCredential {
     }
 }
 
+/// When a token fetched at `requested_at` with the endpoint's `expires_in` expires.
+///
+/// `expires_in` comes from the network: a huge value must not overflow `SystemTime` (a
+/// panic), so it is capped at the latest expiry any token may carry.
+fn expiry_after(requested_at: SystemTime, expires_in: u64) -> SystemTime {
+    requested_at
+        .checked_add(Duration::from_secs(expires_in))
+        .map_or_else(max_expiry, |at| at.min(max_expiry()))
+}
+
 impl fmt::Debug for ClientSecretCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientSecretCredential")
@@ -454,6 +466,7 @@ impl ProducerBuilder {
     /// cloud). Combine with [`namespace`](Self::namespace) and [`event_hub`](Self::event_hub).
     ///
     /// Requires the `entra` cargo feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
     pub fn entra_client_secret(
         self,
         tenant_id: impl Into<String>,
@@ -514,6 +527,17 @@ mod tests {
             .token_endpoint()
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    }
+
+    /// A token endpoint answering `expires_in` = 2^64 - 1 used to overflow `SystemTime` and
+    /// panic; the expiry is now capped at the latest one a token may carry.
+    #[test]
+    fn huge_expires_in_is_capped_not_a_panic() {
+        let now = SystemTime::now();
+        assert_eq!(expiry_after(now, 3600), now + Duration::from_secs(3600));
+        for expires_in in [u64::MAX, i64::MAX as u64, 300_000_000_000] {
+            assert_eq!(expiry_after(now, expires_in), max_expiry(), "{expires_in}");
+        }
     }
 
     #[test]

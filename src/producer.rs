@@ -42,6 +42,7 @@ use crate::retry::RetryOptions;
 /// | [`connect_timeout`](Self::connect_timeout) | 30 s |
 /// | [`operation_timeout`](Self::operation_timeout) | 60 s |
 /// | [`retry`](Self::retry) | [`RetryOptions::default`] |
+/// | [`max_message_size`](Self::max_message_size) | 1 MiB ([`DEFAULT_MAX_MESSAGE_SIZE`]) |
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ProducerOptions {
@@ -51,7 +52,13 @@ pub struct ProducerOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) operation_timeout: Duration,
     pub(crate) retry: RetryOptions,
+    pub(crate) max_message_size: u64,
 }
+
+/// The largest message any Event Hubs tier takes (Standard, Premium and Dedicated: 1 MB;
+/// Basic announces 256 KB itself). A link that announces more is held to this, so a peer's
+/// claim cannot make hubsend build messages of any size.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = crate::entity::eventhubs::MAX_MESSAGE_SIZE;
 
 impl Default for ProducerOptions {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for ProducerOptions {
             connect_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(60),
             retry: RetryOptions::default(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -112,6 +120,13 @@ impl ProducerOptions {
     /// How long a link attach, put-token or management request may take.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+
+    /// The most a sender link's announced max-message-size is believed: batches are filled
+    /// to the smaller of the two. Raise it only for a hub known to take larger messages.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes.max(1);
         self
     }
 }
@@ -301,8 +316,10 @@ impl ProducerBuilder {
             operation_timeout: self.options.operation_timeout,
             max_frame_size: 65536,
             retry: self.options.retry.clone(),
+            max_message_size: self.options.max_message_size,
         };
-        let engine = Engine::connect(config, self.options.max_in_flight).await?;
+        let audience = crate::entity::eventhubs::audience(&config.host, &config.hub);
+        let engine = Engine::connect(config, self.options.max_in_flight, Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
@@ -314,10 +331,8 @@ impl ProducerBuilder {
         Ok(Producer {
             inner: Arc::new(Inner {
                 engine,
-                deliveries: Arc::new(Semaphore::new(self.options.max_in_flight)),
-                bytes: Arc::new(Semaphore::new(byte_budget)),
+                pipeline: Pipeline::new(self.options.max_in_flight, byte_budget),
                 max_message_size,
-                max_in_flight: self.options.max_in_flight,
             }),
         })
     }
@@ -340,10 +355,93 @@ pub struct Producer {
 #[derive(Debug)]
 struct Inner {
     engine: Arc<Engine>,
+    pipeline: Pipeline,
+    max_message_size: u64,
+}
+
+/// The in-flight bounds every sending handle shares: deliveries and bytes awaiting the hub's
+/// outcome. A send takes its permits before it is queued and gives them back when its outcome
+/// is settled, so memory is bounded by these, not by the input rate.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
     deliveries: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    max_message_size: u64,
     max_in_flight: usize,
+}
+
+impl Pipeline {
+    /// Bounds of `deliveries` and `bytes` in flight.
+    pub(crate) fn new(deliveries: usize, bytes: usize) -> Pipeline {
+        Pipeline {
+            deliveries: Arc::new(Semaphore::new(deliveries)),
+            bytes: Arc::new(Semaphore::new(bytes)),
+            max_in_flight: deliveries,
+        }
+    }
+
+    /// Deliveries waiting for an outcome.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.max_in_flight - self.deliveries.available_permits()
+    }
+
+    /// Queues `sections` on `link` once permits are free (`wait`) or fails with `Busy`.
+    pub(crate) async fn submit(
+        &self,
+        engine: &Engine,
+        link: Arc<LinkHandle>,
+        sections: Sections,
+        mergeable: bool,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        let size = sections.size().min(u32::MAX as u64) as u32;
+        engine.check_open()?;
+        let permits = self.permits(size, wait).await?;
+        let (reply, rx) = oneshot::channel();
+        link.tx
+            .send(Outgoing {
+                sections,
+                mergeable,
+                waiter: Waiter {
+                    reply,
+                    _permits: permits,
+                },
+            })
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
+        Ok(DeliveryFuture::from_receiver(rx))
+    }
+
+    async fn permits(
+        &self,
+        bytes: u32,
+        wait: bool,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
+        if wait {
+            let d = self
+                .deliveries
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
+            let b = self
+                .bytes
+                .clone()
+                .acquire_many_owned(bytes)
+                .await
+                .map_err(closed)?;
+            Ok((d, b))
+        } else {
+            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
+            let d = self.deliveries.clone().try_acquire_owned().map_err(busy)?;
+            let b = self
+                .bytes
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .map_err(busy)?;
+            Ok((d, b))
+        }
+    }
 }
 
 /// A snapshot of a producer's counters (see [`Producer::stats`]).
@@ -397,6 +495,12 @@ pub struct PartitionProperties {
 }
 
 impl Producer {
+    /// The engine behind this producer (engine tests).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.engine
+    }
+
     /// A builder for a producer.
     pub fn builder() -> ProducerBuilder {
         ProducerBuilder {
@@ -438,7 +542,7 @@ impl Producer {
         let engine = &self.inner.engine;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ProducerStats {
-            in_flight: self.inner.max_in_flight - self.inner.deliveries.available_permits(),
+            in_flight: self.inner.pipeline.in_flight(),
             sent: load(&engine.counters.accepted),
             retried: load(&engine.counters.retried),
             failed: load(&engine.counters.failed),
@@ -459,7 +563,7 @@ impl Producer {
     ///
     /// # Errors
     /// [`ErrorKind::MessageTooLarge`] (nothing is sent), [`ErrorKind::NotFound`] for an
-    /// unknown partition, [`ErrorKind::InvalidConfig`] when both a partition key and id are
+    /// unknown partition, [`ErrorKind::InvalidArgument`] when both a partition key and id are
     /// given, connection and authorisation errors when a new link cannot be attached.
     ///
     /// # Cancel safety
@@ -501,24 +605,7 @@ impl Producer {
             .engine
             .link(route.partition_id.as_deref())
             .await?;
-        let limit = link.max_message_size;
-        let max = match options.max_size {
-            Some(0) => {
-                return Err(Error::new(
-                    ErrorKind::InvalidBatchSize,
-                    "a batch size of 0 bytes was requested",
-                ))
-            }
-            Some(requested) if requested > limit => {
-                return Err(Error::new(
-                    ErrorKind::InvalidBatchSize,
-                    format!("requested {requested} bytes but the link allows at most {limit}"),
-                ))
-            }
-            Some(requested) => requested,
-            None => limit,
-        };
-        EventBatch::new(route, max)
+        new_batch(route, link.max_message_size, options.max_size)
     }
 
     /// Queues a batch; the returned future resolves with the hub's outcome for all its events.
@@ -578,33 +665,36 @@ impl Producer {
         })
     }
 
-    /// Waits for every queued delivery's outcome, then closes links, session and connection.
-    ///
-    /// Other clones of this producer fail with [`ErrorKind::Closed`] afterwards.
+    /// Closes the producer: no new sends (from any clone), every queued and unsettled
+    /// delivery settles (recovering lost links as usual, within each delivery's deadline),
+    /// then links, session and connection close. Nothing reconnects afterwards; other clones
+    /// fail with [`ErrorKind::Closed`].
     ///
     /// # Errors
     /// [`ErrorKind::Connection`] when the close handshake fails (deliveries are settled by then).
     pub async fn close(self) -> Result<()> {
-        self.inner.engine.close().await
+        self.inner.engine.close(None, || 0).await.map(|_| ())
     }
 
-    /// Like [`close`](Self::close), but gives up waiting when `deadline` passes.
+    /// Like [`close`](Self::close), but stops waiting when `deadline` passes: deliveries
+    /// still without an outcome then fail with [`ErrorKind::Closed`] (their events may or
+    /// may not have been stored), and the connection closes.
     ///
     /// # Errors
-    /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome (they keep going
-    /// in the background until the hub answers or the connection drops).
+    /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome.
     pub async fn close_within(self, deadline: Duration) -> Result<()> {
-        let watcher = self.clone();
-        match tokio::time::timeout(deadline, self.close()).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::new(
+        let inner = self.inner.clone();
+        let in_flight = move || inner.pipeline.in_flight();
+        let unresolved = self.inner.engine.close(Some(deadline), in_flight).await?;
+        if unresolved > 0 {
+            return Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{} deliveries had no outcome when the {deadline:?} close deadline passed",
-                    watcher.stats().in_flight
+                    "{unresolved} deliveries had no outcome when the {deadline:?} close deadline passed"
                 ),
-            )),
+            ));
         }
+        Ok(())
     }
 
     /// Encodes one event and queues it on its link (looked up once per send), where it may
@@ -647,68 +737,38 @@ impl Producer {
         mergeable: bool,
         wait: bool,
     ) -> Result<DeliveryFuture> {
-        let size = sections.size().min(u32::MAX as u64) as u32;
-        let permits = self.permits(size, wait).await?;
-        let (reply, rx) = oneshot::channel();
-        link.tx
-            .send(Outgoing {
-                sections,
-                mergeable,
-                waiter: Waiter {
-                    reply,
-                    _permits: permits,
-                },
-            })
+        self.inner
+            .pipeline
+            .submit(&self.inner.engine, link, sections, mergeable, wait)
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
-        Ok(DeliveryFuture::from_receiver(rx))
     }
+}
 
-    async fn permits(
-        &self,
-        bytes: u32,
-        wait: bool,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
-        if wait {
-            let d = self
-                .inner
-                .deliveries
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(closed)?;
-            let b = self
-                .inner
-                .bytes
-                .clone()
-                .acquire_many_owned(bytes)
-                .await
-                .map_err(closed)?;
-            Ok((d, b))
-        } else {
-            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
-            let d = self
-                .inner
-                .deliveries
-                .clone()
-                .try_acquire_owned()
-                .map_err(busy)?;
-            let b = self
-                .inner
-                .bytes
-                .clone()
-                .try_acquire_many_owned(bytes)
-                .map_err(busy)?;
-            Ok((d, b))
+/// An empty batch for `route` on a link that takes `limit` bytes, of `requested` bytes at most.
+pub(crate) fn new_batch(route: Route, limit: u64, requested: Option<u64>) -> Result<EventBatch> {
+    let max = match requested {
+        Some(0) => {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                "a batch size of 0 bytes was requested",
+            ))
         }
-    }
+        Some(requested) if requested > limit => {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                format!("requested {requested} bytes but the link allows at most {limit}"),
+            ))
+        }
+        Some(requested) => requested,
+        None => limit,
+    };
+    EventBatch::new(route, max)
 }
 
 fn check_route(route: &Route) -> Result<()> {
     if route.partition_key.is_some() && route.partition_id.is_some() {
         return Err(Error::new(
-            ErrorKind::InvalidConfig,
+            ErrorKind::InvalidArgument,
             "give a partition key or a partition id, not both",
         ));
     }

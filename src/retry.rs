@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::error::{Condition, Error, ErrorKind};
+use crate::error::Error;
+#[cfg(test)]
+use crate::error::{Condition, ErrorKind};
 
 /// How hard to try before a delivery fails for good.
 ///
@@ -85,7 +87,7 @@ impl RetryOptions {
     }
 
     /// How long a delivery may take in all, retries included, before it fails with
-    /// [`ErrorKind::Timeout`].
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -103,43 +105,12 @@ impl RetryOptions {
     }
 }
 
-/// What to do about a failed delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Send the same delivery again after a back-off.
-    Retry,
-    /// The link (and maybe the connection) is gone: re-attach and resend what is unsettled.
-    Reattach,
-    /// Give up on this delivery.
-    Fail,
-}
+pub(crate) use crate::error::Action;
 
-/// The classifier (see the module table).
+/// The classifier: what a sender link does about a delivery that failed with `error`. It
+/// reads the one policy table ([`crate::error::Condition`]'s rows); it owns none.
 pub(crate) fn classify(error: &Error) -> Action {
-    if let Some(condition) = error.condition() {
-        return match condition {
-            Condition::ServerBusy
-            | Condition::Timeout
-            | Condition::InternalError
-            | Condition::OperationCancelled => Action::Retry,
-            Condition::DetachForced
-            | Condition::Stolen
-            | Condition::TransferLimitExceeded
-            | Condition::ConnectionForced
-            | Condition::FramingError
-            | Condition::IllegalState
-            | Condition::PartitionNotOwned
-            // A link detached for an expired token: refresh it, then re-attach (a refused
-            // refresh fails the delivery).
-            | Condition::UnauthorizedAccess => Action::Reattach,
-            _ => Action::Fail,
-        };
-    }
-    match error.kind() {
-        ErrorKind::NotStored | ErrorKind::ServerBusy => Action::Retry,
-        ErrorKind::Link | ErrorKind::Connection | ErrorKind::Timeout => Action::Reattach,
-        _ => Action::Fail,
-    }
+    error.action()
 }
 
 #[cfg(test)]
@@ -152,7 +123,10 @@ mod tests {
         assert_eq!(classify(&c("com.microsoft:server-busy")), Action::Retry);
         assert_eq!(classify(&c("amqp:link:detach-forced")), Action::Reattach);
         assert_eq!(classify(&c("amqp:connection:forced")), Action::Reattach);
-        assert_eq!(classify(&c("amqp:unauthorized-access")), Action::Reattach);
+        assert_eq!(
+            classify(&c("amqp:unauthorized-access")),
+            Action::RefreshAndReattach
+        );
         assert_eq!(classify(&c("amqp:not-found")), Action::Fail);
         assert_eq!(
             classify(&c("amqp:link:message-size-exceeded")),

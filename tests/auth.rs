@@ -148,6 +148,37 @@ async fn a_pre_made_token_expiring_mid_stream_gives_the_documented_error() {
     assert_eq!(again.kind(), ErrorKind::Unauthorized, "{again:?}");
 }
 
+/// Issue #11 defect 5: a signature expiring past chrono's last year (262143) was accepted,
+/// and then formatting the provider or a builder holding it panicked. It is now refused up
+/// front with the usual typed error, through the provider and the connection string alike.
+#[tokio::test]
+async fn a_signature_expiring_after_the_year_9999_is_refused_without_a_panic() {
+    let signature = "SharedAccessSignature sr=a&sig=SECRETSIG&se=8210298412800";
+    let err = hubsend::SasTokenProvider::new(signature).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err:?}");
+    assert!(err.to_string().contains("past the year 9999"), "{err}");
+
+    let builder = Producer::builder().connection_string(format!(
+        "Endpoint=sb://127.0.0.1:1/;SharedAccessSignature={signature};EntityPath={HUB}"
+    ));
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("SECRETSIG"), "{shown}");
+    let err = builder.connect().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConnectionString, "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(shown.contains("past the year 9999"), "{shown}");
+    assert!(!shown.contains("SECRETSIG"), "{shown}");
+
+    // The latest accepted expiry still formats everywhere.
+    let provider =
+        hubsend::SasTokenProvider::new("SharedAccessSignature sr=a&sig=SECRETSIG&se=253402300799")
+            .unwrap();
+    let builder = Producer::builder().credential(std::sync::Arc::new(provider));
+    let shown = format!("{builder:?}");
+    assert!(shown.contains("9999-12-31T23:59:59Z"), "{shown}");
+    assert!(!shown.contains("SECRETSIG"), "{shown}");
+}
+
 #[cfg(feature = "entra")]
 mod entra {
     use std::net::SocketAddr;

@@ -250,3 +250,62 @@ async fn close_within_a_deadline_reports_what_is_still_pending() {
         1_000
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_success_hook_reports_every_stored_batch() {
+    let (hub, producer) = setup(0).await;
+    let settled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = settled.clone();
+    let buffered = BufferedProducer::new(
+        producer.clone(),
+        BufferedOptions::new().on_success(move |batch| seen.lock().unwrap().push(batch)),
+    );
+    stream(&buffered, 5000).await;
+    let report = buffered.close().await;
+    assert_eq!(check_all_arrived_in_order(&hub, 5000), 0, "no duplicates");
+    let settled = std::mem::take(&mut *settled.lock().unwrap());
+    let events: usize = settled.iter().map(|b| b.events).sum();
+    let bytes: u64 = settled.iter().map(|b| b.body_bytes).sum();
+    assert_eq!(events as u64, report.sent);
+    let stored: u64 = hub.events(HUB).iter().map(|e| e.body.len() as u64).sum();
+    assert_eq!(bytes, stored);
+    assert!(settled.iter().all(|b| b.partition_key.is_some()));
+    assert!(settled.iter().all(|b| b.latency < Duration::from_secs(10)));
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_routes_than_lanes_retire_the_least_recently_used() {
+    let (hub, producer) = setup(0).await;
+    // Two lanes for eight keys: every new key retires one, nothing is refused or lost.
+    let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new().max_lanes(2));
+    stream(&buffered, 2000).await;
+    buffered.flush().await;
+    assert_eq!(buffered.report().sent, 2000);
+    let report = buffered.close().await;
+    assert_eq!((report.sent, report.failed, report.pending), (2000, 0, 0));
+    assert_eq!(check_all_arrived_in_order(&hub, 2000), 0, "no duplicates");
+    producer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_can_be_counted_without_keeping_the_events() {
+    let (hub, producer) = setup(0).await;
+    hub.faults()
+        .reject_every_nth(1, "com.microsoft:argument-error");
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = failed.clone();
+    let buffered = BufferedProducer::new(
+        producer.clone(),
+        BufferedOptions::new()
+            .keep_failed_events(false)
+            .on_failure(move |batch| seen.lock().unwrap().push((batch.count, batch.events.len()))),
+    );
+    stream(&buffered, 300).await;
+    let report = buffered.close().await;
+    assert_eq!(report.failed, 300);
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
+    assert_eq!(failed.iter().map(|(count, _)| count).sum::<usize>(), 300);
+    assert!(failed.iter().all(|(_, kept)| *kept == 0));
+    producer.close().await.unwrap();
+}

@@ -217,7 +217,7 @@ async fn partition_ids_target_one_partition_and_unknown_ones_fail() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     // The connection is still good.
     producer
         .send_and_wait(Event::new(b"after".to_vec()), SendOptions::new())

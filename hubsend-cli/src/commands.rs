@@ -6,23 +6,29 @@ use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hubsend::ingest::{
-    self, IngestObserver, IngestOptions, IngestReport, InputFormat, ParsedLine, Progress, Reject,
-    Routing,
-};
+use crate::ingest::record::{self, SENSOR_ID};
+use crate::ingest::report::{IngestReport, Progress, Reject};
+use crate::ingest::stream::{self, IngestObserver, IngestOptions, Routing};
+use crate::ingest::{self, InputFormat, ParsedLine};
 use hubsend::{ErrorKind, Producer, ProducerOptions};
 use serde_json::json;
 use tokio::sync::mpsc;
+
+use crate::signals::Signals;
+use crate::text::{error_chain, sanitize};
 
 /// Exit status: success.
 const EXIT_OK: u8 = 0;
 /// Exit status: a valid record was not stored, or the hub could not be used.
 const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage (e.g. no connection string).
-const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit status: `--strict` and some lines were invalid.
 const EXIT_REJECTED: u8 = 3;
-/// Exit status: stopped by Ctrl-C (everything read so far was stored).
+/// Exit status: a second stop signal abandoned the wait for the hub's outcomes; the summary
+/// counts the events without a known outcome as `unknown`.
+const EXIT_ABANDONED: u8 = 4;
+/// Exit status: stopped by Ctrl-C or SIGTERM (everything read so far was stored).
 const EXIT_INTERRUPTED: u8 = 130;
 
 /// Where and how to connect.
@@ -100,9 +106,16 @@ async fn connect(
             }
             _ => "",
         };
-        eprintln!("hubsend: cannot connect: {e}{hint}");
+        eprintln!("hubsend: cannot connect: {}{hint}", error_chain(&e));
         EXIT_FAILED
     })
+}
+
+/// The longest input line or CSV row read: the hub's message limit. A record that long cannot
+/// become an event the hub stores (the event adds its framing), so nothing longer is worth
+/// holding in memory.
+fn record_limit(producer: &Producer) -> usize {
+    usize::try_from(producer.max_message_size()).unwrap_or(usize::MAX)
 }
 
 /// Shows progress on a terminal and reports rejects on stderr and in the rejects file.
@@ -145,9 +158,16 @@ impl CliObserver {
 impl IngestObserver for CliObserver {
     fn rejected(&mut self, reject: &Reject) {
         self.clear_progress();
-        eprintln!("line {}: {}", reject.line, reject.reason);
+        // The reason may quote the input (or the hub): nothing in it may steer the terminal.
+        let reason = sanitize(&reject.reason);
+        eprintln!("line {}: {reason}", reject.line);
         if let Some(w) = &mut self.rejects {
-            if let Err(e) = writeln!(w, "{}", reject.to_json_line()) {
+            let entry = Reject {
+                line: reject.line,
+                reason: reason.into_owned(),
+                raw: reject.raw.clone(),
+            };
+            if let Err(e) = writeln!(w, "{}", entry.to_json_line()) {
                 self.rejects_error.get_or_insert(e);
                 self.rejects = None;
             }
@@ -173,16 +193,14 @@ impl IngestObserver for CliObserver {
     }
 }
 
-async fn ctrl_c() {
-    if tokio::signal::ctrl_c().await.is_err() {
-        // No signal handling available: never fire.
-        std::future::pending::<()>().await;
-    }
-}
-
 fn human_summary(report: &IngestReport) {
+    let unknown = if report.unknown > 0 {
+        format!(", {} without a known outcome", report.unknown)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "hubsend: sent {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; {} rejected, {} failed{}",
+        "hubsend: sent {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; {} rejected, {} failed{unknown}{}",
         report.sent,
         report.bytes as f64 / 1e6,
         report.seconds,
@@ -192,6 +210,37 @@ fn human_summary(report: &IngestReport) {
         report.failed,
         if report.interrupted { " (stopped early)" } else { "" }
     );
+}
+
+/// Streams `input`: the first signal drains, the second abandons the wait.
+async fn run(
+    producer: &Producer,
+    input: mpsc::Receiver<std::io::Result<ParsedLine>>,
+    options: &IngestOptions,
+    observer: &mut CliObserver,
+    signals: &Signals,
+) -> IngestReport {
+    stream::ingest(
+        producer,
+        input,
+        options,
+        observer,
+        signals.nth(1),
+        signals.nth(2),
+    )
+    .await
+}
+
+/// Closes the connection, unless a second signal says not to wait for the hub any more.
+async fn close(producer: Producer, signals: &Signals) {
+    tokio::select! {
+        closed = producer.close() => {
+            if let Err(e) = closed {
+                tracing::debug!(error = %e, "closing the connection failed");
+            }
+        }
+        _ = signals.nth(2) => {}
+    }
 }
 
 /// `hubsend send`.
@@ -204,11 +253,13 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     } else {
         InputFormat::Ndjson
     };
-    let input = if config.input == "-" {
-        ingest::spawn_reader(std::io::stdin(), format)
+    // Opened before connecting so a wrong path fails at once; read only once the hub's message
+    // limit is known, since that limit caps every line and row.
+    let source: Box<dyn std::io::Read + Send> = if config.input == "-" {
+        Box::new(std::io::stdin())
     } else {
         match File::open(&config.input) {
-            Ok(file) => ingest::spawn_reader(file, format),
+            Ok(file) => Box::new(file),
             Err(e) => {
                 eprintln!("hubsend: cannot open input {}: {e}", config.input);
                 return EXIT_FAILED;
@@ -228,29 +279,39 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
             }
         },
     };
-    let producer = match connect(cs, config.connection.ca_file.as_ref(), config.max_in_flight).await
-    {
-        Ok(p) => p,
-        Err(code) => return code,
+    let signals = Signals::install();
+    let connecting = connect(cs, config.connection.ca_file.as_ref(), config.max_in_flight);
+    let producer = tokio::select! {
+        connected = connecting => match connected {
+            Ok(p) => p,
+            Err(code) => return code,
+        },
+        _ = signals.nth(1) => {
+            // Stopped before anything was read.
+            let report = IngestReport {
+                interrupted: true,
+                ..IngestReport::default()
+            };
+            human_summary(&report);
+            if config.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            }
+            return EXIT_INTERRUPTED;
+        }
     };
+    let input = ingest::spawn_reader(source, format, record_limit(&producer));
     let routing = match (config.partition_key_field, config.partition_id) {
         (Some(field), _) => Routing::PartitionKeyField(field),
         (None, Some(id)) => Routing::PartitionId(id),
         (None, None) => Routing::RoundRobin,
     };
-    let options = IngestOptions::new()
-        .routing(routing)
-        .max_in_flight(config.max_in_flight);
+    let options = IngestOptions::new().routing(routing);
     let mut observer = CliObserver::new(rejects);
-    let mut interrupted_by_signal = false;
-    let signal = async {
-        ctrl_c().await;
-        interrupted_by_signal = true;
-    };
-    let report = ingest::ingest(&producer, input, &options, &mut observer, signal).await;
+    let report = run(&producer, input, &options, &mut observer, &signals).await;
     let rejects_error = observer.finish();
-    if let Err(e) = producer.close().await {
-        tracing::debug!(error = %e, "closing the connection failed");
+    let abandoned = signals.received() >= 2;
+    if !abandoned {
+        close(producer, &signals).await;
     }
 
     human_summary(&report);
@@ -263,7 +324,13 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     if config.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     }
-    if !report.all_sent() || rejects_error.is_some() {
+    if abandoned {
+        eprintln!(
+            "hubsend: stopped without waiting for the hub: {} event(s) have no known outcome",
+            report.unknown
+        );
+        EXIT_ABANDONED
+    } else if !report.all_sent() || rejects_error.is_some() {
         EXIT_FAILED
     } else if config.strict && report.rejected > 0 {
         eprintln!(
@@ -271,7 +338,7 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
             report.rejected
         );
         EXIT_REJECTED
-    } else if interrupted_by_signal {
+    } else if report.interrupted && signals.received() > 0 {
         EXIT_INTERRUPTED
     } else {
         EXIT_OK
@@ -296,7 +363,7 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Feeds `count` synthetic records into a channel for [`ingest::ingest`].
+/// Feeds `count` synthetic records into a channel for [`stream::ingest`].
 fn synthetic_input(
     count: u64,
     payload_bytes: usize,
@@ -308,7 +375,7 @@ fn synthetic_input(
             let line = ParsedLine {
                 line: i + 1,
                 raw: String::new(),
-                result: Ok(ingest::synthetic_record(i, payload_bytes, cardinality)),
+                result: Ok(record::synthetic_record(i, payload_bytes, cardinality)),
             };
             if tx.send(Ok(line)).await.is_err() {
                 break;
@@ -318,31 +385,48 @@ fn synthetic_input(
     rx
 }
 
+/// A test hub in this process for `bench` without a connection string: its connection string
+/// and the hub (which stops when dropped). It keeps only the newest events (like the service's
+/// retention), so the peak RSS reported is the producer's and not a store of everything sent.
+#[cfg(feature = "local-hub")]
+async fn start_local_hub(quiet: bool) -> Result<(String, hubsend_testhub::TestHub), u8> {
+    let hub_config = hubsend_testhub::HubConfig::new().retain_events(Some(100_000));
+    match hubsend_testhub::TestHub::start(hub_config).await {
+        Ok(hub) => {
+            if !quiet {
+                eprintln!(
+                    "hubsend: no connection string; using a local test hub on {}",
+                    hub.addr()
+                );
+            }
+            Ok((hub.connection_string(), hub))
+        }
+        Err(e) => {
+            eprintln!("hubsend: cannot start the local test hub: {e}");
+            Err(EXIT_FAILED)
+        }
+    }
+}
+
+/// Without the `local-hub` feature, `bench` needs a connection string like every command.
+#[cfg(not(feature = "local-hub"))]
+async fn start_local_hub(_quiet: bool) -> Result<(String, NoLocalHub), u8> {
+    Err(no_connection_string())
+}
+
+/// Stands for the local hub a build without `local-hub` never has.
+#[cfg(not(feature = "local-hub"))]
+struct NoLocalHub;
+
 /// `hubsend bench`.
 pub(crate) async fn bench(config: BenchConfig) -> u8 {
-    // Without a connection string, benchmark against a local test hub in this process. It
-    // keeps only the newest events (like the service's retention), so the peak RSS reported
-    // is the producer's and not a store of everything sent.
-    let mut local_hub = None;
-    let hub_config = hubsend_testhub::HubConfig::new().retain_events(Some(100_000));
-    let cs = match &config.connection.connection_string {
-        Some(cs) => cs.clone(),
-        None => match hubsend_testhub::TestHub::start(hub_config).await {
-            Ok(hub) => {
-                let cs = hub.connection_string();
-                if !config.json {
-                    eprintln!(
-                        "hubsend: no connection string; using a local test hub on {}",
-                        hub.addr()
-                    );
-                }
-                local_hub = Some(hub);
-                cs
-            }
-            Err(e) => {
-                eprintln!("hubsend: cannot start the local test hub: {e}");
-                return EXIT_FAILED;
-            }
+    let signals = Signals::install();
+    // Without a connection string, benchmark against a local test hub in this process.
+    let (cs, _local_hub) = match &config.connection.connection_string {
+        Some(cs) => (cs.clone(), None),
+        None => match start_local_hub(config.json).await {
+            Ok((cs, hub)) => (cs, Some(hub)),
+            Err(code) => return code,
         },
     };
     let producer = match connect(
@@ -356,23 +440,21 @@ pub(crate) async fn bench(config: BenchConfig) -> u8 {
         Err(code) => return code,
     };
     let routing = if config.key_cardinality > 0 {
-        Routing::PartitionKeyField(ingest::SENSOR_ID.to_owned())
+        Routing::PartitionKeyField(SENSOR_ID.to_owned())
     } else {
         Routing::RoundRobin
     };
     let options = IngestOptions::new()
         .routing(routing)
-        .max_in_flight(config.max_in_flight)
         .max_open_batches(config.key_cardinality.clamp(1, 1024) as usize)
         .linger(Duration::from_millis(200));
     let input = synthetic_input(config.events, config.payload_bytes, config.key_cardinality);
     let mut observer = CliObserver::new(None);
-    let report = ingest::ingest(&producer, input, &options, &mut observer, ctrl_c()).await;
+    let report = run(&producer, input, &options, &mut observer, &signals).await;
     observer.finish();
-    if let Err(e) = producer.close().await {
-        tracing::debug!(error = %e, "closing the connection failed");
+    if signals.received() < 2 {
+        close(producer, &signals).await;
     }
-    drop(local_hub);
 
     let peak = peak_rss_mb();
     let summary = json!({
@@ -426,7 +508,10 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
     let hub = match producer.hub_properties().await {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("hubsend: cannot read the hub's properties: {e}");
+            eprintln!(
+                "hubsend: cannot read the hub's properties: {}",
+                error_chain(&e)
+            );
             return EXIT_FAILED;
         }
     };
@@ -435,7 +520,10 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
         match producer.partition_properties(id).await {
             Ok(p) => partitions.push(p),
             Err(e) => {
-                eprintln!("hubsend: cannot read partition {id}'s properties: {e}");
+                eprintln!(
+                    "hubsend: cannot read partition {id}'s properties: {}",
+                    error_chain(&e)
+                );
                 return EXIT_FAILED;
             }
         }
@@ -443,7 +531,7 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
     if let Err(e) = producer.close().await {
         tracing::debug!(error = %e, "closing the connection failed");
     }
-    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| ingest::format_timestamp(&t));
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| record::format_timestamp(&t));
     if config.json {
         let parts: Vec<_> = partitions
             .iter()

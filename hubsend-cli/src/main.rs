@@ -1,15 +1,36 @@
 //! `hubsend`: stream telemetry files into Azure Event Hubs, benchmark a hub, inspect a hub.
 //!
 //! This file only parses arguments; the commands live in [`commands`], the record parsing and
-//! streaming in the `hubsend::ingest` library module.
+//! streaming in [`ingest`].
 
 mod commands;
+mod ingest;
+mod signals;
+mod text;
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The end of `hubsend send --help`: stopping and exit statuses (scripts depend on them).
+const SEND_AFTER_HELP: &str = "\
+Stopping: the first Ctrl-C or SIGTERM stops reading, sends what is buffered, waits for the hub's
+outcomes and prints the summary; a second one stops at once and counts the events still without
+an outcome as `unknown`.
+
+Lines and CSV rows longer than the hub's message limit are rejected with their line number.
+
+Exit status:
+  0    every valid record was stored by the hub
+  1    a valid record was not stored, or the hub could not be used
+  2    usage error (e.g. no connection string)
+  3    --strict and some lines were invalid
+  4    a second signal stopped the wait for the hub's outcomes
+  130  stopped by Ctrl-C or SIGTERM; everything read was stored";
 
 /// The environment variable read when `--connection-string` is not given.
 const CONNECTION_STRING_ENV: &str = "EVENTHUB_CONNECTION_STRING";
@@ -28,6 +49,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate NDJSON or CSV telemetry records and send them as batched events.
+    #[command(after_help = SEND_AFTER_HELP)]
     Send(SendArgs),
     /// Send synthetic telemetry at full speed and report throughput and latency.
     Bench(BenchArgs),
@@ -131,7 +153,10 @@ struct InfoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return ExitCode::from(code),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -160,6 +185,71 @@ fn main() -> ExitCode {
     // The input reader thread may be blocked on a terminal: don't wait for it.
     runtime.shutdown_background();
     ExitCode::from(code)
+}
+
+/// Parses the command line. Help and version go to stdout as clap prints them; a usage error is
+/// printed without any argument value that could be a secret, and gives the exit status.
+fn parse_args() -> Result<Cli, u8> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    Cli::try_parse_from(&argv).map_err(|error| {
+        let code = u8::try_from(error.exit_code()).unwrap_or(commands::EXIT_USAGE);
+        if matches!(
+            error.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = error.print();
+        } else {
+            eprint!("{}", usage_error_text(&error, &argv));
+        }
+        code
+    })
+}
+
+/// Case-insensitive markers of Event Hubs secrets: a SAS key or token, or a token's signature.
+const SECRET_MARKERS: &[&str] = &["sharedaccesskey=", "sharedaccesssignature", "sig="];
+
+fn looks_secret(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// clap's message for a usage error with the values that must not be echoed replaced:
+/// an unexpected positional value (a connection string or a bare key pasted in the wrong place
+/// looks like any other word, so none is shown), and any argument that looks like it holds a
+/// secret. If a marker still shows after that, only a generic line is printed.
+fn usage_error_text(error: &clap::Error, argv: &[OsString]) -> String {
+    const HIDDEN: &str = "<value not shown>";
+    let mut hidden: Vec<String> = Vec::new();
+    if error.kind() == ErrorKind::UnknownArgument {
+        if let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) {
+            if !arg.starts_with('-') {
+                hidden.push(arg.clone());
+            }
+        }
+    }
+    for arg in argv.iter().skip(1) {
+        let arg = arg.to_string_lossy();
+        if looks_secret(&arg) {
+            if let Some((_, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
+                hidden.push(value.to_owned());
+            }
+            hidden.push(arg.into_owned());
+        }
+    }
+    // Longest first, so a whole argument is replaced before a part of it.
+    hidden.sort_by_key(|h| std::cmp::Reverse(h.len()));
+    let mut text = error.render().to_string();
+    for value in hidden.iter().filter(|v| !v.is_empty()) {
+        text = text.replace(value.as_str(), HIDDEN);
+    }
+    if looks_secret(&text) {
+        return "error: invalid arguments (not shown: they look like they hold a secret)\n\n\
+                For more information, try '--help'.\n"
+            .to_owned();
+    }
+    text
 }
 
 impl From<ConnectionArgs> for commands::Connection {

@@ -82,6 +82,38 @@ async fn hubsend(args: &[&str], env: &[(&str, &str)], stdin: Option<Vec<u8>>) ->
     }
 }
 
+/// `hubsend send --connection-string <hub> --input <input> <extra…>`.
+async fn send_file(hub: &TestHub, input: &str, extra: &[&str]) -> Run {
+    let cs = hub.connection_string();
+    let mut args = vec!["send", "--connection-string", &cs, "--input", input];
+    args.extend_from_slice(extra);
+    hubsend(&args, &[], None).await
+}
+
+/// [`send_file`] with `--rejects <dir>/rejects.jsonl --json`; also returns the rejects path.
+async fn send_file_with_rejects(
+    hub: &TestHub,
+    dir: &std::path::Path,
+    input: &str,
+) -> (Run, PathBuf) {
+    let rejects = dir.join("rejects.jsonl");
+    let run = send_file(
+        hub,
+        input,
+        &["--rejects", rejects.to_str().unwrap(), "--json"],
+    )
+    .await;
+    (run, rejects)
+}
+
+/// A valid telemetry record whose `pad` field holds `pad` bytes.
+fn padded_record(pad: usize) -> String {
+    format!(
+        r#"{{"sensor_id":"big","timestamp":"2025-08-19T08:30:00Z","value":1,"pad":"{}"}}"#,
+        "x".repeat(pad)
+    )
+}
+
 fn bodies(events: &[StoredEvent]) -> Vec<Value> {
     let mut out: Vec<Value> = events
         .iter()
@@ -154,22 +186,7 @@ async fn mixed_ndjson_file_sends_good_lines_and_reports_bad_ones() {
     let hub = TestHub::start(HubConfig::new()).await.unwrap();
     let dir = scratch("mixed");
     let input = write(&dir, "in.ndjson", MIXED_NDJSON);
-    let rejects = dir.join("rejects.jsonl");
-    let run = hubsend(
-        &[
-            "send",
-            "--connection-string",
-            &hub.connection_string(),
-            "--input",
-            &input,
-            "--rejects",
-            rejects.to_str().unwrap(),
-            "--json",
-        ],
-        &[],
-        None,
-    )
-    .await;
+    let (run, rejects) = send_file_with_rejects(&hub, &dir, &input).await;
     assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
     assert_rejects_reported(&run.stderr);
 
@@ -794,10 +811,12 @@ async fn refused_deliveries_exit_1_with_the_reason() {
     );
 }
 
+/// A `hubsend send --json` reading from a pipe that stays open, with `records` lines written.
 #[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_stops_reading_flushes_and_reports() {
-    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+fn spawn_send_from_open_pipe(
+    hub: &TestHub,
+    records: u32,
+) -> (std::process::Child, std::process::ChildStdin) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
         .args([
             "send",
@@ -806,6 +825,7 @@ async fn ctrl_c_stops_reading_flushes_and_reports() {
             "--json",
         ])
         .env_remove("EVENTHUB_CONNECTION_STRING")
+        .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -813,7 +833,7 @@ async fn ctrl_c_stops_reading_flushes_and_reports() {
         .unwrap();
     // Keep stdin open: the input never ends on its own.
     let mut stdin = child.stdin.take().unwrap();
-    for i in 0..7 {
+    for i in 0..records {
         writeln!(
             stdin,
             r#"{{"sensor_id":"s{i}","timestamp":"2025-08-19T08:30:00Z","value":{i}}}"#
@@ -821,30 +841,290 @@ async fn ctrl_c_stops_reading_flushes_and_reports() {
         .unwrap();
     }
     stdin.flush().unwrap();
-    // Idle input is flushed after a short linger, so the events arrive while reading goes on.
-    assert_eq!(
-        hub.wait_for_events(HUB, 7, Duration::from_secs(10))
-            .await
-            .len(),
-        7
-    );
+    (child, stdin)
+}
+
+#[cfg(unix)]
+fn signal(child: &std::process::Child, name: &str) {
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{name}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Waits for the child off the runtime.
+#[cfg(unix)]
+async fn wait(child: std::process::Child) -> Run {
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();
-    drop(stdin);
-    let run = Run {
+    Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    assert_eq!(run.code, 130, "stderr:\n{}", run.stderr);
+    }
+}
+
+/// SIGINT and SIGTERM alike: stop reading, flush, wait for the outcomes, print the summary.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_and_sigterm_stop_reading_flush_and_report() {
+    for name in ["INT", "TERM"] {
+        let hub = TestHub::start(HubConfig::new()).await.unwrap();
+        let (child, stdin) = spawn_send_from_open_pipe(&hub, 7);
+        // Idle input is flushed after a short linger, so the events arrive while reading goes on.
+        assert_eq!(
+            hub.wait_for_events(HUB, 7, Duration::from_secs(10))
+                .await
+                .len(),
+            7
+        );
+        signal(&child, name);
+        let run = wait(child).await;
+        drop(stdin);
+        assert_eq!(run.code, 130, "SIG{name}: stderr:\n{}", run.stderr);
+        let summary = run.json();
+        assert_eq!(summary["sent"], 7, "SIG{name}");
+        assert_eq!(summary["interrupted"], true, "SIG{name}");
+        assert!(summary.get("unknown").is_none(), "SIG{name}: {summary}");
+        assert!(run.stderr.contains("stopped early"), "{}", run.stderr);
+    }
+}
+
+/// With the hub holding every outcome, the first signal drains (and waits); the second stops
+/// within a second, with exit status 4 and a summary that counts what has no known outcome.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_a_frozen_drain_within_a_second() {
+    for (first, second) in [("TERM", "TERM"), ("INT", "INT"), ("TERM", "INT")] {
+        let hub = TestHub::start(HubConfig::new()).await.unwrap();
+        hub.faults().delay_dispositions(Duration::from_secs(600));
+        let (mut child, stdin) = spawn_send_from_open_pipe(&hub, 9);
+        // The hub stores them but answers none.
+        hub.wait_for_events(HUB, 9, Duration::from_secs(10)).await;
+        signal(&child, first);
+        // Still draining: the outcomes are not in.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "SIG{first} did not drain"
+        );
+        let stopping = std::time::Instant::now();
+        signal(&child, second);
+        let run = wait(child).await;
+        let took = stopping.elapsed();
+        drop(stdin);
+        assert!(took < Duration::from_secs(1), "SIG{second} took {took:?}");
+        assert_eq!(run.code, 4, "stderr:\n{}", run.stderr);
+        let summary = run.json();
+        assert_eq!(summary["sent"], 0, "{summary}");
+        assert_eq!(summary["failed"], 0, "{summary}");
+        assert_eq!(summary["unknown"], 9, "{summary}");
+        assert_eq!(summary["interrupted"], true, "{summary}");
+        assert!(
+            run.stderr.contains("9 event(s) have no known outcome"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_longer_than_the_message_limit_are_rejected_with_their_line() {
+    // The record limit follows the hub's message limit: 4 KiB here.
+    let hub = TestHub::start(HubConfig::new().max_message_size(4096))
+        .await
+        .unwrap();
+    let dir = scratch("long");
+    let long = padded_record(20_000);
+    let input = write(
+        &dir,
+        "in.ndjson",
+        &format!("{}{long}\n{}", telemetry_lines(1), telemetry_lines(1)),
+    );
+    let (run, rejects) = send_file_with_rejects(&hub, &dir, &input).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 2: longer than the 4096-byte record limit"),
+        "stderr:\n{}",
+        run.stderr
+    );
     let summary = run.json();
-    assert_eq!(summary["sent"], 7);
-    assert_eq!(summary["interrupted"], true);
-    assert!(run.stderr.contains("stopped early"), "{}", run.stderr);
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let written = std::fs::read_to_string(&rejects).unwrap();
+    let entry: Value = serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["line"], 2);
+    assert!(entry["raw"]
+        .as_str()
+        .unwrap()
+        .starts_with(r#"{"sensor_id":"big""#));
+    assert!(
+        entry["raw"].as_str().unwrap().len() < 4096,
+        "the raw text is a preview"
+    );
+
+    // CSV: a quote left open swallows nothing; the error names the line it opened on.
+    let input = write(
+        &dir,
+        "open-quote.csv",
+        "sensor_id,timestamp,value,note\n\
+         a,2025-08-19T08:30:00Z,1,x\n\
+         b,2025-08-19T08:30:00Z,2,\"never closed\n\
+         c,2025-08-19T08:30:00Z,3,y\n",
+    );
+    let run = send_file(&hub, &input, &["--format", "csv", "--strict", "--json"]).await;
+    assert_eq!(run.code, 3, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 3: malformed CSV: the quoted field opened on line 3 is never closed"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert_eq!(run.json()["sent"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_never_echo_a_secret() {
+    let key = "c2VjcmV0LWtleS10aGF0LW11c3Qtbm90LWxlYWs=";
+    let cs = format!(
+        "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={key};EntityPath=telemetry"
+    );
+    let sas = format!("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig={key}&se=1&skn=send;EntityPath=t");
+    let typo = format!("--conection-string={cs}");
+    let cases: Vec<Vec<&str>> = vec![
+        // The connection string given positionally.
+        vec!["send", &cs],
+        vec![&cs],
+        // A bare key pasted where a value was expected: unknown positionals are never shown.
+        vec!["send", key],
+        vec!["send", "--json", key],
+        vec!["send", &sas],
+        // A misspelt flag with the secret attached, and a secret given to the wrong flag.
+        vec!["send", &typo],
+        vec!["send", "--max-in-flight", &cs],
+        vec!["bench", "--events", &cs],
+    ];
+    for args in cases {
+        let run = hubsend(&args, &[], Some(Vec::new())).await;
+        assert_eq!(run.code, 2, "{args:?}: stderr:\n{}", run.stderr);
+        assert!(!run.stderr.is_empty(), "{args:?}: no message");
+        for output in [&run.stderr, &run.stdout] {
+            assert!(
+                !output.contains(key) && !output.contains("c2VjcmV0"),
+                "{args:?} leaked the key:\n{output}"
+            );
+        }
+        assert!(run.stderr.starts_with("error:"), "{}", run.stderr);
+    }
+    // What is wrong is still said.
+    let run = hubsend(&["send", &cs], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("unexpected argument"), "{}", run.stderr);
+    let run = hubsend(&["send", &typo], &[], Some(Vec::new())).await;
+    assert!(run.stderr.contains("--conection-string"), "{}", run.stderr);
+    // Help still prints, to stdout, with status 0.
+    let run = hubsend(&["send", "--help"], &[], None).await;
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.contains("--connection-string"), "{}", run.stdout);
+}
+
+/// `hubsend send --connection-string <hub> <extra…>` reading `input` from stdin.
+async fn send_stdin(hub: &TestHub, extra: &[&str], input: String) -> Run {
+    let cs = hub.connection_string();
+    let mut args = vec!["send", "--connection-string", &cs];
+    args.extend_from_slice(extra);
+    hubsend(&args, &[], Some(input.into_bytes())).await
+}
+
+/// `count` valid telemetry lines, each with its newline.
+fn telemetry_lines(count: u32) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "{{\"sensor_id\":\"s{i}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n"
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_text_reaches_the_terminal_without_control_characters() {
+    let hub = TestHub::start(HubConfig::new().max_message_size(4 * 1024))
+        .await
+        .unwrap();
+    // A condition carrying a screen clear, a colour and a window-title escape.
+    hub.faults().reject_every_nth(
+        2,
+        "com.microsoft:argument-error\u{1b}[2J\u{1b}[31m\u{1b}]0;pwned\u{7}",
+    );
+    let run = send_stdin(&hub, &["--json"], telemetry_lines(300)).await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("argument-error"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    for output in [&run.stderr, &run.stdout] {
+        assert!(
+            !output.contains('\u{1b}') && !output.contains('\u{7}'),
+            "raw control characters:\n{output:?}"
+        );
+    }
+    let error = run.json()["error"].as_str().unwrap().to_owned();
+    assert!(!error.contains('\u{1b}'), "{error:?}");
+    assert!(error.contains("\\u{1b}[2J"), "shown, not obeyed: {error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_the_hub_is_reported_with_its_line() {
+    let hub = TestHub::start(HubConfig::new().max_message_size(4096))
+        .await
+        .unwrap();
+    let dir = scratch("too-large");
+    // Under the 4096-byte record limit as text, over the hub's limit as an event.
+    let big = padded_record(4000);
+    assert!(big.len() < 4096);
+    let input = write(
+        &dir,
+        "in.ndjson",
+        &format!("{}{big}\n{}", telemetry_lines(1), telemetry_lines(1)),
+    );
+    let (run, rejects) = send_file_with_rejects(&hub, &dir, &input).await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 2: message too large"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    let summary = run.json();
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{summary}"
+    );
+    assert_eq!(summary["error_kind"], "message too large");
+    let written = std::fs::read_to_string(&rejects).unwrap();
+    let entry: Value = serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["line"], 2, "{entry}");
+    assert!(entry["reason"]
+        .as_str()
+        .unwrap()
+        .contains("4096-byte limit"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_printed_with_their_cause() {
+    let hub = TestHub::start(HubConfig::new().tls(true)).await.unwrap();
+    // No CA file: the handshake fails, and the reason is the certificate's issuer.
+    let run = send_stdin(&hub, &[], telemetry_lines(1)).await;
+    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("TLS handshake") && run.stderr.contains("UnknownIssuer"),
+        "stderr:\n{}",
+        run.stderr
+    );
 }

@@ -1,0 +1,447 @@
+//! The telemetry schema: what makes a JSON object a [`Record`], and why a line is refused.
+//!
+//! Every record is a JSON object that carries `sensor_id` (a non-empty string), `timestamp`
+//! (RFC 3339; normalised to UTC, `…Z`) and `value` (a number or a string such as `"Running"`).
+//! Any other field passes through unchanged. A line that breaks these rules becomes a
+//! [`RecordError`] naming the reason; it is never sent.
+
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use hubsend::Event;
+use serde_json::{Map, Number, Value};
+
+/// The field naming the sensor.
+pub(crate) const SENSOR_ID: &str = "sensor_id";
+/// The field holding the reading's time.
+pub(crate) const TIMESTAMP: &str = "timestamp";
+/// The field holding the reading.
+pub(crate) const VALUE: &str = "value";
+
+/// Why a line was not turned into a [`Record`]. The `Display` text is the reason shown to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub(crate) enum RecordError {
+    /// The line is not a JSON object (invalid JSON, or JSON of another type).
+    NotAnObject(String),
+    /// A required field is absent (or JSON `null`).
+    MissingField(&'static str),
+    /// `sensor_id` is not a string, or is empty.
+    InvalidSensorId,
+    /// `timestamp` is not an RFC 3339 string; holds the parser's explanation.
+    InvalidTimestamp(String),
+    /// `value` is neither a number nor a string.
+    InvalidValue,
+    /// A CSV `value` cell is empty.
+    EmptyValue,
+    /// The partition key field is absent or `null`.
+    MissingPartitionKey(String),
+    /// The partition key field is an object or array.
+    InvalidPartitionKey(String),
+    /// The line is not valid UTF-8.
+    NotUtf8,
+    /// The CSV row could not be read, or its shape does not match the header.
+    Csv(String),
+    /// The line (NDJSON) or record (CSV) is longer than the limit, in bytes; it was skipped
+    /// without being read into memory whole.
+    TooLong(usize),
+    /// A CSV quoted field opened on this line is still open at the end of the input.
+    UnterminatedQuote(u64),
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordError::NotAnObject(why) => write!(f, "not a JSON object: {why}"),
+            RecordError::MissingField(name) => write!(f, "missing field `{name}`"),
+            RecordError::InvalidSensorId => f.write_str("`sensor_id` must be a non-empty string"),
+            RecordError::InvalidTimestamp(why) => write!(f, "`timestamp` is not RFC 3339: {why}"),
+            RecordError::InvalidValue => f.write_str("`value` must be a number or a string"),
+            RecordError::EmptyValue => f.write_str("`value` is empty"),
+            RecordError::MissingPartitionKey(field) => {
+                write!(f, "missing partition key field `{field}`")
+            }
+            RecordError::InvalidPartitionKey(field) => write!(
+                f,
+                "partition key field `{field}` must be a string, number or boolean"
+            ),
+            RecordError::NotUtf8 => f.write_str("line is not valid UTF-8"),
+            RecordError::Csv(why) => write!(f, "malformed CSV: {why}"),
+            RecordError::TooLong(limit) => {
+                write!(f, "longer than the {limit}-byte record limit (skipped)")
+            }
+            RecordError::UnterminatedQuote(line) => write!(
+                f,
+                "malformed CSV: the quoted field opened on line {line} is never closed"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+/// A validated telemetry record: a JSON object with `sensor_id`, a UTC `timestamp` and `value`,
+/// plus any other fields unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Record {
+    object: Map<String, Value>,
+    timestamp: DateTime<Utc>,
+}
+
+impl Record {
+    /// Validates a JSON object and normalises its `timestamp` to UTC.
+    ///
+    /// # Errors
+    /// The first rule the object breaks, checked in the order `sensor_id`, `timestamp`, `value`.
+    pub(crate) fn from_object(mut object: Map<String, Value>) -> Result<Record, RecordError> {
+        match object.get(SENSOR_ID) {
+            None | Some(Value::Null) => return Err(RecordError::MissingField(SENSOR_ID)),
+            Some(Value::String(s)) if !s.is_empty() => {}
+            Some(_) => return Err(RecordError::InvalidSensorId),
+        }
+        let timestamp = match object.get(TIMESTAMP) {
+            None | Some(Value::Null) => return Err(RecordError::MissingField(TIMESTAMP)),
+            Some(Value::String(s)) => parse_timestamp(s)?,
+            Some(other) => {
+                return Err(RecordError::InvalidTimestamp(format!(
+                    "expected a string, found {}",
+                    json_type(other)
+                )))
+            }
+        };
+        match object.get(VALUE) {
+            None | Some(Value::Null) => return Err(RecordError::MissingField(VALUE)),
+            Some(Value::Number(_)) | Some(Value::String(_)) => {}
+            Some(_) => return Err(RecordError::InvalidValue),
+        }
+        object.insert(
+            TIMESTAMP.to_owned(),
+            Value::String(format_timestamp(&timestamp)),
+        );
+        Ok(Record { object, timestamp })
+    }
+
+    /// Builds a record from its three required fields.
+    pub(crate) fn new(
+        sensor_id: impl Into<String>,
+        timestamp: DateTime<Utc>,
+        value: Value,
+    ) -> Record {
+        let mut object = Map::new();
+        object.insert(SENSOR_ID.to_owned(), Value::String(sensor_id.into()));
+        object.insert(
+            TIMESTAMP.to_owned(),
+            Value::String(format_timestamp(&timestamp)),
+        );
+        object.insert(VALUE.to_owned(), value);
+        Record { object, timestamp }
+    }
+
+    /// Adds or replaces a pass-through field (not one of the three required ones).
+    pub(crate) fn with_field(mut self, name: impl Into<String>, value: Value) -> Record {
+        let name = name.into();
+        if name != SENSOR_ID && name != TIMESTAMP && name != VALUE {
+            self.object.insert(name, value);
+        }
+        self
+    }
+
+    /// The sensor id.
+    #[cfg(test)]
+    pub(crate) fn sensor_id(&self) -> &str {
+        self.object
+            .get(SENSOR_ID)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The reading's time, in UTC.
+    #[cfg(test)]
+    pub(crate) fn timestamp(&self) -> DateTime<Utc> {
+        self.timestamp
+    }
+
+    /// The reading: a JSON number or string.
+    #[cfg(test)]
+    pub(crate) fn value(&self) -> &Value {
+        self.object.get(VALUE).unwrap_or(&Value::Null)
+    }
+
+    /// The whole record as a JSON object, `timestamp` already normalised.
+    #[cfg(test)]
+    pub(crate) fn as_json(&self) -> &Map<String, Value> {
+        &self.object
+    }
+
+    /// The record's JSON encoding: the event body.
+    pub(crate) fn to_json_bytes(&self) -> Vec<u8> {
+        // Serialising a map of JSON values cannot fail.
+        serde_json::to_vec(&self.object).unwrap_or_default()
+    }
+
+    /// The record as an event: its JSON encoding with content type `application/json`.
+    pub(crate) fn to_event(&self) -> Event {
+        Event::new(self.to_json_bytes()).with_content_type("application/json")
+    }
+
+    /// The partition key for this record: the string form of `field`'s value (strings as they
+    /// are, numbers and booleans as JSON writes them).
+    ///
+    /// # Errors
+    /// [`RecordError::MissingPartitionKey`] when the field is absent or `null`,
+    /// [`RecordError::InvalidPartitionKey`] when it is an object or array.
+    pub(crate) fn partition_key(&self, field: &str) -> Result<String, RecordError> {
+        match self.object.get(field) {
+            None | Some(Value::Null) => Err(RecordError::MissingPartitionKey(field.to_owned())),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::Bool(b)) => Ok(b.to_string()),
+            Some(_) => Err(RecordError::InvalidPartitionKey(field.to_owned())),
+        }
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, RecordError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| RecordError::InvalidTimestamp(format!("{e} (`{}`)", truncate(text, 64))))
+}
+
+/// The canonical UTC form used in event bodies, e.g. `2025-08-19T08:30:00.250Z`.
+pub(crate) fn format_timestamp(timestamp: &DateTime<Utc>) -> String {
+    timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// Parses and validates one NDJSON line (without its line terminator).
+///
+/// # Errors
+/// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
+/// [`Record::from_object`].
+pub(crate) fn parse_ndjson_line(line: &str) -> Result<Record, RecordError> {
+    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(object)) => Record::from_object(object),
+        Ok(other) => Err(RecordError::NotAnObject(format!(
+            "found {}",
+            json_type(&other)
+        ))),
+        Err(e) => Err(RecordError::NotAnObject(e.to_string())),
+    }
+}
+
+/// A synthetic telemetry record for benchmarks: sensor `sensor-{i % cardinality}` (or
+/// `sensor-{i}` when `cardinality` is 0), the current time, a numeric value, and a `payload`
+/// padding field sized so the JSON body is about `payload_bytes` long.
+pub(crate) fn synthetic_record(i: u64, payload_bytes: usize, cardinality: u64) -> Record {
+    let sensor = match cardinality {
+        0 => format!("sensor-{i}"),
+        k => format!("sensor-{}", i % k),
+    };
+    let value = Number::from_f64(((i % 1000) as f64) * 0.5).map_or(Value::Null, Value::Number);
+    let record = Record::new(sensor, Utc::now(), value).with_field("seq", Value::from(i));
+    let base = record.to_json_bytes().len() + r#","payload":"""#.len();
+    let pad = payload_bytes.saturating_sub(base);
+    if pad == 0 {
+        record
+    } else {
+        record.with_field("payload", Value::String("x".repeat(pad)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn valid_ndjson_line_is_normalised_and_passes_fields_through() {
+        let r = parse_ndjson_line(
+            r#"{"sensor_id":"c-7:vibe","timestamp":"2025-08-19T10:30:00.250+02:00","value":42.5,"unit":"mm/s","tags":{"a":[1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.sensor_id(), "c-7:vibe");
+        assert_eq!(format_timestamp(&r.timestamp()), "2025-08-19T08:30:00.250Z");
+        let body: Value = serde_json::from_slice(&r.to_json_bytes()).unwrap();
+        assert_eq!(
+            body,
+            json!({"sensor_id":"c-7:vibe","timestamp":"2025-08-19T08:30:00.250Z","value":42.5,"unit":"mm/s","tags":{"a":[1,2]}})
+        );
+        let event = r.to_event();
+        assert_eq!(event.content_type(), Some("application/json"));
+        assert_eq!(event.body(), r.to_json_bytes().as_slice());
+    }
+
+    #[test]
+    fn string_values_and_utc_timestamps_are_kept() {
+        let r = parse_ndjson_line(
+            r#"{"sensor_id":"p","timestamp":"2025-01-01T00:00:00Z","value":"Running"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.value(), &json!("Running"));
+        assert_eq!(r.as_json()["timestamp"], "2025-01-01T00:00:00Z");
+        // Lower-case separators and offsets are RFC 3339 too.
+        let r = parse_ndjson_line(
+            r#"{"sensor_id":"p","timestamp":"2025-01-01t01:00:00-00:30","value":-1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.as_json()["timestamp"], "2025-01-01T01:30:00Z");
+        assert_eq!(r.value(), &json!(-1));
+    }
+
+    #[test]
+    fn each_rule_names_its_reason() {
+        let cases = [
+            ("", "not a JSON object: "),
+            ("garbage", "not a JSON object: expected value"),
+            ("[1,2]", "not a JSON object: found an array"),
+            ("42", "not a JSON object: found a number"),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z""#,
+                "not a JSON object: EOF",
+            ),
+            (
+                r#"{"timestamp":"2025-01-01T00:00:00Z","value":1}"#,
+                "missing field `sensor_id`",
+            ),
+            (
+                r#"{"sensor_id":null,"timestamp":"2025-01-01T00:00:00Z","value":1}"#,
+                "missing field `sensor_id`",
+            ),
+            (
+                r#"{"sensor_id":"","timestamp":"2025-01-01T00:00:00Z","value":1}"#,
+                "`sensor_id` must be a non-empty string",
+            ),
+            (
+                r#"{"sensor_id":7,"timestamp":"2025-01-01T00:00:00Z","value":1}"#,
+                "`sensor_id` must be a non-empty string",
+            ),
+            (
+                r#"{"sensor_id":"a","value":1}"#,
+                "missing field `timestamp`",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"yesterday","value":1}"#,
+                "`timestamp` is not RFC 3339: ",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01 00:00:00","value":1}"#,
+                "`timestamp` is not RFC 3339: ",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00","value":1}"#,
+                "`timestamp` is not RFC 3339: ",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":1700000000,"value":1}"#,
+                "`timestamp` is not RFC 3339: expected a string, found a number",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z"}"#,
+                "missing field `value`",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z","value":null}"#,
+                "missing field `value`",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z","value":true}"#,
+                "`value` must be a number or a string",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z","value":[1]}"#,
+                "`value` must be a number or a string",
+            ),
+            (
+                r#"{"sensor_id":"a","timestamp":"2025-01-01T00:00:00Z","value":{"v":1}}"#,
+                "`value` must be a number or a string",
+            ),
+        ];
+        for (line, reason) in cases {
+            let err = parse_ndjson_line(line).expect_err(line);
+            let text = err.to_string();
+            assert!(
+                text.starts_with(reason),
+                "{line}: got `{text}`, want `{reason}…`"
+            );
+        }
+        let err = parse_ndjson_line(r#"{"sensor_id":"a","timestamp":"yesterday","value":1}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("`yesterday`"), "{err}");
+    }
+
+    #[test]
+    fn from_object_checks_fields_in_order() {
+        let err = Record::from_object(obj(json!({"value": true}))).unwrap_err();
+        assert_eq!(err, RecordError::MissingField("sensor_id"));
+        let err = Record::from_object(obj(json!({"sensor_id": "a", "value": true}))).unwrap_err();
+        assert_eq!(err, RecordError::MissingField("timestamp"));
+    }
+
+    #[test]
+    fn partition_keys_take_the_string_form() {
+        let r = parse_ndjson_line(
+            r#"{"sensor_id":"s1","timestamp":"2025-01-01T00:00:00Z","value":1,"line":7,"on":true,"f":2.5,"o":{},"n":null}"#,
+        )
+        .unwrap();
+        assert_eq!(r.partition_key("sensor_id").unwrap(), "s1");
+        assert_eq!(r.partition_key("line").unwrap(), "7");
+        assert_eq!(r.partition_key("on").unwrap(), "true");
+        assert_eq!(r.partition_key("f").unwrap(), "2.5");
+        assert_eq!(
+            r.partition_key("timestamp").unwrap(),
+            "2025-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            r.partition_key("o").unwrap_err().to_string(),
+            "partition key field `o` must be a string, number or boolean"
+        );
+        assert_eq!(
+            r.partition_key("n").unwrap_err().to_string(),
+            "missing partition key field `n`"
+        );
+        assert_eq!(
+            r.partition_key("zz").unwrap_err(),
+            RecordError::MissingPartitionKey("zz".into())
+        );
+    }
+
+    #[test]
+    fn synthetic_records_have_the_requested_size() {
+        for size in [0usize, 64, 200, 1024, 4096] {
+            let r = synthetic_record(123, size, 10);
+            assert_eq!(r.sensor_id(), "sensor-3");
+            let len = r.to_json_bytes().len();
+            if size > 100 {
+                assert_eq!(len, size, "size {size}");
+            }
+            let again = Record::from_object(r.as_json().clone()).unwrap();
+            assert_eq!(again.as_json(), r.as_json());
+        }
+        assert_eq!(synthetic_record(5, 0, 0).sensor_id(), "sensor-5");
+    }
+}

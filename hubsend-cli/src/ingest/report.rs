@@ -1,0 +1,172 @@
+//! What a run reports: rejects, progress snapshots and the final summary (whose JSON form is
+//! the `--json` output of `hubsend send`).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// An invalid line as reported to users and written to a rejects file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Reject {
+    /// 1-based line number.
+    pub(crate) line: u64,
+    /// Why the line was not sent.
+    pub(crate) reason: String,
+    /// The input text.
+    pub(crate) raw: String,
+}
+
+impl Reject {
+    /// One JSON object on one line (no terminator): `{"line":…,"reason":…,"raw":…}`.
+    pub(crate) fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A snapshot of an [`ingest`] run, for progress displays.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Progress {
+    /// Lines read (valid and invalid).
+    pub(crate) records: u64,
+    /// Events the hub accepted so far.
+    pub(crate) sent: u64,
+    /// Invalid lines so far.
+    pub(crate) rejected: u64,
+    /// Events whose delivery failed so far.
+    pub(crate) failed: u64,
+    /// Body bytes of the accepted events.
+    pub(crate) bytes: u64,
+    /// Batches awaiting the hub's outcome.
+    pub(crate) in_flight: usize,
+    /// Deliveries the producer sent again (throttling, lost links or connections).
+    pub(crate) retries: u64,
+    /// Time since the run started.
+    pub(crate) elapsed: Duration,
+}
+
+impl Progress {
+    /// Accepted events per second so far.
+    pub(crate) fn events_per_sec(&self) -> f64 {
+        rate(self.sent as f64, self.elapsed)
+    }
+
+    /// Accepted body megabytes (10^6 bytes) per second so far.
+    pub(crate) fn mb_per_sec(&self) -> f64 {
+        rate(self.bytes as f64 / 1e6, self.elapsed)
+    }
+}
+
+pub(crate) fn rate(amount: f64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        amount / secs
+    } else {
+        0.0
+    }
+}
+
+/// The outcome of an [`ingest`] run. Serialises to the JSON summary the `hubsend` command prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct IngestReport {
+    /// Events the hub accepted.
+    pub(crate) sent: u64,
+    /// Invalid lines (not sent).
+    pub(crate) rejected: u64,
+    /// Valid records that were not stored: the hub refused their batch, the send failed, or
+    /// the event is larger than the hub's maximum message size.
+    pub(crate) failed: u64,
+    /// Events sent whose outcome was not known when the run was abandoned (a second signal
+    /// while waiting for the hub). Only in the JSON when not zero.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) unknown: u64,
+    /// Body bytes of the accepted events.
+    pub(crate) bytes: u64,
+    /// Wall-clock duration of the run.
+    pub(crate) seconds: f64,
+    /// `sent / seconds`.
+    pub(crate) events_per_sec: f64,
+    /// `bytes / 10^6 / seconds`.
+    pub(crate) mb_per_sec: f64,
+    /// Lines read (valid and invalid).
+    pub(crate) records: u64,
+    /// Batches sent (accepted or not).
+    pub(crate) batches: u64,
+    /// Distinct partition keys seen (partition-key routing only).
+    pub(crate) partition_keys: u64,
+    /// Median time from sending a batch to its outcome, in milliseconds.
+    pub(crate) p50_ms: f64,
+    /// 99th percentile of the same, in milliseconds.
+    pub(crate) p99_ms: f64,
+    /// Whether the run was stopped early (shutdown signal or a fatal error).
+    pub(crate) interrupted: bool,
+    /// The first error that made events fail, without secrets.
+    pub(crate) error: Option<String>,
+    /// The kind of that error, e.g. `unauthorized`.
+    pub(crate) error_kind: Option<String>,
+}
+
+impl IngestReport {
+    /// Whether every valid record read was accepted by the hub.
+    pub(crate) fn all_sent(&self) -> bool {
+        self.failed == 0 && self.error.is_none()
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The `q` quantile (0..=1, nearest rank) of sorted durations, in milliseconds; 0 when empty.
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    let index = rank.saturating_sub(1).min(sorted.len() - 1);
+    sorted[index].as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn reject_lines_are_json() {
+        let r = Reject {
+            line: 3,
+            reason: "missing field `value`".into(),
+            raw: "{\"a\":\"b\"}".into(),
+        };
+        let v: Value = serde_json::from_str(&r.to_json_line()).unwrap();
+        assert_eq!(
+            v,
+            json!({"line":3,"reason":"missing field `value`","raw":"{\"a\":\"b\"}"})
+        );
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&d, 0.5), 50.0);
+        assert_eq!(percentile_ms(&d, 0.99), 99.0);
+        assert_eq!(percentile_ms(&d, 1.0), 100.0);
+        assert_eq!(percentile_ms(&[], 0.5), 0.0);
+        assert_eq!(percentile_ms(&d[..1], 0.99), 1.0);
+    }
+
+    #[test]
+    fn report_serialises_with_the_documented_fields() {
+        let v = serde_json::to_value(IngestReport::default()).unwrap();
+        for field in [
+            "sent",
+            "rejected",
+            "failed",
+            "bytes",
+            "seconds",
+            "events_per_sec",
+        ] {
+            assert!(v.get(field).is_some(), "{field}");
+        }
+    }
+}

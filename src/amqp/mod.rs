@@ -1,0 +1,658 @@
+//! The AMQP engine behind a [`Producer`](crate::Producer): one connection and session, CBS
+//! authorisation with timed token refresh, one task per sender link, and `$management` reads.
+
+mod cbs;
+mod error;
+mod ledger;
+mod link;
+mod management;
+
+use error::{attach_error, from_amqp_error};
+pub(crate) use error::{outcome_result, send_error};
+use management::Management;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use std::time::{Duration, SystemTime};
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::SenderSettleMode;
+use fe2o3_amqp::{Connection, Sender, Session};
+use fe2o3_amqp_management::client::MgmtClient;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::auth::TokenProvider;
+use crate::batch::Sections;
+use crate::entity::{self, Entity};
+use crate::error::{Error, ErrorKind, Result};
+use crate::retry::RetryOptions;
+use cbs::Authorizer;
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub(crate) struct ConnectConfig {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) hub: String,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) provider: Arc<dyn TokenProvider>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) max_frame_size: u32,
+    pub(crate) retry: RetryOptions,
+    /// The largest message size hubsend believes a link announces (see
+    /// [`ProducerOptions::max_message_size`](crate::ProducerOptions::max_message_size)).
+    pub(crate) max_message_size: u64,
+}
+
+/// How long link tasks get to fail what they hold once the producer is closed, before they
+/// are stopped (their callers then see [`ErrorKind::Closed`] all the same).
+const CLOSED_GRACE: Duration = Duration::from_millis(500);
+
+/// Where a producer's connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lifecycle {
+    /// Sending.
+    Open,
+    /// `close` was called: no new sends; queued and unsettled deliveries still settle.
+    Closing,
+    /// Closed: nothing is sent, nothing reconnects; whatever is still unsettled fails.
+    Closed,
+}
+
+/// One message on its way to a sender link, with the caller's reply slot.
+pub(crate) struct Outgoing {
+    pub(crate) sections: Sections,
+    /// Whether the link may pack this into one delivery with the messages queued right
+    /// behind it (single-event sends; a caller's own batch always goes as built).
+    pub(crate) mergeable: bool,
+    pub(crate) waiter: Waiter,
+}
+
+/// A caller waiting for the outcome of (part of) a delivery, and the in-flight permits it holds.
+pub(crate) struct Waiter {
+    pub(crate) reply: oneshot::Sender<Result<()>>,
+    /// Released when the caller's outcome is settled.
+    pub(crate) _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// A live sender link: its queue and the task that drains it.
+pub(crate) struct LinkHandle {
+    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) max_message_size: u64,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("max_message_size", &self.max_message_size)
+            .field("open", &!self.tx.is_closed())
+            .finish()
+    }
+}
+
+/// The connection a producer owns.
+pub(crate) struct Engine {
+    config: ConnectConfig,
+    connection: Mutex<ConnectionHandle<()>>,
+    session: Mutex<SessionHandle<()>>,
+    /// The token of every audience on this connection, kept fresh.
+    authorizer: Arc<Authorizer>,
+    links: Mutex<HashMap<String, Arc<LinkHandle>>>,
+    management: Mutex<Option<Management>>,
+    link_counter: AtomicU64,
+    refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// How many messages may wait in a link's queue.
+    queue_depth: usize,
+    /// Serialises reconnects so concurrent link tasks open one new connection, not several.
+    reconnect_lock: Mutex<()>,
+    /// Connections opened after the first; also the generation of the current connection.
+    pub(crate) reconnects: AtomicU64,
+    /// Links re-attached after a loss.
+    pub(crate) recoveries: AtomicU64,
+    /// Delivery outcome counters, shared with the link tasks.
+    pub(crate) counters: Arc<Counters>,
+    /// Connection state changes, for applications that watch them.
+    pub(crate) events: tokio::sync::broadcast::Sender<ConnectionEvent>,
+    /// Open, closing or closed; link tasks watch it.
+    lifecycle: tokio::sync::watch::Sender<Lifecycle>,
+}
+
+/// Delivery outcome counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Deliveries the hub accepted.
+    pub(crate) accepted: AtomicU64,
+    /// Deliveries sent again (after throttling or a lost link or connection).
+    pub(crate) retried: AtomicU64,
+    /// Deliveries that failed for good.
+    pub(crate) failed: AtomicU64,
+}
+
+impl Counters {
+    /// Hands a final outcome to every caller waiting on one delivery, and counts it once per
+    /// caller (a delivery can carry several single-event sends).
+    fn settle(&self, waiters: Vec<Waiter>, result: Result<()>) {
+        let counter = if result.is_ok() {
+            &self.accepted
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                for waiter in waiters {
+                    let _ = waiter.reply.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                for waiter in waiters {
+                    let _ = waiter.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A change in a producer's connection, delivered by [`Producer::subscribe`](crate::Producer::subscribe).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The connection was lost; hubsend is opening a new one.
+    Reconnecting,
+    /// A new connection is open and authorised.
+    Reconnected,
+    /// A fresh token was put on the connection before the old one expired.
+    TokenRefreshed,
+    /// Refreshing the token failed; it will be tried again before the old one expires.
+    TokenRefreshFailed(String),
+    /// A sender link was lost and re-attached; its unsettled deliveries were sent again.
+    LinkRecovered {
+        /// The link's target (`hub` or `hub/Partitions/N`).
+        target: String,
+        /// How many deliveries were sent again.
+        resent: usize,
+    },
+    /// Recovery gave up; the link's deliveries failed with this error.
+    GaveUp {
+        /// The link's target.
+        target: String,
+        /// Why.
+        error: String,
+    },
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("host", &self.config.host)
+            .field("port", &self.config.port)
+            .field("hub", &self.config.hub)
+            .field("tls", &self.config.tls.is_some())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// The audience of the hub, which covers its partitions.
+    pub(crate) fn audience(&self) -> String {
+        entity::eventhubs::audience(&self.config.host, &self.config.hub)
+    }
+
+    pub(crate) fn hub(&self) -> &str {
+        &self.config.hub
+    }
+
+    /// Opens the connection and session and, when given, authorises `audience` with the
+    /// connection's credential (so bad credentials fail at connect).
+    pub(crate) async fn connect(
+        config: ConnectConfig,
+        queue_depth: usize,
+        audience: Option<String>,
+    ) -> Result<Arc<Engine>> {
+        let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
+        async move {
+            let timeout = config.connect_timeout;
+            let (connection, session, cbs) = tokio::time::timeout(timeout, open(&config))
+                .await
+                .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "connecting to {}:{} took longer than {:?}",
+                        config.host, config.port, timeout
+                    ),
+                )
+            })??;
+            let authorizer = Arc::new(Authorizer::new(config.operation_timeout));
+            authorizer.set_client(cbs).await;
+            if let Some(audience) = audience {
+                tokio::time::timeout(
+                    timeout,
+                    authorizer.authorize(&audience, config.provider.clone()),
+                )
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("authorising `{audience}` took longer than {timeout:?}"),
+                    )
+                })??;
+            }
+            tracing::info!("connected");
+            let engine = Arc::new(Engine {
+                config,
+                connection: Mutex::new(connection),
+                session: Mutex::new(session),
+                authorizer,
+                links: Mutex::new(HashMap::new()),
+                management: Mutex::new(None),
+                link_counter: AtomicU64::new(0),
+                refresher: std::sync::Mutex::new(None),
+                queue_depth,
+                reconnect_lock: Mutex::new(()),
+                reconnects: AtomicU64::new(0),
+                recoveries: AtomicU64::new(0),
+                counters: Arc::new(Counters::default()),
+                events: tokio::sync::broadcast::channel(64).0,
+                lifecycle: tokio::sync::watch::channel(Lifecycle::Open).0,
+            });
+            let refresher = tokio::spawn(
+                refresh_tokens(engine.authorizer.clone(), engine.events.clone())
+                    .instrument(tracing::Span::current()),
+            );
+            if let Ok(mut slot) = engine.refresher.lock() {
+                *slot = Some(refresher);
+            }
+            Ok(engine)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The sender link for the hub or one of its partitions, attached on first use.
+    pub(crate) async fn link(self: &Arc<Self>, partition: Option<&str>) -> Result<Arc<LinkHandle>> {
+        let entity = entity::eventhubs::sender(&self.config.host, &self.config.hub, partition);
+        self.link_to(entity, None).await
+    }
+
+    /// The sender link for `entity`, attached on first use. Its audience is authorised first
+    /// (with `provider`, else the connection's own credential) unless it already is; an
+    /// audience the hub refuses fails this link alone.
+    pub(crate) async fn link_to(
+        self: &Arc<Self>,
+        entity: Entity,
+        provider: Option<Arc<dyn TokenProvider>>,
+    ) -> Result<Arc<LinkHandle>> {
+        self.check_open()?;
+        let target = entity.address.clone();
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.get(&target) {
+            if !link.tx.is_closed() {
+                return Ok(link.clone());
+            }
+        }
+        if !self.authorizer.knows(&entity.audience) {
+            let provider = provider.unwrap_or_else(|| self.config.provider.clone());
+            self.authorizer
+                .authorize(&entity.audience, provider)
+                .await?;
+        }
+        // fe2o3 can report IllegalState for an attach right after a refused one on the same
+        // session (a race over the released handle); a short pause resolves it.
+        let mut attempt = 0;
+        let (sender, generation) = loop {
+            match self.attach_sender(&target).await {
+                Err(e) if e.kind() == ErrorKind::Link && e.condition().is_none() && attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "attach failed locally; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
+        };
+        let span = tracing::info_span!("link", name = %sender.name(), target = %target);
+        let cap = self
+            .config
+            .max_message_size
+            .min(entity.max_message_size.max(1));
+        let max_message_size = link::link_limit(&sender, cap);
+        let _enter = span.enter();
+        tracing::info!(max_message_size, "sender link attached");
+        drop(_enter);
+        let (tx, rx) = mpsc::channel(self.queue_depth);
+        let task = link::LinkTask::new(
+            Arc::downgrade(self),
+            target.clone(),
+            entity.audience.clone(),
+            sender,
+            generation,
+            self.config.retry.clone(),
+            self.counters.clone(),
+            cap,
+            self.lifecycle.subscribe(),
+        );
+        let task = tokio::spawn(task.run(rx).instrument(span));
+        let handle = Arc::new(LinkHandle {
+            tx,
+            max_message_size,
+            task: std::sync::Mutex::new(Some(task)),
+        });
+        links.insert(target, handle.clone());
+        Ok(handle)
+    }
+
+    /// Fails with [`ErrorKind::Closed`] once `close` was called.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        match *self.lifecycle.borrow() {
+            Lifecycle::Open => Ok(()),
+            _ => Err(Error::new(ErrorKind::Closed, "the producer is closed")),
+        }
+    }
+
+    /// Attaches a sender to `target`, reconnecting first when the connection is gone.
+    pub(crate) async fn attach_sender(&self, target: &str) -> Result<(Sender, u64)> {
+        let ended =
+            self.session.lock().await.is_ended() || self.connection.lock().await.is_closed();
+        if ended {
+            self.reconnect().await?;
+        }
+        let n = self.link_counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("hubsend-sender-{n}");
+        let mut session = self.session.lock().await;
+        let generation = self.reconnects.load(Ordering::Relaxed);
+        let attach = tokio::time::timeout(
+            self.config.operation_timeout,
+            Sender::builder()
+                .name(name)
+                .target(target.to_owned())
+                .sender_settle_mode(SenderSettleMode::Unsettled)
+                .attach(&mut session),
+        );
+        // fe2o3 may not wake an attach whose connection dies under it: watch the connection.
+        let lost = self.connection_closed();
+        tokio::select! {
+            result = attach => result
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("attaching a sender to `{target}` timed out"),
+                    )
+                })?
+                .map_err(|e| attach_error(e, &format!("cannot send to `{target}`")))
+                .map(|sender| (sender, generation)),
+            () = lost => Err(Error::new(
+                ErrorKind::Connection,
+                format!("the connection was lost while attaching to `{target}`"),
+            )),
+        }
+    }
+
+    /// Resolves once the current connection has closed.
+    async fn connection_closed(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.connection.lock().await.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Whether the connection of `generation` is gone (replaced, closed or its session ended).
+    async fn is_lost(&self, generation: u64) -> bool {
+        if self.reconnects.load(Ordering::Relaxed) != generation {
+            return true;
+        }
+        // The session lock is held during attaches; don't wait for it, the connection tells.
+        let session_ended = self
+            .session
+            .try_lock()
+            .map(|s| s.is_ended())
+            .unwrap_or(false);
+        session_ended || self.connection.lock().await.is_closed()
+    }
+
+    /// Opens a new connection, session and CBS link and re-authorises, unless another task
+    /// already did since the old connection failed.
+    async fn reconnect(&self) -> Result<()> {
+        self.reconnect_from(None).await
+    }
+
+    /// Reconnects; with `Some(generation)`, also when that connection still looks alive (it
+    /// stopped answering), unless another task already replaced it.
+    async fn reconnect_from(&self, stale: Option<u64>) -> Result<()> {
+        let _one_at_a_time = self.reconnect_lock.lock().await;
+        if *self.lifecycle.borrow() == Lifecycle::Closed {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the producer is closed; not reconnecting",
+            ));
+        }
+        let alive =
+            !self.session.lock().await.is_ended() && !self.connection.lock().await.is_closed();
+        let replace_stale = stale == Some(self.reconnects.load(Ordering::Relaxed));
+        if alive && !replace_stale {
+            return Ok(());
+        }
+        tracing::info!("reconnecting");
+        let _ = self.events.send(ConnectionEvent::Reconnecting);
+        let (connection, session, cbs) =
+            tokio::time::timeout(self.config.connect_timeout, open(&self.config))
+                .await
+                .map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
+        *self.management.lock().await = None;
+        self.authorizer.set_client(cbs).await;
+        // Every audience again; one the hub refuses fails its own links when they attach.
+        if let Err(e) = self.authorizer.reauthorize_all().await {
+            if !matches!(e.kind(), ErrorKind::Unauthorized | ErrorKind::NotFound) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "an audience was refused on the new connection");
+        }
+        *self.session.lock().await = session;
+        let old = std::mem::replace(&mut *self.connection.lock().await, connection);
+        drop(old);
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("reconnected");
+        let _ = self.events.send(ConnectionEvent::Reconnected);
+        Ok(())
+    }
+
+    /// Performs one `$management` READ and returns the response body.
+    pub(crate) async fn management_read(
+        &self,
+        entity_type: &str,
+        partition: Option<&str>,
+    ) -> Result<fe2o3_amqp_types::primitives::Value> {
+        let token = self.authorizer.token(&self.audience()).ok_or_else(|| {
+            Error::new(ErrorKind::Unauthorized, "the hub's audience has no token")
+        })?;
+        let mut slot = self.management.lock().await;
+        if slot.is_none() {
+            let mut session = self.session.lock().await;
+            *slot = Some(Management::attach(&mut session, self.config.operation_timeout).await?);
+        }
+        let management = slot
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Management, "management link unavailable"))?;
+        let result = tokio::time::timeout(
+            self.config.operation_timeout,
+            management.read(entity_type, &self.config.hub, partition, token.secret()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                "the $management request timed out",
+            ))
+        });
+        if result
+            .as_ref()
+            .is_err_and(|e| e.kind() != ErrorKind::NotFound)
+        {
+            // Replies are matched by order; after a failure start afresh.
+            *slot = None;
+        }
+        result
+    }
+
+    /// Puts a fresh token for `audience` (a link was detached for an expired one).
+    pub(crate) async fn refresh(&self, audience: &str) -> Result<SystemTime> {
+        self.authorizer.refresh(audience).await
+    }
+
+    /// Closes the producer: no new sends; every queued and unsettled delivery settles (with
+    /// recovery where needed) until `deadline`; whatever is still unsettled then fails with
+    /// [`ErrorKind::Closed`]. Then the CBS links, session and connection close, and nothing
+    /// reconnects afterwards. Returns how many callers had no outcome at the deadline.
+    pub(crate) async fn close(
+        &self,
+        deadline: Option<Duration>,
+        in_flight: impl Fn() -> usize,
+    ) -> Result<usize> {
+        self.lifecycle.send_if_modified(|state| {
+            let open = *state == Lifecycle::Open;
+            if open {
+                *state = Lifecycle::Closing;
+            }
+            open
+        });
+        if let Ok(mut slot) = self.refresher.lock() {
+            if let Some(task) = slot.take() {
+                task.abort();
+            }
+        }
+        let links: Vec<Arc<LinkHandle>> = self.links.lock().await.drain().map(|(_, l)| l).collect();
+        let tasks: Vec<JoinHandle<()>> = links
+            .iter()
+            .filter_map(|l| l.task.lock().ok().and_then(|mut t| t.take()))
+            .collect();
+        drop(links);
+        let aborts: Vec<tokio::task::AbortHandle> =
+            tasks.iter().map(|t| t.abort_handle()).collect();
+        let mut all = futures_util::future::join_all(tasks);
+        let mut unresolved = 0;
+        let drained = match deadline {
+            None => {
+                (&mut all).await;
+                true
+            }
+            Some(deadline) => tokio::time::timeout(deadline, &mut all).await.is_ok(),
+        };
+        // From here on nothing reconnects; link tasks still running fail what they hold.
+        self.lifecycle.send_replace(Lifecycle::Closed);
+        if !drained {
+            unresolved = in_flight();
+            // A task inside a send or an attach notices within its try; don't wait that long.
+            if tokio::time::timeout(CLOSED_GRACE, &mut all).await.is_err() {
+                for abort in &aborts {
+                    abort.abort();
+                }
+                all.await;
+            }
+        }
+        if let Some(m) = self.management.lock().await.take() {
+            m.close().await;
+        }
+        let mut connection = self.connection.lock().await;
+        let mut session = self.session.lock().await;
+        let _ = tokio::time::timeout(self.config.operation_timeout, session.end()).await;
+        match tokio::time::timeout(self.config.operation_timeout, connection.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if !drained => tracing::debug!(error = %e, "closing the connection failed"),
+            Ok(Err(e)) => {
+                return Err(
+                    Error::new(ErrorKind::Connection, "closing the connection failed")
+                        .with_source(e),
+                )
+            }
+            Err(_) => tracing::debug!("the hub did not answer the close"),
+        }
+        tracing::info!(hub = %self.config.hub, "connection closed");
+        Ok(unresolved)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.refresher.lock() {
+            if let Some(task) = slot.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Opens a connection, its session and its `$cbs` links.
+async fn open(
+    config: &ConnectConfig,
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient)> {
+    let tcp = TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot reach {}:{}", config.host, config.port),
+            )
+            .with_source(e)
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let container_id = format!("hubsend-{}", uuid::Uuid::new_v4().simple());
+    let builder = Connection::builder()
+        .container_id(container_id)
+        .hostname(config.host.as_str())
+        .scheme("amqp")
+        .max_frame_size(config.max_frame_size)
+        .sasl_profile(SaslProfile::Anonymous);
+    let open_error = |e: fe2o3_amqp::connection::OpenError| {
+        let context = format!("opening the AMQP connection to {} failed", config.host);
+        match &e {
+            fe2o3_amqp::connection::OpenError::RemoteClosedWithError(err) => {
+                from_amqp_error(err, &context)
+            }
+            _ => Error::new(ErrorKind::Connection, context).with_source(e),
+        }
+    };
+    let mut connection = match &config.tls {
+        Some(tls) => {
+            let stream = crate::tls::connect(tls.clone(), &config.host, tcp).await?;
+            builder.open_with_stream(stream).await.map_err(open_error)?
+        }
+        None => builder.open_with_stream(tcp).await.map_err(open_error)?,
+    };
+    let mut session = Session::begin(&mut connection).await.map_err(|e| {
+        Error::new(ErrorKind::Connection, "beginning the AMQP session failed").with_source(e)
+    })?;
+    let cbs = Authorizer::attach(&mut session).await?;
+    Ok((connection, session, cbs))
+}
+
+/// Keeps every audience's token fresh, and tells the application.
+async fn refresh_tokens(
+    authorizer: Arc<Authorizer>,
+    events: tokio::sync::broadcast::Sender<ConnectionEvent>,
+) {
+    authorizer
+        .run_refresh(|audience, result| match result {
+            Ok(_) => {
+                tracing::info!(audience, "token refreshed");
+                let _ = events.send(ConnectionEvent::TokenRefreshed);
+            }
+            Err(error) => {
+                tracing::warn!(audience, error = %error, "token refresh failed; retrying");
+                let _ = events.send(ConnectionEvent::TokenRefreshFailed(error.to_string()));
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;

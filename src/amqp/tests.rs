@@ -1,0 +1,132 @@
+//! Engine tests that need its insides: several audiences on one connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubsend_testhub::{HubConfig, TestHub};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::{Engine, LinkHandle, Outgoing, Waiter};
+use crate::batch::Sections;
+use crate::connection_string::ConnectionString;
+use crate::entity::eventhubs;
+use crate::error::ErrorKind;
+use crate::{Event, Producer, ProducerOptions};
+
+/// Queues one event on `link` and returns where its outcome arrives.
+async fn send_on(link: &LinkHandle, n: usize) -> oneshot::Receiver<crate::Result<()>> {
+    let permits = Arc::new(Semaphore::new(1 << 20));
+    let event = Event::new(format!("{n}"));
+    let sections = Sections::single(&event, None, link.max_message_size).expect("fits");
+    let (reply, rx) = oneshot::channel();
+    let waiter = Waiter {
+        reply,
+        _permits: (
+            permits.clone().acquire_owned().await.expect("permit"),
+            permits.acquire_owned().await.expect("permit"),
+        ),
+    };
+    link.tx
+        .send(Outgoing {
+            sections,
+            mergeable: true,
+            waiter,
+        })
+        .await
+        .map_err(|_| "link closed")
+        .expect("queued");
+    rx
+}
+
+fn engine(producer: &Producer) -> Arc<Engine> {
+    producer.engine().clone()
+}
+
+#[tokio::test]
+async fn each_audience_is_refreshed_before_its_own_expiry_and_a_refused_one_fails_alone() {
+    let hub = TestHub::start(
+        HubConfig::new()
+            .hub("telemetry", 2)
+            .hub("alarms", 2)
+            .hub("secret", 1),
+    )
+    .await
+    .expect("hub");
+    // The connection's own audience (telemetry): 2 s tokens, refreshed about every second.
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(ProducerOptions::new().token_lifetime(Duration::from_secs(2)))
+        .connect()
+        .await
+        .expect("connects");
+    let engine = engine(&producer);
+    let host = hub.addr().ip().to_string();
+    let host = ConnectionString::parse(&hub.connection_string())
+        .map(|cs| cs.host().to_owned())
+        .unwrap_or(host);
+    // A second audience on the same connection with its own provider: 3 s tokens.
+    let alarms_provider =
+        ConnectionString::parse(&hub.connection_string_for("send-only", "alarms"))
+            .expect("parses")
+            .credential()
+            .into_provider(Duration::from_secs(3));
+    let alarms = engine
+        .link_to(
+            eventhubs::sender(&host, "alarms", None),
+            Some(alarms_provider),
+        )
+        .await
+        .expect("alarms link");
+    let telemetry = engine.link(None).await.expect("telemetry link");
+    let before = hub.stats().put_tokens_accepted;
+
+    // Stream on both links for 7 s: several lifetimes of each token.
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let a = send_on(&telemetry, n).await;
+        let b = send_on(&alarms, n).await;
+        a.await.expect("answered").expect("telemetry stored");
+        b.await.expect("answered").expect("alarms stored");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let puts = hub.stats().put_tokens_accepted - before;
+    // telemetry: ~7 refreshes (every ~1 s); alarms: ~4 (every ~1.5 s).
+    assert!(puts >= 9, "only {puts} tokens put in 7 s");
+    // No link was ever detached for an expired token: each was re-put in time.
+    assert_eq!(
+        engine.recoveries.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a link was lost to an expired token"
+    );
+    assert_eq!(hub.events("telemetry").len(), n);
+    assert_eq!(hub.events("alarms").len(), n);
+
+    // An audience the hub refuses (a wrong key) fails its own link only.
+    let wrong = ConnectionString::parse(
+        &hub.connection_string_for("send-only", "secret")
+            .replace("SharedAccessKey=", "SharedAccessKey=wrong"),
+    )
+    .expect("parses")
+    .credential()
+    .into_provider(Duration::from_secs(60));
+    let Err(err) = engine
+        .link_to(eventhubs::sender(&host, "secret", None), Some(wrong))
+        .await
+    else {
+        panic!("a wrong key was accepted");
+    };
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    send_on(&telemetry, n)
+        .await
+        .await
+        .expect("answered")
+        .expect("telemetry still sends");
+    send_on(&alarms, n)
+        .await
+        .await
+        .expect("answered")
+        .expect("alarms still sends");
+    producer.close().await.expect("closes");
+}
