@@ -7,6 +7,7 @@
 
 /// Section descriptor codes (AMQP 1.0 §3.2).
 pub(crate) const HEADER: u8 = 0x70;
+pub(crate) const DELIVERY_ANNOTATIONS: u8 = 0x71;
 pub(crate) const MESSAGE_ANNOTATIONS: u8 = 0x72;
 pub(crate) const DATA: u8 = 0x75;
 const AMQP_SEQUENCE: u8 = 0x76;

@@ -26,20 +26,28 @@ use std::{
     task::{Context, Poll},
 };
 
-use std::{future::Future, sync::atomic::AtomicU32};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU32, AtomicU64},
+};
 
 use fe2o3_amqp_types::{
     definitions::Role,
-    messaging::{Accepted, Body, DeliveryState, Message, TargetArchetype},
-    performatives::{Attach, Begin, Detach, Disposition, Transfer},
-    primitives::Value,
+    messaging::{Accepted, AmqpValue, Body, DeliveryState, Message, TargetArchetype},
+    performatives::{Attach, Begin, Detach, Disposition, Open, Transfer},
+    primitives::{Symbol, Value},
 };
+use serde_amqp::{described::Described, descriptor::Descriptor};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{faults::FaultShared, store::BufferPool};
 
 /// Descriptor of the amqp-value that stands in for a captured payload.
 const MARKER_DESCRIPTOR: &[u8] = b"hubsend-testhub:captured-payload";
+/// Descriptor of the amqp-value fe2o3 sends in place of a payload the hub encoded itself.
+const STAGED_DESCRIPTOR: &[u8] = b"hubsend-testhub:staged-payload";
+/// Room left in a frame for the TRANSFER performative around a staged payload.
+const TRANSFER_OVERHEAD: usize = 512;
 /// Read buffer size: many 64 KiB frames per read.
 const READ_CHUNK: usize = 1024 * 1024;
 /// First capacity of a multi-frame payload's buffer when the pool has none (untouched pages
@@ -80,6 +88,11 @@ pub(crate) struct WireControl {
     sessions: Mutex<HashMap<u16, u16>>,
     /// Frames the hub writes on its own (faults), whole, waiting for the next chance.
     inject: Mutex<Vec<u8>>,
+    /// Payloads the hub encoded itself, by ticket, until their TRANSFER is written.
+    staged: Mutex<HashMap<u64, Vec<u8>>>,
+    next_staged: AtomicU64,
+    /// The client's max-frame-size, from its OPEN (0 until then).
+    peer_max_frame: AtomicU32,
 }
 
 impl WireControl {
@@ -105,6 +118,35 @@ impl WireControl {
     /// [`Faults::reject_every_nth_coalesced`]: crate::Faults::reject_every_nth_coalesced
     pub(crate) fn hold_next_rejection(&self) {
         self.hold_requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The message fe2o3 should send in place of `payload`, an encoded message the hub built
+    /// itself (see the module docs); `None` when the payload would not fit in one frame to the
+    /// client, so fe2o3 must encode and split it.
+    pub(crate) fn stage(&self, payload: Vec<u8>) -> Option<Message<Body<Value>>> {
+        let max = self.peer_max_frame.load(Ordering::Relaxed) as usize;
+        if payload.len() + TRANSFER_OVERHEAD > max {
+            return None;
+        }
+        let ticket = self.next_staged.fetch_add(1, Ordering::Relaxed);
+        self.staged.lock().unwrap().insert(ticket, payload);
+        let marker = Described {
+            descriptor: Descriptor::Name(Symbol::from(
+                std::str::from_utf8(STAGED_DESCRIPTOR).unwrap_or_default(),
+            )),
+            value: Value::Ulong(ticket),
+        };
+        Some(
+            Message::builder()
+                .body(Body::Value(AmqpValue(Value::Described(Box::new(marker)))))
+                .build(),
+        )
+    }
+
+    /// The staged payload an outgoing TRANSFER's payload stands for, if it is a staged marker.
+    fn take_staged(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        let ticket = marker_ticket(payload, STAGED_DESCRIPTOR)?;
+        self.staged.lock().unwrap().remove(&ticket)
     }
 
     /// Consumes one hold request if `frame` (a DISPOSITION body) is a rejection and one is due.
@@ -173,11 +215,29 @@ impl WireControl {
 /// The encoded message fe2o3 receives in place of a captured payload: an amqp-value section
 /// holding `ticket` described by [`MARKER_DESCRIPTOR`].
 fn marker(ticket: u64) -> Vec<u8> {
-    let mut m = vec![0x00, 0x53, 0x77, 0x00, 0xa3, MARKER_DESCRIPTOR.len() as u8];
-    m.extend_from_slice(MARKER_DESCRIPTOR);
+    let mut m = marker_prefix(MARKER_DESCRIPTOR);
     m.push(0x80);
     m.extend_from_slice(&ticket.to_be_bytes());
     m
+}
+
+/// An amqp-value section holding a value described by `descriptor`, up to the value.
+fn marker_prefix(descriptor: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x00, 0x53, 0x77, 0x00, 0xa3, descriptor.len() as u8];
+    m.extend_from_slice(descriptor);
+    m
+}
+
+/// The ticket of an encoded marker described by `descriptor`: exactly that message, its
+/// ulong in any of its encodings.
+fn marker_ticket(payload: &[u8], descriptor: &[u8]) -> Option<u64> {
+    let prefix = marker_prefix(descriptor);
+    match payload.strip_prefix(prefix.as_slice())? {
+        [0x44] => Some(0),
+        [0x53, n] => Some(u64::from(*n)),
+        [0x80, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 /// Whether a target address names a request node (`$cbs`, `$management`) rather than a hub.
@@ -364,10 +424,23 @@ impl<S> Wire<S> {
             }
             let frame: Vec<u8> = self.pending.drain(..size).collect();
             let frame = self.rewrite(&frame).unwrap_or(frame);
+            let frame = self.unstage(&frame).unwrap_or(frame);
             let frame = crate::fullframe::pad(&frame).unwrap_or(frame);
             self.note_outgoing(&frame);
             self.out.extend_from_slice(&frame);
         }
+    }
+
+    /// A TRANSFER carrying a staged marker, with the staged payload in its place.
+    fn unstage(&self, frame: &[u8]) -> Option<Vec<u8>> {
+        let (doff, code, list) = performative(frame)?;
+        if frame[5] != 0 || code != 0x14 {
+            return None;
+        }
+        let body = &frame[doff..];
+        let perf_end = crate::raw::skip_value(body, list)?;
+        let payload = self.control.take_staged(&body[perf_end..])?;
+        Some(reframe(frame, doff + perf_end, &payload))
     }
 
     fn rewrite(&self, frame: &[u8]) -> Option<Vec<u8>> {
@@ -433,6 +506,12 @@ impl ReadSide {
         };
         let body = &frame[doff..];
         match code {
+            0x10 => {
+                if let Ok(open) = serde_amqp::from_slice::<Open>(body) {
+                    let max = open.max_frame_size.0;
+                    control.peer_max_frame.store(max, Ordering::Relaxed);
+                }
+            }
             0x12 => {
                 if let Ok(attach) = serde_amqp::from_slice::<Attach>(body) {
                     let key = (channel, attach.handle.0);
@@ -719,7 +798,10 @@ mod tests {
     use super::*;
     use fe2o3_amqp_types::{
         definitions::{Handle, ReceiverSettleMode, SenderSettleMode},
-        messaging::{message::__private::Deserializable, Source, Target},
+        messaging::{
+            message::__private::{Deserializable, Serializable},
+            Source, Target,
+        },
     };
 
     fn frame(channel: u16, body: &[u8]) -> Vec<u8> {
@@ -869,6 +951,32 @@ mod tests {
         let captured = control.take(&marked.0).unwrap();
         assert!(captured.bytes.is_empty());
         assert_eq!(captured.size, 12);
+    }
+
+    #[test]
+    fn staged_payloads_replace_their_marker_in_outgoing_transfers() {
+        let control = Arc::new(WireControl::default());
+        let wire = Wire::new(tokio::io::empty(), control.clone());
+        // Nothing is staged before the client's OPEN says how large a frame may be.
+        assert!(control.stage(vec![1; 10]).is_none());
+        control.peer_max_frame.store(4096, Ordering::Relaxed);
+        assert!(
+            control.stage(vec![0; 4096]).is_none(),
+            "would not fit one frame"
+        );
+        let event = vec![0x00, 0x53, 0x75, 0xa0, 3, b'a', b'b', b'c'];
+        for _ in 0..300 {
+            // Tickets 0, small and large take every ulong encoding fe2o3 may pick.
+            let marker = control.stage(event.clone()).unwrap();
+            let encoded = serde_amqp::to_vec(&Serializable(marker)).unwrap();
+            let out = wire.unstage(&frame(0, &[transfer(0, 1, false, &[]), encoded].concat()));
+            assert_eq!(payload(&out.expect("marker replaced")), &event[..]);
+        }
+        assert!(control.staged.lock().unwrap().is_empty(), "each taken once");
+        // Other transfers pass untouched.
+        assert!(wire
+            .unstage(&frame(0, &transfer(0, 1, false, &event)))
+            .is_none());
     }
 
     #[test]

@@ -29,10 +29,14 @@ use fe2o3_amqp_types::{
 use serde_amqp::descriptor::Descriptor;
 use tokio::time::Instant;
 
-use super::{amqp_error, link_properties, now_ms, refuse, Auth, ConnCtx};
+use super::{
+    connection::{refuse, Auth, ConnCtx},
+    end_link, link_properties, now_ms,
+};
 use crate::{
+    raw,
     sas::normalise,
-    store::{partition_key_of, EventRef, PartitionLog},
+    store::{EventRef, PartitionLog},
     Right,
 };
 
@@ -205,10 +209,7 @@ pub(super) async fn consumer_attach(
     let shared = &ctx.shared;
     let segs = consumer_segments(&address).unwrap_or_default();
     let path = segs.join("/");
-    let not_found = format!(
-        "The messaging entity 'sb://{}/{}' could not be found.",
-        ctx.host, path
-    );
+    let not_found = ctx.not_found(&path);
     let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
         return refuse_consumer(attach, session, ctx, "amqp:not-found", not_found).await;
     };
@@ -220,10 +221,7 @@ pub(super) async fn consumer_attach(
         _ => return refuse_consumer(attach, session, ctx, "amqp:not-found", not_found).await,
     };
     if matches!(ctx.authorised(&path, Some(Right::Listen)), Auth::No) {
-        let desc = format!(
-            "Unauthorized access. 'Listen' claim(s) are required to perform this operation. Resource: 'sb://{}/{}'.",
-            ctx.host, path
-        );
+        let desc = ctx.unauthorised(Right::Listen, &path);
         return refuse_consumer(attach, session, ctx, "amqp:unauthorized-access", desc).await;
     }
     let selector = attach.source.as_deref().and_then(selector_of);
@@ -302,7 +300,7 @@ impl ConsumerLink {
             .unwrap_or_default()
     }
 
-    /// The delivered form of a stored event.
+    /// The delivered form of a stored event, decoded (for fe2o3 to encode).
     fn message(&self, ev: &EventRef, last: Option<&EventRef>) -> Message<Body<Value>> {
         let mut msg = ev.message().unwrap_or_else(|| {
             Message::builder()
@@ -311,10 +309,60 @@ impl ConsumerLink {
                 ))))
                 .build()
         });
-        let partition_key =
-            partition_key_of(&msg).or_else(|| ev.meta.route_key.as_deref().map(str::to_string));
-        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
         let mut ann = msg.message_annotations.take().unwrap_or_default();
+        self.annotate(&mut ann, ev);
+        msg.message_annotations = Some(ann);
+        msg.delivery_annotations = self.delivery_annotations(last);
+        msg
+    }
+
+    /// The delivered form of a stored event, encoded: the producer's sections as they were
+    /// stored, with the message annotations (the only section decoded) completed and the
+    /// delivery annotations replaced. `None` when the stored event does not walk as a
+    /// message; [`message`](Self::message) handles those.
+    fn encoded(&self, ev: &EventRef, last: Option<&EventRef>) -> Option<Vec<u8>> {
+        let raw = ev.raw();
+        let (mut header, mut annotations, mut rest) = (None, None, None);
+        let mut start = 0;
+        for section in raw::Sections::new(raw) {
+            let s = section?;
+            match s.code {
+                raw::HEADER => header = Some(start..s.end),
+                // The producer's delivery annotations are not passed on.
+                raw::DELIVERY_ANNOTATIONS => {}
+                raw::MESSAGE_ANNOTATIONS => annotations = Some(start..s.end),
+                _ => {
+                    rest = Some(start);
+                    break;
+                }
+            }
+            start = s.end;
+        }
+        let mut ann: MessageAnnotations = match annotations {
+            Some(r) => serde_amqp::from_slice(&raw[r]).ok()?,
+            None => MessageAnnotations::default(),
+        };
+        self.annotate(&mut ann, ev);
+        let mut out = Vec::with_capacity(raw.len() + 256);
+        if let Some(h) = header {
+            out.extend_from_slice(&raw[h]);
+        }
+        if let Some(da) = self.delivery_annotations(last) {
+            out.extend(serde_amqp::to_vec(&da).ok()?);
+        }
+        out.extend(serde_amqp::to_vec(&ann).ok()?);
+        out.extend_from_slice(&raw[rest.unwrap_or(start)..]);
+        Some(out)
+    }
+
+    /// Adds the service's annotations of `ev` to its message annotations.
+    fn annotate(&self, ann: &mut MessageAnnotations, ev: &EventRef) {
+        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
+        let partition_key = match ann.0.get(&key("x-opt-partition-key")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Symbol(s)) => Some(s.0.clone()),
+            _ => ev.meta.route_key.as_deref().map(str::to_string),
+        };
         ann.0.insert(
             key("x-opt-sequence-number"),
             Value::Long(ev.sequence_number),
@@ -328,29 +376,30 @@ impl ConsumerLink {
         if let Some(pk) = partition_key {
             ann.0.insert(key("x-opt-partition-key"), Value::String(pk));
         }
-        msg.message_annotations = Some(MessageAnnotations(ann.0));
-        msg.delivery_annotations = None;
-        if let (true, Some(last)) = (self.runtime_metric, last) {
-            let mut da = DeliveryAnnotations::default();
-            da.0.insert(
-                key("last_enqueued_sequence_number"),
-                Value::Long(last.sequence_number),
-            );
-            da.0.insert(
-                key("last_enqueued_offset"),
-                Value::String(last.offset.to_string()),
-            );
-            da.0.insert(
-                key("last_enqueued_time_utc"),
-                Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms())),
-            );
-            da.0.insert(
-                key("runtime_info_retrieval_time_utc"),
-                Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
-            );
-            msg.delivery_annotations = Some(da);
-        }
-        msg
+    }
+
+    /// The last-enqueued-event delivery annotations, when the consumer asked for them.
+    fn delivery_annotations(&self, last: Option<&EventRef>) -> Option<DeliveryAnnotations> {
+        let last = last.filter(|_| self.runtime_metric)?;
+        let key = |k: &str| OwnedKey::Symbol(Symbol::from(k));
+        let mut da = DeliveryAnnotations::default();
+        da.0.insert(
+            key("last_enqueued_sequence_number"),
+            Value::Long(last.sequence_number),
+        );
+        da.0.insert(
+            key("last_enqueued_offset"),
+            Value::String(last.offset.to_string()),
+        );
+        da.0.insert(
+            key("last_enqueued_time_utc"),
+            Value::Timestamp(Timestamp::from_milliseconds(last.enqueued_time_ms())),
+        );
+        da.0.insert(
+            key("runtime_info_retrieval_time_utc"),
+            Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
+        );
+        Some(da)
     }
 }
 
@@ -359,20 +408,11 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
     let mut next = start;
     // Skips events before the filter's position; dropped once the first event qualifies.
     let mut skip_until = Some(position);
-    let far = || Instant::now() + Duration::from_secs(3600 * 24);
+    let _far = || Instant::now() + Duration::from_secs(3600 * 24);
     let close_error: Option<definitions::Error> = 'serve: loop {
-        let auth_deadline = match link.ctx.authorised(&link.entity, Some(Right::Listen)) {
-            Auth::No => break Some(amqp_error(
-                "amqp:unauthorized-access",
-                format!(
-                    "The token has expired. Code: RenewToken. Details: Unauthorized access. 'Listen' claim(s) are required to perform this operation. Resource: 'sb://{}/{}'.",
-                    link.ctx.host, link.entity
-                ),
-            )),
-            Auth::Forever => far(),
-            Auth::Until(ms) => {
-                Instant::now() + Duration::from_millis((ms - now_ms()).max(0) as u64 + 5)
-            }
+        let auth_deadline = match link.ctx.auth_deadline(&link.entity, Right::Listen) {
+            Ok(deadline) => deadline,
+            Err(expired) => break Some(expired),
         };
         let notified = shared.stored.notified();
         tokio::pin!(notified);
@@ -394,7 +434,12 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
                 }
                 skip_until = None;
             }
-            let msg = link.message(&ev, last.as_ref());
+            // Encoded here and put in place on the wire when it fits one frame; else fe2o3
+            // encodes the decoded form.
+            let msg = link
+                .encoded(&ev, last.as_ref())
+                .and_then(|payload| link.ctx.control.stage(payload))
+                .unwrap_or_else(|| link.message(&ev, last.as_ref()));
             // Batchable: the TRANSFER's last field is set, so fe2o3 writes all of them
             // (PROTOCOL J); the outcome is not awaited.
             match sender.send_batchable(msg).await {
@@ -406,16 +451,7 @@ async fn consumer_loop(mut sender: Sender, link: ConsumerLink, start: i64, posit
             }
         }
     };
-    let result = match close_error {
-        Some(err) => {
-            tracing::info!(link = %link.name, condition = ?err.condition, "detaching consumer link");
-            tokio::time::timeout(Duration::from_secs(5), sender.close_with_error(err)).await
-        }
-        None => tokio::time::timeout(Duration::from_secs(2), sender.close()).await,
-    };
-    if let Ok(Err(e)) = result {
-        tracing::debug!(error = ?e, "consumer link close");
-    }
+    end_link(sender, "consumer", &link.name, close_error).await;
 }
 
 #[cfg(test)]

@@ -1,0 +1,253 @@
+//! The server: the state every task shares (configuration, event store, counters, faults) and
+//! the helpers they use; each responsibility lives in a submodule.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use fe2o3_amqp::{Receiver, Sender};
+use fe2o3_amqp_types::{
+    definitions::{self, ErrorCondition, Fields},
+    primitives::{OrderedMap, Symbol, Value},
+};
+use tokio::sync::Notify;
+
+use crate::{
+    faults::FaultShared,
+    hash, sas,
+    store::{BufferPool, DeliveryMeta, EventRef, HubStore, StoredEvent},
+    HubConfig, HubStats, Policy, Right,
+};
+
+mod cbs;
+mod connection;
+mod consumer;
+mod management;
+mod producer;
+mod request;
+mod sasl;
+
+pub(crate) use connection::accept_loop;
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// State shared by every task of one hub server.
+pub(crate) struct Shared {
+    pub config: HubConfig,
+    pub hosts: Vec<String>,
+    pub store: Mutex<HashMap<String, HubStore>>,
+    pub stored: Notify,
+    pub stats: Mutex<HubStats>,
+    pub faults: Arc<FaultShared>,
+    /// Payload buffers of deliveries dropped by retention, for the wire to reuse.
+    pub pool: Arc<BufferPool>,
+    next_conn: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("hubs", &self.config.hubs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(config: HubConfig) -> Self {
+        let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let h = config.host.to_ascii_lowercase();
+        if !hosts.contains(&h) {
+            hosts.push(h);
+        }
+        let created = now_ms();
+        let store = config
+            .hubs
+            .iter()
+            .map(|(name, n)| (name.to_ascii_lowercase(), HubStore::new(*n, created)))
+            .collect();
+        Self {
+            config,
+            hosts,
+            store: Mutex::new(store),
+            stored: Notify::new(),
+            stats: Mutex::new(HubStats::default()),
+            faults: Arc::new(FaultShared::new()),
+            pool: Arc::new(BufferPool::default()),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Canonical name and partition count of a hub, matched case-insensitively.
+    pub(crate) fn find_hub(&self, name: &str) -> Option<(String, u32)> {
+        self.config
+            .hubs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .cloned()
+    }
+
+    pub(crate) fn partition_count(&self, hub: &str) -> Option<u32> {
+        self.find_hub(hub).map(|h| h.1)
+    }
+
+    /// Runs `f` on the store of `hub` (matched case-insensitively), if it exists.
+    pub(crate) fn with_hub<T>(&self, hub: &str, f: impl FnOnce(&HubStore) -> T) -> Option<T> {
+        let store = self.store.lock().unwrap();
+        store.get(&hub.to_ascii_lowercase()).map(f)
+    }
+
+    /// The retained events of `hub` (one partition or all), still encoded.
+    pub(crate) fn event_refs(&self, hub: &str, partition: Option<u32>) -> Vec<EventRef> {
+        self.with_hub(hub, |hs| {
+            hs.partitions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| partition.is_none_or(|p| p as usize == *i))
+                .flat_map(|(_, log)| log.all())
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The retained events of `hub` (one partition or all), decoded. The store is not locked
+    /// while decoding.
+    pub(crate) fn events(&self, hub: &str, partition: Option<u32>) -> Vec<StoredEvent> {
+        self.event_refs(hub, partition)
+            .iter()
+            .map(EventRef::to_stored)
+            .collect()
+    }
+
+    /// Number of retained events of `hub`.
+    pub(crate) fn event_count(&self, hub: &str) -> usize {
+        self.with_hub(hub, HubStore::len).unwrap_or(0)
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut HubStats)) {
+        f(&mut self.stats.lock().unwrap());
+    }
+
+    fn policy(&self, name: &str) -> Option<&Policy> {
+        self.config.policies.iter().find(|p| p.name == name)
+    }
+
+    fn policy_key(&self, name: &str) -> Option<String> {
+        self.policy(name).map(|p| p.key.clone())
+    }
+
+    fn policy_rights(&self, name: &str) -> Vec<Right> {
+        self.policy(name)
+            .map(|p| p.rights.clone())
+            .unwrap_or_default()
+    }
+
+    fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
+        let now = (now_ms() / 1000) as u64;
+        sas::verify(
+            token,
+            name,
+            now,
+            |n| self.policy_key(n),
+            &self.hosts,
+            |h| self.find_hub(h).is_some(),
+        )
+    }
+
+    /// Stores the events of one delivery (`spans` into `payload`); returns the partition used.
+    fn store_events(
+        &self,
+        hub: &str,
+        partition: Option<u32>,
+        payload: Vec<u8>,
+        spans: Box<[(u32, u32)]>,
+        mut meta: DeliveryMeta,
+    ) -> u32 {
+        let mut store = self.store.lock().unwrap();
+        let Some(hs) = store.get_mut(&hub.to_ascii_lowercase()) else {
+            return 0;
+        };
+        let count = hs.partitions.len() as u32;
+        let p = match (partition, &meta.route_key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => hash::partition_for_key(k, count),
+            (None, None) => {
+                let p = hs.round_robin % count.max(1);
+                hs.round_robin = hs.round_robin.wrapping_add(1);
+                p
+            }
+        };
+        if partition.is_some() {
+            meta.route_key = None;
+        }
+        meta.enqueued_time_ms = now_ms();
+        let retain = self.config.retain_events;
+        hs.partitions[p as usize].append(Arc::new(payload), spans, meta, retain, &self.pool);
+        drop(store);
+        self.stored.notify_waiters();
+        p
+    }
+}
+
+fn amqp_error(condition: &str, description: impl Into<String>) -> definitions::Error {
+    let mut info: Fields = OrderedMap::new();
+    info.insert(
+        Symbol::from("com.microsoft:tracking-id"),
+        Value::String(format!("{:032x}", rand::random::<u128>())),
+    );
+    definitions::Error::new(
+        ErrorCondition::Custom(Symbol::from(condition)),
+        Some(description.into()),
+        Some(info),
+    )
+}
+
+fn link_properties() -> Fields {
+    let mut f: Fields = OrderedMap::new();
+    f.insert(
+        Symbol::from("com.microsoft:tracking-id"),
+        Value::String(format!("{:032x}", rand::random::<u128>())),
+    );
+    f
+}
+
+/// A link the hub ends itself, by closing it.
+trait EndLink {
+    /// Detaches (closed) with `error`, or plainly.
+    async fn close_with(self, error: Option<definitions::Error>) -> Result<(), String>;
+}
+
+/// Both link ends close the same way.
+macro_rules! end_link_by_closing {
+    ($($link:ty),*) => {$(
+        impl EndLink for $link {
+            async fn close_with(self, error: Option<definitions::Error>) -> Result<(), String> {
+                match error {
+                    Some(e) => self.close_with_error(e).await,
+                    None => self.close().await,
+                }
+                .map_err(|e| format!("{e:?}"))
+            }
+        }
+    )*};
+}
+
+end_link_by_closing!(Sender, Receiver);
+
+/// Closes a `kind` link the hub ends: with `error` (the peer gets 5 s to answer) or plainly
+/// (2 s).
+async fn end_link(link: impl EndLink, kind: &str, name: &str, error: Option<definitions::Error>) {
+    let wait = Duration::from_secs(if error.is_some() { 5 } else { 2 });
+    if let Some(err) = &error {
+        tracing::info!(link = %name, condition = ?err.condition, "detaching {kind} link");
+    }
+    if let Ok(Err(e)) = tokio::time::timeout(wait, link.close_with(error)).await {
+        tracing::debug!(error = %e, "{kind} link close");
+    }
+}

@@ -1,0 +1,389 @@
+//! Producer links: attach checks (entity, Send right, max-message-size), each delivery's
+//! verdict and storage, credit, settlement, and the producer-side faults.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use fe2o3_amqp::{
+    acceptor::SupportedReceiverSettleModes,
+    acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
+    link::{delivery::DeliveryInfo, receiver::CreditMode},
+    Receiver,
+};
+use fe2o3_amqp_types::{
+    definitions::{self, ReceiverSettleMode},
+    messaging::{message::__private::Serializable, Body},
+    performatives::Attach,
+    primitives::Value,
+};
+use tokio::time::Instant;
+
+use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured, Right};
+
+use super::{
+    amqp_error,
+    connection::{refuse, Auth, ConnCtx},
+    end_link, link_properties, Shared,
+};
+
+const BATCH_FORMAT: u32 = 0x8001_3700;
+
+pub(super) async fn producer_attach(
+    mut attach: Attach,
+    address: String,
+    session: &mut ListenerSessionHandle,
+    ctx: &Arc<ConnCtx>,
+) {
+    let shared = &ctx.shared;
+    let path = normalise(&address, false).path;
+    let segs: Vec<&str> = path.split('/').collect();
+    let not_found = ctx.not_found(&path);
+    let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
+        return refuse(attach, session, ctx, "amqp:not-found", not_found).await;
+    };
+    let partition = match segs.as_slice() {
+        [_] => None,
+        [_, p, n] if *p == "partitions" => match n.parse::<u32>() {
+            Ok(n) if n < count => Some(n),
+            _ => return refuse(attach, session, ctx, "amqp:not-found", not_found).await,
+        },
+        _ => return refuse(attach, session, ctx, "amqp:not-found", not_found).await,
+    };
+    let entity = path.clone();
+    if matches!(ctx.authorised(&entity, Some(Right::Send)), Auth::No) {
+        let desc = ctx.unauthorised(Right::Send, &path);
+        return refuse(attach, session, ctx, "amqp:unauthorized-access", desc).await;
+    }
+    let max = shared.config.max_message_size;
+    let mms = attach
+        .max_message_size
+        .filter(|v| *v > 0)
+        .map_or(max, |c| c.min(max));
+    let name = attach.name.clone();
+    let advertised = shared.config.advertised_max_message_size.unwrap_or(mms);
+    ctx.control
+        .advertise
+        .lock()
+        .unwrap()
+        .insert(name.clone(), advertised);
+    // fe2o3 would detach the link on an oversize delivery; the service rejects only the delivery.
+    attach.max_message_size = None;
+    let acceptor = LinkAcceptor::builder()
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
+        .properties(link_properties())
+        .build();
+    match acceptor.accept_incoming_attach(attach, session).await {
+        Ok(LinkEndpoint::Receiver(r)) => {
+            shared.stat(|s| {
+                s.links_attached += 1;
+                s.producer_links_attached += 1;
+            });
+            tracing::info!(link = %name, hub = %hub, ?partition, "producer link attached");
+            tokio::spawn(producer_loop(
+                r,
+                ProducerLink {
+                    ctx: ctx.clone(),
+                    hub,
+                    partition,
+                    target: address.into(),
+                    entity,
+                    max_message_size: mms,
+                    name,
+                },
+            ));
+        }
+        Ok(LinkEndpoint::Sender(_)) => {}
+        Err(e) => tracing::warn!(error = ?e, "producer attach failed"),
+    }
+}
+
+pub(super) struct ProducerLink {
+    ctx: Arc<ConnCtx>,
+    hub: String,
+    partition: Option<u32>,
+    target: Arc<str>,
+    entity: String,
+    max_message_size: u64,
+    name: String,
+}
+
+pub(super) enum Verdict {
+    Accept,
+    Reject(definitions::Error),
+}
+
+pub(super) fn decode_error(description: &str) -> Verdict {
+    Verdict::Reject(amqp_error("amqp:decode-error", description))
+}
+
+impl ProducerLink {
+    /// Checks one delivery and stores its events. `payload` is the encoded message as the
+    /// client sent it; nothing is decoded here, only walked (see [`raw`]).
+    fn process(&self, format: u32, delivery_id: u32, payload: Captured) -> Verdict {
+        let shared = &self.ctx.shared;
+        let size = payload.size;
+        if size > self.max_message_size {
+            return Verdict::Reject(amqp_error(
+                "amqp:link:message-size-exceeded",
+                format!(
+                    "The received message (delivery-id:{delivery_id}, size:{size} bytes) exceeds the limit ({} bytes) currently allowed on the link.",
+                    self.max_message_size
+                ),
+            ));
+        }
+        if let Some(cond) = shared.faults.on_transfer() {
+            return Verdict::Reject(amqp_error(
+                &cond,
+                "The request was rejected by fault injection.",
+            ));
+        }
+        let buf = payload.bytes;
+        if buf.len() > u32::MAX as usize {
+            return decode_error("The message is too large to store.");
+        }
+        let batched = format == BATCH_FORMAT;
+        if !batched && format != 0 {
+            return Verdict::Reject(amqp_error(
+                "amqp:not-implemented",
+                format!("The message format {format} is not supported."),
+            ));
+        }
+        // 100-byte events take ~110 bytes each in a batch.
+        let mut spans: Vec<(u32, u32)> =
+            Vec::with_capacity(if batched { buf.len() / 96 } else { 1 });
+        let mut annotations = None;
+        let mut first_key = None;
+        let mut bodies = 0usize;
+        for section in raw::Sections::new(&buf) {
+            let Some(s) = section else {
+                tracing::warn!("undecodable message");
+                return decode_error("The message is not an encoded AMQP message.");
+            };
+            if s.code == raw::MESSAGE_ANNOTATIONS {
+                annotations = Some(s);
+            }
+            if !batched || !raw::is_body(s.code) {
+                continue;
+            }
+            bodies += 1;
+            let range = (s.code == raw::DATA).then(|| raw::data_range(&buf, &s));
+            let Some((start, end)) = range.flatten() else {
+                return decode_error("A batch must carry data sections.");
+            };
+            let event = &buf[start..end];
+            let Some(event_annotations) = raw::check_message(event) else {
+                tracing::warn!("undecodable event in batch");
+                return decode_error("A batch section is not an encoded AMQP message.");
+            };
+            if spans.is_empty() {
+                first_key = event_annotations.and_then(|a| raw::partition_key(event, &a));
+            }
+            spans.push((start as u32, event.len() as u32));
+        }
+        if buf.is_empty() {
+            return decode_error("The message is not an encoded AMQP message.");
+        }
+        let key = annotations
+            .and_then(|a| raw::partition_key(&buf, &a))
+            .or(first_key);
+        if batched && bodies == 0 {
+            return decode_error("A batch must carry data sections.");
+        }
+        if !batched {
+            spans.push((0, buf.len() as u32));
+        }
+        shared.store_events(
+            &self.hub,
+            self.partition,
+            buf,
+            spans.into_boxed_slice(),
+            DeliveryMeta {
+                batched,
+                link_target: self.target.clone(),
+                route_key: key.map(Arc::from),
+                enqueued_time_ms: 0,
+            },
+        );
+        Verdict::Accept
+    }
+}
+
+pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
+    let shared = link.ctx.shared.clone();
+    let credit = shared.config.link_credit;
+    receiver.set_credit_mode(CreditMode::Manual);
+    let mut withheld = shared.faults.withheld_until();
+    let _ = receiver
+        .set_credit(if withheld.is_some() { 0 } else { credit })
+        .await;
+    let mut detach_rx = shared.faults.detach_tx.subscribe();
+    let mut credit_rx = shared.faults.credit_tx.subscribe();
+    let mut pending: std::collections::VecDeque<(Instant, DeliveryInfo, Verdict)> =
+        Default::default();
+    // A coalesced rejection waiting for the next settlement (and when to give up waiting).
+    let mut held: Option<(Instant, DeliveryInfo, Verdict)> = None;
+    let mut link_transfers = 0u64;
+    let far = || Instant::now() + Duration::from_secs(3600 * 24);
+    let close_error: Option<definitions::Error> = loop {
+        let auth_deadline = match link.ctx.auth_deadline(&link.entity, Right::Send) {
+            Ok(deadline) => deadline,
+            Err(expired) => break Some(expired),
+        };
+        let next_disposition = pending.front().map(|p| p.0).unwrap_or_else(far);
+        let held_until = held.as_ref().map(|h| h.0).unwrap_or_else(far);
+        let credit_back = withheld.map(Instant::from_std).unwrap_or_else(far);
+        tokio::select! {
+            d = receiver.recv::<Body<Value>>() => {
+                let delivery = match d {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::debug!(link = %link.name, error = ?e, "producer link ended");
+                        break None;
+                    }
+                };
+                shared.stat(|s| s.transfers_received += 1);
+                if withheld.is_none() && receiver.credit() < credit / 2 + 1 {
+                    let _ = receiver.set_credit(credit).await;
+                }
+                link_transfers += 1;
+                let info = DeliveryInfo::from(&delivery);
+                let format = delivery.message_format().unwrap_or(0);
+                let id = *delivery.delivery_id();
+                let msg = delivery.into_message();
+                // The wire captured the payload; a message that is not its marker (a link
+                // the wire did not see as a producer) is taken as sent.
+                let payload = link.ctx.control.take(&msg).unwrap_or_else(|| {
+                    let bytes = serde_amqp::to_vec(&Serializable(msg)).unwrap_or_default();
+                    Captured { size: bytes.len() as u64, bytes }
+                });
+                match first_transfer_fault(&link.ctx, link_transfers) {
+                    Some(FirstTransfer::Detach(err)) => break Some(err),
+                    Some(FirstTransfer::Closing | FirstTransfer::Unsettled) => continue,
+                    None => {}
+                }
+                let verdict = link.process(format, id, payload);
+                let delay = shared.faults.disposition_delay();
+                if !delay.is_zero() || !pending.is_empty() {
+                    pending.push_back((Instant::now() + delay, info, verdict));
+                } else if let Some((_, held_info, held_verdict)) = held.take() {
+                    // The held rejection and this settlement leave in one write.
+                    link.ctx.control.hold_next_rejection();
+                    dispose(&receiver, &shared, held_info, held_verdict).await;
+                    dispose(&receiver, &shared, info, verdict).await;
+                } else if matches!(verdict, Verdict::Reject(_))
+                    && shared.faults.read(|f| f.coalesce_rejections)
+                {
+                    held = Some((Instant::now() + COALESCE_WAIT, info, verdict));
+                } else {
+                    dispose(&receiver, &shared, info, verdict).await;
+                }
+            }
+            _ = tokio::time::sleep_until(held_until), if held.is_some() => {
+                if let Some((_, info, verdict)) = held.take() {
+                    dispose(&receiver, &shared, info, verdict).await;
+                }
+            }
+            _ = tokio::time::sleep_until(next_disposition), if !pending.is_empty() => {
+                if let Some((_, info, verdict)) = pending.pop_front() {
+                    dispose(&receiver, &shared, info, verdict).await;
+                }
+            }
+            r = detach_rx.changed() => {
+                if r.is_err() { continue; }
+                let v = detach_rx.borrow_and_update().clone();
+                if let Some((_, cond, desc)) = v {
+                    while let Some((_, info, verdict)) = held.take().or_else(|| pending.pop_front()) {
+                        dispose(&receiver, &shared, info, verdict).await;
+                    }
+                    break Some(amqp_error(&cond, desc));
+                }
+            }
+            r = credit_rx.changed() => {
+                if r.is_err() { continue; }
+                let _ = credit_rx.borrow_and_update();
+                withheld = shared.faults.withheld_until();
+                let _ = receiver.set_credit(if withheld.is_some() { 0 } else { credit }).await;
+            }
+            _ = tokio::time::sleep_until(credit_back), if withheld.is_some() => {
+                withheld = shared.faults.withheld_until();
+                if withheld.is_none() {
+                    let _ = receiver.set_credit(credit).await;
+                }
+            }
+            _ = tokio::time::sleep_until(auth_deadline) => {
+                // Re-evaluated at the top of the loop: a refreshed token extends the link.
+            }
+        }
+    };
+    if let Some((_, info, verdict)) = held.take() {
+        dispose(&receiver, &shared, info, verdict).await;
+    }
+    link.ctx
+        .control
+        .advertise
+        .lock()
+        .unwrap()
+        .remove(&link.name);
+    end_link(receiver, "producer", &link.name, close_error).await;
+}
+
+/// How long a coalesced rejection waits for the next settlement before it is sent alone.
+pub(super) const COALESCE_WAIT: Duration = Duration::from_millis(100);
+
+/// What a first-transfer or never-settle fault does with a delivery that just arrived.
+pub(super) enum FirstTransfer {
+    /// The connection was told to close; leave the delivery unsettled.
+    Closing,
+    /// Detach the link with this error; leave the delivery unsettled.
+    Detach(definitions::Error),
+    /// Never settle it (and do not store it).
+    Unsettled,
+}
+
+/// Applies the faults that act on a delivery before it is looked at: closing the connection
+/// on its first transfer, detaching a link on its first (`link_transfers` counts the link's),
+/// never settling.
+pub(super) fn first_transfer_fault(ctx: &ConnCtx, link_transfers: u64) -> Option<FirstTransfer> {
+    let first_on_connection = ctx.transfers.fetch_add(1, Ordering::SeqCst) == 0;
+    let (close, detach, never_settle) = ctx.shared.faults.read(|f| {
+        (
+            f.close_after_first_transfer.clone(),
+            f.detach_after_first_transfer.clone(),
+            f.never_settle,
+        )
+    });
+    let description = "Closed by fault injection after the first transfer.";
+    if let Some(condition) = close.filter(|_| first_on_connection) {
+        let _ = ctx.commands.send(ConnCommand::Close {
+            condition,
+            description: description.to_string(),
+        });
+        return Some(FirstTransfer::Closing);
+    }
+    if let Some(condition) = detach.filter(|_| link_transfers == 1) {
+        return Some(FirstTransfer::Detach(amqp_error(&condition, description)));
+    }
+    never_settle.then_some(FirstTransfer::Unsettled)
+}
+
+pub(super) async fn dispose(
+    receiver: &Receiver,
+    shared: &Shared,
+    info: DeliveryInfo,
+    verdict: Verdict,
+) {
+    match verdict {
+        Verdict::Accept => {
+            let _ = receiver.accept(info).await;
+            shared.stat(|s| s.deliveries_accepted += 1);
+            shared.faults.on_accepted();
+        }
+        Verdict::Reject(err) => {
+            let _ = receiver.reject(info, err).await;
+            shared.stat(|s| s.deliveries_rejected += 1);
+        }
+    }
+}
