@@ -26,7 +26,7 @@ const SAS_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
 /// The prefix every shared access signature starts with (note the single space).
 const SAS_PREFIX: &str = "SharedAccessSignature ";
 
-/// The default lifetime of tokens signed by [`SasKeyProvider`].
+/// The default lifetime of signed tokens (Event Hubs and IoT Hub keys), as Microsoft's SDKs use.
 const DEFAULT_SAS_LIFETIME: Duration = Duration::from_secs(60 * 60);
 
 /// [`SasTokenProvider`] warns once when its signature has less than this left.
@@ -81,15 +81,30 @@ impl fmt::Debug for Secret {
 }
 
 /// Percent-encodes `value` the way SAS tokens expect (see [`SAS_ENCODE_SET`]).
-fn sas_encode(value: &str) -> String {
+pub(crate) fn sas_encode(value: &str) -> String {
     utf8_percent_encode(value, SAS_ENCODE_SET).to_string()
+}
+
+/// A SAS token's `sig` before URL-encoding: the base64 HMAC-SHA256 of `sr + "\n" + se`
+/// under `key`, where `sr` is exactly the text the token carries.
+pub(crate) fn sas_signature(sr: &str, se: u64, key: &[u8]) -> String {
+    // HMAC takes keys of any length (long keys are hashed, short ones padded); the
+    // `InvalidLength` error exists only for fixed-size MACs.
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => unreachable!("HMAC-SHA256 accepts keys of any length"),
+    };
+    mac.update(sr.as_bytes());
+    mac.update(b"\n");
+    mac.update(se.to_string().as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
 /// Builds a shared access signature for `resource`, valid until `expiry_unix_secs`.
 ///
 /// `resource` is percent-encoded into `sr`; the HMAC-SHA256 of `sr + "\n" + se` under `key`
 /// becomes `sig`. `key` is used as given: Event Hubs keys are their UTF-8 text, IoT Hub
-/// device keys are base64-decoded first. `skn` is omitted when `key_name` is `None`
+/// keys are base64-decoded first. `skn` is omitted when `key_name` is `None`
 /// (IoT Hub device keys).
 pub(crate) fn sign_sas(
     resource: &str,
@@ -98,17 +113,8 @@ pub(crate) fn sign_sas(
     expiry_unix_secs: u64,
 ) -> String {
     let sr = sas_encode(resource);
-    let se = expiry_unix_secs.to_string();
-    let string_to_sign = format!("{sr}\n{se}");
-    // HMAC takes keys of any length (long keys are hashed, short ones padded); the
-    // `InvalidLength` error exists only for fixed-size MACs.
-    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
-        Ok(mac) => mac,
-        Err(_) => unreachable!("HMAC-SHA256 accepts keys of any length"),
-    };
-    mac.update(string_to_sign.as_bytes());
-    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let sig = sas_encode(&signature);
+    let se = expiry_unix_secs;
+    let sig = sas_encode(&sas_signature(&sr, se, key));
     match key_name {
         Some(name) => format!(
             "{SAS_PREFIX}sr={sr}&sig={sig}&se={se}&skn={}",
@@ -116,6 +122,19 @@ pub(crate) fn sign_sas(
         ),
         None => format!("{SAS_PREFIX}sr={sr}&sig={sig}&se={se}"),
     }
+}
+
+/// The `se` of a token signed at `now` for `lifetime` (at least one second, at most
+/// [`MAX_EXPIRY_UNIX_SECS`]).
+pub(crate) fn expiry_after_lifetime(now: SystemTime, lifetime: Duration) -> u64 {
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // A huge lifetime signs until the latest expiry a hub accepts, not past it.
+    now_secs
+        .saturating_add(lifetime.as_secs().max(1))
+        .min(MAX_EXPIRY_UNIX_SECS)
 }
 
 /// Checks the shape of a pre-built shared access signature and returns its expiry.
@@ -284,6 +303,96 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = Result<AccessToken>> + Send + 'a>>;
 }
 
+/// Key bytes to sign with (Event Hubs: the key's text; IoT Hub: its base64 decoding).
+/// `Debug` redacts them.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct SigningKey(Vec<u8>);
+
+impl SigningKey {
+    /// Signs with `bytes` as they are.
+    pub(crate) fn new(bytes: impl Into<Vec<u8>>) -> SigningKey {
+        SigningKey(bytes.into())
+    }
+
+    /// Decodes a key as the portal shows it (standard base64 with padding); `None` when the
+    /// text is not base64 or decodes to nothing.
+    pub(crate) fn from_base64(text: &str) -> Option<SigningKey> {
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+            .filter(|key| !key.is_empty())
+            .map(SigningKey)
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+/// What the key-signing providers share: the policy name for `skn` (none for an IoT Hub
+/// device key), the key, and the lifetime of each token it signs.
+#[derive(Clone)]
+pub(crate) struct KeySigner {
+    key_name: Option<String>,
+    key: SigningKey,
+    lifetime: Duration,
+}
+
+impl KeySigner {
+    /// A signer with the default one-hour lifetime.
+    pub(crate) fn new(key_name: Option<String>, key: SigningKey) -> KeySigner {
+        KeySigner {
+            key_name,
+            key,
+            lifetime: DEFAULT_SAS_LIFETIME,
+        }
+    }
+
+    pub(crate) fn set_lifetime(&mut self, lifetime: Duration) {
+        self.lifetime = lifetime;
+    }
+
+    pub(crate) fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    pub(crate) fn key_name(&self) -> Option<&str> {
+        self.key_name.as_deref()
+    }
+
+    /// Signs a token for `audience` valid for the configured lifetime from `now`.
+    pub(crate) fn sign_at(&self, audience: &str, now: SystemTime) -> AccessToken {
+        let expiry = expiry_after_lifetime(now, self.lifetime);
+        let token = sign_sas(audience, self.key_name(), self.key.bytes(), expiry);
+        let expires_at = UNIX_EPOCH + Duration::from_secs(expiry);
+        AccessToken::new(token, TokenType::SharedAccessSignature, expires_at)
+    }
+
+    /// [`TokenProvider::token`] for a provider built on this signer.
+    pub(crate) fn token(
+        &self,
+        audience: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<AccessToken>> + Send + 'static>> {
+        let token = self.sign_at(audience, SystemTime::now());
+        Box::pin(std::future::ready(Ok(token)))
+    }
+
+    /// `Debug` for the provider `name` holding this signer; the key is redacted.
+    pub(crate) fn debug_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(name)
+            .field("key_name", &self.key_name)
+            .field("key", &self.key)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
 /// Signs a fresh shared access signature for each audience with a shared access key.
 ///
 /// The key is used as its UTF-8 text (Event Hubs and Service Bus keys are never
@@ -291,19 +400,16 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
 /// [`with_lifetime`](SasKeyProvider::with_lifetime).
 #[derive(Clone)]
 pub struct SasKeyProvider {
-    key_name: String,
-    key: Secret,
-    lifetime: Duration,
+    signer: KeySigner,
 }
 
 impl SasKeyProvider {
     /// A provider for the policy `key_name` (the connection string's `SharedAccessKeyName`)
     /// with its `key` (`SharedAccessKey`).
     pub fn new(key_name: impl Into<String>, key: impl Into<Secret>) -> Self {
+        let key = SigningKey::new(key.into().expose().as_bytes());
         SasKeyProvider {
-            key_name: key_name.into(),
-            key: key.into(),
-            lifetime: DEFAULT_SAS_LIFETIME,
+            signer: KeySigner::new(Some(key_name.into()), key),
         }
     }
 
@@ -311,49 +417,24 @@ impl SasKeyProvider {
     /// second are treated as one second.
     #[must_use]
     pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
-        self.lifetime = lifetime;
+        self.signer.set_lifetime(lifetime);
         self
     }
 
     /// How long each signed token is valid.
     pub fn lifetime(&self) -> Duration {
-        self.lifetime
+        self.signer.lifetime()
     }
 
     /// The policy name that goes into `skn`.
     pub fn key_name(&self) -> &str {
-        &self.key_name
-    }
-
-    /// Signs a token for `audience` valid for the configured lifetime from `now`.
-    fn sign_at(&self, audience: &str, now: SystemTime) -> AccessToken {
-        let now_secs = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let lifetime_secs = self.lifetime.as_secs().max(1);
-        // A huge lifetime signs until the latest expiry a hub accepts, not past it.
-        let expiry = now_secs
-            .saturating_add(lifetime_secs)
-            .min(MAX_EXPIRY_UNIX_SECS);
-        let token = sign_sas(
-            audience,
-            Some(&self.key_name),
-            self.key.expose().as_bytes(),
-            expiry,
-        );
-        let expires_at = UNIX_EPOCH + Duration::from_secs(expiry);
-        AccessToken::new(token, TokenType::SharedAccessSignature, expires_at)
+        self.signer.key_name().unwrap_or_default()
     }
 }
 
 impl fmt::Debug for SasKeyProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SasKeyProvider")
-            .field("key_name", &self.key_name)
-            .field("key", &self.key)
-            .field("lifetime", &self.lifetime)
-            .finish()
+        self.signer.debug_as("SasKeyProvider", f)
     }
 }
 
@@ -362,8 +443,7 @@ impl TokenProvider for SasKeyProvider {
         &'a self,
         audience: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<AccessToken>> + Send + 'a>> {
-        let token = self.sign_at(audience, SystemTime::now());
-        Box::pin(std::future::ready(Ok(token)))
+        self.signer.token(audience)
     }
 }
 
@@ -714,7 +794,7 @@ mod tests {
     fn key_provider_zero_lifetime_still_expires_in_the_future() {
         let now = UNIX_EPOCH + Duration::from_secs(SE);
         let provider = SasKeyProvider::new("p", "k").with_lifetime(Duration::ZERO);
-        let token = provider.sign_at("sb://ns/hub", now);
+        let token = provider.signer.sign_at("sb://ns/hub", now);
         assert_eq!(token.expires_at(), now + Duration::from_secs(1));
     }
 
@@ -844,6 +924,7 @@ mod tests {
         // A provider asked for an absurd lifetime signs up to the last accepted second.
         let signed = SasKeyProvider::new("p", "k")
             .with_lifetime(Duration::MAX)
+            .signer
             .sign_at("sb://ns/hub", SystemTime::now());
         assert_eq!(signed.expires_at(), max_expiry());
         assert!(signed.secret().contains("&se=253402300799&"));

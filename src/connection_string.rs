@@ -60,6 +60,105 @@ impl Field {
     }
 }
 
+impl Key for Field {
+    fn lookup(text: &str) -> Option<Field> {
+        Field::lookup(text)
+    }
+
+    fn name(self) -> &'static str {
+        Field::name(self)
+    }
+
+    fn duplicate_note(self) -> &'static str {
+        match self {
+            Field::Endpoint => " (`HostName` is an alias of it)",
+            _ => "",
+        }
+    }
+}
+
+/// A key some kind of connection string understands.
+pub(crate) trait Key: Copy + PartialEq {
+    /// The key for `text` (already trimmed), if it is one.
+    fn lookup(text: &str) -> Option<Self>;
+    /// The canonical spelling, for messages.
+    fn name(self) -> &'static str;
+    /// Appended to the duplicate-key message (e.g. to mention an alias).
+    fn duplicate_note(self) -> &'static str {
+        ""
+    }
+}
+
+/// Splits a connection string into its known `Key=Value` pairs, in order.
+///
+/// Parts are separated by `;` and split at their first `=` (values may hold `=`); keys and
+/// values are trimmed and empty parts skipped. Unknown keys are ignored and logged at TRACE by
+/// position only (or by name when it is in [`IGNORED_KEYS`]), because a secret pasted without
+/// its key lands there. Errors ([`ErrorKind::InvalidConnectionString`]) name a known key or a
+/// part's position, never a value: a part without `=`, an empty key, an empty value for a
+/// known key, a known key given twice.
+pub(crate) fn known_pairs<K: Key>(s: &str) -> Result<Vec<(K, &str)>> {
+    let parts: Vec<&str> = s.split(';').collect();
+    let mut pairs: Vec<(K, &str)> = Vec::new();
+    for (position, part) in parts.iter().enumerate() {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        let Some((key_text, value)) = part.split_once('=') else {
+            // The part may be a stray secret, so only a known key name is ever echoed.
+            return Err(match K::lookup(part) {
+                Some(key) => invalid(format!("`{}` has no `=` and no value", key.name())),
+                None => invalid(format!(
+                    "part {} of {} (separated by `;`) has no `=`; expected Key=Value",
+                    position + 1,
+                    parts.len()
+                )),
+            });
+        };
+        let key_text = key_text.trim();
+        let value = value.trim();
+        if key_text.is_empty() {
+            return Err(invalid(format!(
+                "part {} of {} (separated by `;`) has an empty key",
+                position + 1,
+                parts.len()
+            )));
+        }
+        let Some(key) = K::lookup(key_text) else {
+            // A key pasted without `SharedAccessKey=` lands here with its base64 padding
+            // as the `=`, so an unknown key's text is never shown: only a name known to
+            // be harmless, or else the part's position.
+            match IGNORED_KEYS
+                .iter()
+                .find(|k| k.eq_ignore_ascii_case(key_text))
+            {
+                Some(known) => {
+                    tracing::trace!(key = known, "ignoring a connection string key");
+                }
+                None => tracing::trace!(
+                    part = position + 1,
+                    parts = parts.len(),
+                    "ignoring an unrecognised connection string key (not shown: it may be a secret)"
+                ),
+            }
+            continue;
+        };
+        if value.is_empty() {
+            return Err(invalid(format!("empty value for `{}`", key.name())));
+        }
+        if pairs.iter().any(|(seen, _)| *seen == key) {
+            return Err(invalid(format!(
+                "duplicate key `{}`{}",
+                key.name(),
+                key.duplicate_note()
+            )));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
 /// Keys other clients write into connection strings that hubsend has no use for. Only these
 /// are ever named in logs; any other unknown key may be a secret pasted in the wrong place.
 const IGNORED_KEYS: &[&str] = &[
@@ -70,9 +169,13 @@ const IGNORED_KEYS: &[&str] = &[
     "DeviceId",
     "ModuleId",
     "GatewayHostName",
+    "Endpoint",
+    "EntityPath",
+    "UseDevelopmentEmulator",
+    "x509",
 ];
 
-fn invalid(message: impl Into<String>) -> Error {
+pub(crate) fn invalid(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidConnectionString, message)
 }
 
@@ -116,64 +219,8 @@ impl ConnectionString {
     /// `SharedAccessSignature`, or missing or conflicting credentials.
     pub fn parse(s: &str) -> Result<ConnectionString> {
         let mut values: [Option<&str>; Field::ALL.len()] = [None; Field::ALL.len()];
-        let parts: Vec<&str> = s.split(';').collect();
-        for (position, part) in parts.iter().enumerate() {
-            let part = part.trim();
-            if part.is_empty() {
-                continue;
-            }
-            let Some((key_text, value)) = part.split_once('=') else {
-                // The part may be a stray secret, so only a known key name is ever echoed.
-                return Err(match Field::lookup(part) {
-                    Some(key) => invalid(format!("`{}` has no `=` and no value", key.name())),
-                    None => invalid(format!(
-                        "part {} of {} (separated by `;`) has no `=`; expected Key=Value",
-                        position + 1,
-                        parts.len()
-                    )),
-                });
-            };
-            let key_text = key_text.trim();
-            let value = value.trim();
-            if key_text.is_empty() {
-                return Err(invalid(format!(
-                    "part {} of {} (separated by `;`) has an empty key",
-                    position + 1,
-                    parts.len()
-                )));
-            }
-            let Some(key) = Field::lookup(key_text) else {
-                // A key pasted without `SharedAccessKey=` lands here with its base64 padding
-                // as the `=`, so an unknown key's text is never shown: only a name known to
-                // be harmless, or else the part's position.
-                match IGNORED_KEYS
-                    .iter()
-                    .find(|k| k.eq_ignore_ascii_case(key_text))
-                {
-                    Some(known) => {
-                        tracing::trace!(key = known, "ignoring a connection string key");
-                    }
-                    None => tracing::trace!(
-                        part = position + 1,
-                        parts = parts.len(),
-                        "ignoring an unrecognised connection string key (not shown: it may be a secret)"
-                    ),
-                }
-                continue;
-            };
-            if value.is_empty() {
-                return Err(invalid(format!("empty value for `{}`", key.name())));
-            }
-            let slot = &mut values[key.index()];
-            if slot.is_some() {
-                return Err(invalid(match key {
-                    Field::Endpoint => {
-                        "duplicate key `Endpoint` (`HostName` is an alias of it)".to_owned()
-                    }
-                    _ => format!("duplicate key `{}`", key.name()),
-                }));
-            }
-            *slot = Some(value);
+        for (key, value) in known_pairs::<Field>(s)? {
+            values[key.index()] = Some(value);
         }
         let get = |key: Field| values[key.index()];
 
@@ -368,7 +415,7 @@ impl fmt::Debug for ConnectionString {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SECRET: &str = "Zm9vYmFyU0VDUkVUc2VjcmV0VmFsdWU9PQ==";
@@ -613,7 +660,7 @@ mod tests {
     }
 
     /// Runs `f` with a TRACE-level subscriber and returns everything it logged.
-    fn logs_of(f: impl FnOnce()) -> String {
+    pub(crate) fn logs_of(f: impl FnOnce()) -> String {
         use std::sync::{Arc, Mutex};
 
         #[derive(Clone, Default)]

@@ -55,6 +55,7 @@ const MAX_DESCRIPTION: usize = 400;
 ///     .await?;
 /// # Ok(()) }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub struct ClientSecretCredential {
     tenant_id: String,
     client_id: String,
@@ -218,8 +219,9 @@ impl ClientSecretCredential {
             })
     }
 
-    /// Builds the HTTP client: hubsend's rustls configuration (aws-lc-rs, platform roots,
-    /// Mozilla's as fallback, extra roots), no redirects, the request timeout.
+    /// Builds the HTTP client: hubsend's rustls configuration (the crypto provider chosen by
+    /// feature, platform roots, Mozilla's as fallback, extra roots), no redirects, the request
+    /// timeout.
     fn build_client(&self) -> Result<reqwest::Client> {
         let mut roots = Vec::new();
         for pem in &self.extra_roots_pem {
@@ -464,6 +466,7 @@ impl ProducerBuilder {
     /// cloud). Combine with [`namespace`](Self::namespace) and [`event_hub`](Self::event_hub).
     ///
     /// Requires the `entra` cargo feature.
+    #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
     pub fn entra_client_secret(
         self,
         tenant_id: impl Into<String>,

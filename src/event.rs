@@ -28,6 +28,7 @@ pub(crate) const PARTITION_KEY_ANNOTATION: &str = "x-opt-partition-key";
 pub struct Event {
     body: Vec<u8>,
     content_type: Option<String>,
+    content_encoding: Option<String>,
     message_id: Option<String>,
     correlation_id: Option<String>,
     properties: Vec<(String, PropertyValue)>,
@@ -39,6 +40,7 @@ impl fmt::Debug for Event {
         f.debug_struct("Event")
             .field("body_len", &self.body.len())
             .field("content_type", &self.content_type)
+            .field("content_encoding", &self.content_encoding)
             .field("message_id", &self.message_id)
             .field("correlation_id", &self.correlation_id)
             .field("properties", &self.properties.len())
@@ -109,6 +111,18 @@ impl Event {
         self.content_type.as_deref()
     }
 
+    /// Sets the AMQP `content-encoding` (IoT Hub routes on JSON bodies only with `utf-8`,
+    /// `utf-16` or `utf-32` here).
+    pub fn with_content_encoding(mut self, encoding: impl Into<String>) -> Event {
+        self.content_encoding = Some(encoding.into());
+        self
+    }
+
+    /// The `content-encoding`, if set.
+    pub fn content_encoding(&self) -> Option<&str> {
+        self.content_encoding.as_deref()
+    }
+
     /// The message id, if set.
     pub fn message_id(&self) -> Option<&str> {
         self.message_id.as_deref()
@@ -149,6 +163,7 @@ impl Event {
     /// Whether the event is a body alone, with no metadata section.
     fn is_bare(&self) -> bool {
         self.content_type.is_none()
+            && self.content_encoding.is_none()
             && self.message_id.is_none()
             && self.correlation_id.is_none()
             && self.properties.is_empty()
@@ -162,7 +177,10 @@ impl Event {
     }
 
     fn amqp_properties(&self) -> Option<Properties> {
-        if self.content_type.is_none() && self.message_id.is_none() && self.correlation_id.is_none()
+        if self.content_type.is_none()
+            && self.content_encoding.is_none()
+            && self.message_id.is_none()
+            && self.correlation_id.is_none()
         {
             return None;
         }
@@ -170,6 +188,7 @@ impl Event {
             message_id: self.message_id.clone().map(MessageId::String),
             correlation_id: self.correlation_id.clone().map(MessageId::String),
             content_type: self.content_type.clone().map(Symbol::from),
+            content_encoding: self.content_encoding.clone().map(Symbol::from),
             ..Properties::default()
         })
     }

@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(rustdoc::broken_intra_doc_links)]
+// docs.rs builds with `--cfg docsrs` (see `[package.metadata.docs.rs]`) and marks the items
+// that need a cargo feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //!
 //! # Layout
 //!
@@ -11,6 +14,7 @@
 //! - [`connection_string`]: parsing Event Hubs connection strings.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
 //! - `entra` (feature `entra`): `ClientSecretCredential`, Microsoft Entra ID client secrets.
+//! - [`iothub`]: IoT Hub connection strings and SAS tokens (device and policy keys).
 //! - [`retry`]: [`RetryOptions`] and the failure classifier.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
 //! - `amqp` (private): the engine task that owns the fe2o3 connection, session and links.
@@ -22,12 +26,15 @@ pub mod buffered;
 pub mod connection_string;
 mod entity;
 #[cfg(feature = "entra")]
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub mod entra;
 pub mod error;
 pub mod event;
+pub mod iothub;
 pub mod producer;
 pub mod retry;
 mod tls;
+mod transport;
 
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
@@ -35,6 +42,7 @@ pub use batch::{BatchOptions, EventBatch, TryAddError};
 pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch};
 pub use connection_string::ConnectionString;
 #[cfg(feature = "entra")]
+#[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub use entra::ClientSecretCredential;
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};

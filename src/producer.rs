@@ -318,7 +318,8 @@ impl ProducerBuilder {
             retry: self.options.retry.clone(),
             max_message_size: self.options.max_message_size,
         };
-        let engine = Engine::connect(config, self.options.max_in_flight).await?;
+        let audience = crate::entity::eventhubs::audience(&config.host, &config.hub);
+        let engine = Engine::connect(config, self.options.max_in_flight, Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
@@ -330,10 +331,8 @@ impl ProducerBuilder {
         Ok(Producer {
             inner: Arc::new(Inner {
                 engine,
-                deliveries: Arc::new(Semaphore::new(self.options.max_in_flight)),
-                bytes: Arc::new(Semaphore::new(byte_budget)),
+                pipeline: Pipeline::new(self.options.max_in_flight, byte_budget),
                 max_message_size,
-                max_in_flight: self.options.max_in_flight,
             }),
         })
     }
@@ -356,10 +355,93 @@ pub struct Producer {
 #[derive(Debug)]
 struct Inner {
     engine: Arc<Engine>,
+    pipeline: Pipeline,
+    max_message_size: u64,
+}
+
+/// The in-flight bounds every sending handle shares: deliveries and bytes awaiting the hub's
+/// outcome. A send takes its permits before it is queued and gives them back when its outcome
+/// is settled, so memory is bounded by these, not by the input rate.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
     deliveries: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    max_message_size: u64,
     max_in_flight: usize,
+}
+
+impl Pipeline {
+    /// Bounds of `deliveries` and `bytes` in flight.
+    pub(crate) fn new(deliveries: usize, bytes: usize) -> Pipeline {
+        Pipeline {
+            deliveries: Arc::new(Semaphore::new(deliveries)),
+            bytes: Arc::new(Semaphore::new(bytes)),
+            max_in_flight: deliveries,
+        }
+    }
+
+    /// Deliveries waiting for an outcome.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.max_in_flight - self.deliveries.available_permits()
+    }
+
+    /// Queues `sections` on `link` once permits are free (`wait`) or fails with `Busy`.
+    pub(crate) async fn submit(
+        &self,
+        engine: &Engine,
+        link: Arc<LinkHandle>,
+        sections: Sections,
+        mergeable: bool,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        let size = sections.size().min(u32::MAX as u64) as u32;
+        engine.check_open()?;
+        let permits = self.permits(size, wait).await?;
+        let (reply, rx) = oneshot::channel();
+        link.tx
+            .send(Outgoing {
+                sections,
+                mergeable,
+                waiter: Waiter {
+                    reply,
+                    _permits: permits,
+                },
+            })
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
+        Ok(DeliveryFuture::from_receiver(rx))
+    }
+
+    async fn permits(
+        &self,
+        bytes: u32,
+        wait: bool,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
+        if wait {
+            let d = self
+                .deliveries
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
+            let b = self
+                .bytes
+                .clone()
+                .acquire_many_owned(bytes)
+                .await
+                .map_err(closed)?;
+            Ok((d, b))
+        } else {
+            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
+            let d = self.deliveries.clone().try_acquire_owned().map_err(busy)?;
+            let b = self
+                .bytes
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .map_err(busy)?;
+            Ok((d, b))
+        }
+    }
 }
 
 /// A snapshot of a producer's counters (see [`Producer::stats`]).
@@ -460,7 +542,7 @@ impl Producer {
         let engine = &self.inner.engine;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ProducerStats {
-            in_flight: self.inner.max_in_flight - self.inner.deliveries.available_permits(),
+            in_flight: self.inner.pipeline.in_flight(),
             sent: load(&engine.counters.accepted),
             retried: load(&engine.counters.retried),
             failed: load(&engine.counters.failed),
@@ -523,24 +605,7 @@ impl Producer {
             .engine
             .link(route.partition_id.as_deref())
             .await?;
-        let limit = link.max_message_size;
-        let max = match options.max_size {
-            Some(0) => {
-                return Err(Error::new(
-                    ErrorKind::InvalidBatchSize,
-                    "a batch size of 0 bytes was requested",
-                ))
-            }
-            Some(requested) if requested > limit => {
-                return Err(Error::new(
-                    ErrorKind::InvalidBatchSize,
-                    format!("requested {requested} bytes but the link allows at most {limit}"),
-                ))
-            }
-            Some(requested) => requested,
-            None => limit,
-        };
-        EventBatch::new(route, max)
+        new_batch(route, link.max_message_size, options.max_size)
     }
 
     /// Queues a batch; the returned future resolves with the hub's outcome for all its events.
@@ -619,7 +684,7 @@ impl Producer {
     /// [`ErrorKind::Timeout`] naming how many deliveries still had no outcome.
     pub async fn close_within(self, deadline: Duration) -> Result<()> {
         let inner = self.inner.clone();
-        let in_flight = move || inner.max_in_flight - inner.deliveries.available_permits();
+        let in_flight = move || inner.pipeline.in_flight();
         let unresolved = self.inner.engine.close(Some(deadline), in_flight).await?;
         if unresolved > 0 {
             return Err(Error::new(
@@ -672,63 +737,32 @@ impl Producer {
         mergeable: bool,
         wait: bool,
     ) -> Result<DeliveryFuture> {
-        let size = sections.size().min(u32::MAX as u64) as u32;
-        self.inner.engine.check_open()?;
-        let permits = self.permits(size, wait).await?;
-        let (reply, rx) = oneshot::channel();
-        link.tx
-            .send(Outgoing {
-                sections,
-                mergeable,
-                waiter: Waiter {
-                    reply,
-                    _permits: permits,
-                },
-            })
+        self.inner
+            .pipeline
+            .submit(&self.inner.engine, link, sections, mergeable, wait)
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
-        Ok(DeliveryFuture::from_receiver(rx))
     }
+}
 
-    async fn permits(
-        &self,
-        bytes: u32,
-        wait: bool,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
-        if wait {
-            let d = self
-                .inner
-                .deliveries
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(closed)?;
-            let b = self
-                .inner
-                .bytes
-                .clone()
-                .acquire_many_owned(bytes)
-                .await
-                .map_err(closed)?;
-            Ok((d, b))
-        } else {
-            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
-            let d = self
-                .inner
-                .deliveries
-                .clone()
-                .try_acquire_owned()
-                .map_err(busy)?;
-            let b = self
-                .inner
-                .bytes
-                .clone()
-                .try_acquire_many_owned(bytes)
-                .map_err(busy)?;
-            Ok((d, b))
+/// An empty batch for `route` on a link that takes `limit` bytes, of `requested` bytes at most.
+pub(crate) fn new_batch(route: Route, limit: u64, requested: Option<u64>) -> Result<EventBatch> {
+    let max = match requested {
+        Some(0) => {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                "a batch size of 0 bytes was requested",
+            ))
         }
-    }
+        Some(requested) if requested > limit => {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                format!("requested {requested} bytes but the link allows at most {limit}"),
+            ))
+        }
+        Some(requested) => requested,
+        None => limit,
+    };
+    EventBatch::new(route, max)
 }
 
 fn check_route(route: &Route) -> Result<()> {

@@ -87,7 +87,7 @@ impl RetryOptions {
     }
 
     /// How long a delivery may take in all, retries included, before it fails with
-    /// [`ErrorKind::Timeout`].
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self

@@ -1,8 +1,13 @@
 //! TLS for hub connections: rustls with the platform's roots (so `SSL_CERT_FILE` works as
 //! everywhere else), Mozilla's roots as a fallback, and any extra roots the caller adds.
+//!
+//! The crypto provider comes from a cargo feature: `aws-lc-rs` (default) or `ring`; with both,
+//! aws-lc-rs; with neither, the provider the application installed as rustls' process default.
 
 use std::sync::Arc;
 
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
@@ -11,10 +16,9 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// Parses every certificate in a PEM document.
+/// Parses every certificate in a PEM document (other sections, such as keys, are skipped).
 pub(crate) fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
-    let mut reader = std::io::BufReader::new(pem);
-    let certs = rustls_pemfile::certs(&mut reader)
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| {
             Error::new(
@@ -30,6 +34,27 @@ pub(crate) fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'s
         ));
     }
     Ok(certs)
+}
+
+/// The rustls crypto provider chosen by cargo feature: aws-lc-rs (the default, and the one
+/// used when both are enabled), else ring, else whatever the application installed as the
+/// process default.
+///
+/// Named explicitly rather than left to `ClientConfig::builder()`, which panics when several
+/// providers are compiled into the application and none was installed.
+pub(crate) fn crypto_provider() -> Result<Arc<CryptoProvider>> {
+    #[cfg(feature = "aws-lc-rs")]
+    return Ok(Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    return Ok(Arc::new(rustls::crypto::ring::default_provider()));
+    #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+    CryptoProvider::get_default().cloned().ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            "no TLS crypto provider: enable hubsend's `aws-lc-rs` or `ring` feature, or \
+             install one with `rustls::crypto::CryptoProvider::install_default`",
+        )
+    })
 }
 
 /// Builds the client configuration: platform roots + webpki roots + `extra_roots`.
@@ -52,10 +77,7 @@ pub(crate) fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<A
             .with_source(e)
         })?;
     }
-    // Name the provider explicitly: if several rustls providers are compiled into the
-    // application, `ClientConfig::builder()` would panic.
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let config = ClientConfig::builder_with_provider(crypto_provider()?)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(ErrorKind::InvalidConfig, "TLS setup failed").with_source(e))?
         .with_root_certificates(roots)
@@ -86,4 +108,44 @@ pub(crate) async fn connect(
             )
             .with_source(e)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PEM parsing only decodes the blocks, so a few bytes stand in for real certificates.
+    #[test]
+    fn pem_certificates_are_read_and_other_blocks_skipped() {
+        let pem = b"junk before\n\
+            -----BEGIN PRIVATE KEY-----\nBAUG\n-----END PRIVATE KEY-----\n\
+            -----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n\
+            -----BEGIN CERTIFICATE-----\nCgsM\n-----END CERTIFICATE-----\n";
+        let certs = parse_pem_certificates(pem).unwrap();
+        let bytes: Vec<&[u8]> = certs.iter().map(|c| c.as_ref()).collect();
+        assert_eq!(bytes, [&[1u8, 2, 3][..], &[10, 11, 12][..]]);
+
+        for (pem, why) in [
+            (
+                &b"-----BEGIN PRIVATE KEY-----\nBAUG\n-----END PRIVATE KEY-----\n"[..],
+                "no CERTIFICATE",
+            ),
+            (b"", "no CERTIFICATE"),
+            (
+                b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                "unreadable",
+            ),
+            (b"-----BEGIN CERTIFICATE-----\nAQID\n", "unreadable"),
+        ] {
+            let err = parse_pem_certificates(pem).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+            assert!(err.to_string().contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_feature_chosen_provider_builds_a_client_config() {
+        let config = client_config(&[]).unwrap();
+        assert!(!config.crypto_provider().cipher_suites.is_empty());
+    }
 }

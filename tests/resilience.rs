@@ -1,4 +1,4 @@
-//! No event lost: each test streams 100,000 events through the batch API while the test hub
+//! No event lost: each test streams 100,000 events (10,000 without the `slow-tests` feature) through the batch API while the test hub
 //! injects one fault, then checks that every event arrived, that order per partition key held
 //! (where the recovery path promises it), and reports duplicates.
 
@@ -12,16 +12,32 @@ use hubsend::{
 use hubsend_testhub::{HubConfig, TestHub};
 
 const HUB: &str = "telemetry";
-const EVENTS: usize = 100_000;
+const EVENTS: usize = if cfg!(feature = "slow-tests") {
+    100_000
+} else {
+    10_000
+};
 const KEYS: usize = 8;
+
+/// The hub's message size: 64 KiB (~500 events per batch, ~200 deliveries) for 100,000
+/// events; 8 KiB for the short run, so it too has ~150 deliveries for faults to hit.
+const MESSAGE_SIZE: u64 = if cfg!(feature = "slow-tests") {
+    64 * 1024
+} else {
+    8 * 1024
+};
+
+/// A delivery count chosen for the 100,000-event run, scaled to this run's deliveries.
+fn deliveries(at_100k: u64) -> u64 {
+    (at_100k * EVENTS as u64 * 64 * 1024 / (100_000 * MESSAGE_SIZE)).max(2)
+}
 
 async fn start_hub() -> TestHub {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    // 64 KiB messages: ~500 events per batch, ~200 deliveries per run.
-    TestHub::start(HubConfig::new().max_message_size(64 * 1024))
+    TestHub::start(HubConfig::new().max_message_size(MESSAGE_SIZE))
         .await
         .unwrap()
 }
@@ -189,8 +205,11 @@ async fn link_detached_with_detach_forced() {
     for api in APIS {
         let hub = start_hub().await;
         let producer = producer(&hub, Duration::from_secs(3600)).await;
-        hub.faults()
-            .detach_links_after(40, "amqp:link:detach-forced", "Idle timeout (injected)");
+        hub.faults().detach_links_after(
+            deliveries(40),
+            "amqp:link:detach-forced",
+            "Idle timeout (injected)",
+        );
         assert_eq!(stream(&producer, api).await, 0);
         verify(&hub, &format!("detach-forced ({api:?})"), true);
         assert!(producer.stats().link_recoveries >= 1);
@@ -202,8 +221,11 @@ async fn link_detached_with_server_busy() {
     for api in APIS {
         let hub = start_hub().await;
         let producer = producer(&hub, Duration::from_secs(3600)).await;
-        hub.faults()
-            .detach_links_after(60, "com.microsoft:server-busy", "throttled (injected)");
+        hub.faults().detach_links_after(
+            deliveries(60),
+            "com.microsoft:server-busy",
+            "throttled (injected)",
+        );
         assert_eq!(stream(&producer, api).await, 0);
         verify(&hub, &format!("detach server-busy ({api:?})"), false);
         assert!(producer.stats().link_recoveries >= 1);
@@ -219,7 +241,7 @@ async fn connection_closed_with_connection_forced() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, 50).await;
+            wait_until_stored(&hub, deliveries(50)).await;
             faults.close_connections("amqp:connection:forced", "maintenance (injected)");
         };
         let (failed, ()) = tokio::join!(stream, inject);
@@ -228,7 +250,7 @@ async fn connection_closed_with_connection_forced() {
         let stats = producer.stats();
         assert!(stats.reconnects >= 1, "{stats:?}");
         assert!(
-            stats.retried >= 1 && stats.failed == 0 && stats.sent >= 100,
+            stats.retried >= 1 && stats.failed == 0 && stats.sent >= deliveries(100),
             "{stats:?}"
         );
         assert!(hub.stats().connections_accepted >= 2);
@@ -255,7 +277,7 @@ async fn tcp_dropped_without_close() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, 70).await;
+            wait_until_stored(&hub, deliveries(70)).await;
             faults.drop_connections();
         };
         let (failed, ()) = tokio::join!(stream, inject);
@@ -278,7 +300,7 @@ async fn every_nth_delivery_rejected_server_busy() {
             duplicates, 0,
             "a rejected delivery was not stored, so a retry cannot duplicate"
         );
-        assert!(hub.stats().deliveries_rejected >= 20);
+        assert!(hub.stats().deliveries_rejected >= deliveries(20));
         assert!(
             producer.stats().retried >= hub.stats().deliveries_rejected,
             "{:?}",
@@ -313,7 +335,7 @@ async fn credit_withheld_for_a_while() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, 30).await;
+            wait_until_stored(&hub, deliveries(30)).await;
             faults.withhold_credit(Duration::from_millis(1500));
         };
         let (failed, ()) = tokio::join!(stream, inject);

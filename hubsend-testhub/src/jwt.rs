@@ -39,7 +39,7 @@ impl std::fmt::Debug for TrustedIssuer {
 impl HubConfig {
     /// Accepts `jwt` put-tokens signed with HS256 under `hs256_secret` whose `iss` equals
     /// `issuer` and whose `aud` equals (or, as an array, contains) `audience` — for Event Hubs
-    /// [`EVENT_HUBS_AUDIENCE`](crate::EVENT_HUBS_AUDIENCE). The `roles` claim grants rights:
+    /// [`EVENT_HUBS_AUDIENCE`]. The `roles` claim grants rights:
     /// `Azure Event Hubs Data Sender` → Send, `… Data Receiver` → Listen, `… Data Owner` → all.
     /// A token is valid until its `exp`; links authorised by it are detached then unless a
     /// newer token was put.

@@ -5,6 +5,24 @@ use std::sync::Arc;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+/// The rustls crypto provider chosen by cargo feature: aws-lc-rs (the default, and the one
+/// used when both are enabled), else ring, else the process default the embedding program
+/// installed.
+fn crypto_provider() -> Result<Arc<rustls::crypto::CryptoProvider>, String> {
+    #[cfg(feature = "aws-lc-rs")]
+    return Ok(Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    return Ok(Arc::new(rustls::crypto::ring::default_provider()));
+    #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .ok_or_else(|| {
+            "no TLS crypto provider: enable the `aws-lc-rs` or `ring` feature, or install a \
+             rustls process default"
+                .to_owned()
+        })
+}
+
 /// Returns the acceptor and the CA certificate PEM.
 pub(crate) fn make_acceptor(host: &str) -> Result<(tokio_rustls::TlsAcceptor, String), String> {
     let err = |e: rcgen::Error| e.to_string();
@@ -36,8 +54,7 @@ pub(crate) fn make_acceptor(host: &str) -> Result<(tokio_rustls::TlsAcceptor, St
 
     let chain: Vec<CertificateDer<'static>> = vec![server_cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_provider(crypto_provider()?)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()

@@ -268,6 +268,9 @@ pub(crate) struct Wire<S> {
     holding: bool,
     /// Next empty frame of the heartbeat flood, while it is armed.
     flood: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the hub has sent its OPEN: empty frames are legal only after it (a client in
+    /// the middle of SASL or the open handshake would refuse them).
+    opened: bool,
 }
 
 impl<S> std::fmt::Debug for Wire<S> {
@@ -287,6 +290,7 @@ impl<S> Wire<S> {
             passthrough: 0,
             holding: false,
             flood: None,
+            opened: false,
         }
     }
 
@@ -299,6 +303,7 @@ impl<S> Wire<S> {
         };
         let body = &frame[doff..];
         match code {
+            0x10 => self.opened = true,
             0x11 => {
                 if let Ok(Begin {
                     remote_channel: Some(theirs),
@@ -587,7 +592,7 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
             return;
         }
         self.out.append(&mut self.control.inject.lock().unwrap());
-        match self.control.faults.heartbeat_every() {
+        match self.control.faults.heartbeat_every().filter(|_| self.opened) {
             Some(every) => {
                 let timer = self
                     .flood

@@ -90,6 +90,15 @@ pub(crate) struct LinkHandle {
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("max_message_size", &self.max_message_size)
+            .field("open", &!self.tx.is_closed())
+            .finish()
+    }
+}
+
 /// The connection a producer owns.
 pub(crate) struct Engine {
     config: ConnectConfig,
@@ -202,8 +211,13 @@ impl Engine {
         &self.config.hub
     }
 
-    /// Opens the connection and session and authorises the hub audience.
-    pub(crate) async fn connect(config: ConnectConfig, queue_depth: usize) -> Result<Arc<Engine>> {
+    /// Opens the connection and session and, when given, authorises `audience` with the
+    /// connection's credential (so bad credentials fail at connect).
+    pub(crate) async fn connect(
+        config: ConnectConfig,
+        queue_depth: usize,
+        audience: Option<String>,
+    ) -> Result<Arc<Engine>> {
         let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
         async move {
             let timeout = config.connect_timeout;
@@ -220,18 +234,19 @@ impl Engine {
             })??;
             let authorizer = Arc::new(Authorizer::new(config.operation_timeout));
             authorizer.set_client(cbs).await;
-            let audience = entity::eventhubs::audience(&config.host, &config.hub);
-            tokio::time::timeout(
-                timeout,
-                authorizer.authorize(&audience, config.provider.clone()),
-            )
-            .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("authorising `{audience}` took longer than {timeout:?}"),
+            if let Some(audience) = audience {
+                tokio::time::timeout(
+                    timeout,
+                    authorizer.authorize(&audience, config.provider.clone()),
                 )
-            })??;
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("authorising `{audience}` took longer than {timeout:?}"),
+                    )
+                })??;
+            }
             tracing::info!("connected");
             let engine = Arc::new(Engine {
                 config,

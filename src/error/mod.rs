@@ -1,6 +1,6 @@
 //! The one public error type: an opaque [`Error`] with a matchable [`ErrorKind`] and, when
 //! the hub said why, the AMQP [`Condition`] it sent. What each condition means for a delivery
-//! is decided in one table, in [`condition`](self::condition).
+//! is decided in one table (the crate-private `condition` module).
 
 mod condition;
 

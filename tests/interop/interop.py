@@ -1,10 +1,12 @@
 """Interop checks: Microsoft's official Python SDK (azure-eventhub) against hubsend-testhub.
 
-Usage: interop.py --connection-string CS --manage-key KEY --hubsend PATH
+Usage: interop.py --connection-string CS (--listen-connection-string LCS | --manage-key KEY)
+                  --hubsend PATH
 
-CS is the hub's first stdout line (the `send-only` policy); KEY is the `manage` policy's key
-(given to the hub with --policy-key), used where the Listen right is needed. PATH is the hubsend
-CLI binary, used to produce events that the SDK's consumer reads back.
+CS is the hub's first stdout line (the `send-only` policy); LCS its second (the `manage`
+policy), used where the Listen right is needed; or KEY, the `manage` policy's key, to build LCS
+from CS. PATH is the hubsend CLI binary, used to produce events that the SDK's consumer reads
+back.
 
 Prints one line per check and, last, `interop: N passed, M failed`; exits non-zero on failure.
 """
@@ -420,14 +422,118 @@ def starting_positions(send_cs, manage_cs):
     expect(idx(got) == [99], f"@latest: {idx(got)}")
 
 
+BULK_EVENTS = 100_000
+BULK_PARTITIONS = ("0", "1", "2", "3")
+
+
+def bulk_record(i):
+    """Record `i` of the bulk check; its body is checked field by field when read back."""
+    return {
+        "sensor_id": f"bulk-{i % 97}",
+        "timestamp": f"2024-05-01T12:{(i // 60) % 60:02d}:{i % 60:02d}Z",
+        "value": i * 0.25,
+        "run": RUN,
+        "seq": i,
+        "pad": format(i * 2654435761 % 2**32, "08x") * 4,
+    }
+
+
+@check("consumer: 100,000 events over 4 partitions read back intact through one "
+       "EventHubConsumerClient.receive")
+def consume_bulk(send_cs, manage_cs, hubsend):
+    # Sent by the hubsend CLI, a quarter per partition, in parallel.
+    paths, procs = [], []
+    try:
+        for pid in BULK_PARTITIONS:
+            with tempfile.NamedTemporaryFile("w", suffix=".ndjson", delete=False) as f:
+                for i in range(int(pid), BULK_EVENTS, len(BULK_PARTITIONS)):
+                    f.write(json.dumps(bulk_record(i)) + "\n")
+                paths.append(f.name)
+            procs.append(subprocess.Popen(
+                [hubsend, "send", "--connection-string", send_cs, "--input", f.name,
+                 "--partition-id", pid, "--json"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        sent_started = time.monotonic()
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            expect(proc.returncode == 0, f"hubsend send exited {proc.returncode}: {err[-2000:]}")
+            report = json.loads(out.strip().splitlines()[-1])
+            expect(report.get("sent") == BULK_EVENTS // len(BULK_PARTITIONS),
+                   f"hubsend report: {json.dumps(report)[:300]}")
+        print(f"  sent {BULK_EVENTS} events in {time.monotonic() - sent_started:.1f}s", flush=True)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for path in paths:
+            os.unlink(path)
+
+    seen = bytearray(BULK_EVENTS)
+    problems = []
+    state = {"count": 0, "first": None, "last": None}
+    done = threading.Event()
+    client = EventHubConsumerClient.from_connection_string(manage_cs, consumer_group="$Default")
+
+    def on_event(ctx, ev):
+        if ev is None:
+            return
+        try:
+            body = json.loads(ev.body_as_str())
+        except (ValueError, TypeError):
+            return
+        if not isinstance(body, dict) or body.get("run") != RUN or "pad" not in body:
+            return
+        i = body.get("seq")
+        now = time.monotonic()
+        state["first"] = state["first"] or now
+        state["last"] = now
+        if not isinstance(i, int) or not 0 <= i < BULK_EVENTS:
+            problems.append(f"unexpected seq {i!r}")
+        elif body != bulk_record(i):
+            problems.append(f"event {i}: body differs: {body}")
+        elif ctx.partition_id != BULK_PARTITIONS[i % len(BULK_PARTITIONS)]:
+            problems.append(f"event {i} read from partition {ctx.partition_id}")
+        elif seen[i]:
+            problems.append(f"event {i} read twice")
+        else:
+            seen[i] = 1
+            state["count"] += 1
+            if state["count"] == BULK_EVENTS:
+                done.set()
+        if len(problems) > 20:
+            done.set()
+
+    started = time.monotonic()
+    thread = threading.Thread(
+        target=client.receive,
+        kwargs=dict(on_event=on_event, starting_position="-1"),
+        daemon=True,
+    )
+    thread.start()
+    done.wait(150)
+    client.close()
+    thread.join(15)
+    count, first, last = state["count"], state["first"], state["last"]
+    span = (last - first) if first and last and last > first else 0
+    rate = count / span if span else 0
+    print(f"  read {count} of {BULK_EVENTS} events in {time.monotonic() - started:.1f}s "
+          f"(first after {(first or started) - started:.1f}s): read rate {rate:,.0f} events/s",
+          flush=True)
+    expect(not problems, f"{len(problems)} problems, first: {problems[:5]}")
+    missing = [i for i in range(BULK_EVENTS) if not seen[i]]
+    expect(not missing, f"{len(missing)} events not read back, e.g. {missing[:10]}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--connection-string", required=True)
-    parser.add_argument("--manage-key", required=True)
+    listen = parser.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--listen-connection-string")
+    listen.add_argument("--manage-key")
     parser.add_argument("--hubsend", required=True)
     args = parser.parse_args()
     send_cs = args.connection_string
-    manage_cs = with_policy(send_cs, "manage", args.manage_key)
+    manage_cs = args.listen_connection_string or with_policy(send_cs, "manage", args.manage_key)
 
     producer_batch(send_cs, manage_cs)
     producer_partition_key(send_cs, manage_cs)
@@ -438,6 +544,7 @@ def main():
     no_listen(send_cs, manage_cs)
     consume_hubsend(send_cs, manage_cs, args.hubsend)
     starting_positions(send_cs, manage_cs)
+    consume_bulk(send_cs, manage_cs, args.hubsend)
 
     passed = sum(1 for _, ok, _ in RESULTS if ok)
     failed = len(RESULTS) - passed

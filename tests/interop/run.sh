@@ -54,20 +54,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Line 1: the send-only policy's connection string; line 2: the manage (Listen) policy's.
 CS=""
+LISTEN_CS=""
 for _ in $(seq 1 100); do
-  CS="$(head -n 1 "$HUB_OUT" 2>/dev/null || true)"
-  [ -n "$CS" ] && break
+  CS="$(sed -n 1p "$HUB_OUT" 2>/dev/null || true)"
+  LISTEN_CS="$(sed -n 2p "$HUB_OUT" 2>/dev/null || true)"
+  [ -n "$LISTEN_CS" ] && break
   kill -0 "$HUB_PID" 2>/dev/null || break
   sleep 0.1
 done
-[ -n "$CS" ] || { tail -n 50 "$HUB_LOG" >&2 || true; fail "the hub printed no connection string"; }
+[ -n "$LISTEN_CS" ] || { tail -n 50 "$HUB_LOG" >&2 || true; fail "the hub printed no connection strings"; }
+case "$LISTEN_CS" in
+  *"SharedAccessKeyName=manage;SharedAccessKey=$MANAGE_KEY;"*) ;;
+  *) fail "the hub's second line is not the manage policy's connection string" ;;
+esac
 echo "interop: hub at ${CS%%;SharedAccessKey=*};..."
 
 # 4. The checks (bounded, so a hang cannot stall CI).
 STATUS=0
 timeout 600 "$VENV/bin/python" "$ROOT/tests/interop/interop.py" \
-  --connection-string "$CS" --manage-key "$MANAGE_KEY" --hubsend "$HUBSEND_BIN" \
+  --connection-string "$CS" --listen-connection-string "$LISTEN_CS" --hubsend "$HUBSEND_BIN" \
   >"$WORK/interop.out" 2>&1 || STATUS=$?
 # The SDK's own log lines are noise unless something failed.
 if [ "$STATUS" -ne 0 ]; then
@@ -79,4 +86,4 @@ if [ "$STATUS" -ne 0 ]; then
   fi
   exit 1
 fi
-grep -E '^(PASS|FAIL|  hubsend report|interop:)' "$WORK/interop.out"
+grep -E '^(PASS|FAIL|  hubsend report|  sent |  read |interop:)' "$WORK/interop.out"
