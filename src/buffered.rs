@@ -565,7 +565,9 @@ impl LaneTask {
             }
         });
         let mut batch = Some(first);
-        let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+        // The open batch's buffer permits, merged into one so shipping releases them with one
+        // call rather than one per event.
+        let mut permits: Option<OwnedSemaphorePermit> = None;
         // The open batch's events, kept for the failure callback (only when it wants them),
         // and their body bytes.
         let keep = self.failures.keeps_events();
@@ -606,7 +608,10 @@ impl LaneTask {
                     };
                     match current.add_ref(&event) {
                         Ok(()) => {
-                            permits.push(permit);
+                            match &mut permits {
+                                Some(held) => held.merge(permit),
+                                None => permits = Some(permit),
+                            }
                             kept.body_bytes += event.body().len() as u64;
                             if keep {
                                 kept.events.push(event);
@@ -646,7 +651,7 @@ impl LaneTask {
     async fn ship(
         &self,
         batch: &mut Option<EventBatch>,
-        permits: &mut Vec<OwnedSemaphorePermit>,
+        permits: &mut Option<OwnedSemaphorePermit>,
         kept: &mut Kept,
         settle: &mpsc::UnboundedSender<Shipped>,
         flushed: Option<oneshot::Sender<()>>,
@@ -690,7 +695,7 @@ impl LaneTask {
                 }
             }
         }
-        permits.clear();
+        *permits = None;
     }
 
     fn fail(&self, events: Vec<Event>, error: Error) {

@@ -165,10 +165,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `send` and `info` run on one thread: the reading side and the buffered producer's lanes
+    // hand every event from task to task, and across worker threads each hand-off cost a
+    // wake-up and a cross-thread free (1M telemetry lines: ~140k lines/s on two workers,
+    // ~270k on one thread, same machine and sitting). `bench` may run the test hub in-process,
+    // which wants threads of its own.
+    let mut builder = match &cli.command {
+        Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Send(_) | Command::Info(_) => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hubsend: cannot start the async runtime: {e}");

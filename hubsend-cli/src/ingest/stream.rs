@@ -214,13 +214,15 @@ impl Run<'_> {
         })
     }
 
-    /// Whether `event` fits an empty batch on its route; the reason when it cannot. Only
-    /// bodies near the limit are checked against a real batch.
+    /// Whether `event`'s body is so near the hub's limit that only a real batch can tell if
+    /// it fits.
+    fn near_limit(&self, event: &Event) -> bool {
+        (event.body().len() as u64).saturating_add(EXACT_SIZE_CHECK_MARGIN)
+            >= self.producer.max_message_size()
+    }
+
+    /// Whether `event` fits an empty batch on its route; the reason when it cannot.
     async fn check_size(&self, event: &Event, route: &Route) -> Result<(), (String, ErrorKind)> {
-        let limit = self.producer.max_message_size();
-        if (event.body().len() as u64).saturating_add(EXACT_SIZE_CHECK_MARGIN) < limit {
-            return Ok(());
-        }
         let options = match route {
             Route::Any => BatchOptions::new(),
             Route::Key(key) => BatchOptions::new().partition_key(key.clone()),
@@ -262,7 +264,13 @@ impl Run<'_> {
             }
         };
         let event = record.to_event();
-        if let Err((reason, kind)) = self.check_size(&event, &route).await {
+        // The exact check is rare and async; the common path stays a plain enqueue.
+        let checked = if self.near_limit(&event) {
+            self.check_size(&event, &route).await
+        } else {
+            Ok(())
+        };
+        if let Err((reason, kind)) = checked {
             // Still a failed record (valid, but it cannot be stored), reported with its line
             // like a refused one.
             self.unsent += 1;
