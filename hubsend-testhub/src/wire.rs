@@ -592,7 +592,12 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
             return;
         }
         self.out.append(&mut self.control.inject.lock().unwrap());
-        match self.control.faults.heartbeat_every().filter(|_| self.opened) {
+        match self
+            .control
+            .faults
+            .heartbeat_every()
+            .filter(|_| self.opened)
+        {
             Some(every) => {
                 let timer = self
                     .flood
