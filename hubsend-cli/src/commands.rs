@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::ingest::record::{self, SENSOR_ID};
 use crate::ingest::report::{IngestReport, Progress, Reject};
 use crate::ingest::stream::{self, IngestObserver, IngestOptions, Routing};
-use crate::ingest::{self, InputFormat, ParsedLine};
+use crate::ingest::{self, InputFormat, Lines, ParsedLine, CHUNK_LINES};
 use hubsend::{ErrorKind, Producer, ProducerOptions};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -215,7 +215,7 @@ fn human_summary(report: &IngestReport) {
 /// Streams `input`: the first signal drains, the second abandons the wait.
 async fn run(
     producer: &Producer,
-    input: mpsc::Receiver<std::io::Result<ParsedLine>>,
+    input: mpsc::Receiver<Lines>,
     options: &IngestOptions,
     observer: &mut CliObserver,
     signals: &Signals,
@@ -364,22 +364,25 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// Feeds `count` synthetic records into a channel for [`stream::ingest`].
-fn synthetic_input(
-    count: u64,
-    payload_bytes: usize,
-    cardinality: u64,
-) -> mpsc::Receiver<std::io::Result<ParsedLine>> {
-    let (tx, rx) = mpsc::channel(8192);
+fn synthetic_input(count: u64, payload_bytes: usize, cardinality: u64) -> mpsc::Receiver<Lines> {
+    let (tx, rx) = mpsc::channel(32);
     tokio::spawn(async move {
-        for i in 0..count {
-            let line = ParsedLine {
-                line: i + 1,
-                raw: String::new(),
-                result: Ok(record::synthetic_record(i, payload_bytes, cardinality)),
-            };
-            if tx.send(Ok(line)).await.is_err() {
+        let mut next = 0;
+        while next < count {
+            let end = count.min(next + CHUNK_LINES as u64);
+            let chunk = (next..end)
+                .map(|i| {
+                    Ok(ParsedLine {
+                        line: i + 1,
+                        raw: String::new(),
+                        result: Ok(record::synthetic_record(i, payload_bytes, cardinality)),
+                    })
+                })
+                .collect();
+            if tx.send(chunk).await.is_err() {
                 break;
             }
+            next = end;
         }
     });
     rx

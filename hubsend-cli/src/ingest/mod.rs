@@ -13,6 +13,7 @@ pub(crate) mod report;
 pub(crate) mod stream;
 
 use std::io::{BufReader, Read};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -70,21 +71,83 @@ pub(crate) fn records<R: Read + Send + 'static>(
 /// Parses `reader` on a dedicated OS thread (reading may block, e.g. on a terminal's stdin)
 /// and sends every line over a bounded channel. The thread stops at end of input, on a read
 /// error (sent as the last item), or when the receiver is dropped.
+///
+/// Lines travel in chunks of up to [`CHUNK_LINES`]: one hand-off per line cost a thread wake-up
+/// per line whenever the run was faster than the reading. A chunk is also handed over before
+/// every read of the input, so no line waits in a chunk while reading blocks (a terminal, a
+/// pipe that pauses).
 pub(crate) fn spawn_reader<R: Read + Send + 'static>(
     reader: R,
     format: InputFormat,
     max_record_bytes: usize,
-) -> mpsc::Receiver<std::io::Result<ParsedLine>> {
-    let (tx, rx) = mpsc::channel(4096);
+) -> mpsc::Receiver<Lines> {
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     std::thread::Builder::new()
         .name("hubsend-reader".into())
         .spawn(move || {
-            for item in records(reader, format, max_record_bytes) {
-                if tx.blocking_send(item).is_err() {
-                    break;
+            let handoff = Arc::new(Handoff {
+                pending: Mutex::new(Vec::with_capacity(CHUNK_LINES)),
+                tx,
+            });
+            let input = HandOverBeforeRead {
+                inner: reader,
+                handoff: handoff.clone(),
+            };
+            for item in records(input, format, max_record_bytes) {
+                let full = {
+                    let mut pending = handoff.lock();
+                    pending.push(item);
+                    pending.len() >= CHUNK_LINES
+                };
+                if full && !handoff.hand_over() {
+                    return;
                 }
             }
+            handoff.hand_over();
         })
         .expect("spawning the input reader thread");
     rx
+}
+
+/// Parsed lines handed over at once.
+pub(crate) type Lines = Vec<std::io::Result<ParsedLine>>;
+
+/// Lines per chunk: enough that hand-offs are rare, few enough to stay small (tens of KB).
+pub(crate) const CHUNK_LINES: usize = 256;
+
+/// Chunks the channel holds: about 4,096 lines read ahead, as before chunking.
+const CHANNEL_CHUNKS: usize = 16;
+
+/// The chunk being filled and where it goes.
+struct Handoff {
+    pending: Mutex<Lines>,
+    tx: mpsc::Sender<Lines>,
+}
+
+impl Handoff {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lines> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends the pending lines, if any; `false` once the run has stopped listening.
+    fn hand_over(&self) -> bool {
+        let chunk = std::mem::take(&mut *self.lock());
+        chunk.is_empty() || self.tx.blocking_send(chunk).is_ok()
+    }
+}
+
+/// The input, handing over the pending chunk before each read of it.
+struct HandOverBeforeRead<R> {
+    inner: R,
+    handoff: Arc<Handoff>,
+}
+
+impl<R: Read> Read for HandOverBeforeRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.handoff.hand_over() {
+            // Nobody reads the lines any more: end the input.
+            return Ok(0);
+        }
+        self.inner.read(buf)
+    }
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::record::RecordError;
 use super::report::{percentile_ms, rate, IngestReport, Progress, Reject};
-use super::{preview, ParsedLine};
+use super::{preview, Lines, ParsedLine};
 use crate::text::error_chain;
 
 /// How [`ingest`] routes events.
@@ -303,13 +303,13 @@ impl Run<'_> {
     /// waits for every outcome.
     async fn stream<S: Future<Output = ()>>(
         &mut self,
-        mut input: mpsc::Receiver<std::io::Result<ParsedLine>>,
+        mut input: mpsc::Receiver<Lines>,
         shutdown: S,
     ) {
         tokio::pin!(shutdown);
         let mut ticks = tokio::time::interval(self.options.progress_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        while !lock(&self.tally).fatal {
+        'reading: while !lock(&self.tally).fatal {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -320,15 +320,20 @@ impl Run<'_> {
                     let snapshot = self.progress();
                     self.observer.progress(&snapshot);
                 }
-                item = input.recv() => match item {
-                    None => break,
-                    Some(Ok(parsed)) => self.record(parsed).await,
-                    Some(Err(io)) => {
-                        self.interrupted = true;
-                        self.input_error = Some(format!("reading the input failed: {io}"));
-                        break;
+                chunk = input.recv() => {
+                    let Some(lines) = chunk else { break };
+                    for item in lines {
+                        match item {
+                            Ok(parsed) => self.record(parsed).await,
+                            Err(io) => {
+                                self.interrupted = true;
+                                self.input_error =
+                                    Some(format!("reading the input failed: {io}"));
+                                break 'reading;
+                            }
+                        }
                     }
-                },
+                }
             }
         }
         drop(input);
@@ -393,7 +398,7 @@ impl Run<'_> {
 /// goes there too, with its line, and counts as `failed`.
 pub(crate) async fn ingest<S, A>(
     producer: &Producer,
-    input: mpsc::Receiver<std::io::Result<ParsedLine>>,
+    input: mpsc::Receiver<Lines>,
     options: &IngestOptions,
     observer: &mut dyn IngestObserver,
     shutdown: S,
@@ -559,11 +564,11 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         for i in 0..5 {
             let record = synthetic_record(i, 100, 0);
-            tx.send(Ok(ParsedLine {
+            tx.send(vec![Ok(ParsedLine {
                 line: i + 1,
                 raw: String::new(),
                 result: Ok(record),
-            }))
+            })])
             .await
             .unwrap();
         }
@@ -626,11 +631,11 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         for (i, size) in [100usize, 5000, 100].into_iter().enumerate() {
             let record = synthetic_record(i as u64, size, 0);
-            tx.send(Ok(ParsedLine {
+            tx.send(vec![Ok(ParsedLine {
                 line: i as u64 + 1,
                 raw: String::new(),
                 result: Ok(record),
-            }))
+            })])
             .await
             .unwrap();
         }
