@@ -56,6 +56,10 @@ pub struct HubConfig {
     pub(crate) link_credit: u32,
     pub(crate) jwt_issuers: Vec<jwt::TrustedIssuer>,
     pub(crate) retain_events: Option<usize>,
+    /// IoT Hub mode: the hub's host name (`NAME.azure-devices.net`), when set.
+    pub(crate) iothub: Option<String>,
+    /// IoT Hub devices: id and base64 key.
+    pub(crate) iot_devices: Vec<(String, String)>,
 }
 
 impl Default for HubConfig {
@@ -99,6 +103,8 @@ impl HubConfig {
             link_credit: 300,
             jwt_issuers: Vec::new(),
             retain_events: None,
+            iothub: None,
+            iot_devices: Vec::new(),
         }
     }
 
@@ -128,6 +134,33 @@ impl HubConfig {
             self.hubs_customised = true;
         }
         self.hubs.push((name.into(), partitions.max(1)));
+        self
+    }
+
+    /// Speaks IoT Hub instead of Event Hubs, as hub `host_name` (e.g.
+    /// `plant.azure-devices.net`): device-to-cloud links at `/devices/{id}/messages/events` (also
+    /// `amqps://host/devices/...`), put-token answered with **200**, SAS verified the IoT Hub
+    /// way (HMAC with the base64-*decoded* key; a device key covers its own device, a policy
+    /// key with [`Right::Send`] — IoT Hub's DeviceConnect — covers every device), 256 KB
+    /// messages, unknown devices refused with `amqp:not-found`. Register devices with
+    /// [`iot_device`](Self::iot_device); read what each sent with
+    /// [`TestHub::iothub_messages`]. Device ids are matched case-insensitively here (IoT Hub
+    /// matches them exactly): tests should not rely on two ids that differ only in case.
+    pub fn iothub(mut self, host_name: impl Into<String>) -> Self {
+        self.iothub = Some(host_name.into().to_ascii_lowercase());
+        self.max_message_size = 256 * 1024;
+        if !self.hubs_customised {
+            self.hubs.clear();
+            self.hubs_customised = true;
+        }
+        self
+    }
+
+    /// Registers an IoT Hub device with its base64 symmetric key (IoT Hub mode).
+    pub fn iot_device(mut self, id: impl Into<String>, key_base64: impl Into<String>) -> Self {
+        let id = id.into();
+        self.hubs.push((format!("devices/{id}"), 1));
+        self.iot_devices.push((id, key_base64.into()));
         self
     }
 
@@ -338,7 +371,48 @@ impl TestHub {
         self.ca_pem.clone()
     }
 
-    /// All stored events of `hub`, ordered by (partition, sequence number).
+    /// IoT Hub mode: what device `device_id` sent, in order.
+    pub fn iothub_messages(&self, device_id: &str) -> Vec<StoredEvent> {
+        self.events(&format!("devices/{device_id}"))
+    }
+
+    /// IoT Hub mode: a policy's connection string (`HostName` is the IoT hub's name,
+    /// `GatewayHostName` this hub's address; connect with plaintext or this hub's CA).
+    pub fn iothub_connection_string(&self, policy: &str) -> String {
+        let key = self
+            .shared
+            .config
+            .policies
+            .iter()
+            .find(|p| p.name == policy)
+            .map(|p| p.key.clone())
+            .unwrap_or_default();
+        format!(
+            "HostName={};GatewayHostName={};SharedAccessKeyName={policy};SharedAccessKey={key}",
+            self.shared.config.iothub.clone().unwrap_or_default(),
+            self.addr().ip()
+        )
+    }
+
+    /// IoT Hub mode: a device's connection string with its own key.
+    pub fn iothub_device_connection_string(&self, device_id: &str) -> String {
+        let key = self
+            .shared
+            .config
+            .iot_devices
+            .iter()
+            .find(|(id, _)| id == device_id)
+            .map(|(_, k)| k.clone())
+            .unwrap_or_default();
+        format!(
+            "HostName={};GatewayHostName={};DeviceId={device_id};SharedAccessKey={key}",
+            self.shared.config.iothub.clone().unwrap_or_default(),
+            self.addr().ip()
+        )
+    }
+
+    /// All stored events of `hub`, ordered by (partition, sequence number). In IoT Hub mode,
+    /// `devices/{id}` holds what device `id` sent (see [`iothub_messages`](Self::iothub_messages)).
     pub fn events(&self, hub: &str) -> Vec<StoredEvent> {
         self.shared.events(hub, None)
     }

@@ -50,7 +50,13 @@ pub(super) fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Mes
             });
             shared.stat(|s| s.put_tokens_accepted += 1);
             shared.stat(|s| s.jwt_put_tokens_accepted += u64::from(jwt));
-            response(msg, 202, "Accepted", None, Value::Null)
+            // IoT Hub answers 200, Event Hubs 202.
+            let status = if shared.config.iothub.is_some() {
+                200
+            } else {
+                202
+            };
+            response(msg, status, "Accepted", None, Value::Null)
         }
         Err(e) => {
             tracing::warn!(status = e.status(), "put-token refused");

@@ -66,6 +66,9 @@ impl Shared {
         if !hosts.contains(&h) {
             hosts.push(h);
         }
+        if let Some(iot) = &config.iothub {
+            hosts.push(iot.clone());
+        }
         let created = now_ms();
         let store = config
             .hubs
@@ -143,6 +146,10 @@ impl Shared {
     }
 
     fn policy_rights(&self, name: &str) -> Vec<Right> {
+        if name.is_empty() && self.config.iothub.is_some() {
+            // A device's own key: it may send as itself (DeviceConnect for its audience).
+            return vec![Right::Send];
+        }
         self.policy(name)
             .map(|p| p.rights.clone())
             .unwrap_or_default()
@@ -150,6 +157,22 @@ impl Shared {
 
     fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
         let now = (now_ms() / 1000) as u64;
+        if let Some(host) = &self.config.iothub {
+            return sas::verify_iot(
+                token,
+                name,
+                now,
+                |n| self.policy_key(n),
+                |id| {
+                    self.config
+                        .iot_devices
+                        .iter()
+                        .find(|(d, _)| d.eq_ignore_ascii_case(id))
+                        .map(|(_, k)| k.clone())
+                },
+                host,
+            );
+        }
         sas::verify(
             token,
             name,

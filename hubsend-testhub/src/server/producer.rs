@@ -31,7 +31,7 @@ use super::{
 const BATCH_FORMAT: u32 = 0x8001_3700;
 
 pub(super) async fn producer_attach(
-    mut attach: Attach,
+    attach: Attach,
     address: String,
     session: &mut ListenerSessionHandle,
     ctx: &Arc<ConnCtx>,
@@ -40,6 +40,19 @@ pub(super) async fn producer_attach(
     let path = normalise(&address, false).path;
     let segs: Vec<&str> = path.split('/').collect();
     let not_found = ctx.not_found(&path);
+    if shared.config.iothub.is_some() {
+        // IoT Hub: `devices/{id}/messages/events`; each device's messages are kept as a
+        // one-partition hub named `devices/{id}`.
+        let device = match segs.as_slice() {
+            ["devices", id, "messages", "events"] => format!("devices/{id}"),
+            _ => String::new(),
+        };
+        let Some((hub, _)) = shared.find_hub(&device).filter(|_| !device.is_empty()) else {
+            let desc = format!("404001 DeviceNotFound: `{path}` is not a known device");
+            return refuse(attach, session, ctx, "amqp:not-found", desc).await;
+        };
+        return accept_producer(attach, address, session, ctx, hub, None, path).await;
+    }
     let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
         return refuse(attach, session, ctx, "amqp:not-found", not_found).await;
     };
@@ -51,6 +64,20 @@ pub(super) async fn producer_attach(
         },
         _ => return refuse(attach, session, ctx, "amqp:not-found", not_found).await,
     };
+    accept_producer(attach, address, session, ctx, hub, partition, path).await
+}
+
+/// Authorises and accepts a producer link to `hub` (and `partition`), then runs its loop.
+async fn accept_producer(
+    mut attach: Attach,
+    address: String,
+    session: &mut ListenerSessionHandle,
+    ctx: &Arc<ConnCtx>,
+    hub: String,
+    partition: Option<u32>,
+    path: String,
+) {
+    let shared = &ctx.shared;
     let entity = path.clone();
     if matches!(ctx.authorised(&entity, Some(Right::Send)), Auth::No) {
         let desc = ctx.unauthorised(Right::Send, &path);
