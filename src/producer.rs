@@ -172,6 +172,7 @@ pub struct ProducerBuilder {
     extra_roots_pem: Vec<Vec<u8>>,
     plaintext: bool,
     options: ProducerOptions,
+    network: crate::transport::NetworkOptions,
 }
 
 impl std::fmt::Debug for ProducerBuilder {
@@ -188,6 +189,7 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("extra_roots", &self.extra_roots_pem.len())
             .field("plaintext", &self.plaintext)
             .field("options", &self.options)
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -234,6 +236,49 @@ impl ProducerBuilder {
     /// connection string with `UseDevelopmentEmulator=true` selects on its own).
     pub fn danger_plaintext(mut self, plaintext: bool) -> Self {
         self.plaintext = plaintext;
+        self
+    }
+
+    /// Carries AMQP in WebSocket binary messages on
+    /// `wss://{namespace}:443/$servicebus/websocket/`, for networks that open only port 443
+    /// (needs the `websockets` cargo feature; without it [`connect`](Self::connect) fails
+    /// with [`ErrorKind::InvalidConfig`]). The port then defaults to 443 (80 with
+    /// [`danger_plaintext`](Self::danger_plaintext)); a port from the connection string is
+    /// the AMQP one and is ignored, [`port`](Self::port) still wins. CBS, links, batches and
+    /// recovery are the same as over raw AMQP.
+    pub fn websockets(mut self, on: bool) -> Self {
+        self.network.websockets = on;
+        self
+    }
+
+    /// The `Sec-WebSocket-Protocol` to ask for with [`websockets`](Self::websockets):
+    /// `AMQPWSB10` by default (what Microsoft's SDKs send), or `amqp` (the OASIS binding, what
+    /// fe2o3-amqp-ws sends). The server must echo it, or connecting fails.
+    pub fn websocket_subprotocol(mut self, subprotocol: impl Into<String>) -> Self {
+        self.network.subprotocol = Some(subprotocol.into());
+        self
+    }
+
+    /// Tunnels the connection (raw AMQP over TLS, or WebSockets) through this HTTP CONNECT
+    /// proxy: `http://[user:pass@]host[:port]` (port 8080 when left out). Basic credentials
+    /// are sent to the proxy only and never printed (`Debug` shows `<redacted>`). Needs the
+    /// `proxy` cargo feature. A proxy that cannot be reached or refuses the tunnel (407, 403,
+    /// any other status) fails [`connect`](Self::connect) and reconnects with
+    /// [`ErrorKind::Connection`], the message naming the proxy and its status. Overrides
+    /// [`proxy_from_env`](Self::proxy_from_env).
+    pub fn proxy(mut self, url: impl Into<String>) -> Self {
+        self.network.proxy = Some(url.into());
+        self
+    }
+
+    /// Takes the proxy from `HTTPS_PROXY` (or `https_proxy`), unless `NO_PROXY` (or
+    /// `no_proxy`: `*`, host names, domain suffixes) exempts the namespace. Off by default:
+    /// a library that quietly sends its traffic where an environment variable says is a
+    /// surprise in services that set `HTTPS_PROXY` for other clients, and Microsoft's SDKs
+    /// do not read it for AMQP either; the `hubsend` command turns it on. Read at each
+    /// connect. Needs the `proxy` cargo feature.
+    pub fn proxy_from_env(mut self, on: bool) -> Self {
+        self.network.proxy_from_env = on;
         self
     }
 
@@ -306,8 +351,15 @@ impl ProducerBuilder {
             }
             Some(crate::tls::client_config(&roots)?)
         };
+        let (route, framing) = self.network.resolve(&host, "/$servicebus/websocket/")?;
+        let port = match self.network.default_port(tls.is_some()) {
+            Some(ws_port) => self.port.unwrap_or(ws_port),
+            None => port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
+        };
         let config = ConnectConfig {
-            port: port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
+            port,
+            route,
+            framing,
             host,
             hub,
             tls,
@@ -512,6 +564,7 @@ impl Producer {
             extra_roots_pem: Vec::new(),
             plaintext: false,
             options: ProducerOptions::default(),
+            network: Default::default(),
         }
     }
 

@@ -50,6 +50,9 @@ pub(crate) struct ConnectConfig {
     /// The largest message size hubsend believes a link announces (see
     /// [`ProducerOptions::max_message_size`](crate::ProducerOptions::max_message_size)).
     pub(crate) max_message_size: u64,
+    /// Through a proxy or not, AMQP raw or in WebSocket messages.
+    pub(crate) route: transport::Route,
+    pub(crate) framing: transport::Framing,
 }
 
 /// How long link tasks get to fail what they hold once the producer is closed, before they
@@ -610,7 +613,9 @@ async fn open(
 ) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient, Lost)> {
     let endpoint = Endpoint::new(config.host.as_str(), config.port)
         .tls(config.tls.clone())
-        .connect_timeout(config.connect_timeout);
+        .connect_timeout(config.connect_timeout)
+        .route(config.route.clone())
+        .framing(config.framing.clone());
     let Connected { io, lost } = transport::connect(&endpoint).await?;
     let container_id = format!("hubsend-{}", uuid::Uuid::new_v4().simple());
     let builder = Connection::builder()

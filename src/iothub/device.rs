@@ -60,6 +60,7 @@ pub struct IotHubBuilder {
     port: Option<u16>,
     plaintext: bool,
     max_devices_per_connection: usize,
+    network: crate::transport::NetworkOptions,
 }
 
 impl std::fmt::Debug for IotHubBuilder {
@@ -76,6 +77,7 @@ impl std::fmt::Debug for IotHubBuilder {
                 "max_devices_per_connection",
                 &self.max_devices_per_connection,
             )
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -89,6 +91,7 @@ impl Default for IotHubBuilder {
             port: None,
             plaintext: false,
             max_devices_per_connection: DEFAULT_MAX_DEVICES_PER_CONNECTION,
+            network: Default::default(),
         }
     }
 }
@@ -126,6 +129,35 @@ impl IotHubBuilder {
         self
     }
 
+    /// Carries AMQP in WebSocket binary messages on `wss://{hub}:443/$iothub/websocket`
+    /// (port 443 unless [`port`](Self::port) says otherwise), as
+    /// [`ProducerBuilder::websockets`](crate::ProducerBuilder::websockets).
+    pub fn websockets(mut self, on: bool) -> Self {
+        self.network.websockets = on;
+        self
+    }
+
+    /// The WebSocket subprotocol: `AMQPWSB10` (default, Microsoft's SDKs) or `amqp`, as
+    /// [`ProducerBuilder::websocket_subprotocol`](crate::ProducerBuilder::websocket_subprotocol).
+    pub fn websocket_subprotocol(mut self, subprotocol: impl Into<String>) -> Self {
+        self.network.subprotocol = Some(subprotocol.into());
+        self
+    }
+
+    /// Tunnels through this HTTP CONNECT proxy (`http://[user:pass@]host[:port]`), as
+    /// [`ProducerBuilder::proxy`](crate::ProducerBuilder::proxy).
+    pub fn proxy(mut self, url: impl Into<String>) -> Self {
+        self.network.proxy = Some(url.into());
+        self
+    }
+
+    /// Takes the proxy from `HTTPS_PROXY`/`NO_PROXY`, as
+    /// [`ProducerBuilder::proxy_from_env`](crate::ProducerBuilder::proxy_from_env).
+    pub fn proxy_from_env(mut self, on: bool) -> Self {
+        self.network.proxy_from_env = on;
+        self
+    }
+
     /// How many devices a gateway puts on one connection (default
     /// [`DEFAULT_MAX_DEVICES_PER_CONNECTION`]; IoT Hub takes about 999 tokens per connection).
     pub fn max_devices_per_connection(mut self, devices: usize) -> Self {
@@ -154,8 +186,18 @@ impl IotHubBuilder {
             Some(crate::tls::client_config(&roots)?)
         };
         let options = &self.options;
+        let (route, framing) = self
+            .network
+            .resolve(cs.connect_host(), "/$iothub/websocket")?;
+        let default_port = if tls.is_some() { 5671 } else { 5672 };
+        let default_port = self
+            .network
+            .default_port(tls.is_some())
+            .unwrap_or(default_port);
         Ok(ConnectConfig {
-            port: self.port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
+            port: self.port.unwrap_or(default_port),
+            route,
+            framing,
             host: cs.connect_host().to_owned(),
             hub: cs.hub_name().to_owned(),
             tls,

@@ -23,15 +23,20 @@
 //! reached, the TLS handshake failed, or [`Endpoint::connect_timeout`] ran out (and in which
 //! step).
 //!
-//! # Where the next transports go
+//! # Routes and framings
 //! [`Route`] says how the TCP connection reaches the host, [`Framing`] what the AMQP bytes
-//! travel in. An HTTP CONNECT proxy is a `Route` variant: dial the proxy, ask it for a tunnel,
-//! and carry on with the tunnel's `TcpStream`, so TLS above it is unchanged. AMQP over
-//! WebSockets is a `Framing` variant: after TLS, upgrade to a WebSocket and adapt its binary
-//! messages back into a byte stream, which the guard and watch then wrap like any other.
+//! travel in. An HTTP CONNECT proxy (feature `proxy`) is a `Route` variant: dial the proxy,
+//! ask it for a tunnel, and carry on with the tunnel's `TcpStream`, so TLS above it is
+//! unchanged. AMQP over WebSockets (feature `websockets`) is a `Framing` variant: after TLS,
+//! upgrade to a WebSocket and adapt its binary messages back into a byte stream, which the
+//! guard and watch then wrap like any other.
 
 pub(crate) mod guard;
+#[cfg(feature = "proxy")]
+pub(crate) mod proxy;
 pub(crate) mod watch;
+#[cfg(feature = "websockets")]
+pub(crate) mod ws;
 
 use std::fmt;
 use std::future::Future;
@@ -62,9 +67,11 @@ pub(crate) enum Route {
     /// Straight to `host:port`.
     #[default]
     Direct,
-    // Next: `Proxy(Proxy)`, an HTTP CONNECT tunnel: dial the proxy, send
-    // `CONNECT host:port` (with Basic credentials that `Debug` never shows), read the answer
-    // head exactly (no read-ahead past it), and continue over the same `TcpStream`.
+    /// Through an HTTP CONNECT tunnel ([`proxy`]): dial the proxy, send `CONNECT host:port`
+    /// (with Basic credentials that `Debug` never shows), read the answer head exactly (no
+    /// read-ahead past it), and continue over the same `TcpStream`.
+    #[cfg(feature = "proxy")]
+    Proxy(proxy::Proxy),
 }
 
 /// What carries the AMQP bytes over TLS (or TCP).
@@ -73,9 +80,20 @@ pub(crate) enum Framing {
     /// AMQP frames directly on the stream.
     #[default]
     Raw,
-    // Next: `WebSocket(WebSocket)`, binary messages on an HTTP upgrade of `path` with a
-    // chosen subprotocol (`AMQPWSB10` or `amqp`), adapted back into a byte stream before the
-    // guard; `host`/`port` then name the WebSocket server (443).
+    /// Binary WebSocket messages on an HTTP upgrade ([`ws`]), adapted back into a byte
+    /// stream before the guard; `host`/`port` then name the WebSocket server (443).
+    #[cfg(feature = "websockets")]
+    WebSocket(WebSocket),
+}
+
+/// A WebSocket to carry AMQP in.
+#[cfg(feature = "websockets")]
+#[derive(Debug, Clone)]
+pub(crate) struct WebSocket {
+    /// The upgrade path: `/$servicebus/websocket/` (Event Hubs) or `/$iothub/websocket`.
+    pub(crate) path: String,
+    /// `Sec-WebSocket-Protocol`: `AMQPWSB10` (Microsoft's SDKs) or `amqp` (the OASIS binding).
+    pub(crate) subprotocol: String,
 }
 
 /// Where and how to connect.
@@ -114,6 +132,18 @@ impl Endpoint {
         self
     }
 
+    /// Sets [`route`](Self::route).
+    pub(crate) fn route(mut self, route: Route) -> Endpoint {
+        self.route = route;
+        self
+    }
+
+    /// Sets [`framing`](Self::framing).
+    pub(crate) fn framing(mut self, framing: Framing) -> Endpoint {
+        self.framing = framing;
+        self
+    }
+
     /// Sets [`connect_timeout`](Self::connect_timeout).
     pub(crate) fn connect_timeout(mut self, timeout: Duration) -> Endpoint {
         self.connect_timeout = timeout;
@@ -133,6 +163,93 @@ impl fmt::Debug for Endpoint {
             .field("framing", &self.framing)
             .finish()
     }
+}
+
+/// How a builder wants to reach the hub: WebSockets or not, and which proxy. Collected by
+/// the builders' setters, turned into a [`Route`] and a [`Framing`] at connect.
+#[derive(Clone, Default)]
+pub(crate) struct NetworkOptions {
+    pub(crate) websockets: bool,
+    pub(crate) subprotocol: Option<String>,
+    /// The proxy URL as given; it may hold a password, so `Debug` never shows it.
+    pub(crate) proxy: Option<String>,
+    pub(crate) proxy_from_env: bool,
+}
+
+impl fmt::Debug for NetworkOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkOptions")
+            .field("websockets", &self.websockets)
+            .field("subprotocol", &self.subprotocol)
+            .field("proxy", &self.proxy.as_ref().map(|_| "<redacted>"))
+            .field("proxy_from_env", &self.proxy_from_env)
+            .finish()
+    }
+}
+
+impl NetworkOptions {
+    /// The subprotocol Microsoft's SDKs ask for, and hubsend's default.
+    pub(crate) const DEFAULT_SUBPROTOCOL: &'static str = "AMQPWSB10";
+
+    /// The port to dial when none was set: 443 for WebSockets over TLS, 80 plain, `None`
+    /// (the AMQP default) otherwise.
+    pub(crate) fn default_port(&self, tls: bool) -> Option<u16> {
+        self.websockets.then_some(if tls { 443 } else { 80 })
+    }
+
+    /// The route and framing to reach `host`; `ws_path` is the WebSocket upgrade path.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] for a proxy URL that does not parse, or an option whose
+    /// cargo feature (`websockets`, `proxy`) this build lacks.
+    pub(crate) fn resolve(&self, host: &str, ws_path: &str) -> Result<(Route, Framing)> {
+        let framing = if self.websockets {
+            #[cfg(feature = "websockets")]
+            {
+                Framing::WebSocket(WebSocket {
+                    path: ws_path.to_string(),
+                    subprotocol: self
+                        .subprotocol
+                        .clone()
+                        .unwrap_or_else(|| Self::DEFAULT_SUBPROTOCOL.to_string()),
+                })
+            }
+            #[cfg(not(feature = "websockets"))]
+            {
+                let _ = ws_path;
+                return Err(missing_feature("websockets"));
+            }
+        } else {
+            Framing::Raw
+        };
+        let route = if self.proxy.is_some() || self.proxy_from_env {
+            #[cfg(feature = "proxy")]
+            {
+                let chosen = match &self.proxy {
+                    Some(url) => Some(proxy::Proxy::parse(url)?),
+                    None => proxy::Proxy::from_env(host)?,
+                };
+                chosen.map_or(Route::Direct, Route::Proxy)
+            }
+            #[cfg(not(feature = "proxy"))]
+            {
+                let _ = host;
+                return Err(missing_feature("proxy"));
+            }
+        } else {
+            Route::Direct
+        };
+        Ok((route, framing))
+    }
+}
+
+/// The error for an option whose cargo feature this build lacks.
+#[cfg(not(all(feature = "websockets", feature = "proxy")))]
+fn missing_feature(feature: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidConfig,
+        format!("this build of hubsend lacks the `{feature}` cargo feature"),
+    )
 }
 
 /// A stream to the hub and the handle that tells when it is gone.
@@ -163,42 +280,51 @@ impl fmt::Debug for Connected {
     }
 }
 
-/// Dials `endpoint`: TCP, then TLS if configured, under the frame guard and loss watch.
+/// Dials `endpoint`: TCP (directly or through a proxy's tunnel), then TLS if configured,
+/// then the WebSocket upgrade if asked for, under the frame guard and loss watch.
 ///
 /// # Errors
 /// [`ErrorKind::Connection`] when the name does not resolve, the host refuses or cannot be
-/// reached, or the TLS handshake fails; [`ErrorKind::Timeout`] when
-/// [`Endpoint::connect_timeout`] runs out first. The message names the step.
+/// reached, the proxy cannot be reached or refuses the tunnel (the message names the proxy
+/// and its status), the TLS handshake fails, or the WebSocket upgrade is refused;
+/// [`ErrorKind::Timeout`] when [`Endpoint::connect_timeout`] runs out first. The message
+/// names the step.
 pub(crate) async fn connect(endpoint: &Endpoint) -> Result<Connected> {
     let deadline = Instant::now() + endpoint.connect_timeout;
     let tcp = match &endpoint.route {
-        Route::Direct => dial(endpoint, deadline).await?,
+        Route::Direct => dial(endpoint, &endpoint.host, endpoint.port, deadline).await?,
+        #[cfg(feature = "proxy")]
+        Route::Proxy(through) => proxy::tunnel(endpoint, through, deadline).await?,
     };
-    let connected = match &endpoint.tls {
+    let stream: BoxIo = match &endpoint.tls {
         Some(config) => {
             let handshake = crate::tls::connect(config.clone(), &endpoint.host, tcp);
-            Connected::over(within(endpoint, deadline, "in the TLS handshake", handshake).await?)
+            Box::new(within(endpoint, deadline, "in the TLS handshake", handshake).await?)
         }
-        None => Connected::over(tcp),
+        None => Box::new(tcp),
     };
     match &endpoint.framing {
-        Framing::Raw => Ok(connected),
+        Framing::Raw => Ok(Connected::over(stream)),
+        #[cfg(feature = "websockets")]
+        Framing::WebSocket(socket) => {
+            let upgrade = ws::upgrade(endpoint, socket, stream);
+            let ws = within(endpoint, deadline, "in the WebSocket upgrade", upgrade).await?;
+            Ok(Connected::over(ws))
+        }
     }
 }
 
-/// Resolves the host and opens a TCP connection to the first address that answers.
-async fn dial(endpoint: &Endpoint, deadline: Instant) -> Result<TcpStream> {
-    let Endpoint { host, port, .. } = endpoint;
+/// Resolves `host` and opens a TCP connection to the first address that answers.
+async fn dial(endpoint: &Endpoint, host: &str, port: u16, deadline: Instant) -> Result<TcpStream> {
+    let port = &port;
     let lookup = async {
-        tokio::net::lookup_host((host.as_str(), *port))
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot resolve `{host}`: unknown host or DNS failure"),
-                )
-                .with_source(e)
-            })
+        tokio::net::lookup_host((host, *port)).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot resolve `{host}`: unknown host or DNS failure"),
+            )
+            .with_source(e)
+        })
     };
     let addrs: Vec<SocketAddr> = within(endpoint, deadline, "resolving the host name", lookup)
         .await?
@@ -212,7 +338,7 @@ async fn dial(endpoint: &Endpoint, deadline: Instant) -> Result<TcpStream> {
             }
         }
         Err(match failure {
-            Some((addr, e)) => tcp_error(endpoint, *addr, e),
+            Some((addr, e)) => tcp_error(host, *port, *addr, e),
             None => Error::new(
                 ErrorKind::Connection,
                 format!("cannot resolve `{host}`: it has no address"),
@@ -227,8 +353,7 @@ async fn dial(endpoint: &Endpoint, deadline: Instant) -> Result<TcpStream> {
 }
 
 /// The error for the last address that failed: refused, timed out by the system, or other.
-fn tcp_error(endpoint: &Endpoint, addr: SocketAddr, e: std::io::Error) -> Error {
-    let Endpoint { host, port, .. } = endpoint;
+fn tcp_error(host: &str, port: u16, addr: SocketAddr, e: std::io::Error) -> Error {
     let error = match e.kind() {
         std::io::ErrorKind::ConnectionRefused => Error::new(
             ErrorKind::Connection,
