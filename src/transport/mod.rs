@@ -189,6 +189,7 @@ impl fmt::Debug for NetworkOptions {
 
 impl NetworkOptions {
     /// The subprotocol Microsoft's SDKs ask for, and hubsend's default.
+    #[cfg(feature = "websockets")]
     pub(crate) const DEFAULT_SUBPROTOCOL: &'static str = "AMQPWSB10";
 
     /// The port to dial when none was set: 443 for WebSockets over TLS, 80 plain, `None`

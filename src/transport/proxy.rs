@@ -215,3 +215,39 @@ async fn read_head(tcp: &mut TcpStream) -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_credentials_and_never_shows_them() {
+        let proxy = Proxy::parse("http://alice:s%40cret@proxy.local:3128").unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy.local", 3128));
+        let expected = base64::engine::general_purpose::STANDARD.encode("alice:s@cret");
+        assert_eq!(proxy.authorization, Some(format!("Basic {expected}")));
+        let shown = format!("{proxy:?}");
+        assert!(
+            !shown.contains("cret") && !shown.contains(&expected),
+            "{shown}"
+        );
+        assert_eq!(Proxy::parse("proxy.local").unwrap().port, 8080);
+    }
+
+    #[test]
+    fn refuses_other_schemes_without_echoing_the_url() {
+        let error = Proxy::parse("socks5://bob:hunter2@proxy:1080").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidConfig);
+        assert!(!error.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn no_proxy_matches_hosts_and_suffixes() {
+        assert!(exempt("*", "a.example.com"));
+        assert!(exempt("localhost, .example.com", "a.example.com"));
+        assert!(exempt("example.com:443", "a.EXAMPLE.com"));
+        assert!(exempt("127.0.0.1", "127.0.0.1"));
+        assert!(!exempt("example.com", "badexample.com"));
+        assert!(!exempt("", "example.com"));
+    }
+}
