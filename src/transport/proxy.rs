@@ -250,4 +250,53 @@ mod tests {
         assert!(!exempt("example.com", "badexample.com"));
         assert!(!exempt("", "example.com"));
     }
+
+    /// A listener that answers every CONNECT with `answer` and hangs up.
+    async fn refusing(answer: &'static str) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = read_head(&mut tcp).await;
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            }
+        });
+        port
+    }
+
+    fn through(port: u16, url: &str) -> Endpoint {
+        Endpoint::new("hub.example", 443).route(super::super::Route::Proxy(
+            Proxy::parse(&format!("{url}127.0.0.1:{port}")).unwrap(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_proxy_and_its_status() {
+        for (answer, status) in [
+            ("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", "407"),
+            ("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", "403"),
+        ] {
+            let port = refusing(answer).await;
+            let error = super::super::connect(&through(port, "http://u:topsecret@"))
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Connection);
+            let text = error.to_string();
+            assert!(text.contains("proxy") && text.contains(status), "{text}");
+            assert!(!text.contains("topsecret"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_proxy_is_named() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let error = super::super::connect(&through(port, "http://"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection);
+        assert!(error.to_string().contains("proxy"), "{error}");
+    }
 }
