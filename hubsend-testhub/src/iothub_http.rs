@@ -537,29 +537,73 @@ pub struct IotHubRest {
     addr: SocketAddr,
     state: IotHubState,
     task: tokio::task::JoinHandle<()>,
+    ca_pem: Option<String>,
 }
 
 impl IotHubRest {
     /// Serves plain HTTP for `state` on `addr` (port 0 picks one).
     pub async fn start(state: IotHubState, addr: SocketAddr) -> std::io::Result<IotHubRest> {
+        IotHubRest::serve_on(state, addr, None).await
+    }
+
+    /// Serves HTTPS for `state` on `addr`, with a certificate for `localhost`, `127.0.0.1`
+    /// and the hub host from a fresh CA; [`ca_pem`](Self::ca_pem) is that CA.
+    pub async fn start_tls(state: IotHubState, addr: SocketAddr) -> std::io::Result<IotHubRest> {
+        let (acceptor, ca) =
+            crate::tls::make_acceptor(state.host()).map_err(std::io::Error::other)?;
+        IotHubRest::serve_on(state, addr, Some((acceptor, ca))).await
+    }
+
+    async fn serve_on(
+        state: IotHubState,
+        addr: SocketAddr,
+        tls: Option<(tokio_rustls::TlsAcceptor, String)>,
+    ) -> std::io::Result<IotHubRest> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let served = state.clone();
+        let (acceptor, ca_pem) = match tls {
+            Some((a, ca)) => (Some(a), Some(ca)),
+            None => (None, None),
+        };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = served.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });
-        Ok(IotHubRest { addr, state, task })
+        Ok(IotHubRest {
+            addr,
+            state,
+            task,
+            ca_pem,
+        })
+    }
+
+    /// The CA that signed the HTTPS certificate (`None` for plain HTTP).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The bound address.
@@ -567,9 +611,12 @@ impl IotHubRest {
         self.addr
     }
 
-    /// `http://ADDR`, the registry URL to give clients.
+    /// `http://ADDR` (or `https://localhost:PORT` with TLS), the registry URL for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca_pem {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// The shared state.
