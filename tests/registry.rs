@@ -137,3 +137,36 @@ async fn throttling_is_waited_out() {
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(hub.state().devices().len(), 3);
 }
+
+#[tokio::test]
+async fn https_with_the_hubs_ca_and_refused_without_it() {
+    let state = IotHubState::new(HOST);
+    let hub = IotHubRest::start_tls(state, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cs = hub.state().connection_string("iothubowner").unwrap();
+    let trusted = Registry::builder(&cs)
+        .unwrap()
+        .registry_url(hub.url())
+        .add_root_certificate_pem(hub.ca_pem().unwrap().as_bytes().to_vec())
+        .build()
+        .unwrap();
+    assert_eq!(
+        trusted.ensure_device("tls-1", Some("Roof")).await.unwrap(),
+        EnsureOutcome::Created
+    );
+    let untrusted = Registry::builder(&cs)
+        .unwrap()
+        .registry_url(hub.url())
+        .build()
+        .unwrap();
+    let err = untrusted.get_device("tls-1").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    // Plain http is refused unless asked for.
+    let err = Registry::builder(&cs)
+        .unwrap()
+        .registry_url("http://127.0.0.1:1")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+}
