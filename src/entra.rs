@@ -219,46 +219,16 @@ impl ClientSecretCredential {
             })
     }
 
-    /// Builds the HTTP client: hubsend's rustls configuration (the crypto provider chosen by
-    /// feature, platform roots, Mozilla's as fallback, extra roots), no redirects, the request
-    /// timeout.
+    /// Builds the HTTP client from the shared factory ([`crate::http`]): hubsend's rustls
+    /// configuration, no redirects, the request timeout.
     fn build_client(&self) -> Result<reqwest::Client> {
-        let mut roots = Vec::new();
-        for pem in &self.extra_roots_pem {
-            roots.extend(crate::tls::parse_pem_certificates(pem)?);
+        crate::http::HttpClientOptions {
+            extra_roots_pem: self.extra_roots_pem.clone(),
+            danger_allow_http: self.allow_http,
+            timeout: self.timeout,
+            loopback: crate::http::is_loopback(&self.authority),
         }
-        let mut tls = (*crate::tls::client_config(&roots)?).clone();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let mut builder = reqwest::Client::builder();
-        if self.authority_is_loopback() {
-            // A local test endpoint is never reached through an `HTTP(S)_PROXY`.
-            builder = builder.no_proxy();
-        }
-        builder
-            .use_preconfigured_tls(tls)
-            .https_only(!self.allow_http)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout)
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::InvalidConfig, "building the HTTP client failed")
-                    .with_source(e)
-            })
-    }
-
-    /// Whether the authority is `localhost` or a loopback address.
-    fn authority_is_loopback(&self) -> bool {
-        match reqwest::Url::parse(&self.authority)
-            .ok()
-            .as_ref()
-            .and_then(|u| u.host())
-        {
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => false,
-        }
+        .build()
     }
 
     /// "tenant `t` at authority `a`", for messages.

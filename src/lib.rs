@@ -30,6 +30,8 @@ mod entity;
 pub mod entra;
 pub mod error;
 pub mod event;
+#[cfg(feature = "http")]
+mod http;
 pub mod iothub;
 pub mod producer;
 pub mod retry;

@@ -9,6 +9,7 @@
 mod faults;
 mod fullframe;
 mod hash;
+pub mod iothub_http;
 mod jwt;
 mod raw;
 mod sas;

@@ -83,6 +83,18 @@ struct Args {
     /// ids 0 to 4294967295.
     #[arg(long)]
     dispose_all_once: bool,
+    /// Speak IoT Hub as hub HOST (e.g. plant.azure-devices.net) instead of Event Hubs. Stdout
+    /// line 1 is then the `device` policy's connection string (DeviceConnect), line 2 the
+    /// first device's; both name `GatewayHostName=localhost:PORT`.
+    #[arg(long, value_name = "HOST")]
+    iothub: Option<String>,
+    /// IoT Hub mode: register a device with its base64 key, as ID=KEY (repeatable).
+    #[arg(long = "iot-device", value_name = "ID=KEY", value_parser = parse_policy_key)]
+    iot_devices: Vec<(String, String)>,
+    /// IoT Hub mode: rewrite FILE every 200 ms with a JSON array of every stored D2C message
+    /// (device, body, message_id, correlation_id, content_type, properties).
+    #[arg(long, value_name = "FILE")]
+    dump: Option<PathBuf>,
 }
 
 impl Args {
@@ -136,6 +148,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, key) in &args.policy_keys {
         config = config.policy_key(name, key);
     }
+    if let Some(host) = &args.iothub {
+        config =
+            config
+                .iothub(host)
+                .policy("device", random_key(), &[hubsend_testhub::Right::Send]);
+        for (id, key) in &args.iot_devices {
+            config = config.iot_device(id, key);
+        }
+    }
     let hub = TestHub::start(config).await?;
     args.arm(&hub.faults());
     let ca_path = match (&args.tls_dir, hub.ca_pem()) {
@@ -147,14 +168,77 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => None,
     };
-    println!("{}", hub.connection_string());
-    println!("{}", hub.listen_connection_string());
+    if args.iothub.is_some() {
+        // Clients that take no port option (Microsoft's device SDKs) read it from the gateway.
+        let gateway = format!("GatewayHostName=localhost:{}", hub.addr().port());
+        let ip = format!("GatewayHostName={}", hub.addr().ip());
+        println!(
+            "{}",
+            hub.iothub_connection_string("device")
+                .replace(&ip, &gateway)
+        );
+        let first = args
+            .iot_devices
+            .first()
+            .map(|(id, _)| id.as_str())
+            .unwrap_or("");
+        println!(
+            "{}",
+            hub.iothub_device_connection_string(first)
+                .replace(&ip, &gateway)
+        );
+    } else {
+        println!("{}", hub.connection_string());
+        println!("{}", hub.listen_connection_string());
+    }
     if let Some(path) = ca_path {
         println!("CA certificate: {}", path.display());
     }
-    wait_for_signal().await;
+    match &args.dump {
+        Some(path) if args.iothub.is_some() => {
+            let devices: Vec<&str> = args.iot_devices.iter().map(|(id, _)| id.as_str()).collect();
+            tokio::select! {
+                () = wait_for_signal() => {}
+                () = dump_loop(&hub, &devices, path) => {}
+            }
+        }
+        _ => wait_for_signal().await,
+    }
     hub.shutdown().await;
     Ok(())
+}
+
+/// Rewrites `path` every 200 ms with every D2C message the hub stored, as one JSON array.
+async fn dump_loop(hub: &TestHub, devices: &[&str], path: &std::path::Path) {
+    loop {
+        let all: Vec<serde_json::Value> = devices
+            .iter()
+            .flat_map(|d| {
+                hub.iothub_messages(d).into_iter().map(move |e| {
+                    serde_json::json!({
+                        "device": d,
+                        "body": String::from_utf8_lossy(&e.body),
+                        "message_id": e.message_id,
+                        "correlation_id": e.correlation_id,
+                        "content_type": e.content_type,
+                        "properties": e.application_properties,
+                    })
+                })
+            })
+            .collect();
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::Value::Array(all).to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A random base64 key (32 bytes).
+fn random_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Parses `NAME=KEY` (the key may itself contain `=`).

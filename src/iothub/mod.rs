@@ -8,6 +8,9 @@
 
 pub mod connection_string;
 pub mod device;
+#[cfg(feature = "registry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
+pub mod registry;
 pub mod sas;
 
 pub use connection_string::{IotHubConnectionString, IotHubCredentialKind};
@@ -15,4 +18,6 @@ pub use device::{
     with_creation_time, DeviceSender, Gateway, GatewayStats, IotHubBuilder,
     DEFAULT_MAX_DEVICES_PER_CONNECTION, MAX_MESSAGE_SIZE,
 };
+#[cfg(feature = "registry")]
+pub use registry::{Device, EnsureOutcome, Registry, RegistryBuilder};
 pub use sas::IotHubSasProvider;

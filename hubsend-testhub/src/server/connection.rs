@@ -174,8 +174,9 @@ pub(super) async fn handle_connection(
             .with_faults(shared.faults.clone()),
     );
     let authed = Arc::new(Mutex::new(None));
+    let container_id = format!("{:032x}_G{id}", rand::random::<u128>());
     let acceptor = ConnectionAcceptor::builder()
-        .container_id(format!("{:032x}_G{id}", rand::random::<u128>()))
+        .container_id(container_id.clone())
         .max_frame_size(65536)
         .channel_max(4999)
         .idle_time_out(240_000u32)
@@ -183,6 +184,13 @@ pub(super) async fn handle_connection(
             shared: shared.clone(),
             authed: authed.clone(),
         })
+        .build();
+    // Clients that skip SASL (Microsoft's IoT device SDKs with CBS) open with the AMQP header.
+    let plain_acceptor = ConnectionAcceptor::builder()
+        .container_id(container_id)
+        .max_frame_size(65536)
+        .channel_max(4999)
+        .idle_time_out(240_000u32)
         .build();
     let kill = |raw: &Option<std::net::TcpStream>, control: &WireControl| {
         control.killed.store(true, Ordering::SeqCst);
@@ -193,18 +201,21 @@ pub(super) async fn handle_connection(
 
     let handshake = async {
         let wire_control = control.clone();
-        match tls {
-            Some(tls) => {
-                let stream = tls.accept(tcp).await.map_err(|e| e.to_string())?;
-                acceptor
-                    .accept(Wire::new(stream, wire_control))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            None => acceptor
-                .accept(Wire::new(tcp, wire_control))
+        let stream: Box<dyn Stream> = match tls {
+            Some(tls) => Box::new(tls.accept(tcp).await.map_err(|e| e.to_string())?),
+            None => Box::new(tcp),
+        };
+        let (stream, sasl) = peek_header(stream).await.map_err(|e| e.to_string())?;
+        if sasl {
+            acceptor
+                .accept(Wire::new(stream, wire_control))
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+        } else {
+            plain_acceptor
+                .accept(Wire::new(stream, wire_control))
+                .await
+                .map_err(|e| e.to_string())
         }
     };
     let mut conn = tokio::select! {
@@ -399,4 +410,81 @@ fn node_acceptor() -> PlainLinkAcceptor {
     LinkAcceptor::builder()
         .properties(link_properties())
         .build()
+}
+
+/// A byte stream the hub serves AMQP over (TCP or TLS).
+pub(super) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Unpin + Send + 'static
+{
+}
+impl<
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Unpin + Send + 'static,
+    > Stream for T
+{
+}
+
+/// Reads the client's 8-byte protocol header and hands it back in front of the stream; says
+/// whether it asks for SASL (protocol id 3) or for AMQP straight away (id 0).
+async fn peek_header(mut stream: Box<dyn Stream>) -> std::io::Result<(Prefixed, bool)> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 8];
+    stream.read_exact(&mut header).await?;
+    let sasl = header[4] == 3;
+    Ok((
+        Prefixed {
+            prefix: header.to_vec(),
+            at: 0,
+            inner: stream,
+        },
+        sasl,
+    ))
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+#[derive(Debug)]
+pub(super) struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: Box<dyn Stream>,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
