@@ -65,6 +65,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$LISTEN_CS" ] || { tail -n 50 "$HUB_LOG" >&2 || true; fail "the hub printed no connection strings"; }
+# Read line 1 again: it may have been empty when the loop first looked, before line 2 existed.
+CS="$(sed -n 1p "$HUB_OUT")"
 case "$LISTEN_CS" in
   *"SharedAccessKeyName=manage;SharedAccessKey=$MANAGE_KEY;"*) ;;
   *) fail "the hub's second line is not the manage policy's connection string" ;;
