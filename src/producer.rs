@@ -345,11 +345,7 @@ impl ProducerBuilder {
         let tls = if plaintext {
             None
         } else {
-            let mut roots = Vec::new();
-            for pem in &self.extra_roots_pem {
-                roots.extend(crate::tls::parse_pem_certificates(pem)?);
-            }
-            Some(crate::tls::client_config(&roots)?)
+            Some(crate::tls::client_config_with_pems(&self.extra_roots_pem)?)
         };
         let (route, framing) = self.network.resolve(&host, "/$servicebus/websocket/")?;
         let port = match self.network.default_port(tls.is_some()) {
@@ -375,15 +371,10 @@ impl ProducerBuilder {
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
-        let byte_budget = self
-            .options
-            .max_in_flight_bytes
-            .max(max_message_size as usize)
-            .min(u32::MAX as usize);
         Ok(Producer {
             inner: Arc::new(Inner {
                 engine,
-                pipeline: Pipeline::new(self.options.max_in_flight, byte_budget),
+                pipeline: Pipeline::new(&self.options, max_message_size),
                 max_message_size,
             }),
         })
@@ -422,13 +413,46 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Bounds of `deliveries` and `bytes` in flight.
-    pub(crate) fn new(deliveries: usize, bytes: usize) -> Pipeline {
+    /// The bounds `options` set; the byte bound is at least one message of
+    /// `max_message_size` (so the largest message can always go) and fits a semaphore.
+    pub(crate) fn new(options: &ProducerOptions, max_message_size: u64) -> Pipeline {
+        let bytes = options
+            .max_in_flight_bytes
+            .max(max_message_size as usize)
+            .min(u32::MAX as usize);
         Pipeline {
-            deliveries: Arc::new(Semaphore::new(deliveries)),
+            deliveries: Arc::new(Semaphore::new(options.max_in_flight)),
             bytes: Arc::new(Semaphore::new(bytes)),
-            max_in_flight: deliveries,
+            max_in_flight: options.max_in_flight,
         }
+    }
+
+    /// Queues a caller's batch on `link` as one delivery, as it was built.
+    pub(crate) async fn submit_batch(
+        &self,
+        engine: &Engine,
+        link: Arc<LinkHandle>,
+        batch: EventBatch,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        if batch.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                "the batch holds no event",
+            ));
+        }
+        if batch.size_in_bytes() > link.max_message_size {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "the batch is {} bytes but the link allows {}",
+                    batch.size_in_bytes(),
+                    link.max_message_size
+                ),
+            ));
+        }
+        self.submit(engine, link, batch.into_sections(), false, wait)
+            .await
     }
 
     /// Deliveries waiting for an outcome.
@@ -666,13 +690,15 @@ impl Producer {
     /// # Errors
     /// As [`send`](Self::send). An empty batch is an [`ErrorKind::InvalidBatchSize`] error.
     pub async fn send_batch(&self, batch: EventBatch) -> Result<DeliveryFuture> {
-        if batch.is_empty() {
-            return Err(Error::new(
-                ErrorKind::InvalidBatchSize,
-                "the batch holds no event",
-            ));
-        }
-        self.submit(batch, true).await
+        let link = self
+            .inner
+            .engine
+            .link(batch.route().partition_id.as_deref())
+            .await?;
+        self.inner
+            .pipeline
+            .submit_batch(&self.inner.engine, link, batch, true)
+            .await
     }
 
     /// Reads the hub's properties from `$management`.
@@ -761,26 +787,6 @@ impl Producer {
             .await?;
         let sections = Sections::single(&event, route.partition_key, link.max_message_size)?;
         self.submit_on(link, sections, true, wait).await
-    }
-
-    async fn submit(&self, batch: EventBatch, wait: bool) -> Result<DeliveryFuture> {
-        let link = self
-            .inner
-            .engine
-            .link(batch.route().partition_id.as_deref())
-            .await?;
-        if batch.size_in_bytes() > link.max_message_size {
-            return Err(Error::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "the batch is {} bytes but the link allows {}",
-                    batch.size_in_bytes(),
-                    link.max_message_size
-                ),
-            ));
-        }
-        self.submit_on(link, batch.into_sections(), false, wait)
-            .await
     }
 
     async fn submit_on(

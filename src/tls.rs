@@ -57,6 +57,15 @@ pub(crate) fn crypto_provider() -> Result<Arc<CryptoProvider>> {
     })
 }
 
+/// The client configuration with these extra root CAs (PEM texts) trusted as well.
+pub(crate) fn client_config_with_pems(pems: &[Vec<u8>]) -> Result<Arc<ClientConfig>> {
+    let mut roots = Vec::new();
+    for pem in pems {
+        roots.extend(parse_pem_certificates(pem)?);
+    }
+    client_config(&roots)
+}
+
 /// Builds the client configuration: platform roots + webpki roots + `extra_roots`.
 pub(crate) fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();

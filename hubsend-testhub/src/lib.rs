@@ -143,13 +143,23 @@ impl HubConfig {
     /// `amqps://host/devices/...`), put-token answered with **200**, SAS verified the IoT Hub
     /// way (HMAC with the base64-*decoded* key; a device key covers its own device, a policy
     /// key with [`Right::Send`] — IoT Hub's DeviceConnect — covers every device), 256 KB
-    /// messages, unknown devices refused with `amqp:not-found`. Register devices with
+    /// messages, unknown devices refused with `amqp:not-found`. Unless policies were set
+    /// already, the policies become IoT Hub's `device` (DeviceConnect) with a random key; a
+    /// later [`policy`](Self::policy) call replaces it as usual. Register devices with
     /// [`iot_device`](Self::iot_device); read what each sent with
     /// [`TestHub::iothub_messages`]. Device ids are matched case-insensitively here (IoT Hub
     /// matches them exactly): tests should not rely on two ids that differ only in case.
     pub fn iothub(mut self, host_name: impl Into<String>) -> Self {
         self.iothub = Some(host_name.into().to_ascii_lowercase());
         self.max_message_size = 256 * 1024;
+        if !self.policies_customised {
+            // IoT Hub's gateway policy: `device` (DeviceConnect, here the Send right).
+            self.policies = vec![Policy {
+                name: "device".to_string(),
+                key: random_key(),
+                rights: vec![Right::Send],
+            }];
+        }
         if !self.hubs_customised {
             self.hubs.clear();
             self.hubs_customised = true;

@@ -149,10 +149,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config = config.policy_key(name, key);
     }
     if let Some(host) = &args.iothub {
-        config =
-            config
-                .iothub(host)
-                .policy("device", random_key(), &[hubsend_testhub::Right::Send]);
+        config = config.iothub(host);
         for (id, key) in &args.iot_devices {
             config = config.iot_device(id, key);
         }
@@ -232,13 +229,6 @@ async fn dump_loop(hub: &TestHub, devices: &[&str], path: &std::path::Path) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// A random base64 key (32 bytes).
-fn random_key() -> String {
-    use base64::Engine;
-    let bytes: [u8; 32] = rand::random();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Parses `NAME=KEY` (the key may itself contain `=`).

@@ -48,11 +48,7 @@ impl HttpClientOptions {
     /// [`ErrorKind::InvalidConfig`] for an unreadable extra CA or when reqwest refuses the
     /// configuration.
     pub(crate) fn build(&self) -> Result<reqwest::Client> {
-        let mut roots = Vec::new();
-        for pem in &self.extra_roots_pem {
-            roots.extend(crate::tls::parse_pem_certificates(pem)?);
-        }
-        let mut tls = (*crate::tls::client_config(&roots)?).clone();
+        let mut tls = (*crate::tls::client_config_with_pems(&self.extra_roots_pem)?).clone();
         // reqwest is built without its http2 feature; offering h2 would break the handshake.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut builder = reqwest::Client::builder();

@@ -179,11 +179,7 @@ impl IotHubBuilder {
         let tls = if self.plaintext {
             None
         } else {
-            let mut roots = Vec::new();
-            for pem in &self.extra_roots_pem {
-                roots.extend(crate::tls::parse_pem_certificates(pem)?);
-            }
-            Some(crate::tls::client_config(&roots)?)
+            Some(crate::tls::client_config_with_pems(&self.extra_roots_pem)?)
         };
         let options = &self.options;
         let (route, framing) = self
@@ -211,12 +207,7 @@ impl IotHubBuilder {
     }
 
     fn pipeline(&self) -> Pipeline {
-        let bytes = self
-            .options
-            .max_in_flight_bytes
-            .max(MAX_MESSAGE_SIZE as usize)
-            .min(u32::MAX as usize);
-        Pipeline::new(self.options.max_in_flight, bytes)
+        Pipeline::new(&self.options, MAX_MESSAGE_SIZE)
     }
 
     /// Connects as the device the connection string names (a device key, a device-via-policy
@@ -353,13 +344,10 @@ impl DeviceSender {
     /// # Errors
     /// [`ErrorKind::InvalidBatchSize`] for an empty batch, else as [`send`](Self::send).
     pub async fn send_batch(&self, batch: EventBatch) -> Result<DeliveryFuture> {
-        submit_batch(
-            &self.inner.pipeline,
-            &self.inner.engine,
-            self.inner.link.clone(),
-            batch,
-        )
-        .await
+        self.inner
+            .pipeline
+            .submit_batch(&self.inner.engine, self.inner.link.clone(), batch, true)
+            .await
     }
 
     /// Waits for every outcome, then closes the link and the connection.
@@ -378,33 +366,6 @@ impl DeviceSender {
             .submit(&self.inner.engine, link, sections, true, wait)
             .await
     }
-}
-
-async fn submit_batch(
-    pipeline: &Pipeline,
-    engine: &Engine,
-    link: Arc<LinkHandle>,
-    batch: EventBatch,
-) -> Result<DeliveryFuture> {
-    if batch.is_empty() {
-        return Err(Error::new(
-            ErrorKind::InvalidBatchSize,
-            "the batch holds no message",
-        ));
-    }
-    if batch.size_in_bytes() > link.max_message_size {
-        return Err(Error::new(
-            ErrorKind::MessageTooLarge,
-            format!(
-                "the batch is {} bytes but the link allows {}",
-                batch.size_in_bytes(),
-                link.max_message_size
-            ),
-        ));
-    }
-    pipeline
-        .submit(engine, link, batch.into_sections(), false, true)
-        .await
 }
 
 /// Sends device-to-cloud messages as any device of the hub, over shared connections.
@@ -502,7 +463,10 @@ impl Gateway {
     /// As [`DeviceSender::send_batch`].
     pub async fn send_batch(&self, device_id: &str, batch: EventBatch) -> Result<DeliveryFuture> {
         let (engine, link) = self.device(device_id).await?;
-        submit_batch(&self.inner.pipeline, &engine, link, batch).await
+        self.inner
+            .pipeline
+            .submit_batch(&engine, link, batch, true)
+            .await
     }
 
     /// Connections, devices and deliveries in flight.
