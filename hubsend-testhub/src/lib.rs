@@ -22,6 +22,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use faults::Faults;
 pub use jwt::{sign_hs256 as sign_jwt_hs256, EVENT_HUBS_AUDIENCE};
+pub use server::idempotent::{GapAnswer, ResumeAnswer};
 pub use store::StoredEvent;
 
 /// A right a SAS policy grants.
@@ -61,6 +62,10 @@ pub struct HubConfig {
     pub(crate) iothub: Option<String>,
     /// IoT Hub devices: id and base64 key.
     pub(crate) iot_devices: Vec<(String, String)>,
+    /// How an idempotent producer's resume is answered.
+    pub(crate) idempotent_resume: ResumeAnswer,
+    /// What a gap in an idempotent producer's numbers gets.
+    pub(crate) idempotent_gaps: GapAnswer,
 }
 
 impl Default for HubConfig {
@@ -106,6 +111,8 @@ impl HubConfig {
             retain_events: None,
             iothub: None,
             iot_devices: Vec::new(),
+            idempotent_resume: ResumeAnswer::default(),
+            idempotent_gaps: GapAnswer::default(),
         }
     }
 
@@ -240,6 +247,20 @@ impl HubConfig {
         self.retain_events = events;
         self
     }
+
+    /// What an idempotent producer that re-attaches with known state is told its last
+    /// sequence number is (undocumented by the service; [`ResumeAnswer::Stored`] by default).
+    pub fn idempotent_resume(mut self, answer: ResumeAnswer) -> Self {
+        self.idempotent_resume = answer;
+        self
+    }
+
+    /// What an idempotent delivery whose numbers skip ahead gets (undocumented by the
+    /// service; [`GapAnswer::Refuse`] by default).
+    pub fn idempotent_gaps(mut self, answer: GapAnswer) -> Self {
+        self.idempotent_gaps = answer;
+        self
+    }
 }
 
 /// Counters of what the hub has seen.
@@ -267,6 +288,8 @@ pub struct HubStats {
     pub links_refused: u64,
     /// `$management` requests answered.
     pub management_requests: u64,
+    /// Events from idempotent producers acknowledged as duplicates and not stored.
+    pub idempotent_duplicates: u64,
 }
 
 /// Errors starting a [`TestHub`].
@@ -455,7 +478,31 @@ impl TestHub {
 
     /// Snapshot of the counters.
     pub fn stats(&self) -> HubStats {
-        self.shared.stats.lock().unwrap().clone()
+        let mut stats = self.shared.stats.lock().unwrap().clone();
+        stats.idempotent_duplicates = self.shared.idempotent.lock().unwrap().duplicates;
+        stats
+    }
+
+    /// Registers an idempotent producer on `hub`'s `partition` as if it had stored events up
+    /// to sequence number `last` with `epoch` (to test restarts and wrap-around).
+    pub fn seed_idempotent_producer(
+        &self,
+        hub: &str,
+        partition: u32,
+        id: i64,
+        epoch: i16,
+        last: i32,
+    ) {
+        let hub = self
+            .shared
+            .find_hub(hub)
+            .map(|h| h.0)
+            .unwrap_or_else(|| hub.to_owned());
+        self.shared
+            .idempotent
+            .lock()
+            .unwrap()
+            .seed(&hub, partition, id, epoch, last);
     }
 
     /// Handle to fault injection.

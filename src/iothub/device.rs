@@ -203,6 +203,7 @@ impl IotHubBuilder {
             max_frame_size: 65536,
             retry: options.retry.clone(),
             max_message_size: options.max_message_size.min(MAX_MESSAGE_SIZE),
+            idempotent: None,
         })
     }
 

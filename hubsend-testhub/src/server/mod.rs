@@ -24,6 +24,7 @@ use crate::{
 mod cbs;
 mod connection;
 mod consumer;
+pub(crate) mod idempotent;
 mod management;
 mod producer;
 mod request;
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub faults: Arc<FaultShared>,
     /// Payload buffers of deliveries dropped by retention, for the wire to reuse.
     pub pool: Arc<BufferPool>,
+    /// Idempotent producers and what each has stored.
+    pub idempotent: Mutex<idempotent::Registry>,
     next_conn: AtomicU64,
 }
 
@@ -83,6 +86,7 @@ impl Shared {
             stats: Mutex::new(HubStats::default()),
             faults: Arc::new(FaultShared::new()),
             pool: Arc::new(BufferPool::default()),
+            idempotent: Mutex::new(idempotent::Registry::default()),
             next_conn: AtomicU64::new(1),
         }
     }
