@@ -193,10 +193,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     match &args.dump {
         Some(path) if args.iothub.is_some() => {
-            let devices: Vec<&str> = args.iot_devices.iter().map(|(id, _)| id.as_str()).collect();
             tokio::select! {
                 () = wait_for_signal() => {}
-                () = dump_loop(&hub, &devices, path) => {}
+                () = dump_loop(&hub, path) => {}
             }
         }
         _ => wait_for_signal().await,
@@ -205,9 +204,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Rewrites `path` every 200 ms with every D2C message the hub stored, as one JSON array.
-async fn dump_loop(hub: &TestHub, devices: &[&str], path: &std::path::Path) {
+/// Rewrites `path` every 200 ms with every D2C message the hub stored (of every device in
+/// the registry, also those created over REST), as one JSON array.
+async fn dump_loop(hub: &TestHub, path: &std::path::Path) {
     loop {
+        let devices: Vec<String> = hub
+            .iothub_state()
+            .map(|s| s.devices().into_iter().map(|d| d.device_id).collect())
+            .unwrap_or_default();
         let all: Vec<serde_json::Value> = devices
             .iter()
             .flat_map(|d| {
