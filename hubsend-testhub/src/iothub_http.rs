@@ -612,9 +612,10 @@ fn identity_etag(seq: u64) -> String {
 
 /// `If-Match` `*`, or the etag with or without its quotes.
 fn etag_matches(if_match: Option<&str>, etag: &str) -> bool {
-    match if_match {
+    match if_match.map(|t| t.trim()) {
         None => false,
-        Some("*") => true,
+        // Microsoft's Python SDK quotes the wildcard too.
+        Some("*" | "\"*\"") => true,
         Some(tag) => tag == etag || format!("\"{tag}\"") == etag,
     }
 }
