@@ -463,3 +463,42 @@ async fn a_throttled_registry_is_waited_out_and_every_device_still_sends() {
         );
     }
 }
+
+#[tokio::test]
+async fn concurrent_first_sends_of_one_new_device_create_it_once() {
+    let iot = Iot::start(config()).await;
+    for (n, when) in [AutoCreate::OnNotFound, AutoCreate::BeforeFirstUse]
+        .into_iter()
+        .enumerate()
+    {
+        let gateway = iot
+            .builder(iot.hub.iothub_connection_string("iothubowner"))
+            .auto_create(fast_registry(&iot, "iothubowner"), when)
+            .gateway()
+            .await
+            .unwrap();
+        let id = format!("shared-new-{n}");
+        let sends = (0..20).map(|i| {
+            let (gateway, id) = (gateway.clone(), id.clone());
+            tokio::spawn(async move {
+                let name = format!("name {i}");
+                gateway
+                    .send_named(&id, Some(&name), Event::new(format!("{i}")))
+                    .await?
+                    .await
+            })
+        });
+        for send in futures_util::future::join_all(sends).await {
+            send.unwrap().expect("stored");
+        }
+        let counts = iot.state().counts();
+        // One create and one name write per device, no 409: the other sends waited.
+        let created = n as u64 + 1;
+        assert_eq!(
+            (counts.created, counts.conflicts, counts.twin_updates),
+            (created, 0, created),
+            "{when:?}: {counts:?}"
+        );
+        assert_eq!(iot.hub.iothub_messages(&id).len(), 20);
+    }
+}
