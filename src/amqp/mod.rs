@@ -547,6 +547,15 @@ impl Engine {
         Ok(handle)
     }
 
+    /// Lets go of the sender link to `target` and stops refreshing `audience`: the next
+    /// [`link_to`](Self::link_to) attaches a new link (and puts a new token). Sends already
+    /// queued keep their handle; the link task settles them, then detaches.
+    pub(crate) async fn release_link(&self, target: &str, audience: &str) {
+        let released = self.links.lock().await.remove(target);
+        self.authorizer.forget(audience);
+        drop(released);
+    }
+
     /// Fails with [`ErrorKind::Closed`] once `close` was called.
     pub(crate) fn check_open(&self) -> Result<()> {
         match *self.lifecycle.borrow() {

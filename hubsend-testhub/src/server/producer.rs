@@ -20,7 +20,7 @@ use fe2o3_amqp_types::{
 };
 use tokio::time::Instant;
 
-use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured, Right};
+use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured};
 
 use super::{
     amqp_error,
@@ -40,18 +40,17 @@ pub(super) async fn producer_attach(
     let path = normalise(&address, false).path;
     let segs: Vec<&str> = path.split('/').collect();
     let not_found = ctx.not_found(&path);
-    if shared.config.iothub.is_some() {
-        // IoT Hub: `devices/{id}/messages/events`; each device's messages are kept as a
-        // one-partition hub named `devices/{id}`.
-        let device = match segs.as_slice() {
-            ["devices", id, "messages", "events"] => format!("devices/{id}"),
-            _ => String::new(),
+    if shared.iot.is_some() {
+        // IoT Hub: `devices/{id}/messages/events`, checked in `iothub`.
+        let device = super::iothub::d2c_device(&address).unwrap_or_default();
+        return match super::iothub::d2c_target(shared, ctx, &device) {
+            Ok(store) => {
+                // Case-preserving, so the device's token (exact-case id) covers it.
+                let entity = format!("devices/{device}/messages/events");
+                accept_producer(attach, address, session, ctx, store, None, entity).await
+            }
+            Err((condition, desc)) => refuse(attach, session, ctx, condition, desc).await,
         };
-        let Some((hub, _)) = shared.find_hub(&device).filter(|_| !device.is_empty()) else {
-            let desc = format!("404001 DeviceNotFound: `{path}` is not a known device");
-            return refuse(attach, session, ctx, "amqp:not-found", desc).await;
-        };
-        return accept_producer(attach, address, session, ctx, hub, None, path).await;
     }
     let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
         return refuse(attach, session, ctx, "amqp:not-found", not_found).await;
@@ -79,8 +78,9 @@ async fn accept_producer(
 ) {
     let shared = &ctx.shared;
     let entity = path.clone();
-    if matches!(ctx.authorised(&entity, Some(Right::Send)), Auth::No) {
-        let desc = ctx.unauthorised(Right::Send, &path);
+    let right = shared.send_right();
+    if shared.iot.is_none() && matches!(ctx.authorised(&entity, Some(right)), Auth::No) {
+        let desc = ctx.unauthorised(right, &path);
         return refuse(attach, session, ctx, "amqp:unauthorized-access", desc).await;
     }
     let max = shared.config.max_message_size;
@@ -211,6 +211,9 @@ impl ProducerLink {
                 "The request was rejected by fault injection.",
             ));
         }
+        if let Some(gone) = super::iothub::device_gone(shared, &self.hub) {
+            return Verdict::Reject(gone);
+        }
         let buf = payload.bytes;
         if buf.len() > u32::MAX as usize {
             return decode_error("The message is too large to store.");
@@ -332,7 +335,7 @@ pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
     let mut link_transfers = 0u64;
     let far = || Instant::now() + Duration::from_secs(3600 * 24);
     let close_error: Option<definitions::Error> = loop {
-        let auth_deadline = match link.ctx.auth_deadline(&link.entity, Right::Send) {
+        let auth_deadline = match link.ctx.auth_deadline(&link.entity, shared.send_right()) {
             Ok(deadline) => deadline,
             Err(expired) => break Some(expired),
         };
