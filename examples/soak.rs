@@ -3,7 +3,10 @@
 //! connection close, TCP drop, throttling, withheld credit). At the end it reports events sent,
 //! faults survived, duplicates and lost events — lost must be 0, or it exits 1.
 //!
-//! `cargo run --release --example soak -- --seconds 300 [--token-seconds 5] [--fault-every 3]`
+//! `cargo run --release --example soak -- --seconds 300 [--token-seconds 5] [--fault-every 3] [--idempotent]`
+//!
+//! With `--idempotent` the producer uses idempotent retries, and a single duplicate fails the
+//! soak too.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -30,6 +33,7 @@ async fn main() -> hubsend::Result<()> {
     let seconds = arg("--seconds", 60);
     let token_seconds = arg("--token-seconds", 5);
     let fault_every = arg("--fault-every", 3).max(1);
+    let idempotent = std::env::args().any(|a| a == "--idempotent");
 
     let hub = TestHub::start(HubConfig::new().max_message_size(256 * 1024))
         .await
@@ -38,6 +42,7 @@ async fn main() -> hubsend::Result<()> {
         .connection_string(hub.connection_string())
         .options(
             ProducerOptions::new()
+                .idempotent(idempotent)
                 .token_lifetime(Duration::from_secs(token_seconds))
                 .retry(
                     RetryOptions::new()
@@ -49,7 +54,7 @@ async fn main() -> hubsend::Result<()> {
         .connect()
         .await?;
     let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
-    eprintln!("soak: {seconds} s, tokens live {token_seconds} s, a fault every {fault_every} s");
+    eprintln!("soak: {seconds} s, tokens live {token_seconds} s, a fault every {fault_every} s, idempotent retries {idempotent}");
 
     let faults = hub.faults();
     let stop = Instant::now() + Duration::from_secs(seconds);
@@ -76,8 +81,8 @@ async fn main() -> hubsend::Result<()> {
                     "tcp drop"
                 }
                 3 => {
-                    faults.reject_every_nth(5, "com.microsoft:server-busy");
-                    "server-busy every 5th"
+                    faults.reject_at_random(5, "com.microsoft:server-busy");
+                    "server-busy for 1 in 5"
                 }
                 _ => {
                     faults.withhold_credit(Duration::from_millis(800));
@@ -148,15 +153,18 @@ async fn main() -> hubsend::Result<()> {
     );
     println!("faults survived: {} {:?}", survived.len(), survived);
     println!(
-        "reconnects: {}, link recoveries: {}",
-        stats.reconnects, stats.link_recoveries
+        "reconnects: {}, link recoveries: {}, duplicates avoided: {}",
+        stats.reconnects, stats.link_recoveries, stats.duplicates_avoided
     );
     println!(
         "stored: {}, duplicates: {duplicates}, lost: {lost}",
         stored.len()
     );
-    if lost > 0 || report.failed > 0 {
-        eprintln!("SOAK FAILED: {lost} lost, {} failed", report.failed);
+    if lost > 0 || report.failed > 0 || (idempotent && duplicates > 0) {
+        eprintln!(
+            "SOAK FAILED: {lost} lost, {} failed, {duplicates} duplicates",
+            report.failed
+        );
         std::process::exit(1);
     }
     Ok(())

@@ -36,6 +36,8 @@ const EXIT_INTERRUPTED: u8 = 130;
 pub(crate) struct Connection {
     pub(crate) connection_string: Option<String>,
     pub(crate) ca_file: Option<PathBuf>,
+    /// Idempotent retries (`--idempotent`).
+    pub(crate) idempotent: bool,
 }
 
 /// Arguments of `hubsend send`.
@@ -80,13 +82,17 @@ fn no_connection_string() -> u8 {
 /// Connects, printing a clear reason on failure.
 async fn connect(
     connection_string: &str,
-    ca_file: Option<&PathBuf>,
+    connection: &Connection,
     max_in_flight: usize,
 ) -> Result<Producer, u8> {
     let mut builder = Producer::builder()
         .connection_string(connection_string)
-        .options(ProducerOptions::new().max_in_flight(max_in_flight));
-    if let Some(path) = ca_file {
+        .options(
+            ProducerOptions::new()
+                .max_in_flight(max_in_flight)
+                .idempotent(connection.idempotent),
+        );
+    if let Some(path) = connection.ca_file.as_ref() {
         match std::fs::read(path) {
             Ok(pem) => builder = builder.add_root_certificate_pem(pem),
             Err(e) => {
@@ -280,7 +286,7 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
         },
     };
     let signals = Signals::install();
-    let connecting = connect(cs, config.connection.ca_file.as_ref(), config.max_in_flight);
+    let connecting = connect(cs, &config.connection, config.max_in_flight);
     let producer = tokio::select! {
         connected = connecting => match connected {
             Ok(p) => p,
@@ -307,11 +313,15 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     };
     let options = IngestOptions::new().routing(routing);
     let mut observer = CliObserver::new(rejects);
-    let report = run(&producer, input, &options, &mut observer, &signals).await;
+    let mut report = run(&producer, input, &options, &mut observer, &signals).await;
     let rejects_error = observer.finish();
     let abandoned = signals.received() >= 2;
+    let counters = producer.clone();
     if !abandoned {
         close(producer, &signals).await;
+    }
+    if config.connection.idempotent {
+        report.duplicates_avoided = Some(counters.stats().duplicates_avoided);
     }
 
     human_summary(&report);
@@ -432,13 +442,7 @@ pub(crate) async fn bench(config: BenchConfig) -> u8 {
             Err(code) => return code,
         },
     };
-    let producer = match connect(
-        &cs,
-        config.connection.ca_file.as_ref(),
-        config.max_in_flight,
-    )
-    .await
-    {
+    let producer = match connect(&cs, &config.connection, config.max_in_flight).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -455,12 +459,13 @@ pub(crate) async fn bench(config: BenchConfig) -> u8 {
     let mut observer = CliObserver::new(None);
     let report = run(&producer, input, &options, &mut observer, &signals).await;
     observer.finish();
+    let counters = producer.clone();
     if signals.received() < 2 {
         close(producer, &signals).await;
     }
 
     let peak = peak_rss_mb();
-    let summary = json!({
+    let mut summary = json!({
         "events": report.sent,
         "failed": report.failed,
         "bytes": report.bytes,
@@ -475,6 +480,9 @@ pub(crate) async fn bench(config: BenchConfig) -> u8 {
         "partition_keys": report.partition_keys,
         "local_hub": config.connection.connection_string.is_none(),
     });
+    if config.connection.idempotent {
+        summary["duplicates_avoided"] = json!(counters.stats().duplicates_avoided);
+    }
     eprintln!(
         "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB",
         report.sent,
@@ -504,7 +512,7 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
     let Some(cs) = config.connection.connection_string.as_deref() else {
         return no_connection_string();
     };
-    let producer = match connect(cs, config.connection.ca_file.as_ref(), 1).await {
+    let producer = match connect(cs, &config.connection, 1).await {
         Ok(p) => p,
         Err(code) => return code,
     };

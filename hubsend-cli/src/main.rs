@@ -111,6 +111,11 @@ struct SendArgs {
     #[arg(long)]
     json: bool,
 
+    /// Idempotent retries: the hub drops what a retry sends again after it was stored, so a
+    /// fault stores no event twice (the summary gains `duplicates_avoided`).
+    #[arg(long)]
+    idempotent: bool,
+
     /// Exit with status 3 when any line is invalid.
     #[arg(long)]
     strict: bool,
@@ -140,6 +145,10 @@ struct BenchArgs {
     /// Print the results as one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
+
+    /// Idempotent retries (see `hubsend send --idempotent`).
+    #[arg(long)]
+    idempotent: bool,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +272,7 @@ impl From<ConnectionArgs> for commands::Connection {
         commands::Connection {
             connection_string: a.connection_string.filter(|s| !s.trim().is_empty()),
             ca_file: a.ca_file,
+            idempotent: false,
         }
     }
 }
@@ -270,7 +280,10 @@ impl From<ConnectionArgs> for commands::Connection {
 impl From<SendArgs> for commands::SendConfig {
     fn from(a: SendArgs) -> Self {
         commands::SendConfig {
-            connection: a.connection.into(),
+            connection: commands::Connection {
+                idempotent: a.idempotent,
+                ..a.connection.into()
+            },
             input: a.input,
             csv: a.format == Format::Csv,
             partition_key_field: a.partition_key_field,
@@ -286,7 +299,10 @@ impl From<SendArgs> for commands::SendConfig {
 impl From<BenchArgs> for commands::BenchConfig {
     fn from(a: BenchArgs) -> Self {
         commands::BenchConfig {
-            connection: a.connection.into(),
+            connection: commands::Connection {
+                idempotent: a.idempotent,
+                ..a.connection.into()
+            },
             events: a.events,
             payload_bytes: a.payload_bytes,
             key_cardinality: a.partitions_key_cardinality,

@@ -1128,3 +1128,64 @@ async fn errors_are_printed_with_their_cause() {
         run.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_send_stores_each_line_once_through_a_dropped_connection() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("idempotent");
+    let lines: String = (0..20_000)
+        .map(|i| {
+            format!(
+                "{{\"sensor_id\":\"compressor-{}:vibe_x\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n",
+                i % 50
+            )
+        })
+        .collect();
+    let input = write(&dir, "in.ndjson", &lines);
+    // Outcomes come late, and the connection drops once the hub has stored deliveries it
+    // has not acknowledged: they are sent again, and the hub must drop them.
+    hub.faults().delay_dispositions(Duration::from_millis(300));
+    let faults = hub.faults();
+    let drop_once = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while hub.stats().transfers_received < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        faults.drop_connections();
+        faults.clear();
+    };
+    let args = [
+        "--idempotent",
+        "--partition-key-field",
+        "sensor_id",
+        "--json",
+    ];
+    let (run, ()) = tokio::join!(send_file(&hub, &input, &args), drop_once);
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let summary = run.json();
+    assert_eq!(summary["sent"], 20_000, "{summary}");
+    assert!(
+        summary["duplicates_avoided"].as_u64().unwrap_or(0) > 0,
+        "{summary}"
+    );
+    let events = hub
+        .wait_for_events(HUB, 20_000, Duration::from_secs(10))
+        .await;
+    let mut values: Vec<i64> = events
+        .iter()
+        .map(|e| {
+            let v: Value = serde_json::from_slice(&e.body).unwrap();
+            v["value"].as_f64().unwrap() as i64
+        })
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(events.len(), 20_000, "no duplicates");
+    assert_eq!(values.len(), 20_000);
+    assert!(events.iter().all(|e| e.partition_key.is_some()));
+
+    // Without the flag the field is not there.
+    let plain = send_file(&hub, &input, &["--json"]).await;
+    assert_eq!(plain.code, 0, "stderr:\n{}", plain.stderr);
+    assert!(plain.json().get("duplicates_avoided").is_none());
+}

@@ -79,6 +79,10 @@ pub(crate) struct IngestReport {
     /// while waiting for the hub). Only in the JSON when not zero.
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) unknown: u64,
+    /// With `--idempotent`: events the hub acknowledged as already stored when they were
+    /// resent (so it did not store them twice). Only in the JSON with `--idempotent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) duplicates_avoided: Option<u64>,
     /// Body bytes of the accepted events.
     pub(crate) bytes: u64,
     /// Wall-clock duration of the run.

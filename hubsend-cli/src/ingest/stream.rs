@@ -384,6 +384,7 @@ impl Run<'_> {
             interrupted: self.interrupted || !finished,
             error,
             error_kind,
+            duplicates_avoided: None,
         }
     }
 }
