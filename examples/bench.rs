@@ -28,6 +28,9 @@
 //! * `--max-in-flight N` / `--max-in-flight-bytes B` hubsend's in-flight bounds (default: the
 //!   library's).
 //! * `--no-peers` skip the official and ceiling binaries even when they are built.
+//! * `--idempotent` also runs every hubsend mode with idempotent retries, in rows of their
+//!   own next to the plain ones.
+//! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
 //!
 //! The hub: `EVENTHUB_CONNECTION_STRING` (+ `EVENTHUB_CA_FILE`) when set; otherwise the
 //! release `hubsend-testhub` binary (`HUBSEND_TESTHUB_BIN`, else next to this example's
@@ -181,6 +184,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     if let Some(n) = args.get("max-in-flight-bytes") {
         options = options.max_in_flight_bytes(n.parse().expect("--max-in-flight-bytes"));
     }
+    options = options.idempotent(args.flag("idempotent"));
     let mut builder = Producer::builder().connection_string(cs).options(options);
     if let Some(ca) = args.get("ca") {
         builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("reading --ca"));
@@ -254,6 +258,16 @@ async fn child(args: &Args) -> hubsend::Result<()> {
                 tx.send(producer.send_batch(batch).await?).ok();
                 batches += 1;
             }
+        }
+        "buffered" => {
+            let buffered =
+                hubsend::BufferedProducer::new(producer.clone(), hubsend::BufferedOptions::new());
+            for i in 0..events as usize {
+                let event = Event::new(pool[i % pool.len()].clone());
+                buffered.enqueue(event, SendOptions::new()).await?;
+            }
+            let report = buffered.close().await;
+            assert_eq!(report.sent, events, "{report:?}");
         }
         "single" => {
             for i in 0..events as usize {
@@ -407,12 +421,11 @@ impl Hub {
             .next()
             .and_then(|l| l.ok())
             .expect("the test hub prints its connection string");
-        let ca = if tls {
-            let _ = lines.next(); // "CA certificate: ..." — written before it is printed
-            Some(dir.join("ca.pem"))
-        } else {
-            None
-        };
+        let ca = tls.then(|| dir.join("ca.pem")); // written before anything is printed
+                                                  // Keep reading what else the hub prints (the listen policy's string, the CA path):
+                                                  // with its stdout closed the hub would die on its next line (EPIPE), which is how
+                                                  // spawned hubs used to vanish mid-run.
+        std::thread::spawn(move || for _ in lines {});
         Hub {
             cs,
             ca,
@@ -516,10 +529,10 @@ fn main() {
     let steady_seconds = args.num("steady-seconds", 0);
     let mode = args.get("mode").unwrap_or("all").to_owned();
     let modes: Vec<&str> = match mode.as_str() {
-        "all" => vec!["batch", "single", "latency"],
-        m @ ("batch" | "single" | "latency") => vec![m],
+        "all" => vec!["batch", "buffered", "single", "latency"],
+        m @ ("batch" | "buffered" | "single" | "latency") => vec![m],
         other => {
-            eprintln!("--mode batch|single|latency|all, not {other}");
+            eprintln!("--mode batch|buffered|single|latency|all, not {other}");
             std::process::exit(2);
         }
     };
@@ -597,18 +610,29 @@ fn main() {
                 }
                 cmd
             };
+            let idempotent_too = args.flag("idempotent");
             for m in &modes {
                 let n = match *m {
-                    "batch" => events,
+                    "batch" | "buffered" => events,
                     "single" => single_events,
                     _ => latency_events,
                 };
-                let mut cmd = hubsend_child(m, ("events", n));
-                let name = format!("hubsend {m}");
-                push(
-                    &name,
-                    run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
-                );
+                for idempotent in [false, true] {
+                    if idempotent && !idempotent_too {
+                        continue;
+                    }
+                    let mut cmd = hubsend_child(m, ("events", n));
+                    let name = if idempotent {
+                        cmd.arg("--idempotent");
+                        format!("hubsend idem. {m}")
+                    } else {
+                        format!("hubsend {m}")
+                    };
+                    push(
+                        &name,
+                        run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
+                    );
+                }
             }
             if steady_seconds > 0 {
                 let mut cmd = hubsend_child("steady", ("seconds", steady_seconds));

@@ -443,19 +443,15 @@ impl Sections {
                 self.events.to_sections(),
             ));
         };
+        let template =
+            idempotent::Template::new(stamping.key.as_deref(), stamp.producer_id, stamp.epoch)?;
         let mut sections = Vec::with_capacity(self.events.len());
         let mut start = 0;
         for (i, &end) in self.events.ends.iter().enumerate() {
             let bytes = &self.events.bytes[start..end];
             start = end;
             let mut out = Vec::with_capacity(bytes.len() + 160);
-            idempotent::write_annotations(
-                &mut out,
-                stamping.key.as_deref(),
-                stamp.producer_id,
-                stamp.epoch,
-                idempotent::seq_add(stamp.first, i as u64),
-            )?;
+            template.write(&mut out, idempotent::seq_add(stamp.first, i as u64));
             out.extend_from_slice(bytes);
             sections.push(Data(Binary::from(out)));
         }

@@ -153,6 +153,42 @@ pub(crate) fn write_annotations(
         })
 }
 
+/// One delivery's stamp, encoded once: the annotations section with a placeholder sequence
+/// number written as a full-width AMQP int, which each event's copy overwrites with its own
+/// number (a full-width int is a valid encoding of any number, and as wide as the reserve).
+pub(crate) struct Template {
+    bytes: Vec<u8>,
+    /// Where the sequence number's four bytes start.
+    at: usize,
+}
+
+impl Template {
+    /// A placeholder that serde_amqp writes as a full-width int and that cannot occur in
+    /// text (0xC0 is never UTF-8).
+    const PLACEHOLDER: i32 = 0x5EC0_5EC0;
+
+    pub(crate) fn new(key: Option<&str>, producer_id: i64, epoch: i16) -> Result<Template> {
+        let mut bytes = Vec::new();
+        write_annotations(&mut bytes, key, producer_id, epoch, Self::PLACEHOLDER)?;
+        let mut pattern = [0x71u8; 5];
+        pattern[1..].copy_from_slice(&Self::PLACEHOLDER.to_be_bytes());
+        // The sequence number is the map's last entry: its last occurrence is the one.
+        let at = bytes
+            .windows(5)
+            .rposition(|w| w == pattern)
+            .map(|i| i + 1)
+            .ok_or_else(|| Error::new(ErrorKind::Protocol, "failed to encode an AMQP message"))?;
+        Ok(Template { bytes, at })
+    }
+
+    /// Appends the annotations section stamped with `seq` to `out`.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, seq: i32) {
+        let start = out.len();
+        out.extend_from_slice(&self.bytes);
+        out[start + self.at..start + self.at + 4].copy_from_slice(&seq.to_be_bytes());
+    }
+}
+
 /// The bytes stamping adds to one event (or to an envelope, without `key`) at most: the
 /// annotations encoded with the widest values. Real numbers encode to as many bytes or fewer.
 pub(crate) fn reserve(key: Option<&str>) -> Result<u64> {
@@ -193,6 +229,31 @@ mod tests {
         assert!(seq_at_or_before(3, 3));
         assert!(seq_at_or_before(i32::MAX, 2));
         assert!(!seq_at_or_before(2, i32::MAX));
+    }
+
+    #[test]
+    fn the_template_stamps_what_serde_amqp_decodes() {
+        use fe2o3_amqp_types::messaging::MessageAnnotations;
+        for key in [None, Some("compressor-7:vibe_x")] {
+            let template = Template::new(key, 1_000, 3).unwrap();
+            for seq in [0, 5, 127, 128, i32::MAX] {
+                let mut out = Vec::new();
+                template.write(&mut out, seq);
+                assert!(out.len() as u64 <= reserve(key).unwrap());
+                let decoded: MessageAnnotations = serde_amqp::from_slice(&out).unwrap();
+                let get = |k: &str| {
+                    decoded
+                        .0
+                        .get(&fe2o3_amqp_types::messaging::annotations::OwnedKey::Symbol(
+                            Symbol::from(k),
+                        ))
+                        .cloned()
+                };
+                assert_eq!(get(SEQUENCE), Some(Value::Int(seq)));
+                assert_eq!(get(PRODUCER_ID), Some(Value::Long(1_000)));
+                assert_eq!(get(EPOCH), Some(Value::Short(3)));
+            }
+        }
     }
 
     #[test]
