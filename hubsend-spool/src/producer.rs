@@ -177,14 +177,44 @@ impl SpooledProducer {
         self.append(events.into_iter().collect(), tag).await
     }
 
+    /// Like [`enqueue_batch`](Self::enqueue_batch), with a tag on every record (its input
+    /// position): after a crash in the middle of the call, [`Spool::last_tag`] names exactly
+    /// the last record that made it into the spool.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue).
+    pub async fn enqueue_batch_tagged(
+        &self,
+        events: impl IntoIterator<Item = (Event, Route, u64)>,
+    ) -> Result<()> {
+        self.append_tagged(
+            events
+                .into_iter()
+                .map(|(e, r, tag)| (e, r, Some(tag)))
+                .collect(),
+        )
+        .await
+    }
+
     async fn append(&self, events: Vec<(Event, Route)>, tag: Option<u64>) -> Result<()> {
-        let log = self.inner.spool.log();
         let last = events.len().saturating_sub(1);
+        self.append_tagged(
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, (e, r))| (e, r, if i == last { tag } else { None }))
+                .collect(),
+        )
+        .await
+    }
+
+    async fn append_tagged(&self, events: Vec<(Event, Route, Option<u64>)>) -> Result<()> {
+        let log = self.inner.spool.log();
         let mut waits = Vec::with_capacity(events.len());
-        for (i, (event, route)) in events.into_iter().enumerate() {
+        for (event, route, tag) in events {
             let payload = record::encode(&event, &route)?;
             log.reserve(payload.len()).await?;
-            waits.push(log.append(payload, if i == last { tag } else { None })?);
+            waits.push(log.append(payload, tag)?);
         }
         let n = waits.len() as u64;
         for wait in waits {

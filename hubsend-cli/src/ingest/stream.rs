@@ -384,6 +384,8 @@ impl Run<'_> {
             interrupted: self.interrupted || !finished,
             error,
             error_kind,
+            spooled: None,
+            resumed: None,
         }
     }
 }
