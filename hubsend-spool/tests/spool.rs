@@ -582,3 +582,29 @@ async fn long_outage_drains_when_the_hub_returns_with_memory_flat() {
 fn hub_stop(hub: TestHub) {
     drop(hub);
 }
+
+#[tokio::test]
+async fn state_blobs_survive_a_restart_beside_the_records() {
+    let dir = temp_dir("state");
+    {
+        let spool = Spool::open(&dir, SpoolOptions::new()).unwrap();
+        assert_eq!(spool.state("idempotent"), None);
+        let blob = serde_json::json!({"0": {"producer_id": 7, "epoch": 1, "last_sequence": 41}});
+        spool.set_state("idempotent", blob).unwrap();
+        spool.set_state("other", serde_json::json!([1, 2])).unwrap();
+        spool
+            .set_state(
+                "idempotent",
+                serde_json::json!({"0": {"producer_id": 7, "epoch": 1, "last_sequence": 99}}),
+            )
+            .unwrap();
+    }
+    let spool = Spool::open(&dir, SpoolOptions::new()).unwrap();
+    assert_eq!(
+        spool.state("idempotent"),
+        Some(serde_json::json!({"0": {"producer_id": 7, "epoch": 1, "last_sequence": 99}}))
+    );
+    assert_eq!(spool.state("other"), Some(serde_json::json!([1, 2])));
+    drop(spool);
+    let _ = std::fs::remove_dir_all(&dir);
+}
