@@ -194,12 +194,28 @@ fn last_ack(path: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_nothing_enqueue_returned_for() {
+    crash(false).await;
+}
+
+/// The same with the hub up while the child streams: the kill lands mid-drain, so records the
+/// hub accepted after the last cursor write are sent again (counted as duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_draining_loses_nothing() {
+    crash(true).await;
+}
+
+async fn crash(hub_up_while_filling: bool) {
     init_logs();
     let dir = temp_dir("crash");
     let acks = dir.with_extension("acks");
     let port = free_port();
     // A random moment: after a random number of accepted events (the child keeps streaming).
     let kill_at = rand::random::<u64>() % (CRASH_EVENTS - 1000) + 500;
+    let early_hub = if hub_up_while_filling {
+        Some(hub_on(port).await)
+    } else {
+        None
+    };
 
     let mut filler = child("fill", &dir, port, &acks)
         .stdout(Stdio::null())
@@ -220,7 +236,10 @@ async fn sigkill_loses_nothing_enqueue_returned_for() {
     let accepted = last_ack(&acks);
     assert!(accepted >= kill_at);
 
-    let hub = hub_on(port).await;
+    let hub = match early_hub {
+        Some(hub) => hub,
+        None => hub_on(port).await,
+    };
     let mut drainer = child("drain", &dir, port, &acks)
         .stdout(Stdio::piped())
         .spawn()
@@ -247,7 +266,7 @@ async fn sigkill_loses_nothing_enqueue_returned_for() {
     let lost: Vec<u64> = (0..accepted).filter(|n| !seen.contains_key(n)).collect();
     let duplicates: usize = seen.values().map(|c| c - 1).sum();
     println!(
-        "sigkill after {accepted} accepted events (target {kill_at}): {} stored, {} lost, {duplicates} duplicates; child: {report}",
+        "sigkill (hub up while filling: {hub_up_while_filling}) after {accepted} accepted events (target {kill_at}): {} stored, {} lost, {duplicates} duplicates; child: {report}",
         seen.len(),
         lost.len()
     );
