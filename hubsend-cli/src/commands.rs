@@ -52,6 +52,8 @@ pub(crate) struct SendConfig {
     pub(crate) rejects: Option<PathBuf>,
     pub(crate) json: bool,
     pub(crate) strict: bool,
+    /// `--spool DIR`: store and forward through a disk spool.
+    pub(crate) spool: Option<PathBuf>,
 }
 
 /// Arguments of `hubsend bench`.
@@ -125,7 +127,7 @@ fn record_limit(producer: &Producer) -> usize {
 }
 
 /// Shows progress on a terminal and reports rejects on stderr and in the rejects file.
-struct CliObserver {
+pub(crate) struct CliObserver {
     terminal: bool,
     progress_shown: bool,
     rejects: Option<BufWriter<File>>,
@@ -133,7 +135,7 @@ struct CliObserver {
 }
 
 impl CliObserver {
-    fn new(rejects: Option<BufWriter<File>>) -> Self {
+    pub(crate) fn new(rejects: Option<BufWriter<File>>) -> Self {
         CliObserver {
             terminal: std::io::stderr().is_terminal(),
             progress_shown: false,
@@ -150,7 +152,7 @@ impl CliObserver {
     }
 
     /// Flushes the rejects file; returns the first write error, if any.
-    fn finish(&mut self) -> Option<std::io::Error> {
+    pub(crate) fn finish(&mut self) -> Option<std::io::Error> {
         self.clear_progress();
         if let Some(mut w) = self.rejects.take() {
             if let Err(e) = w.flush() {
@@ -286,6 +288,9 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
         },
     };
     let signals = Signals::install();
+    if let Some(dir) = config.spool.clone() {
+        return crate::spooled::send(config, &dir, source, rejects, signals).await;
+    }
     let connecting = connect(cs, &config.connection, config.max_in_flight);
     let producer = tokio::select! {
         connected = connecting => match connected {

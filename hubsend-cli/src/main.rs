@@ -6,6 +6,7 @@
 mod commands;
 mod ingest;
 mod signals;
+mod spooled;
 mod text;
 
 use std::ffi::OsString;
@@ -119,6 +120,13 @@ struct SendArgs {
     /// Exit with status 3 when any line is invalid.
     #[arg(long)]
     strict: bool,
+
+    /// Store and forward: put the input into a disk spool in DIR and send from there. An
+    /// interrupted run (Ctrl-C, kill, reboot) resumes with the same command: the records
+    /// still spooled are sent first and the input is read on after the last spooled line.
+    /// The hub need not be reachable; the run waits for it (Ctrl-C leaves the rest spooled).
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +300,7 @@ impl From<SendArgs> for commands::SendConfig {
             rejects: a.rejects,
             json: a.json,
             strict: a.strict,
+            spool: a.spool,
         }
     }
 }

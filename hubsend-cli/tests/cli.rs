@@ -1189,3 +1189,108 @@ async fn idempotent_send_stores_each_line_once_through_a_dropped_connection() {
     assert_eq!(plain.code, 0, "stderr:\n{}", plain.stderr);
     assert!(plain.json().get("duplicates_avoided").is_none());
 }
+
+/// A port nothing listens on (bound once, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Bytes in the spool's segment files.
+fn spool_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
+    const LINES: u64 = 20_000;
+    const KEY: &str = "Y2xpLXNwb29sLXRlc3Qta2V5LW5vdC1hLXNlY3JldA==";
+    let dir = scratch("spool");
+    let spool = dir.join("spool");
+    let mut text = String::new();
+    for i in 0..LINES {
+        text.push_str(&format!(
+            "{{\"sensor_id\":\"s-{}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n",
+            i % 4
+        ));
+    }
+    let input = write(&dir, "in.ndjson", &text);
+    let port = free_port();
+    let cs = format!(
+        "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=send-only;SharedAccessKey={KEY};EntityPath={HUB};UseDevelopmentEmulator=true"
+    );
+    let args = [
+        "send",
+        "--connection-string",
+        &cs,
+        "--input",
+        &input,
+        "--partition-key-field",
+        "sensor_id",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--json",
+    ];
+
+    // Run 1, hub unreachable: killed with SIGKILL once part of the input is in the spool.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_hubsend"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hubsend");
+    let threshold = 4096 + u64::from(std::process::id()) % 500_000;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while spool_bytes(&spool) < threshold {
+        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "run 1 ended on its own"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+
+    // Run 2, the same command with the hub up: resumes and finishes.
+    let hub = TestHub::start(HubConfig::new().port(port).policy_key("send-only", KEY))
+        .await
+        .unwrap();
+    let second = hubsend(&args, &[], None).await;
+    assert_eq!(second.code, 0, "stderr:\n{}", second.stderr);
+    let json = second.json();
+    let spooled = json["spooled"].as_u64().expect("spooled");
+    let resumed = json["resumed"].as_u64().expect("resumed");
+    assert!(resumed > 0, "{json}");
+    assert_eq!(spooled + resumed, LINES, "{json}");
+    assert_eq!(json["sent"], LINES, "{json}");
+
+    let mut seen = BTreeMap::new();
+    for e in hub.events(HUB) {
+        let body: Value = serde_json::from_slice(&e.body).unwrap();
+        *seen.entry(body["value"].as_u64().unwrap()).or_insert(0u32) += 1;
+    }
+    assert_eq!(seen.len() as u64, LINES, "every record arrived");
+    assert!(seen.values().all(|&c| c == 1), "each record once");
+
+    // A third run finds nothing left and reads nothing new.
+    let third = hubsend(&args, &[], None).await;
+    assert_eq!(third.code, 0, "stderr:\n{}", third.stderr);
+    assert_eq!(third.json()["spooled"], 0);
+    assert_eq!(third.json()["resumed"], 0);
+    assert_eq!(hub.events(HUB).len() as u64, LINES);
+    let _ = std::fs::remove_dir_all(&dir);
+}

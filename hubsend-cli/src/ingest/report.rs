@@ -107,6 +107,13 @@ pub(crate) struct IngestReport {
     pub(crate) error: Option<String>,
     /// The kind of that error, e.g. `unauthorized`.
     pub(crate) error_kind: Option<String>,
+    /// With `--spool`: records this run wrote to the spool. Absent without `--spool`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) spooled: Option<u64>,
+    /// With `--spool`: records an earlier, interrupted run had left in the spool (sent by
+    /// this one). Absent without `--spool`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) resumed: Option<u64>,
 }
 
 impl IngestReport {

@@ -385,6 +385,8 @@ impl Run<'_> {
             error,
             error_kind,
             duplicates_avoided: None,
+            spooled: None,
+            resumed: None,
         }
     }
 }

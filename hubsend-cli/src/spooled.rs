@@ -1,0 +1,211 @@
+//! `hubsend send --spool DIR`: the input goes into a disk spool (hubsend-spool) and is sent
+//! from there, so an interrupted run (Ctrl-C, kill, reboot) resumes with the same command:
+//! what the spool holds is sent first, and the input is read on after the last line that
+//! made it into the spool (each record carries its line number).
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hubsend::{BufferedOptions, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE};
+use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpooledProducer};
+
+use crate::commands::{CliObserver, SendConfig};
+use crate::ingest::report::{IngestReport, Reject};
+use crate::ingest::stream::IngestObserver;
+use crate::ingest::{self, InputFormat};
+use crate::signals::Signals;
+
+/// Exit statuses, as for the in-memory `send`.
+const EXIT_OK: u8 = 0;
+const EXIT_FAILED: u8 = 1;
+const EXIT_REJECTED: u8 = 3;
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Runs `send` through the spool in `dir`. The hub need not be reachable: records wait in the
+/// spool until it is (a stop signal leaves them there for the next run).
+pub(crate) async fn send(
+    config: SendConfig,
+    dir: &Path,
+    source: Box<dyn std::io::Read + Send>,
+    rejects: Option<BufWriter<File>>,
+    signals: Signals,
+) -> u8 {
+    let Some(cs) = config.connection.connection_string.clone() else {
+        return EXIT_FAILED;
+    };
+    let ca_pem = match &config.connection.ca_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("hubsend: cannot read CA file {}: {e}", path.display());
+                return EXIT_FAILED;
+            }
+        },
+    };
+    // Group commit per input chunk: each chunk's records reach the disk with one fsync.
+    let spool = match Spool::open(
+        dir,
+        SpoolOptions::new().commit(Commit::Group(Duration::from_millis(2))),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("hubsend: cannot use the spool: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    for region in &spool.recovery().corrupt {
+        eprintln!(
+            "hubsend: spool: damaged tail cut off in {} at byte {} ({} bytes, {})",
+            region.file.display(),
+            region.offset,
+            region.skipped_bytes,
+            region.reason
+        );
+    }
+    let resume_after = spool.last_tag().unwrap_or(0);
+    let max_in_flight = config.max_in_flight;
+    let idempotent = config.connection.idempotent;
+    let producer = SpooledProducer::start(
+        spool,
+        move || {
+            let mut builder = Producer::builder().connection_string(cs.clone()).options(
+                ProducerOptions::new()
+                    .max_in_flight(max_in_flight)
+                    .idempotent(idempotent),
+            );
+            if let Some(pem) = &ca_pem {
+                builder = builder.add_root_certificate_pem(pem.clone());
+            }
+            builder.connect()
+        },
+        BufferedOptions::new(),
+    );
+
+    let started = Instant::now();
+    let format = if config.csv {
+        InputFormat::Csv
+    } else {
+        InputFormat::Ndjson
+    };
+    // The hub's limit is not known before it is reached; records above the service's limit
+    // are refused by the drain and counted failed.
+    let mut input = ingest::spawn_reader(source, format, DEFAULT_MAX_MESSAGE_SIZE as usize);
+    let mut observer = CliObserver::new(rejects);
+    let mut report = IngestReport::default();
+    let mut error = None;
+    let mut keys = std::collections::HashSet::new();
+    'read: loop {
+        let chunk = tokio::select! {
+            chunk = input.recv() => chunk,
+            _ = signals.nth(1) => { report.interrupted = true; break 'read; }
+        };
+        let Some(chunk) = chunk else { break };
+        let mut events = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            let parsed = match item {
+                Ok(p) => p,
+                Err(e) => {
+                    error = Some(format!("reading the input failed: {e}"));
+                    report.interrupted = true;
+                    break;
+                }
+            };
+            if parsed.line <= resume_after {
+                continue;
+            }
+            report.records += 1;
+            let routed = parsed.result.and_then(|record| {
+                let route = match (&config.partition_key_field, &config.partition_id) {
+                    (Some(field), _) => Route::partition_key(record.partition_key(field)?),
+                    (None, Some(id)) => Route::partition_id(id.clone()),
+                    (None, None) => Route::Any,
+                };
+                Ok((record.to_event(), route))
+            });
+            match routed {
+                Ok((event, route)) => {
+                    if let Route::PartitionKey(k) = &route {
+                        keys.insert(k.clone());
+                    }
+                    events.push((event, route, parsed.line));
+                }
+                Err(e) => {
+                    report.rejected += 1;
+                    observer.rejected(&Reject {
+                        line: parsed.line,
+                        reason: e.to_string(),
+                        raw: parsed.raw,
+                    });
+                }
+            }
+        }
+        if !events.is_empty() {
+            if let Err(e) = producer.enqueue_batch_tagged(events).await {
+                error = Some(e.to_string());
+                report.interrupted = true;
+                break;
+            }
+        }
+        if error.is_some() {
+            break;
+        }
+    }
+    drop(input);
+
+    // Wait for the hub to accept everything, unless a (further) signal says stop: what is left
+    // stays in the spool for the next run.
+    let stop_at = if report.interrupted { 2 } else { 1 };
+    let drained = tokio::select! {
+        _ = producer.drained() => true,
+        _ = signals.nth(stop_at) => false,
+    };
+    if !drained {
+        report.interrupted = true;
+    }
+    let spooled = producer.shutdown().await;
+    let rejects_error = observer.finish();
+
+    report.sent = spooled.sent;
+    report.failed = spooled.failed + spooled.dropped;
+    report.partition_keys = keys.len() as u64;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.events_per_sec = if report.seconds > 0.0 {
+        report.sent as f64 / report.seconds
+    } else {
+        0.0
+    };
+    report.spooled = Some(spooled.spooled);
+    report.resumed = Some(spooled.resumed);
+    report.error = error.clone();
+    eprintln!(
+        "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
+        spooled.spooled,
+        spooled.resumed,
+        spooled.sent,
+        report.rejected,
+        report.failed,
+        spooled.pending,
+        if report.interrupted { " (stopped early)" } else { "" }
+    );
+    if let Some(e) = &error {
+        eprintln!("hubsend: {e}");
+    }
+    if let Some(e) = &rejects_error {
+        eprintln!("hubsend: writing the rejects file failed: {e}");
+    }
+    if config.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    }
+    if error.is_some() || report.failed > 0 || rejects_error.is_some() {
+        EXIT_FAILED
+    } else if config.strict && report.rejected > 0 {
+        EXIT_REJECTED
+    } else if report.interrupted {
+        EXIT_INTERRUPTED
+    } else {
+        EXIT_OK
+    }
+}

@@ -1,0 +1,543 @@
+//! [`SpooledProducer`]: `enqueue` writes to the spool; a drain task reads it back in order and
+//! sends through a [`BufferedProducer`], deleting records only once the hub accepted them.
+//!
+//! The drain learns what the hub accepted from the buffered producer's `on_success` and
+//! `on_failure` hooks: each lane settles its batches in order, so a per-route queue of the
+//! sequence numbers handed to it says which records a settled batch held. A batch that failed
+//! after the producer's retries (an outage longer than the retry budget) makes the drain close
+//! that buffered producer, reconnect with backoff, and read the spool again from the first
+//! record not accepted; records accepted meanwhile are skipped.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hubsend::{BufferedOptions, BufferedProducer, ErrorKind, Event, Producer};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::error::{Result, SpoolError, SpoolErrorKind};
+use crate::log::Log;
+use crate::record::{self, Route};
+use crate::Spool;
+
+/// Records read from the spool at a time.
+const READ_CHUNK: usize = 1024;
+/// First and largest wait between attempts to reach the hub.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How often the cursor (what the hub accepted) is written: the most acknowledgements a crash
+/// can forget, which are then sent again.
+const CURSOR_EVERY: Duration = Duration::from_millis(100);
+
+/// What a [`SpooledProducer`] has done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SpoolReport {
+    /// Records written to the spool by this run.
+    pub spooled: u64,
+    /// Records found in the spool on start, left by an earlier run.
+    pub resumed: u64,
+    /// Records the hub accepted (this run).
+    pub sent: u64,
+    /// Records that can never be sent (too large for the hub, an unknown partition), removed
+    /// and counted here.
+    pub failed: u64,
+    /// Records dropped by [`WhenFull::DropOldest`](crate::WhenFull::DropOldest).
+    pub dropped: u64,
+    /// Records still in the spool, not yet accepted.
+    pub pending: u64,
+    /// Bytes the segment files hold.
+    pub disk_bytes: u64,
+    /// Damaged regions cut off when the spool was opened.
+    pub corrupt_regions: u64,
+    /// Times the drain started over (connection lost, retries spent).
+    pub restarts: u64,
+    /// Records read back from the spool and held in memory by the buffered producer (queued
+    /// or in flight): bounded by its limits, not by the outage.
+    pub in_memory: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    spooled: AtomicU64,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    restarts: AtomicU64,
+    in_memory: AtomicU64,
+}
+
+type Connect =
+    Arc<dyn Fn() -> futures_like::BoxFuture<hubsend::Result<Producer>> + Send + Sync + 'static>;
+
+mod futures_like {
+    use std::future::Future;
+    use std::pin::Pin;
+    pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+}
+
+struct Inner {
+    spool: Spool,
+    counters: Arc<Counters>,
+    resumed: u64,
+    stop: watch::Sender<bool>,
+    drain: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A producer whose `enqueue` writes to a disk [`Spool`]; see the [crate docs](crate).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct SpooledProducer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SpooledProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpooledProducer")
+            .field("dir", &self.inner.spool.dir())
+            .field("report", &self.report())
+            .finish()
+    }
+}
+
+impl SpooledProducer {
+    /// Starts the drain on `spool`. `connect` is called to reach the hub, again after each
+    /// failure (with backoff from 100 ms to 5 s): the hub need not be reachable now.
+    ///
+    /// `options` configure the buffered producer the drain sends through; its `on_success`,
+    /// `on_failure` and `keep_failed_events` are the spool's own and are replaced (read
+    /// [`report`](Self::report) instead).
+    pub fn start<F, Fut>(spool: Spool, connect: F, options: BufferedOptions) -> SpooledProducer
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = hubsend::Result<Producer>> + Send + 'static,
+    {
+        let connect: Connect = Arc::new(move || Box::pin(connect()));
+        let counters = Arc::new(Counters::default());
+        let (stop, stopped) = watch::channel(false);
+        let drain = tokio::spawn(drain(
+            spool.log().clone(),
+            connect,
+            options,
+            counters.clone(),
+            stopped,
+        ));
+        SpooledProducer {
+            inner: Arc::new(Inner {
+                resumed: spool.recovery().pending,
+                spool,
+                counters,
+                stop,
+                drain: Mutex::new(Some(drain)),
+            }),
+        }
+    }
+
+    /// The spool it writes to.
+    pub fn spool(&self) -> &Spool {
+        &self.inner.spool
+    }
+
+    /// Writes `event` to the spool; returns once it is committed there (see
+    /// [`Commit`](crate::Commit)). The hub's outcome comes later, through the drain.
+    ///
+    /// # Errors
+    /// [`SpoolErrorKind::Full`] (policy `Refuse`), [`SpoolErrorKind::TooLarge`],
+    /// [`SpoolErrorKind::Unsupported`], [`SpoolErrorKind::Closed`], or an I/O error.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes may still leave the event in the spool.
+    pub async fn enqueue(&self, event: Event, route: Route) -> Result<()> {
+        self.append(vec![(event, route)], None).await
+    }
+
+    /// Like [`enqueue`](Self::enqueue), and records `tag` with it: an input position (line
+    /// number, offset) that [`Spool::last_tag`] returns after a restart, so the reader can
+    /// resume after the last record that made it into the spool.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue).
+    pub async fn enqueue_tagged(&self, event: Event, route: Route, tag: u64) -> Result<()> {
+        self.append(vec![(event, route)], Some(tag)).await
+    }
+
+    /// Writes several events in one commit (one fsync for all of them): the fast path for a
+    /// caller that reads input sequentially. `tag`, if given, is recorded with the last one.
+    /// The events are written in order; on an error, a prefix of them may be in the spool.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue).
+    pub async fn enqueue_batch(
+        &self,
+        events: impl IntoIterator<Item = (Event, Route)>,
+        tag: Option<u64>,
+    ) -> Result<()> {
+        self.append(events.into_iter().collect(), tag).await
+    }
+
+    /// Like [`enqueue_batch`](Self::enqueue_batch), with a tag on every record (its input
+    /// position): after a crash in the middle of the call, [`Spool::last_tag`] names exactly
+    /// the last record that made it into the spool.
+    ///
+    /// # Errors
+    /// As [`enqueue`](Self::enqueue).
+    pub async fn enqueue_batch_tagged(
+        &self,
+        events: impl IntoIterator<Item = (Event, Route, u64)>,
+    ) -> Result<()> {
+        self.append_tagged(
+            events
+                .into_iter()
+                .map(|(e, r, tag)| (e, r, Some(tag)))
+                .collect(),
+        )
+        .await
+    }
+
+    async fn append(&self, events: Vec<(Event, Route)>, tag: Option<u64>) -> Result<()> {
+        let last = events.len().saturating_sub(1);
+        self.append_tagged(
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, (e, r))| (e, r, if i == last { tag } else { None }))
+                .collect(),
+        )
+        .await
+    }
+
+    async fn append_tagged(&self, events: Vec<(Event, Route, Option<u64>)>) -> Result<()> {
+        let log = self.inner.spool.log();
+        let mut waits = Vec::with_capacity(events.len());
+        for (event, route, tag) in events {
+            let payload = record::encode(&event, &route)?;
+            log.reserve(payload.len()).await?;
+            waits.push(log.append(payload, tag)?);
+        }
+        let n = waits.len() as u64;
+        for wait in waits {
+            match wait.await {
+                Ok(Ok(_seq)) => {}
+                Ok(Err(e)) => return Err(SpoolError::io("cannot write to", log.dir(), e)),
+                Err(_) => {
+                    return Err(SpoolError::new(
+                        SpoolErrorKind::Closed,
+                        "the spool closed during the write",
+                    ))
+                }
+            }
+        }
+        self.inner.counters.spooled.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> SpoolReport {
+        let log = self.inner.spool.log();
+        let (pending, disk_bytes, dropped, _) = log.counters();
+        let c = &self.inner.counters;
+        SpoolReport {
+            spooled: c.spooled.load(Ordering::Relaxed),
+            resumed: self.inner.resumed,
+            sent: c.sent.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            dropped,
+            pending,
+            disk_bytes,
+            corrupt_regions: log.recovery().corrupt.len() as u64,
+            restarts: c.restarts.load(Ordering::Relaxed),
+            in_memory: c.in_memory.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until the spool holds nothing the hub has not accepted.
+    pub async fn drained(&self) {
+        let log = self.inner.spool.log();
+        loop {
+            let notified = log.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if log.counters().0 == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until everything spooled was accepted, then stops the drain and closes the spool.
+    /// With the hub unreachable this waits until it is back; see
+    /// [`close_within`](Self::close_within) and [`shutdown`](Self::shutdown).
+    pub async fn close(self) -> SpoolReport {
+        self.drained().await;
+        self.shutdown().await
+    }
+
+    /// Like [`close`](Self::close), but gives up waiting after `deadline`: what is left stays
+    /// in the spool for the next start.
+    pub async fn close_within(self, deadline: Duration) -> SpoolReport {
+        let _ = tokio::time::timeout(deadline, self.drained()).await;
+        self.shutdown().await
+    }
+
+    /// Stops the drain now (batches in flight get a moment to settle) and closes the spool;
+    /// whatever was not accepted stays in it for the next start.
+    pub async fn shutdown(self) -> SpoolReport {
+        let _ = self.inner.stop.send(true);
+        let drain = self
+            .inner
+            .drain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = drain {
+            let _ = task.await;
+        }
+        let report = self.report();
+        if let Err(e) = self.inner.spool.log().persist_cursor() {
+            tracing::warn!(error = %e, "spool: cursor not written");
+        }
+        report
+    }
+}
+
+/// Whether an error means the event can never be sent (remove it, count it failed) rather
+/// than "not now" (keep it, try again).
+fn permanent(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::MessageTooLarge | ErrorKind::InvalidArgument | ErrorKind::InvalidConfig
+    )
+}
+
+/// The sequence numbers handed to each route's lane, in order.
+type InFlight = Arc<Mutex<HashMap<Route, VecDeque<u64>>>>;
+
+fn take(in_flight: &InFlight, counters: &Counters, route: &Route, count: usize) -> Vec<u64> {
+    let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(queue) = map.get_mut(route) else {
+        return Vec::new();
+    };
+    let n = count.min(queue.len());
+    counters.in_memory.fetch_sub(n as u64, Ordering::Relaxed);
+    queue.drain(..n).collect()
+}
+
+/// Waits for `d`, or less if stop is requested; true when stopping.
+async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
+    if *stopped.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stopped.borrow(),
+        _ = stopped.changed() => true,
+    }
+}
+
+async fn drain(
+    log: Arc<Log>,
+    connect: Connect,
+    options: BufferedOptions,
+    counters: Arc<Counters>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    // The cursor is written off the async threads, at most every CURSOR_EVERY.
+    let cursor_log = log.clone();
+    let mut cursor_stop = stopped.clone();
+    let cursor = tokio::spawn(async move {
+        while !pause(CURSOR_EVERY, &mut cursor_stop).await {
+            let l = cursor_log.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = l.persist_cursor() {
+                    tracing::warn!(error = %e, "spool: cursor not written");
+                }
+            })
+            .await;
+        }
+    });
+    let mut reader = Some(log.reader());
+    let mut delay = RECONNECT_MIN;
+    'connect: while !*stopped.borrow() {
+        let producer = tokio::select! {
+            p = connect() => p,
+            _ = stopped.changed() => break,
+        };
+        let producer = match producer {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "spool: hub not reachable");
+                if pause(delay, &mut stopped).await {
+                    break;
+                }
+                delay = (delay * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        let in_flight: InFlight = Arc::default();
+        let restart = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        let buffered = {
+            let (ok_flight, ok_log, ok_counters) =
+                (in_flight.clone(), log.clone(), counters.clone());
+            let (bad_flight, bad_log, bad_counters) =
+                (in_flight.clone(), log.clone(), counters.clone());
+            let (bad_restart, bad_wake) = (restart.clone(), wake.clone());
+            let options = options
+                .clone()
+                .keep_failed_events(false)
+                .on_success(move |batch| {
+                    let route = Route::from_parts(
+                        batch.partition_key.as_ref(),
+                        batch.partition_id.as_ref(),
+                    );
+                    let seqs = take(&ok_flight, &ok_counters, &route, batch.events);
+                    ok_counters
+                        .sent
+                        .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                    ok_log.ack(seqs);
+                })
+                .on_failure(move |failed| {
+                    let route = Route::from_parts(
+                        failed.partition_key.as_ref(),
+                        failed.partition_id.as_ref(),
+                    );
+                    let seqs = take(&bad_flight, &bad_counters, &route, failed.count);
+                    if permanent(failed.error.kind()) {
+                        tracing::warn!(records = seqs.len(), error = %failed.error, "spool: records can never be sent; removed");
+                        bad_counters
+                            .failed
+                            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                        bad_log.ack(seqs);
+                    } else {
+                        bad_restart.store(true, Ordering::SeqCst);
+                        bad_wake.notify_one();
+                    }
+                });
+            BufferedProducer::new(producer.clone(), options)
+        };
+        let (mut next, _) = log.bounds();
+        'read: loop {
+            if restart.load(Ordering::SeqCst) || *stopped.borrow() {
+                break;
+            }
+            let appended = log.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let Some(mut r) = reader.take() else { break };
+            let from = next;
+            let (r, chunk) = match tokio::task::spawn_blocking(move || {
+                let chunk = r.read(from, READ_CHUNK);
+                (r, chunk)
+            })
+            .await
+            {
+                Ok(v) => v,
+                Err(_) => break 'connect,
+            };
+            reader = Some(r);
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // A record the recovery scan passed is now unreadable (disk error): skip it
+                    // rather than stop the whole spool.
+                    tracing::warn!(error = %e, seq = next, "spool: record unreadable; skipped");
+                    log.ack([next]);
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    next += 1;
+                    continue;
+                }
+            };
+            if chunk.is_empty() {
+                let (watermark, _) = log.bounds();
+                next = next.max(watermark);
+                tokio::select! {
+                    _ = &mut appended => {}
+                    _ = wake.notified() => {}
+                    _ = stopped.changed() => {}
+                }
+                continue;
+            }
+            for stored in chunk {
+                next = stored.seq + 1;
+                if !log.is_pending(stored.seq) {
+                    continue;
+                }
+                let Some((event, route)) = record::decode(&stored.payload) else {
+                    tracing::warn!(
+                        seq = stored.seq,
+                        "spool: record in an unknown format; skipped"
+                    );
+                    log.ack([stored.seq]);
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let options = route.send_options();
+                in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(route.clone())
+                    .or_default()
+                    .push_back(stored.seq);
+                counters.in_memory.fetch_add(1, Ordering::Relaxed);
+                let enqueued = tokio::select! {
+                    r = buffered.enqueue(event, options) => r.map_err(Some),
+                    _ = wake.notified() => Err(None),
+                    _ = stopped.changed() => Err(None),
+                };
+                if let Err(e) = enqueued {
+                    if let Some(q) = in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&route)
+                    {
+                        let before = q.len();
+                        q.retain(|s| *s != stored.seq);
+                        counters
+                            .in_memory
+                            .fetch_sub((before - q.len()) as u64, Ordering::Relaxed);
+                    }
+                    if let Some(e) =
+                        e.filter(|e| permanent(e.kind()) || e.kind() == ErrorKind::NotFound)
+                    {
+                        tracing::warn!(seq = stored.seq, error = %e, "spool: record can never be sent; removed");
+                        log.ack([stored.seq]);
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    restart.store(true, Ordering::SeqCst);
+                    break 'read;
+                }
+            }
+            delay = RECONNECT_MIN;
+        }
+        // Let what is in flight settle (its acks are recorded), then start over from the
+        // first record not accepted.
+        let stopping = *stopped.borrow();
+        let deadline = if stopping {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(30)
+        };
+        let _ = buffered.close_within(deadline).await;
+        let _ = producer.close_within(Duration::from_secs(1)).await;
+        // What never settled is read again from the spool.
+        let left: usize = in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, q)| q.len())
+            .sum();
+        counters.in_memory.fetch_sub(left as u64, Ordering::Relaxed);
+        if stopping {
+            break;
+        }
+        counters.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("spool: drain restarting after a failure");
+        if pause(delay, &mut stopped).await {
+            break;
+        }
+        delay = (delay * 2).min(RECONNECT_MAX);
+    }
+    let _ = cursor.await;
+}
