@@ -27,6 +27,7 @@ mod consumer;
 mod management;
 mod producer;
 mod request;
+pub(crate) mod rest;
 mod sasl;
 
 pub(crate) use connection::accept_loop;
@@ -69,6 +70,7 @@ impl Shared {
         if let Some(iot) = &config.iothub {
             hosts.push(iot.clone());
         }
+        hosts.extend(config.namespace_aliases.iter().cloned());
         let created = now_ms();
         let store = config
             .hubs
