@@ -785,6 +785,8 @@ pub struct PartitionProperties {
     pub is_empty: bool,
 }
 
+// Without the `https` feature, AMQP is the only backend and each hand-over `match` has one arm.
+#[cfg_attr(not(feature = "https"), allow(clippy::infallible_destructuring_match))]
 impl Producer {
     /// The engine behind this producer (engine tests).
     #[cfg(test)]
@@ -949,6 +951,7 @@ impl Producer {
     }
 
     /// The AMQP engine, or the error for an operation only AMQP has.
+    #[cfg_attr(not(feature = "https"), allow(unused_variables))]
     fn amqp_only(&self, what: &str) -> Result<&Arc<Engine>> {
         match &self.inner.backend {
             Backend::Amqp(engine) => Ok(engine),

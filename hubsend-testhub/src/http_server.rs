@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
@@ -48,4 +48,15 @@ where
             });
         }
     })
+}
+
+/// A request's head and its whole body (empty when reading it failed).
+pub(crate) async fn read(req: Request<Incoming>) -> (hyper::http::request::Parts, Bytes) {
+    let (head, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (head, body)
 }

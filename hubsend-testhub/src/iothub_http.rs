@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -610,24 +610,13 @@ async fn serve(
     state: IotHubState,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let (head, body) = crate::http_server::read(req).await;
+    let method = head.method.as_str();
+    let path = head.uri.path();
+    let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     let auth = header("authorization");
     let if_match = header("if-match");
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let (status, headers, json) =
-        state.handle(&method, &path, auth.as_deref(), if_match.as_deref(), &body);
+    let (status, headers, json) = state.handle(method, path, auth, if_match, &body);
     let mut response = Response::builder()
         .status(status)
         .header("content-type", "application/json; charset=utf-8");

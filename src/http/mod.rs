@@ -40,6 +40,7 @@ pub(crate) struct HttpClientOptions {
 
 /// The proxy an HTTP client uses.
 #[derive(Clone, Default)]
+#[cfg_attr(not(feature = "https"), allow(dead_code))]
 pub(crate) enum HttpProxy {
     /// `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY`, as reqwest reads them (never for loopback).
     #[default]
@@ -198,6 +199,7 @@ impl TokenCache {
     }
 
     /// Forgets the cached token (the server refused it), so the next call fetches a new one.
+    #[cfg_attr(not(feature = "https"), allow(dead_code))]
     pub(crate) async fn invalidate(&self) {
         *self.cached.lock().await = None;
     }

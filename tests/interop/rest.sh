@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # REST judge: curl (with SAS tokens signed by a few independent lines of Python) against the
 # test hub's Event Hubs REST endpoint, and Microsoft's azure-eventhub consumer reading back what
-# it stored. Reuses the interop venv of tests/interop/run.sh (run that first, or this creates
-# it the same way). Last line: `rest-judge: N passed, M failed`.
+# it stored. Reuses the interop venv that tests/interop/run.sh creates (run that first).
+# Last line: `rest-judge: N passed, M failed`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -20,12 +20,9 @@ fail() {
 }
 
 command -v curl >/dev/null 2>&1 || fail "curl not found"
-if ! "$VENV/bin/python" -c "import azure.eventhub, sys; sys.exit(azure.eventhub.__version__ != '$AZURE_EVENTHUB_VERSION')" 2>/dev/null; then
-  rm -rf "$VENV"
-  "${PYTHON:-python3}" -m venv "$VENV" || fail "python3 -m venv failed"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "azure-eventhub==$AZURE_EVENTHUB_VERSION" || fail "pip install azure-eventhub failed"
-fi
+# The venv tests/interop/run.sh made (.ci/run runs that first).
+"$VENV/bin/python" -c "import azure.eventhub, sys; sys.exit(azure.eventhub.__version__ != '$AZURE_EVENTHUB_VERSION')" 2>/dev/null \
+  || fail "no azure-eventhub $AZURE_EVENTHUB_VERSION in $VENV: run tests/interop/run.sh first"
 
 cargo build --quiet -p hubsend-testhub --bin hubsend-testhub || fail "building hubsend-testhub failed"
 cargo build --quiet -p hubsend-cli --bin hubsend || fail "building hubsend failed"

@@ -35,7 +35,7 @@ use fe2o3_amqp_types::messaging::{
     MessageId, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde_json::Value;
@@ -177,16 +177,10 @@ async fn serve(
     counters: Arc<Mutex<Counters>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let headers = req.headers().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let (status, extra, text) = handle(&shared, &counters, &method, &path, &headers, &body);
+    let (head, body) = crate::http_server::read(req).await;
+    let path = head.uri.path();
+    let (status, extra, text) =
+        handle(&shared, &counters, &head.method, path, &head.headers, &body);
     {
         let mut c = counters.lock().unwrap();
         match status {
