@@ -185,6 +185,10 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     if let Some(ca) = args.get("ca") {
         builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("reading --ca"));
     }
+    // A custom endpoint (its scheme picks the transport: `https://…` needs `--features https`).
+    if let Some(endpoint) = args.get("endpoint") {
+        builder = builder.endpoint(endpoint);
+    }
     let producer = builder.connect().await?;
     // Warm-up: attach the link, one round trip, untimed.
     producer
