@@ -189,6 +189,10 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     if let Some(ca) = args.get("ca") {
         builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("reading --ca"));
     }
+    // A custom endpoint (its scheme picks the transport: `https://…` needs `--features https`).
+    if let Some(endpoint) = args.get("endpoint") {
+        builder = builder.endpoint(endpoint);
+    }
     let producer = builder.connect().await?;
     // Warm-up: attach the link, one round trip, untimed.
     producer
@@ -884,7 +888,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -89,6 +89,14 @@ pub(crate) enum Rejection {
     TooLarge,
 }
 
+/// How a batch's events are encoded: AMQP sections for the AMQP transports, or elements of a
+/// REST JSON batch (`application/vnd.microsoft.servicebus.json`, [`crate::servicebus_json`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Amqp,
+    Json,
+}
+
 /// Where a batch or event goes: the hub (round robin), a partition key, or a partition id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(crate) struct Route {
@@ -102,6 +110,7 @@ pub(crate) struct Route {
 /// [`Producer::send_batch`](crate::Producer::send_batch). Each event is encoded once, when
 /// it is added; the encoded size is what the limit is checked against.
 pub struct EventBatch {
+    format: Format,
     route: Route,
     max_size: u64,
     /// Encoded size of the envelope without any body section (the partition key annotation).
@@ -222,6 +231,7 @@ impl EventBatch {
             ));
         }
         Ok(EventBatch {
+            format: Format::Amqp,
             route,
             max_size,
             envelope_size,
@@ -229,6 +239,33 @@ impl EventBatch {
             events: Encoded::default(),
             idempotent,
         })
+    }
+
+    /// An empty REST JSON batch: its size is the request body's, `[` and `]` with the elements
+    /// between them, comma-separated.
+    #[cfg_attr(not(feature = "https"), allow(dead_code))]
+    pub(crate) fn new_json(route: Route, max_size: u64) -> Result<EventBatch> {
+        const BRACKETS: u64 = 2;
+        if max_size <= BRACKETS {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                format!("a batch of {max_size} bytes cannot hold any event"),
+            ));
+        }
+        Ok(EventBatch {
+            format: Format::Json,
+            route,
+            max_size,
+            envelope_size: BRACKETS,
+            size: BRACKETS,
+            events: Encoded::default(),
+            idempotent: None,
+        })
+    }
+
+    /// How the events are encoded.
+    pub(crate) fn format(&self) -> Format {
+        self.format
     }
 
     /// Adds `event` if it fits; otherwise hands it back (see [`TryAddError`]).
@@ -245,6 +282,9 @@ impl EventBatch {
 
     /// [`try_add`](Self::try_add) for a borrowed event (the caller keeps it).
     pub(crate) fn add_ref(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
+        if self.format == Format::Json {
+            return self.add_json(event);
+        }
         // A body alone is sized without encoding it, so a full batch costs no work.
         if let Some(len) = event.bare_encoded_len() {
             self.room_for(len)?;
@@ -264,6 +304,54 @@ impl EventBatch {
         self.size += added;
         self.events.ends.push(self.events.bytes.len());
         Ok(())
+    }
+
+    /// [`add_ref`](Self::add_ref) for a JSON batch: the element and, after the first, a comma.
+    fn add_json(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
+        // A cheap lower bound first: the body alone, unescaped.
+        if self.envelope_size + event.body().len() as u64 > self.max_size {
+            return Err(Rejection::TooLarge);
+        }
+        let start = self.events.bytes.len();
+        let key = self.route.partition_key.as_deref();
+        if crate::servicebus_json::write_element(&mut self.events.bytes, event, key).is_err() {
+            self.events.bytes.truncate(start);
+            return Err(Rejection::TooLarge);
+        }
+        let len = (self.events.bytes.len() - start) as u64;
+        let comma = u64::from(!self.is_empty());
+        let rejection = if self.envelope_size + len > self.max_size {
+            Some(Rejection::TooLarge)
+        } else if self.size + comma + len > self.max_size {
+            Some(Rejection::Full)
+        } else {
+            None
+        };
+        if let Some(rejection) = rejection {
+            self.events.bytes.truncate(start);
+            return Err(rejection);
+        }
+        self.size += comma + len;
+        self.events.ends.push(self.events.bytes.len());
+        Ok(())
+    }
+
+    /// The request body of a JSON batch (`[e1,e2,…]`), exactly
+    /// [`size_in_bytes`](Self::size_in_bytes) long.
+    #[cfg_attr(not(feature = "https"), allow(dead_code))]
+    pub(crate) fn into_json(self) -> (Route, Vec<u8>) {
+        let mut body = Vec::with_capacity(self.size as usize);
+        body.push(b'[');
+        let mut start = 0;
+        for (i, &end) in self.events.ends.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&self.events.bytes[start..end]);
+            start = end;
+        }
+        body.push(b']');
+        (self.route, body)
     }
 
     /// The bytes an event encoded to `len` bytes would add, if the batch has room for it.
@@ -617,6 +705,42 @@ mod tests {
                 assert_eq!(message.body.len(), n);
             }
         }
+    }
+
+    #[test]
+    fn json_batches_are_sized_exactly_and_never_beyond_the_limit() {
+        let limit = 4000;
+        let mut batch = EventBatch::new_json(route(Some("pump-\"1\"")), limit).unwrap();
+        let mut i = 0u32;
+        let rejected = loop {
+            // Text, escaping-heavy text, and binary (base64) bodies in turn.
+            let body: Vec<u8> = match i % 3 {
+                0 => format!("reading {i}").into_bytes(),
+                1 => "\"\\\n\u{1}ü".repeat(5).into_bytes(),
+                _ => vec![0xff; 40],
+            };
+            match batch.try_add(Event::new(body).with_property("i", i64::from(i))) {
+                Ok(()) => i += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(rejected, TryAddError::Full(_)));
+        let size = batch.size_in_bytes();
+        assert!(size <= limit);
+        let (_, body) = batch.into_json();
+        assert_eq!(body.len() as u64, size);
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed.as_array().unwrap().len() as u32, i);
+        let mut small = EventBatch::new_json(route(None), 100).unwrap();
+        assert!(matches!(
+            small.try_add(Event::new(vec![b'x'; 99])),
+            Err(TryAddError::TooLarge(_))
+        ));
+        assert!(matches!(
+            small.try_add(Event::new(vec![0xfe; 70])),
+            Err(TryAddError::TooLarge(_))
+        ));
+        assert!(small.is_empty());
     }
 
     #[test]

@@ -227,6 +227,7 @@ impl ClientSecretCredential {
             danger_allow_http: self.allow_http,
             timeout: self.timeout,
             loopback: crate::http::is_loopback(&self.authority),
+            ..Default::default()
         }
         .build()
     }

@@ -12,6 +12,9 @@
 //! - [`batch`]: [`EventBatch`], exact size accounting for batch messages.
 //! - [`event`]: [`Event`], [`PropertyValue`], and the [`Telemetry`] record.
 //! - [`connection_string`]: parsing Event Hubs connection strings.
+//! - [`endpoint`]: [`Transport`] (AMQP, WebSockets, HTTPS REST) and custom endpoints.
+//! - `http` (private; features `entra`, `registry`, `https`): the HTTP client factory, the
+//!   token cache, and `rest`, the HTTPS REST delivery backend.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
 //! - `entra` (feature `entra`): `ClientSecretCredential`, Microsoft Entra ID client secrets.
 //! - [`iothub`]: IoT Hub connection strings and SAS tokens (device and policy keys).
@@ -24,6 +27,7 @@ pub mod auth;
 pub mod batch;
 pub mod buffered;
 pub mod connection_string;
+pub mod endpoint;
 mod entity;
 #[cfg(feature = "entra")]
 #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
@@ -36,6 +40,7 @@ pub mod idempotent;
 pub mod iothub;
 pub mod producer;
 pub mod retry;
+mod servicebus_json;
 mod tls;
 mod transport;
 
@@ -44,6 +49,7 @@ pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, Tok
 pub use batch::{BatchOptions, EventBatch, TryAddError};
 pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch};
 pub use connection_string::ConnectionString;
+pub use endpoint::Transport;
 #[cfg(feature = "entra")]
 #[cfg_attr(docsrs, doc(cfg(feature = "entra")))]
 pub use entra::ClientSecretCredential;

@@ -13,6 +13,15 @@
 //!
 //! Every single event travels as a one-event batch message (format 0x80013700), as
 //! Microsoft's JavaScript SDK does, so its size is known exactly before anything is sent.
+//!
+//! # Transports
+//! [`ProducerBuilder::transport`] picks how events travel ([`Transport`]): AMQP over TLS (the
+//! default), AMQP over WebSockets, or the Event Hubs HTTPS REST API (feature `https`). The
+//! API is the same over each: the same [`Event`], [`EventBatch`] (sized for the transport's
+//! encoding: a REST batch counts its JSON body), [`SendOptions`], in-flight bounds and
+//! two-stage [`DeliveryFuture`]. Over HTTPS every delivery is one POST (several in flight on
+//! pooled keep-alive connections); `$management` reads, reconnect and link counters are
+//! AMQP's alone.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +37,7 @@ use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Outgoing, 
 use crate::auth::TokenProvider;
 use crate::batch::{BatchOptions, EventBatch, Route, Sections};
 use crate::connection_string::ConnectionString;
+use crate::endpoint::{CustomEndpoint, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 use crate::retry::RetryOptions;
@@ -197,6 +207,8 @@ pub struct ProducerBuilder {
     plaintext: bool,
     options: ProducerOptions,
     network: crate::transport::NetworkOptions,
+    transport: Option<Transport>,
+    endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for ProducerBuilder {
@@ -214,6 +226,8 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("plaintext", &self.plaintext)
             .field("options", &self.options)
             .field("network", &self.network)
+            .field("transport", &self.transport)
+            .field("endpoint", &self.endpoint)
             .finish()
     }
 }
@@ -306,6 +320,35 @@ impl ProducerBuilder {
         self
     }
 
+    /// How events travel to the hub (default [`Transport::Amqp`]). [`Transport::WebSockets`]
+    /// is what [`websockets(true)`](Self::websockets) sets; [`Transport::Https`] sends over
+    /// the Event Hubs REST API (needs the `https` cargo feature; without it
+    /// [`connect`](Self::connect) fails with [`ErrorKind::InvalidConfig`]): one POST per
+    /// event or batch to `https://{namespace}/{hub}/messages` (port 443, 80 with
+    /// [`danger_plaintext`](Self::danger_plaintext)), with the same credentials, proxy
+    /// settings and root CAs. A [custom endpoint](Self::endpoint)'s scheme implies the
+    /// transport; naming another one is an [`ErrorKind::InvalidConfig`] error.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Dials this address instead of the namespace, while token audiences, the AMQP
+    /// `hostname` and entity names keep the namespace's name (as the custom endpoint address
+    /// of Microsoft's SDKs does): for gateways, private endpoints and local test hubs. The
+    /// scheme implies the transport: `amqps://` and `amqp://` ([`Transport::Amqp`]), `wss://`
+    /// and `ws://` ([`Transport::WebSockets`], the path is the upgrade path, default
+    /// `/$servicebus/websocket/`), `https://` and `http://` ([`Transport::Https`], a path is a
+    /// prefix before `/{hub}/messages`). The port defaults to the scheme's (5671, 5672, 443,
+    /// 80); [`port`](Self::port) and a connection string's port do not apply. Plaintext
+    /// schemes (`amqp`, `ws`, `http`) are refused with [`ErrorKind::InvalidConfig`] unless the
+    /// host is `localhost` or a loopback address, or
+    /// [`danger_plaintext(true)`](Self::danger_plaintext) was called.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoint = Some(url.into());
+        self
+    }
+
     /// Replaces the tunables.
     pub fn options(mut self, options: ProducerOptions) -> Self {
         self.options = options;
@@ -366,17 +409,56 @@ impl ProducerBuilder {
                 "no credentials: give a connection string or `credential`",
             )
         })?;
+        let custom = match &self.endpoint {
+            Some(url) => Some(CustomEndpoint::parse(url, self.plaintext)?),
+            None => None,
+        };
+        let transport = choose_transport(self.transport, custom.as_ref(), self.network.websockets)?;
+        if transport == Transport::Https && self.options.idempotent {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "idempotent retries need AMQP (the REST API has no idempotent producer)",
+            ));
+        }
+        if transport == Transport::Https {
+            return connect_https(
+                host,
+                hub,
+                provider,
+                custom,
+                plaintext,
+                self.port,
+                self.extra_roots_pem,
+                self.network,
+                self.options,
+            )
+            .await;
+        }
+        let mut network = self.network;
+        network.websockets = transport == Transport::WebSockets;
+        if let Some(custom) = &custom {
+            plaintext = !custom.tls;
+        }
         let tls = if plaintext {
             None
         } else {
             Some(crate::tls::client_config_with_pems(&self.extra_roots_pem)?)
         };
-        let (route, framing) = self.network.resolve(&host, "/$servicebus/websocket/")?;
-        let port = match self.network.default_port(tls.is_some()) {
-            Some(ws_port) => self.port.unwrap_or(ws_port),
-            None => port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
+        let ws_path = match &custom {
+            Some(c) if !c.path.is_empty() => format!("{}/", c.path),
+            _ => "/$servicebus/websocket/".to_owned(),
+        };
+        let (route, framing) = network.resolve(
+            custom.as_ref().map_or(host.as_str(), |c| c.host.as_str()),
+            &ws_path,
+        )?;
+        let port = match (&custom, network.default_port(tls.is_some())) {
+            (Some(custom), _) => custom.port,
+            (None, Some(ws_port)) => self.port.unwrap_or(ws_port),
+            (None, None) => port.unwrap_or(if tls.is_some() { 5671 } else { 5672 }),
         };
         let config = ConnectConfig {
+            dial_host: custom.map(|c| c.host),
             port,
             route,
             framing,
@@ -406,10 +488,11 @@ impl ProducerBuilder {
         let partitions = if self.options.idempotent {
             let producer = Producer {
                 inner: Arc::new(Inner {
-                    engine: engine.clone(),
+                    backend: Backend::Amqp(engine.clone()),
                     pipeline: Pipeline::new(&self.options, max_message_size),
                     max_message_size,
                     partitions: None,
+                    transport,
                 }),
             };
             let ids = producer.hub_properties().await?.partition_ids;
@@ -428,13 +511,135 @@ impl ProducerBuilder {
         };
         Ok(Producer {
             inner: Arc::new(Inner {
-                engine,
+                backend: Backend::Amqp(engine),
                 pipeline: Pipeline::new(&self.options, max_message_size),
                 max_message_size,
                 partitions,
+                transport,
             }),
         })
     }
+}
+
+/// The transport asked for, explicitly, by the custom endpoint's scheme, or by
+/// `websockets(true)`; they must agree.
+fn choose_transport(
+    explicit: Option<Transport>,
+    custom: Option<&CustomEndpoint>,
+    websockets: bool,
+) -> Result<Transport> {
+    let implied = custom.map(|c| c.transport);
+    match (explicit, implied) {
+        (Some(asked), Some(scheme)) if asked != scheme => Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!("the transport `{asked}` differs from the one the custom endpoint's scheme implies (`{scheme}`)"),
+        )),
+        (Some(t), _) | (None, Some(t)) => Ok(t),
+        (None, None) if websockets => Ok(Transport::WebSockets),
+        (None, None) => Ok(Transport::Amqp),
+    }
+}
+
+/// [`ProducerBuilder::connect`] for [`Transport::Https`].
+#[cfg(feature = "https")]
+#[allow(clippy::too_many_arguments)]
+async fn connect_https(
+    host: String,
+    hub: String,
+    provider: Arc<dyn TokenProvider>,
+    custom: Option<CustomEndpoint>,
+    plaintext: bool,
+    port: Option<u16>,
+    extra_roots_pem: Vec<Vec<u8>>,
+    network: crate::transport::NetworkOptions,
+    options: ProducerOptions,
+) -> Result<Producer> {
+    use crate::http::{HttpClientOptions, HttpProxy};
+    let (base, tls, dial_host) = match &custom {
+        Some(c) => {
+            let scheme = if c.tls { "https" } else { "http" };
+            let host = if c.host.contains(':') {
+                format!("[{}]", c.host)
+            } else {
+                c.host.clone()
+            };
+            (
+                format!("{scheme}://{host}:{}{}", c.port, c.path),
+                c.tls,
+                c.host.clone(),
+            )
+        }
+        None => {
+            let (scheme, default_port) = if plaintext {
+                ("http", 80)
+            } else {
+                ("https", 443)
+            };
+            let port = port.unwrap_or(default_port);
+            (
+                format!("{scheme}://{host}:{port}"),
+                !plaintext,
+                host.clone(),
+            )
+        }
+    };
+    if !tls && !plaintext && !crate::endpoint::is_loopback_host(&dial_host) {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!("refusing plain HTTP to `{dial_host}`, which is not a loopback host"),
+        ));
+    }
+    let proxy = match (&network.proxy, network.proxy_from_env) {
+        (Some(url), _) => HttpProxy::Url(url.clone()),
+        (None, true) => HttpProxy::FromEnv,
+        (None, false) => HttpProxy::Off,
+    };
+    let http = HttpClientOptions {
+        extra_roots_pem,
+        danger_allow_http: !tls,
+        timeout: options.retry.try_timeout,
+        loopback: crate::endpoint::is_loopback_host(&dial_host),
+        proxy,
+    };
+    let rest = crate::http::rest::Rest::connect(crate::http::rest::RestConfig {
+        base,
+        audience: format!("https://{host}/{hub}"),
+        hub,
+        provider,
+        http,
+        retry: options.retry.clone(),
+    })
+    .await?;
+    let max_message_size = options.max_message_size;
+    Ok(Producer {
+        inner: Arc::new(Inner {
+            backend: Backend::Https(rest),
+            pipeline: Pipeline::new(&options, max_message_size),
+            max_message_size,
+            partitions: None,
+            transport: Transport::Https,
+        }),
+    })
+}
+
+/// Without the `https` feature, [`Transport::Https`] is a configuration error.
+#[cfg(not(feature = "https"))]
+#[allow(clippy::too_many_arguments)]
+async fn connect_https(
+    _host: String,
+    _hub: String,
+    _provider: Arc<dyn TokenProvider>,
+    _custom: Option<CustomEndpoint>,
+    _plaintext: bool,
+    _port: Option<u16>,
+    _extra_roots_pem: Vec<Vec<u8>>,
+    _network: crate::transport::NetworkOptions,
+    _options: ProducerOptions,
+) -> Result<Producer> {
+    Err(Error::new(
+        ErrorKind::InvalidConfig,
+        "this build of hubsend lacks the `https` cargo feature (the HTTPS REST transport)",
+    ))
 }
 
 /// A handle onto one AMQP connection to one event hub.
@@ -453,11 +658,12 @@ pub struct Producer {
 
 #[derive(Debug)]
 struct Inner {
-    engine: Arc<Engine>,
+    backend: Backend,
     pipeline: Pipeline,
     max_message_size: u64,
     /// Idempotent producers route every event to a partition on the client.
     partitions: Option<Partitions>,
+    transport: Transport,
 }
 
 /// The hub's partitions, for routing on the client.
@@ -487,6 +693,15 @@ impl Partitions {
         };
         Ok(self.ids[index].clone())
     }
+}
+
+/// What carries the deliveries: the AMQP engine (over TCP/TLS or WebSockets), or the REST
+/// backend. Every public method hands REST calls over first; the rest of each is AMQP's.
+#[derive(Debug)]
+enum Backend {
+    Amqp(Arc<Engine>),
+    #[cfg(feature = "https")]
+    Https(crate::http::rest::Rest),
 }
 
 /// The in-flight bounds every sending handle shares: deliveries and bytes awaiting the hub's
@@ -526,6 +741,12 @@ impl Pipeline {
             return Err(Error::new(
                 ErrorKind::InvalidBatchSize,
                 "the batch holds no event",
+            ));
+        }
+        if batch.format() != crate::batch::Format::Amqp {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the batch was made by a producer of another transport; make it with this producer's `create_batch`",
             ));
         }
         if batch.size_in_bytes() > link.max_message_size {
@@ -574,7 +795,9 @@ impl Pipeline {
         Ok(DeliveryFuture::from_receiver(rx))
     }
 
-    async fn permits(
+    /// The permits for one delivery of `bytes` bytes: waits for them (`wait`) or fails with
+    /// [`ErrorKind::Busy`]. They are given back when dropped.
+    pub(crate) async fn permits(
         &self,
         bytes: u32,
         wait: bool,
@@ -662,11 +885,17 @@ pub struct PartitionProperties {
     pub is_empty: bool,
 }
 
+// Without the `https` feature, AMQP is the only backend and each hand-over `match` has one arm.
+#[cfg_attr(not(feature = "https"), allow(clippy::infallible_destructuring_match))]
 impl Producer {
     /// The engine behind this producer (engine tests).
     #[cfg(test)]
     pub(crate) fn engine(&self) -> &Arc<Engine> {
-        &self.inner.engine
+        match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(_) => panic!("engine tests run over AMQP"),
+        }
     }
 
     /// A builder for a producer.
@@ -681,6 +910,8 @@ impl Producer {
             plaintext: false,
             options: ProducerOptions::default(),
             network: Default::default(),
+            transport: None,
+            endpoint: None,
         }
     }
 
@@ -697,7 +928,16 @@ impl Producer {
 
     /// The hub this producer sends to.
     pub fn event_hub(&self) -> &str {
-        self.inner.engine.hub()
+        match &self.inner.backend {
+            Backend::Amqp(engine) => engine.hub(),
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => rest.hub(),
+        }
+    }
+
+    /// How this producer's events travel.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
     }
 
     /// The largest message (event or batch) the hub's link takes, in bytes.
@@ -708,7 +948,11 @@ impl Producer {
     /// Counters of this producer's connection: deliveries in flight, accepted, retried and
     /// failed, reconnects and recovered links.
     pub fn stats(&self) -> ProducerStats {
-        let engine = &self.inner.engine;
+        let engine = match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => return rest.stats(self.inner.pipeline.in_flight()),
+        };
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ProducerStats {
             in_flight: self.inner.pipeline.in_flight(),
@@ -725,12 +969,15 @@ impl Producer {
     /// confirmed it (empty otherwise). Save it when shutting down and hand it to the next
     /// producer with [`ProducerOptions::publishing_state`] to continue without duplicates.
     pub fn publishing_state(&self) -> Vec<crate::PartitionPublishingState> {
-        self.inner
-            .engine
-            .publishing
-            .as_ref()
-            .map(|p| p.snapshot())
-            .unwrap_or_default()
+        match &self.inner.backend {
+            Backend::Amqp(engine) => engine
+                .publishing
+                .as_ref()
+                .map(|p| p.snapshot())
+                .unwrap_or_default(),
+            #[cfg(feature = "https")]
+            Backend::Https(_) => Vec::new(),
+        }
     }
 
     /// Whether this producer publishes idempotently.
@@ -740,8 +987,14 @@ impl Producer {
 
     /// Connection state changes (reconnecting, reconnected, token refreshed, link recovered,
     /// gave up) from now on. A receiver that falls more than 64 events behind skips the oldest.
+    ///
+    /// Over HTTPS only token refreshes are reported.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
-        self.inner.engine.events.subscribe()
+        match &self.inner.backend {
+            Backend::Amqp(engine) => engine.events.subscribe(),
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => rest.subscribe(),
+        }
     }
 
     /// Queues one event; the returned future resolves with the hub's outcome.
@@ -787,17 +1040,21 @@ impl Producer {
             partition_id: options.partition_id,
         };
         check_route(&route)?;
+        let engine = match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(_) => {
+                let max = batch_limit(self.inner.max_message_size, options.max_size)?;
+                return EventBatch::new_json(route, max);
+            }
+        };
         if let Some(partitions) = &self.inner.partitions {
             let partition = partitions.resolve(&route)?;
-            let link = self.inner.engine.link(Some(&partition)).await?;
+            let link = engine.link(Some(&partition)).await?;
             let max = batch_limit(link.max_message_size, options.max_size)?;
             return EventBatch::new_idempotent(route, partition, max);
         }
-        let link = self
-            .inner
-            .engine
-            .link(route.partition_id.as_deref())
-            .await?;
+        let link = engine.link(route.partition_id.as_deref()).await?;
         new_batch(route, link.max_message_size, options.max_size)
     }
 
@@ -806,17 +1063,39 @@ impl Producer {
     /// # Errors
     /// As [`send`](Self::send). An empty batch is an [`ErrorKind::InvalidBatchSize`] error.
     pub async fn send_batch(&self, batch: EventBatch) -> Result<DeliveryFuture> {
+        let engine = match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => {
+                return rest.send_batch(&self.inner.pipeline, batch, true).await;
+            }
+        };
         if self.inner.partitions.is_some() != batch.is_idempotent() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "the batch was not created by this producer (idempotent and plain batches do not mix)",
             ));
         }
-        let link = self.inner.engine.link(batch.link_partition()).await?;
+        let link = engine.link(batch.link_partition()).await?;
         self.inner
             .pipeline
-            .submit_batch(&self.inner.engine, link, batch, true)
+            .submit_batch(engine, link, batch, true)
             .await
+    }
+
+    /// The AMQP engine, or the error for an operation only AMQP has.
+    #[cfg_attr(not(feature = "https"), allow(unused_variables))]
+    fn amqp_only(&self, what: &str) -> Result<&Arc<Engine>> {
+        match &self.inner.backend {
+            Backend::Amqp(engine) => Ok(engine),
+            #[cfg(feature = "https")]
+            Backend::Https(_) => Err(Error::new(
+                ErrorKind::Management,
+                format!(
+                    "{what} are read from `$management` over AMQP; this producer sends over HTTPS"
+                ),
+            )),
+        }
     }
 
     /// Reads the hub's properties from `$management`.
@@ -826,8 +1105,7 @@ impl Producer {
     /// the credentials lack the right to read.
     pub async fn hub_properties(&self) -> Result<HubProperties> {
         let value = self
-            .inner
-            .engine
+            .amqp_only("hub properties")?
             .management_read("com.microsoft:eventhub", None)
             .await?;
         let map = MapView::new(&value)?;
@@ -844,8 +1122,7 @@ impl Producer {
     /// [`ErrorKind::NotFound`] for an unknown partition, as [`hub_properties`](Self::hub_properties) otherwise.
     pub async fn partition_properties(&self, id: &str) -> Result<PartitionProperties> {
         let value = self
-            .inner
-            .engine
+            .amqp_only("partition properties")?
             .management_read("com.microsoft:partition", Some(id))
             .await?;
         let map = MapView::new(&value)?;
@@ -870,7 +1147,14 @@ impl Producer {
     /// # Errors
     /// [`ErrorKind::Connection`] when the close handshake fails (deliveries are settled by then).
     pub async fn close(self) -> Result<()> {
-        self.inner.engine.close(None, || 0).await.map(|_| ())
+        match &self.inner.backend {
+            Backend::Amqp(engine) => engine.close(None, || 0).await.map(|_| ()),
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => {
+                rest.close(None).await;
+                Ok(())
+            }
+        }
     }
 
     /// Like [`close`](Self::close), but stops waiting when `deadline` passes: deliveries
@@ -882,7 +1166,11 @@ impl Producer {
     pub async fn close_within(self, deadline: Duration) -> Result<()> {
         let inner = self.inner.clone();
         let in_flight = move || inner.pipeline.in_flight();
-        let unresolved = self.inner.engine.close(Some(deadline), in_flight).await?;
+        let unresolved = match &self.inner.backend {
+            Backend::Amqp(engine) => engine.close(Some(deadline), in_flight).await?,
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => rest.close(Some(deadline)).await,
+        };
         if unresolved > 0 {
             return Err(Error::new(
                 ErrorKind::Timeout,
@@ -898,28 +1186,33 @@ impl Producer {
     /// share a delivery with the single sends queued right behind it.
     async fn send_single(&self, event: Event, route: Route, wait: bool) -> Result<DeliveryFuture> {
         check_route(&route)?;
+        let engine = match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(rest) => {
+                let (pipeline, limit) = (&self.inner.pipeline, self.inner.max_message_size);
+                return rest.send(pipeline, event, route, limit, wait).await;
+            }
+        };
         if let Some(partitions) = &self.inner.partitions {
             let partition = partitions.resolve(&route)?;
-            let link = self.inner.engine.link(Some(&partition)).await?;
+            let link = engine.link(Some(&partition)).await?;
             let sections = Sections::single_idempotent(
                 &event,
                 partition,
                 route.partition_key,
                 link.max_message_size,
             )?;
-            return self.submit_on(link, sections, true, wait).await;
+            return self.submit_on(engine, link, sections, true, wait).await;
         }
-        let link = self
-            .inner
-            .engine
-            .link(route.partition_id.as_deref())
-            .await?;
+        let link = engine.link(route.partition_id.as_deref()).await?;
         let sections = Sections::single(&event, route.partition_key, link.max_message_size)?;
-        self.submit_on(link, sections, true, wait).await
+        self.submit_on(engine, link, sections, true, wait).await
     }
 
     async fn submit_on(
         &self,
+        engine: &Engine,
         link: Arc<LinkHandle>,
         sections: Sections,
         mergeable: bool,
@@ -927,7 +1220,7 @@ impl Producer {
     ) -> Result<DeliveryFuture> {
         self.inner
             .pipeline
-            .submit(&self.inner.engine, link, sections, mergeable, wait)
+            .submit(engine, link, sections, mergeable, wait)
             .await
     }
 }
@@ -937,9 +1230,10 @@ pub(crate) fn new_batch(route: Route, limit: u64, requested: Option<u64>) -> Res
     EventBatch::new(route, batch_limit(limit, requested)?)
 }
 
-/// The size limit of a batch on a link that takes `limit` bytes, of `requested` bytes at most.
-fn batch_limit(limit: u64, requested: Option<u64>) -> Result<u64> {
-    let max = match requested {
+/// The size limit of a batch of `requested` bytes at most on a link (or API) that takes
+/// `limit` bytes.
+pub(crate) fn batch_limit(limit: u64, requested: Option<u64>) -> Result<u64> {
+    Ok(match requested {
         Some(0) => {
             return Err(Error::new(
                 ErrorKind::InvalidBatchSize,
@@ -954,8 +1248,7 @@ fn batch_limit(limit: u64, requested: Option<u64>) -> Result<u64> {
         }
         Some(requested) => requested,
         None => limit,
-    };
-    Ok(max)
+    })
 }
 
 fn check_route(route: &Route) -> Result<()> {

@@ -10,7 +10,7 @@ use crate::ingest::record::{self, SENSOR_ID};
 use crate::ingest::report::{IngestReport, Progress, Reject};
 use crate::ingest::stream::{self, IngestObserver, IngestOptions, Routing};
 use crate::ingest::{self, InputFormat, Lines, ParsedLine, CHUNK_LINES};
-use hubsend::{ErrorKind, Producer, ProducerOptions};
+use hubsend::{ErrorKind, Producer, ProducerOptions, Transport};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -40,10 +40,37 @@ pub(crate) struct Connection {
     pub(crate) idempotent: bool,
 }
 
+/// `--transport`, `--endpoint`, `--proxy`.
+#[derive(Debug, Default)]
+pub(crate) struct Network {
+    pub(crate) transport: Option<Transport>,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) proxy: Option<String>,
+    /// Without `proxy`, take one from `HTTPS_PROXY` (honouring `NO_PROXY`).
+    pub(crate) proxy_from_env: bool,
+}
+
+impl Network {
+    /// The transport these options ask for: `--transport`, else what `--endpoint`'s scheme
+    /// implies, else AMQP (the producer reports the one it uses).
+    fn requested(&self) -> Transport {
+        let implied = self.endpoint.as_deref().and_then(|e| {
+            let scheme = e.split("://").next()?.to_ascii_lowercase();
+            Some(match scheme.as_str() {
+                "https" | "http" => Transport::Https,
+                "wss" | "ws" => Transport::WebSockets,
+                _ => Transport::Amqp,
+            })
+        });
+        self.transport.or(implied).unwrap_or(Transport::Amqp)
+    }
+}
+
 /// Arguments of `hubsend send`.
 #[derive(Debug)]
 pub(crate) struct SendConfig {
     pub(crate) connection: Connection,
+    pub(crate) network: Network,
     pub(crate) input: String,
     pub(crate) csv: bool,
     pub(crate) partition_key_field: Option<String>,
@@ -60,6 +87,7 @@ pub(crate) struct SendConfig {
 #[derive(Debug)]
 pub(crate) struct BenchConfig {
     pub(crate) connection: Connection,
+    pub(crate) network: Network,
     pub(crate) events: u64,
     pub(crate) payload_bytes: usize,
     pub(crate) key_cardinality: u64,
@@ -86,6 +114,7 @@ async fn connect(
     connection_string: &str,
     connection: &Connection,
     max_in_flight: usize,
+    network: &Network,
 ) -> Result<Producer, u8> {
     let mut builder = Producer::builder()
         .connection_string(connection_string)
@@ -94,6 +123,17 @@ async fn connect(
                 .max_in_flight(max_in_flight)
                 .idempotent(connection.idempotent),
         );
+    if let Some(transport) = network.transport {
+        builder = builder.transport(transport);
+    }
+    if let Some(endpoint) = &network.endpoint {
+        builder = builder.endpoint(endpoint);
+    }
+    // An explicit --proxy, else $HTTPS_PROXY unless $NO_PROXY exempts the host.
+    builder = match &network.proxy {
+        Some(proxy) => builder.proxy(proxy),
+        None => builder.proxy_from_env(network.proxy_from_env),
+    };
     if let Some(path) = connection.ca_file.as_ref() {
         match std::fs::read(path) {
             Ok(pem) => builder = builder.add_root_certificate_pem(pem),
@@ -115,8 +155,22 @@ async fn connect(
             _ => "",
         };
         eprintln!("hubsend: cannot connect: {}{hint}", error_chain(&e));
-        EXIT_FAILED
+        // A transport, endpoint or proxy option that cannot work is a usage error.
+        if e.kind() == ErrorKind::InvalidConfig {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILED
+        }
     })
+}
+
+/// `report` as JSON with the `transport` field.
+fn report_json(report: &IngestReport, transport: Transport) -> String {
+    let mut value = serde_json::to_value(report).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("transport".into(), transport.as_str().into());
+    }
+    value.to_string()
 }
 
 /// The longest input line or CSV row read: the hub's message limit. A record that long cannot
@@ -291,7 +345,12 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     if let Some(dir) = config.spool.clone() {
         return crate::spooled::send(config, &dir, source, rejects, signals).await;
     }
-    let connecting = connect(cs, &config.connection, config.max_in_flight);
+    let connecting = connect(
+        cs,
+        &config.connection,
+        config.max_in_flight,
+        &config.network,
+    );
     let producer = tokio::select! {
         connected = connecting => match connected {
             Ok(p) => p,
@@ -305,11 +364,12 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
             };
             human_summary(&report);
             if config.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                println!("{}", report_json(&report, config.network.requested()));
             }
             return EXIT_INTERRUPTED;
         }
     };
+    let transport = producer.transport();
     let input = ingest::spawn_reader(source, format, record_limit(&producer));
     let routing = match (config.partition_key_field, config.partition_id) {
         (Some(field), _) => Routing::PartitionKeyField(field),
@@ -337,7 +397,7 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
         eprintln!("hubsend: writing the rejects file failed: {e}");
     }
     if config.json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        println!("{}", report_json(&report, transport));
     }
     if abandoned {
         eprintln!(
@@ -407,14 +467,32 @@ fn synthetic_input(count: u64, payload_bytes: usize, cardinality: u64) -> mpsc::
 /// and the hub (which stops when dropped). It keeps only the newest events (like the service's
 /// retention), so the peak RSS reported is the producer's and not a store of everything sent.
 #[cfg(feature = "local-hub")]
-async fn start_local_hub(quiet: bool) -> Result<(String, hubsend_testhub::TestHub), u8> {
-    let hub_config = hubsend_testhub::HubConfig::new().retain_events(Some(100_000));
+async fn start_local_hub(
+    quiet: bool,
+    network: &mut Network,
+) -> Result<(String, hubsend_testhub::TestHub), u8> {
+    let transport = network.requested();
+    if transport == Transport::WebSockets && network.endpoint.is_none() {
+        eprintln!(
+            "hubsend: the local test hub has no WebSocket listener; give --connection-string"
+        );
+        return Err(EXIT_USAGE);
+    }
+    let hub_config = hubsend_testhub::HubConfig::new()
+        .retain_events(Some(100_000))
+        .rest(transport == Transport::Https);
     match hubsend_testhub::TestHub::start(hub_config).await {
         Ok(hub) => {
+            if network.endpoint.is_none() {
+                network.endpoint = hub.rest_url();
+            }
             if !quiet {
                 eprintln!(
                     "hubsend: no connection string; using a local test hub on {}",
-                    hub.addr()
+                    network
+                        .endpoint
+                        .clone()
+                        .unwrap_or_else(|| hub.addr().to_string())
                 );
             }
             Ok((hub.connection_string(), hub))
@@ -428,7 +506,7 @@ async fn start_local_hub(quiet: bool) -> Result<(String, hubsend_testhub::TestHu
 
 /// Without the `local-hub` feature, `bench` needs a connection string like every command.
 #[cfg(not(feature = "local-hub"))]
-async fn start_local_hub(_quiet: bool) -> Result<(String, NoLocalHub), u8> {
+async fn start_local_hub(_quiet: bool, _network: &mut Network) -> Result<(String, NoLocalHub), u8> {
     Err(no_connection_string())
 }
 
@@ -437,20 +515,28 @@ async fn start_local_hub(_quiet: bool) -> Result<(String, NoLocalHub), u8> {
 struct NoLocalHub;
 
 /// `hubsend bench`.
-pub(crate) async fn bench(config: BenchConfig) -> u8 {
+pub(crate) async fn bench(mut config: BenchConfig) -> u8 {
     let signals = Signals::install();
     // Without a connection string, benchmark against a local test hub in this process.
     let (cs, _local_hub) = match &config.connection.connection_string {
         Some(cs) => (cs.clone(), None),
-        None => match start_local_hub(config.json).await {
+        None => match start_local_hub(config.json, &mut config.network).await {
             Ok((cs, hub)) => (cs, Some(hub)),
             Err(code) => return code,
         },
     };
-    let producer = match connect(&cs, &config.connection, config.max_in_flight).await {
+    let producer = match connect(
+        &cs,
+        &config.connection,
+        config.max_in_flight,
+        &config.network,
+    )
+    .await
+    {
         Ok(p) => p,
         Err(code) => return code,
     };
+    let transport = producer.transport();
     let routing = if config.key_cardinality > 0 {
         Routing::PartitionKeyField(SENSOR_ID.to_owned())
     } else {
@@ -484,12 +570,13 @@ pub(crate) async fn bench(config: BenchConfig) -> u8 {
         "payload_bytes": config.payload_bytes,
         "partition_keys": report.partition_keys,
         "local_hub": config.connection.connection_string.is_none(),
+        "transport": transport.as_str(),
     });
     if config.connection.idempotent {
         summary["duplicates_avoided"] = json!(counters.stats().duplicates_avoided);
     }
     eprintln!(
-        "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB",
+        "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB; over {transport}",
         report.sent,
         report.bytes as f64 / 1e6,
         report.seconds,
@@ -517,7 +604,7 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
     let Some(cs) = config.connection.connection_string.as_deref() else {
         return no_connection_string();
     };
-    let producer = match connect(cs, &config.connection, 1).await {
+    let producer = match connect(cs, &config.connection, 1, &Network::default()).await {
         Ok(p) => p,
         Err(code) => return code,
     };

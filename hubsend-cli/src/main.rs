@@ -70,6 +70,39 @@ struct ConnectionArgs {
     ca_file: Option<PathBuf>,
 }
 
+/// How `send` and `bench` reach the hub.
+#[derive(Debug, Args)]
+struct NetworkArgs {
+    /// How events travel: amqp (AMQP over TLS, port 5671), websockets (AMQP over WebSockets,
+    /// port 443) or https (the Event Hubs REST API, port 443). Default: amqp, or what
+    /// --endpoint's scheme implies.
+    #[arg(long, value_enum, value_name = "TRANSPORT")]
+    transport: Option<TransportArg>,
+
+    /// Dial this address instead of the namespace (tokens still name the namespace):
+    /// amqps://, wss://, https:// (amqp://, ws://, http:// to loopback only). Its scheme
+    /// implies the transport.
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+
+    /// HTTP proxy, http://[user:pass@]host:port (CONNECT tunnel for amqp and websockets, the
+    /// HTTP client's proxy for https). Default: $HTTPS_PROXY, unless $NO_PROXY exempts the
+    /// host.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+}
+
+/// The `--transport` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// AMQP 1.0 over TLS (port 5671).
+    Amqp,
+    /// AMQP 1.0 over WebSockets (port 443).
+    Websockets,
+    /// The Event Hubs HTTPS REST API (port 443).
+    Https,
+}
+
 /// Input formats of `hubsend send`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -83,6 +116,9 @@ enum Format {
 struct SendArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
+
+    #[command(flatten)]
+    network: NetworkArgs,
 
     /// File to read, or `-` for standard input.
     #[arg(long, value_name = "PATH", default_value = "-")]
@@ -133,6 +169,9 @@ struct SendArgs {
 struct BenchArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
+
+    #[command(flatten)]
+    network: NetworkArgs,
 
     /// How many events to send.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
@@ -285,6 +324,21 @@ impl From<ConnectionArgs> for commands::Connection {
     }
 }
 
+impl From<NetworkArgs> for commands::Network {
+    fn from(a: NetworkArgs) -> Self {
+        commands::Network {
+            transport: a.transport.map(|t| match t {
+                TransportArg::Amqp => hubsend::Transport::Amqp,
+                TransportArg::Websockets => hubsend::Transport::WebSockets,
+                TransportArg::Https => hubsend::Transport::Https,
+            }),
+            endpoint: a.endpoint.filter(|s| !s.trim().is_empty()),
+            proxy: a.proxy.filter(|s| !s.trim().is_empty()),
+            proxy_from_env: true,
+        }
+    }
+}
+
 impl From<SendArgs> for commands::SendConfig {
     fn from(a: SendArgs) -> Self {
         commands::SendConfig {
@@ -292,6 +346,7 @@ impl From<SendArgs> for commands::SendConfig {
                 idempotent: a.idempotent,
                 ..a.connection.into()
             },
+            network: a.network.into(),
             input: a.input,
             csv: a.format == Format::Csv,
             partition_key_field: a.partition_key_field,
@@ -312,6 +367,7 @@ impl From<BenchArgs> for commands::BenchConfig {
                 idempotent: a.idempotent,
                 ..a.connection.into()
             },
+            network: a.network.into(),
             events: a.events,
             payload_bytes: a.payload_bytes,
             key_cardinality: a.partitions_key_cardinality,

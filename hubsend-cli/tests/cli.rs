@@ -732,6 +732,76 @@ async fn bench_without_connection_string_uses_a_local_hub() {
         assert!(b[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {b}");
     }
     assert!(b["p99_ms"].as_f64() >= b["p50_ms"].as_f64());
+    assert_eq!(b["transport"], "amqp", "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_over_https_stores_the_records_and_reports_the_transport() {
+    let hub = TestHub::start(HubConfig::new().rest(true)).await.unwrap();
+    let dir = scratch("send-https");
+    let lines: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"sensor_id\":\"pump-{}\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{i}}}\n",
+                i % 5
+            )
+        })
+        .collect();
+    let input = write(&dir, "in.ndjson", &lines);
+    let url = hub.rest_url().unwrap();
+    let run = send_file(
+        &hub,
+        &input,
+        &[
+            "--transport",
+            "https",
+            "--endpoint",
+            &url,
+            "--partition-key-field",
+            "sensor_id",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let report = run.json();
+    assert_eq!(report["transport"], "https", "{report}");
+    assert_eq!(report["sent"], 300, "{report}");
+    let events = hub.events(HUB);
+    assert_eq!(events.len(), 300);
+    for e in &events {
+        let key = e.partition_key.as_deref().expect("keyed");
+        assert_eq!(e.partition, hub.partition_for_key(HUB, key));
+        let body: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(body["sensor_id"], key);
+    }
+    assert!(hub.rest_stats().created >= 5, "{:?}", hub.rest_stats());
+    assert_eq!(hub.stats().deliveries_accepted, 0, "nothing went over AMQP");
+    // The endpoint's scheme implies the transport; a different --transport is a usage error.
+    let run = send_file(&hub, &input, &["--transport", "amqp", "--endpoint", &url]).await;
+    assert_eq!(run.code, 2, "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("transport"), "{}", run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_https_against_the_local_hub() {
+    let run = hubsend(
+        &[
+            "bench",
+            "--transport",
+            "https",
+            "--events",
+            "3000",
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let b = run.json();
+    assert_eq!(b["events"], 3000, "{b}");
+    assert_eq!(b["transport"], "https", "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,8 @@ pub(crate) struct FaultState {
     pub close_after_first_transfer: Option<String>,
     /// Detach each producer link (with this condition) on its first transfer.
     pub detach_after_first_transfer: Option<String>,
+    /// REST: answer the next N requests with (status, Retry-After seconds) and store nothing.
+    pub rest_fail: Option<(u32, u16, Option<u64>)>,
 }
 
 /// Withholding "forever": far enough that no test outlives it, near enough not to overflow.
@@ -158,6 +160,18 @@ impl FaultShared {
         }
     }
 
+    /// Takes one REST failure (status, Retry-After seconds), if armed.
+    pub(crate) fn take_rest_failure(&self) -> Option<(u16, Option<u64>)> {
+        let mut st = self.state.lock().unwrap();
+        let (n, status, retry_after) = st.rest_fail.as_mut()?;
+        *n -= 1;
+        let taken = (*status, *retry_after);
+        if *n == 0 {
+            st.rest_fail = None;
+        }
+        Some(taken)
+    }
+
     fn broadcast(&self, cmd: ConnCommand) {
         let mut conns = self.connections.lock().unwrap();
         conns.retain(|tx| tx.send(cmd.clone()).is_ok());
@@ -183,6 +197,13 @@ impl Faults {
         }
         self.shared.state.lock().unwrap().detach_after =
             Some((deliveries, condition.to_string(), description.to_string()));
+    }
+
+    /// REST endpoint: answer the next `requests` requests with HTTP `status` (e.g. 503 or 429)
+    /// and, when given, `Retry-After: retry_after_secs`, storing nothing (`0` turns it off).
+    pub fn rest_fail_next(&self, requests: u32, status: u16, retry_after_secs: Option<u64>) {
+        self.shared.state.lock().unwrap().rest_fail =
+            (requests > 0).then_some((requests, status, retry_after_secs));
     }
 
     /// Close every current connection now with a Close frame carrying that error.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -742,33 +742,8 @@ impl IotHubRest {
             Some((a, ca)) => (Some(a), Some(ca)),
             None => (None, None),
         };
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = served.clone();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| serve(state.clone(), req));
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match acceptor {
-                        Some(acceptor) => {
-                            if let Ok(tls) = acceptor.accept(stream).await {
-                                let _ = http
-                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                                    .await;
-                            }
-                        }
-                        None => {
-                            let _ = http
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                                .await;
-                        }
-                    }
-                });
-            }
-        });
+        let task =
+            crate::http_server::spawn(listener, acceptor, move |req| serve(served.clone(), req));
         Ok(IotHubRest {
             addr,
             state,
@@ -811,24 +786,13 @@ async fn serve(
     state: IotHubState,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let (head, body) = crate::http_server::read(req).await;
+    let method = head.method.as_str();
+    let path = head.uri.path();
+    let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     let auth = header("authorization");
     let if_match = header("if-match");
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let (status, headers, json) =
-        state.handle(&method, &path, auth.as_deref(), if_match.as_deref(), &body);
+    let (status, headers, json) = state.handle(method, path, auth, if_match, &body);
     let mut response = Response::builder()
         .status(status)
         .header("content-type", "application/json; charset=utf-8");

@@ -9,6 +9,7 @@
 mod faults;
 mod fullframe;
 mod hash;
+mod http_server;
 pub mod iothub_http;
 mod jwt;
 mod raw;
@@ -23,6 +24,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 pub use faults::Faults;
 pub use jwt::{sign_hs256 as sign_jwt_hs256, EVENT_HUBS_AUDIENCE};
 pub use server::idempotent::{GapAnswer, ResumeAnswer};
+pub use server::rest::RestStats;
 pub use store::StoredEvent;
 
 /// A right a SAS policy grants.
@@ -78,6 +80,10 @@ pub struct HubConfig {
     pub(crate) idempotent_resume: ResumeAnswer,
     /// What a gap in an idempotent producer's numbers gets.
     pub(crate) idempotent_gaps: GapAnswer,
+    /// Serve the Event Hubs REST send API as well ([`TestHub::rest_url`]).
+    pub(crate) rest: bool,
+    /// More namespace host names token audiences may name.
+    pub(crate) namespace_aliases: Vec<String>,
 }
 
 impl Default for HubConfig {
@@ -126,6 +132,8 @@ impl HubConfig {
             iot_devices: Vec::new(),
             idempotent_resume: ResumeAnswer::default(),
             idempotent_gaps: GapAnswer::default(),
+            rest: false,
+            namespace_aliases: Vec::new(),
         }
     }
 
@@ -297,6 +305,25 @@ impl HubConfig {
         self
     }
 
+    /// Also serve the Event Hubs HTTPS REST send API (`POST /{hub}/messages`,
+    /// `/{hub}/partitions/{id}/messages`) on a port of its own, storing into the same
+    /// partitions: over TLS with the same CA when [`tls`](Self::tls) is on, plain HTTP
+    /// otherwise. See [`TestHub::rest_url`], [`TestHub::rest_stats`] and
+    /// [`Faults::rest_fail_next`].
+    pub fn rest(mut self, on: bool) -> Self {
+        self.rest = on;
+        self
+    }
+
+    /// Also answers as namespace `host` (e.g. `contoso.servicebus.windows.net`): token
+    /// audiences and AMQP `hostname`s may name it, as they do when a client dials the hub
+    /// through a custom endpoint address while its tokens keep the namespace's name.
+    pub fn namespace_alias(mut self, host: impl Into<String>) -> Self {
+        self.namespace_aliases
+            .push(host.into().to_ascii_lowercase());
+        self
+    }
+
     /// Keep at most `events` events per partition (`None`, the default, keeps all), dropping
     /// the oldest, like the service's retention: sequence numbers and offsets keep counting,
     /// and consumers and `$management` see only what is retained. Bounds the hub's memory in
@@ -371,6 +398,7 @@ pub struct TestHub {
     shared: Arc<server::Shared>,
     ca_pem: Option<String>,
     accept_task: Option<tokio::task::JoinHandle<()>>,
+    rest: Option<server::rest::RestServer>,
 }
 
 impl TestHub {
@@ -390,13 +418,21 @@ impl TestHub {
         } else {
             (None, None)
         };
+        let rest_addr = (config.host.clone(), 0);
         let shared = Arc::new(server::Shared::new(config));
+        let rest = if shared.config.rest {
+            let acceptor = tls_acceptor.clone();
+            Some(server::rest::RestServer::start(shared.clone(), rest_addr, acceptor).await?)
+        } else {
+            None
+        };
         let accept_task = tokio::spawn(server::accept_loop(listener, shared.clone(), tls_acceptor));
         Ok(TestHub {
             addr,
             shared,
             ca_pem,
             accept_task: Some(accept_task),
+            rest,
         })
     }
 
@@ -456,6 +492,17 @@ impl TestHub {
                 "Endpoint=sb://{host}:{port}/;SharedAccessKeyName={policy};SharedAccessKey={key};EntityPath={hub};UseDevelopmentEmulator=true"
             )
         }
+    }
+
+    /// The REST endpoint's base URL (with [`HubConfig::rest`]): `https://localhost:PORT`
+    /// with TLS (trust [`ca_pem`](Self::ca_pem)), `http://127.0.0.1:PORT` without.
+    pub fn rest_url(&self) -> Option<String> {
+        self.rest.as_ref().map(|r| r.url())
+    }
+
+    /// The REST endpoint's counters (zero without [`HubConfig::rest`]).
+    pub fn rest_stats(&self) -> RestStats {
+        self.rest.as_ref().map(|r| r.stats()).unwrap_or_default()
     }
 
     /// PEM of the CA that signed the server certificate (TLS only).
@@ -601,6 +648,7 @@ impl TestHub {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
+        self.rest = None;
         self.faults().drop_connections();
     }
 }

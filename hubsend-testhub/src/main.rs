@@ -14,7 +14,8 @@ use hubsend_testhub::{HubConfig, TestHub};
     about = "Local Event Hubs-compatible AMQP 1.0 test server",
     after_help = "Stdout: line 1 is the connection string of the send-only policy (Send right), \
 line 2 that of the `manage` policy (Manage, Send, Listen: use it to read events back), and with \
---tls-dir line 3 names the CA certificate (written before line 1 is printed)."
+--tls-dir line 3 names the CA certificate (written before line 1 is printed). With --rest the \
+next line is `REST endpoint: URL`."
 )]
 struct Args {
     /// Interface to bind.
@@ -97,6 +98,12 @@ struct Args {
     /// so give --iothub localhost:PORT for them. Printed as a `Registry: URL` line.
     #[arg(long, value_name = "PORT", requires = "iothub")]
     iot_registry_port: Option<u16>,
+
+    /// Also serve the Event Hubs HTTPS REST send API (`POST /HUB/messages`,
+    /// `/HUB/partitions/ID/messages`) on a port of its own, into the same partitions: HTTPS
+    /// with --tls-dir, plain HTTP otherwise. Its URL is printed as `REST endpoint: URL`.
+    #[arg(long)]
+    rest: bool,
     /// IoT Hub mode: rewrite FILE every 200 ms with a JSON array of every stored D2C message
     /// (device, body, message_id, correlation_id, content_type, properties).
     #[arg(long, value_name = "FILE")]
@@ -147,7 +154,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .hub(&args.hub, args.partitions)
         .tls(args.tls_dir.is_some())
         .retain_events(args.retain_events)
-        .max_message_size(args.max_message_size);
+        .max_message_size(args.max_message_size)
+        .rest(args.rest);
     if let Some(bytes) = args.advertise_max_message_size {
         config = config.advertise_max_message_size(bytes);
     }
@@ -222,6 +230,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             _ => println!("Registry: {}", rest.url()),
         }
+    }
+    if let Some(url) = hub.rest_url() {
+        println!("REST endpoint: {url}");
     }
     match &args.dump {
         Some(path) if args.iothub.is_some() => {

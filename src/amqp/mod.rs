@@ -40,6 +40,9 @@ use cbs::Authorizer;
 #[derive(Clone)]
 pub(crate) struct ConnectConfig {
     pub(crate) host: String,
+    /// The host to dial (and the TLS server name) when it is not `host`: a custom endpoint.
+    /// `host` stays the AMQP `hostname`, and audiences keep naming it.
+    pub(crate) dial_host: Option<String>,
     pub(crate) port: u16,
     pub(crate) hub: String,
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
@@ -810,7 +813,8 @@ impl Drop for Engine {
 async fn open(
     config: &ConnectConfig,
 ) -> Result<(ConnectionHandle<()>, SessionHandle<()>, MgmtClient, Lost)> {
-    let endpoint = Endpoint::new(config.host.as_str(), config.port)
+    let dial = config.dial_host.as_deref().unwrap_or(config.host.as_str());
+    let endpoint = Endpoint::new(dial, config.port)
         .tls(config.tls.clone())
         .connect_timeout(config.connect_timeout)
         .route(config.route.clone())

@@ -250,6 +250,7 @@ impl IotHubBuilder {
             route,
             framing,
             host: cs.connect_host().to_owned(),
+            dial_host: None,
             hub: cs.hub_name().to_owned(),
             tls,
             provider: cs.token_provider(options.token_lifetime),

@@ -21,15 +21,14 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::auth::{AccessToken, TokenProvider};
 use crate::entity::iothub::encode_id;
 use crate::error::{Error, ErrorKind, Result};
-use crate::http::{is_loopback, transport_error, HttpClientOptions};
+use crate::http::{authorization, is_loopback, transport_error, HttpClientOptions, TokenCache};
 
 use super::connection_string::{IotHubConnectionString, IotHubCredentialKind};
 
@@ -41,10 +40,6 @@ pub const DEFAULT_OPERATIONS_PER_MINUTE: u32 = 100;
 
 /// How many times one call is sent when the hub answers 429 or 503.
 const DEFAULT_MAX_ATTEMPTS: u32 = 6;
-
-/// A token is re-signed when less than this much of its life is left, so a request in flight
-/// never carries a token that expires on the way.
-const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
 /// Builds a [`Registry`].
 #[derive(Clone)]
@@ -142,9 +137,7 @@ impl RegistryBuilder {
             inner: Arc::new(Inner {
                 client,
                 base,
-                audience: self.connection.host_name().to_owned(),
-                provider,
-                token: Mutex::new(None),
+                tokens: TokenCache::new(provider, self.connection.host_name().to_owned()),
                 bucket: Mutex::new(Bucket::new(self.per_minute)),
                 max_attempts: self.max_attempts,
             }),
@@ -176,10 +169,8 @@ pub struct Registry {
 struct Inner {
     client: reqwest::Client,
     base: String,
-    audience: String,
-    provider: Arc<dyn TokenProvider>,
-    /// The cached token and when to re-sign it.
-    token: Mutex<Option<(AccessToken, SystemTime)>>,
+    /// The hub-host token, cached and re-signed before it expires.
+    tokens: TokenCache,
     bucket: Mutex<Bucket>,
     max_attempts: u32,
 }
@@ -188,7 +179,7 @@ impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
             .field("base", &self.inner.base)
-            .field("audience", &self.inner.audience)
+            .field("audience", &self.inner.tokens.audience())
             .finish_non_exhaustive()
     }
 }
@@ -397,34 +388,10 @@ impl Registry {
         Ok(outcome)
     }
 
-    /// A header value for the hub-host audience. The token is cached and re-signed once 80 %
-    /// of its life has passed (as the C SDK does), or when less than five minutes are left.
+    /// A header value for the hub-host audience (see [`TokenCache`] for when it is re-signed).
     async fn authorization(&self) -> std::result::Result<String, Failure> {
-        let mut cached = self.inner.token.lock().await;
-        let now = SystemTime::now();
-        let fresh = cached.as_ref().is_some_and(|(token, refresh_at)| {
-            now < *refresh_at
-                && token
-                    .expires_at()
-                    .duration_since(now)
-                    .is_ok_and(|left| left > Duration::ZERO)
-        });
-        if !fresh {
-            let token = self
-                .inner
-                .provider
-                .token(&self.inner.audience)
-                .await
-                .map_err(Failure::Other)?;
-            let life = token.expires_at().duration_since(now).unwrap_or_default();
-            let refresh_at =
-                now + (life.mul_f64(0.8)).min(life.saturating_sub(REFRESH_MARGIN).max(life / 2));
-            *cached = Some((token, refresh_at));
-        }
-        Ok(cached
-            .as_ref()
-            .map(|(t, _)| t.secret().to_owned())
-            .unwrap_or_default())
+        let (token, _) = self.inner.tokens.token().await.map_err(Failure::Other)?;
+        Ok(authorization(&token))
     }
 
     /// One call with rate limiting and throttle retries.

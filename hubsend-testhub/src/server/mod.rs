@@ -29,6 +29,7 @@ mod iothub;
 mod management;
 mod producer;
 mod request;
+pub(crate) mod rest;
 mod sasl;
 
 pub(crate) use connection::accept_loop;
@@ -83,6 +84,7 @@ impl Shared {
             }
             state
         });
+        hosts.extend(config.namespace_aliases.iter().cloned());
         let created = now_ms();
         let store = config
             .hubs
