@@ -678,3 +678,77 @@ async fn a_proxy_that_dies_mid_stream_is_recovered_with_nothing_lost() {
         wait_for_tunnels(&proxy, port, 1).await;
     }
 }
+
+/// Set in the child process [`proxy_from_env_follows_https_proxy_and_no_proxy`] starts: the
+/// proxy.py log to find the tunnel in, or empty when the connection must go direct.
+const CHILD: &str = "HUBSEND_TRANSPORT_TEST_CHILD";
+
+#[tokio::test]
+async fn proxy_from_env_follows_https_proxy_and_no_proxy() {
+    const NAME: &str = "proxy_from_env_follows_https_proxy_and_no_proxy";
+    if let Ok(log) = std::env::var(CHILD) {
+        return env_proxy_child(log).await;
+    }
+    let Some(binary) = ProxyPy::binary(NAME) else {
+        return;
+    };
+    let proxy = ProxyPy::start(binary, Some(("hubsend", "s3cret-pass")));
+    let nobody = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // Through proxy.py; then exempted by NO_PROXY, with HTTPS_PROXY naming a port nobody
+    // listens on, so a connection that ignored NO_PROXY would fail.
+    let log = proxy.dir.join("proxy.log").display().to_string();
+    let cases = [
+        (proxy.url(), "", log),
+        (
+            format!("http://127.0.0.1:{nobody}"),
+            ".example, localhost",
+            String::new(),
+        ),
+    ];
+    // The variables are the process's own: set them in a child running just this test, so
+    // no other test's thread reads the environment while it changes.
+    for (https_proxy, no_proxy, log) in cases {
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture"])
+            .env(CHILD, log)
+            .env("HTTPS_PROXY", https_proxy)
+            .env("NO_PROXY", no_proxy)
+            .env_remove("https_proxy")
+            .env_remove("no_proxy")
+            .status()
+            .unwrap();
+        assert!(status.success(), "NO_PROXY={no_proxy:?}: the child failed");
+    }
+}
+
+/// In the child: connects with `proxy_from_env(true)`, sends, and when `log` names proxy.py's
+/// log, waits for the tunnel there.
+async fn env_proxy_child(log: String) {
+    let hub = ws_hub(true).await;
+    let producer = ws_builder(&hub)
+        .proxy_from_env(true)
+        .connect()
+        .await
+        .expect("connects as HTTPS_PROXY and NO_PROXY say");
+    producer
+        .send_and_wait(numbered(0), SendOptions::new())
+        .await
+        .unwrap();
+    producer.close().await.unwrap();
+    all_stored(&hub, 1);
+    if log.is_empty() {
+        return;
+    }
+    let tunnel = format!("CONNECT localhost:{} ", hub.ws_port().unwrap());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log).unwrap().contains(&tunnel) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tunnel in proxy.py's log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
