@@ -1,14 +1,18 @@
 // Judge: Microsoft's Node IoT device SDK (azure-iot-device + azure-iot-device-amqp) sends
 // device-to-cloud messages over AMQPS to the test hub in IoT Hub mode. Usage:
-//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE
+//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [ws]
+// With `ws` it uses the SDK's AMQP-over-WebSockets transport (AmqpWs), which always dials
+// wss://GATEWAY:443/$iothub/websocket.
 // Exits non-zero unless the hub stored exactly what was sent (read back from DUMP_FILE, which
 // the test hub rewrites with every stored message).
 'use strict';
 const fs = require('fs');
 const { Client, Message } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
+const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 
-const [connectionString, dumpFile] = process.argv.slice(2);
+const [connectionString, dumpFile, overWebSockets] = process.argv.slice(2);
+const transport = overWebSockets === 'ws' ? AmqpWs : Amqp;
+const judge = overWebSockets === 'ws' ? 'iothub node device SDK (AmqpWs)' : 'iothub node device SDK';
 const deviceId = /DeviceId=([^;]+)/.exec(connectionString)[1];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -24,7 +28,7 @@ function message(i) {
 }
 
 async function main() {
-  const client = Client.fromConnectionString(connectionString, Amqp);
+  const client = Client.fromConnectionString(connectionString, transport);
   await client.open();
   const singles = 5;
   for (let i = 0; i < singles; i++) {
@@ -62,13 +66,13 @@ async function main() {
     }
   });
   if (problems.length) {
-    console.log(`FAIL iothub node device SDK: ${problems.join('; ')}`);
+    console.log(`FAIL ${judge}: ${problems.join('; ')}`);
     process.exit(1);
   }
-  console.log(`PASS iothub node device SDK: ${singles} sendEvent + ${batched} sendEventBatch messages stored intact`);
+  console.log(`PASS ${judge}: ${singles} sendEvent + ${batched} sendEventBatch messages stored intact`);
 }
 
 main().catch((e) => {
-  console.log(`FAIL iothub node device SDK: ${e && e.stack ? e.stack : e}`);
+  console.log(`FAIL ${judge}: ${e && e.stack ? e.stack : e}`);
   process.exit(1);
 });

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # WebSocket and proxy judges: Microsoft's azure-eventhub over AmqpOverWebsocket against the
 # test hub's WebSocket listener (TLS), directly and through proxy.py (a real CONNECT proxy from
-# PyPI) with Basic auth, a wrong proxy password refused (tests/interop/websockets.py).
+# PyPI) with Basic auth, a wrong proxy password refused (tests/interop/websockets.py); then
+# Microsoft's Node IoT device SDK over AmqpWs against the IoT Hub-mode listener.
 #
-# Uses the venv tests/interop/run.sh creates (run that first) and adds to it the pinned
+# Uses the venv and the Node modules tests/interop/run.sh creates (run that first) and adds to it the pinned
 # websocket-client (the SDK's optional WebSocket dependency) and proxy.py; `.ci/run` then hands
 # the venv's proxy script (target/interop-venv/bin/proxy) to `cargo test --test transport`.
 set -euo pipefail
@@ -98,3 +99,34 @@ if [ "$STATUS" -ne 0 ] || [ "$TUNNELS" -lt 1 ]; then
 fi
 grep -E '^(PASS|FAIL|  refused|websockets:)' "$WORK/judge.out"
 echo "websockets: proxy.py logged $TUNNELS tunnels to the hub"
+
+# IoT Hub over WebSockets, judged by Microsoft's Node device SDK (AmqpWs, installed by run.sh).
+# AmqpWs always dials wss://GATEWAY:443/$iothub/websocket, so this hub's WebSocket listener
+# binds 127.0.0.1:443 (CI runs as root); elsewhere, without the right to bind it, this part
+# says so and is skipped.
+IOT_NODE="$ROOT/target/interop-node"
+[ -d "$IOT_NODE/node_modules/azure-iot-device-amqp" ] || fail "no Node IoT device SDK in $IOT_NODE (run tests/interop/run.sh first)"
+IOT_DIR="$WORK/iothub"
+mkdir -p "$IOT_DIR"
+IOT_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+RUST_LOG="${RUST_LOG:-hubsend_testhub=info}" "$HUB_BIN" --host 127.0.0.1 --port 0 --ws-port 443 \
+  --iothub plant.azure-devices.net --iot-device "node-ws=$IOT_KEY" --tls-dir "$IOT_DIR" \
+  --dump "$IOT_DIR/dump.json" >"$IOT_DIR/hub.stdout" 2>"$IOT_DIR/hub.log" &
+IOT_PID=$!
+PIDS+=($IOT_PID)
+IOT_WS_URL="$(first_output sed -n 's/^WebSocket: //p' "$IOT_DIR/hub.stdout")"
+if [ -z "$IOT_WS_URL" ] && [ "${CI:-}" != "true" ] && ! kill -0 "$IOT_PID" 2>/dev/null; then
+  echo "SKIPPED iothub node device SDK (AmqpWs): cannot bind 127.0.0.1:443 here ($(tail -n 1 "$IOT_DIR/hub.log"))"
+  exit 0
+fi
+[ -n "$IOT_WS_URL" ] || { tail -n 20 "$IOT_DIR/hub.log" >&2 || true; fail "the IoT Hub-mode hub did not start on 127.0.0.1:443"; }
+# The device's connection string names the gateway without a port: AmqpWs adds :443.
+DEVICE_CS="$(sed -n 2p "$IOT_DIR/hub.stdout" | sed 's/GatewayHostName=localhost:[0-9]*/GatewayHostName=localhost/')"
+if ! NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$IOT_DIR/ca.pem" \
+  timeout 120 node "$ROOT/tests/interop/iothub_device.js" "$DEVICE_CS" "$IOT_DIR/dump.json" ws \
+  >"$IOT_DIR/judge.out" 2>&1; then
+  { cat "$IOT_DIR/judge.out"; tail -n 40 "$IOT_DIR/hub.log"; } || true
+  echo "websockets: the IoT Hub AmqpWs judge failed"
+  exit 1
+fi
+grep -E '^(PASS|FAIL|NOTE)' "$IOT_DIR/judge.out" || true
