@@ -222,6 +222,31 @@ async fn frames_that_span_websocket_messages_are_reassembled() {
 }
 
 #[tokio::test]
+async fn an_idle_websocket_answers_the_hubs_pings() {
+    let hub = ws_hub(true).await;
+    let producer = ws_builder(&hub).connect().await.unwrap();
+    for round in 1..=3 {
+        // The producer sends nothing meanwhile: only its reading side can answer.
+        hub.faults().ping_websockets();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while hub.stats().websocket_pongs_received < round {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no pong for ping {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    producer
+        .send_and_wait(numbered(0), SendOptions::new())
+        .await
+        .unwrap();
+    all_stored(&hub, 1);
+    assert_eq!(hub.stats().connections_accepted, 1);
+    producer.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn both_subprotocols_are_accepted_and_others_refused() {
     let hub = ws_hub(true).await;
     for (n, subprotocol) in ["AMQPWSB10", "amqp"].into_iter().enumerate() {

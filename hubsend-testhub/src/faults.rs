@@ -61,6 +61,8 @@ pub(crate) struct FaultShared {
     pub ws_close: watch::Sender<u64>,
     /// Send each chunk the hub writes as two WebSocket messages.
     pub ws_split: AtomicBool,
+    /// Bumped to make every live WebSocket send a ping (see [`Faults::ping_websockets`]).
+    pub ws_ping: watch::Sender<u64>,
 }
 
 impl Default for FaultShared {
@@ -80,6 +82,7 @@ impl FaultShared {
             dispose_all: AtomicBool::new(false),
             ws_close: watch::channel(0).0,
             ws_split: AtomicBool::new(false),
+            ws_ping: watch::channel(0).0,
         }
     }
 
@@ -285,6 +288,13 @@ impl Faults {
     /// drops both kinds.
     pub fn close_websockets(&self) {
         self.shared.ws_close.send_modify(|g| *g += 1);
+    }
+
+    /// Every WebSocket open now sends one ping (payload `hubsend-testhub`), as a proxy or load
+    /// balancer checking an idle connection would; the pongs that come back are counted in
+    /// [`HubStats::websocket_pongs_received`](crate::HubStats::websocket_pongs_received).
+    pub fn ping_websockets(&self) {
+        self.shared.ws_ping.send_modify(|g| *g += 1);
     }
 
     /// While on, the WebSocket listener sends each chunk the AMQP server writes as two binary

@@ -284,6 +284,8 @@ pub struct HubStats {
     pub connections_accepted: u64,
     /// WebSocket upgrades accepted on the WebSocket listener ([`HubConfig::websocket`]).
     pub websockets_accepted: u64,
+    /// Pongs received on WebSockets (answers to [`Faults::ping_websockets`]).
+    pub websocket_pongs_received: u64,
     /// put-token requests answered 202.
     pub put_tokens_accepted: u64,
     /// Of those, `jwt` (Entra ID) tokens.

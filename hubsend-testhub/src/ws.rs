@@ -17,7 +17,8 @@
 //! [`Faults::split_websocket_messages`](crate::Faults::split_websocket_messages), as two, so
 //! frames span messages). A text message is a protocol error: the hub closes with 1003
 //! (unsupported data) and drops the connection. Pings are answered by tungstenite while the
-//! pump reads; a close from the client ends the connection.
+//! pump reads, and [`Faults::ping_websockets`](crate::Faults::ping_websockets) makes the hub
+//! ping the client (pongs counted); a close from the client ends the connection.
 
 use std::sync::{atomic::Ordering, Arc};
 
@@ -31,7 +32,7 @@ use tokio_tungstenite::tungstenite::{
 };
 use tokio_tungstenite::WebSocketStream;
 
-use crate::faults::FaultShared;
+use crate::server::Shared;
 
 /// The upgrade path of Event Hubs (and Service Bus); the service accepts it with or without a
 /// trailing slash (Python and .NET send one, JavaScript does not).
@@ -125,7 +126,7 @@ impl Upgrade {
 pub(crate) async fn accept<S>(
     stream: S,
     upgrade: Upgrade,
-    faults: Arc<FaultShared>,
+    shared: Arc<Shared>,
 ) -> Result<DuplexStream, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -135,19 +136,21 @@ where
             .await
             .map_err(|e| format!("websocket handshake: {e}"))?;
     let (server_end, pump_end) = tokio::io::duplex(PIPE_BYTES);
-    tokio::spawn(pump(socket, pump_end, faults));
+    tokio::spawn(pump(socket, pump_end, shared));
     Ok(server_end)
 }
 
 /// Copies client messages into the pipe and pipe bytes out as binary messages until either
 /// side ends, a text message arrives, or [`Faults::close_websockets`](crate::Faults::close_websockets)
 /// fires.
-async fn pump<S>(mut socket: WebSocketStream<S>, pipe: DuplexStream, faults: Arc<FaultShared>)
+async fn pump<S>(mut socket: WebSocketStream<S>, pipe: DuplexStream, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut from_server, mut to_server) = tokio::io::split(pipe);
+    let faults = &shared.faults;
     let mut closing = faults.ws_close.subscribe();
+    let mut pinging = faults.ws_ping.subscribe();
     let mut chunk = vec![0u8; 64 * 1024];
     let end = loop {
         tokio::select! {
@@ -165,7 +168,10 @@ where
                 }
                 // The client's close is answered by tungstenite as the stream ends.
                 Some(Ok(Message::Close(_))) | None => break None,
-                // Pings are answered by tungstenite; pongs and raw frames carry nothing.
+                Some(Ok(Message::Pong(_))) => {
+                    shared.stats.lock().unwrap().websocket_pongs_received += 1;
+                }
+                // Pings are answered by tungstenite; raw frames carry nothing.
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "websocket read failed");
@@ -178,11 +184,17 @@ where
                     reason: "".into(),
                 }),
                 Ok(n) => {
-                    if send(&mut socket, &chunk[..n], &faults).await.is_err() {
+                    if send(&mut socket, &chunk[..n], faults).await.is_err() {
                         break None;
                     }
                 }
             },
+            _ = pinging.changed() => {
+                let ping = Message::Ping(Bytes::from_static(b"hubsend-testhub"));
+                if socket.send(ping).await.is_err() {
+                    break None;
+                }
+            }
             _ = closing.changed() => {
                 tracing::info!("closing websocket (fault)");
                 break Some(CloseFrame {
@@ -204,7 +216,7 @@ where
 async fn send<S>(
     socket: &mut WebSocketStream<S>,
     bytes: &[u8],
-    faults: &FaultShared,
+    faults: &crate::faults::FaultShared,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

@@ -211,7 +211,7 @@ pub(super) async fn handle_connection(
         let stream: Box<dyn Stream> = match framing {
             Framing::Raw => stream,
             Framing::WebSocket => {
-                let socket = ws::accept(stream, shared.ws_upgrade(), shared.faults.clone()).await?;
+                let socket = ws::accept(stream, shared.ws_upgrade(), shared.clone()).await?;
                 shared.stat(|s| s.websockets_accepted += 1);
                 Box::new(socket)
             }
