@@ -9,6 +9,7 @@ use fe2o3_amqp_types::primitives::Binary;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{encode_message, Event, PARTITION_KEY_ANNOTATION};
+use crate::idempotent::{self, Stamp};
 
 /// The AMQP message format of an Event Hubs batch (Microsoft's vendor format 0x80013700).
 pub(crate) const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
@@ -107,6 +108,22 @@ pub struct EventBatch {
     envelope_size: u64,
     size: u64,
     events: Encoded,
+    /// For an idempotent producer: the partition the batch goes to and how its events are
+    /// stamped.
+    idempotent: Option<Idempotent>,
+}
+
+/// How an idempotent producer's batch is routed and stamped (PROTOCOL-2 §I): it goes to one
+/// partition (a partition key is resolved on the client), and every event carries the
+/// producer's annotations, with the partition key among them when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Idempotent {
+    /// The partition link it goes to.
+    pub(crate) partition: String,
+    /// The partition key each event keeps.
+    pub(crate) key: Option<String>,
+    /// The bytes stamping adds to each event at most.
+    per_event: u64,
 }
 
 impl fmt::Debug for EventBatch {
@@ -170,7 +187,35 @@ impl Encoded {
 impl EventBatch {
     pub(crate) fn new(route: Route, max_size: u64) -> Result<EventBatch> {
         let envelope_size = envelope_size(route.partition_key.as_deref())?;
-        if max_size <= envelope_size {
+        EventBatch::empty(route, max_size, envelope_size, None)
+    }
+
+    /// An empty batch of an idempotent producer for `route`, going to `partition`. Sizes are
+    /// counted with the widest stamps, so stamping never takes it over `max_size`.
+    pub(crate) fn new_idempotent(
+        route: Route,
+        partition: String,
+        max_size: u64,
+    ) -> Result<EventBatch> {
+        let key = route.partition_key.clone();
+        let per_event = idempotent::reserve(key.as_deref())?;
+        let envelope_size = envelope_size(None)? + idempotent::reserve(None)?;
+        let layout = Idempotent {
+            partition,
+            key,
+            per_event,
+        };
+        EventBatch::empty(route, max_size, envelope_size, Some(layout))
+    }
+
+    fn empty(
+        route: Route,
+        max_size: u64,
+        envelope_size: u64,
+        idempotent: Option<Idempotent>,
+    ) -> Result<EventBatch> {
+        let smallest = envelope_size + idempotent.as_ref().map_or(0, |i| i.per_event);
+        if max_size <= smallest {
             return Err(Error::new(
                 ErrorKind::InvalidBatchSize,
                 format!("a batch of {max_size} bytes cannot hold any event"),
@@ -182,6 +227,7 @@ impl EventBatch {
             envelope_size,
             size: envelope_size,
             events: Encoded::default(),
+            idempotent,
         })
     }
 
@@ -222,6 +268,7 @@ impl EventBatch {
 
     /// The bytes an event encoded to `len` bytes would add, if the batch has room for it.
     fn room_for(&self, len: usize) -> std::result::Result<u64, Rejection> {
+        let len = len + self.idempotent.as_ref().map_or(0, |i| i.per_event as usize);
         let added = len as u64 + section_overhead(len);
         if self.envelope_size + added > self.max_size {
             return Err(Rejection::TooLarge);
@@ -262,23 +309,38 @@ impl EventBatch {
         self.route.partition_id.as_deref()
     }
 
-    pub(crate) fn route(&self) -> &Route {
-        &self.route
+    /// Whether it was made by an idempotent producer.
+    pub(crate) fn is_idempotent(&self) -> bool {
+        self.idempotent.is_some()
+    }
+
+    /// The partition whose link the batch goes to, when it is fixed: the partition id it was
+    /// created for, or the one an idempotent producer resolved its key to.
+    pub(crate) fn link_partition(&self) -> Option<&str> {
+        match &self.idempotent {
+            Some(i) => Some(&i.partition),
+            None => self.route.partition_id.as_deref(),
+        }
     }
 
     /// The batch's encoded events, ready for a link.
     pub(crate) fn into_sections(self) -> Sections {
+        let (partition_key, stamping) = match self.idempotent {
+            Some(i) => (None, Some(Stamping { key: i.key })),
+            None => (self.route.partition_key, None),
+        };
         Sections {
-            partition_key: self.route.partition_key,
+            partition_key,
             events: self.events,
             envelope_size: self.envelope_size,
             size: self.size,
+            stamping,
         }
     }
 
     #[cfg(test)]
     pub(crate) fn into_message(self) -> Result<Message<Batch<Data>>> {
-        Ok(self.into_sections().to_message())
+        self.into_sections().to_message(None)
     }
 }
 
@@ -289,7 +351,17 @@ pub(crate) struct Sections {
     partition_key: Option<String>,
     events: Encoded,
     envelope_size: u64,
+    /// Exact for plain messages; for stamped ones an upper bound (the widest stamps).
     size: u64,
+    /// Set for an idempotent producer's messages: each event is stamped when sent.
+    stamping: Option<Stamping>,
+}
+
+/// What an idempotent message's events are stamped with besides the link's numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamping {
+    /// The partition key each event keeps.
+    key: Option<String>,
 }
 
 impl Sections {
@@ -299,14 +371,47 @@ impl Sections {
         partition_key: Option<String>,
         limit: u64,
     ) -> Result<Sections> {
+        Sections::one(event, partition_key, limit, None)
+    }
+
+    /// One event of an idempotent producer, going to `partition` and keeping its
+    /// `partition_key`, or `MessageTooLarge` when it exceeds `limit` with its stamp.
+    pub(crate) fn single_idempotent(
+        event: &Event,
+        partition: String,
+        partition_key: Option<String>,
+        limit: u64,
+    ) -> Result<Sections> {
+        Sections::one(event, partition_key, limit, Some(partition))
+    }
+
+    fn one(
+        event: &Event,
+        partition_key: Option<String>,
+        limit: u64,
+        idempotent_partition: Option<String>,
+    ) -> Result<Sections> {
         let route = Route {
             partition_key,
             partition_id: None,
         };
-        let mut batch =
-            EventBatch::new(route, limit.max(1)).map_err(|_| too_large(event, limit))?;
+        let batch = match idempotent_partition {
+            Some(partition) => EventBatch::new_idempotent(route, partition, limit.max(1)),
+            None => EventBatch::new(route, limit.max(1)),
+        };
+        let mut batch = batch.map_err(|_| too_large(event, limit))?;
         batch.add_ref(event).map_err(|_| too_large(event, limit))?;
         Ok(batch.into_sections())
+    }
+
+    /// How many events the message carries.
+    pub(crate) fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether its events are stamped with sequence numbers when sent.
+    pub(crate) fn is_stamped(&self) -> bool {
+        self.stamping.is_some()
     }
 
     /// Exact encoded size of the message these sections make.
@@ -318,6 +423,7 @@ impl Sections {
     /// message still within `limit` bytes.
     pub(crate) fn can_absorb(&self, other: &Sections, limit: u64) -> bool {
         self.partition_key == other.partition_key
+            && self.stamping == other.stamping
             && self.size + (other.size - other.envelope_size) <= limit
     }
 
@@ -327,9 +433,38 @@ impl Sections {
         self.events.append(&other.events);
     }
 
-    /// The batch message (format 0x80013700) these sections make.
-    pub(crate) fn to_message(&self) -> Message<Batch<Data>> {
-        envelope(self.partition_key.as_deref(), self.events.to_sections())
+    /// The batch message (format 0x80013700) these sections make; an idempotent one stamped
+    /// with `stamp` (its events numbered from `stamp.first` on, the envelope carrying the
+    /// first event's annotations as Microsoft's clients do).
+    pub(crate) fn to_message(&self, stamp: Option<Stamp>) -> Result<Message<Batch<Data>>> {
+        let (Some(stamping), Some(stamp)) = (&self.stamping, stamp) else {
+            return Ok(envelope(
+                self.partition_key.as_deref(),
+                self.events.to_sections(),
+            ));
+        };
+        let mut sections = Vec::with_capacity(self.events.len());
+        let mut start = 0;
+        for (i, &end) in self.events.ends.iter().enumerate() {
+            let bytes = &self.events.bytes[start..end];
+            start = end;
+            let mut out = Vec::with_capacity(bytes.len() + 160);
+            idempotent::write_annotations(
+                &mut out,
+                stamping.key.as_deref(),
+                stamp.producer_id,
+                stamp.epoch,
+                idempotent::seq_add(stamp.first, i as u64),
+            )?;
+            out.extend_from_slice(bytes);
+            sections.push(Data(Binary::from(out)));
+        }
+        let annotations =
+            idempotent::annotations(None, stamp.producer_id, stamp.epoch, stamp.first);
+        Ok(Message::builder()
+            .message_annotations(annotations)
+            .data_batch(sections)
+            .build())
     }
 }
 
@@ -347,19 +482,9 @@ fn too_large(event: &Event, limit: u64) -> Error {
 /// annotation, if any). The keyless size is computed once.
 fn envelope_size(partition_key: Option<&str>) -> Result<u64> {
     static KEYLESS: OnceLock<u64> = OnceLock::new();
-    let measure = |key: Option<&str>| -> Result<u64> {
+    idempotent::size_per_key(&KEYLESS, partition_key, |key| {
         Ok(encode_message(&envelope(key, Vec::new()))?.len() as u64)
-    };
-    match partition_key {
-        None => match KEYLESS.get() {
-            Some(size) => Ok(*size),
-            None => {
-                let size = measure(None)?;
-                Ok(*KEYLESS.get_or_init(|| size))
-            }
-        },
-        Some(key) => measure(Some(key)),
-    }
+    })
 }
 
 fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Message<Batch<Data>> {
@@ -414,7 +539,9 @@ mod tests {
             }
             let size = merged.size();
             assert_eq!(
-                encode_message(&merged.to_message()).unwrap().len() as u64,
+                encode_message(&merged.to_message(None).unwrap())
+                    .unwrap()
+                    .len() as u64,
                 size
             );
 
@@ -463,6 +590,37 @@ mod tests {
         assert!(size + 97 + 2 + 3 + 5 > limit, "size {size} with {n} events");
         let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
         assert_eq!(encoded.len() as u64, size);
+    }
+
+    #[test]
+    fn stamped_batches_stay_within_their_counted_size() {
+        for key in [None, Some("compressor-7:vibe_x")] {
+            let limit = 8_000;
+            let mut batch = EventBatch::new_idempotent(route(key), "2".into(), limit).unwrap();
+            while batch
+                .try_add(Event::new(vec![1u8; 90]).with_property("i", 1i64))
+                .is_ok()
+            {}
+            let counted = batch.size_in_bytes();
+            assert!(counted <= limit);
+            let n = batch.len();
+            let sections = batch.into_sections();
+            for (id, epoch, first) in [(0, 0, 0), (i64::MAX, i16::MAX, i32::MAX - 3)] {
+                let stamp = Stamp {
+                    producer_id: id,
+                    epoch,
+                    first,
+                };
+                let message = sections.to_message(Some(stamp)).unwrap();
+                let encoded = encode_message(&message).unwrap();
+                assert!(
+                    encoded.len() as u64 <= counted,
+                    "{} > {counted}",
+                    encoded.len()
+                );
+                assert_eq!(message.body.len(), n);
+            }
+        }
     }
 
     #[test]

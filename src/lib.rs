@@ -32,6 +32,7 @@ pub mod error;
 pub mod event;
 #[cfg(feature = "http")]
 mod http;
+pub mod idempotent;
 pub mod iothub;
 pub mod producer;
 pub mod retry;
@@ -48,6 +49,7 @@ pub use connection_string::ConnectionString;
 pub use entra::ClientSecretCredential;
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use event::{Event, PropertyValue, Telemetry, TelemetryValue};
+pub use idempotent::PartitionPublishingState;
 pub use producer::{
     DeliveryFuture, HubProperties, PartitionProperties, Producer, ProducerBuilder, ProducerOptions,
     ProducerStats, SendOptions, DEFAULT_MAX_MESSAGE_SIZE,

@@ -43,6 +43,7 @@ use crate::retry::RetryOptions;
 /// | [`operation_timeout`](Self::operation_timeout) | 60 s |
 /// | [`retry`](Self::retry) | [`RetryOptions::default`] |
 /// | [`max_message_size`](Self::max_message_size) | 1 MiB ([`DEFAULT_MAX_MESSAGE_SIZE`]) |
+/// | [`idempotent`](Self::idempotent) | off |
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ProducerOptions {
@@ -53,6 +54,8 @@ pub struct ProducerOptions {
     pub(crate) operation_timeout: Duration,
     pub(crate) retry: RetryOptions,
     pub(crate) max_message_size: u64,
+    pub(crate) idempotent: bool,
+    pub(crate) publishing_state: Vec<crate::PartitionPublishingState>,
 }
 
 /// The largest message any Event Hubs tier takes (Standard, Premium and Dedicated: 1 MB;
@@ -70,6 +73,8 @@ impl Default for ProducerOptions {
             operation_timeout: Duration::from_secs(60),
             retry: RetryOptions::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            idempotent: false,
+            publishing_state: Vec::new(),
         }
     }
 }
@@ -127,6 +132,25 @@ impl ProducerOptions {
     /// to the smaller of the two. Raise it only for a hub known to take larger messages.
     pub fn max_message_size(mut self, bytes: u64) -> Self {
         self.max_message_size = bytes.max(1);
+        self
+    }
+
+    /// Idempotent retries: every event goes to a partition link that negotiates idempotent
+    /// publishing and carries a sequence number, so the hub drops what a retry sends again
+    /// after it was stored (see [`crate::idempotent`] for exactly what is guaranteed).
+    /// Deliveries stay pipelined. Events without a partition id go round robin over the
+    /// partitions, and a partition key is resolved to its partition on the client with the
+    /// service's hash (the event keeps its key). Off by default.
+    pub fn idempotent(mut self, on: bool) -> Self {
+        self.idempotent = on;
+        self
+    }
+
+    /// With [`idempotent`](Self::idempotent): the partitions' state a previous producer left
+    /// ([`Producer::publishing_state`]), so this one continues its numbering and the hub
+    /// still drops what the old one had stored. Partitions not listed start afresh.
+    pub fn publishing_state(mut self, states: Vec<crate::PartitionPublishingState>) -> Self {
+        self.publishing_state = states;
         self
     }
 }
@@ -365,17 +389,49 @@ impl ProducerBuilder {
             max_frame_size: 65536,
             retry: self.options.retry.clone(),
             max_message_size: self.options.max_message_size,
+            idempotent: None,
         };
+        let mut config = config;
+        if self.options.idempotent {
+            for state in &self.options.publishing_state {
+                state.validate()?;
+            }
+            config.idempotent = Some(self.options.publishing_state.clone());
+        }
         let audience = crate::entity::eventhubs::audience(&config.host, &config.hub);
         let engine = Engine::connect(config, self.options.max_in_flight, Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
+        let partitions = if self.options.idempotent {
+            let producer = Producer {
+                inner: Arc::new(Inner {
+                    engine: engine.clone(),
+                    pipeline: Pipeline::new(&self.options, max_message_size),
+                    max_message_size,
+                    partitions: None,
+                }),
+            };
+            let ids = producer.hub_properties().await?.partition_ids;
+            if ids.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Management,
+                    "the hub reported no partitions, which idempotent publishing needs",
+                ));
+            }
+            Some(Partitions {
+                ids,
+                next: std::sync::atomic::AtomicUsize::new(0),
+            })
+        } else {
+            None
+        };
         Ok(Producer {
             inner: Arc::new(Inner {
                 engine,
                 pipeline: Pipeline::new(&self.options, max_message_size),
                 max_message_size,
+                partitions,
             }),
         })
     }
@@ -400,6 +456,37 @@ struct Inner {
     engine: Arc<Engine>,
     pipeline: Pipeline,
     max_message_size: u64,
+    /// Idempotent producers route every event to a partition on the client.
+    partitions: Option<Partitions>,
+}
+
+/// The hub's partitions, for routing on the client.
+#[derive(Debug)]
+struct Partitions {
+    ids: Vec<String>,
+    /// Round robin for events without a partition key or id.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Partitions {
+    /// The partition `route` goes to: its id, its key's partition by the service's hash, or
+    /// the next one in turn.
+    fn resolve(&self, route: &Route) -> Result<String> {
+        if let Some(id) = &route.partition_id {
+            if !self.ids.contains(id) {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("the hub has no partition `{id}`"),
+                ));
+            }
+            return Ok(id.clone());
+        }
+        let index = match &route.partition_key {
+            Some(key) => crate::entity::eventhubs::partition_for_key(key, self.ids.len()),
+            None => self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.ids.len(),
+        };
+        Ok(self.ids[index].clone())
+    }
 }
 
 /// The in-flight bounds every sending handle shares: deliveries and bytes awaiting the hub's
@@ -536,6 +623,11 @@ pub struct ProducerStats {
     pub reconnects: u64,
     /// Sender links re-attached (and their unsettled deliveries resent) after a loss.
     pub link_recoveries: u64,
+    /// With idempotent retries: events the hub acknowledged as already stored when they
+    /// were resent (known from the sequence number it reported on re-attaching), so it did
+    /// not store them twice. A lower bound: a hub that does not report what it stored drops
+    /// duplicates all the same, uncounted.
+    pub duplicates_avoided: u64,
 }
 
 /// Properties of an event hub, read from `$management`.
@@ -625,7 +717,25 @@ impl Producer {
             failed: load(&engine.counters.failed),
             reconnects: load(&engine.reconnects),
             link_recoveries: load(&engine.recoveries),
+            duplicates_avoided: load(&engine.counters.duplicates_avoided),
         }
+    }
+
+    /// With idempotent retries: every partition's publishing state as the hub last
+    /// confirmed it (empty otherwise). Save it when shutting down and hand it to the next
+    /// producer with [`ProducerOptions::publishing_state`] to continue without duplicates.
+    pub fn publishing_state(&self) -> Vec<crate::PartitionPublishingState> {
+        self.inner
+            .engine
+            .publishing
+            .as_ref()
+            .map(|p| p.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Whether this producer publishes idempotently.
+    pub fn is_idempotent(&self) -> bool {
+        self.inner.partitions.is_some()
     }
 
     /// Connection state changes (reconnecting, reconnected, token refreshed, link recovered,
@@ -677,6 +787,12 @@ impl Producer {
             partition_id: options.partition_id,
         };
         check_route(&route)?;
+        if let Some(partitions) = &self.inner.partitions {
+            let partition = partitions.resolve(&route)?;
+            let link = self.inner.engine.link(Some(&partition)).await?;
+            let max = batch_limit(link.max_message_size, options.max_size)?;
+            return EventBatch::new_idempotent(route, partition, max);
+        }
         let link = self
             .inner
             .engine
@@ -690,11 +806,13 @@ impl Producer {
     /// # Errors
     /// As [`send`](Self::send). An empty batch is an [`ErrorKind::InvalidBatchSize`] error.
     pub async fn send_batch(&self, batch: EventBatch) -> Result<DeliveryFuture> {
-        let link = self
-            .inner
-            .engine
-            .link(batch.route().partition_id.as_deref())
-            .await?;
+        if self.inner.partitions.is_some() != batch.is_idempotent() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the batch was not created by this producer (idempotent and plain batches do not mix)",
+            ));
+        }
+        let link = self.inner.engine.link(batch.link_partition()).await?;
         self.inner
             .pipeline
             .submit_batch(&self.inner.engine, link, batch, true)
@@ -780,6 +898,17 @@ impl Producer {
     /// share a delivery with the single sends queued right behind it.
     async fn send_single(&self, event: Event, route: Route, wait: bool) -> Result<DeliveryFuture> {
         check_route(&route)?;
+        if let Some(partitions) = &self.inner.partitions {
+            let partition = partitions.resolve(&route)?;
+            let link = self.inner.engine.link(Some(&partition)).await?;
+            let sections = Sections::single_idempotent(
+                &event,
+                partition,
+                route.partition_key,
+                link.max_message_size,
+            )?;
+            return self.submit_on(link, sections, true, wait).await;
+        }
         let link = self
             .inner
             .engine
@@ -805,6 +934,11 @@ impl Producer {
 
 /// An empty batch for `route` on a link that takes `limit` bytes, of `requested` bytes at most.
 pub(crate) fn new_batch(route: Route, limit: u64, requested: Option<u64>) -> Result<EventBatch> {
+    EventBatch::new(route, batch_limit(limit, requested)?)
+}
+
+/// The size limit of a batch on a link that takes `limit` bytes, of `requested` bytes at most.
+fn batch_limit(limit: u64, requested: Option<u64>) -> Result<u64> {
     let max = match requested {
         Some(0) => {
             return Err(Error::new(
@@ -821,7 +955,7 @@ pub(crate) fn new_batch(route: Route, limit: u64, requested: Option<u64>) -> Res
         Some(requested) => requested,
         None => limit,
     };
-    EventBatch::new(route, max)
+    Ok(max)
 }
 
 fn check_route(route: &Route) -> Result<()> {

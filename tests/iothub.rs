@@ -16,8 +16,8 @@ const POLICY_KEY: &str = "cG9saWN5LWtleS1mb3ItdGhlLWdhdGV3YXktdGVzdHM=";
 async fn hub(devices: usize) -> TestHub {
     let mut config = HubConfig::new()
         .iothub(HOST)
-        .policy("device", POLICY_KEY, &[Right::Send])
-        .policy("registryRead", POLICY_KEY, &[Right::Listen]);
+        .policy("device", POLICY_KEY, &[Right::DeviceConnect])
+        .policy("registryRead", POLICY_KEY, &[Right::RegistryRead]);
     for i in 0..devices {
         config = config.iot_device(format!("sensor-{i}"), DEVICE_KEY);
     }

@@ -24,6 +24,8 @@ pub(crate) enum ConnCommand {
 pub(crate) struct FaultState {
     pub detach_after: Option<(u64, String, String)>,
     pub reject_every: Option<(u64, String)>,
+    /// Reject each transfer with probability 1/n instead of every nth.
+    pub reject_at_random: bool,
     pub transfer_count: u64,
     pub withhold_until: Option<Instant>,
     pub delay: Duration,
@@ -111,6 +113,9 @@ impl FaultShared {
         let mut st = self.state.lock().unwrap();
         st.transfer_count += 1;
         match &st.reject_every {
+            Some((n, cond)) if *n > 0 && st.reject_at_random => {
+                (rand::random::<u64>() % *n == 0).then(|| cond.clone())
+            }
             Some((n, cond)) if *n > 0 && st.transfer_count % *n == 0 => Some(cond.clone()),
             _ => None,
         }
@@ -208,7 +213,17 @@ impl Faults {
         let mut st = self.shared.state.lock().unwrap();
         st.reject_every = (n > 0).then(|| (n, condition.to_string()));
         st.coalesce_rejections = false;
+        st.reject_at_random = false;
         st.transfer_count = 0;
+    }
+
+    /// Like [`reject_every_nth`](Self::reject_every_nth), but each transfer is rejected with
+    /// probability 1/`n`: a client whose retries fall into step with a fixed period (a held
+    /// partition resending one delivery per cycle) is not hit on every try, as it would not
+    /// be by a real service's throttling.
+    pub fn reject_at_random(&self, n: u64, condition: &str) {
+        self.reject_every_nth(n, condition);
+        self.shared.state.lock().unwrap().reject_at_random = n > 0;
     }
 
     /// Like [`reject_every_nth`](Self::reject_every_nth), and each rejection is held back until

@@ -4,6 +4,10 @@
 //! - `GET /devices/{id}`: 200 with the identity, 404 `DeviceNotFound`.
 //! - `PUT /devices/{id}` without `If-Match`: creates (200) with generated base64 keys;
 //!   an existing id is 409 `DeviceAlreadyExists`.
+//! - `PUT /devices/{id}` with `If-Match` (`*` or the identity's etag, else 412): updates
+//!   the status (`enabled`/`disabled`); an unknown id is 404.
+//! - `DELETE /devices/{id}` with `If-Match` (`*` or the etag; none is taken as `*`): 204,
+//!   or 404 for an unknown id.
 //! - `GET /twins/{id}`, `PATCH /twins/{id}` (a JSON merge of `tags` and
 //!   `properties.desired`; `If-Match` `*` or the twin's etag, else 412 `PreconditionFailed`).
 //!
@@ -13,8 +17,10 @@
 //! needs RegistryRead (GET device), RegistryWrite (PUT device) or ServiceConnect (twins).
 //! A per-minute limit (off by default) answers 429 with `Retry-After` once exceeded.
 //!
-//! The registry lives in [`IotHubState`], which the AMQP side can share to verify device-key
-//! tokens ([`IotHubState::device_key`]).
+//! The registry lives in [`IotHubState`], the one device store of IoT Hub mode: the AMQP side
+//! ([`TestHub`](crate::TestHub) with [`HubConfig::iothub`](crate::HubConfig::iothub)) reads
+//! the same devices, keys, status and policies, so a device created here can send D2C at once,
+//! a disabled one is refused and a deleted one is gone. Ids are case-sensitive everywhere.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -89,6 +95,8 @@ pub struct IotHubRequestCounts {
     pub unauthorized: u64,
     /// 429 answers.
     pub throttled: u64,
+    /// Successful deletes.
+    pub deleted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -107,8 +115,14 @@ pub struct IotHubState {
     per_minute: Option<u32>,
     /// The limit's window: a minute, as IoT Hub counts, unless a test shortens it.
     window: Duration,
+    /// Live CBS tokens one AMQP connection may hold (IoT Hub: about 999).
+    token_cap: usize,
     inner: Arc<Mutex<Inner>>,
 }
+
+/// IoT Hub's limit of CBS tokens per AMQP connection (PROTOCOL-2 D: "up to 999 tokens per
+/// connection"); the next put-token is answered 403005 `IotHubMaxCbsTokenExceeded`.
+pub const DEFAULT_TOKEN_CAP: usize = 999;
 
 impl IotHubState {
     /// A hub named by `host` with IoT Hub's default policies (`iothubowner` with every right,
@@ -133,7 +147,91 @@ impl IotHubState {
             ]),
             per_minute: None,
             window: Duration::from_secs(60),
+            token_cap: DEFAULT_TOKEN_CAP,
             inner: Arc::default(),
+        }
+    }
+
+    /// Adds policy `name` with `key` and these rights, or replaces the one of that name.
+    pub fn with_policy(mut self, policy: IotHubPolicy) -> IotHubState {
+        let policies = Arc::make_mut(&mut self.policies);
+        policies.retain(|p| p.name != policy.name);
+        policies.push(policy);
+        self
+    }
+
+    /// Sets the key of policy `name`, if it exists.
+    pub fn with_policy_key(mut self, name: &str, key: impl Into<String>) -> IotHubState {
+        let key = key.into();
+        if let Some(p) = Arc::make_mut(&mut self.policies)
+            .iter_mut()
+            .find(|p| p.name == name)
+        {
+            p.key = key;
+        }
+        self
+    }
+
+    /// How many live CBS tokens one AMQP connection may hold (default [`DEFAULT_TOKEN_CAP`]).
+    pub fn with_token_cap(mut self, cap: usize) -> IotHubState {
+        self.token_cap = cap.max(1);
+        self
+    }
+
+    /// The CBS token cap per AMQP connection.
+    pub fn token_cap(&self) -> usize {
+        self.token_cap
+    }
+
+    /// Every policy.
+    pub fn policies(&self) -> &[IotHubPolicy] {
+        &self.policies
+    }
+
+    /// Registers device `id` (exact case) with base64 `primary_key`, enabled, as a create
+    /// over REST would (an existing id is replaced, with a new generation).
+    pub fn add_device(&self, id: impl Into<String>, primary_key: impl Into<String>) {
+        let id = id.into();
+        let mut inner = self.lock();
+        inner.next_etag += 1;
+        let mut device = new_device(&id, inner.next_etag, "enabled");
+        device.primary_key = primary_key.into();
+        inner.devices.insert(id, device);
+    }
+
+    /// Enables or disables device `id`; false when it does not exist.
+    pub fn set_device_enabled(&self, id: &str, enabled: bool) -> bool {
+        let mut inner = self.lock();
+        inner.next_etag += 1;
+        let seq = inner.next_etag;
+        match inner.devices.get_mut(id) {
+            Some(d) => {
+                d.status = if enabled { "enabled" } else { "disabled" }.to_owned();
+                d.etag = identity_etag(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes device `id`; false when it did not exist.
+    pub fn remove_device(&self, id: &str) -> bool {
+        self.lock().devices.remove(id).is_some()
+    }
+
+    /// Whether device `id` exists and is enabled.
+    pub fn device_enabled(&self, id: &str) -> bool {
+        self.lock()
+            .devices
+            .get(id)
+            .is_some_and(|d| d.status == "enabled")
+    }
+
+    /// The same hub (host, policies, limits) with an empty registry of its own.
+    pub(crate) fn fresh(&self) -> IotHubState {
+        IotHubState {
+            inner: Arc::default(),
+            ..self.clone()
         }
     }
 
@@ -283,15 +381,53 @@ impl IotHubState {
                     vec![],
                 ),
             },
-            ("device", "PUT") => {
-                if if_match.is_some() {
+            ("device", "PUT") if if_match.is_some() => {
+                let Some(device) = inner.devices.get_mut(&id) else {
                     return error(
-                        StatusCode::BAD_REQUEST,
-                        "ArgumentInvalid",
-                        "updates are not supported by the test hub",
+                        StatusCode::NOT_FOUND,
+                        "DeviceNotFound",
+                        "device not found",
+                        vec![],
+                    );
+                };
+                if !etag_matches(if_match, &device.etag) {
+                    return error(
+                        StatusCode::PRECONDITION_FAILED,
+                        "PreconditionFailed",
+                        "the etag is stale",
                         vec![],
                     );
                 }
+                let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                match parsed.get("status").and_then(Value::as_str) {
+                    Some(status @ ("enabled" | "disabled")) => device.status = status.to_owned(),
+                    None => {}
+                    Some(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "ArgumentInvalid",
+                            "status must be enabled or disabled",
+                            vec![],
+                        )
+                    }
+                }
+                let key = |k: &str| {
+                    parsed
+                        .pointer(&format!("/authentication/symmetricKey/{k}"))
+                        .and_then(Value::as_str)
+                        .filter(|k| STANDARD.decode(k).is_ok())
+                        .map(str::to_owned)
+                };
+                if let Some(k) = key("primaryKey") {
+                    device.primary_key = k;
+                }
+                if let Some(k) = key("secondaryKey") {
+                    device.secondary_key = k;
+                }
+                device.etag = identity_etag(etag_seq);
+                (StatusCode::OK, vec![], device_json(device))
+            }
+            ("device", "PUT") => {
                 if inner.devices.contains_key(&id) {
                     inner.counts.conflicts += 1;
                     return error(
@@ -310,26 +446,36 @@ impl IotHubState {
                         vec![],
                     );
                 }
-                let device = IotHubDevice {
-                    device_id: id.clone(),
-                    generation_id: format!("{}", 638_000_000_000_000_000u64 + etag_seq),
-                    etag: format!("\"{}\"", STANDARD.encode(format!("e{etag_seq}"))),
-                    status: parsed
-                        .get("status")
-                        .and_then(Value::as_str)
-                        .unwrap_or("enabled")
-                        .to_owned(),
-                    primary_key: random_key(),
-                    secondary_key: random_key(),
-                    tags: json!({}),
-                    desired: json!({}),
-                    twin_version: 1,
-                    twin_etag: format!("\"t{etag_seq}\""),
-                };
+                let status = parsed
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("enabled");
+                let device = new_device(&id, etag_seq, status);
                 let answer = device_json(&device);
                 inner.devices.insert(id, device);
                 inner.counts.created += 1;
                 (StatusCode::OK, vec![], answer)
+            }
+            ("device", "DELETE") => {
+                let Some(device) = inner.devices.get(&id) else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "DeviceNotFound",
+                        "device not found",
+                        vec![],
+                    );
+                };
+                if !etag_matches(if_match.or(Some("*")), &device.etag) {
+                    return error(
+                        StatusCode::PRECONDITION_FAILED,
+                        "PreconditionFailed",
+                        "the etag is stale",
+                        vec![],
+                    );
+                }
+                inner.devices.remove(&id);
+                inner.counts.deleted += 1;
+                (StatusCode::NO_CONTENT, vec![], Value::Null)
             }
             ("twin", "GET") => match inner.devices.get(&id) {
                 Some(d) => (StatusCode::OK, vec![], twin_json(d)),
@@ -441,6 +587,36 @@ impl IotHubState {
             return Err("the token's audience is not this hub");
         }
         Ok(policy)
+    }
+}
+
+/// A fresh identity `id` with generated keys (sequence `seq` makes its etags unique).
+fn new_device(id: &str, seq: u64, status: &str) -> IotHubDevice {
+    IotHubDevice {
+        device_id: id.to_owned(),
+        generation_id: format!("{}", 638_000_000_000_000_000u64 + seq),
+        etag: identity_etag(seq),
+        status: status.to_owned(),
+        primary_key: random_key(),
+        secondary_key: random_key(),
+        tags: json!({}),
+        desired: json!({}),
+        twin_version: 1,
+        twin_etag: format!("\"t{seq}\""),
+    }
+}
+
+fn identity_etag(seq: u64) -> String {
+    format!("\"{}\"", STANDARD.encode(format!("e{seq}")))
+}
+
+/// `If-Match` `*`, or the etag with or without its quotes.
+fn etag_matches(if_match: Option<&str>, etag: &str) -> bool {
+    match if_match.map(|t| t.trim()) {
+        None => false,
+        // Microsoft's Python SDK quotes the wildcard too.
+        Some("*" | "\"*\"") => true,
+        Some(tag) => tag == etag || format!("\"{tag}\"") == etag,
     }
 }
 
@@ -659,7 +835,10 @@ async fn serve(
     for (k, v) in headers {
         response = response.header(k, v);
     }
-    Ok(response
-        .body(Full::new(Bytes::from(json.to_string())))
-        .unwrap_or_default())
+    let body = if status == StatusCode::NO_CONTENT {
+        Bytes::new()
+    } else {
+        Bytes::from(json.to_string())
+    };
+    Ok(response.body(Full::new(body)).unwrap_or_default())
 }

@@ -23,6 +23,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use faults::Faults;
 pub use jwt::{sign_hs256 as sign_jwt_hs256, EVENT_HUBS_AUDIENCE};
+pub use server::idempotent::{GapAnswer, ResumeAnswer};
 pub use store::StoredEvent;
 
 /// A right a SAS policy grants.
@@ -34,6 +35,15 @@ pub enum Right {
     Listen,
     /// Manage entities (implies nothing else here; list Send/Listen explicitly).
     Manage,
+    /// IoT Hub: send device-to-cloud messages as any device (a policy) or as itself (a
+    /// device key).
+    DeviceConnect,
+    /// IoT Hub: the service side (twins, the built-in endpoint).
+    ServiceConnect,
+    /// IoT Hub: read the identity registry.
+    RegistryRead,
+    /// IoT Hub: write the identity registry.
+    RegistryWrite,
 }
 
 #[derive(Clone, Debug)]
@@ -60,8 +70,15 @@ pub struct HubConfig {
     pub(crate) retain_events: Option<usize>,
     /// IoT Hub mode: the hub's host name (`NAME.azure-devices.net`), when set.
     pub(crate) iothub: Option<String>,
+    /// IoT Hub mode: policies, token cap and registry limits (devices are added when the
+    /// hub starts, each hub getting a store of its own).
+    pub(crate) iot: Option<iothub_http::IotHubState>,
     /// IoT Hub devices: id and base64 key.
     pub(crate) iot_devices: Vec<(String, String)>,
+    /// How an idempotent producer's resume is answered.
+    pub(crate) idempotent_resume: ResumeAnswer,
+    /// What a gap in an idempotent producer's numbers gets.
+    pub(crate) idempotent_gaps: GapAnswer,
     /// The WebSocket listener's port, when it is on (0 = any free port).
     pub(crate) websocket_port: Option<u16>,
     /// Whether the WebSocket upgrade echoes the chosen subprotocol.
@@ -110,7 +127,10 @@ impl HubConfig {
             jwt_issuers: Vec::new(),
             retain_events: None,
             iothub: None,
+            iot: None,
             iot_devices: Vec::new(),
+            idempotent_resume: ResumeAnswer::default(),
+            idempotent_gaps: GapAnswer::default(),
             websocket_port: None,
             websocket_echo: true,
         }
@@ -177,24 +197,31 @@ impl HubConfig {
     /// `plant.azure-devices.net`): device-to-cloud links at `/devices/{id}/messages/events` (also
     /// `amqps://host/devices/...`), put-token answered with **200**, SAS verified the IoT Hub
     /// way (HMAC with the base64-*decoded* key; a device key covers its own device, a policy
-    /// key with [`Right::Send`] — IoT Hub's DeviceConnect — covers every device), 256 KB
-    /// messages, unknown devices refused with `amqp:not-found`. Unless policies were set
-    /// already, the policies become IoT Hub's `device` (DeviceConnect) with a random key; a
-    /// later [`policy`](Self::policy) call replaces it as usual. Register devices with
-    /// [`iot_device`](Self::iot_device); read what each sent with
-    /// [`TestHub::iothub_messages`]. Device ids are matched case-insensitively here (IoT Hub
-    /// matches them exactly): tests should not rely on two ids that differ only in case.
+    /// key with [`Right::DeviceConnect`] covers every device), at most 999 live tokens per
+    /// connection ([`iot_token_cap`](Self::iot_token_cap)), 256 KB messages, unknown and
+    /// disabled devices refused with `amqp:not-found`. Device ids are case-sensitive.
+    ///
+    /// The hub has IoT Hub's default policies (`iothubowner` with every right, `service`,
+    /// `device`, `registryRead`, `registryReadWrite`) with random keys; [`policy`](Self::policy)
+    /// adds one or replaces the one of its name, [`policy_key`](Self::policy_key) sets a key.
+    /// Devices live in one store, [`TestHub::iothub_state`], shared with the registry and twin
+    /// REST server ([`iothub_http::IotHubRest`]) when one is started on it: a device created
+    /// over REST can send at once, a disabled or deleted one is refused. Register devices up
+    /// front with [`iot_device`](Self::iot_device); read what each sent with
+    /// [`TestHub::iothub_messages`]. See the `server::iothub` module docs for the choices
+    /// made where the service's behaviour is inferred.
     pub fn iothub(mut self, host_name: impl Into<String>) -> Self {
-        self.iothub = Some(host_name.into().to_ascii_lowercase());
-        self.max_message_size = 256 * 1024;
-        if !self.policies_customised {
-            // IoT Hub's gateway policy: `device` (DeviceConnect, here the Send right).
-            self.policies = vec![Policy {
-                name: "device".to_string(),
-                key: random_key(),
-                rights: vec![Right::Send],
-            }];
+        let host = host_name.into().to_ascii_lowercase();
+        let mut state = iothub_http::IotHubState::new(host.clone());
+        if self.policies_customised {
+            for p in &self.policies {
+                state =
+                    state.with_policy(server::iot_policy(p.name.clone(), p.key.clone(), &p.rights));
+            }
         }
+        self.iothub = Some(host);
+        self.iot = Some(state);
+        self.max_message_size = 256 * 1024;
         if !self.hubs_customised {
             self.hubs.clear();
             self.hubs_customised = true;
@@ -202,21 +229,42 @@ impl HubConfig {
         self
     }
 
-    /// Registers an IoT Hub device with its base64 symmetric key (IoT Hub mode).
+    /// Registers an IoT Hub device with its base64 symmetric key (IoT Hub mode), enabled.
     pub fn iot_device(mut self, id: impl Into<String>, key_base64: impl Into<String>) -> Self {
-        let id = id.into();
-        self.hubs.push((format!("devices/{id}"), 1));
-        self.iot_devices.push((id, key_base64.into()));
+        self.iot_devices.push((id.into(), key_base64.into()));
         self
     }
 
-    /// Adds a SAS policy; the first call replaces the default policies.
+    /// IoT Hub mode: how many live CBS tokens one connection may hold before put-token
+    /// answers 403005 `IotHubMaxCbsTokenExceeded` (default 999; lower it to test sharding).
+    pub fn iot_token_cap(mut self, cap: usize) -> Self {
+        self.iot = self.iot.map(|s| s.with_token_cap(cap));
+        self
+    }
+
+    /// IoT Hub mode: the registry REST side answers 429 (with `Retry-After`) once more than
+    /// `limit` requests arrive within `window` (IoT Hub: 100 a minute per S1 unit).
+    pub fn iot_registry_rate_limit(mut self, limit: u32, window: Duration) -> Self {
+        self.iot = self
+            .iot
+            .map(|s| s.with_rate_limit(Some(limit)).with_rate_window(window));
+        self
+    }
+
+    /// Adds a SAS policy; the first call replaces the default policies. In IoT Hub mode
+    /// (after [`iothub`](Self::iothub)) it adds an IoT Hub policy with the IoT Hub rights among
+    /// `rights`, replacing only the policy of the same name.
     pub fn policy(
         mut self,
         name: impl Into<String>,
         key: impl Into<String>,
         rights: &[Right],
     ) -> Self {
+        if let Some(state) = self.iot.take() {
+            let policy = server::iot_policy(name.into(), key.into(), rights);
+            self.iot = Some(state.with_policy(policy));
+            return self;
+        }
         if !self.policies_customised {
             self.policies.clear();
             self.policies_customised = true;
@@ -233,6 +281,23 @@ impl HubConfig {
     /// configured yet is added with every right (Manage, Send, Listen). Keeps the defaults.
     pub fn policy_key(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
         let (name, key) = (name.into(), key.into());
+        if let Some(state) = self.iot.take() {
+            let state = match state.policy(&name) {
+                Some(_) => state.with_policy_key(&name, key),
+                None => state.with_policy(server::iot_policy(
+                    name,
+                    key,
+                    &[
+                        Right::DeviceConnect,
+                        Right::ServiceConnect,
+                        Right::RegistryRead,
+                        Right::RegistryWrite,
+                    ],
+                )),
+            };
+            self.iot = Some(state);
+            return self;
+        }
         match self.policies.iter_mut().find(|p| p.name == name) {
             Some(p) => p.key = key,
             None => self.policies.push(Policy {
@@ -275,6 +340,20 @@ impl HubConfig {
         self.retain_events = events;
         self
     }
+
+    /// What an idempotent producer that re-attaches with known state is told its last
+    /// sequence number is (undocumented by the service; [`ResumeAnswer::Stored`] by default).
+    pub fn idempotent_resume(mut self, answer: ResumeAnswer) -> Self {
+        self.idempotent_resume = answer;
+        self
+    }
+
+    /// What an idempotent delivery whose numbers skip ahead gets (undocumented by the
+    /// service; [`GapAnswer::Refuse`] by default).
+    pub fn idempotent_gaps(mut self, answer: GapAnswer) -> Self {
+        self.idempotent_gaps = answer;
+        self
+    }
 }
 
 /// Counters of what the hub has seen.
@@ -306,6 +385,8 @@ pub struct HubStats {
     pub links_refused: u64,
     /// `$management` requests answered.
     pub management_requests: u64,
+    /// Events from idempotent producers acknowledged as duplicates and not stored.
+    pub idempotent_duplicates: u64,
 }
 
 /// Errors starting a [`TestHub`].
@@ -339,7 +420,7 @@ impl TestHub {
     /// # Errors
     /// Fails when binding fails, the configuration has no hub, or TLS setup fails.
     pub async fn start(config: HubConfig) -> Result<TestHub, TestHubError> {
-        if config.hubs.is_empty() {
+        if config.hubs.is_empty() && config.iot.is_none() {
             return Err(TestHubError::Config("no hub configured".to_string()));
         }
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
@@ -474,9 +555,28 @@ impl TestHub {
         self.ca_pem.clone()
     }
 
-    /// IoT Hub mode: what device `device_id` sent, in order.
+    /// IoT Hub mode: what device `device_id` (exact case) sent, in order.
     pub fn iothub_messages(&self, device_id: &str) -> Vec<StoredEvent> {
-        self.events(&format!("devices/{device_id}"))
+        self.events(&server::iot_store_name(device_id))
+    }
+
+    /// IoT Hub mode: waits until device `device_id` has at least `count` messages stored or
+    /// `timeout` passes; returns what is stored then.
+    pub async fn wait_for_iothub_messages(
+        &self,
+        device_id: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<StoredEvent> {
+        self.wait_for_events(&server::iot_store_name(device_id), count, timeout)
+            .await
+    }
+
+    /// IoT Hub mode: the one device store (devices, keys, status, twins, policies), shared
+    /// with the AMQP side; start an [`iothub_http::IotHubRest`] on it for the registry and
+    /// twin REST API.
+    pub fn iothub_state(&self) -> Option<iothub_http::IotHubState> {
+        self.shared.iot.clone()
     }
 
     /// IoT Hub mode: a policy's connection string (`HostName` is the IoT hub's name,
@@ -484,11 +584,9 @@ impl TestHub {
     pub fn iothub_connection_string(&self, policy: &str) -> String {
         let key = self
             .shared
-            .config
-            .policies
-            .iter()
-            .find(|p| p.name == policy)
-            .map(|p| p.key.clone())
+            .iot
+            .as_ref()
+            .and_then(|s| s.policy(policy).map(|p| p.key.clone()))
             .unwrap_or_default();
         format!(
             "HostName={};GatewayHostName={};SharedAccessKeyName={policy};SharedAccessKey={key}",
@@ -497,15 +595,13 @@ impl TestHub {
         )
     }
 
-    /// IoT Hub mode: a device's connection string with its own key.
+    /// IoT Hub mode: a device's connection string with its own (primary) key.
     pub fn iothub_device_connection_string(&self, device_id: &str) -> String {
         let key = self
             .shared
-            .config
-            .iot_devices
-            .iter()
-            .find(|(id, _)| id == device_id)
-            .map(|(_, k)| k.clone())
+            .iot
+            .as_ref()
+            .and_then(|s| s.device_key(device_id))
             .unwrap_or_default();
         format!(
             "HostName={};GatewayHostName={};DeviceId={device_id};SharedAccessKey={key}",
@@ -547,7 +643,31 @@ impl TestHub {
 
     /// Snapshot of the counters.
     pub fn stats(&self) -> HubStats {
-        self.shared.stats.lock().unwrap().clone()
+        let mut stats = self.shared.stats.lock().unwrap().clone();
+        stats.idempotent_duplicates = self.shared.idempotent.lock().unwrap().duplicates;
+        stats
+    }
+
+    /// Registers an idempotent producer on `hub`'s `partition` as if it had stored events up
+    /// to sequence number `last` with `epoch` (to test restarts and wrap-around).
+    pub fn seed_idempotent_producer(
+        &self,
+        hub: &str,
+        partition: u32,
+        id: i64,
+        epoch: i16,
+        last: i32,
+    ) {
+        let hub = self
+            .shared
+            .find_hub(hub)
+            .map(|h| h.0)
+            .unwrap_or_else(|| hub.to_owned());
+        self.shared
+            .idempotent
+            .lock()
+            .unwrap()
+            .seed(&hub, partition, id, epoch, last);
     }
 
     /// Handle to fault injection.

@@ -103,6 +103,12 @@ struct Args {
     /// IoT Hub mode: register a device with its base64 key, as ID=KEY (repeatable).
     #[arg(long = "iot-device", value_name = "ID=KEY", value_parser = parse_policy_key)]
     iot_devices: Vec<(String, String)>,
+    /// IoT Hub mode: also serve the registry and twin REST API (HTTPS with --tls-dir, its CA
+    /// written to DIR/registry-ca.pem) on PORT, on the same device store as AMQP: devices
+    /// created there can send at once. Microsoft's service SDKs build the URL from HostName,
+    /// so give --iothub localhost:PORT for them. Printed as a `Registry: URL` line.
+    #[arg(long, value_name = "PORT", requires = "iothub")]
+    iot_registry_port: Option<u16>,
     /// IoT Hub mode: rewrite FILE every 200 ms with a JSON array of every stored D2C message
     /// (device, body, message_id, correlation_id, content_type, properties).
     #[arg(long, value_name = "FILE")]
@@ -163,16 +169,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(bytes) = args.advertise_max_message_size {
         config = config.advertise_max_message_size(bytes);
     }
-    for (name, key) in &args.policy_keys {
-        config = config.policy_key(name, key);
-    }
     if let Some(host) = &args.iothub {
         config = config.iothub(host);
         for (id, key) in &args.iot_devices {
             config = config.iot_device(id, key);
         }
     }
+    // After `iothub`, so that in IoT Hub mode the keys go to its policies.
+    for (name, key) in &args.policy_keys {
+        config = config.policy_key(name, key);
+    }
     let hub = TestHub::start(config).await?;
+    // The registry and twin REST API on the same device store (IoT Hub mode).
+    let registry = match (args.iot_registry_port, hub.iothub_state()) {
+        (Some(port), Some(state)) => {
+            let addr = (args.host.parse::<std::net::IpAddr>()?, port).into();
+            Some(match &args.tls_dir {
+                Some(_) => hubsend_testhub::iothub_http::IotHubRest::start_tls(state, addr).await?,
+                None => hubsend_testhub::iothub_http::IotHubRest::start(state, addr).await?,
+            })
+        }
+        _ => None,
+    };
     args.arm(&hub.faults());
     let ca_path = match (&args.tls_dir, hub.ca_pem()) {
         (Some(dir), Some(pem)) => {
@@ -209,15 +227,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(path) = ca_path {
         println!("CA certificate: {}", path.display());
     }
+    if let Some(rest) = &registry {
+        match (&args.tls_dir, rest.ca_pem()) {
+            (Some(dir), Some(pem)) => {
+                let path = dir.join("registry-ca.pem");
+                std::fs::write(&path, pem)?;
+                println!(
+                    "Registry: {} (CA certificate: {})",
+                    rest.url(),
+                    path.display()
+                );
+            }
+            _ => println!("Registry: {}", rest.url()),
+        }
+    }
     if let Some(url) = hub.ws_url() {
         println!("WebSocket: {url}");
     }
     match &args.dump {
         Some(path) if args.iothub.is_some() => {
-            let devices: Vec<&str> = args.iot_devices.iter().map(|(id, _)| id.as_str()).collect();
             tokio::select! {
                 () = wait_for_signal() => {}
-                () = dump_loop(&hub, &devices, path) => {}
+                () = dump_loop(&hub, path) => {}
             }
         }
         _ => wait_for_signal().await,
@@ -226,9 +257,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Rewrites `path` every 200 ms with every D2C message the hub stored, as one JSON array.
-async fn dump_loop(hub: &TestHub, devices: &[&str], path: &std::path::Path) {
+/// Rewrites `path` every 200 ms with every D2C message the hub stored (of every device in
+/// the registry, also those created over REST), as one JSON array.
+async fn dump_loop(hub: &TestHub, path: &std::path::Path) {
     loop {
+        let devices: Vec<String> = hub
+            .iothub_state()
+            .map(|s| s.devices().into_iter().map(|d| d.device_id).collect())
+            .unwrap_or_default();
         let all: Vec<serde_json::Value> = devices
             .iter()
             .flat_map(|d| {

@@ -252,6 +252,13 @@ fn text_at(buf: &[u8], pos: usize) -> Option<(bool, &str)> {
 /// The `x-opt-partition-key` annotation (a symbol key with a string or symbol value) in the
 /// message-annotations section `s` of `buf`.
 pub(crate) fn partition_key(buf: &[u8], s: &Section) -> Option<String> {
+    let at = annotation(buf, s, "x-opt-partition-key")?;
+    text_at(buf, at).map(|(_, t)| t.to_string())
+}
+
+/// Where the value of the annotation with symbol key `key` starts in the message-annotations
+/// section `s` of `buf`.
+fn annotation(buf: &[u8], s: &Section, key: &str) -> Option<usize> {
     let (count, mut pos) = match *buf.get(s.value)? {
         0xc1 => (*buf.get(s.value + 2)? as usize, s.value + 3),
         0xd1 => (be32(buf, s.value + 5)?, s.value + 9),
@@ -260,12 +267,33 @@ pub(crate) fn partition_key(buf: &[u8], s: &Section) -> Option<String> {
     for _ in 0..count / 2 {
         let key_end = skip_value(buf, pos)?;
         let value_end = skip_value(buf, key_end)?;
-        if let Some((true, "x-opt-partition-key")) = text_at(buf, pos) {
-            return text_at(buf, key_end).map(|(_, t)| t.to_string());
+        if text_at(buf, pos) == Some((true, key)) {
+            return Some(key_end);
         }
         pos = value_end;
     }
     None
+}
+
+/// An integer annotation (AMQP short, int or long in any of their encodings) with symbol key
+/// `key` in the message-annotations section `s` of `buf`. `None` when absent, null or not an
+/// integer.
+pub(crate) fn integer_annotation(buf: &[u8], s: &Section, key: &str) -> Option<i64> {
+    let at = annotation(buf, s, key)?;
+    let bytes = |n: usize| buf.get(at + 1..at + 1 + n);
+    match *buf.get(at)? {
+        // smallint, smalllong
+        0x54 | 0x55 => bytes(1).map(|b| b[0] as i8 as i64),
+        // short
+        0x61 => bytes(2).map(|b| i16::from_be_bytes([b[0], b[1]]) as i64),
+        // int
+        0x71 => bytes(4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
+        // long
+        0x81 => {
+            bytes(8).map(|b| i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ pub(crate) fn covers(audience: &str, entity: &str) -> bool {
 
 /// Whether `sig` (URL-encoded base64, as sent) is the HMAC-SHA256 under `key` of the literal
 /// `sr` and `se`: `"{sr}\n{se}"`.
-fn signature_matches(key: &[u8], sr: &str, se: &str, sig: &str) -> bool {
+pub(crate) fn signature_matches(key: &[u8], sr: &str, se: &str, sig: &str) -> bool {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
         return false;
     };
@@ -125,76 +125,6 @@ fn signature_matches(key: &[u8], sr: &str, se: &str, sig: &str) -> bool {
     base64::engine::general_purpose::STANDARD
         .decode(sig.trim())
         .is_ok_and(|given| given.as_slice() == expected.as_slice())
-}
-
-/// Verifies an IoT Hub SAS token put for `name`: the HMAC is over the literal `sr` with the
-/// base64-*decoded* key; a token with `skn` is signed by that policy (whose key
-/// `policy_key` returns), one without by the key of the device its `sr` names
-/// (`device_key`). The `sr` and the name are decoded and compared case-insensitively, by path
-/// segment; the host must be the hub's. The verified token's `policy` is empty for a device
-/// key.
-pub(crate) fn verify_iot(
-    token: &str,
-    name: &str,
-    now_secs: u64,
-    policy_key: impl Fn(&str) -> Option<String>,
-    device_key: impl Fn(&str) -> Option<String>,
-    host: &str,
-) -> Result<VerifiedToken, TokenError> {
-    let bad =
-        |why: &str| TokenError::Unauthorized(format!("401002 IotHubUnauthorizedAccess: {why}"));
-    let parsed = parse_token(token).ok_or_else(|| bad("malformed token"))?;
-    let (Some(sr), Some(sig), Some(se)) = (parsed.sr, parsed.sig, parsed.se) else {
-        return Err(bad("malformed token"));
-    };
-    let sr_decoded = percent_decode_str(sr).decode_utf8_lossy().to_string();
-    let sr_res = normalise(&sr_decoded, true);
-    if !sr_res
-        .host
-        .as_deref()
-        .is_some_and(|h| h.eq_ignore_ascii_case(host))
-    {
-        return Err(bad("the token is for another hub"));
-    }
-    let (policy, key) = match parsed.skn {
-        Some(skn) => {
-            let skn = percent_decode_str(skn).decode_utf8_lossy().to_string();
-            let key = policy_key(&skn).ok_or_else(|| bad("unknown policy"))?;
-            (skn, key)
-        }
-        None => {
-            let segs: Vec<&str> = sr_res.path.split('/').collect();
-            let [devices, id] = segs.as_slice() else {
-                return Err(bad("a device token must name one device"));
-            };
-            if *devices != "devices" {
-                return Err(bad("a device token must name one device"));
-            }
-            (
-                String::new(),
-                device_key(id).ok_or_else(|| bad("unknown device"))?,
-            )
-        }
-    };
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(key.trim())
-        .map_err(|_| bad("the key is not base64"))?;
-    if !signature_matches(&key, sr, se, sig) {
-        return Err(bad("the signature does not match"));
-    }
-    let expires_at: u64 = se.trim().parse().map_err(|_| bad("malformed expiry"))?;
-    if expires_at <= now_secs {
-        return Err(TokenError::Expired);
-    }
-    let name_res = normalise(&percent_decode_str(name).decode_utf8_lossy(), true);
-    if !covers(&sr_res.path, &name_res.path) {
-        return Err(bad("the token does not cover this audience"));
-    }
-    Ok(VerifiedToken {
-        policy,
-        audience: name_res.path,
-        expires_at,
-    })
 }
 
 /// What a verified token grants.

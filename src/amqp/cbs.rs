@@ -117,6 +117,15 @@ impl Authorizer {
             .unwrap_or(false)
     }
 
+    /// Stops refreshing `audience` (a device gone idle). The hub keeps the last token until
+    /// it expires; a later [`authorize`](Self::authorize) puts a fresh one.
+    pub(crate) fn forget(&self, audience: &str) {
+        if let Ok(mut audiences) = self.audiences.lock() {
+            audiences.remove(audience);
+        }
+        self.changed.notify_one();
+    }
+
     /// Puts a token for `audience` from `provider` and keeps it fresh from now on.
     pub(crate) async fn authorize(
         &self,

@@ -146,8 +146,13 @@ impl<T> Ledger<T> {
             .map(|e| e.first_sent + deadline)
     }
 
-    /// Removes and returns the deliveries first sent `deadline` or longer before `now`.
-    pub(crate) fn expire(&mut self, now: Instant, deadline: Duration) -> Vec<Entry<T>> {
+    /// Removes and returns the deliveries first sent `deadline` or longer before `now`, in
+    /// order, with their ids.
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        deadline: Duration,
+    ) -> Vec<(DeliveryId, Entry<T>)> {
         let expired: Vec<DeliveryId> = self
             .entries
             .iter()
@@ -156,7 +161,7 @@ impl<T> Ledger<T> {
             .collect();
         expired
             .into_iter()
-            .filter_map(|id| self.entries.remove(&id))
+            .filter_map(|id| self.entries.remove(&id).map(|e| (id, e)))
             .collect()
     }
 
@@ -237,7 +242,7 @@ mod tests {
         let gone: Vec<_> = ledger
             .expire(at(t, 1000), deadline)
             .into_iter()
-            .map(|e| e.payload)
+            .map(|(_, e)| e.payload)
             .collect();
         assert_eq!(gone, vec!["old"]);
         assert_eq!(ledger.len(), 1);

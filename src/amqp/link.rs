@@ -29,8 +29,10 @@ use super::ledger::{DeliveryId, Ledger, State};
 use super::{
     outcome_result, send_error, ConnectionEvent, Counters, Engine, Lifecycle, Outgoing, Waiter,
 };
+use super::{Publishing, Sequencer};
 use crate::batch::{Sections, BATCH_MESSAGE_FORMAT};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Condition, Error, ErrorKind, Result};
+use crate::idempotent::{seq_add, seq_at_or_before, Stamp};
 use crate::retry::{classify, Action, RetryOptions};
 use crate::transport::Lost;
 
@@ -39,6 +41,21 @@ use crate::transport::Lost;
 pub(crate) struct Pending {
     sections: Sections,
     waiters: Vec<Waiter>,
+    /// On an idempotent link: the sequence number of its first event (the others follow).
+    first: Option<i32>,
+    /// The hub reported storing it already when the link was re-attached: its acceptance is
+    /// a duplicate the hub dropped.
+    known_stored: bool,
+    /// When its numbers were assigned (see `Sequencer::tickets`).
+    ticket: u64,
+}
+
+impl Pending {
+    /// The sequence number of its last event, on an idempotent link.
+    fn last(&self) -> Option<i32> {
+        self.first
+            .map(|first| seq_add(first, self.sections.len().saturating_sub(1) as u64))
+    }
 }
 
 /// The hub's outcome for one delivery, tagged with the delivery's id in the ledger.
@@ -77,6 +94,10 @@ pub(crate) struct LinkTask {
     /// Recoveries in a row after which the hub stored nothing (drives their back-off).
     fruitless: u32,
     lifecycle: watch::Receiver<Lifecycle>,
+    /// On an idempotent partition link: its producer state and where it is published.
+    idem: Option<(Sequencer, Arc<Publishing>)>,
+    /// A failure that ends the link for good (a stolen producer epoch).
+    fatal: Option<Error>,
 }
 
 impl LinkTask {
@@ -91,6 +112,7 @@ impl LinkTask {
         counters: Arc<Counters>,
         cap: u64,
         lifecycle: watch::Receiver<Lifecycle>,
+        idem: Option<(Sequencer, Arc<Publishing>)>,
     ) -> LinkTask {
         let limit = link_limit(&sender, cap);
         LinkTask {
@@ -108,7 +130,24 @@ impl LinkTask {
             cap,
             fruitless: 0,
             lifecycle,
+            idem,
+            fatal: None,
         }
+    }
+
+    /// Whether an idempotent link holds new deliveries back until the refused ones are resent.
+    fn holding(&self) -> bool {
+        self.idem.as_ref().is_some_and(|(s, _)| s.hold)
+    }
+
+    /// When a held idempotent link resends: once nothing is in flight, after the longest
+    /// back-off among the refused deliveries.
+    fn resend_at(&self) -> Option<Instant> {
+        let (seq, _) = self.idem.as_ref()?;
+        if !seq.hold || self.ledger.longest_waiting().is_some() {
+            return None;
+        }
+        Some(seq.hold_until.unwrap_or_else(Instant::now))
     }
 
     /// Drains the link's queue until it closes and every delivery is settled.
@@ -138,7 +177,9 @@ impl LinkTask {
                 );
                 return;
             }
-            let next_retry = self.ledger.next_retry();
+            let next_retry = self.ledger.next_retry().filter(|_| self.idem.is_none());
+            let resend_at = self.resend_at();
+            let accepting = open && !self.holding();
             let waiting = self.ledger.longest_waiting();
             let expiry = self.ledger.next_expiry(self.retry.deadline);
             let try_timeout = self.retry.try_timeout;
@@ -152,6 +193,9 @@ impl LinkTask {
                 () = sleep_until(expiry), if expiry.is_some() => self.expire(),
                 () = sleep_until(next_retry), if next_retry.is_some() => {
                     lost = self.send_due_retries().await.err();
+                }
+                () = sleep_until(resend_at), if resend_at.is_some() => {
+                    lost = self.resend_held().await.err();
                 }
                 () = sleep_until(waiting.map(|(_, sent)| sent + try_timeout)), if waiting.is_some() => {
                     let error = Error::new(
@@ -174,7 +218,7 @@ impl LinkTask {
                     }
                     lost = Some(error);
                 }
-                message = next_outgoing(&mut carried, &mut rx), if open => match message {
+                message = next_outgoing(&mut carried, &mut rx), if accepting => match message {
                     None => open = false,
                     Some(out) => {
                         let (sections, waiters) = coalesce(out, &mut rx, &mut carried, self.limit);
@@ -182,8 +226,16 @@ impl LinkTask {
                     }
                 },
             }
+            let lost = match self.fatal.take() {
+                Some(fatal) => Some(Err(fatal)),
+                None => lost.map(Ok),
+            };
             if let Some(cause) = lost {
-                if let Err(error) = self.recover(cause).await {
+                let recovered = match cause {
+                    Ok(cause) => self.recover(cause).await,
+                    Err(fatal) => Err(fatal),
+                };
+                if let Err(error) = recovered {
                     tracing::warn!(error = %error, "giving up on the link");
                     if let Some(engine) = self.engine.upgrade() {
                         let _ = engine.events.send(ConnectionEvent::GaveUp {
@@ -226,7 +278,37 @@ impl LinkTask {
             if result.is_ok() {
                 self.fruitless = 0;
             }
+            self.on_settled(id, &entry.payload, result.is_ok());
             self.counters.settle(entry.payload.waiters, result);
+        }
+    }
+
+    /// Keeps an idempotent link's numbering in step with a delivery settled for good: an
+    /// accepted one commits its numbers; a failed one leaves a gap the deliveries behind it
+    /// are renumbered over (after they are all back), so the hub sees no hole.
+    fn on_settled(&mut self, id: DeliveryId, pending: &Pending, accepted: bool) {
+        let Some((seq, publishing)) = self.idem.as_mut() else {
+            return;
+        };
+        let (Some(first), Some(last)) = (pending.first, pending.last()) else {
+            return;
+        };
+        if accepted {
+            if pending.known_stored {
+                self.counters
+                    .duplicates_avoided
+                    .fetch_add(pending.sections.len() as u64, Ordering::Relaxed);
+            }
+            if seq.committed_ticket.is_none_or(|c| c < pending.ticket) {
+                seq.committed_ticket = Some(pending.ticket);
+                seq.committed = last;
+                publishing.publish(seq.state());
+            }
+        } else {
+            if seq.gap.is_none_or(|(gap_id, _, _)| id < gap_id) {
+                seq.gap = Some((id, first, pending.ticket));
+            }
+            seq.hold = true;
         }
     }
 
@@ -253,10 +335,8 @@ impl LinkTask {
         id: DeliveryId,
         result: std::result::Result<Outcome, SendError>,
     ) -> Option<Error> {
-        let Some(entry) = self.ledger.get_mut(id) else {
-            // Settled already (a stale outcome): nothing to pair it with.
-            return None;
-        };
+        // Settled already (a stale outcome): nothing to pair it with.
+        self.ledger.get_mut(id)?;
         let error = match outcome_result(result) {
             Ok(()) => {
                 self.settle(id, Ok(()));
@@ -264,6 +344,10 @@ impl LinkTask {
             }
             Err(error) => error,
         };
+        if let Some(handled) = self.idempotent_refusal(id, &error) {
+            return handled;
+        }
+        let entry = self.ledger.get_mut(id)?;
         match classify(&error) {
             Action::Retry
                 if entry.attempts < self.retry.max_retries
@@ -275,7 +359,14 @@ impl LinkTask {
                     .retried
                     .fetch_add(entry.payload.waiters.len() as u64, Ordering::Relaxed);
                 tracing::debug!(error = %error, attempt = entry.attempts, ?delay, "retrying a delivery");
-                self.ledger.retry_at(id, Instant::now() + delay);
+                let at = Instant::now() + delay;
+                self.ledger.retry_at(id, at);
+                if let Some((seq, _)) = self.idem.as_mut() {
+                    // Everything behind it is refused too: hold the partition and resend in
+                    // order once every outcome is in, after the longest back-off.
+                    seq.hold = true;
+                    seq.hold_until = Some(seq.hold_until.map_or(at, |until| until.max(at)));
+                }
                 None
             }
             Action::Reattach | Action::RefreshAndReattach => {
@@ -289,10 +380,117 @@ impl LinkTask {
         }
     }
 
+    /// The refusals only an idempotent link has. Every delivery behind a refused one is
+    /// refused too (its numbers no longer follow what the hub stored), so the link stops
+    /// taking new deliveries, waits for every outcome, and then resends what is unsettled in
+    /// order with the numbers it was first sent with. `out-of-order-sequence` behind a
+    /// refusal is part of that; without one it means the hub's state and this link's differ,
+    /// and the partition starts afresh with a new producer id. A stolen epoch ends the link.
+    /// `None` when the refusal is handled like on any link.
+    fn idempotent_refusal(&mut self, id: DeliveryId, error: &Error) -> Option<Option<Error>> {
+        let earlier_unsettled = self.ledger.ids().first().is_some_and(|first| *first < id);
+        let (seq, _) = self.idem.as_mut()?;
+        let follows_a_refusal = seq.hold || seq.gap.is_some() || earlier_unsettled;
+        match error.condition() {
+            Some(Condition::ProducerEpochStolen) => {
+                tracing::warn!(error = %error, "another producer took this partition over");
+                self.fatal = Some(error.clone());
+                Some(None)
+            }
+            Some(Condition::OutOfOrderSequence) if follows_a_refusal => {
+                seq.hold = true;
+                self.ledger.retry_at(id, Instant::now());
+                Some(None)
+            }
+            Some(Condition::OutOfOrderSequence) => {
+                tracing::warn!(error = %error, "the hub's sequence numbers differ from this producer's; starting the partition afresh");
+                seq.fresh = true;
+                if let Some(entry) = self.ledger.get_mut(id) {
+                    entry.state = State::Unsent;
+                }
+                Some(Some(error.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Resends a held idempotent link's unsettled deliveries in order (renumbered only over a
+    /// gap, or behind a later delivery the hub stored) and takes new ones again.
+    async fn resend_held(&mut self) -> Result<()> {
+        self.renumber(true);
+        if let Some((seq, _)) = self.idem.as_mut() {
+            seq.hold = false;
+            seq.hold_until = None;
+        }
+        for id in self.ledger.ids() {
+            self.transmit(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Renumbers unsettled deliveries where their numbers can no longer be stored: behind a
+    /// gap a failed delivery left, and (`refused`: they were all refused, so none of them is
+    /// stored) behind a later delivery the hub accepted.
+    fn renumber(&mut self, refused: bool) {
+        let Some((seq, _)) = self.idem.as_mut() else {
+            return;
+        };
+        let mut cursor: Option<i32> = None;
+        let ids = self.ledger.ids();
+        for id in &ids {
+            let Some(entry) = self.ledger.get_mut(*id) else {
+                continue;
+            };
+            if cursor.is_none() {
+                if refused
+                    && seq
+                        .committed_ticket
+                        .is_some_and(|c| c > entry.payload.ticket)
+                {
+                    cursor = Some(seq_add(seq.committed, 1));
+                } else if let Some((gap_id, first, _)) = seq.gap {
+                    if *id > gap_id {
+                        cursor = Some(first);
+                    }
+                }
+            }
+            if let Some(at) = cursor {
+                entry.payload.first = Some(at);
+                entry.payload.known_stored = false;
+                entry.payload.ticket = seq.tickets;
+                seq.tickets += 1;
+                cursor = Some(seq_add(at, entry.payload.sections.len() as u64));
+            }
+        }
+        match (cursor, seq.gap) {
+            (Some(next), _) => seq.next = next,
+            // A gap with nothing behind it: new deliveries fill it, unless the hub stored
+            // something after it.
+            (None, Some((gap_id, first, gap_ticket)))
+                if ids.last().is_none_or(|last| *last < gap_id)
+                    && seq.committed_ticket.is_none_or(|c| c < gap_ticket) =>
+            {
+                seq.next = first;
+            }
+            _ => {}
+        }
+        seq.gap = None;
+    }
+
     /// Fails the deliveries that have used up their overall deadline.
     fn expire(&mut self) {
         let deadline = self.retry.deadline;
-        for entry in self.ledger.expire(Instant::now(), deadline) {
+        let expired = self.ledger.expire(Instant::now(), deadline);
+        if let (Some((id, entry)), Some((seq, _))) = (expired.first(), self.idem.as_mut()) {
+            // Their outcome is unknown: whatever is behind them is renumbered over the gap.
+            if let Some(first) = entry.payload.first {
+                if seq.gap.is_none_or(|(gap_id, _, _)| *id < gap_id) {
+                    seq.gap = Some((*id, first, entry.payload.ticket));
+                }
+                seq.hold = true;
+            }
+        }
+        for (_, entry) in expired {
             self.counters.settle(
                 entry.payload.waiters,
                 Err(Error::new(
@@ -308,9 +506,24 @@ impl LinkTask {
         let Some(entry) = self.ledger.get_mut(id) else {
             return Ok(());
         };
+        let stamp = match (&self.idem, entry.payload.first) {
+            (Some((seq, _)), Some(first)) => Some(Stamp {
+                producer_id: seq.producer_id,
+                epoch: seq.epoch,
+                first,
+            }),
+            _ => None,
+        };
+        let sendable = match sendable(&entry.payload.sections, stamp) {
+            Ok(sendable) => sendable,
+            Err(e) => {
+                self.settle(id, Err(e));
+                return Ok(());
+            }
+        };
         let result = send_unless_lost(
             &mut self.sender,
-            &entry.payload.sections,
+            sendable,
             &self.lost,
             self.retry.try_timeout,
         )
@@ -336,9 +549,23 @@ impl LinkTask {
 
     async fn send_new(&mut self, sections: Sections, waiters: Vec<Waiter>) -> Result<()> {
         let callers = waiters.len();
-        let id = self
-            .ledger
-            .push(Pending { sections, waiters }, Instant::now());
+        let (first, ticket) = match self.idem.as_mut() {
+            Some((seq, _)) if sections.is_stamped() => {
+                let first = seq.next;
+                seq.next = seq_add(first, sections.len() as u64);
+                seq.tickets += 1;
+                (Some(first), seq.tickets - 1)
+            }
+            _ => (None, 0),
+        };
+        let pending = Pending {
+            sections,
+            waiters,
+            first,
+            known_stored: false,
+            ticket,
+        };
+        let id = self.ledger.push(pending, Instant::now());
         self.transmit(id).await?;
         tracing::trace!(callers, "transfer sent");
         Ok(())
@@ -411,7 +638,11 @@ impl LinkTask {
                     continue;
                 }
             }
-            let (sender, (generation, lost)) = match engine.attach_sender(&self.target).await {
+            let request = self.idem.as_ref().map(|(seq, _)| seq.request());
+            let (sender, (generation, lost)) = match engine
+                .attach_sender(&self.target, request.as_ref())
+                .await
+            {
                 Ok(attached) => attached,
                 Err(e) if classify(&e) == Action::Fail => return Err(e),
                 Err(e) if e.kind() == ErrorKind::Timeout => {
@@ -438,6 +669,7 @@ impl LinkTask {
             self.generation = generation;
             self.lost = lost;
             self.limit = link_limit(&self.sender, self.cap);
+            self.resume_idempotent()?;
             let ids = self.ledger.ids();
             let resent = ids.len();
             let mut failed = None;
@@ -471,6 +703,89 @@ impl LinkTask {
             }
         }
         Err(last)
+    }
+
+    /// Takes an idempotent link's state from the hub's answer to its re-attach. The same
+    /// producer and epoch: every unsettled delivery keeps its numbers (the hub drops the ones
+    /// it stored already), except over a gap. A new producer id or epoch (the link started
+    /// afresh, or the hub forgot it): everything unsettled is renumbered from its answer.
+    fn resume_idempotent(&mut self) -> Result<()> {
+        let Some((seq, _)) = self.idem.as_mut() else {
+            return Ok(());
+        };
+        let (id, epoch, reported) = super::idempotent_reply(&self.sender, &self.target)?;
+        tracing::debug!(
+            id,
+            epoch,
+            reported,
+            committed = seq.committed,
+            next = seq.next,
+            unsettled = self.ledger.len(),
+            "idempotent link re-attached"
+        );
+        seq.hold = false;
+        seq.hold_until = None;
+        let renumber_from = if (id, epoch) != (seq.producer_id, seq.epoch) {
+            tracing::info!(
+                producer_id = id,
+                epoch,
+                "the partition's producer state starts afresh"
+            );
+            seq.producer_id = id;
+            seq.epoch = epoch;
+            seq.committed = reported;
+            seq.committed_ticket = None;
+            Some(seq_add(reported, 1))
+        } else {
+            let last_assigned = seq_add(seq.next, (1u64 << 31) - 1);
+            let ahead = reported >= 0
+                && reported != last_assigned
+                && seq_at_or_before(last_assigned, reported)
+                && (seq.next != 0 || seq.committed >= 0);
+            if ahead {
+                tracing::warn!(
+                    reported,
+                    last_assigned,
+                    "the hub reports more stored than this producer sent; renumbering"
+                );
+                Some(seq_add(reported, 1))
+            } else {
+                None
+            }
+        };
+        seq.fresh = false;
+        match renumber_from {
+            Some(mut at) => {
+                seq.gap = None;
+                for id in self.ledger.ids() {
+                    if let Some(entry) = self.ledger.get_mut(id) {
+                        entry.payload.first = Some(at);
+                        entry.payload.known_stored = false;
+                        entry.payload.ticket = seq.tickets;
+                        seq.tickets += 1;
+                        at = seq_add(at, entry.payload.sections.len() as u64);
+                    }
+                }
+                seq.next = at;
+            }
+            None => {
+                if reported >= 0 {
+                    for id in self.ledger.ids() {
+                        if let Some(entry) = self.ledger.get_mut(id) {
+                            entry.payload.known_stored = entry
+                                .payload
+                                .last()
+                                .is_some_and(|last| seq_at_or_before(last, reported));
+                        }
+                    }
+                }
+                self.renumber(false);
+            }
+        }
+        if let Some((seq, publishing)) = self.idem.as_ref() {
+            publishing.publish(seq.state());
+        }
+        Ok(())
     }
 
     /// Sleeps for `pause`, unless the producer is closed meanwhile.
@@ -552,24 +867,24 @@ fn coalesce(
     (sections, waiters)
 }
 
-/// The fe2o3 message for one delivery. It lives only until fe2o3 has serialised it, so the
-/// per-event buffers it needs are allocated and freed on this task.
-fn sendable(sections: &Sections) -> Sendable<Batch<Data>> {
-    Sendable::builder()
-        .message(sections.to_message())
+/// The fe2o3 message for one delivery (stamped on an idempotent link). It lives only until
+/// fe2o3 has serialised it, so the per-event buffers it needs are allocated and freed on this
+/// task.
+fn sendable(sections: &Sections, stamp: Option<Stamp>) -> Result<Sendable<Batch<Data>>> {
+    Ok(Sendable::builder()
+        .message(sections.to_message(stamp)?)
         .message_format(BATCH_MESSAGE_FORMAT)
-        .build()
+        .build())
 }
 
 /// Hands one message to fe2o3, unless the connection is lost or no credit comes within a try
 /// (fe2o3 would otherwise wait for credit forever on a dead link).
 async fn send_unless_lost(
     sender: &mut Sender,
-    sections: &Sections,
+    sendable: Sendable<Batch<Data>>,
     lost: &Lost,
     try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
-    let sendable = sendable(sections);
     tokio::select! {
         // Biased: when credit is there the send completes on its first poll, and the two
         // watchdog timers below are never registered.

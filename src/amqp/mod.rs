@@ -31,6 +31,7 @@ use crate::auth::TokenProvider;
 use crate::batch::Sections;
 use crate::entity::{self, Entity};
 use crate::error::{Error, ErrorKind, Result};
+use crate::idempotent::{self, PartitionPublishingState};
 use crate::retry::RetryOptions;
 use crate::transport::{self, Connected, Endpoint, Lost};
 use cbs::Authorizer;
@@ -53,6 +54,8 @@ pub(crate) struct ConnectConfig {
     /// Through a proxy or not, AMQP raw or in WebSocket messages.
     pub(crate) route: transport::Route,
     pub(crate) framing: transport::Framing,
+    /// Idempotent publishing: partition links negotiate it, starting from these states.
+    pub(crate) idempotent: Option<Vec<PartitionPublishingState>>,
 }
 
 /// How long link tasks get to fail what they hold once the producer is closed, before they
@@ -114,6 +117,8 @@ pub(crate) struct Engine {
     links: Mutex<HashMap<String, Arc<LinkHandle>>>,
     management: Mutex<Option<Management>>,
     link_counter: AtomicU64,
+    /// Idempotent publishing: every partition's state.
+    pub(crate) publishing: Option<Arc<Publishing>>,
     /// The token refresh queue and the connection watch, stopped on close and drop.
     refresher: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The generation of the current connection, for the connection watch.
@@ -143,6 +148,140 @@ pub(crate) struct Counters {
     pub(crate) retried: AtomicU64,
     /// Deliveries that failed for good.
     pub(crate) failed: AtomicU64,
+    /// Events of resent deliveries the hub had stored already (idempotent links), which it
+    /// acknowledged without storing them again.
+    pub(crate) duplicates_avoided: AtomicU64,
+}
+
+/// The idempotent publishing state of every partition, as the link tasks last confirmed it.
+#[derive(Debug, Default)]
+pub(crate) struct Publishing {
+    states: std::sync::Mutex<HashMap<String, PartitionPublishingState>>,
+}
+
+impl Publishing {
+    fn new(initial: &[PartitionPublishingState]) -> Publishing {
+        let states = initial
+            .iter()
+            .map(|s| (s.partition_id.clone(), s.clone()))
+            .collect();
+        Publishing {
+            states: std::sync::Mutex::new(states),
+        }
+    }
+
+    /// Records a partition's state.
+    pub(crate) fn publish(&self, state: PartitionPublishingState) {
+        if let Ok(mut states) = self.states.lock() {
+            states.insert(state.partition_id.clone(), state);
+        }
+    }
+
+    fn get(&self, partition: &str) -> Option<PartitionPublishingState> {
+        self.states.lock().ok()?.get(partition).cloned()
+    }
+
+    /// Every partition's state, by partition id.
+    pub(crate) fn snapshot(&self) -> Vec<PartitionPublishingState> {
+        let mut all: Vec<_> = self
+            .states
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| {
+            let n = |s: &str| s.parse::<u64>().unwrap_or(u64::MAX);
+            (n(&a.partition_id), &a.partition_id).cmp(&(n(&b.partition_id), &b.partition_id))
+        });
+        all
+    }
+}
+
+/// What an idempotent partition link asks for when it attaches: the state it knows (id,
+/// epoch, last confirmed sequence number), or nothing to be assigned a new producer id.
+pub(crate) type IdempotentRequest = Option<(i64, i16, i32)>;
+
+/// One idempotent partition link's producer state and numbering (PROTOCOL-2 §I).
+#[derive(Debug)]
+pub(crate) struct Sequencer {
+    pub(crate) partition: String,
+    pub(crate) producer_id: i64,
+    pub(crate) epoch: i16,
+    /// The sequence number the next new delivery starts at.
+    pub(crate) next: i32,
+    /// The last sequence number the hub confirmed, and the ticket of the delivery that
+    /// confirmed it.
+    pub(crate) committed: i32,
+    pub(crate) committed_ticket: Option<u64>,
+    /// Numbers handed out so far: each assignment (new or renumbered) gets the next ticket,
+    /// so tickets follow sequence-number order even when deliveries are renumbered.
+    pub(crate) tickets: u64,
+    /// Refused deliveries wait to be resent in order; no new ones go out meanwhile.
+    pub(crate) hold: bool,
+    /// The longest back-off among them.
+    pub(crate) hold_until: Option<tokio::time::Instant>,
+    /// The first delivery that failed for good with numbers, its first number and ticket: the
+    /// deliveries behind it are renumbered over it.
+    pub(crate) gap: Option<(ledger::DeliveryId, i32, u64)>,
+    /// The next re-attach asks for a new producer id.
+    pub(crate) fresh: bool,
+}
+
+impl Sequencer {
+    fn new(partition: String, (producer_id, epoch, last): (i64, i16, i32)) -> Sequencer {
+        Sequencer {
+            partition,
+            producer_id,
+            epoch,
+            next: idempotent::seq_add(last, 1),
+            committed: last,
+            committed_ticket: None,
+            tickets: 0,
+            hold: false,
+            hold_until: None,
+            gap: None,
+            fresh: false,
+        }
+    }
+
+    /// What a re-attach asks for.
+    pub(crate) fn request(&self) -> IdempotentRequest {
+        (!self.fresh).then_some((self.producer_id, self.epoch, self.committed))
+    }
+
+    /// The state to publish.
+    pub(crate) fn state(&self) -> PartitionPublishingState {
+        PartitionPublishingState::new(
+            self.partition.clone(),
+            self.producer_id,
+            self.epoch,
+            self.committed,
+        )
+    }
+}
+
+/// The producer id, epoch and last sequence number the hub answered an idempotent attach
+/// with (fe2o3 merges the peer's attach properties into the link's own).
+pub(crate) fn idempotent_reply(sender: &Sender, target: &str) -> Result<(i64, i16, i32)> {
+    use fe2o3_amqp::types::primitives::{Symbol, Value};
+    let read = |key: &str| -> Option<i64> {
+        sender.properties(|p| match p.as_ref()?.get(&Symbol::from(key))? {
+            Value::Long(v) => Some(*v),
+            Value::Int(v) => Some(*v as i64),
+            Value::Short(v) => Some(*v as i64),
+            Value::Byte(v) => Some(*v as i64),
+            _ => None,
+        })
+    };
+    let id = read(idempotent::PRODUCER_ID);
+    let epoch = read(idempotent::EPOCH).and_then(|e| i16::try_from(e).ok());
+    let seq = read(idempotent::SEQUENCE).and_then(|s| i32::try_from(s).ok());
+    match (id, epoch, seq) {
+        (Some(id), Some(epoch), Some(seq)) => Ok((id, epoch, seq)),
+        _ => Err(Error::new(
+            ErrorKind::Link,
+            format!("`{target}` did not answer with an idempotent producer state: the hub does not support idempotent publishing"),
+        )),
+    }
 }
 
 impl Counters {
@@ -262,7 +401,12 @@ impl Engine {
                 })??;
             }
             tracing::info!("connected");
+            let publishing = config
+                .idempotent
+                .as_ref()
+                .map(|initial| Arc::new(Publishing::new(initial)));
             let engine = Arc::new(Engine {
+                publishing,
                 config,
                 connection: Mutex::new(connection),
                 session: Mutex::new(session),
@@ -302,7 +446,8 @@ impl Engine {
     /// The sender link for the hub or one of its partitions, attached on first use.
     pub(crate) async fn link(self: &Arc<Self>, partition: Option<&str>) -> Result<Arc<LinkHandle>> {
         let entity = entity::eventhubs::sender(&self.config.host, &self.config.hub, partition);
-        self.link_to(entity, None).await
+        let idempotent = partition.filter(|_| self.publishing.is_some());
+        self.attach_link(entity, None, idempotent).await
     }
 
     /// The sender link for `entity`, attached on first use. Its audience is authorised first
@@ -313,7 +458,28 @@ impl Engine {
         entity: Entity,
         provider: Option<Arc<dyn TokenProvider>>,
     ) -> Result<Arc<LinkHandle>> {
+        self.attach_link(entity, provider, None).await
+    }
+
+    /// [`link_to`](Self::link_to); an idempotent link to `idempotent` (a partition id) when
+    /// given.
+    async fn attach_link(
+        self: &Arc<Self>,
+        entity: Entity,
+        provider: Option<Arc<dyn TokenProvider>>,
+        idempotent: Option<&str>,
+    ) -> Result<Arc<LinkHandle>> {
         self.check_open()?;
+        let publishing = idempotent.and_then(|p| Some((p, self.publishing.clone()?)));
+        let request: Option<IdempotentRequest> = publishing.as_ref().map(|(p, publishing)| {
+            publishing.get(p).map(|s| {
+                (
+                    s.producer_group_id,
+                    s.owner_level,
+                    s.last_published_sequence_number,
+                )
+            })
+        });
         let target = entity.address.clone();
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(&target) {
@@ -331,7 +497,7 @@ impl Engine {
         // session (a race over the released handle); a short pause resolves it.
         let mut attempt = 0;
         let (sender, generation) = loop {
-            match self.attach_sender(&target).await {
+            match self.attach_sender(&target, request.as_ref()).await {
                 Err(e) if e.kind() == ErrorKind::Link && e.condition().is_none() && attempt < 3 => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "attach failed locally; trying again");
@@ -349,6 +515,15 @@ impl Engine {
         let _enter = span.enter();
         tracing::info!(max_message_size, "sender link attached");
         drop(_enter);
+        let idem = match publishing {
+            Some((partition, publishing)) => {
+                let reply = idempotent_reply(&sender, &target)?;
+                let sequencer = Sequencer::new(partition.to_owned(), reply);
+                publishing.publish(sequencer.state());
+                Some((sequencer, publishing))
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(self.queue_depth);
         let task = link::LinkTask::new(
             Arc::downgrade(self),
@@ -360,6 +535,7 @@ impl Engine {
             self.counters.clone(),
             cap,
             self.lifecycle.subscribe(),
+            idem,
         );
         let task = tokio::spawn(task.run(rx).instrument(span));
         let handle = Arc::new(LinkHandle {
@@ -371,6 +547,15 @@ impl Engine {
         Ok(handle)
     }
 
+    /// Lets go of the sender link to `target` and stops refreshing `audience`: the next
+    /// [`link_to`](Self::link_to) attaches a new link (and puts a new token). Sends already
+    /// queued keep their handle; the link task settles them, then detaches.
+    pub(crate) async fn release_link(&self, target: &str, audience: &str) {
+        let released = self.links.lock().await.remove(target);
+        self.authorizer.forget(audience);
+        drop(released);
+    }
+
     /// Fails with [`ErrorKind::Closed`] once `close` was called.
     pub(crate) fn check_open(&self) -> Result<()> {
         match *self.lifecycle.borrow() {
@@ -379,8 +564,13 @@ impl Engine {
         }
     }
 
-    /// Attaches a sender to `target`, reconnecting first when the connection is gone.
-    pub(crate) async fn attach_sender(&self, target: &str) -> Result<(Sender, (u64, Lost))> {
+    /// Attaches a sender to `target`, reconnecting first when the connection is gone; with
+    /// `idempotent`, one that asks for idempotent publishing with that state.
+    pub(crate) async fn attach_sender(
+        &self,
+        target: &str,
+        idempotent: Option<&IdempotentRequest>,
+    ) -> Result<(Sender, (u64, Lost))> {
         let ended =
             self.session.lock().await.is_ended() || self.connection.lock().await.is_closed();
         if ended {
@@ -390,14 +580,23 @@ impl Engine {
         let name = format!("hubsend-sender-{n}");
         let mut session = self.session.lock().await;
         let (generation, lost) = self.current();
-        let attach = tokio::time::timeout(
-            self.config.operation_timeout,
-            Sender::builder()
-                .name(name)
-                .target(target.to_owned())
-                .sender_settle_mode(SenderSettleMode::Unsettled)
-                .attach(&mut session),
-        );
+        let mut builder = Sender::builder()
+            .name(name)
+            .target(target.to_owned())
+            .sender_settle_mode(SenderSettleMode::Unsettled);
+        if let Some(request) = idempotent {
+            use fe2o3_amqp::types::primitives::{OrderedMap, Symbol, Value};
+            builder = builder.add_desired_capabilities(idempotent::CAPABILITY);
+            let mut properties = OrderedMap::new();
+            if let Some((id, epoch, last)) = request {
+                properties.insert(Symbol::from(idempotent::PRODUCER_ID), Value::Long(*id));
+                properties.insert(Symbol::from(idempotent::EPOCH), Value::Short(*epoch));
+                properties.insert(Symbol::from(idempotent::SEQUENCE), Value::Int(*last));
+            }
+            builder = builder.properties(properties);
+        }
+        let attach =
+            tokio::time::timeout(self.config.operation_timeout, builder.attach(&mut session));
         // fe2o3 may not wake an attach whose connection dies under it: watch the stream.
         let lost_handle = lost.clone();
         let lost = lost.lost();

@@ -29,9 +29,102 @@ pub(crate) fn sender(host: &str, hub: &str, partition: Option<&str>) -> Entity {
     }
 }
 
+/// The partition (an index into the hub's partition ids) the service routes `key` to: Bob
+/// Jenkins' lookup3 `hashlittle2` of the key's UTF-8 bytes with zero seeds, the two halves
+/// xor-ed and folded to a signed 16-bit value, modulo the partition count (absolute value).
+/// This is what Microsoft's clients use to resolve keys themselves.
+pub(crate) fn partition_for_key(key: &str, partitions: usize) -> usize {
+    if partitions == 0 {
+        return 0;
+    }
+    let (primary, secondary) = lookup3(key.as_bytes());
+    let folded = i64::from((primary ^ secondary) as u16 as i16);
+    (folded % partitions as i64).unsigned_abs() as usize
+}
+
+/// lookup3's `hashlittle2` with both seeds 0: `(c, b)` after the final mix.
+fn lookup3(bytes: &[u8]) -> (u32, u32) {
+    let start = 0xdead_beef_u32.wrapping_add(bytes.len() as u32);
+    let mut s = [start, start, start];
+    let chunks = bytes.len().saturating_sub(1) / 12;
+    for chunk in bytes.chunks(12).take(chunks) {
+        absorb(&mut s, chunk);
+        scramble(&mut s);
+    }
+    let tail = &bytes[chunks * 12..];
+    if tail.is_empty() {
+        return (s[2], s[1]);
+    }
+    absorb(&mut s, tail);
+    finish(&mut s);
+    (s[2], s[1])
+}
+
+/// Adds up to 12 bytes, little-endian words, missing bytes as zero.
+fn absorb(s: &mut [u32; 3], bytes: &[u8]) {
+    for (i, word) in bytes.chunks(4).enumerate() {
+        let mut le = [0u8; 4];
+        le[..word.len()].copy_from_slice(word);
+        s[i] = s[i].wrapping_add(u32::from_le_bytes(le));
+    }
+}
+
+/// lookup3's `mix`: (target, source, rotation) steps over a, b, c.
+fn scramble(s: &mut [u32; 3]) {
+    const STEPS: [(usize, usize, u32); 6] = [
+        (0, 2, 4),
+        (1, 0, 6),
+        (2, 1, 8),
+        (0, 2, 16),
+        (1, 0, 19),
+        (2, 1, 4),
+    ];
+    for (x, y, r) in STEPS {
+        let z = 3 - x - y;
+        s[x] = s[x].wrapping_sub(s[y]);
+        s[x] ^= s[y].rotate_left(r);
+        s[y] = s[y].wrapping_add(s[z]);
+    }
+}
+
+/// lookup3's `final`.
+fn finish(s: &mut [u32; 3]) {
+    const STEPS: [(usize, usize, u32); 7] = [
+        (2, 1, 14),
+        (0, 2, 11),
+        (1, 0, 25),
+        (2, 1, 16),
+        (0, 2, 4),
+        (1, 0, 14),
+        (2, 1, 24),
+    ];
+    for (x, y, r) in STEPS {
+        s[x] ^= s[y];
+        s[x] = s[x].wrapping_sub(s[y].rotate_left(r));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_resolve_to_the_services_partitions() {
+        // Folded hashes of Microsoft's own partition resolver tests: "7" → -15263,
+        // "FWfAT" → -22341.
+        let folded = |key: &str| {
+            let (a, b) = lookup3(key.as_bytes());
+            (a ^ b) as u16 as i16
+        };
+        assert_eq!(folded("7"), -15263);
+        assert_eq!(folded("FWfAT"), -22341);
+        assert_eq!(partition_for_key("7", 4), 15263 % 4);
+        assert_eq!(partition_for_key("FWfAT", 32), 22341 % 32);
+        assert_eq!(partition_for_key("anything", 1), 0);
+        for key in ["", "twelve bytes", "thirteen byte", &"k".repeat(100)] {
+            assert!(partition_for_key(key, 7) < 7);
+        }
+    }
 
     #[test]
     fn hub_and_partition_share_one_audience() {

@@ -14,19 +14,19 @@
 //! it; [`with_creation_time`] sets `iothub-creation-time-utc`. Messages and batches are at most
 //! 256 KB ([`MAX_MESSAGE_SIZE`]).
 //!
-//! A gateway signs each device's token with its policy key (the policy needs DeviceConnect)
-//! and puts it for the device's audience on first use, so a device the hub refuses fails its
-//! own sends and no one else's. IoT Hub holds about 999 tokens per connection; a gateway opens
-//! another connection once one carries
-//! [`max_devices_per_connection`](IotHubBuilder::max_devices_per_connection) devices (default
-//! 900).
+//! The [`Gateway`] itself (placement, auto-create, idle links, refusals) is in
+//! [`gateway`](super::gateway).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use tokio::sync::Mutex;
 
+#[cfg(feature = "registry")]
+use super::gateway::AutoCreate;
+use super::gateway::{Gateway, GatewaySettings};
+#[cfg(feature = "registry")]
+use super::registry::Registry;
 use crate::amqp::{ConnectConfig, Engine, LinkHandle};
 use crate::batch::{EventBatch, Route, Sections};
 use crate::entity::iothub as entity;
@@ -41,6 +41,16 @@ pub const MAX_MESSAGE_SIZE: u64 = entity::MAX_MESSAGE_SIZE;
 /// How many devices a gateway puts on one connection before it opens another: below IoT
 /// Hub's cap of about 999 CBS tokens per connection, with room for refresh overlap.
 pub const DEFAULT_MAX_DEVICES_PER_CONNECTION: usize = 900;
+
+/// How long a gateway keeps an idle device's link open by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a gateway answers a refused device with its refusal, without asking the hub
+/// again, by default.
+pub const DEFAULT_REFUSED_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How many registry calls a gateway makes at once by default.
+pub const DEFAULT_REGISTRY_CONCURRENCY: usize = 4;
 
 /// Sets `iothub-creation-time-utc` (when the device made the reading), as IoT Hub expects it:
 /// ISO 8601 UTC.
@@ -60,6 +70,11 @@ pub struct IotHubBuilder {
     port: Option<u16>,
     plaintext: bool,
     max_devices_per_connection: usize,
+    idle_timeout: Option<Duration>,
+    refused_retry_after: Duration,
+    #[cfg(feature = "registry")]
+    auto_create: Option<(Registry, AutoCreate)>,
+    registry_concurrency: usize,
     network: crate::transport::NetworkOptions,
 }
 
@@ -77,8 +92,11 @@ impl std::fmt::Debug for IotHubBuilder {
                 "max_devices_per_connection",
                 &self.max_devices_per_connection,
             )
+            .field("idle_timeout", &self.idle_timeout)
+            .field("refused_retry_after", &self.refused_retry_after)
+            .field("registry_concurrency", &self.registry_concurrency)
             .field("network", &self.network)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,6 +109,11 @@ impl Default for IotHubBuilder {
             port: None,
             plaintext: false,
             max_devices_per_connection: DEFAULT_MAX_DEVICES_PER_CONNECTION,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            refused_retry_after: DEFAULT_REFUSED_RETRY_AFTER,
+            #[cfg(feature = "registry")]
+            auto_create: None,
+            registry_concurrency: DEFAULT_REGISTRY_CONCURRENCY,
             network: Default::default(),
         }
     }
@@ -165,6 +188,38 @@ impl IotHubBuilder {
         self
     }
 
+    /// A gateway closes a device's link after this long without a message (default
+    /// [`DEFAULT_IDLE_TIMEOUT`]; `None` keeps links open); the next message attaches again.
+    pub fn idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// How long a gateway answers a device the hub or registry refused with that refusal,
+    /// without asking again (default [`DEFAULT_REFUSED_RETRY_AFTER`]).
+    pub fn refused_retry_after(mut self, wait: Duration) -> Self {
+        self.refused_retry_after = wait;
+        self
+    }
+
+    /// A gateway creates the identities of devices the hub does not know through `registry`
+    /// (Particle's flow: create, write the name once, then send), at the moment `when` says.
+    /// The registry's policy needs RegistryWrite (and ServiceConnect for the name); it may be
+    /// the gateway's own policy string.
+    #[cfg(feature = "registry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
+    pub fn auto_create(mut self, registry: Registry, when: AutoCreate) -> Self {
+        self.auto_create = Some((registry, when));
+        self
+    }
+
+    /// How many registry calls a gateway makes at once (default
+    /// [`DEFAULT_REGISTRY_CONCURRENCY`]); the registry client also paces itself at its rate.
+    pub fn registry_concurrency(mut self, calls: usize) -> Self {
+        self.registry_concurrency = calls.max(1);
+        self
+    }
+
     fn parsed(&self) -> Result<IotHubConnectionString> {
         let cs = self.connection_string.as_deref().ok_or_else(|| {
             Error::new(
@@ -203,6 +258,7 @@ impl IotHubBuilder {
             max_frame_size: 65536,
             retry: options.retry.clone(),
             max_message_size: options.max_message_size.min(MAX_MESSAGE_SIZE),
+            idempotent: None,
         })
     }
 
@@ -258,16 +314,20 @@ impl IotHubBuilder {
             ));
         }
         let config = self.config(&cs)?;
-        Ok(Gateway {
-            inner: Arc::new(GatewayInner {
-                host_name: cs.host_name().to_owned(),
-                config,
-                queue_depth: self.options.max_in_flight,
-                max_devices: self.max_devices_per_connection,
-                pipeline: self.pipeline(),
-                shards: Mutex::new(Shards::default()),
-            }),
-        })
+        Ok(Gateway::new(GatewaySettings {
+            host_name: cs.host_name().to_owned(),
+            config,
+            queue_depth: self.options.max_in_flight,
+            max_devices: self.max_devices_per_connection,
+            pipeline: self.pipeline(),
+            token_lifetime: self.options.token_lifetime,
+            idle_timeout: self.idle_timeout,
+            refused_for: self.refused_retry_after,
+            #[cfg(feature = "registry")]
+            creator: self
+                .auto_create
+                .map(|(r, when)| (r, when, self.registry_concurrency)),
+        }))
     }
 }
 
@@ -365,169 +425,5 @@ impl DeviceSender {
             .pipeline
             .submit(&self.inner.engine, link, sections, true, wait)
             .await
-    }
-}
-
-/// Sends device-to-cloud messages as any device of the hub, over shared connections.
-///
-/// Cheap to clone; every clone shares the connections, links and in-flight bounds.
-#[derive(Clone, Debug)]
-pub struct Gateway {
-    inner: Arc<GatewayInner>,
-}
-
-struct GatewayInner {
-    host_name: String,
-    config: ConnectConfig,
-    queue_depth: usize,
-    max_devices: usize,
-    pipeline: Pipeline,
-    shards: Mutex<Shards>,
-}
-
-impl std::fmt::Debug for GatewayInner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway")
-            .field("host", &self.host_name)
-            .field("max_devices_per_connection", &self.max_devices)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The gateway's connections and which device lives on which.
-#[derive(Debug, Default)]
-struct Shards {
-    engines: Vec<Arc<Engine>>,
-    /// Devices per connection, by index in `engines`.
-    load: Vec<usize>,
-    devices: HashMap<String, usize>,
-}
-
-/// What a gateway has done so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct GatewayStats {
-    /// Connections open.
-    pub connections: usize,
-    /// Devices with a link.
-    pub devices: usize,
-    /// Deliveries waiting for the hub's outcome.
-    pub in_flight: usize,
-}
-
-impl Gateway {
-    /// A builder.
-    pub fn builder() -> IotHubBuilder {
-        IotHubBuilder::default()
-    }
-
-    /// A gateway from a policy connection string, with default options.
-    ///
-    /// # Errors
-    /// As [`IotHubBuilder::gateway`].
-    pub async fn from_connection_string(connection_string: &str) -> Result<Gateway> {
-        Self::builder()
-            .connection_string(connection_string)
-            .gateway()
-            .await
-    }
-
-    /// Queues one message as `device_id`'s; the future resolves with the hub's outcome. The
-    /// device's token and link are set up on its first message.
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidArgument`] for an id IoT Hub does not allow; the device's
-    /// authorisation or not-found errors (for this device alone); as
-    /// [`DeviceSender::send`].
-    pub async fn send(&self, device_id: &str, message: Event) -> Result<DeliveryFuture> {
-        let (engine, link) = self.device(device_id).await?;
-        let sections = Sections::single(&message, None, link.max_message_size)?;
-        self.inner
-            .pipeline
-            .submit(&engine, link, sections, true, true)
-            .await
-    }
-
-    /// An empty batch for `device_id`, as large as its link allows.
-    ///
-    /// # Errors
-    /// As [`send`](Self::send).
-    pub async fn create_batch(&self, device_id: &str) -> Result<EventBatch> {
-        let (_, link) = self.device(device_id).await?;
-        new_batch(Route::default(), link.max_message_size, None)
-    }
-
-    /// Queues a batch as one delivery of `device_id`.
-    ///
-    /// # Errors
-    /// As [`DeviceSender::send_batch`].
-    pub async fn send_batch(&self, device_id: &str, batch: EventBatch) -> Result<DeliveryFuture> {
-        let (engine, link) = self.device(device_id).await?;
-        self.inner
-            .pipeline
-            .submit_batch(&engine, link, batch, true)
-            .await
-    }
-
-    /// Connections, devices and deliveries in flight.
-    pub async fn stats(&self) -> GatewayStats {
-        let shards = self.inner.shards.lock().await;
-        GatewayStats {
-            connections: shards.engines.len(),
-            devices: shards.devices.len(),
-            in_flight: self.inner.pipeline.in_flight(),
-        }
-    }
-
-    /// Waits for every outcome, then closes every connection.
-    ///
-    /// # Errors
-    /// The first close handshake that failed.
-    pub async fn close(self) -> Result<()> {
-        let engines = std::mem::take(&mut self.inner.shards.lock().await.engines);
-        let mut first = Ok(());
-        for engine in engines {
-            if let Err(e) = engine.close(None, || 0).await {
-                if first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
-    }
-
-    /// The connection and link of `device_id`, set up on first use.
-    async fn device(&self, device_id: &str) -> Result<(Arc<Engine>, Arc<LinkHandle>)> {
-        if let Err(problem) = crate::iothub::sas::check_id("device id", device_id) {
-            return Err(Error::new(ErrorKind::InvalidArgument, problem));
-        }
-        let entity = entity::device_events(&self.inner.host_name, device_id);
-        let engine = {
-            let mut shards = self.inner.shards.lock().await;
-            match shards.devices.get(device_id) {
-                Some(&i) => shards.engines[i].clone(),
-                None => {
-                    let i = match shards.load.iter().position(|&n| n < self.inner.max_devices) {
-                        Some(i) => i,
-                        None => {
-                            let engine = Engine::connect(
-                                self.inner.config.clone(),
-                                self.inner.queue_depth,
-                                None,
-                            )
-                            .await?;
-                            shards.engines.push(engine);
-                            shards.load.push(0);
-                            shards.engines.len() - 1
-                        }
-                    };
-                    shards.load[i] += 1;
-                    shards.devices.insert(device_id.to_owned(), i);
-                    shards.engines[i].clone()
-                }
-            }
-        };
-        let link = engine.link_to(entity, None).await?;
-        Ok((engine, link))
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod connection_string;
 pub mod device;
+pub mod gateway;
 #[cfg(feature = "registry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
 pub mod registry;
@@ -15,9 +16,11 @@ pub mod sas;
 
 pub use connection_string::{IotHubConnectionString, IotHubCredentialKind};
 pub use device::{
-    with_creation_time, DeviceSender, Gateway, GatewayStats, IotHubBuilder,
-    DEFAULT_MAX_DEVICES_PER_CONNECTION, MAX_MESSAGE_SIZE,
+    with_creation_time, DeviceSender, IotHubBuilder, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_DEVICES_PER_CONNECTION, DEFAULT_REFUSED_RETRY_AFTER, DEFAULT_REGISTRY_CONCURRENCY,
+    MAX_MESSAGE_SIZE,
 };
+pub use gateway::{AutoCreate, DeviceState, Gateway, GatewayStats};
 #[cfg(feature = "registry")]
 pub use registry::{Device, EnsureOutcome, Registry, RegistryBuilder};
 pub use sas::IotHubSasProvider;

@@ -1,18 +1,19 @@
 // Judge: Microsoft's Node IoT device SDK (azure-iot-device + azure-iot-device-amqp) sends
 // device-to-cloud messages over AMQPS to the test hub in IoT Hub mode. Usage:
-//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [ws]
-// With `ws` it uses the SDK's AMQP-over-WebSockets transport (AmqpWs), which always dials
-// wss://GATEWAY:443/$iothub/websocket.
+//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [--refused WHY | --websockets]
+// With --websockets it uses the SDK's AMQP-over-WebSockets transport (AmqpWs), which always
+// dials wss://GATEWAY:443/$iothub/websocket.
 // Exits non-zero unless the hub stored exactly what was sent (read back from DUMP_FILE, which
-// the test hub rewrites with every stored message).
+// the test hub rewrites with every stored message). With --refused, exits non-zero unless the
+// hub refuses the device (a disabled or deleted one) and stores nothing from it.
 'use strict';
 const fs = require('fs');
 const { Client, Message } = require('azure-iot-device');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 
-const [connectionString, dumpFile, overWebSockets] = process.argv.slice(2);
-const transport = overWebSockets === 'ws' ? AmqpWs : Amqp;
-const judge = overWebSockets === 'ws' ? 'iothub node device SDK (AmqpWs)' : 'iothub node device SDK';
+const [connectionString, dumpFile, mode, why] = process.argv.slice(2);
+const transport = mode === '--websockets' ? AmqpWs : Amqp;
+const judge = mode === '--websockets' ? 'iothub node device SDK (AmqpWs)' : 'iothub node device SDK';
 const deviceId = /DeviceId=([^;]+)/.exec(connectionString)[1];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -27,7 +28,37 @@ function message(i) {
   return m;
 }
 
+function storedOf(deviceId) {
+  try {
+    return JSON.parse(fs.readFileSync(dumpFile, 'utf8')).filter((m) => m.device === deviceId);
+  } catch (_) {
+    return [];
+  }
+}
+
+async function refused() {
+  const before = storedOf(deviceId).length;
+  const client = Client.fromConnectionString(connectionString, Amqp);
+  try {
+    await client.open();
+    await client.sendEvent(new Message('must not be stored'));
+  } catch (e) {
+    await client.close().catch(() => {});
+    await sleep(300);
+    if (storedOf(deviceId).length !== before) {
+      console.log(`FAIL iothub node device SDK (${why}): refused, yet a message was stored`);
+      process.exit(1);
+    }
+    console.log(`PASS iothub node device SDK: ${why} device refused (${e.constructor.name})`);
+    return;
+  }
+  await client.close().catch(() => {});
+  console.log(`FAIL iothub node device SDK: ${why} device was not refused`);
+  process.exit(1);
+}
+
 async function main() {
+  if (mode === '--refused') return refused();
   const client = Client.fromConnectionString(connectionString, transport);
   await client.open();
   const singles = 5;

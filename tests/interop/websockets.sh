@@ -123,7 +123,7 @@ fi
 # The device's connection string names the gateway without a port: AmqpWs adds :443.
 DEVICE_CS="$(sed -n 2p "$IOT_DIR/hub.stdout" | sed 's/GatewayHostName=localhost:[0-9]*/GatewayHostName=localhost/')"
 if ! NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$IOT_DIR/ca.pem" \
-  timeout 120 node "$ROOT/tests/interop/iothub_device.js" "$DEVICE_CS" "$IOT_DIR/dump.json" ws \
+  timeout 120 node "$ROOT/tests/interop/iothub_device.js" "$DEVICE_CS" "$IOT_DIR/dump.json" --websockets \
   >"$IOT_DIR/judge.out" 2>&1; then
   { cat "$IOT_DIR/judge.out"; tail -n 40 "$IOT_DIR/hub.log"; } || true
   echo "websockets: the IoT Hub AmqpWs judge failed"

@@ -33,6 +33,14 @@ pub(super) fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Mes
             "InjectedFault: put-token failure requested by the test.",
         );
     }
+    if let Some(state) = &shared.iot {
+        let (status, description) = super::iothub::put_token(ctx, state, &token, &name);
+        shared.stat(|s| match status {
+            200 => s.put_tokens_accepted += 1,
+            _ => s.put_tokens_rejected += 1,
+        });
+        return response(msg, status, &description, None, Value::Null);
+    }
     let jwt = app_prop_string(msg, "type").is_some_and(|t| t == "jwt");
     let verified = if jwt {
         let v = shared.verify_jwt(&token, &name);
@@ -50,13 +58,7 @@ pub(super) fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Mes
             });
             shared.stat(|s| s.put_tokens_accepted += 1);
             shared.stat(|s| s.jwt_put_tokens_accepted += u64::from(jwt));
-            // IoT Hub answers 200, Event Hubs 202.
-            let status = if shared.config.iothub.is_some() {
-                200
-            } else {
-                202
-            };
-            response(msg, status, "Accepted", None, Value::Null)
+            response(msg, 202, "Accepted", None, Value::Null)
         }
         Err(e) => {
             tracing::warn!(status = e.status(), "put-token refused");

@@ -24,12 +24,15 @@ use crate::{
 mod cbs;
 mod connection;
 mod consumer;
+pub(crate) mod idempotent;
+mod iothub;
 mod management;
 mod producer;
 mod request;
 mod sasl;
 
 pub(crate) use connection::accept_loop;
+pub(crate) use iothub::{policy_with as iot_policy, store_name as iot_store_name};
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -48,6 +51,10 @@ pub(crate) struct Shared {
     pub faults: Arc<FaultShared>,
     /// Payload buffers of deliveries dropped by retention, for the wire to reuse.
     pub pool: Arc<BufferPool>,
+    /// Idempotent producers and what each has stored.
+    pub idempotent: Mutex<idempotent::Registry>,
+    /// IoT Hub mode: the one device store, shared with the REST registry.
+    pub iot: Option<crate::iothub_http::IotHubState>,
     next_conn: AtomicU64,
 }
 
@@ -69,6 +76,13 @@ impl Shared {
         if let Some(iot) = &config.iothub {
             hosts.push(iot.clone());
         }
+        let iot = config.iot.as_ref().map(|s| {
+            let state = s.fresh();
+            for (id, key) in &config.iot_devices {
+                state.add_device(id.clone(), key.clone());
+            }
+            state
+        });
         let created = now_ms();
         let store = config
             .hubs
@@ -83,6 +97,8 @@ impl Shared {
             stats: Mutex::new(HubStats::default()),
             faults: Arc::new(FaultShared::new()),
             pool: Arc::new(BufferPool::default()),
+            idempotent: Mutex::new(idempotent::Registry::default()),
+            iot,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -154,33 +170,28 @@ impl Shared {
     }
 
     fn policy_rights(&self, name: &str) -> Vec<Right> {
-        if name.is_empty() && self.config.iothub.is_some() {
-            // A device's own key: it may send as itself (DeviceConnect for its audience).
-            return vec![Right::Send];
+        if let Some(state) = &self.iot {
+            return state
+                .policy(name)
+                .map(iothub::rights_of)
+                .unwrap_or_default();
         }
         self.policy(name)
             .map(|p| p.rights.clone())
             .unwrap_or_default()
     }
 
+    /// The right a producer link needs: Send, or DeviceConnect in IoT Hub mode.
+    pub(crate) fn send_right(&self) -> Right {
+        if self.iot.is_some() {
+            Right::DeviceConnect
+        } else {
+            Right::Send
+        }
+    }
+
     fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
         let now = (now_ms() / 1000) as u64;
-        if let Some(host) = &self.config.iothub {
-            return sas::verify_iot(
-                token,
-                name,
-                now,
-                |n| self.policy_key(n),
-                |id| {
-                    self.config
-                        .iot_devices
-                        .iter()
-                        .find(|(d, _)| d.eq_ignore_ascii_case(id))
-                        .map(|(_, k)| k.clone())
-                },
-                host,
-            );
-        }
         sas::verify(
             token,
             name,

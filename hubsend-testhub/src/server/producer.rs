@@ -20,12 +20,12 @@ use fe2o3_amqp_types::{
 };
 use tokio::time::Instant;
 
-use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured, Right};
+use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured};
 
 use super::{
     amqp_error,
     connection::{refuse, Auth, ConnCtx},
-    end_link, link_properties, Shared,
+    end_link, idempotent, link_properties, Shared,
 };
 
 const BATCH_FORMAT: u32 = 0x8001_3700;
@@ -40,18 +40,17 @@ pub(super) async fn producer_attach(
     let path = normalise(&address, false).path;
     let segs: Vec<&str> = path.split('/').collect();
     let not_found = ctx.not_found(&path);
-    if shared.config.iothub.is_some() {
-        // IoT Hub: `devices/{id}/messages/events`; each device's messages are kept as a
-        // one-partition hub named `devices/{id}`.
-        let device = match segs.as_slice() {
-            ["devices", id, "messages", "events"] => format!("devices/{id}"),
-            _ => String::new(),
+    if shared.iot.is_some() {
+        // IoT Hub: `devices/{id}/messages/events`, checked in `iothub`.
+        let device = super::iothub::d2c_device(&address).unwrap_or_default();
+        return match super::iothub::d2c_target(shared, ctx, &device) {
+            Ok(store) => {
+                // Case-preserving, so the device's token (exact-case id) covers it.
+                let entity = format!("devices/{device}/messages/events");
+                accept_producer(attach, address, session, ctx, store, None, entity).await
+            }
+            Err((condition, desc)) => refuse(attach, session, ctx, condition, desc).await,
         };
-        let Some((hub, _)) = shared.find_hub(&device).filter(|_| !device.is_empty()) else {
-            let desc = format!("404001 DeviceNotFound: `{path}` is not a known device");
-            return refuse(attach, session, ctx, "amqp:not-found", desc).await;
-        };
-        return accept_producer(attach, address, session, ctx, hub, None, path).await;
     }
     let Some((hub, count)) = segs.first().and_then(|h| shared.find_hub(h)) else {
         return refuse(attach, session, ctx, "amqp:not-found", not_found).await;
@@ -79,8 +78,9 @@ async fn accept_producer(
 ) {
     let shared = &ctx.shared;
     let entity = path.clone();
-    if matches!(ctx.authorised(&entity, Some(Right::Send)), Auth::No) {
-        let desc = ctx.unauthorised(Right::Send, &path);
+    let right = shared.send_right();
+    if shared.iot.is_none() && matches!(ctx.authorised(&entity, Some(right)), Auth::No) {
+        let desc = ctx.unauthorised(right, &path);
         return refuse(attach, session, ctx, "amqp:unauthorized-access", desc).await;
     }
     let max = shared.config.max_message_size;
@@ -89,6 +89,44 @@ async fn accept_producer(
         .filter(|v| *v > 0)
         .map_or(max, |c| c.min(max));
     let name = attach.name.clone();
+    let wants_idempotent = attach
+        .desired_capabilities
+        .as_ref()
+        .is_some_and(|caps| caps.0.iter().any(|c| c.as_str() == idempotent::CAPABILITY));
+    let mut properties = link_properties();
+    let identity = if wants_idempotent {
+        let Some(partition) = partition else {
+            let desc = "Idempotent publishing needs a partition link.".to_string();
+            return refuse(attach, session, ctx, "amqp:not-allowed", desc).await;
+        };
+        let requested = match idempotent::Requested::from_properties(attach.properties.as_ref()) {
+            Ok(requested) => requested,
+            Err(desc) => return refuse(attach, session, ctx, "amqp:not-allowed", desc).await,
+        };
+        // fe2o3's acceptor merges the client's attach properties into its reply, which
+        // would echo the client's numbers back; they have been read.
+        attach.properties = None;
+        let answer = shared.idempotent.lock().unwrap().attach(
+            &hub,
+            partition,
+            requested,
+            shared.config.idempotent_resume,
+        );
+        match answer {
+            Ok((identity, sequence)) => {
+                for (k, v) in idempotent::reply_properties(identity, sequence) {
+                    properties.insert(k, v);
+                }
+                tracing::info!(link = %name, ?identity, sequence, "idempotent producer attached");
+                Some(identity)
+            }
+            Err((condition, desc)) => {
+                return refuse(attach, session, ctx, condition, desc).await;
+            }
+        }
+    } else {
+        None
+    };
     let advertised = shared.config.advertised_max_message_size.unwrap_or(mms);
     ctx.control
         .advertise
@@ -97,11 +135,14 @@ async fn accept_producer(
         .insert(name.clone(), advertised);
     // fe2o3 would detach the link on an oversize delivery; the service rejects only the delivery.
     attach.max_message_size = None;
-    let acceptor = LinkAcceptor::builder()
+    let mut acceptor = LinkAcceptor::builder()
         .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
         .fallback_receiver_settle_mode(ReceiverSettleMode::First)
-        .properties(link_properties())
-        .build();
+        .properties(properties);
+    if identity.is_some() {
+        acceptor = acceptor.add_offered_capabilities(idempotent::CAPABILITY);
+    }
+    let acceptor = acceptor.build();
     match acceptor.accept_incoming_attach(attach, session).await {
         Ok(LinkEndpoint::Receiver(r)) => {
             shared.stat(|s| {
@@ -119,6 +160,7 @@ async fn accept_producer(
                     entity,
                     max_message_size: mms,
                     name,
+                    identity,
                 },
             ));
         }
@@ -135,6 +177,8 @@ pub(super) struct ProducerLink {
     entity: String,
     max_message_size: u64,
     name: String,
+    /// The producer id and epoch of an idempotent link.
+    identity: Option<idempotent::Identity>,
 }
 
 pub(super) enum Verdict {
@@ -167,6 +211,9 @@ impl ProducerLink {
                 "The request was rejected by fault injection.",
             ));
         }
+        if let Some(gone) = super::iothub::device_gone(shared, &self.hub) {
+            return Verdict::Reject(gone);
+        }
         let buf = payload.bytes;
         if buf.len() > u32::MAX as usize {
             return decode_error("The message is too large to store.");
@@ -184,6 +231,7 @@ impl ProducerLink {
         let mut annotations = None;
         let mut first_key = None;
         let mut bodies = 0usize;
+        let mut stamps: Vec<idempotent::Stamp> = Vec::new();
         for section in raw::Sections::new(&buf) {
             let Some(s) = section else {
                 tracing::warn!("undecodable message");
@@ -208,6 +256,9 @@ impl ProducerLink {
             if spans.is_empty() {
                 first_key = event_annotations.and_then(|a| raw::partition_key(event, &a));
             }
+            if self.identity.is_some() {
+                stamps.push(stamp(event, event_annotations.as_ref()));
+            }
             spans.push((start as u32, event.len() as u32));
         }
         if buf.is_empty() {
@@ -221,6 +272,25 @@ impl ProducerLink {
         }
         if !batched {
             spans.push((0, buf.len() as u32));
+            if self.identity.is_some() {
+                stamps.push(stamp(&buf, annotations.as_ref()));
+            }
+        }
+        if let (Some(identity), Some(partition)) = (self.identity, self.partition) {
+            let verdict = shared.idempotent.lock().unwrap().check(
+                &self.hub,
+                partition,
+                identity,
+                &stamps,
+                shared.config.idempotent_gaps,
+            );
+            match verdict {
+                idempotent::Verdict::Store => {}
+                idempotent::Verdict::Duplicate => return Verdict::Accept,
+                idempotent::Verdict::Refuse(condition, description) => {
+                    return Verdict::Reject(amqp_error(condition, description));
+                }
+            }
         }
         shared.store_events(
             &self.hub,
@@ -236,6 +306,16 @@ impl ProducerLink {
         );
         Verdict::Accept
     }
+}
+
+/// The producer id, epoch and sequence number an event's annotations carry.
+fn stamp(buf: &[u8], annotations: Option<&raw::Section>) -> idempotent::Stamp {
+    let get = |key| annotations.and_then(|a| raw::integer_annotation(buf, a, key));
+    (
+        get(idempotent::PRODUCER_ID),
+        get(idempotent::EPOCH),
+        get(idempotent::SEQUENCE),
+    )
 }
 
 pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
@@ -255,7 +335,7 @@ pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
     let mut link_transfers = 0u64;
     let far = || Instant::now() + Duration::from_secs(3600 * 24);
     let close_error: Option<definitions::Error> = loop {
-        let auth_deadline = match link.ctx.auth_deadline(&link.entity, Right::Send) {
+        let auth_deadline = match link.ctx.auth_deadline(&link.entity, shared.send_right()) {
             Ok(deadline) => deadline,
             Err(expired) => break Some(expired),
         };

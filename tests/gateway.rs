@@ -1,0 +1,504 @@
+//! The IoT Hub gateway against the test hub's IoT Hub mode over real sockets, with the
+//! registry REST server on the same device store: devices created over REST send at once,
+//! disabled and deleted devices are refused alone, the per-connection token cap, and the
+//! gateway's own auto-create, name sync, idle close and sharding (feature `registry`).
+
+mod support;
+
+use std::time::Duration;
+
+use hubsend::iothub::{AutoCreate, DeviceState, EnsureOutcome, Gateway, IotHubBuilder, Registry};
+use hubsend::{ErrorKind, Event};
+use hubsend_testhub::iothub_http::{IotHubRest, IotHubState};
+use hubsend_testhub::{HubConfig, Right, TestHub};
+
+const HOST: &str = "plant.azure-devices.net";
+const POLICY_KEY: &str = "cG9saWN5LWtleS1mb3ItdGhlLWdhdGV3YXktdGVzdHM=";
+
+/// A hub in IoT Hub mode with its REST registry on the same store.
+struct Iot {
+    hub: TestHub,
+    rest: IotHubRest,
+}
+
+impl Iot {
+    async fn start(config: HubConfig) -> Iot {
+        let hub = support::start(config).await;
+        let state = hub.iothub_state().expect("IoT Hub mode");
+        let rest = IotHubRest::start(state, "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("rest starts");
+        Iot { hub, rest }
+    }
+
+    fn state(&self) -> IotHubState {
+        self.hub.iothub_state().unwrap()
+    }
+
+    fn builder(&self, connection_string: String) -> IotHubBuilder {
+        IotHubBuilder::default()
+            .connection_string(connection_string)
+            .port(self.hub.addr().port())
+            .danger_plaintext(true)
+    }
+
+    fn registry(&self, policy: &str) -> Registry {
+        Registry::builder(&self.hub.iothub_connection_string(policy))
+            .unwrap()
+            .registry_url(self.rest.url())
+            .danger_allow_http(true)
+            .build()
+            .unwrap()
+    }
+}
+
+/// Sends `body` as `device_id` and waits until the hub stored it.
+async fn stored(gateway: &Gateway, device_id: &str, body: impl Into<Vec<u8>>) {
+    gateway
+        .send(device_id, Event::new(body.into()))
+        .await
+        .unwrap_or_else(|e| panic!("{device_id}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("{device_id} not stored: {e}"));
+}
+
+fn config() -> HubConfig {
+    HubConfig::new().iothub(HOST)
+}
+
+#[tokio::test]
+async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
+    let iot = Iot::start(config()).await;
+    let registry = iot.registry("iothubowner");
+    assert_eq!(
+        registry.create_device("Dev-A").await.unwrap(),
+        EnsureOutcome::Created
+    );
+    // Its REST-generated key signs its device token on the AMQP side.
+    let cs = iot.hub.iothub_device_connection_string("Dev-A");
+    let device = iot
+        .builder(cs.clone())
+        .device_sender()
+        .await
+        .expect("connects");
+    device
+        .send(Event::new("hello"))
+        .await
+        .unwrap()
+        .await
+        .expect("stored");
+    assert_eq!(iot.hub.iothub_messages("Dev-A")[0].body, b"hello");
+    // Ids are case-sensitive: `dev-a` is another, unknown device.
+    assert!(iot.hub.iothub_messages("dev-a").is_empty());
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .gateway()
+        .await
+        .unwrap();
+    let err = gateway
+        .send("dev-a", Event::new("x"))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    stored(&gateway, "Dev-A", "via gateway").await;
+    // Disabled: its open link's next delivery is refused, and it cannot connect again.
+    assert!(iot.state().set_device_enabled("Dev-A", false));
+    let err = device
+        .send(Event::new("after disable"))
+        .await
+        .unwrap()
+        .await
+        .expect_err("disabled");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let err = iot.builder(cs.clone()).device_sender().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    assert_eq!(iot.hub.iothub_messages("Dev-A").len(), 2);
+    // Enabled again, then deleted: gone for the registry and the AMQP side alike.
+    assert!(iot.state().set_device_enabled("Dev-A", true));
+    let again = iot
+        .builder(cs.clone())
+        .device_sender()
+        .await
+        .expect("enabled");
+    again.send(Event::new("back")).await.unwrap().await.unwrap();
+    assert!(iot.state().remove_device("Dev-A"));
+    let err = registry.get_device("Dev-A").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = again
+        .send(Event::new("after delete"))
+        .await
+        .unwrap()
+        .await
+        .expect_err("deleted");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(iot.hub.iothub_messages("Dev-A").len(), 3);
+}
+
+#[tokio::test]
+async fn devices_registered_up_front_are_in_the_rest_registry() {
+    let key = "c2VjcmV0LWRldmljZS1rZXktMTIzNDU2Nzg5MA==";
+    let iot = Iot::start(config().iot_device("pre-1", key)).await;
+    let device = iot
+        .registry("registryRead")
+        .get_device("pre-1")
+        .await
+        .unwrap();
+    assert_eq!(device.status, "enabled");
+    assert_eq!(iot.state().device_key("pre-1").as_deref(), Some(key));
+}
+
+#[tokio::test]
+async fn a_policy_without_device_connect_cannot_send() {
+    let iot = Iot::start(config().iot_device("d1", POLICY_KEY).policy(
+        "svc",
+        POLICY_KEY,
+        &[Right::ServiceConnect, Right::RegistryRead],
+    ))
+    .await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("svc"))
+        .gateway()
+        .await
+        .unwrap();
+    let err = gateway.send("d1", Event::new("x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    assert!(err.to_string().contains("DeviceConnect"), "{err}");
+    assert!(iot.hub.iothub_messages("d1").is_empty());
+}
+
+#[tokio::test]
+async fn past_the_token_cap_devices_shard_over_more_connections() {
+    // The hub takes 3 tokens per connection; the gateway would put 10 devices on one.
+    let iot = Iot::start(config().iot_token_cap(3)).await;
+    for i in 0..10 {
+        iot.state().add_device(format!("c-{i}"), POLICY_KEY);
+    }
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .max_devices_per_connection(10)
+        .gateway()
+        .await
+        .unwrap();
+    for round in 0..2 {
+        for i in 0..10 {
+            stored(&gateway, &format!("c-{i}"), format!("{round}")).await;
+        }
+    }
+    let stats = gateway.stats().await;
+    assert_eq!((stats.connections, stats.devices), (4, 10), "{stats:?}");
+    assert_eq!(stats.devices_refused, 0, "{stats:?}");
+    // Each full connection refused one put-token with 403005, then took no more devices.
+    assert_eq!(iot.hub.stats().put_tokens_rejected, 3);
+    for i in 0..10 {
+        assert_eq!(iot.hub.iothub_messages(&format!("c-{i}")).len(), 2, "c-{i}");
+    }
+}
+
+/// A registry on the hub's REST side for `policy`, with a rate that does not slow tests.
+fn fast_registry(iot: &Iot, policy: &str) -> Registry {
+    Registry::builder(&iot.hub.iothub_connection_string(policy))
+        .unwrap()
+        .registry_url(iot.rest.url())
+        .danger_allow_http(true)
+        .operations_per_minute(60_000)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_gateway_creates_unknown_devices_and_writes_each_name_once() {
+    const DEVICES: usize = 60;
+    let iot = Iot::start(config().iot_registry_rate_limit(1000, Duration::from_secs(60))).await;
+    // `iothubowner`: registry read/write, service connect and device connect in one policy.
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("iothubowner"))
+        .auto_create(fast_registry(&iot, "iothubowner"), AutoCreate::OnNotFound)
+        .gateway()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..DEVICES {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("Particle-{i:02}");
+            let name = format!("kitchen sensor {i}");
+            let mut outcomes = Vec::new();
+            for n in 0..3 {
+                let body = format!(r#"{{"device":{i},"n":{n}}}"#);
+                outcomes.push(
+                    gateway
+                        .send_named(&id, Some(&name), Event::new(body))
+                        .await
+                        .expect("queued"),
+                );
+            }
+            for outcome in outcomes {
+                outcome.await.expect("stored");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = gateway.stats().await;
+    assert_eq!(stats.connections, 1, "{stats:?}");
+    assert_eq!(stats.devices_created, DEVICES as u64, "{stats:?}");
+    assert_eq!(stats.names_written, DEVICES as u64, "{stats:?}");
+    let counts = iot.state().counts();
+    assert_eq!(counts.created, DEVICES as u64);
+    assert_eq!(counts.twin_updates, DEVICES as u64);
+    for i in 0..DEVICES {
+        let id = format!("Particle-{i:02}");
+        let device = iot.state().device(&id).expect("created");
+        assert_eq!(device.desired["deviceName"], format!("kitchen sensor {i}"));
+        let stored = iot.hub.iothub_messages(&id);
+        assert_eq!(stored.len(), 3, "{id}");
+        for (n, e) in stored.iter().enumerate() {
+            assert_eq!(e.body, format!(r#"{{"device":{i},"n":{n}}}"#).into_bytes());
+        }
+    }
+    gateway.close().await.unwrap();
+
+    // A restarted gateway, checking every device before its first use, renames nothing.
+    let restarted = iot
+        .builder(iot.hub.iothub_connection_string("iothubowner"))
+        .auto_create(
+            fast_registry(&iot, "iothubowner"),
+            AutoCreate::BeforeFirstUse,
+        )
+        .gateway()
+        .await
+        .unwrap();
+    for i in 0..DEVICES {
+        restarted
+            .send_named(
+                &format!("Particle-{i:02}"),
+                Some("renamed"),
+                Event::new("again"),
+            )
+            .await
+            .unwrap()
+            .await
+            .expect("stored");
+    }
+    let stats = restarted.stats().await;
+    assert_eq!(
+        (stats.devices_created, stats.names_written),
+        (0, 0),
+        "{stats:?}"
+    );
+    let counts = iot.state().counts();
+    assert_eq!(counts.twin_updates, DEVICES as u64, "no name written twice");
+    assert_eq!(
+        counts.conflicts, DEVICES as u64,
+        "each existing device answered 409"
+    );
+    assert_eq!(
+        iot.state().device("Particle-07").unwrap().desired["deviceName"],
+        "kitchen sensor 7"
+    );
+    assert_eq!(iot.hub.iothub_messages("Particle-07").len(), 4);
+}
+
+#[tokio::test]
+async fn without_registry_rights_only_the_unknown_devices_fail() {
+    let iot = Iot::start(config().iot_device("known-1", POLICY_KEY).policy(
+        "gw",
+        POLICY_KEY,
+        &[Right::DeviceConnect, Right::ServiceConnect],
+    ))
+    .await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("gw"))
+        .auto_create(fast_registry(&iot, "gw"), AutoCreate::OnNotFound)
+        .gateway()
+        .await
+        .unwrap();
+    stored(&gateway, "known-1", "a").await;
+    let err = gateway
+        .send_named("new-1", Some("n"), Event::new("x"))
+        .await
+        .expect_err("cannot be created");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    assert!(err.to_string().contains("RegistryWrite"), "{err}");
+    assert!(matches!(
+        gateway.device_state("new-1").await,
+        Some(DeviceState::Refused(e)) if e.kind() == ErrorKind::Unauthorized
+    ));
+    // The refusal is answered locally: no second registry call.
+    let calls = iot.state().counts().total;
+    let again = gateway.send("new-1", Event::new("x")).await.unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::Unauthorized);
+    assert_eq!(iot.state().counts().total, calls);
+    stored(&gateway, "known-1", "b").await;
+    assert_eq!(iot.hub.iothub_messages("known-1").len(), 2);
+    assert!(iot.state().device("new-1").is_none());
+    let stats = gateway.stats().await;
+    assert_eq!((stats.devices, stats.devices_refused), (1, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_disabled_device_fails_alone_while_the_others_keep_sending() {
+    let mut config = config();
+    for i in 0..5 {
+        config = config.iot_device(format!("d{i}"), POLICY_KEY);
+    }
+    let iot = Iot::start(config).await;
+    iot.state().set_device_enabled("d2", false);
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("iothubowner"))
+        .auto_create(fast_registry(&iot, "iothubowner"), AutoCreate::OnNotFound)
+        .refused_retry_after(Duration::ZERO)
+        .gateway()
+        .await
+        .unwrap();
+    for round in 0..3 {
+        for i in 0..5 {
+            let sent = gateway
+                .send(&format!("d{i}"), Event::new(format!("{round}")))
+                .await;
+            if i == 2 {
+                let err = sent.expect_err("disabled");
+                assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+            } else {
+                sent.unwrap().await.expect("stored");
+            }
+        }
+    }
+    assert!(iot.hub.iothub_messages("d2").is_empty());
+    for i in [0, 1, 3, 4] {
+        assert_eq!(iot.hub.iothub_messages(&format!("d{i}")).len(), 3);
+    }
+    let stats = gateway.stats().await;
+    // The disabled device holds no slot; it was never re-created (409 each try).
+    assert_eq!((stats.devices, stats.devices_created), (4, 0), "{stats:?}");
+    assert_eq!(iot.state().counts().conflicts, 3);
+    // Enabled again, it sends.
+    iot.state().set_device_enabled("d2", true);
+    stored(&gateway, "d2", "back").await;
+}
+
+#[tokio::test]
+async fn idle_device_links_are_closed_and_attached_again_on_use() {
+    let mut config = config();
+    for i in 0..3 {
+        config = config.iot_device(format!("i{i}"), POLICY_KEY);
+    }
+    let iot = Iot::start(config).await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .gateway()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        stored(&gateway, &format!("i{i}"), "first").await;
+    }
+    assert_eq!(iot.hub.stats().producer_links_attached, 3);
+    // Wait (bounded) for the gateway to close the three idle links.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let stats = gateway.stats().await;
+            if stats.idle_closed == 3 {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("idle links closed");
+    assert_eq!(closed.devices, 0, "{closed:?}");
+    assert!(matches!(
+        gateway.device_state("i0").await,
+        Some(DeviceState::Idle)
+    ));
+    for i in 0..3 {
+        stored(&gateway, &format!("i{i}"), "second").await;
+    }
+    let stats = gateway.stats().await;
+    assert_eq!((stats.connections, stats.devices), (1, 3), "{stats:?}");
+    assert_eq!(iot.hub.stats().producer_links_attached, 6);
+    for i in 0..3 {
+        let stored = iot.hub.iothub_messages(&format!("i{i}"));
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1].body, b"second");
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_registry_is_waited_out_and_every_device_still_sends() {
+    // The registry answers 429 past 3 calls a second; 8 new devices need 16 calls.
+    let iot = Iot::start(config().iot_registry_rate_limit(3, Duration::from_secs(1))).await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("iothubowner"))
+        .auto_create(fast_registry(&iot, "iothubowner"), AutoCreate::OnNotFound)
+        .registry_concurrency(2)
+        .gateway()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("t{i}");
+            gateway
+                .send_named(&id, Some(&format!("name {i}")), Event::new("x"))
+                .await?
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await
+            .unwrap()
+            .expect("created and stored despite 429s");
+    }
+    let counts = iot.state().counts();
+    assert!(counts.throttled >= 1, "{counts:?}");
+    assert_eq!((counts.created, counts.twin_updates), (8, 8), "{counts:?}");
+    for i in 0..8 {
+        assert_eq!(iot.hub.iothub_messages(&format!("t{i}")).len(), 1);
+        assert_eq!(
+            iot.state().device(&format!("t{i}")).unwrap().desired["deviceName"],
+            format!("name {i}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_sends_of_one_new_device_create_it_once() {
+    let iot = Iot::start(config()).await;
+    for (n, when) in [AutoCreate::OnNotFound, AutoCreate::BeforeFirstUse]
+        .into_iter()
+        .enumerate()
+    {
+        let gateway = iot
+            .builder(iot.hub.iothub_connection_string("iothubowner"))
+            .auto_create(fast_registry(&iot, "iothubowner"), when)
+            .gateway()
+            .await
+            .unwrap();
+        let id = format!("shared-new-{n}");
+        let sends = (0..20).map(|i| {
+            let (gateway, id) = (gateway.clone(), id.clone());
+            tokio::spawn(async move {
+                let name = format!("name {i}");
+                gateway
+                    .send_named(&id, Some(&name), Event::new(format!("{i}")))
+                    .await?
+                    .await
+            })
+        });
+        for send in futures_util::future::join_all(sends).await {
+            send.unwrap().expect("stored");
+        }
+        let counts = iot.state().counts();
+        // One create and one name write per device, no 409: the other sends waited.
+        let created = n as u64 + 1;
+        assert_eq!(
+            (counts.created, counts.conflicts, counts.twin_updates),
+            (created, 0, created),
+            "{when:?}: {counts:?}"
+        );
+        assert_eq!(iot.hub.iothub_messages(&id).len(), 20);
+    }
+}
