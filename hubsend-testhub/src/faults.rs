@@ -61,6 +61,12 @@ pub(crate) struct FaultShared {
     /// Armed until the first producer transfer after arming takes it (see
     /// [`Faults::dispose_all_deliveries_once`]).
     pub dispose_all: AtomicBool,
+    /// Bumped to make every live WebSocket close (see [`Faults::close_websockets`]).
+    pub ws_close: watch::Sender<u64>,
+    /// Send each chunk the hub writes as two WebSocket messages.
+    pub ws_split: AtomicBool,
+    /// Bumped to make every live WebSocket send a ping (see [`Faults::ping_websockets`]).
+    pub ws_ping: watch::Sender<u64>,
 }
 
 impl Default for FaultShared {
@@ -78,6 +84,9 @@ impl FaultShared {
             connections: Mutex::new(Vec::new()),
             heartbeat_every_us: AtomicU64::new(0),
             dispose_all: AtomicBool::new(false),
+            ws_close: watch::channel(0).0,
+            ws_split: AtomicBool::new(false),
+            ws_ping: watch::channel(0).0,
         }
     }
 
@@ -308,6 +317,28 @@ impl Faults {
         self.shared.dispose_all.store(true, Ordering::SeqCst);
     }
 
+    /// Every WebSocket open now is closed at the WebSocket level (a close frame, code 1001
+    /// "going away", then the TCP connection), with no AMQP CLOSE first: what a load
+    /// balancer or proxy in front of the service does. Connections opened later are not
+    /// affected. Raw AMQP connections are not touched; [`drop_connections`](Self::drop_connections)
+    /// drops both kinds.
+    pub fn close_websockets(&self) {
+        self.shared.ws_close.send_modify(|g| *g += 1);
+    }
+
+    /// Every WebSocket open now sends one ping (payload `hubsend-testhub`), as a proxy or load
+    /// balancer checking an idle connection would; the pongs that come back are counted in
+    /// [`HubStats::websocket_pongs_received`](crate::HubStats::websocket_pongs_received).
+    pub fn ping_websockets(&self) {
+        self.shared.ws_ping.send_modify(|g| *g += 1);
+    }
+
+    /// While on, the WebSocket listener sends each chunk the AMQP server writes as two binary
+    /// messages, so AMQP frames span messages (legal: message boundaries carry no meaning).
+    pub fn split_websocket_messages(&self, on: bool) {
+        self.shared.ws_split.store(on, Ordering::Relaxed);
+    }
+
     /// Stop granting new credit to producer links for `duration`.
     pub fn withhold_credit(&self, duration: std::time::Duration) {
         self.shared.state.lock().unwrap().withhold_until = Some(Instant::now() + duration);
@@ -333,6 +364,7 @@ impl Faults {
         drop(st);
         self.shared.heartbeat_every_us.store(0, Ordering::Relaxed);
         self.shared.dispose_all.store(false, Ordering::SeqCst);
+        self.shared.ws_split.store(false, Ordering::Relaxed);
         self.shared.credit_tx.send_modify(|g| *g += 1);
     }
 }

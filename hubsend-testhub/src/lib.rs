@@ -18,6 +18,7 @@ mod server;
 mod store;
 mod tls;
 mod wire;
+mod ws;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -84,6 +85,10 @@ pub struct HubConfig {
     pub(crate) rest: bool,
     /// More namespace host names token audiences may name.
     pub(crate) namespace_aliases: Vec<String>,
+    /// The WebSocket listener's port, when it is on (0 = any free port).
+    pub(crate) websocket_port: Option<u16>,
+    /// Whether the WebSocket upgrade echoes the chosen subprotocol.
+    pub(crate) websocket_echo: bool,
 }
 
 impl Default for HubConfig {
@@ -134,6 +139,8 @@ impl HubConfig {
             idempotent_gaps: GapAnswer::default(),
             rest: false,
             namespace_aliases: Vec::new(),
+            websocket_port: None,
+            websocket_echo: true,
         }
     }
 
@@ -153,6 +160,34 @@ impl HubConfig {
     /// `localhost` and 127.0.0.1.
     pub fn tls(mut self, on: bool) -> Self {
         self.tls = on;
+        self
+    }
+
+    /// Also serve AMQP over WebSockets, as the service does on port 443, on a second port
+    /// ([`TestHub::ws_addr`]; any free port unless [`websocket_port`](Self::websocket_port)
+    /// says), in front of the same server: same hubs, store, policies, CBS, IoT Hub mode and
+    /// [`Faults`]. TLS (`wss`) when [`tls`](Self::tls) is on, plain `ws` otherwise. The
+    /// upgrade path is `/$servicebus/websocket` (with or without a trailing slash), or
+    /// `/$iothub/websocket` in IoT Hub mode; other paths get 404. `Sec-WebSocket-Protocol`
+    /// must offer `AMQPWSB10` or `amqp` (else 400), and the first of them offered is echoed.
+    /// Binary messages only (a text message closes the WebSocket with 1003); message
+    /// boundaries mean nothing; pings are answered.
+    pub fn websocket(mut self, on: bool) -> Self {
+        self.websocket_port = on.then(|| self.websocket_port.unwrap_or(0));
+        self
+    }
+
+    /// Port of the WebSocket listener (0 = any free port); turns it on.
+    pub fn websocket_port(mut self, port: u16) -> Self {
+        self.websocket_port = Some(port);
+        self
+    }
+
+    /// A misbehaving hub: with `false` the WebSocket upgrade's 101 answer leaves out
+    /// `Sec-WebSocket-Protocol` instead of echoing the client's choice (RFC 6455 requires a
+    /// client to fail such a handshake). Default `true`.
+    pub fn websocket_echo_subprotocol(mut self, echo: bool) -> Self {
+        self.websocket_echo = echo;
         self
     }
 
@@ -353,6 +388,10 @@ impl HubConfig {
 pub struct HubStats {
     /// Connections that completed the AMQP open.
     pub connections_accepted: u64,
+    /// WebSocket upgrades accepted on the WebSocket listener ([`HubConfig::websocket`]).
+    pub websockets_accepted: u64,
+    /// Pongs received on WebSockets (answers to [`Faults::ping_websockets`]).
+    pub websocket_pongs_received: u64,
     /// put-token requests answered 202.
     pub put_tokens_accepted: u64,
     /// Of those, `jwt` (Entra ID) tokens.
@@ -399,6 +438,8 @@ pub struct TestHub {
     ca_pem: Option<String>,
     accept_task: Option<tokio::task::JoinHandle<()>>,
     rest: Option<server::rest::RestServer>,
+    /// The WebSocket listener's address and accept task, when it is on.
+    ws: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl TestHub {
@@ -419,6 +460,10 @@ impl TestHub {
             (None, None)
         };
         let rest_addr = (config.host.clone(), 0);
+        let ws_listener = match config.websocket_port {
+            Some(port) => Some(tokio::net::TcpListener::bind((config.host.as_str(), port)).await?),
+            None => None,
+        };
         let shared = Arc::new(server::Shared::new(config));
         let rest = if shared.config.rest {
             let acceptor = tls_acceptor.clone();
@@ -426,19 +471,66 @@ impl TestHub {
         } else {
             None
         };
-        let accept_task = tokio::spawn(server::accept_loop(listener, shared.clone(), tls_acceptor));
+        let ws = match ws_listener {
+            Some(listener) => {
+                let ws_addr = listener.local_addr()?;
+                let task = tokio::spawn(server::accept_loop(
+                    listener,
+                    shared.clone(),
+                    tls_acceptor.clone(),
+                    ws::Framing::WebSocket,
+                ));
+                Some((ws_addr, task))
+            }
+            None => None,
+        };
+        let accept_task = tokio::spawn(server::accept_loop(
+            listener,
+            shared.clone(),
+            tls_acceptor,
+            ws::Framing::Raw,
+        ));
         Ok(TestHub {
             addr,
             shared,
             ca_pem,
             accept_task: Some(accept_task),
             rest,
+            ws,
         })
     }
 
     /// The bound socket address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The WebSocket listener's address ([`HubConfig::websocket`]), if it is on.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The WebSocket listener's port, if it is on.
+    pub fn ws_port(&self) -> Option<u16> {
+        self.ws_addr().map(|addr| addr.port())
+    }
+
+    /// The URL a client upgrades at: `wss://localhost:PORT/$servicebus/websocket/` (`ws://`
+    /// and the bound IP without TLS; `/$iothub/websocket` in IoT Hub mode), if the WebSocket
+    /// listener is on.
+    pub fn ws_url(&self) -> Option<String> {
+        let addr = self.ws_addr()?;
+        let (scheme, host) = if self.shared.config.tls {
+            ("wss", "localhost".to_string())
+        } else {
+            ("ws", addr.ip().to_string())
+        };
+        let path = if self.shared.config.iothub.is_some() {
+            ws::IOT_HUB_PATH.to_string()
+        } else {
+            format!("{}/", ws::EVENT_HUBS_PATH)
+        };
+        Some(format!("{scheme}://{host}:{}{path}", addr.port()))
     }
 
     /// Connection string for the first hub and the first policy with the Send right.
@@ -649,6 +741,9 @@ impl TestHub {
             task.abort();
         }
         self.rest = None;
+        if let Some((_, task)) = &self.ws {
+            task.abort();
+        }
         self.faults().drop_connections();
     }
 }

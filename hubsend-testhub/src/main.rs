@@ -1,6 +1,7 @@
 //! `hubsend-testhub` binary: serves a local Event Hubs-compatible endpoint until interrupted.
 //! Stdout: line 1 is the send-only connection string, line 2 the `manage` (Listen) policy's,
-//! then, with TLS, the CA certificate's path (the file is written before line 1).
+//! then, with TLS, the CA certificate's path (the file is written before line 1), then, with
+//! `--ws-port`, the WebSocket listener's URL.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,8 +15,9 @@ use hubsend_testhub::{HubConfig, TestHub};
     about = "Local Event Hubs-compatible AMQP 1.0 test server",
     after_help = "Stdout: line 1 is the connection string of the send-only policy (Send right), \
 line 2 that of the `manage` policy (Manage, Send, Listen: use it to read events back), and with \
---tls-dir line 3 names the CA certificate (written before line 1 is printed). With --rest the \
-next line is `REST endpoint: URL`."
+--tls-dir line 3 names the CA certificate (written before line 1 is printed). With --rest a \
+line `REST endpoint: URL` follows; with --ws-port the last line is `WebSocket: URL`, the \
+WebSocket listener's upgrade URL."
 )]
 struct Args {
     /// Interface to bind.
@@ -35,6 +37,16 @@ struct Args {
     /// added with every right.
     #[arg(long = "policy-key", value_name = "NAME=KEY", value_parser = parse_policy_key)]
     policy_keys: Vec<(String, String)>,
+    /// Also serve AMQP over WebSockets on PORT (0 = any free port), in front of the same
+    /// server: `/$servicebus/websocket[/]` (IoT Hub mode: `/$iothub/websocket`), subprotocol
+    /// `AMQPWSB10` or `amqp` (echoed), TLS (`wss`) with --tls-dir. The last stdout line is
+    /// then `WebSocket: URL`.
+    #[arg(long, value_name = "PORT")]
+    ws_port: Option<u16>,
+    /// Fault: the WebSocket listener sends each chunk as two binary messages, so AMQP frames
+    /// span messages.
+    #[arg(long, requires = "ws_port")]
+    split_websocket_messages: bool,
     /// Enable TLS and write the CA certificate to DIR/ca.pem.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
@@ -138,6 +150,9 @@ impl Args {
         if self.dispose_all_once {
             faults.dispose_all_deliveries_once();
         }
+        if self.split_websocket_messages {
+            faults.split_websocket_messages(true);
+        }
     }
 }
 
@@ -156,6 +171,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .retain_events(args.retain_events)
         .max_message_size(args.max_message_size)
         .rest(args.rest);
+    if let Some(port) = args.ws_port {
+        config = config.websocket_port(port);
+    }
     if let Some(bytes) = args.advertise_max_message_size {
         config = config.advertise_max_message_size(bytes);
     }
@@ -233,6 +251,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(url) = hub.rest_url() {
         println!("REST endpoint: {url}");
+    }
+    if let Some(url) = hub.ws_url() {
+        println!("WebSocket: {url}");
     }
     match &args.dump {
         Some(path) if args.iothub.is_some() => {

@@ -144,6 +144,17 @@ impl Endpoint {
         self
     }
 
+    /// `host:port` as it goes in a URL or an HTTP `CONNECT`/`Host` line: an IPv6 literal in
+    /// brackets (`[::1]:443`), which a bare `::1:443` would not parse as.
+    #[cfg(any(feature = "websockets", feature = "proxy"))]
+    pub(crate) fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
     /// Sets [`connect_timeout`](Self::connect_timeout).
     pub(crate) fn connect_timeout(mut self, timeout: Duration) -> Endpoint {
         self.connect_timeout = timeout;

@@ -145,7 +145,7 @@ pub(super) async fn tunnel(
             )
             .with_source(e)
         })?;
-    let target = format!("{}:{}", endpoint.host, endpoint.port);
+    let target = endpoint.authority();
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(auth) = &proxy.authorization {
         request.push_str("Proxy-Authorization: ");
@@ -239,6 +239,15 @@ mod tests {
         let error = Proxy::parse("socks5://bob:hunter2@proxy:1080").unwrap_err();
         assert_eq!(error.kind(), ErrorKind::InvalidConfig);
         assert!(!error.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn ipv6_targets_are_bracketed() {
+        assert_eq!(Endpoint::new("::1", 443).authority(), "[::1]:443");
+        assert_eq!(
+            Endpoint::new("hub.example", 443).authority(),
+            "hub.example:443"
+        );
     }
 
     #[test]

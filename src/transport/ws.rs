@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// `ws.subprotocol`, and returns the byte-stream adapter over it.
 pub(super) async fn upgrade(endpoint: &Endpoint, ws: &WebSocket, stream: BoxIo) -> Result<WsIo> {
     let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
-    let url = format!("{scheme}://{}:{}{}", endpoint.host, endpoint.port, ws.path);
+    let url = format!("{scheme}://{}{}", endpoint.authority(), ws.path);
     let refused = |detail: String| {
         Error::new(
             ErrorKind::Connection,

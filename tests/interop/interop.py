@@ -65,6 +65,17 @@ def check(name):
     return wrap
 
 
+def summary(label):
+    """Prints the failures and `LABEL: N passed, M failed`; returns the exit status."""
+    passed = sum(1 for _, ok, _ in RESULTS if ok)
+    failed = len(RESULTS) - passed
+    for name, ok, detail in RESULTS:
+        if not ok:
+            print(f"failed: {name}: {detail}")
+    print(f"{label}: {passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
 def expect(cond, message):
     if not cond:
         raise AssertionError(message)
@@ -92,13 +103,16 @@ def run_with_timeout(fn, seconds):
 
 
 def receive(cs, partition, starting_position, want, inclusive=False, timeout=30, settle=0.5,
-            match=None, after_start=None, last_enqueued=None):
+            match=None, after_start=None, last_enqueued=None, client_options=None):
     """Receives from one partition until `want` matching events arrived (or timeout).
 
     `match(event)` filters which events count; `after_start()` runs once the receiver is up
     (used to produce events after an `@latest` attach). With a `last_enqueued` list, the
-    receiver asks for last-enqueued-event properties and collects them per event."""
-    client = EventHubConsumerClient.from_connection_string(cs, consumer_group="$Default")
+    receiver asks for last-enqueued-event properties and collects them per event.
+    `client_options` are passed on to the consumer client (e.g. the transport)."""
+    client = EventHubConsumerClient.from_connection_string(
+        cs, consumer_group="$Default", **(client_options or {})
+    )
     got, errors = [], []
     done = threading.Event()
     started = threading.Event()
@@ -549,13 +563,7 @@ def main():
     starting_positions(send_cs, manage_cs)
     consume_bulk(send_cs, manage_cs, args.hubsend)
 
-    passed = sum(1 for _, ok, _ in RESULTS if ok)
-    failed = len(RESULTS) - passed
-    for name, ok, detail in RESULTS:
-        if not ok:
-            print(f"failed: {name}: {detail}")
-    print(f"interop: {passed} passed, {failed} failed", flush=True)
-    return 1 if failed else 0
+    return summary("interop")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 // Judge: Microsoft's Node IoT device SDK (azure-iot-device + azure-iot-device-amqp) sends
 // device-to-cloud messages over AMQPS to the test hub in IoT Hub mode. Usage:
-//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [--refused WHY]
+//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [--refused WHY | --websockets]
+// With --websockets it uses the SDK's AMQP-over-WebSockets transport (AmqpWs), which always
+// dials wss://GATEWAY:443/$iothub/websocket.
 // Exits non-zero unless the hub stored exactly what was sent (read back from DUMP_FILE, which
 // the test hub rewrites with every stored message). With --refused, exits non-zero unless the
 // hub refuses the device (a disabled or deleted one) and stores nothing from it.
 'use strict';
 const fs = require('fs');
 const { Client, Message } = require('azure-iot-device');
-const { Amqp } = require('azure-iot-device-amqp');
+const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 
 const [connectionString, dumpFile, mode, why] = process.argv.slice(2);
+const transport = mode === '--websockets' ? AmqpWs : Amqp;
+const judge = mode === '--websockets' ? 'iothub node device SDK (AmqpWs)' : 'iothub node device SDK';
 const deviceId = /DeviceId=([^;]+)/.exec(connectionString)[1];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -55,7 +59,7 @@ async function refused() {
 
 async function main() {
   if (mode === '--refused') return refused();
-  const client = Client.fromConnectionString(connectionString, Amqp);
+  const client = Client.fromConnectionString(connectionString, transport);
   await client.open();
   const singles = 5;
   for (let i = 0; i < singles; i++) {
@@ -93,13 +97,13 @@ async function main() {
     }
   });
   if (problems.length) {
-    console.log(`FAIL iothub node device SDK: ${problems.join('; ')}`);
+    console.log(`FAIL ${judge}: ${problems.join('; ')}`);
     process.exit(1);
   }
-  console.log(`PASS iothub node device SDK: ${singles} sendEvent + ${batched} sendEventBatch messages stored intact`);
+  console.log(`PASS ${judge}: ${singles} sendEvent + ${batched} sendEventBatch messages stored intact`);
 }
 
 main().catch((e) => {
-  console.log(`FAIL iothub node device SDK: ${e && e.stack ? e.stack : e}`);
+  console.log(`FAIL ${judge}: ${e && e.stack ? e.stack : e}`);
   process.exit(1);
 });

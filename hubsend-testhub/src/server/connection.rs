@@ -24,6 +24,7 @@ use crate::{
     faults::ConnCommand,
     sas::{covers, normalise},
     wire::{Wire, WireControl},
+    ws::{self, Framing},
     Right,
 };
 
@@ -129,12 +130,13 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    framing: Framing,
 ) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
                 tracing::debug!(%peer, "tcp connection");
-                tokio::spawn(handle_connection(tcp, shared.clone(), tls.clone()));
+                tokio::spawn(handle_connection(tcp, shared.clone(), tls.clone(), framing));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -148,6 +150,7 @@ pub(super) async fn handle_connection(
     tcp: tokio::net::TcpStream,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    framing: Framing,
 ) {
     let _ = tcp.set_nodelay(true);
     // Keep a duplicate of the socket so a fault can shut it down under fe2o3's feet.
@@ -204,6 +207,14 @@ pub(super) async fn handle_connection(
         let stream: Box<dyn Stream> = match tls {
             Some(tls) => Box::new(tls.accept(tcp).await.map_err(|e| e.to_string())?),
             None => Box::new(tcp),
+        };
+        let stream: Box<dyn Stream> = match framing {
+            Framing::Raw => stream,
+            Framing::WebSocket => {
+                let socket = ws::accept(stream, shared.ws_upgrade(), shared.clone()).await?;
+                shared.stat(|s| s.websockets_accepted += 1);
+                Box::new(socket)
+            }
         };
         let (stream, sasl) = peek_header(stream).await.map_err(|e| e.to_string())?;
         if sasl {

@@ -105,6 +105,14 @@ impl Shared {
         }
     }
 
+    /// What this hub's WebSocket listener requires of an upgrade.
+    pub(crate) fn ws_upgrade(&self) -> crate::ws::Upgrade {
+        crate::ws::Upgrade {
+            iothub: self.config.iothub.is_some(),
+            echo: self.config.websocket_echo,
+        }
+    }
+
     /// Canonical name and partition count of a hub, matched case-insensitively.
     pub(crate) fn find_hub(&self, name: &str) -> Option<(String, u32)> {
         self.config
