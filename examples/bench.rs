@@ -31,6 +31,9 @@
 //! * `--idempotent` also runs every hubsend mode with idempotent retries, in rows of their
 //!   own next to the plain ones.
 //! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
+//! * `--transports` also runs batch, single and latency over WebSockets (`wss`/`ws`) and the
+//!   HTTPS REST API against the same spawned hub (`--rest --ws-port 0`); build the example
+//!   with `--features websockets,https`.
 //!
 //! The hub: `EVENTHUB_CONNECTION_STRING` (+ `EVENTHUB_CA_FILE`) when set; otherwise the
 //! release `hubsend-testhub` binary (`HUBSEND_TESTHUB_BIN`, else next to this example's
@@ -373,10 +376,13 @@ struct Hub {
     ca: Option<PathBuf>,
     tls: bool,
     process: Option<Child>,
+    /// The spawned hub's WebSocket upgrade URL and REST base URL (`--transports`).
+    ws_url: Option<String>,
+    rest_url: Option<String>,
 }
 
 impl Hub {
-    fn start(tls: bool) -> Hub {
+    fn start(tls: bool, more_transports: bool) -> Hub {
         if let Ok(cs) = std::env::var("EVENTHUB_CONNECTION_STRING") {
             if !cs.trim().is_empty() {
                 let ca = std::env::var("EVENTHUB_CA_FILE").ok().map(PathBuf::from);
@@ -388,6 +394,8 @@ impl Hub {
                     ca,
                     tls,
                     process: None,
+                    ws_url: None,
+                    rest_url: None,
                 };
             }
         }
@@ -415,6 +423,9 @@ impl Hub {
         if tls {
             cmd.arg("--tls-dir").arg(&dir);
         }
+        if more_transports {
+            cmd.args(["--rest", "--ws-port", "0"]);
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -425,16 +436,31 @@ impl Hub {
             .next()
             .and_then(|l| l.ok())
             .expect("the test hub prints its connection string");
-        let ca = tls.then(|| dir.join("ca.pem")); // written before anything is printed
-                                                  // Keep reading what else the hub prints (the listen policy's string, the CA path):
-                                                  // with its stdout closed the hub would die on its next line (EPIPE), which is how
-                                                  // spawned hubs used to vanish mid-run.
+        // The CA is written before anything is printed.
+        let ca = tls.then(|| dir.join("ca.pem"));
+        let (mut ws_url, mut rest_url) = (None, None);
+        if more_transports {
+            // `REST endpoint: URL`, then the last line `WebSocket: URL`.
+            for line in lines.by_ref().map_while(|l| l.ok()) {
+                if let Some(url) = line.strip_prefix("REST endpoint: ") {
+                    rest_url = Some(url.trim().to_owned());
+                }
+                if let Some(url) = line.strip_prefix("WebSocket: ") {
+                    ws_url = Some(url.trim().to_owned());
+                    break;
+                }
+            }
+        }
+        // Keep reading what else the hub prints: with its stdout closed the hub would die on
+        // its next line (EPIPE), which is how spawned hubs used to vanish mid-run.
         std::thread::spawn(move || for _ in lines {});
         Hub {
             cs,
             ca,
             tls,
             process: Some(child),
+            ws_url,
+            rest_url,
         }
     }
 
@@ -571,7 +597,8 @@ fn main() {
 
     let mut rows: Vec<Row> = Vec::new();
     for &tls in &transports {
-        let hub = Hub::start(tls);
+        let more_transports = args.flag("transports");
+        let hub = Hub::start(tls, more_transports);
         let transport = if hub.tls { "tls" } else { "plain" };
         // The endpoint only: the connection string carries the hub's key.
         let endpoint = hub.cs.split(';').next().unwrap_or_default();
@@ -614,6 +641,27 @@ fn main() {
                 }
                 cmd
             };
+            // The same modes over WebSockets and the REST API, on the same hub.
+            let others = [("wss", hub.ws_url.clone()), ("https", hub.rest_url.clone())];
+            for (label, url) in others.iter().filter(|_| more_transports) {
+                let Some(url) = url else { continue };
+                for m in modes.iter().filter(|m| **m != "buffered") {
+                    let n = match *m {
+                        "batch" => events,
+                        "single" => {
+                            single_events.min(if *label == "https" { 20_000 } else { u64::MAX })
+                        }
+                        _ => latency_events,
+                    };
+                    let mut cmd = hubsend_child(m, ("events", n));
+                    cmd.arg("--endpoint").arg(url);
+                    let name = format!("hubsend {label} {m}");
+                    push(
+                        &name,
+                        run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
+                    );
+                }
+            }
             let idempotent_too = args.flag("idempotent");
             for m in &modes {
                 let n = match *m {
