@@ -15,7 +15,7 @@ EVENTS_1K="${EVENTS_1K:-500000}"
 STEADY="${STEADY:-60}"   # seconds of full-speed 100-byte streaming with RSS sampled (0: skip)
 
 cargo build --release -p hubsend-testhub
-cargo build --release --example bench
+cargo build --release --features websockets,https --example bench
 PEERS_ARG=()
 if [[ -z "${NO_PEERS:-}" ]]; then
     (cd bench-peers && cargo build --release --locked)
