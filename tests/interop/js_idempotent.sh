@@ -53,7 +53,8 @@ js_idempotent() {
   grep -E '^(PASS|FAIL|NOTE|  js-idempotent)' "$dir/judge.out" || true
   # Producer links beyond the 4 partitions' first attaches are re-attaches after the close.
   local stats links dups
-  stats="$(cat "$dir/stats.json" 2>/dev/null || echo '{}')"
+  stats="$(cat "$dir/stats.json" 2>/dev/null || true)"
+  [ -n "$stats" ] || { echo "FAIL js-idempotent $label: the hub wrote no stats (see its log)"; stats='{}'; status=1; }
   links="$(node -p "JSON.parse(process.argv[1]).producer_links_attached" "$stats")"
   dups="$(node -p "JSON.parse(process.argv[1]).idempotent_duplicates" "$stats")"
   echo "  js-idempotent $label: hub stats $stats"
