@@ -23,6 +23,8 @@ pub(crate) enum ConnCommand {
 #[derive(Debug, Default)]
 pub(crate) struct FaultState {
     pub detach_after: Option<(u64, String, String)>,
+    /// Accepted deliveries left before every connection is closed with this condition, once.
+    pub close_after: Option<(u64, String)>,
     pub reject_every: Option<(u64, String)>,
     /// Reject each transfer with probability 1/n instead of every nth.
     pub reject_at_random: bool,
@@ -133,14 +135,27 @@ impl FaultShared {
             }
             None => false,
         };
-        if fire {
-            if let Some((_, cond, desc)) = st.detach_after.take() {
-                drop(st);
-                self.detach_tx.send_modify(|v| {
-                    let gen = v.as_ref().map(|x| x.0 + 1).unwrap_or(1);
-                    *v = Some((gen, cond, desc));
-                });
+        let close = match st.close_after.as_mut() {
+            Some((remaining, _)) => {
+                *remaining = remaining.saturating_sub(1);
+                *remaining == 0
             }
+            None => false,
+        };
+        let close = close.then(|| st.close_after.take()).flatten();
+        let detach = fire.then(|| st.detach_after.take()).flatten();
+        drop(st);
+        if let Some((_, cond, desc)) = detach {
+            self.detach_tx.send_modify(|v| {
+                let gen = v.as_ref().map(|x| x.0 + 1).unwrap_or(1);
+                *v = Some((gen, cond, desc));
+            });
+        }
+        if let Some((_, condition)) = close {
+            self.broadcast(ConnCommand::Close {
+                condition,
+                description: "Closed by fault injection after accepted deliveries.".to_string(),
+            });
         }
     }
 
@@ -221,6 +236,23 @@ impl Faults {
             condition: condition.to_string(),
             description: description.to_string(),
         });
+    }
+
+    /// After `deliveries` more accepted deliveries (across all producer links), close every
+    /// connection with a CLOSE carrying `condition` (e.g. `amqp:connection:forced`), once.
+    /// Deliveries stored but not yet acknowledged then (see
+    /// [`delay_dispositions`](Self::delay_dispositions)) are never acknowledged: the client
+    /// must resend them, and only an idempotent producer avoids storing them twice. `0`
+    /// closes them now.
+    pub fn close_connections_after(&self, deliveries: u64, condition: &str) {
+        if deliveries == 0 {
+            self.close_connections(
+                condition,
+                "Closed by fault injection after accepted deliveries.",
+            );
+            return;
+        }
+        self.shared.state.lock().unwrap().close_after = Some((deliveries, condition.to_string()));
     }
 
     /// Drop every current TCP connection without a Close frame.

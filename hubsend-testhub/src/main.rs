@@ -96,6 +96,28 @@ struct Args {
     /// ids 0 to 4294967295.
     #[arg(long)]
     dispose_all_once: bool,
+    /// Fault: hold each producer disposition for MS milliseconds (the events are stored at
+    /// once), so a connection that closes meanwhile leaves stored events unacknowledged.
+    #[arg(long, value_name = "MS")]
+    disposition_delay_ms: Option<u64>,
+    /// Fault: once, after N accepted producer deliveries, close every connection with
+    /// --close-condition.
+    #[arg(long, value_name = "N")]
+    close_connections_after: Option<u64>,
+    /// Condition of the close of --close-connections-after.
+    #[arg(long, value_name = "SYMBOL", default_value = "amqp:connection:forced")]
+    close_condition: String,
+    /// What an idempotent producer that re-attaches with known state is told its last
+    /// sequence number is: the last one the hub `stored`, or the one it sent (`echo`).
+    #[arg(long, value_name = "ANSWER", default_value = "stored", value_parser = parse_resume)]
+    idempotent_resume: hubsend_testhub::ResumeAnswer,
+    /// What an idempotent delivery whose numbers skip ahead gets: `refuse`
+    /// (out-of-order-sequence) or `store`.
+    #[arg(long, value_name = "ANSWER", default_value = "refuse", value_parser = parse_gaps)]
+    idempotent_gaps: hubsend_testhub::GapAnswer,
+    /// Write the hub's counters to FILE as one JSON object when it stops (SIGTERM or Ctrl-C).
+    #[arg(long, value_name = "FILE")]
+    stats_file: Option<PathBuf>,
     /// Speak IoT Hub as hub HOST (e.g. plant.azure-devices.net) instead of Event Hubs. Stdout
     /// line 1 is then the `device` policy's connection string (DeviceConnect), line 2 the
     /// first device's; both name `GatewayHostName=localhost:PORT`.
@@ -153,6 +175,12 @@ impl Args {
         if self.split_websocket_messages {
             faults.split_websocket_messages(true);
         }
+        if let Some(ms) = self.disposition_delay_ms {
+            faults.delay_dispositions(Duration::from_millis(ms));
+        }
+        if let Some(n) = self.close_connections_after {
+            faults.close_connections_after(n, &self.close_condition);
+        }
     }
 }
 
@@ -170,7 +198,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .tls(args.tls_dir.is_some())
         .retain_events(args.retain_events)
         .max_message_size(args.max_message_size)
-        .rest(args.rest);
+        .rest(args.rest)
+        .idempotent_resume(args.idempotent_resume)
+        .idempotent_gaps(args.idempotent_gaps);
     if let Some(port) = args.ws_port {
         config = config.websocket_port(port);
     }
@@ -264,8 +294,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => wait_for_signal().await,
     }
+    if let Some(path) = &args.stats_file {
+        std::fs::write(path, stats_json(&hub.stats()).to_string())?;
+    }
     hub.shutdown().await;
     Ok(())
+}
+
+/// The counters of `--stats-file`, named as the fields of [`hubsend_testhub::HubStats`].
+fn stats_json(s: &hubsend_testhub::HubStats) -> serde_json::Value {
+    serde_json::json!({
+        "connections_accepted": s.connections_accepted,
+        "transfers_received": s.transfers_received,
+        "deliveries_accepted": s.deliveries_accepted,
+        "deliveries_rejected": s.deliveries_rejected,
+        "producer_links_attached": s.producer_links_attached,
+        "links_refused": s.links_refused,
+        "idempotent_duplicates": s.idempotent_duplicates,
+    })
+}
+
+/// Parses `--idempotent-resume`.
+fn parse_resume(s: &str) -> Result<hubsend_testhub::ResumeAnswer, String> {
+    match s {
+        "stored" => Ok(hubsend_testhub::ResumeAnswer::Stored),
+        "echo" => Ok(hubsend_testhub::ResumeAnswer::Echo),
+        _ => Err(format!("expected stored or echo, got '{s}'")),
+    }
+}
+
+/// Parses `--idempotent-gaps`.
+fn parse_gaps(s: &str) -> Result<hubsend_testhub::GapAnswer, String> {
+    match s {
+        "refuse" => Ok(hubsend_testhub::GapAnswer::Refuse),
+        "store" => Ok(hubsend_testhub::GapAnswer::Store),
+        _ => Err(format!("expected refuse or store, got '{s}'")),
+    }
 }
 
 /// Rewrites `path` every 200 ms with every D2C message the hub stored (of every device in

@@ -157,6 +157,35 @@ async fn each_connection_closes_after_its_first_transfer() {
     assert_eq!(storm_counts(&hub), (3, 3, 3, 0));
 }
 
+#[tokio::test]
+async fn connections_close_once_after_n_accepted_deliveries() {
+    let hub = hub().await;
+    hub.faults()
+        .close_connections_after(2, "amqp:connection:forced");
+    let (mut conn, mut session) = connect_send(hub.addr()).await;
+    let mut sender = producer(&mut session).await;
+    for i in 0..2 {
+        let outcome = sender.send(event(&format!("e{i}"), None)).await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.on_close())
+        .await
+        .unwrap();
+    assert!(
+        format!("{closed:?}").contains("ConnectionForced"),
+        "{closed:?}"
+    );
+    // Once: a new connection keeps sending.
+    let (_conn, mut session) = connect_send(hub.addr()).await;
+    let mut sender = producer(&mut session).await;
+    for i in 2..5 {
+        let outcome = sender.send(event(&format!("e{i}"), None)).await.unwrap();
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    assert_eq!(storm_counts(&hub), (2, 2, 5, 5));
+    assert_eq!(hub.events("telemetry").len(), 5);
+}
+
 /// (connections, producer links, transfers, accepted deliveries) the hub counted.
 fn storm_counts(hub: &TestHub) -> (u64, u64, u64, u64) {
     let s = hub.stats();

@@ -210,3 +210,9 @@ if [ "$LC_STATUS" -ne 0 ]; then
   exit 1
 fi
 echo "interop: iothub lifecycle judge passed (REST create, AMQP send, disable, delete)"
+
+
+# 8. Idempotent publishing (#15), judged by Microsoft's JS EventHubBufferedProducerClient with
+# enableIdempotentRetries, with and without a forced connection close mid-stream
+# (tests/interop/js_idempotent.sh).
+bash "$ROOT/tests/interop/js_idempotent.sh" "$HUB_BIN" "$WORK/js-idempotent"
