@@ -196,7 +196,7 @@ impl Encoded {
 impl EventBatch {
     pub(crate) fn new(route: Route, max_size: u64) -> Result<EventBatch> {
         let envelope_size = envelope_size(route.partition_key.as_deref())?;
-        EventBatch::empty(route, max_size, envelope_size, None)
+        EventBatch::empty(Format::Amqp, route, max_size, envelope_size, None)
     }
 
     /// An empty batch of an idempotent producer for `route`, going to `partition`. Sizes are
@@ -214,10 +214,11 @@ impl EventBatch {
             key,
             per_event,
         };
-        EventBatch::empty(route, max_size, envelope_size, Some(layout))
+        EventBatch::empty(Format::Amqp, route, max_size, envelope_size, Some(layout))
     }
 
     fn empty(
+        format: Format,
         route: Route,
         max_size: u64,
         envelope_size: u64,
@@ -231,7 +232,7 @@ impl EventBatch {
             ));
         }
         Ok(EventBatch {
-            format: Format::Amqp,
+            format,
             route,
             max_size,
             envelope_size,
@@ -246,21 +247,7 @@ impl EventBatch {
     #[cfg_attr(not(feature = "https"), allow(dead_code))]
     pub(crate) fn new_json(route: Route, max_size: u64) -> Result<EventBatch> {
         const BRACKETS: u64 = 2;
-        if max_size <= BRACKETS {
-            return Err(Error::new(
-                ErrorKind::InvalidBatchSize,
-                format!("a batch of {max_size} bytes cannot hold any event"),
-            ));
-        }
-        Ok(EventBatch {
-            format: Format::Json,
-            route,
-            max_size,
-            envelope_size: BRACKETS,
-            size: BRACKETS,
-            events: Encoded::default(),
-            idempotent: None,
-        })
+        EventBatch::empty(Format::Json, route, max_size, BRACKETS, None)
     }
 
     /// How the events are encoded.

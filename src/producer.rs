@@ -486,16 +486,7 @@ impl ProducerBuilder {
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
         let partitions = if self.options.idempotent {
-            let producer = Producer {
-                inner: Arc::new(Inner {
-                    backend: Backend::Amqp(engine.clone()),
-                    pipeline: Pipeline::new(&self.options, max_message_size),
-                    max_message_size,
-                    partitions: None,
-                    transport,
-                }),
-            };
-            let ids = producer.hub_properties().await?.partition_ids;
+            let ids = read_hub_properties(&engine).await?.partition_ids;
             if ids.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Management,
@@ -1104,16 +1095,7 @@ impl Producer {
     /// [`ErrorKind::Management`] for an unexpected reply, [`ErrorKind::Unauthorized`] when
     /// the credentials lack the right to read.
     pub async fn hub_properties(&self) -> Result<HubProperties> {
-        let value = self
-            .amqp_only("hub properties")?
-            .management_read("com.microsoft:eventhub", None)
-            .await?;
-        let map = MapView::new(&value)?;
-        Ok(HubProperties {
-            name: map.string("name").unwrap_or_default(),
-            created_at: map.timestamp("created_at"),
-            partition_ids: map.strings("partition_ids"),
-        })
+        read_hub_properties(self.amqp_only("hub properties")?).await
     }
 
     /// Reads one partition's properties from `$management`.
@@ -1223,6 +1205,19 @@ impl Producer {
             .submit(engine, link, sections, mergeable, wait)
             .await
     }
+}
+
+/// The hub's properties, read from `engine`'s `$management` node.
+async fn read_hub_properties(engine: &Engine) -> Result<HubProperties> {
+    let value = engine
+        .management_read("com.microsoft:eventhub", None)
+        .await?;
+    let map = MapView::new(&value)?;
+    Ok(HubProperties {
+        name: map.string("name").unwrap_or_default(),
+        created_at: map.timestamp("created_at"),
+        partition_ids: map.strings("partition_ids"),
+    })
 }
 
 /// An empty batch for `route` on a link that takes `limit` bytes, of `requested` bytes at most.

@@ -56,6 +56,16 @@ impl Pending {
         self.first
             .map(|first| seq_add(first, self.sections.len().saturating_sub(1) as u64))
     }
+
+    /// Gives it the numbers from `at` on and `seq`'s next ticket; returns the number after
+    /// its last.
+    fn number(&mut self, seq: &mut Sequencer, at: i32) -> i32 {
+        self.first = Some(at);
+        self.known_stored = false;
+        self.ticket = seq.tickets;
+        seq.tickets += 1;
+        seq_add(at, self.sections.len() as u64)
+    }
 }
 
 /// The hub's outcome for one delivery, tagged with the delivery's id in the ledger.
@@ -455,11 +465,7 @@ impl LinkTask {
                 }
             }
             if let Some(at) = cursor {
-                entry.payload.first = Some(at);
-                entry.payload.known_stored = false;
-                entry.payload.ticket = seq.tickets;
-                seq.tickets += 1;
-                cursor = Some(seq_add(at, entry.payload.sections.len() as u64));
+                cursor = Some(entry.payload.number(seq, at));
             }
         }
         match (cursor, seq.gap) {
@@ -480,17 +486,10 @@ impl LinkTask {
     /// Fails the deliveries that have used up their overall deadline.
     fn expire(&mut self) {
         let deadline = self.retry.deadline;
-        let expired = self.ledger.expire(Instant::now(), deadline);
-        if let (Some((id, entry)), Some((seq, _))) = (expired.first(), self.idem.as_mut()) {
-            // Their outcome is unknown: whatever is behind them is renumbered over the gap.
-            if let Some(first) = entry.payload.first {
-                if seq.gap.is_none_or(|(gap_id, _, _)| *id < gap_id) {
-                    seq.gap = Some((*id, first, entry.payload.ticket));
-                }
-                seq.hold = true;
-            }
-        }
-        for (_, entry) in expired {
+        for (id, entry) in self.ledger.expire(Instant::now(), deadline) {
+            // Their outcome is unknown: on an idempotent link, whatever is behind them is
+            // renumbered over the gap they leave.
+            self.on_settled(id, &entry.payload, false);
             self.counters.settle(
                 entry.payload.waiters,
                 Err(Error::new(
@@ -549,22 +548,19 @@ impl LinkTask {
 
     async fn send_new(&mut self, sections: Sections, waiters: Vec<Waiter>) -> Result<()> {
         let callers = waiters.len();
-        let (first, ticket) = match self.idem.as_mut() {
-            Some((seq, _)) if sections.is_stamped() => {
-                let first = seq.next;
-                seq.next = seq_add(first, sections.len() as u64);
-                seq.tickets += 1;
-                (Some(first), seq.tickets - 1)
-            }
-            _ => (None, 0),
-        };
-        let pending = Pending {
+        let mut pending = Pending {
             sections,
             waiters,
-            first,
+            first: None,
             known_stored: false,
-            ticket,
+            ticket: 0,
         };
+        if let Some((seq, _)) = self.idem.as_mut() {
+            if pending.sections.is_stamped() {
+                let at = seq.next;
+                seq.next = pending.number(seq, at);
+            }
+        }
         let id = self.ledger.push(pending, Instant::now());
         self.transmit(id).await?;
         tracing::trace!(callers, "transfer sent");
@@ -759,11 +755,7 @@ impl LinkTask {
                 seq.gap = None;
                 for id in self.ledger.ids() {
                     if let Some(entry) = self.ledger.get_mut(id) {
-                        entry.payload.first = Some(at);
-                        entry.payload.known_stored = false;
-                        entry.payload.ticket = seq.tickets;
-                        seq.tickets += 1;
-                        at = seq_add(at, entry.payload.sections.len() as u64);
+                        at = entry.payload.number(seq, at);
                     }
                 }
                 seq.next = at;
