@@ -1135,8 +1135,7 @@ impl Producer {
                 ))
             }
         };
-        if self.inner.partitions.is_none() || !batch.is_idempotent() || first_sequence_number < 0
-        {
+        if self.inner.partitions.is_none() || !batch.is_idempotent() || first_sequence_number < 0 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "numbered batches need an idempotent producer, its own batch and a sequence number of 0 or more",

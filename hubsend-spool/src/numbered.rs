@@ -510,9 +510,7 @@ fn identity_refused(e: &hubsend::Error) -> bool {
 }
 
 pub(crate) type Connect = Arc<
-    dyn Fn(
-            Vec<PartitionPublishingState>,
-        ) -> crate::producer::BoxFuture<hubsend::Result<Producer>>
+    dyn Fn(Vec<PartitionPublishingState>) -> crate::producer::BoxFuture<hubsend::Result<Producer>>
         + Send
         + Sync
         + 'static,
@@ -539,7 +537,9 @@ pub(crate) async fn drain(
         let producer = match producer {
             Ok(p) if p.is_idempotent() => p,
             Ok(p) => {
-                tracing::error!("spool: start_idempotent needs a producer with idempotent retries; not sending");
+                tracing::error!(
+                    "spool: start_idempotent needs a producer with idempotent retries; not sending"
+                );
                 let _ = p.close_within(Duration::from_secs(1)).await;
                 if pause(RECONNECT_MAX, &mut stopped).await {
                     break;
@@ -584,9 +584,8 @@ pub(crate) async fn drain(
         let _ = producer.close_within(Duration::from_secs(1)).await;
         {
             let mut t = journal.table();
-            let refused = std::mem::take(
-                &mut *restart.troubled.lock().unwrap_or_else(|p| p.into_inner()),
-            );
+            let refused =
+                std::mem::take(&mut *restart.troubled.lock().unwrap_or_else(|p| p.into_inner()));
             for p in refused {
                 if let Some(part) = t.parts.get_mut(&p) {
                     part.troubles += 1;
@@ -635,6 +634,20 @@ impl Run<'_> {
         reader: &mut Option<LogReader>,
         stopped: &mut watch::Receiver<bool>,
     ) -> std::result::Result<(), String> {
+        // Forget deliveries the hub accepted already (their records are behind the
+        // watermark: acknowledged before a crash, or in an earlier run).
+        {
+            let mut t = self.journal.table();
+            let done: Vec<u64> = t
+                .entries
+                .iter()
+                .filter(|(_, e)| !e.seqs.iter().any(|s| self.log.is_pending(*s)))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done {
+                t.remove(id);
+            }
+        }
         // Attach every known partition: the hub's answer says whether it still knows the
         // producer id the journal has for it.
         let known: Vec<String> = self.journal.table().parts.keys().cloned().collect();
@@ -652,20 +665,7 @@ impl Run<'_> {
             }
         }
         self.adopt();
-        // Forget deliveries the hub accepted before the crash (their records are below the
-        // watermark), then write the journal afresh.
-        {
-            let mut t = self.journal.table();
-            let done: Vec<u64> = t
-                .entries
-                .iter()
-                .filter(|(_, e)| !e.seqs.iter().any(|s| self.log.is_pending(*s)))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in done {
-                t.remove(id);
-            }
-        }
+        // Write the journal afresh.
         let journal = self.journal.clone();
         tokio::task::spawn_blocking(move || journal.rewrite())
             .await
@@ -685,10 +685,7 @@ impl Run<'_> {
     }
 
     /// Sends again, with their numbers, the deliveries that may not have been stored.
-    async fn replay(
-        &mut self,
-        reader: &mut Option<LogReader>,
-    ) -> std::result::Result<(), String> {
+    async fn replay(&mut self, reader: &mut Option<LogReader>) -> std::result::Result<(), String> {
         let (wanted, last): (HashMap<u64, u64>, u64) = {
             let t = self.journal.table();
             let mut wanted = HashMap::new();
@@ -719,10 +716,7 @@ impl Run<'_> {
                     continue;
                 };
                 if let Some((event, _)) = record::decode(&stored.payload) {
-                    events
-                        .entry(*entry)
-                        .or_default()
-                        .push((stored.seq, event));
+                    events.entry(*entry).or_default().push((stored.seq, event));
                 }
             }
         }
@@ -771,7 +765,10 @@ impl Run<'_> {
                 .await?;
         }
         if resent > 0 {
-            tracing::info!(records = resent, "spool: resent unconfirmed deliveries with their sequence numbers");
+            tracing::info!(
+                records = resent,
+                "spool: resent unconfirmed deliveries with their sequence numbers"
+            );
         }
         Ok(())
     }
@@ -868,14 +865,21 @@ impl Run<'_> {
                     continue;
                 }
                 let Some((event, route)) = record::decode(&stored.payload) else {
-                    tracing::warn!(seq = stored.seq, "spool: record in an unknown format; skipped");
+                    tracing::warn!(
+                        seq = stored.seq,
+                        "spool: record in an unknown format; skipped"
+                    );
                     self.fail([stored.seq]);
                     continue;
                 };
                 let mut event = Some(event);
                 while let Some(e) = event.take() {
                     if !open.contains_key(&route) {
-                        match self.producer.create_batch(batch_options(&route, None)).await {
+                        match self
+                            .producer
+                            .create_batch(batch_options(&route, None))
+                            .await
+                        {
                             Ok(batch) => {
                                 if let Some(p) = batch.partition() {
                                     if !self.journal.table().parts.contains_key(p) {
@@ -917,7 +921,10 @@ impl Run<'_> {
                             event = Some(back);
                         }
                         Err(_) => {
-                            tracing::warn!(seq = stored.seq, "spool: record larger than a batch may be; removed");
+                            tracing::warn!(
+                                seq = stored.seq,
+                                "spool: record larger than a batch may be; removed"
+                            );
                             self.fail([stored.seq]);
                         }
                     }

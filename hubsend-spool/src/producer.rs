@@ -82,8 +82,7 @@ pub(crate) struct Counters {
 
 type Connect = Arc<dyn Fn() -> BoxFuture<hubsend::Result<Producer>> + Send + Sync + 'static>;
 
-pub(crate) type BoxFuture<T> =
-    std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 struct Inner {
     spool: Spool,

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hubsend::PartitionPublishingState;
 use hubsend::{BufferedOptions, Event, Producer, ProducerOptions, RetryOptions};
 use hubsend_spool::{
     Commit, Route, Spool, SpoolErrorKind, SpoolOptions, SpooledProducer, WhenFull,
 };
-use hubsend::PartitionPublishingState;
 use hubsend_testhub::{HubConfig, ResumeAnswer, TestHub};
 
 const HUB: &str = "telemetry";
@@ -418,9 +418,30 @@ async fn crash(how: Crash) {
     assert!(report.contains("pending=0"), "{report}");
     if idempotent.is_some() && forgetful.is_none() {
         assert_eq!(duplicates, 0, "stored twice with idempotent mode; {report}");
+        // What the hub dropped is what the report says was avoided: all of it when the hub
+        // answers resumes with its last stored number, part of it when it echoes.
+        let avoided: u64 = report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("duplicates_avoided="))
+            .and_then(|v| v.parse().ok())
+            .expect("duplicates_avoided in the report");
+        let dropped = hub.stats().idempotent_duplicates;
+        match resume {
+            ResumeAnswer::Echo => assert!(avoided <= dropped, "{report}"),
+            _ => assert_eq!(avoided, dropped, "{report}"),
+        }
     }
     // With a forgetful hub, finishing at all (pending=0 above) shows the partitions started
-    // afresh: the old producer ids are refused at attach.
+    // afresh (the old producer ids are refused at attach); what is stored twice can only be
+    // among the records sent again under the new ids.
+    if forgetful.is_some() {
+        let renumbered: usize = report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("renumbered="))
+            .and_then(|v| v.parse().ok())
+            .expect("renumbered in the report");
+        assert!(duplicates <= renumbered, "{report}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&acks);
 }
