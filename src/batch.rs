@@ -398,6 +398,13 @@ impl EventBatch {
         }
     }
 
+    /// The partition the batch goes to, when it is fixed before sending: the partition id it
+    /// was created for, or (with idempotent retries) the one its partition key or round-robin
+    /// turn resolved to when it was created. `None` for a batch the hub routes.
+    pub fn partition(&self) -> Option<&str> {
+        self.link_partition()
+    }
+
     /// The batch's encoded events, ready for a link.
     pub(crate) fn into_sections(self) -> Sections {
         let (partition_key, stamping) = match self.idempotent {
@@ -410,6 +417,7 @@ impl EventBatch {
             envelope_size: self.envelope_size,
             size: self.size,
             stamping,
+            fixed: None,
         }
     }
 
@@ -430,6 +438,11 @@ pub(crate) struct Sections {
     size: u64,
     /// Set for an idempotent producer's messages: each event is stamped when sent.
     stamping: Option<Stamping>,
+    /// The first sequence number the caller fixed ([`Producer::send_batch_numbered`]): the
+    /// link sends it with exactly these numbers and never renumbers it.
+    ///
+    /// [`Producer::send_batch_numbered`]: crate::Producer::send_batch_numbered
+    pub(crate) fixed: Option<i32>,
 }
 
 /// What an idempotent message's events are stamped with besides the link's numbers.

@@ -754,6 +754,35 @@ impl Pipeline {
             .await
     }
 
+    /// [`submit_batch`](Self::submit_batch) with the batch's first sequence number fixed.
+    pub(crate) async fn submit_numbered(
+        &self,
+        engine: &Engine,
+        link: Arc<LinkHandle>,
+        batch: EventBatch,
+        first: i32,
+    ) -> Result<DeliveryFuture> {
+        if batch.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidBatchSize,
+                "the batch holds no event",
+            ));
+        }
+        if batch.size_in_bytes() > link.max_message_size {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "the batch is {} bytes but the link allows {}",
+                    batch.size_in_bytes(),
+                    link.max_message_size
+                ),
+            ));
+        }
+        let mut sections = batch.into_sections();
+        sections.fixed = Some(first);
+        self.submit(engine, link, sections, false, true).await
+    }
+
     /// Deliveries waiting for an outcome.
     pub(crate) fn in_flight(&self) -> usize {
         self.max_in_flight - self.deliveries.available_permits()
@@ -1071,6 +1100,51 @@ impl Producer {
         self.inner
             .pipeline
             .submit_batch(engine, link, batch, true)
+            .await
+    }
+
+    /// With idempotent retries: queues `batch` with its events numbered from
+    /// `first_sequence_number` on, instead of the partition's next numbers. For a caller that
+    /// keeps the numbers durably (a disk spool) so that, after a crash, a new producer resends
+    /// what may or may not have been stored with the numbers it was first sent with, and the
+    /// hub drops what it already has.
+    ///
+    /// The caller owns the partition's numbering: numbered batches must follow each other
+    /// without gaps, in order, from the last number the hub stored (resends of numbers the hub
+    /// already stored are acknowledged as duplicates). The link never renumbers such a
+    /// batch: when its numbers can no longer be stored in order (a delivery before it failed
+    /// for good, the hub refused them as out of order, or the partition's producer state
+    /// started afresh), it fails with [`Condition::OutOfOrderSequence`](crate::Condition::OutOfOrderSequence)
+    /// and the caller starts the partition afresh (a producer without that partition's state).
+    ///
+    /// # Errors
+    /// As [`send_batch`](Self::send_batch); [`ErrorKind::InvalidArgument`] on a producer
+    /// without idempotent retries.
+    pub async fn send_batch_numbered(
+        &self,
+        batch: EventBatch,
+        first_sequence_number: i32,
+    ) -> Result<DeliveryFuture> {
+        let engine = match &self.inner.backend {
+            Backend::Amqp(engine) => engine,
+            #[cfg(feature = "https")]
+            Backend::Https(_) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "numbered batches need idempotent retries over AMQP",
+                ))
+            }
+        };
+        if self.inner.partitions.is_none() || !batch.is_idempotent() || first_sequence_number < 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "numbered batches need an idempotent producer, its own batch and a sequence number of 0 or more",
+            ));
+        }
+        let link = engine.link(batch.link_partition()).await?;
+        self.inner
+            .pipeline
+            .submit_numbered(engine, link, batch, first_sequence_number)
             .await
     }
 

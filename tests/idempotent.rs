@@ -294,3 +294,103 @@ async fn numbers_wrap_after_i32_max() {
     let p3 = state.iter().find(|s| s.partition_id == "3").unwrap();
     assert_eq!(p3.last_published_sequence_number, 19, "{p3:?}");
 }
+
+/// A batch of `range` for partition "0".
+async fn batch_of(producer: &Producer, range: std::ops::Range<i64>) -> hubsend::EventBatch {
+    let mut batch = producer
+        .create_batch(BatchOptions::new().partition_id("0"))
+        .await
+        .unwrap();
+    for n in range {
+        batch.try_add(event(n)).unwrap();
+    }
+    batch
+}
+
+/// Caller-numbered batches (a spool resending after a crash): a new producer with the old
+/// one's state sends the same events with the same numbers and the hub drops them; numbers
+/// that do not follow what the hub stored fail with out-of-order-sequence, and are never
+/// renumbered behind the caller's back; a plain producer refuses numbered batches.
+#[tokio::test]
+async fn numbered_batches_are_resent_with_their_numbers_and_never_renumbered() {
+    for resume in [ResumeAnswer::Stored, ResumeAnswer::Echo] {
+        let hub = start(HubConfig::new().idempotent_resume(resume)).await;
+        let first = producer(&hub, options()).await;
+        let batch = batch_of(&first, 0..10).await;
+        assert_eq!(batch.partition(), Some("0"));
+        first
+            .send_batch_numbered(batch, 0)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let batch = batch_of(&first, 10..20).await;
+        first
+            .send_batch_numbered(batch, 10)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let saved: Vec<_> = first
+            .publishing_state()
+            .into_iter()
+            .filter(|s| s.partition_id == "0")
+            .map(|s| PartitionPublishingState::new("0", s.producer_group_id, s.owner_level, 9))
+            .collect();
+        // "Crashed" before it learned that the second batch was stored.
+        drop(first);
+
+        let second = producer(&hub, options().publishing_state(saved)).await;
+        let again = batch_of(&second, 10..20).await;
+        second
+            .send_batch_numbered(again, 10)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let next = batch_of(&second, 20..30).await;
+        second
+            .send_batch_numbered(next, 20)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_exactly_once(&hub, 30, &format!("{resume:?}"));
+        assert_eq!(hub.stats().idempotent_duplicates, 10, "{resume:?}");
+        let expected = if resume == ResumeAnswer::Stored {
+            10
+        } else {
+            0
+        };
+        assert_eq!(second.stats().duplicates_avoided, expected, "{resume:?}");
+
+        // A hole: refused, not renumbered into place.
+        let gap = batch_of(&second, 30..35).await;
+        let err = second
+            .send_batch_numbered(gap, 40)
+            .await
+            .unwrap()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.condition(),
+            Some(&Condition::OutOfOrderSequence),
+            "{err}"
+        );
+        assert_eq!(
+            counts(&hub).len(),
+            30,
+            "{resume:?}: nothing stored past the hole"
+        );
+        second.close().await.unwrap();
+    }
+
+    let hub = start(HubConfig::new()).await;
+    let plain = support::producer_with(&hub, ProducerOptions::new()).await;
+    let batch = plain
+        .create_batch(BatchOptions::new().partition_id("0"))
+        .await
+        .unwrap();
+    let err = plain.send_batch_numbered(batch, 0).await.unwrap_err();
+    assert_eq!(err.kind(), hubsend::ErrorKind::InvalidArgument, "{err}");
+}

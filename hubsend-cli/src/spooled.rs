@@ -68,21 +68,33 @@ pub(crate) async fn send(
     let resume_after = spool.last_tag().unwrap_or(0);
     let max_in_flight = config.max_in_flight;
     let idempotent = config.connection.idempotent;
-    let producer = SpooledProducer::start(
-        spool,
-        move || {
-            let mut builder = Producer::builder().connection_string(cs.clone()).options(
+    let builder = move |options: ProducerOptions| {
+        let mut builder = Producer::builder()
+            .connection_string(cs.clone())
+            .options(options.max_in_flight(max_in_flight));
+        if let Some(pem) = &ca_pem {
+            builder = builder.add_root_certificate_pem(pem.clone());
+        }
+        builder.connect()
+    };
+    // Idempotent: the spool fixes each delivery's partition and sequence numbers on disk
+    // before sending it, so a resumed run resends them unchanged and the hub drops what it
+    // already stored.
+    let producer = if idempotent {
+        SpooledProducer::start_idempotent(spool, move |states| {
+            builder(
                 ProducerOptions::new()
-                    .max_in_flight(max_in_flight)
-                    .idempotent(idempotent),
-            );
-            if let Some(pem) = &ca_pem {
-                builder = builder.add_root_certificate_pem(pem.clone());
-            }
-            builder.connect()
-        },
-        BufferedOptions::new(),
-    );
+                    .idempotent(true)
+                    .publishing_state(states),
+            )
+        })
+    } else {
+        SpooledProducer::start(
+            spool,
+            move || builder(ProducerOptions::new()),
+            BufferedOptions::new(),
+        )
+    };
 
     let started = Instant::now();
     let format = if config.csv {
@@ -177,6 +189,9 @@ pub(crate) async fn send(
     } else {
         0.0
     };
+    if idempotent {
+        report.duplicates_avoided = Some(spooled.duplicates_avoided);
+    }
     report.spooled = Some(spooled.spooled);
     report.resumed = Some(spooled.resumed);
     report.error = error.clone();
@@ -190,6 +205,12 @@ pub(crate) async fn send(
         spooled.pending,
         if report.interrupted { " (stopped early)" } else { "" }
     );
+    if spooled.renumbered > 0 {
+        eprintln!(
+            "hubsend: spool: {} records were sent again under a new producer id (the hub no longer knew the old one); the hub may hold some of them twice",
+            spooled.renumbered
+        );
+    }
     if let Some(e) = &error {
         eprintln!("hubsend: {e}");
     }

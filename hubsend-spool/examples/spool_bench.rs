@@ -1,12 +1,17 @@
 //! Spooled throughput next to in-memory: events/s into the spool (hub unreachable) and end to
 //! end (enqueue until the hub accepted everything) for each commit policy, and the disk bytes
-//! per event. Runs against an in-process test hub.
+//! per event; each with and without idempotent retries (spooled idempotent: through
+//! `start_idempotent`, whose numbers journal adds its bytes per event). Runs against an
+//! in-process test hub.
 //!
 //! `cargo run --release -p hubsend-spool --example spool_bench -- [EVENTS]`
 
 use std::time::{Duration, Instant};
 
-use hubsend::{BufferedOptions, BufferedProducer, Event, Producer, SendOptions};
+use hubsend::{
+    BufferedOptions, BufferedProducer, Event, PartitionPublishingState, Producer, ProducerOptions,
+    SendOptions,
+};
 use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpooledProducer};
 use hubsend_testhub::{HubConfig, TestHub};
 
@@ -23,6 +28,37 @@ fn event(n: u64) -> (Event, Route) {
 
 async fn connect(cs: String) -> hubsend::Result<Producer> {
     Producer::builder().connection_string(cs).connect().await
+}
+
+async fn connect_idempotent(
+    cs: String,
+    states: Vec<PartitionPublishingState>,
+) -> hubsend::Result<Producer> {
+    Producer::builder()
+        .connection_string(cs)
+        .options(
+            ProducerOptions::new()
+                .idempotent(true)
+                .publishing_state(states),
+        )
+        .connect()
+        .await
+}
+
+/// A spooled producer on `cs`, idempotent or not.
+fn spooled(spool: Spool, cs: String, idempotent: bool) -> SpooledProducer {
+    if idempotent {
+        SpooledProducer::start_idempotent(spool, move |states| {
+            connect_idempotent(cs.clone(), states)
+        })
+    } else {
+        SpooledProducer::start(spool, move || connect(cs.clone()), BufferedOptions::new())
+    }
+}
+
+/// Bytes of the numbers journal in `dir` (idempotent spools).
+fn journal_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::metadata(dir.join("numbers.log")).map_or(0, |m| m.len())
 }
 
 fn rate(n: u64, t: Duration) -> String {
@@ -50,13 +86,18 @@ async fn main() {
 
     println!("{events} events, {KEYS} partition keys, ~80-byte bodies");
     println!(
-        "| mode | commit | enqueue call | into spool, ev/s | end to end, ev/s | disk bytes/event |"
+        "| mode | idempotent | commit | enqueue call | into spool, ev/s | end to end, ev/s | disk bytes/event |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
 
     // In memory: BufferedProducer alone.
-    {
-        let producer = connect(cs.clone()).await.expect("connects");
+    for idempotent in [false, true] {
+        let producer = if idempotent {
+            connect_idempotent(cs.clone(), Vec::new()).await
+        } else {
+            connect(cs.clone()).await
+        }
+        .expect("connects");
         let buffered = BufferedProducer::new(producer, BufferedOptions::new());
         let t = Instant::now();
         for n in 0..events {
@@ -73,7 +114,8 @@ async fn main() {
         let report = buffered.close().await;
         assert_eq!(report.sent, events);
         println!(
-            "| in memory | none | enqueue | - | {} | 0 |",
+            "| in memory | {} | none | enqueue | - | {} | 0 |",
+            if idempotent { "yes" } else { "no" },
             rate(events, t.elapsed())
         );
     }
@@ -99,7 +141,11 @@ async fn main() {
         ),
         ("each call", Commit::EachCall, false, 2_000),
     ];
-    for (i, (name, commit, batched, n)) in modes.into_iter().enumerate() {
+    let runs = modes
+        .into_iter()
+        .flat_map(|m| [(m, false), (m, true)])
+        .enumerate();
+    for (i, ((name, commit, batched, n), idempotent)) in runs {
         let options = SpoolOptions::new().max_bytes(1 << 30).commit(commit);
         let call = if batched {
             "enqueue_batch(1000)"
@@ -109,9 +155,7 @@ async fn main() {
         // Into the spool with the hub unreachable: the disk's pace alone.
         let dir = base.join(format!("spool-{i}"));
         let spool = Spool::open(&dir, options.clone()).expect("spool");
-        let u = unreachable.clone();
-        let producer =
-            SpooledProducer::start(spool, move || connect(u.clone()), BufferedOptions::new());
+        let producer = spooled(spool, unreachable.clone(), idempotent);
         let t = Instant::now();
         fill(&producer, n, batched).await;
         let into = t.elapsed();
@@ -121,20 +165,29 @@ async fn main() {
 
         // End to end: enqueue while the drain sends, until the hub accepted everything.
         let spool = Spool::open(&dir, options).expect("spool");
-        let c = cs.clone();
-        let producer =
-            SpooledProducer::start(spool, move || connect(c.clone()), BufferedOptions::new());
+        let producer = spooled(spool, cs.clone(), idempotent);
         let t = Instant::now();
         fill(&producer, n, batched).await;
         let report = producer.close().await;
         let total = t.elapsed();
         assert_eq!(report.sent, n, "{report:?}");
+        // The journal's bytes were written while sending (entries leave it once accepted).
+        let journal = journal_bytes(&dir);
         let _ = std::fs::remove_dir_all(&dir);
+        let disk = if idempotent {
+            format!(
+                "{:.1} + {:.1} journal",
+                bytes as f64 / n as f64,
+                journal as f64 / n as f64
+            )
+        } else {
+            format!("{:.1}", bytes as f64 / n as f64)
+        };
         println!(
-            "| spooled | {name} | {call} | {} | {} | {:.1} |",
+            "| spooled | {} | {name} | {call} | {} | {} | {disk} |",
+            if idempotent { "yes" } else { "no" },
             rate(n, into),
             rate(n, total),
-            bytes as f64 / n as f64
         );
     }
     let _ = std::fs::remove_dir_all(&base);

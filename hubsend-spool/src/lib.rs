@@ -39,7 +39,10 @@
 //!   hub accepted it, or when [`WhenFull::DropOldest`] drops it (counted).
 //! - **At least once.** After a crash, records the hub accepted after the last cursor write
 //!   (at most ~100 ms of acknowledgements) are sent again; within one run, a batch that failed
-//!   and is retried from the spool skips what was already accepted.
+//!   and is retried from the spool skips what was already accepted. With
+//!   [`SpooledProducer::start_idempotent`], **exactly once** where the hub still remembers the
+//!   producer: what is sent again carries its original sequence numbers and the hub drops
+//!   what it has (see [Idempotent producers](#idempotent-producers)).
 //! - **Order per route** is the enqueue order, except that a batch that failed after the
 //!   producer's retries is sent again after the ones behind it that had already succeeded.
 //! - **Bounded**: the segment files never hold more than
@@ -54,18 +57,61 @@
 //!   ([`SpoolOptions`], [`Commit`], [`WhenFull`]) are re-exported here.
 //! - `producer` (private): [`SpooledProducer`], the drain in front of `BufferedProducer`.
 //! - `record` (private): how an event and its [`Route`] are encoded in a record.
+//! - `numbered` (private): the numbers journal and the idempotent drain behind
+//!   [`SpooledProducer::start_idempotent`].
 //! - `error` (private): [`SpoolError`], [`SpoolErrorKind`], [`CorruptRegion`].
 //!
 //! # Idempotent producers
 //!
-//! [`Spool::set_state`] and [`Spool::state`] keep small JSON values (written atomically, beside
-//! the records) for state that must survive with them: the idempotent producer's id, epoch and
-//! last sequence per partition, so a restart can resume it.
+//! [`SpooledProducer::start_idempotent`] makes a restart resume **without duplicates** where
+//! the hub still remembers the producer. Keeping only the producer state (id, epoch, last
+//! sequence number per partition) is not enough for that: after a crash the records that
+//! were in flight must reach the hub again *as the same deliveries with the same numbers*,
+//! and neither the partition a round-robin record went to nor the numbers a producer hands
+//! out (they shift whenever a delivery is refused and the ones behind it are renumbered) can
+//! be recomputed. So the spool fixes them on disk before anything is sent:
+//!
+//! 1. The drain reads records in order and fills one batch per route. When a batch is
+//!    complete it knows its partition (a key is hashed, a round-robin batch got its turn when
+//!    it was created), takes that partition's next sequence numbers, and appends one entry to
+//!    `numbers.log` in the spool directory — partition, producer id, epoch, first number, the
+//!    route, and the records' spool positions — fsynced together with the other batches of
+//!    the same round (one fsync per round, not per record).
+//! 2. Only then is the batch sent, with exactly those numbers
+//!    ([`Producer::send_batch_numbered`](hubsend::Producer::send_batch_numbered)); the link
+//!    never renumbers such a batch.
+//! 3. Once the hub accepts it, its records are acknowledged in the spool and the entry is
+//!    dropped (the journal is rewritten with only live entries at every start and once it
+//!    passes 8 MiB).
+//! 4. On start (after a crash, or when the drain starts over after an outage), the journal
+//!    gives each partition's producer id and epoch to the new producer, and every entry whose
+//!    records are still in the spool is rebuilt from them and sent first, in number order,
+//!    with its original numbers. What the hub stored already it acknowledges as a duplicate
+//!    and drops; what it never got it stores. Entries are resent whole (or as their tail,
+//!    when the cursor had passed their first records), so a resend never straddles the
+//!    hub's last stored number. Then the rest of the spool is numbered as in step 1.
+//!
+//! **When the hub forgot the producer** (a new producer id or epoch in its attach answer, a
+//! refused attach such as `amqp:not-allowed` for an unknown id, a stolen epoch, or the same
+//! numbers refused as out of order on two starts in a row): the partition starts afresh under
+//! the id the hub gives now; its unaccepted records are numbered again and sent. Nothing is
+//! lost, but records the old producer had stored may be stored a second time; they are
+//! counted in [`SpoolReport::renumbered`]. The same happens when
+//! [`WhenFull::DropOldest`] drops a record that already had numbers (a hole the hub refuses).
+//!
+//! [`SpoolReport::duplicates_avoided`] counts resent events the hub confirmed it had: when
+//! the hub answers a resumed attach with its last stored number, the producer knows which
+//! resends are duplicates; a hub that only echoes the number it was given drops them all the
+//! same but the count stays lower.
+//!
+//! [`Spool::set_state`] and [`Spool::state`] keep small JSON values (written atomically,
+//! beside the records) for any other state that must survive with them.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod error;
 mod log;
+mod numbered;
 mod producer;
 mod record;
 

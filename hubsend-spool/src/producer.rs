@@ -26,8 +26,8 @@ use crate::Spool;
 /// Records read from the spool at a time.
 const READ_CHUNK: usize = 1024;
 /// First and largest wait between attempts to reach the hub.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+pub(crate) const RECONNECT_MIN: Duration = Duration::from_millis(100);
+pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How often the cursor (what the hub accepted) is written: the most acknowledgements a crash
 /// can forget, which are then sent again.
 const CURSOR_EVERY: Duration = Duration::from_millis(100);
@@ -58,28 +58,36 @@ pub struct SpoolReport {
     /// Records read back from the spool and held in memory by the buffered producer (queued
     /// or in flight): bounded by its limits, not by the outage.
     pub in_memory: u64,
+    /// With [`start_idempotent`](SpooledProducer::start_idempotent): events the hub
+    /// acknowledged as stored already when they were sent again (after a restart, a lost
+    /// connection or a retry), so they were not stored twice. Counted when the hub's answer
+    /// says so (a hub that only echoes the resumed state drops them without telling).
+    pub duplicates_avoided: u64,
+    /// With [`start_idempotent`](SpooledProducer::start_idempotent): records whose sequence
+    /// numbers were given up because their partition started afresh under a new producer id
+    /// (the hub forgot the old one or refused its numbers); they were sent again with new
+    /// numbers, so the hub may hold some of them twice.
+    pub renumbered: u64,
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    spooled: AtomicU64,
-    sent: AtomicU64,
-    failed: AtomicU64,
-    restarts: AtomicU64,
-    in_memory: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) spooled: AtomicU64,
+    pub(crate) sent: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) in_memory: AtomicU64,
+    pub(crate) duplicates_avoided: AtomicU64,
 }
 
-type Connect =
-    Arc<dyn Fn() -> futures_like::BoxFuture<hubsend::Result<Producer>> + Send + Sync + 'static>;
+type Connect = Arc<dyn Fn() -> BoxFuture<hubsend::Result<Producer>> + Send + Sync + 'static>;
 
-mod futures_like {
-    use std::future::Future;
-    use std::pin::Pin;
-    pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-}
+pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 struct Inner {
     spool: Spool,
+    /// The numbers journal of an idempotent spooled producer.
+    journal: Option<Arc<crate::numbered::Journal>>,
     counters: Arc<Counters>,
     resumed: u64,
     stop: watch::Sender<bool>,
@@ -127,6 +135,48 @@ impl SpooledProducer {
         SpooledProducer {
             inner: Arc::new(Inner {
                 resumed: spool.recovery().pending,
+                journal: None,
+                spool,
+                counters,
+                stop,
+                drain: Mutex::new(Some(drain)),
+            }),
+        }
+    }
+
+    /// Like [`start`](Self::start), for exactly once across restarts with idempotent
+    /// retries: `connect` gets the producer state the spool kept for each partition and must
+    /// return a producer built with [`ProducerOptions::idempotent`](hubsend::ProducerOptions::idempotent)
+    /// and [`ProducerOptions::publishing_state`](hubsend::ProducerOptions::publishing_state)
+    /// set to it. A restart then sends what the hub may not have confirmed with the sequence
+    /// numbers it was first sent with, and the hub drops what it already stored: no record is
+    /// stored twice as long as the hub remembers the producer (see the
+    /// [crate docs](crate#idempotent-producers)).
+    ///
+    /// The drain batches records itself, because it must fix each batch's numbers on disk
+    /// before sending it: one batch per route, sent when full, 10 ms after the drain caught
+    /// up with the writers, or when 10,000 records are held; the producer's in-flight bounds
+    /// pipeline them.
+    pub fn start_idempotent<F, Fut>(spool: Spool, connect: F) -> SpooledProducer
+    where
+        F: Fn(Vec<hubsend::PartitionPublishingState>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = hubsend::Result<Producer>> + Send + 'static,
+    {
+        let connect: crate::numbered::Connect = Arc::new(move |states| Box::pin(connect(states)));
+        let counters = Arc::new(Counters::default());
+        let (stop, stopped) = watch::channel(false);
+        let journal = Arc::new(crate::numbered::Journal::open(spool.dir()));
+        let drain = tokio::spawn(crate::numbered::drain(
+            spool.log().clone(),
+            journal.clone(),
+            connect,
+            counters.clone(),
+            stopped,
+        ));
+        SpooledProducer {
+            inner: Arc::new(Inner {
+                resumed: spool.recovery().pending,
+                journal: Some(journal),
                 spool,
                 counters,
                 stop,
@@ -249,6 +299,12 @@ impl SpooledProducer {
             corrupt_regions: log.recovery().corrupt.len() as u64,
             restarts: c.restarts.load(Ordering::Relaxed),
             in_memory: c.in_memory.load(Ordering::Relaxed),
+            duplicates_avoided: c.duplicates_avoided.load(Ordering::Relaxed),
+            renumbered: self
+                .inner
+                .journal
+                .as_ref()
+                .map_or(0, |j| j.table().renumbered),
         }
     }
 
@@ -304,7 +360,7 @@ impl SpooledProducer {
 
 /// Whether an error means the event can never be sent (remove it, count it failed) rather
 /// than "not now" (keep it, try again).
-fn permanent(kind: ErrorKind) -> bool {
+pub(crate) fn permanent(kind: ErrorKind) -> bool {
     matches!(
         kind,
         ErrorKind::MessageTooLarge | ErrorKind::InvalidArgument | ErrorKind::InvalidConfig
@@ -325,7 +381,7 @@ fn take(in_flight: &InFlight, counters: &Counters, route: &Route, count: usize) 
 }
 
 /// Waits for `d`, or less if stop is requested; true when stopping.
-async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
     if *stopped.borrow() {
         return true;
     }
@@ -335,19 +391,11 @@ async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn drain(
-    log: Arc<Log>,
-    connect: Connect,
-    options: BufferedOptions,
-    counters: Arc<Counters>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    // The cursor is written off the async threads, at most every CURSOR_EVERY.
-    let cursor_log = log.clone();
-    let mut cursor_stop = stopped.clone();
-    let cursor = tokio::spawn(async move {
-        while !pause(CURSOR_EVERY, &mut cursor_stop).await {
-            let l = cursor_log.clone();
+/// Writes the cursor off the async threads, at most every [`CURSOR_EVERY`], until stopped.
+pub(crate) fn cursor_task(log: Arc<Log>, mut stopped: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while !pause(CURSOR_EVERY, &mut stopped).await {
+            let l = log.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Err(e) = l.persist_cursor() {
                     tracing::warn!(error = %e, "spool: cursor not written");
@@ -355,7 +403,17 @@ async fn drain(
             })
             .await;
         }
-    });
+    })
+}
+
+async fn drain(
+    log: Arc<Log>,
+    connect: Connect,
+    options: BufferedOptions,
+    counters: Arc<Counters>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let cursor = cursor_task(log.clone(), stopped.clone());
     let mut reader = Some(log.reader());
     let mut delay = RECONNECT_MIN;
     'connect: while !*stopped.borrow() {

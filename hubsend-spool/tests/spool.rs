@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hubsend::PartitionPublishingState;
 use hubsend::{BufferedOptions, Event, Producer, ProducerOptions, RetryOptions};
 use hubsend_spool::{
     Commit, Route, Spool, SpoolErrorKind, SpoolOptions, SpooledProducer, WhenFull,
 };
-use hubsend_testhub::{HubConfig, TestHub};
+use hubsend_testhub::{HubConfig, ResumeAnswer, TestHub};
 
 const HUB: &str = "telemetry";
 const KEY: &str = "c3Bvb2wtdGVzdC1rZXktbm90LWEtc2VjcmV0LTAxMjM0NTY3";
@@ -52,14 +53,50 @@ fn connection_string(port: u16) -> String {
 }
 
 async fn hub_on(port: u16) -> TestHub {
+    hub_with(port, ResumeAnswer::Stored).await
+}
+
+/// A hub on `port` answering idempotent resumes with `resume`.
+async fn hub_with(port: u16, resume: ResumeAnswer) -> TestHub {
     TestHub::start(
         HubConfig::new()
             .port(port)
             .policy_key("send-only", KEY)
-            .max_message_size(64 * 1024),
+            .max_message_size(64 * 1024)
+            .idempotent_resume(resume),
     )
     .await
     .expect("test hub starts")
+}
+
+/// Connects an idempotent producer continuing `states` (what the spool kept).
+fn idempotent_connector(
+    port: u16,
+) -> impl Fn(
+    Vec<PartitionPublishingState>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = hubsend::Result<Producer>> + Send>>
+       + Send
+       + Sync
+       + 'static {
+    move |states| {
+        Box::pin(
+            Producer::builder()
+                .connection_string(connection_string(port))
+                .options(
+                    ProducerOptions::new()
+                        .max_in_flight(16)
+                        .idempotent(true)
+                        .publishing_state(states)
+                        .retry(
+                            RetryOptions::new()
+                                .max_retries(3)
+                                .base_delay(Duration::from_millis(20))
+                                .max_delay(Duration::from_millis(200)),
+                        ),
+                )
+                .connect(),
+        )
+    }
 }
 
 fn connector(
@@ -130,7 +167,11 @@ async fn spool_child_role() {
             .commit(Commit::Group(Duration::from_millis(2))),
     )
     .expect("spool opens");
-    let producer = SpooledProducer::start(spool, connector(port), BufferedOptions::new());
+    let producer = if std::env::var("HUBSEND_SPOOL_IDEMPOTENT").is_ok() {
+        SpooledProducer::start_idempotent(spool, idempotent_connector(port))
+    } else {
+        SpooledProducer::start(spool, connector(port), BufferedOptions::new())
+    };
     match mode.as_str() {
         "fill" => {
             let total: u64 = std::env::var("HUBSEND_SPOOL_EVENTS")
@@ -159,14 +200,19 @@ async fn spool_child_role() {
         _ => {
             let report = producer.close().await;
             println!(
-                "REPORT resumed={} sent={} pending={} corrupt={}",
-                report.resumed, report.sent, report.pending, report.corrupt_regions
+                "REPORT resumed={} sent={} pending={} corrupt={} duplicates_avoided={} renumbered={}",
+                report.resumed,
+                report.sent,
+                report.pending,
+                report.corrupt_regions,
+                report.duplicates_avoided,
+                report.renumbered
             );
         }
     }
 }
 
-fn child(mode: &str, dir: &Path, port: u16, acks: &Path) -> Command {
+fn child(mode: &str, dir: &Path, port: u16, acks: &Path, idempotent: bool) -> Command {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
     cmd.args([
         "spool_child_role",
@@ -180,6 +226,9 @@ fn child(mode: &str, dir: &Path, port: u16, acks: &Path) -> Command {
     .env("HUBSEND_SPOOL_EVENTS", CRASH_EVENTS.to_string())
     .env("HUBSEND_SPOOL_ACKS", acks)
     .stdin(Stdio::null());
+    if idempotent {
+        cmd.env("HUBSEND_SPOOL_IDEMPOTENT", "1");
+    }
     cmd
 }
 
@@ -194,30 +243,104 @@ fn last_ack(path: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_nothing_enqueue_returned_for() {
-    crash(false).await;
+    crash(Crash::default()).await;
 }
 
 /// The same with the hub up while the child streams: the kill lands mid-drain, so records the
 /// hub accepted after the last cursor write are sent again (counted as duplicates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_draining_loses_nothing() {
-    crash(true).await;
+    crash(Crash {
+        hub_up_while_filling: true,
+        ..Crash::default()
+    })
+    .await;
 }
 
-async fn crash(hub_up_while_filling: bool) {
+/// Idempotent, hub unreachable while the child streams: the restart sends everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_sigkill_with_the_hub_down_stores_each_event_once() {
+    crash(Crash {
+        idempotent: Some(ResumeAnswer::Stored),
+        ..Crash::default()
+    })
+    .await;
+}
+
+/// Idempotent, killed mid-drain while deliveries are in flight (the hub stores each one
+/// and answers 30 ms later, so some are stored but unconfirmed at the kill): the restart
+/// resends them with their numbers and the hub drops them. The hub answers the resumed
+/// attach with its last stored number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_sigkill_mid_drain_stores_each_event_once() {
+    crash(Crash {
+        hub_up_while_filling: true,
+        idempotent: Some(ResumeAnswer::Stored),
+        ..Crash::default()
+    })
+    .await;
+}
+
+/// The same against a hub that echoes the resumed number instead of its own: the outcome is
+/// the same (the hub still drops what it has), only fewer duplicates are reported as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_sigkill_mid_drain_with_echoed_resume_stores_each_event_once() {
+    crash(Crash {
+        hub_up_while_filling: true,
+        idempotent: Some(ResumeAnswer::Echo),
+        ..Crash::default()
+    })
+    .await;
+}
+
+/// Killed mid-drain, then restarted against a hub that forgot every producer (a new hub
+/// process holding what the first stored): the partitions start afresh with new producer
+/// ids, nothing is lost, and the records resent under the new ids are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_sigkill_then_a_hub_that_forgot_the_producer_loses_nothing() {
+    crash(Crash {
+        hub_up_while_filling: true,
+        idempotent: Some(ResumeAnswer::Stored),
+        hub_forgets: true,
+    })
+    .await;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Crash {
+    hub_up_while_filling: bool,
+    /// Idempotent mode, and how the hub answers resumes.
+    idempotent: Option<ResumeAnswer>,
+    /// The restart meets a new hub (no producer state; events checked across both).
+    hub_forgets: bool,
+}
+
+async fn crash(how: Crash) {
     init_logs();
+    let Crash {
+        hub_up_while_filling,
+        idempotent,
+        hub_forgets,
+    } = how;
     let dir = temp_dir("crash");
     let acks = dir.with_extension("acks");
     let port = free_port();
+    let resume = idempotent.unwrap_or_default();
     // A random moment: after a random number of accepted events (the child keeps streaming).
     let kill_at = rand::random::<u64>() % (CRASH_EVENTS - 1000) + 500;
     let early_hub = if hub_up_while_filling {
-        Some(hub_on(port).await)
+        let hub = hub_with(port, resume).await;
+        if idempotent.is_some() {
+            // Stored, answered later: deliveries are in flight (some stored but unconfirmed)
+            // whenever the kill lands.
+            hub.faults().delay_dispositions(Duration::from_millis(30));
+        }
+        Some(hub)
     } else {
         None
     };
 
-    let mut filler = child("fill", &dir, port, &acks)
+    let mut filler = child("fill", &dir, port, &acks, idempotent.is_some())
         .stdout(Stdio::null())
         .spawn()
         .expect("child starts");
@@ -236,11 +359,21 @@ async fn crash(hub_up_while_filling: bool) {
     let accepted = last_ack(&acks);
     assert!(accepted >= kill_at);
 
-    let hub = match early_hub {
-        Some(hub) => hub,
-        None => hub_on(port).await,
+    let (hub, forgetful) = match early_hub {
+        Some(hub) if hub_forgets => {
+            // What the first hub stored stays counted; the new one knows no producer.
+            let earlier = stored(&[&hub]);
+            drop(hub);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (hub_with(port, resume).await, Some(earlier))
+        }
+        Some(hub) => {
+            hub.faults().clear();
+            (hub, None)
+        }
+        None => (hub_with(port, resume).await, None),
     };
-    let mut drainer = child("drain", &dir, port, &acks)
+    let mut drainer = child("drain", &dir, port, &acks, idempotent.is_some())
         .stdout(Stdio::piped())
         .spawn()
         .expect("child starts");
@@ -262,13 +395,19 @@ async fn crash(hub_up_while_filling: bool) {
         .expect("the drain child prints its report");
     assert!(drainer.wait().expect("wait").success());
 
-    let seen = stored(&[&hub]);
+    let mut seen = stored(&[&hub]);
+    if let Some(earlier) = &forgetful {
+        for (n, c) in earlier {
+            *seen.entry(*n).or_default() += c;
+        }
+    }
     let lost: Vec<u64> = (0..accepted).filter(|n| !seen.contains_key(n)).collect();
     let duplicates: usize = seen.values().map(|c| c - 1).sum();
     println!(
-        "sigkill (hub up while filling: {hub_up_while_filling}) after {accepted} accepted events (target {kill_at}): {} stored, {} lost, {duplicates} duplicates; child: {report}",
+        "sigkill ({how:?}) after {accepted} accepted events (target {kill_at}): {} stored, {} lost, {duplicates} duplicates, hub dropped {} resent as duplicates; child: {report}",
         seen.len(),
-        lost.len()
+        lost.len(),
+        hub.stats().idempotent_duplicates
     );
     assert!(
         lost.is_empty(),
@@ -277,6 +416,32 @@ async fn crash(hub_up_while_filling: bool) {
         &lost[..lost.len().min(10)]
     );
     assert!(report.contains("pending=0"), "{report}");
+    if idempotent.is_some() && forgetful.is_none() {
+        assert_eq!(duplicates, 0, "stored twice with idempotent mode; {report}");
+        // What the hub dropped is what the report says was avoided: all of it when the hub
+        // answers resumes with its last stored number, part of it when it echoes.
+        let avoided: u64 = report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("duplicates_avoided="))
+            .and_then(|v| v.parse().ok())
+            .expect("duplicates_avoided in the report");
+        let dropped = hub.stats().idempotent_duplicates;
+        match resume {
+            ResumeAnswer::Echo => assert!(avoided <= dropped, "{report}"),
+            _ => assert_eq!(avoided, dropped, "{report}"),
+        }
+    }
+    // With a forgetful hub, finishing at all (pending=0 above) shows the partitions started
+    // afresh (the old producer ids are refused at attach); what is stored twice can only be
+    // among the records sent again under the new ids.
+    if forgetful.is_some() {
+        let renumbered: usize = report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("renumbered="))
+            .and_then(|v| v.parse().ok())
+            .expect("renumbered in the report");
+        assert!(duplicates <= renumbered, "{report}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&acks);
 }

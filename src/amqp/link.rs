@@ -48,6 +48,9 @@ pub(crate) struct Pending {
     known_stored: bool,
     /// When its numbers were assigned (see `Sequencer::tickets`).
     ticket: u64,
+    /// Its numbers were fixed by the caller (`Producer::send_batch_numbered`): never
+    /// renumbered; failed instead where they would have to be.
+    fixed: bool,
 }
 
 impl Pending {
@@ -446,6 +449,7 @@ impl LinkTask {
             return;
         };
         let mut cursor: Option<i32> = None;
+        let mut void = Vec::new();
         let ids = self.ledger.ids();
         for id in &ids {
             let Some(entry) = self.ledger.get_mut(*id) else {
@@ -465,6 +469,10 @@ impl LinkTask {
                 }
             }
             if let Some(at) = cursor {
+                if entry.payload.fixed {
+                    void.push(*id);
+                    continue;
+                }
                 cursor = Some(entry.payload.number(seq, at));
             }
         }
@@ -481,6 +489,31 @@ impl LinkTask {
             _ => {}
         }
         seq.gap = None;
+        self.fail_fixed(void);
+    }
+
+    /// Fails caller-numbered deliveries whose numbers can no longer be stored in order: the
+    /// caller decides what to send with which numbers, not this link.
+    fn fail_fixed(&mut self, ids: Vec<DeliveryId>) {
+        if ids.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            deliveries = ids.len(),
+            "caller-numbered deliveries can no longer be stored in order; failing them"
+        );
+        for id in ids {
+            if let Some(entry) = self.ledger.settle(id) {
+                self.counters.settle(
+                    entry.payload.waiters,
+                    Err(Error::new(
+                        ErrorKind::Rejected,
+                        "the delivery's fixed sequence numbers no longer follow the partition's producer state",
+                    )
+                    .with_condition(Condition::OutOfOrderSequence)),
+                );
+            }
+        }
     }
 
     /// Fails the deliveries that have used up their overall deadline.
@@ -548,17 +581,37 @@ impl LinkTask {
 
     async fn send_new(&mut self, sections: Sections, waiters: Vec<Waiter>) -> Result<()> {
         let callers = waiters.len();
+        let fixed = sections.fixed;
         let mut pending = Pending {
             sections,
             waiters,
             first: None,
             known_stored: false,
             ticket: 0,
+            fixed: fixed.is_some(),
         };
         if let Some((seq, _)) = self.idem.as_mut() {
             if pending.sections.is_stamped() {
-                let at = seq.next;
-                seq.next = pending.number(seq, at);
+                match fixed {
+                    Some(first) => {
+                        let after = pending.number(seq, first);
+                        // Numbers at or before the last the hub confirmed are resends of
+                        // what it stored already.
+                        pending.known_stored = seq.committed >= 0
+                            && pending
+                                .last()
+                                .is_some_and(|last| seq_at_or_before(last, seq.committed));
+                        // `next` never moves back: it is what a re-attach compares the hub's
+                        // answer with.
+                        if seq_at_or_before(seq.next, after) {
+                            seq.next = after;
+                        }
+                    }
+                    None => {
+                        let at = seq.next;
+                        seq.next = pending.number(seq, at);
+                    }
+                }
             }
         }
         let id = self.ledger.push(pending, Instant::now());
@@ -753,12 +806,18 @@ impl LinkTask {
         match renumber_from {
             Some(mut at) => {
                 seq.gap = None;
+                let mut void = Vec::new();
                 for id in self.ledger.ids() {
                     if let Some(entry) = self.ledger.get_mut(id) {
+                        if entry.payload.fixed {
+                            void.push(id);
+                            continue;
+                        }
                         at = entry.payload.number(seq, at);
                     }
                 }
                 seq.next = at;
+                self.fail_fixed(void);
             }
             None => {
                 if reported >= 0 {
