@@ -534,7 +534,12 @@ async fn a_buffered_producer_streams_over_https() {
     let hub = rest_hub(HubConfig::new()).await;
     let producer = rest_producer(&hub, ProducerOptions::new().retry(fast_retry())).await;
     hub.faults().rest_fail_next(2, 503, None);
-    let buffered = BufferedProducer::new(producer, BufferedOptions::new());
+    // A generous linger: on a loaded machine the default one can flush a lane after every
+    // few events, and this test is about batching, not timing.
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new().linger(Duration::from_millis(500)),
+    );
     for i in 0..5000i64 {
         let key = format!("pump-{}", i % 8);
         let event =
