@@ -1,4 +1,7 @@
-//! Engine tests that need its insides: several audiences on one connection.
+//! Engine tests that need its insides: several audiences on one connection against the test
+//! hub here; edge cases against a small fe2o3 acceptor in paused time in [`duplex`].
+
+mod duplex;
 
 use std::sync::Arc;
 use std::time::Duration;
