@@ -7,7 +7,7 @@ use hubsend::{
     BatchOptions, ConnectionEvent, ErrorKind, Event, Producer, ProducerOptions, SendOptions,
     Telemetry, TryAddError,
 };
-use hubsend_testhub::{HubConfig, Right, TestHub};
+use hubsend_testhub::{HubConfig, Right};
 use support::{hub, producer, start, HUB, WAIT};
 
 mod support;

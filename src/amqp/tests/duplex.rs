@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::super::{ConnectConfig, Engine};
-use super::send_on;
+use super::{send_on, stream_both};
 use crate::auth::{AccessToken, TokenProvider, TokenType};
 use crate::entity::eventhubs;
 use crate::error::{policy_table, Action, ErrorKind};
@@ -345,17 +345,8 @@ async fn each_audience_is_re_put_before_its_own_expiry_for_ten_hours() {
         )
         .await
         .expect("alarms link");
-    let started = Instant::now();
-    let mut sent = 0;
     // Both links stream one event every ten minutes (virtual) for ten hours.
-    while started.elapsed() < 10 * HOUR {
-        let a = send_on(&telemetry, sent).await;
-        let b = send_on(&alarms, sent).await;
-        a.await.expect("answered").expect("telemetry stored");
-        b.await.expect("answered").expect("alarms stored");
-        sent += 1;
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    }
+    let sent = stream_both([&telemetry, &alarms], 10 * HOUR, Duration::from_secs(600)).await;
     let end = Instant::now();
     // 1 h tokens are re-put every 48 min, 3 h tokens every 144 min.
     for (hub, lifetime, at_least) in [("telemetry", HOUR, 12), ("alarms", 3 * HOUR, 4)] {
