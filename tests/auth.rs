@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hubsend::{ErrorKind, Event, Producer, SendOptions};
 use hubsend_testhub::{HubConfig, Right, TestHub};
 
-const HUB: &str = "telemetry";
+use support::{start, HUB};
+
+mod support;
+
 const KEY: &str = "c2VuZC1vbmx5LWtleS1mb3ItdGhlLWF1dGgtdGVzdHM=";
 
 fn unix_now() -> u64 {
@@ -18,9 +21,7 @@ fn unix_now() -> u64 {
 }
 
 async fn sas_hub() -> TestHub {
-    TestHub::start(HubConfig::new().policy("send-only", KEY, &[Right::Send]))
-        .await
-        .expect("test hub starts")
+    start(HubConfig::new().policy("send-only", KEY, &[Right::Send])).await
 }
 
 /// A connection string carrying a pre-made signature valid for `lifetime_secs`.
@@ -124,6 +125,7 @@ async fn a_pre_made_token_expiring_mid_stream_gives_the_documented_error() {
             Ok(()) => sent += 1,
             Err(e) => break e,
         }
+        // Paces the stream until the 3 s signature expires (the point of the test).
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(sent > 0, "nothing was sent before the signature expired");
@@ -403,13 +405,7 @@ mod entra {
     }
 
     async fn jwt_hub() -> TestHub {
-        TestHub::start(HubConfig::new().trust_jwt_issuer(
-            issuer(),
-            EVENT_HUBS_AUDIENCE,
-            SIGNING_KEY,
-        ))
-        .await
-        .expect("test hub starts")
+        start(HubConfig::new().trust_jwt_issuer(issuer(), EVENT_HUBS_AUDIENCE, SIGNING_KEY)).await
     }
 
     fn builder(hub: &TestHub) -> hubsend::ProducerBuilder {
@@ -441,6 +437,7 @@ mod entra {
                 .await
                 .unwrap_or_else(|e| panic!("send {sent} failed: {e:?}"));
             sent += 1;
+            // Paces 8 s of streaming over several JWT lifetimes (the point of the test).
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let stored = hub

@@ -6,30 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubsend::{
-    BufferedOptions, BufferedProducer, ErrorKind, Event, Producer, ProducerOptions, RetryOptions,
-    SendOptions,
+    BufferedOptions, BufferedProducer, ErrorKind, Event, Producer, ProducerOptions, SendOptions,
 };
 use hubsend_testhub::{HubConfig, TestHub};
+use support::{producer_with, retry, start, wait_until_accepted, HUB};
 
-const HUB: &str = "telemetry";
+mod support;
 
 async fn setup(retries: u32) -> (TestHub, Producer) {
-    let hub = TestHub::start(HubConfig::new().max_message_size(64 * 1024))
-        .await
-        .unwrap();
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(
-            ProducerOptions::new().max_in_flight(16).retry(
-                RetryOptions::new()
-                    .max_retries(retries)
-                    .base_delay(Duration::from_millis(20))
-                    .max_delay(Duration::from_millis(300)),
-            ),
-        )
-        .connect()
-        .await
-        .unwrap();
+    let hub = start(HubConfig::new().max_message_size(64 * 1024)).await;
+    let options = ProducerOptions::new()
+        .max_in_flight(16)
+        .retry(retry(retries, Duration::from_millis(300)));
+    let producer = producer_with(&hub, options).await;
     (hub, producer)
 }
 
@@ -89,9 +78,7 @@ async fn everything_arrives_through_a_dropped_connection() {
     let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
     let faults = hub.faults();
     let inject = async {
-        while hub.stats().deliveries_accepted < 40 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until_accepted(&hub, 40).await;
         faults.drop_connections();
     };
     tokio::join!(stream(&buffered, 100_000), inject);

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hubsend::{
-    BatchOptions, BufferedOptions, BufferedProducer, ErrorKind, Event, ProducerOptions,
-    RetryOptions, SendOptions, TryAddError,
+    BatchOptions, BufferedOptions, BufferedProducer, ErrorKind, ProducerOptions, RetryOptions,
+    SendOptions, TryAddError,
 };
 use hubsend_testhub::HubConfig;
 use support::*;
@@ -31,10 +31,6 @@ enum Api {
     Buffered,
 }
 
-fn event(n: i64) -> Event {
-    Event::new(format!("{n}")).with_property("n", n)
-}
-
 /// Sends `count` events through `api`; returns the numbers reported as stored.
 async fn send_all(producer: &hubsend::Producer, api: Api, count: i64) -> BTreeSet<i64> {
     let mut reported = BTreeSet::new();
@@ -43,7 +39,7 @@ async fn send_all(producer: &hubsend::Producer, api: Api, count: i64) -> BTreeSe
             let mut futures = Vec::new();
             for n in 0..count {
                 let key = SendOptions::new().partition_key(format!("k{}", n % 4));
-                futures.push((n, producer.send(event(n), key).await.unwrap()));
+                futures.push((n, producer.send(numbered(n), key).await.unwrap()));
             }
             for (n, f) in futures {
                 if f.await.is_ok() {
@@ -56,7 +52,7 @@ async fn send_all(producer: &hubsend::Producer, api: Api, count: i64) -> BTreeSe
             let mut batch = producer.create_batch(BatchOptions::new()).await.unwrap();
             let mut members = Vec::new();
             for n in 0..count {
-                if let Err(TryAddError::Full(e)) = batch.try_add(event(n)) {
+                if let Err(TryAddError::Full(e)) = batch.try_add(numbered(n)) {
                     let full = std::mem::replace(
                         &mut batch,
                         producer.create_batch(BatchOptions::new()).await.unwrap(),
@@ -84,18 +80,13 @@ async fn send_all(producer: &hubsend::Producer, api: Api, count: i64) -> BTreeSe
                 BufferedOptions::new().on_failure(move |batch| {
                     let mut sink = sink.lock().unwrap();
                     for e in batch.events {
-                        sink.insert(
-                            std::str::from_utf8(e.body())
-                                .unwrap()
-                                .parse::<i64>()
-                                .unwrap(),
-                        );
+                        sink.insert(number_of(&e));
                     }
                 }),
             );
             for n in 0..count {
                 let key = SendOptions::new().partition_key(format!("k{}", n % 4));
-                buffered.enqueue(event(n), key).await.unwrap();
+                buffered.enqueue(numbered(n), key).await.unwrap();
             }
             let report = buffered.close().await;
             let failed = failed.lock().unwrap();
@@ -170,7 +161,12 @@ async fn every_wait_is_bounded_by_the_deadline() {
         let started = tokio::time::Instant::now();
         let mut futures = Vec::new();
         for n in 0..20 {
-            futures.push(producer.send(event(n), SendOptions::new()).await.unwrap());
+            futures.push(
+                producer
+                    .send(numbered(n), SendOptions::new())
+                    .await
+                    .unwrap(),
+            );
         }
         let outcomes = tokio::time::timeout(
             Duration::from_secs(10),
@@ -204,7 +200,12 @@ async fn close_means_closed_for_every_clone() {
     // Under load: deliveries in flight when close is called.
     let mut futures = Vec::new();
     for n in 0..5000 {
-        futures.push(producer.send(event(n), SendOptions::new()).await.unwrap());
+        futures.push(
+            producer
+                .send(numbered(n), SendOptions::new())
+                .await
+                .unwrap(),
+        );
     }
     producer.close().await.unwrap();
     let mut reported = BTreeSet::new();
@@ -220,19 +221,25 @@ async fn close_means_closed_for_every_clone() {
     assert_eq!(reported.len(), 5000);
     let connections = hub.stats().connections_accepted;
     let err = clone
-        .send(event(9999), SendOptions::new())
+        .send(numbered(9999), SendOptions::new())
         .await
         .expect_err("a clone cannot send after close");
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
     let err = clone
-        .send(event(9999), SendOptions::new().partition_id("1"))
+        .send(numbered(9999), SendOptions::new().partition_id("1"))
         .await
         .expect_err("nor open a new link");
     assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A window of 300 ms for a reconnect to show (a negative check needs one); it ends
+    // early, and fails, the moment the hub accepts another connection.
+    let after = hub
+        .wait_for_stats(
+            |s| s.connections_accepted > connections,
+            Duration::from_millis(300),
+        )
+        .await;
     assert_eq!(
-        hub.stats().connections_accepted,
-        connections,
+        after.connections_accepted, connections,
         "reconnected after close"
     );
     let stored = stored_counts(&hub);
@@ -285,7 +292,7 @@ async fn recoveries_that_store_nothing_back_off_and_a_poison_delivery_fails() {
         let started = tokio::time::Instant::now();
         let outcome = tokio::time::timeout(
             Duration::from_secs(30),
-            producer.send_and_wait(event(1), SendOptions::new()),
+            producer.send_and_wait(numbered(1), SendOptions::new()),
         )
         .await
         .unwrap_or_else(|_| panic!("{fault}: still recovering after 30 s"));
@@ -309,7 +316,7 @@ async fn recoveries_that_store_nothing_back_off_and_a_poison_delivery_fails() {
         // Once the peer behaves, the same producer sends again.
         hub.faults().clear();
         producer
-            .send_and_wait(event(2), SendOptions::new())
+            .send_and_wait(numbered(2), SendOptions::new())
             .await
             .expect("sends after the fault");
     }
@@ -327,7 +334,7 @@ async fn a_disposition_over_every_delivery_id_does_not_stall_the_client() {
     for n in 0..20 {
         let outcome = tokio::time::timeout(
             Duration::from_secs(60),
-            producer.send_and_wait(event(n), SendOptions::new()),
+            producer.send_and_wait(numbered(n), SendOptions::new()),
         )
         .await
         .expect("a send stalled");
@@ -357,7 +364,7 @@ async fn what_does_not_exist_fails_at_once() {
     assert!(!err.is_retriable());
     let producer = producer_with(&hub, ProducerOptions::new()).await;
     let err = producer
-        .send_and_wait(event(1), SendOptions::new().partition_id("99"))
+        .send_and_wait(numbered(1), SendOptions::new().partition_id("99"))
         .await
         .expect_err("no such partition");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
@@ -389,7 +396,7 @@ async fn a_dropped_stream_is_noticed_at_once() {
         assert!(after < Duration::from_millis(50), "{after:?}");
         // The next send reconnects.
         producer
-            .send_and_wait(event(round), SendOptions::new())
+            .send_and_wait(numbered(round), SendOptions::new())
             .await
             .expect("sends after the drop");
     }

@@ -151,10 +151,8 @@ async fn a_lost_connection_stores_nothing_twice_whatever_the_hub_answers_on_resu
         faults.delay_dispositions(Duration::from_millis(300));
         let sending = stream(&producer, 0, 3_000);
         let inject = async {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while hub.stats().transfers_received < 8 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            hub.wait_for_stats(|s| s.transfers_received >= 8, support::WAIT)
+                .await;
             faults.drop_connections();
             faults.delay_dispositions(Duration::from_millis(5));
             support::wait_until_accepted(&hub, 60).await;

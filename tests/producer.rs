@@ -4,24 +4,13 @@
 use std::time::Duration;
 
 use hubsend::{
-    BatchOptions, ErrorKind, Event, Producer, ProducerOptions, SendOptions, Telemetry, TryAddError,
+    BatchOptions, ConnectionEvent, ErrorKind, Event, Producer, ProducerOptions, SendOptions,
+    Telemetry, TryAddError,
 };
-use hubsend_testhub::{HubConfig, Right, TestHub};
+use hubsend_testhub::{HubConfig, Right};
+use support::{hub, producer, start, HUB, WAIT};
 
-const HUB: &str = "telemetry";
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn hub() -> TestHub {
-    TestHub::start(HubConfig::new())
-        .await
-        .expect("test hub starts")
-}
-
-async fn producer(hub: &TestHub) -> Producer {
-    Producer::from_connection_string(&hub.connection_string())
-        .await
-        .expect("producer connects")
-}
+mod support;
 
 #[tokio::test]
 async fn single_events_arrive_with_their_metadata() {
@@ -66,9 +55,7 @@ async fn single_events_arrive_with_their_metadata() {
 
 #[tokio::test]
 async fn batches_fill_to_the_limit_and_all_events_arrive() {
-    let hub = TestHub::start(HubConfig::new().max_message_size(16 * 1024))
-        .await
-        .unwrap();
+    let hub = start(HubConfig::new().max_message_size(16 * 1024)).await;
     let producer = producer(&hub).await;
     assert_eq!(producer.max_message_size(), 16 * 1024);
 
@@ -227,9 +214,7 @@ async fn partition_ids_target_one_partition_and_unknown_ones_fail() {
 
 #[tokio::test]
 async fn oversize_events_fail_before_anything_is_sent() {
-    let hub = TestHub::start(HubConfig::new().max_message_size(4096))
-        .await
-        .unwrap();
+    let hub = start(HubConfig::new().max_message_size(4096)).await;
     let producer = producer(&hub).await;
     let before = hub.stats().transfers_received;
     let err = producer
@@ -305,7 +290,7 @@ async fn unknown_hub_is_not_found() {
 
 #[tokio::test]
 async fn tls_with_a_generated_ca() {
-    let hub = TestHub::start(HubConfig::new().tls(true)).await.unwrap();
+    let hub = start(HubConfig::new().tls(true)).await;
     let ca = hub.ca_pem().expect("tls hub has a CA");
     let cs = hub.connection_string();
     assert!(!cs.contains("UseDevelopmentEmulator"));
@@ -335,9 +320,16 @@ async fn tokens_are_refreshed_on_the_same_connection() {
         .connect()
         .await
         .unwrap();
-    let start = tokio::time::Instant::now();
-    let mut sent = 0;
-    while start.elapsed() < Duration::from_secs(8) {
+    // Stream until the producer reports three refreshes (each after half of a 3 s lifetime),
+    // not for a fixed time; the 50 ms pause only paces the stream.
+    let mut events = producer.subscribe();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (mut sent, mut refreshed) = (0, 0);
+    while refreshed < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{refreshed} refreshes"
+        );
         producer
             .send_and_wait(
                 Event::new(format!("{sent}").into_bytes()),
@@ -347,6 +339,9 @@ async fn tokens_are_refreshed_on_the_same_connection() {
             .expect("sends keep working across token refreshes");
         sent += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(event) = events.try_recv() {
+            refreshed += usize::from(event == ConnectionEvent::TokenRefreshed);
+        }
     }
     let stats = hub.stats();
     assert_eq!(stats.connections_accepted, 1, "one persistent connection");
@@ -356,9 +351,7 @@ async fn tokens_are_refreshed_on_the_same_connection() {
 
 #[tokio::test]
 async fn hub_and_partition_properties() {
-    let hub = TestHub::start(HubConfig::new().hub("telemetry", 3))
-        .await
-        .unwrap();
+    let hub = start(HubConfig::new().hub("telemetry", 3)).await;
     let producer = producer(&hub).await;
     let props = producer.hub_properties().await.unwrap();
     assert_eq!(props.name, HUB);
@@ -469,7 +462,7 @@ async fn in_flight_bound_gives_backpressure_or_busy() {
 
 #[tokio::test]
 async fn a_second_policy_connects_and_reads_management() {
-    let hub = TestHub::start(
+    let hub = start(
         HubConfig::new()
             .policy(
                 "send-only",
@@ -482,8 +475,7 @@ async fn a_second_policy_connects_and_reads_management() {
                 &[Right::Manage, Right::Send, Right::Listen],
             ),
     )
-    .await
-    .unwrap();
+    .await;
     let manage = Producer::from_connection_string(&hub.connection_string_for("manage", HUB))
         .await
         .unwrap();
@@ -526,9 +518,7 @@ async fn close_waits_for_outcomes_or_reports_at_its_deadline() {
 async fn pipelined_single_sends_share_deliveries_but_never_mix_keys() {
     // One credit at a time: every delivery costs a round trip, so sends queue up behind it
     // and the link must pack them into shared deliveries.
-    let hub = TestHub::start(HubConfig::new().link_credit(1))
-        .await
-        .unwrap();
+    let hub = start(HubConfig::new().link_credit(1)).await;
     let producer = producer(&hub).await;
     let keys = [Some("pump-1"), Some("pump-2"), None];
     let total = 3000usize;

@@ -10,8 +10,9 @@ use hubsend::{
     ProducerOptions, RetryOptions, SendOptions, TryAddError,
 };
 use hubsend_testhub::{HubConfig, TestHub};
+use support::{fast_retry, producer_with, start, wait_until_accepted, HUB};
 
-const HUB: &str = "telemetry";
+mod support;
 const EVENTS: usize = if cfg!(feature = "slow-tests") {
     100_000
 } else {
@@ -33,33 +34,16 @@ fn deliveries(at_100k: u64) -> u64 {
 }
 
 async fn start_hub() -> TestHub {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    TestHub::start(HubConfig::new().max_message_size(MESSAGE_SIZE))
-        .await
-        .unwrap()
+    start(HubConfig::new().max_message_size(MESSAGE_SIZE)).await
 }
 
 async fn producer(hub: &TestHub, lifetime: Duration, idempotent: bool) -> Producer {
-    Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(
-            ProducerOptions::new()
-                .idempotent(idempotent)
-                .max_in_flight(32)
-                .token_lifetime(lifetime)
-                .retry(
-                    RetryOptions::new()
-                        .max_retries(10)
-                        .base_delay(Duration::from_millis(20))
-                        .max_delay(Duration::from_millis(500)),
-                ),
-        )
-        .connect()
-        .await
-        .unwrap()
+    let options = ProducerOptions::new()
+        .idempotent(idempotent)
+        .max_in_flight(32)
+        .token_lifetime(lifetime)
+        .retry(fast_retry());
+    producer_with(hub, options).await
 }
 
 /// The two ways to stream: batches built by the caller, or the buffered producer.
@@ -212,13 +196,6 @@ fn check(hub: &TestHub, name: &str, ordered: bool, idempotent: bool) -> usize {
     duplicates
 }
 
-async fn wait_until_stored(hub: &TestHub, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while hub.stats().deliveries_accepted < at_least && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn link_detached_with_detach_forced() {
     for (api, idempotent) in MODES {
@@ -270,7 +247,7 @@ async fn connection_closed_with_connection_forced() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, deliveries(50)).await;
+            wait_until_accepted(&hub, deliveries(50)).await;
             faults.close_connections("amqp:connection:forced", "maintenance (injected)");
         };
         let (failed, ()) = tokio::join!(stream, inject);
@@ -311,7 +288,7 @@ async fn tcp_dropped_without_close() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, deliveries(70)).await;
+            wait_until_accepted(&hub, deliveries(70)).await;
             faults.drop_connections();
         };
         let (failed, ()) = tokio::join!(stream, inject);
@@ -374,6 +351,7 @@ async fn short_lived_tokens_expire_and_are_refreshed() {
         // Stream three times over several token lifetimes.
         for round in 0..3 {
             assert_eq!(stream(&producer, api).await, 0, "round {round}");
+            // Deliberate: idle for most of a 2 s token lifetime between rounds.
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
         assert!(start.elapsed() > Duration::from_secs(4));
@@ -391,7 +369,7 @@ async fn credit_withheld_for_a_while() {
         let faults = hub.faults();
         let stream = stream(&producer, api);
         let inject = async {
-            wait_until_stored(&hub, deliveries(30)).await;
+            wait_until_accepted(&hub, deliveries(30)).await;
             faults.withhold_credit(Duration::from_millis(1500));
         };
         let (failed, ()) = tokio::join!(stream, inject);
@@ -453,6 +431,7 @@ async fn a_silent_hub_is_retried_after_the_try_timeout_and_fails_at_the_deadline
         .send(Event::new(b"slow".to_vec()), hubsend::SendOptions::new())
         .await
         .unwrap();
+    // Deliberate: the slow outcomes last 600 ms, past the first 400 ms try.
     tokio::time::sleep(Duration::from_millis(600)).await;
     hub.faults().clear();
     slow.await.expect("stored after a retry");

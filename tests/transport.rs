@@ -22,11 +22,8 @@ use hubsend::{
     ProducerOptions, RetryOptions, SendOptions, TryAddError,
 };
 use hubsend_testhub::{HubConfig, Right, TestHub};
-use support::{stored_counts, HUB};
+use support::{numbered, stored_counts, HUB, WAIT};
 use tokio::sync::broadcast;
-
-/// Bound on every wait for the hub or an event; a healthy run needs a fraction of it.
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A hub with the WebSocket listener, TLS or plain.
 async fn ws_hub(tls: bool) -> TestHub {
@@ -54,10 +51,6 @@ fn patient() -> ProducerOptions {
             .base_delay(Duration::from_millis(20))
             .max_delay(Duration::from_millis(250)),
     )
-}
-
-fn numbered(n: i64) -> Event {
-    Event::new(format!("event {n}")).with_property("n", n)
 }
 
 /// Waits (bounded) for the first event on `events` that `wanted` picks.
@@ -228,14 +221,13 @@ async fn an_idle_websocket_answers_the_hubs_pings() {
     for round in 1..=3 {
         // The producer sends nothing meanwhile: only its reading side can answer.
         hub.faults().ping_websockets();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while hub.stats().websocket_pongs_received < round {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no pong for ping {round}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let stats = hub
+            .wait_for_stats(|s| s.websocket_pongs_received >= round, WAIT)
+            .await;
+        assert!(
+            stats.websocket_pongs_received >= round,
+            "no pong for ping {round}"
+        );
     }
     producer
         .send_and_wait(numbered(0), SendOptions::new())
@@ -581,7 +573,8 @@ impl Drop for ProxyPy {
 }
 
 /// Waits (bounded) until proxy.py's access log names `count` tunnels to `port`: it writes
-/// the line when a tunnel closes.
+/// the line when a tunnel closes. proxy.py is another process whose only signal is its log
+/// file, so this one wait polls (every 20 ms).
 async fn wait_for_tunnels(proxy: &ProxyPy, port: u16, count: usize) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while proxy.tunnels_to(port) < count {

@@ -688,6 +688,25 @@ impl TestHub {
         }
     }
 
+    /// Waits until the counters satisfy `until` or `timeout` passes; returns the counters
+    /// then (check them: a timeout is not an error). Woken by every change of the counters,
+    /// so a test waits for the event itself instead of polling: e.g.
+    /// `hub.wait_for_stats(|s| s.deliveries_accepted >= 40, WAIT)` before injecting a fault.
+    pub async fn wait_for_stats(
+        &self,
+        until: impl Fn(&HubStats) -> bool,
+        timeout: Duration,
+    ) -> HubStats {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.stats_changed.notified();
+            let stats = self.stats();
+            if until(&stats) || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return stats;
+            }
+        }
+    }
+
     /// Snapshot of the counters.
     pub fn stats(&self) -> HubStats {
         let mut stats = self.shared.stats.lock().unwrap().clone();

@@ -169,7 +169,7 @@ where
                 // The client's close is answered by tungstenite as the stream ends.
                 Some(Ok(Message::Close(_))) | None => break None,
                 Some(Ok(Message::Pong(_))) => {
-                    shared.stats.lock().unwrap().websocket_pongs_received += 1;
+                    shared.stat(|s| s.websocket_pongs_received += 1);
                 }
                 // Pings are answered by tungstenite; raw frames carry nothing.
                 Some(Ok(_)) => {}

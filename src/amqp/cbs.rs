@@ -25,6 +25,7 @@ use fe2o3_amqp_management::request::Request;
 use fe2o3_amqp_management::response::Response;
 use fe2o3_amqp_management::status::StatusCode;
 use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
 
 use crate::auth::{AccessToken, TokenProvider};
 use crate::error::{Error, ErrorKind, Result};
@@ -39,12 +40,14 @@ pub(crate) fn refresh_delay(now: SystemTime, expires_at: SystemTime) -> Duration
         .max(lifetime / 2)
 }
 
-/// One audience's credentials and where its token stands.
+/// One audience's credentials and where its token stands. Its times are on tokio's monotonic
+/// clock, converted from the token's wall-clock expiry when it is put: a wall clock that jumps
+/// moves no refresh, and tests can run hours of refreshes in paused time.
 struct Audience {
     provider: Arc<dyn TokenProvider>,
-    expires_at: SystemTime,
+    expires_at: Instant,
     /// When the refresh task puts the next token.
-    refresh_at: SystemTime,
+    refresh_at: Instant,
     /// The token last put (management requests carry it too).
     token: AccessToken,
 }
@@ -135,13 +138,14 @@ impl Authorizer {
         let token = provider.token(audience).await?;
         self.put(audience, &token).await?;
         let expires_at = token.expires_at();
+        let (wall, now) = (SystemTime::now(), Instant::now());
         if let Ok(mut audiences) = self.audiences.lock() {
             audiences.insert(
                 audience.to_owned(),
                 Audience {
                     provider,
-                    expires_at,
-                    refresh_at: SystemTime::now() + refresh_delay(SystemTime::now(), expires_at),
+                    expires_at: now + expires_at.duration_since(wall).unwrap_or(Duration::ZERO),
+                    refresh_at: now + refresh_delay(wall, expires_at),
                     token,
                 },
             );
@@ -189,7 +193,7 @@ impl Authorizer {
     }
 
     /// The audience whose token is due for a refresh first, and when.
-    fn next_due(&self) -> Option<(String, SystemTime)> {
+    fn next_due(&self) -> Option<(String, Instant)> {
         self.audiences.lock().ok().and_then(|a| {
             a.iter()
                 .min_by_key(|(_, e)| e.refresh_at)
@@ -202,11 +206,8 @@ impl Authorizer {
     fn postpone(&self, audience: &str) {
         if let Ok(mut audiences) = self.audiences.lock() {
             if let Some(entry) = audiences.get_mut(audience) {
-                let now = SystemTime::now();
-                let remaining = entry
-                    .expires_at
-                    .duration_since(now)
-                    .unwrap_or(Duration::ZERO);
+                let now = Instant::now();
+                let remaining = entry.expires_at.saturating_duration_since(now);
                 entry.refresh_at = now
                     + (remaining / 4)
                         .min(Duration::from_secs(30))
@@ -221,9 +222,7 @@ impl Authorizer {
         loop {
             let changed = self.changed.notified();
             let wait = match self.next_due() {
-                Some((_, at)) => at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO),
+                Some((_, at)) => at.saturating_duration_since(Instant::now()),
                 None => Duration::from_secs(3600),
             };
             tokio::select! {
@@ -233,7 +232,7 @@ impl Authorizer {
             let Some((audience, at)) = self.next_due() else {
                 continue;
             };
-            if at > SystemTime::now() {
+            if at > Instant::now() {
                 continue;
             }
             let result = self.refresh(&audience).await;

@@ -202,7 +202,19 @@ impl LinkTask {
                 Some((id, result)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
                     lost = self.on_outcome(id, result);
                 }
-                _ = self.lifecycle.changed() => {}
+                changed = self.lifecycle.changed() => {
+                    if changed.is_err() {
+                        // The engine is gone (every producer handle dropped without close):
+                        // this arm would be ready on every turn and starve the others, and
+                        // nothing is left to recover with.
+                        self.abandon(
+                            Error::new(ErrorKind::Closed, "the producer was dropped"),
+                            &mut rx,
+                            &mut carried,
+                        );
+                        return;
+                    }
+                }
                 () = sleep_until(expiry), if expiry.is_some() => self.expire(),
                 () = sleep_until(next_retry), if next_retry.is_some() => {
                     lost = self.send_due_retries().await.err();

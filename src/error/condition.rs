@@ -181,6 +181,12 @@ const BY_KIND: &[(ErrorKind, bool, Action)] = &[
     (ErrorKind::Busy, true, Action::Fail),
 ];
 
+/// Tests only: every row of the table as (symbol, kind, action).
+#[cfg(test)]
+pub(crate) fn table() -> impl Iterator<Item = (&'static str, ErrorKind, Action)> {
+    POLICIES.iter().map(|p| (p.symbol, p.kind, p.action))
+}
+
 impl Condition {
     fn policy(&self) -> Option<&'static Policy> {
         POLICIES.iter().find(|p| p.condition == *self)

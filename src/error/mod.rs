@@ -4,6 +4,8 @@
 
 mod condition;
 
+#[cfg(test)]
+pub(crate) use condition::table as policy_table;
 pub(crate) use condition::Action;
 pub use condition::Condition;
 

@@ -72,6 +72,22 @@ pub(crate) enum Route {
     /// read-ahead past it), and continue over the same `TcpStream`.
     #[cfg(feature = "proxy")]
     Proxy(proxy::Proxy),
+    /// Tests only: an in-memory stream to a peer in the same process (no TCP, no TLS), so
+    /// engine tests run against fe2o3's acceptor over `tokio::io::duplex` in paused time.
+    #[cfg(test)]
+    Memory(Memory),
+}
+
+/// Tests only: opens a new in-memory stream for each connection ([`Route::Memory`]).
+#[cfg(test)]
+#[derive(Clone)]
+pub(crate) struct Memory(pub(crate) Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>);
+
+#[cfg(test)]
+impl fmt::Debug for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Memory")
+    }
 }
 
 /// What carries the AMQP bytes over TLS (or TCP).
@@ -307,6 +323,8 @@ pub(crate) async fn connect(endpoint: &Endpoint) -> Result<Connected> {
         Route::Direct => dial(endpoint, &endpoint.host, endpoint.port, deadline).await?,
         #[cfg(feature = "proxy")]
         Route::Proxy(through) => proxy::tunnel(endpoint, through, deadline).await?,
+        #[cfg(test)]
+        Route::Memory(open) => return Ok(Connected::over((open.0)())),
     };
     let stream: BoxIo = match &endpoint.tls {
         Some(config) => {

@@ -6,11 +6,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use hubsend::{Producer, ProducerOptions, RetryOptions};
-use hubsend_testhub::{HubConfig, TestHub};
+use hubsend::{Event, Producer, ProducerOptions, RetryOptions};
+use hubsend_testhub::{HubConfig, HubStats, TestHub};
 
 /// The hub every test sends to.
 pub const HUB: &str = "telemetry";
+
+/// Bound on every wait for the hub or an event; a healthy run needs a fraction of it, and
+/// every wait returns the moment what it waits for happens.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// Starts a test hub with `config`, with test logging from `RUST_LOG`.
 pub async fn start(config: HubConfig) -> TestHub {
@@ -21,12 +25,27 @@ pub async fn start(config: HubConfig) -> TestHub {
     TestHub::start(config).await.expect("test hub starts")
 }
 
+/// A test hub with the default configuration (hub `telemetry`, 4 partitions).
+pub async fn hub() -> TestHub {
+    start(HubConfig::new()).await
+}
+
 /// Retries that are quick to run through: 20 ms doubling to 500 ms, 10 retries.
 pub fn fast_retry() -> RetryOptions {
+    retry(10, Duration::from_millis(500))
+}
+
+/// `max_retries` retries from 20 ms, doubling up to `max_delay`.
+pub fn retry(max_retries: u32, max_delay: Duration) -> RetryOptions {
     RetryOptions::new()
-        .max_retries(10)
+        .max_retries(max_retries)
         .base_delay(Duration::from_millis(20))
-        .max_delay(Duration::from_millis(500))
+        .max_delay(max_delay)
+}
+
+/// A producer on `hub` with the default options.
+pub async fn producer(hub: &TestHub) -> Producer {
+    producer_with(hub, ProducerOptions::new()).await
 }
 
 /// A producer on `hub` with `options`.
@@ -60,10 +79,25 @@ pub fn reported_but_not_stored(hub: &TestHub, reported: &BTreeSet<i64>) -> Vec<i
         .collect()
 }
 
-/// Waits (on the hub's counters, bounded) until it has accepted `at_least` deliveries.
-pub async fn wait_until_accepted(hub: &TestHub, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while hub.stats().deliveries_accepted < at_least && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Event `n`: body `event n`, application property `n` (what [`stored_counts`] reads).
+pub fn numbered(n: i64) -> Event {
+    Event::new(format!("event {n}")).with_property("n", n)
+}
+
+/// The `n` application property of an event built by [`numbered`].
+pub fn number_of(event: &Event) -> i64 {
+    event
+        .properties()
+        .find_map(|(k, v)| match (k, v) {
+            ("n", hubsend::PropertyValue::Long(n)) => Some(*n),
+            _ => None,
+        })
+        .expect("a numbered event")
+}
+
+/// Waits until the hub has accepted `at_least` deliveries (woken by the hub's counters, no
+/// polling; bounded by [`WAIT`]) and returns its counters then.
+pub async fn wait_until_accepted(hub: &TestHub, at_least: u64) -> HubStats {
+    hub.wait_for_stats(|s| s.deliveries_accepted >= at_least, WAIT)
+        .await
 }

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub store: Mutex<HashMap<String, HubStore>>,
     pub stored: Notify,
     pub stats: Mutex<HubStats>,
+    /// Woken after every change of `stats` (for [`TestHub::wait_for_stats`](crate::TestHub::wait_for_stats)).
+    pub stats_changed: Notify,
     pub faults: Arc<FaultShared>,
     /// Payload buffers of deliveries dropped by retention, for the wire to reuse.
     pub pool: Arc<BufferPool>,
@@ -97,6 +99,7 @@ impl Shared {
             store: Mutex::new(store),
             stored: Notify::new(),
             stats: Mutex::new(HubStats::default()),
+            stats_changed: Notify::new(),
             faults: Arc::new(FaultShared::new()),
             pool: Arc::new(BufferPool::default()),
             idempotent: Mutex::new(idempotent::Registry::default()),
@@ -159,8 +162,10 @@ impl Shared {
         self.with_hub(hub, HubStore::len).unwrap_or(0)
     }
 
-    fn stat(&self, f: impl FnOnce(&mut HubStats)) {
+    /// Changes the counters and wakes whoever waits on them.
+    pub(crate) fn stat(&self, f: impl FnOnce(&mut HubStats)) {
         f(&mut self.stats.lock().unwrap());
+        self.stats_changed.notify_waiters();
     }
 
     fn policy(&self, name: &str) -> Option<&Policy> {

@@ -189,8 +189,15 @@ impl Frame {
 /// socket read that completed it, and can drop frames instead of forwarding them.
 pub struct Tap {
     pub addr: SocketAddr,
-    reads: Arc<Mutex<Vec<Vec<Frame>>>>,
+    log: Arc<FrameLog>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a tap recorded, and a wake-up for whoever waits on it.
+#[derive(Default)]
+struct FrameLog {
+    reads: Mutex<Vec<Vec<Frame>>>,
+    recorded: tokio::sync::Notify,
 }
 
 impl Drop for Tap {
@@ -204,8 +211,8 @@ impl Tap {
     pub async fn start(upstream: SocketAddr, drop: fn(&Frame) -> bool) -> Tap {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let reads: Arc<Mutex<Vec<Vec<Frame>>>> = Arc::default();
-        let log = reads.clone();
+        let log: Arc<FrameLog> = Arc::default();
+        let recorder = log.clone();
         let task = tokio::spawn(async move {
             let mut pumps = Vec::new();
             while let Ok((client, _)) = listener.accept().await {
@@ -215,17 +222,17 @@ impl Tap {
                     client,
                     hub,
                     drop,
-                    log.clone(),
+                    recorder.clone(),
                 ))));
             }
         });
-        Tap { addr, reads, task }
+        Tap { addr, log, task }
     }
 
     /// The frames of each read from the hub, in order (reads that completed no frame are
     /// left out).
     pub fn reads(&self) -> Vec<Vec<Frame>> {
-        self.reads.lock().unwrap().clone()
+        self.log.reads.lock().unwrap().clone()
     }
 
     /// Every frame the hub wrote, in order.
@@ -233,17 +240,18 @@ impl Tap {
         self.reads().into_iter().flatten().collect()
     }
 
-    /// Waits until some recorded frame satisfies `f`, or `timeout` passes.
+    /// Waits until some recorded frame satisfies `f`, or `timeout` passes (woken by each
+    /// read the tap records, no polling).
     pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&Frame) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            let recorded = self.log.recorded.notified();
             if self.frames().iter().any(&f) {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+            if tokio::time::timeout_at(deadline, recorded).await.is_err() {
+                return self.frames().iter().any(&f);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -257,12 +265,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Copies client → hub as is; hub → client frame by frame, recording and filtering.
-async fn pump(
-    client: TcpStream,
-    hub: TcpStream,
-    drop: fn(&Frame) -> bool,
-    log: Arc<Mutex<Vec<Vec<Frame>>>>,
-) {
+async fn pump(client: TcpStream, hub: TcpStream, drop: fn(&Frame) -> bool, log: Arc<FrameLog>) {
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut hub_rd, mut hub_wr) = hub.into_split();
     let _up = AbortOnDrop(tokio::spawn(async move {
@@ -300,7 +303,8 @@ async fn pump(
             group.push(frame);
         }
         if !group.is_empty() {
-            log.lock().unwrap().push(group);
+            log.reads.lock().unwrap().push(group);
+            log.recorded.notify_waiters();
         }
         if client_wr.write_all(&forward).await.is_err() {
             break;

@@ -1,4 +1,7 @@
-//! Engine tests that need its insides: several audiences on one connection.
+//! Engine tests that need its insides: several audiences on one connection against the test
+//! hub here; edge cases against a small fe2o3 acceptor in paused time in [`duplex`].
+
+mod duplex;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +39,22 @@ async fn send_on(link: &LinkHandle, n: usize) -> oneshot::Receiver<crate::Result
         .map_err(|_| "link closed")
         .expect("queued");
     rx
+}
+
+/// Sends one event on each link every `pause` (awaiting each outcome, which must be
+/// stored) for `lasting`; returns how many each link sent.
+async fn stream_both(links: [&LinkHandle; 2], lasting: Duration, pause: Duration) -> usize {
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < lasting {
+        let a = send_on(links[0], n).await;
+        let b = send_on(links[1], n).await;
+        a.await.expect("answered").expect("first link stored");
+        b.await.expect("answered").expect("second link stored");
+        n += 1;
+        tokio::time::sleep(pause).await;
+    }
+    n
 }
 
 fn engine(producer: &Producer) -> Arc<Engine> {
@@ -81,16 +100,12 @@ async fn each_audience_is_refreshed_before_its_own_expiry_and_a_refused_one_fail
     let before = hub.stats().put_tokens_accepted;
 
     // Stream on both links for 7 s: several lifetimes of each token.
-    let started = tokio::time::Instant::now();
-    let mut n = 0;
-    while started.elapsed() < Duration::from_secs(7) {
-        let a = send_on(&telemetry, n).await;
-        let b = send_on(&alarms, n).await;
-        a.await.expect("answered").expect("telemetry stored");
-        b.await.expect("answered").expect("alarms stored");
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let n = stream_both(
+        [&telemetry, &alarms],
+        Duration::from_secs(7),
+        Duration::from_millis(20),
+    )
+    .await;
     let puts = hub.stats().put_tokens_accepted - before;
     // telemetry: ~7 refreshes (every ~1 s); alarms: ~4 (every ~1.5 s).
     assert!(puts >= 9, "only {puts} tokens put in 7 s");
