@@ -9,7 +9,9 @@
 #   STEADY=0 bench/run.sh        # skip the 60 s steady-state memory run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-bench}"
+# The build stays inside the project (the workspace's own `target/`) unless CARGO_TARGET_DIR
+# says otherwise; the peers in bench-peers/ build into the same directory.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 EVENTS="${EVENTS:-2000000}"
 EVENTS_1K="${EVENTS_1K:-500000}"
 STEADY="${STEADY:-60}"   # seconds of full-speed 100-byte streaming with RSS sampled (0: skip)

@@ -242,6 +242,20 @@ impl EventBatch {
         })
     }
 
+    /// An empty batch like this one: same route, format, size limit and stamping layout (for
+    /// the buffered producer's lanes, which fill batches one after another).
+    pub(crate) fn empty_like(&self) -> EventBatch {
+        EventBatch {
+            format: self.format,
+            route: self.route.clone(),
+            max_size: self.max_size,
+            envelope_size: self.envelope_size,
+            size: self.envelope_size,
+            events: Encoded::default(),
+            idempotent: self.idempotent.clone(),
+        }
+    }
+
     /// An empty REST JSON batch: its size is the request body's, `[` and `]` with the elements
     /// between them, comma-separated.
     #[cfg_attr(not(feature = "https"), allow(dead_code))]

@@ -2,13 +2,13 @@
 //! in a bounded buffer; background lanes (one per route) pack batches up to the size limit
 //! or a linger time, keep several in flight, and report every outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::batch::{BatchOptions, EventBatch, Rejection};
@@ -169,8 +169,9 @@ pub struct BufferedReport {
     pub pending: u64,
 }
 
+/// What a lane is told besides its events (those go straight into its open batch, see
+/// [`LaneShared`]).
 enum LaneCommand {
-    Event(Event, OwnedSemaphorePermit),
     Flush(oneshot::Sender<()>),
 }
 
@@ -181,7 +182,9 @@ struct RouteKey {
 }
 
 struct Lane {
+    /// Dropping it makes the lane send what it holds and end.
     tx: mpsc::Sender<LaneCommand>,
+    shared: Arc<LaneShared>,
     task: JoinHandle<()>,
     /// When an event last went to this lane (a count of `put`s), to retire the least recently
     /// used one.
@@ -202,10 +205,13 @@ struct Shared {
     options: BufferedOptions,
     buffer: Arc<Semaphore>,
     lanes: tokio::sync::Mutex<Lanes>,
+    /// The route of the last `enqueue` and its lane: the next event on the same route (all of
+    /// them, without keys or ids) skips the lookup in `lanes`.
+    recent: Mutex<Option<(RouteKey, Arc<LaneShared>)>>,
     enqueued: AtomicU64,
     sent: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
-    closed: Mutex<bool>,
+    closed: AtomicBool,
 }
 
 /// A producer front that batches for you. Cheap to clone; see the [module docs](self).
@@ -236,10 +242,11 @@ impl BufferedProducer {
                 producer,
                 options,
                 lanes: tokio::sync::Mutex::new(Lanes::default()),
+                recent: Mutex::new(None),
                 enqueued: AtomicU64::new(0),
                 sent: Arc::new(AtomicU64::new(0)),
                 failed: Arc::new(AtomicU64::new(0)),
-                closed: Mutex::new(false),
+                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -251,13 +258,17 @@ impl BufferedProducer {
     /// when both a partition key and id are given; [`ErrorKind::NotFound`] for an unknown
     /// partition (found when its lane first attaches).
     pub async fn enqueue(&self, event: Event, options: SendOptions) -> Result<()> {
-        let permit = self
-            .shared
-            .buffer
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?;
+        // A free slot is taken without the waiting future (the common case).
+        let permit = match self.shared.buffer.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self
+                .shared
+                .buffer
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?,
+        };
         self.put(event, options, permit).await
     }
 
@@ -281,7 +292,7 @@ impl BufferedProducer {
         options: SendOptions,
         permit: OwnedSemaphorePermit,
     ) -> Result<()> {
-        if self.shared.closed.lock().map(|c| *c).unwrap_or(true) {
+        if self.shared.closed.load(Ordering::Acquire) {
             return Err(Error::new(
                 ErrorKind::Closed,
                 "the buffered producer is closed",
@@ -298,25 +309,61 @@ impl BufferedProducer {
             partition_key,
             partition_id,
         };
-        let tx = self.lane(route).await?;
-        tx.send(LaneCommand::Event(event, permit))
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?;
+        let (mut event, mut permit) = (event, permit);
+        let mut lane = self.recent_lane(&route);
+        loop {
+            let current = match lane.take() {
+                Some(lane) => lane,
+                None => {
+                    let found = self.lane(&route).await?;
+                    *self.recent() = Some((route.clone(), found.clone()));
+                    found
+                }
+            };
+            // A lane that ended between the lookup and the add hands the event back; the next
+            // lookup starts the route's new lane.
+            match current.add(event, permit) {
+                Ok(()) => break,
+                Err(back) => (event, permit) = back,
+            }
+        }
         self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    async fn lane(&self, route: RouteKey) -> Result<mpsc::Sender<LaneCommand>> {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Option<(RouteKey, Arc<LaneShared>)>> {
+        self.shared.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last route's lane, if `route` is that route.
+    fn recent_lane(&self, route: &RouteKey) -> Option<Arc<LaneShared>> {
+        match &*self.recent() {
+            Some((key, lane)) if key == route => Some(lane.clone()),
+            _ => None,
+        }
+    }
+
+    async fn lane(&self, route: &RouteKey) -> Result<Arc<LaneShared>> {
         let mut guard = self.shared.lanes.lock().await;
         let lanes = &mut *guard;
         lanes.uses += 1;
-        if let Some(lane) = lanes.open.get_mut(&route) {
-            if !lane.tx.is_closed() {
+        // The last route was used up to now, though its events skipped this lookup.
+        if let Some((key, _)) = &*self.recent() {
+            if let Some(lane) = lanes.open.get_mut(key) {
                 lane.last_used = lanes.uses;
-                return Ok(lane.tx.clone());
             }
         }
-        lanes.open.retain(|_, lane| !lane.tx.is_closed());
+        lanes.uses += 1;
+        if let Some(lane) = lanes.open.get_mut(route) {
+            if !lane.tx.is_closed() && !lane.shared.is_closed() {
+                lane.last_used = lanes.uses;
+                return Ok(lane.shared.clone());
+            }
+        }
+        let route = route.clone();
+        lanes
+            .open
+            .retain(|_, lane| !lane.tx.is_closed() && !lane.shared.is_closed());
         lanes.retired.retain(|(_, task)| !task.is_finished());
         if lanes.open.len() >= self.shared.options.max_lanes {
             // Retire the least recently used lane: dropping its sender makes it send its open
@@ -345,16 +392,30 @@ impl BufferedProducer {
             batch_options = batch_options.partition_id(p.clone());
         }
         // Fails early (unknown partition) before any event is taken.
-        let first = self
-            .shared
-            .producer
-            .create_batch(batch_options.clone())
-            .await?;
-        let (tx, rx) = mpsc::channel(256);
+        let first = self.shared.producer.create_batch(batch_options).await?;
+        let (tx, rx) = mpsc::channel(16);
         let options = &self.shared.options;
+        let failures = Failures {
+            failed: self.shared.failed.clone(),
+            on_failure: options.on_failure.clone(),
+            keep_events: options.keep_failed_events,
+            partition_key: route.partition_key.clone(),
+            partition_id: route.partition_id.clone(),
+        };
+        let shared = Arc::new(LaneShared {
+            state: Mutex::new(LaneState {
+                keep: failures.keeps_events(),
+                open: first,
+                permits: None,
+                kept: Kept::default(),
+                sealed: VecDeque::new(),
+                closed: false,
+            }),
+            wake: Notify::new(),
+            failures: failures.clone(),
+        });
         let lane = LaneTask {
             producer: self.shared.producer.clone(),
-            batch_options,
             linger: options.linger,
             successes: Successes {
                 sent: self.shared.sent.clone(),
@@ -362,24 +423,19 @@ impl BufferedProducer {
                 partition_key: route.partition_key.clone(),
                 partition_id: route.partition_id.clone(),
             },
-            failures: Failures {
-                failed: self.shared.failed.clone(),
-                on_failure: options.on_failure.clone(),
-                keep_events: options.keep_failed_events,
-                partition_key: route.partition_key.clone(),
-                partition_id: route.partition_id.clone(),
-            },
+            failures,
         };
-        let task = tokio::spawn(lane.run(predecessor, first, rx));
+        let task = tokio::spawn(lane.run(predecessor, shared.clone(), rx));
         lanes.open.insert(
             route,
             Lane {
-                tx: tx.clone(),
+                tx,
+                shared: shared.clone(),
                 task,
                 last_used: lanes.uses,
             },
         );
-        Ok(tx)
+        Ok(shared)
     }
 
     /// Sends every partly filled batch now and waits until every event enqueued before the
@@ -440,9 +496,7 @@ impl BufferedProducer {
     /// Flushes, stops the lanes and returns the final counters. Enqueueing afterwards fails
     /// with [`ErrorKind::Closed`]. The underlying [`Producer`] stays open.
     pub async fn close(self) -> BufferedReport {
-        if let Ok(mut closed) = self.shared.closed.lock() {
-            *closed = true;
-        }
+        self.shared.closed.store(true, Ordering::Release);
         self.flush().await;
         let lanes: Vec<Lane> = self
             .shared
@@ -462,10 +516,119 @@ impl BufferedProducer {
     }
 }
 
-/// One route's batching loop.
+/// One route's open batch, filled by the callers of `enqueue` themselves (an event is encoded
+/// into it under a short lock, with no hand-off to another task), and the batches they filled,
+/// which the lane's task ships. The task is woken only when a batch is sealed or a new one
+/// gets its first event (to start its linger time), not per event.
+struct LaneShared {
+    state: Mutex<LaneState>,
+    wake: Notify,
+    failures: Failures,
+}
+
+struct LaneState {
+    open: EventBatch,
+    /// The open batch's buffer permits, merged into one so shipping releases them with one
+    /// call rather than one per event.
+    permits: Option<OwnedSemaphorePermit>,
+    /// The open batch's events (only when the failure callback wants them) and body bytes.
+    kept: Kept,
+    /// Whether to keep the events.
+    keep: bool,
+    /// Full batches, oldest first, waiting for the lane's task to send them.
+    sealed: VecDeque<Filled>,
+    /// Set when the task has taken its last batches: adding then hands the event back.
+    closed: bool,
+}
+
+/// A batch with the permits and events that go with it.
+struct Filled {
+    batch: EventBatch,
+    permits: Option<OwnedSemaphorePermit>,
+    kept: Kept,
+}
+
+impl LaneShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        // The state is consistent between statements; a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Encodes `event` into the open batch (sealing it first when it is full), or hands it
+    /// back when the lane has ended.
+    #[allow(clippy::result_large_err)]
+    fn add(
+        &self,
+        event: Event,
+        permit: OwnedSemaphorePermit,
+    ) -> std::result::Result<(), (Event, OwnedSemaphorePermit)> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err((event, permit));
+        }
+        // A first event starts the linger time: the task arms it.
+        let mut wake = state.open.is_empty();
+        loop {
+            match state.open.add_ref(&event) {
+                Ok(()) => {
+                    let state = &mut *state;
+                    match &mut state.permits {
+                        Some(held) => held.merge(permit),
+                        None => state.permits = Some(permit),
+                    }
+                    state.kept.body_bytes += event.body().len() as u64;
+                    if state.keep {
+                        state.kept.events.push(event);
+                    }
+                    break;
+                }
+                Err(Rejection::Full) => {
+                    let filled = state.take_open();
+                    state.sealed.push_back(filled);
+                    wake = true;
+                }
+                Err(Rejection::TooLarge) => {
+                    drop(state);
+                    let len = event.body().len();
+                    self.failures.report(
+                        1,
+                        vec![event],
+                        Error::new(
+                            ErrorKind::MessageTooLarge,
+                            format!("an event with a {len}-byte body exceeds the batch size limit"),
+                        ),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        drop(state);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl LaneState {
+    /// The open batch and what goes with it, replaced by an empty one.
+    fn take_open(&mut self) -> Filled {
+        let empty = self.open.empty_like();
+        Filled {
+            batch: std::mem::replace(&mut self.open, empty),
+            permits: self.permits.take(),
+            kept: std::mem::take(&mut self.kept),
+        }
+    }
+}
+
+/// One route's shipping loop.
 struct LaneTask {
     producer: Producer,
-    batch_options: BatchOptions,
     linger: Duration,
     successes: Successes,
     failures: Failures,
@@ -534,7 +697,7 @@ impl LaneTask {
     async fn run(
         self,
         predecessor: Option<JoinHandle<()>>,
-        first: EventBatch,
+        shared: Arc<LaneShared>,
         mut rx: mpsc::Receiver<LaneCommand>,
     ) {
         if let Some(earlier) = predecessor {
@@ -564,121 +727,98 @@ impl LaneTask {
                 }
             }
         });
-        let mut batch = Some(first);
-        // The open batch's buffer permits, merged into one so shipping releases them with one
-        // call rather than one per event.
-        let mut permits: Option<OwnedSemaphorePermit> = None;
-        // The open batch's events, kept for the failure callback (only when it wants them),
-        // and their body bytes.
-        let keep = self.failures.keeps_events();
-        let mut kept = Kept::default();
+        // When the open batch is sent partly filled.
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            let command = match deadline {
-                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
-                            .await;
-                        deadline = None;
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
+            let linger = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
-            match command {
-                None => break,
-                Some(LaneCommand::Flush(done)) => {
-                    self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, Some(done))
-                        .await;
+            tokio::select! {
+                biased;
+                command = rx.recv() => {
+                    let Some(LaneCommand::Flush(done)) = command else { break };
+                    self.ship_sealed(&shared, &settle_tx).await;
+                    let open = shared.lock().take_open();
+                    self.ship(open, &settle_tx, Some(done)).await;
                     deadline = None;
                 }
-                Some(LaneCommand::Event(event, permit)) => loop {
-                    let current = match &mut batch {
-                        Some(b) => b,
-                        None => {
-                            match self.producer.create_batch(self.batch_options.clone()).await {
-                                Ok(b) => batch.insert(b),
-                                Err(error) => {
-                                    self.fail(vec![event], error);
-                                    break;
-                                }
-                            }
-                        }
-                    };
-                    match current.add_ref(&event) {
-                        Ok(()) => {
-                            match &mut permits {
-                                Some(held) => held.merge(permit),
-                                None => permits = Some(permit),
-                            }
-                            kept.body_bytes += event.body().len() as u64;
-                            if keep {
-                                kept.events.push(event);
-                            }
-                            if deadline.is_none() {
-                                deadline = Some(tokio::time::Instant::now() + self.linger);
-                            }
-                            break;
-                        }
-                        Err(Rejection::Full) => {
-                            self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
-                                .await;
-                            deadline = None;
-                        }
-                        Err(Rejection::TooLarge) => {
-                            let len = event.body().len();
-                            self.fail(
-                                    vec![event],
-                                    Error::new(
-                                        ErrorKind::MessageTooLarge,
-                                        format!("an event with a {len}-byte body exceeds the batch size limit"),
-                                    ),
-                                );
-                            break;
-                        }
+                () = shared.wake.notified() => {
+                    if self.ship_sealed(&shared, &settle_tx).await {
+                        // The open batch was started after the shipped one: its own time.
+                        deadline = None;
                     }
-                },
+                }
+                () = linger => {
+                    let open = shared.lock().take_open();
+                    self.ship(open, &settle_tx, None).await;
+                    deadline = None;
+                }
+            }
+            if deadline.is_none() && !shared.lock().open.is_empty() {
+                deadline = Some(tokio::time::Instant::now() + self.linger);
             }
         }
-        self.ship(&mut batch, &mut permits, &mut kept, &settle_tx, None)
-            .await;
+        // The last batches: from now on an add hands its event back (to the route's next lane).
+        let (sealed, open) = {
+            let mut state = shared.lock();
+            state.closed = true;
+            (std::mem::take(&mut state.sealed), state.take_open())
+        };
+        for filled in sealed.into_iter().chain([open]) {
+            self.ship(filled, &settle_tx, None).await;
+        }
         drop(settle_tx);
         let _ = settler.await;
     }
 
-    /// Sends the open batch (if it holds anything) and releases its buffer permits.
+    /// Ships the sealed batches in order; whether there were any.
+    async fn ship_sealed(
+        &self,
+        shared: &LaneShared,
+        settle: &mpsc::UnboundedSender<Shipped>,
+    ) -> bool {
+        let mut any = false;
+        loop {
+            let next = shared.lock().sealed.pop_front();
+            let Some(filled) = next else { return any };
+            any = true;
+            self.ship(filled, settle, None).await;
+        }
+    }
+
+    /// Sends a batch (if it holds anything) and then releases its buffer permits.
     async fn ship(
         &self,
-        batch: &mut Option<EventBatch>,
-        permits: &mut Option<OwnedSemaphorePermit>,
-        kept: &mut Kept,
+        filled: Filled,
         settle: &mpsc::UnboundedSender<Shipped>,
         flushed: Option<oneshot::Sender<()>>,
     ) {
-        let full = match batch.take() {
-            Some(b) if !b.is_empty() => b,
-            other => {
-                *batch = other;
-                if let Some(done) = flushed {
-                    // Nothing open: the flush is done once earlier batches settle.
-                    let (tx, rx) = oneshot::channel::<crate::Result<()>>();
-                    let _ = tx.send(Ok(()));
-                    let _ = settle.send(Shipped {
-                        count: 0,
-                        delivery: DeliveryFuture::from_receiver(rx),
-                        kept: Kept::default(),
-                        at: Instant::now(),
-                        flushed: Some(done),
-                    });
-                }
-                return;
+        let Filled {
+            batch,
+            permits,
+            kept,
+        } = filled;
+        if batch.is_empty() {
+            if let Some(done) = flushed {
+                // Nothing open: the flush is done once earlier batches settle.
+                let (tx, rx) = oneshot::channel::<crate::Result<()>>();
+                let _ = tx.send(Ok(()));
+                let _ = settle.send(Shipped {
+                    count: 0,
+                    delivery: DeliveryFuture::from_receiver(rx),
+                    kept: Kept::default(),
+                    at: Instant::now(),
+                    flushed: Some(done),
+                });
             }
-        };
-        let count = full.len();
-        let kept = std::mem::take(kept);
+            return;
+        }
+        let count = batch.len();
         let at = Instant::now();
-        match self.producer.send_batch(full).await {
+        match self.producer.send_batch(batch).await {
             Ok(delivery) => {
                 let _ = settle.send(Shipped {
                     count,
@@ -695,11 +835,7 @@ impl LaneTask {
                 }
             }
         }
-        *permits = None;
-    }
-
-    fn fail(&self, events: Vec<Event>, error: Error) {
-        self.failures.report(events.len(), events, error);
+        drop(permits);
     }
 }
 

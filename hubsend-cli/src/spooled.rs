@@ -135,7 +135,7 @@ pub(crate) async fn send(
                     (None, Some(id)) => Route::partition_id(id.clone()),
                     (None, None) => Route::Any,
                 };
-                Ok((record.to_event(), route))
+                Ok((record.to_event_from_line(&parsed.raw), route))
             });
             match routed {
                 Ok((event, route)) => {

@@ -86,6 +86,9 @@ impl std::error::Error for RecordError {}
 pub(crate) struct Record {
     object: Map<String, Value>,
     timestamp: DateTime<Utc>,
+    /// Whether the input text is already the event body: an NDJSON line whose `timestamp` is
+    /// in its normalised form (see [`to_event_from_line`](Self::to_event_from_line)).
+    verbatim: bool,
 }
 
 impl Record {
@@ -93,7 +96,15 @@ impl Record {
     ///
     /// # Errors
     /// The first rule the object breaks, checked in the order `sensor_id`, `timestamp`, `value`.
-    pub(crate) fn from_object(mut object: Map<String, Value>) -> Result<Record, RecordError> {
+    pub(crate) fn from_object(object: Map<String, Value>) -> Result<Record, RecordError> {
+        Record::checked(object).map(|(record, _)| record)
+    }
+
+    /// [`from_object`](Self::from_object), also telling whether the object was left as it
+    /// was (its `timestamp` already normal).
+    fn checked(mut object: Map<String, Value>) -> Result<(Record, bool), RecordError> {
+        let normalised: String;
+        let already_normal: bool;
         match object.get(SENSOR_ID) {
             None | Some(Value::Null) => return Err(RecordError::MissingField(SENSOR_ID)),
             Some(Value::String(s)) if !s.is_empty() => {}
@@ -101,7 +112,12 @@ impl Record {
         }
         let timestamp = match object.get(TIMESTAMP) {
             None | Some(Value::Null) => return Err(RecordError::MissingField(TIMESTAMP)),
-            Some(Value::String(s)) => parse_timestamp(s)?,
+            Some(Value::String(s)) => {
+                let timestamp = parse_timestamp(s)?;
+                normalised = format_timestamp(&timestamp);
+                already_normal = normalised == *s;
+                timestamp
+            }
             Some(other) => {
                 return Err(RecordError::InvalidTimestamp(format!(
                     "expected a string, found {}",
@@ -114,11 +130,15 @@ impl Record {
             Some(Value::Number(_)) | Some(Value::String(_)) => {}
             Some(_) => return Err(RecordError::InvalidValue),
         }
-        object.insert(
-            TIMESTAMP.to_owned(),
-            Value::String(format_timestamp(&timestamp)),
-        );
-        Ok(Record { object, timestamp })
+        if !already_normal {
+            object.insert(TIMESTAMP.to_owned(), Value::String(normalised));
+        }
+        let record = Record {
+            object,
+            timestamp,
+            verbatim: false,
+        };
+        Ok((record, already_normal))
     }
 
     /// Builds a record from its three required fields.
@@ -134,7 +154,11 @@ impl Record {
             Value::String(format_timestamp(&timestamp)),
         );
         object.insert(VALUE.to_owned(), value);
-        Record { object, timestamp }
+        Record {
+            object,
+            timestamp,
+            verbatim: false,
+        }
     }
 
     /// Adds or replaces a pass-through field (not one of the three required ones).
@@ -182,6 +206,17 @@ impl Record {
     /// The record as an event: its JSON encoding with content type `application/json`.
     pub(crate) fn to_event(&self) -> Event {
         Event::new(self.to_json_bytes()).with_content_type("application/json")
+    }
+
+    /// The record parsed from `line` as an event: when the line needed no normalisation, its
+    /// own bytes (not re-serialised: field order, spacing and number spelling as written);
+    /// otherwise as [`to_event`](Self::to_event).
+    pub(crate) fn to_event_from_line(&self, line: &str) -> Event {
+        if self.verbatim {
+            Event::new(line.as_bytes().to_vec()).with_content_type("application/json")
+        } else {
+            self.to_event()
+        }
     }
 
     /// The partition key for this record: the string form of `field`'s value (strings as they
@@ -236,9 +271,16 @@ pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
 /// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
 /// [`Record::from_object`].
 pub(crate) fn parse_ndjson_line(line: &str) -> Result<Record, RecordError> {
-    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+    let (line, bom) = match line.strip_prefix('\u{feff}') {
+        Some(rest) => (rest, true),
+        None => (line, false),
+    };
     match serde_json::from_str::<Value>(line) {
-        Ok(Value::Object(object)) => Record::from_object(object),
+        Ok(Value::Object(object)) => {
+            let (mut record, unchanged) = Record::checked(object)?;
+            record.verbatim = unchanged && !bom;
+            Ok(record)
+        }
         Ok(other) => Err(RecordError::NotAnObject(format!(
             "found {}",
             json_type(&other)
@@ -276,6 +318,37 @@ mod tests {
             Value::Object(m) => m,
             _ => panic!("not an object"),
         }
+    }
+
+    #[test]
+    fn a_line_needing_no_normalisation_is_sent_as_its_own_bytes() {
+        // Spacing, field order and number spelling as written: not what serde_json writes.
+        let line =
+            r#"{ "value": 1.50, "timestamp": "2025-08-19T08:30:00.250Z", "sensor_id": "a" }"#;
+        let r = parse_ndjson_line(line).unwrap();
+        let event = r.to_event_from_line(line);
+        assert_eq!(event.body(), line.as_bytes());
+        assert_eq!(event.content_type(), Some("application/json"));
+        assert_ne!(r.to_json_bytes(), line.as_bytes());
+        // A timestamp to normalise: the re-serialised record, as before.
+        let offset = r#"{"sensor_id":"a","timestamp":"2025-08-19T10:30:00.250+02:00","value":1}"#;
+        let r = parse_ndjson_line(offset).unwrap();
+        assert_eq!(r.to_event_from_line(offset).body(), r.to_json_bytes());
+        let body: Value = serde_json::from_slice(&r.to_json_bytes()).unwrap();
+        assert_eq!(body["timestamp"], "2025-08-19T08:30:00.250Z");
+        // A byte-order mark is not part of the body.
+        let bom = format!("\u{feff}{line}");
+        let r = parse_ndjson_line(&bom).unwrap();
+        assert_eq!(r.to_event_from_line(&bom).body(), r.to_json_bytes());
+        // CSV rows are never verbatim (their text is not JSON).
+        let csv = Record::from_object(obj(
+            json!({"sensor_id": "a", "timestamp": "2025-08-19T08:30:00Z", "value": 1}),
+        ))
+        .unwrap();
+        assert_eq!(
+            csv.to_event_from_line("a,2025-08-19T08:30:00Z,1").body(),
+            csv.to_json_bytes()
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl Run<'_> {
                 return self.reject(parsed.line, &parsed.raw, e.to_string());
             }
         };
-        let event = record.to_event();
+        let event = record.to_event_from_line(&parsed.raw);
         // The exact check is rare and async; the common path stays a plain enqueue.
         let checked = if self.near_limit(&event) {
             self.check_size(&event, &route).await
