@@ -5,8 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::messaging::{
-    message::__private::Serializable, ApplicationProperties, Message, MessageAnnotations,
-    MessageId, Properties,
+    message::__private::Serializable, ApplicationProperties, Message, MessageId, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
 use serde::{Deserialize, Serialize};
@@ -300,9 +299,11 @@ fn write_key_annotation(out: &mut Vec<u8>, key: &str) {
 
 /// The message-annotations section carrying a partition key, if there is one.
 #[cfg(test)]
-fn annotations(partition_key: Option<&str>) -> Option<MessageAnnotations> {
+fn annotations(
+    partition_key: Option<&str>,
+) -> Option<fe2o3_amqp_types::messaging::MessageAnnotations> {
     partition_key.map(|key| {
-        MessageAnnotations::builder()
+        fe2o3_amqp_types::messaging::MessageAnnotations::builder()
             .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
             .build()
     })
