@@ -165,6 +165,10 @@ fn section_overhead(len: usize) -> u64 {
 struct Encoded {
     bytes: Vec<u8>,
     ends: Vec<usize>,
+    /// For stamped (idempotent) events only: each event's own partition key, written into its
+    /// stamp when sent (a plain event carries its key in its own encoding). Empty while no
+    /// event has one; otherwise as long as `ends`.
+    keys: Vec<Option<Box<str>>>,
 }
 
 impl Encoded {
@@ -187,9 +191,28 @@ impl Encoded {
 
     /// Appends `other`'s events after these.
     fn append(&mut self, other: &Encoded) {
+        if !other.keys.is_empty() || !self.keys.is_empty() {
+            self.keys.resize(self.ends.len(), None);
+            self.keys.extend(other.keys.iter().cloned());
+            self.keys.resize(self.ends.len() + other.ends.len(), None);
+        }
         let base = self.bytes.len();
         self.bytes.extend_from_slice(&other.bytes);
         self.ends.extend(other.ends.iter().map(|end| end + base));
+    }
+
+    /// Notes the partition key of the event just added (its end already pushed).
+    fn push_key(&mut self, key: Option<&str>) {
+        if key.is_none() && self.keys.is_empty() {
+            return;
+        }
+        self.keys.resize(self.ends.len() - 1, None);
+        self.keys.push(key.map(Box::from));
+    }
+
+    /// The partition key event `i` was added with, if any.
+    fn key(&self, i: usize) -> Option<&str> {
+        self.keys.get(i).and_then(|k| k.as_deref())
     }
 }
 
@@ -283,18 +306,38 @@ impl EventBatch {
 
     /// [`try_add`](Self::try_add) for a borrowed event (the caller keeps it).
     pub(crate) fn add_ref(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
+        self.add_keyed(event, None)
+    }
+
+    /// [`add_ref`](Self::add_ref) for an event that keeps its own partition key: the key
+    /// travels as the event's own `x-opt-partition-key` annotation (in its stamp, for an
+    /// idempotent batch), as Microsoft's buffered producers send events whose key they
+    /// resolved to a partition themselves. Meant for batches bound to one partition, where
+    /// events of many keys share one batch; the batch's own key (if any) still marks the
+    /// envelope.
+    pub(crate) fn add_keyed(
+        &mut self,
+        event: &Event,
+        key: Option<&str>,
+    ) -> std::result::Result<(), Rejection> {
         if self.format == Format::Json {
-            return self.add_json(event);
+            return self.add_json(event, key);
         }
+        // A stamped event gets its key with its stamp; a plain one carries it itself.
+        let (own_key, stamp_key) = match &self.idempotent {
+            Some(_) => (None, key),
+            None => (key, None),
+        };
+        let reserve = stamp_key.map_or(0, idempotent::key_reserve);
         // A body alone is sized without encoding it, so a full batch costs no work.
-        if let Some(len) = event.bare_encoded_len() {
-            self.room_for(len)?;
+        if let (Some(len), None) = (event.bare_encoded_len(), own_key) {
+            self.room_for(len + reserve)?;
         }
         let start = self.events.bytes.len();
         let checked = event
-            .encode_into(&mut self.events.bytes, None)
+            .encode_into(&mut self.events.bytes, own_key)
             .map_err(|_| Rejection::TooLarge)
-            .and_then(|()| self.room_for(self.events.bytes.len() - start));
+            .and_then(|()| self.room_for(self.events.bytes.len() - start + reserve));
         let added = match checked {
             Ok(added) => added,
             Err(rejection) => {
@@ -304,17 +347,19 @@ impl EventBatch {
         };
         self.size += added;
         self.events.ends.push(self.events.bytes.len());
+        self.events.push_key(stamp_key);
         Ok(())
     }
 
-    /// [`add_ref`](Self::add_ref) for a JSON batch: the element and, after the first, a comma.
-    fn add_json(&mut self, event: &Event) -> std::result::Result<(), Rejection> {
+    /// [`add_keyed`](Self::add_keyed) for a JSON batch: the element and, after the first, a
+    /// comma.
+    fn add_json(&mut self, event: &Event, key: Option<&str>) -> std::result::Result<(), Rejection> {
         // A cheap lower bound first: the body alone, unescaped.
         if self.envelope_size + event.body().len() as u64 > self.max_size {
             return Err(Rejection::TooLarge);
         }
         let start = self.events.bytes.len();
-        let key = self.route.partition_key.as_deref();
+        let key = key.or(self.route.partition_key.as_deref());
         if crate::servicebus_json::write_element(&mut self.events.bytes, event, key).is_err() {
             self.events.bytes.truncate(start);
             return Err(Rejection::TooLarge);
@@ -545,13 +590,26 @@ impl Sections {
                 self.events.to_sections(),
             ));
         };
-        let template =
-            idempotent::Template::new(stamping.key.as_deref(), stamp.producer_id, stamp.epoch)?;
+        let shared_key = stamping.key.as_deref();
+        let template = idempotent::Template::new(shared_key, stamp.producer_id, stamp.epoch)?;
+        // Events with keys of their own: one template per run of equal keys.
+        let mut keyed: Option<(&str, idempotent::Template)> = None;
         let mut sections = Vec::with_capacity(self.events.len());
         let mut start = 0;
         for (i, &end) in self.events.ends.iter().enumerate() {
             let bytes = &self.events.bytes[start..end];
             start = end;
+            let template = match self.events.key(i) {
+                Some(key) if Some(key) != shared_key => match &keyed {
+                    Some((k, t)) if *k == key => t,
+                    _ => {
+                        let t =
+                            idempotent::Template::new(Some(key), stamp.producer_id, stamp.epoch)?;
+                        &keyed.insert((key, t)).1
+                    }
+                },
+                _ => &template,
+            };
             let mut out = Vec::with_capacity(bytes.len() + 160);
             template.write(&mut out, idempotent::seq_add(stamp.first, i as u64));
             out.extend_from_slice(bytes);

@@ -1,6 +1,24 @@
 //! [`BufferedProducer`]: fire-and-forget with guarantees. `enqueue` returns once an event is
 //! in a bounded buffer; background lanes (one per route) pack batches up to the size limit
 //! or a linger time, keep several in flight, and report every outcome.
+//!
+//! # Partition keys
+//! Like Microsoft's buffered producers, it resolves a partition key to its partition on the
+//! client, with the service's own hash (lookup3 over the key's UTF-8 bytes, folded to 16
+//! bits, modulo the partition count), so events of any number of keys share one lane and one
+//! batch per partition. Each event keeps its key as its own `x-opt-partition-key` annotation,
+//! which the hub stores with it and consumers read back. The partition ids are the hub's: an
+//! idempotent producer's (fixed when it connected), or read from `$management` when the first
+//! keyed event comes and re-read every minute after that (and again a minute after a failed
+//! read).
+//!
+//! - If the partition count changes (Event Hubs only ever adds partitions), keys are hashed
+//!   over the new count from the next read on, as the service does for keyed events sent to
+//!   the hub; events already in open batches still go where they were resolved, so one key's
+//!   order holds up to the change and again after it, not across it.
+//! - If the partition ids cannot be read (the HTTPS transport, or `$management` refuses),
+//!   keyed events go to the hub with the key on the batch and the hub picks the partition:
+//!   one lane per key, as [`max_lanes`](BufferedOptions::max_lanes) bounds.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -12,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::batch::{BatchOptions, EventBatch, Rejection};
+use crate::entity::eventhubs::partition_for_key;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 use crate::producer::{DeliveryFuture, Producer, SendOptions};
@@ -27,10 +46,15 @@ pub struct FailedBatch {
     pub events: Vec<Event>,
     /// How many events failed (`events.len()` when they are kept).
     pub count: usize,
-    /// The partition key the batch was routed by, if any.
+    /// The partition key the batch was routed by, if any (none when the events' keys were
+    /// resolved to a partition on the client: see [`partition_keys`](Self::partition_keys)).
     pub partition_key: Option<String>,
     /// The partition id the batch was sent to, if any.
     pub partition_id: Option<String>,
+    /// Each kept event's own partition key, in the order of [`events`](Self::events), when
+    /// it was resolved to a partition on the client (see the [module docs](self)): the key to
+    /// enqueue it with again. `None` for events enqueued without a key.
+    pub partition_keys: Vec<Option<String>>,
     /// Why it failed, after the retry policy was spent.
     pub error: Error,
 }
@@ -47,7 +71,8 @@ pub struct SettledBatch {
     pub body_bytes: u64,
     /// From handing the batch to the producer to the hub's outcome (retries included).
     pub latency: Duration,
-    /// The partition key the batch was routed by, if any.
+    /// The partition key the batch was routed by, if any (none when its events' keys were
+    /// resolved to a partition on the client: then `partition_id` names it).
     pub partition_key: Option<String>,
     /// The partition id the batch was sent to, if any.
     pub partition_id: Option<String>,
@@ -63,6 +88,7 @@ type SuccessCallback = Arc<dyn Fn(SettledBatch) + Send + Sync>;
 /// | [`linger`](Self::linger) | 10 ms |
 /// | [`max_lanes`](Self::max_lanes) | 1,024 |
 /// | [`keep_failed_events`](Self::keep_failed_events) | on (with a failure callback) |
+/// | [`resolve_partition_keys`](Self::resolve_partition_keys) | on |
 #[derive(Clone)]
 #[must_use]
 pub struct BufferedOptions {
@@ -72,6 +98,7 @@ pub struct BufferedOptions {
     on_failure: Option<FailureCallback>,
     keep_failed_events: bool,
     on_success: Option<SuccessCallback>,
+    resolve_partition_keys: bool,
 }
 
 impl fmt::Debug for BufferedOptions {
@@ -83,6 +110,7 @@ impl fmt::Debug for BufferedOptions {
             .field("on_failure", &self.on_failure.is_some())
             .field("keep_failed_events", &self.keep_failed_events)
             .field("on_success", &self.on_success.is_some())
+            .field("resolve_partition_keys", &self.resolve_partition_keys)
             .finish()
     }
 }
@@ -96,6 +124,7 @@ impl Default for BufferedOptions {
             on_failure: None,
             keep_failed_events: true,
             on_success: None,
+            resolve_partition_keys: true,
         }
     }
 }
@@ -119,7 +148,8 @@ impl BufferedOptions {
         self
     }
 
-    /// At most this many routes (partition keys or ids) have a lane at once. A new route
+    /// At most this many routes (partitions, or partition keys when they cannot be resolved
+    /// on the client, see the [module docs](self)) have a lane at once. A new route
     /// beyond that retires the least recently used lane: its open batch is sent (partly filled)
     /// and its outcomes still count towards [`flush`](BufferedProducer::flush) and
     /// [`close`](BufferedProducer::close).
@@ -142,6 +172,16 @@ impl BufferedOptions {
     /// for callers that only need to know what failed and why.
     pub fn keep_failed_events(mut self, keep: bool) -> Self {
         self.keep_failed_events = keep;
+        self
+    }
+
+    /// Whether partition keys are resolved to partitions on the client, so that events of many
+    /// keys share one lane and batch per partition (default, see the [module docs](self)).
+    /// Off, each key has a lane of its own and the hub hashes the key: for callers whose
+    /// bookkeeping follows the routes they enqueued with, since the callbacks then name the
+    /// key of every batch.
+    pub fn resolve_partition_keys(mut self, on: bool) -> Self {
+        self.resolve_partition_keys = on;
         self
     }
 
@@ -175,10 +215,163 @@ enum LaneCommand {
     Flush(oneshot::Sender<()>),
 }
 
+/// How often the partition ids keys are resolved against are read again.
+const PARTITION_REFRESH: Duration = Duration::from_secs(60);
+
+/// Resolves partition keys to partitions on the client (see the [module docs](self)).
+#[derive(Default)]
+struct KeyRouter {
+    /// What is known of the partition ids, once they were read (or failed to be).
+    known: std::sync::RwLock<Option<Known>>,
+    /// Held while they are read the first time.
+    first_read: tokio::sync::Mutex<()>,
+    /// Set while a re-read runs in the background.
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+struct Known {
+    /// The ids, or `None` when they could not be read (keyed events then go to the hub).
+    ids: Option<Arc<[String]>>,
+    read_at: Instant,
+    /// An idempotent producer's: never re-read.
+    fixed: bool,
+}
+
+/// Where a keyed event goes.
+enum Resolved {
+    Partition(String),
+    /// To the hub, which hashes the key itself.
+    Hub,
+    /// Not known yet: the ids were never read.
+    Unknown,
+}
+
+impl KeyRouter {
+    fn new(producer: &Producer) -> KeyRouter {
+        let router = KeyRouter::default();
+        if let Some(ids) = producer.fixed_partition_ids() {
+            router.set(Some(ids.into()), true);
+        }
+        router
+    }
+
+    fn set(&self, ids: Option<Arc<[String]>>, fixed: bool) {
+        if let Ok(mut known) = self.known.write() {
+            *known = Some(Known {
+                ids,
+                read_at: Instant::now(),
+                fixed,
+            });
+        }
+    }
+
+    /// The partition `key` goes to, or `None` when the partition ids are not available (read
+    /// now if they were never read; read again in the background when they are old).
+    async fn resolve(self: &Arc<Self>, producer: &Producer, key: &str) -> Option<String> {
+        match self.lookup(producer, key) {
+            Resolved::Partition(id) => return Some(id),
+            Resolved::Hub => return None,
+            Resolved::Unknown => {}
+        }
+        let _first = self.first_read.lock().await;
+        if let Resolved::Unknown = self.lookup(producer, key) {
+            self.read(producer).await;
+        }
+        match self.lookup(producer, key) {
+            Resolved::Partition(id) => Some(id),
+            Resolved::Hub | Resolved::Unknown => None,
+        }
+    }
+
+    fn lookup(self: &Arc<Self>, producer: &Producer, key: &str) -> Resolved {
+        let Ok(known) = self.known.read() else {
+            return Resolved::Hub;
+        };
+        let Some(known) = known.as_ref() else {
+            return Resolved::Unknown;
+        };
+        if !known.fixed
+            && known.read_at.elapsed() >= PARTITION_REFRESH
+            && !self.refreshing.swap(true, Ordering::Relaxed)
+        {
+            let (router, producer) = (self.clone(), producer.clone());
+            tokio::spawn(async move {
+                router.read(&producer).await;
+                router.refreshing.store(false, Ordering::Relaxed);
+            });
+        }
+        match &known.ids {
+            Some(ids) => Resolved::Partition(ids[partition_for_key(key, ids.len())].clone()),
+            None => Resolved::Hub,
+        }
+    }
+
+    /// Reads the partition ids. When that fails, ids read before stay in use; without any,
+    /// keyed events go to the hub. Either way it is tried again after another interval.
+    async fn read(&self, producer: &Producer) {
+        let read = match producer.hub_properties().await {
+            Ok(hub) if !hub.partition_ids.is_empty() => Ok(hub.partition_ids),
+            Ok(_) => Err("the hub reported no partition ids".to_owned()),
+            Err(error) => Err(error.to_string()),
+        };
+        let Ok(mut known) = self.known.write() else {
+            return;
+        };
+        let before = known.as_ref().and_then(|k| k.ids.clone());
+        let ids = match (read, before) {
+            (Ok(ids), before) => {
+                if before.is_some_and(|b| b.len() != ids.len()) {
+                    tracing::info!(
+                        partitions = ids.len(),
+                        "the hub's partition count changed; keys now resolve over the new count"
+                    );
+                }
+                Some(ids.into())
+            }
+            (Err(error), Some(before)) => {
+                tracing::debug!(%error, "re-reading the partition ids failed");
+                Some(before)
+            }
+            (Err(error), None) => {
+                tracing::debug!(
+                    %error,
+                    "partition ids unavailable: keyed events go to the hub, which picks their partition"
+                );
+                None
+            }
+        };
+        *known = Some(Known {
+            ids,
+            read_at: Instant::now(),
+            fixed: false,
+        });
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RouteKey {
     partition_key: Option<String>,
     partition_id: Option<String>,
+}
+
+impl RouteKey {
+    fn partition(id: String) -> RouteKey {
+        RouteKey::id(Some(id))
+    }
+
+    fn id(partition_id: Option<String>) -> RouteKey {
+        RouteKey {
+            partition_key: None,
+            partition_id,
+        }
+    }
+
+    fn key(key: String) -> RouteKey {
+        RouteKey {
+            partition_key: Some(key),
+            partition_id: None,
+        }
+    }
 }
 
 struct Lane {
@@ -202,6 +395,7 @@ struct Lanes {
 
 struct Shared {
     producer: Producer,
+    keys: Arc<KeyRouter>,
     options: BufferedOptions,
     buffer: Arc<Semaphore>,
     lanes: tokio::sync::Mutex<Lanes>,
@@ -239,6 +433,7 @@ impl BufferedProducer {
         BufferedProducer {
             shared: Arc::new(Shared {
                 buffer: Arc::new(Semaphore::new(options.max_buffered_events)),
+                keys: Arc::new(KeyRouter::new(&producer)),
                 producer,
                 options,
                 lanes: tokio::sync::Mutex::new(Lanes::default()),
@@ -305,11 +500,16 @@ impl BufferedProducer {
                 "give a partition key or a partition id, not both",
             ));
         }
-        let route = RouteKey {
-            partition_key,
-            partition_id,
+        // A key resolved on the client travels with its event to the partition's lane.
+        let (route, key) = match partition_key {
+            Some(key) if !self.shared.options.resolve_partition_keys => (RouteKey::key(key), None),
+            Some(key) => match self.shared.keys.resolve(&self.shared.producer, &key).await {
+                Some(id) => (RouteKey::partition(id), Some(key)),
+                None => (RouteKey::key(key), None),
+            },
+            None => (RouteKey::id(partition_id), None),
         };
-        let (mut event, mut permit) = (event, permit);
+        let (mut event, mut key, mut permit) = (event, key, permit);
         let mut lane = self.recent_lane(&route);
         loop {
             let current = match lane.take() {
@@ -322,9 +522,9 @@ impl BufferedProducer {
             };
             // A lane that ended between the lookup and the add hands the event back; the next
             // lookup starts the route's new lane.
-            match current.add(event, permit) {
+            match current.add(event, key.take(), permit) {
                 Ok(()) => break,
-                Err(back) => (event, permit) = back,
+                Err((e, k, p)) => (event, key, permit) = (e, k, p),
             }
         }
         self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
@@ -564,16 +764,17 @@ impl LaneShared {
     fn add(
         &self,
         event: Event,
+        key: Option<String>,
         permit: OwnedSemaphorePermit,
-    ) -> std::result::Result<(), (Event, OwnedSemaphorePermit)> {
+    ) -> std::result::Result<(), (Event, Option<String>, OwnedSemaphorePermit)> {
         let mut state = self.lock();
         if state.closed {
-            return Err((event, permit));
+            return Err((event, key, permit));
         }
         // A first event starts the linger time: the task arms it.
         let mut wake = state.open.is_empty();
         loop {
-            match state.open.add_ref(&event) {
+            match state.open.add_keyed(&event, key.as_deref()) {
                 Ok(()) => {
                     let state = &mut *state;
                     match &mut state.permits {
@@ -583,6 +784,7 @@ impl LaneShared {
                     state.kept.body_bytes += event.body().len() as u64;
                     if state.keep {
                         state.kept.events.push(event);
+                        state.kept.keys.push(key);
                     }
                     break;
                 }
@@ -594,9 +796,14 @@ impl LaneShared {
                 Err(Rejection::TooLarge) => {
                     drop(state);
                     let len = event.body().len();
+                    let kept = Kept {
+                        body_bytes: 0,
+                        events: vec![event],
+                        keys: vec![key],
+                    };
                     self.failures.report(
                         1,
-                        vec![event],
+                        kept,
                         Error::new(
                             ErrorKind::MessageTooLarge,
                             format!("an event with a {len}-byte body exceeds the batch size limit"),
@@ -676,10 +883,14 @@ impl Failures {
         self.on_failure.is_some() && self.keep_events
     }
 
-    /// Counts `count` failed events and hands `events` (the kept ones, if any) to the callback.
-    fn report(&self, count: usize, events: Vec<Event>, error: Error) {
+    /// Counts `count` failed events and hands the kept ones (if any) to the callback.
+    fn report(&self, count: usize, kept: Kept, error: Error) {
         self.failed.fetch_add(count as u64, Ordering::Relaxed);
-        let events = if self.keep_events { events } else { Vec::new() };
+        let (events, partition_keys) = if self.keep_events {
+            (kept.events, kept.keys)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         tracing::warn!(events = count, error = %error, "buffered events failed");
         if let Some(cb) = &self.on_failure {
             cb(FailedBatch {
@@ -687,6 +898,7 @@ impl Failures {
                 count,
                 partition_key: self.partition_key.clone(),
                 partition_id: self.partition_id.clone(),
+                partition_keys,
                 error,
             });
         }
@@ -720,7 +932,7 @@ impl LaneTask {
                 match delivery.await {
                     Ok(()) if count > 0 => successes.report(count, kept.body_bytes, at),
                     Ok(()) => {}
-                    Err(error) => failures.report(count, kept.events, error),
+                    Err(error) => failures.report(count, kept, error),
                 }
                 if let Some(done) = flushed {
                     let _ = done.send(());
@@ -829,7 +1041,7 @@ impl LaneTask {
                 });
             }
             Err(error) => {
-                self.failures.report(count, kept.events, error);
+                self.failures.report(count, kept, error);
                 if let Some(done) = flushed {
                     let _ = done.send(());
                 }
@@ -844,6 +1056,8 @@ impl LaneTask {
 struct Kept {
     /// Its events, when a failure callback wants them back.
     events: Vec<Event>,
+    /// Their own partition keys (see [`FailedBatch::partition_keys`]), kept with them.
+    keys: Vec<Option<String>>,
     /// The sum of their body lengths, for the success callback.
     body_bytes: u64,
 }

@@ -5,8 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::messaging::{
-    message::__private::Serializable, ApplicationProperties, Message, MessageAnnotations,
-    MessageId, Properties,
+    message::__private::Serializable, ApplicationProperties, Message, MessageId, Properties,
 };
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue, Symbol};
 use serde::{Deserialize, Serialize};
@@ -216,8 +215,8 @@ impl Event {
     /// payload) to `out`: the metadata sections (when there are any) through serde_amqp, then
     /// the data section around the body. No fe2o3 message is built and the body is not cloned.
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>, partition_key: Option<&str>) -> Result<()> {
-        if let Some(annotations) = annotations(partition_key) {
-            write_section(out, &annotations)?;
+        if let Some(key) = partition_key {
+            write_key_annotation(out, key);
         }
         if let Some(properties) = self.amqp_properties() {
             write_section(out, &properties)?;
@@ -271,10 +270,40 @@ fn write_data_section(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Appends the message-annotations section `{x-opt-partition-key: key}` as serde_amqp
+/// encodes it (PROTOCOL E.2: `00 53 72`, a map8 `c1 size 02` while it fits 255 bytes, else
+/// map32; the symbol; the key as str8 below 255 bytes, else str32), without building a map:
+/// batches whose events carry keys of their own write one per event.
+fn write_key_annotation(out: &mut Vec<u8>, key: &str) {
+    const SYMBOL: &[u8] = PARTITION_KEY_ANNOTATION.as_bytes();
+    let value_header = if key.len() < u8::MAX as usize { 2 } else { 5 };
+    let entries = 2 + SYMBOL.len() + value_header + key.len();
+    out.extend_from_slice(&[0x00, 0x53, 0x72]);
+    if entries < u8::MAX as usize {
+        out.extend_from_slice(&[0xc1, (entries + 1) as u8, 0x02]);
+    } else {
+        out.push(0xd1);
+        out.extend_from_slice(&((entries + 4) as u32).to_be_bytes());
+        out.extend_from_slice(&2u32.to_be_bytes());
+    }
+    out.extend_from_slice(&[0xa3, SYMBOL.len() as u8]);
+    out.extend_from_slice(SYMBOL);
+    if value_header == 2 {
+        out.extend_from_slice(&[0xa1, key.len() as u8]);
+    } else {
+        out.push(0xb1);
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    }
+    out.extend_from_slice(key.as_bytes());
+}
+
 /// The message-annotations section carrying a partition key, if there is one.
-fn annotations(partition_key: Option<&str>) -> Option<MessageAnnotations> {
+#[cfg(test)]
+fn annotations(
+    partition_key: Option<&str>,
+) -> Option<fe2o3_amqp_types::messaging::MessageAnnotations> {
     partition_key.map(|key| {
-        MessageAnnotations::builder()
+        fe2o3_amqp_types::messaging::MessageAnnotations::builder()
             .insert(PARTITION_KEY_ANNOTATION, key.to_owned())
             .build()
     })
@@ -460,6 +489,20 @@ mod rfc3339_utc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_annotation_is_written_as_serde_amqp_writes_it() {
+        for len in [
+            0, 1, 2, 100, 230, 231, 232, 233, 234, 235, 254, 255, 256, 300, 70_000,
+        ] {
+            let key = "k".repeat(len);
+            let mut ours = Vec::new();
+            write_key_annotation(&mut ours, &key);
+            let mut theirs = Vec::new();
+            write_section(&mut theirs, &annotations(Some(&key)).unwrap()).unwrap();
+            assert_eq!(ours, theirs, "key of {len} bytes");
+        }
+    }
 
     #[test]
     fn telemetry_round_trips_with_number_and_text() {

@@ -200,6 +200,15 @@ pub(crate) fn reserve(key: Option<&str>) -> Result<u64> {
     })
 }
 
+/// The bytes giving a stamp (sized by [`reserve`] without a key) the partition key `key` adds
+/// at most: the map entry (the `x-opt-partition-key` symbol, 21 bytes, and the string with
+/// its widest header, 5 bytes) and the map header's growth from 8-bit to 32-bit sizes (6).
+/// Cheap enough to compute per event, for batches whose events carry keys of their own.
+pub(crate) fn key_reserve(key: &str) -> usize {
+    const SYMBOL: usize = 2 + PARTITION_KEY_ANNOTATION.len();
+    SYMBOL + 5 + key.len() + 6
+}
+
 /// `measure(key)`, with the keyless answer computed once and kept in `keyless`.
 pub(crate) fn size_per_key(
     keyless: &OnceLock<u64>,
@@ -253,6 +262,19 @@ mod tests {
                 assert_eq!(get(PRODUCER_ID), Some(Value::Long(1_000)));
                 assert_eq!(get(EPOCH), Some(Value::Short(3)));
             }
+        }
+    }
+
+    #[test]
+    fn a_keys_reserve_bounds_what_it_adds_to_a_stamp() {
+        let keyless = reserve(None).unwrap();
+        for len in [0, 1, 40, 200, 230, 254, 255, 256, 300, 1000] {
+            let key = "k".repeat(len);
+            let keyed = reserve(Some(&key)).unwrap();
+            assert!(
+                keyed <= keyless + key_reserve(&key) as u64,
+                "key of {len} bytes"
+            );
         }
     }
 

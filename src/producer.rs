@@ -1005,6 +1005,11 @@ impl Producer {
         self.inner.partitions.is_some()
     }
 
+    /// With idempotent retries: the partition ids it routes to, fixed when it connected.
+    pub(crate) fn fixed_partition_ids(&self) -> Option<&[String]> {
+        self.inner.partitions.as_ref().map(|p| p.ids.as_slice())
+    }
+
     /// Connection state changes (reconnecting, reconnected, token refreshed, link recovered,
     /// gave up) from now on. A receiver that falls more than 64 events behind skips the oldest.
     ///

@@ -111,7 +111,11 @@ async fn failures_are_reported_with_their_events() {
     let buffered = BufferedProducer::new(
         producer,
         BufferedOptions::new().on_failure(move |failed| {
-            assert!(failed.partition_key.is_some());
+            // Keys are resolved on the client: the batch names its partition, each event keeps
+            // its key.
+            assert!(failed.partition_id.is_some());
+            assert_eq!(failed.partition_keys.len(), failed.events.len());
+            assert!(failed.partition_keys.iter().all(Option::is_some));
             assert_eq!(failed.error.kind(), ErrorKind::Rejected);
             let mut seen = seen.lock().unwrap();
             for event in &failed.events {
@@ -256,7 +260,7 @@ async fn the_success_hook_reports_every_stored_batch() {
     assert_eq!(events as u64, report.sent);
     let stored: u64 = hub.events(HUB).iter().map(|e| e.body.len() as u64).sum();
     assert_eq!(bytes, stored);
-    assert!(settled.iter().all(|b| b.partition_key.is_some()));
+    assert!(settled.iter().all(|b| b.partition_id.is_some()));
     assert!(settled.iter().all(|b| b.latency < Duration::from_secs(10)));
     producer.close().await.unwrap();
 }

@@ -115,7 +115,8 @@ impl SpooledProducer {
     /// failure (with backoff from 100 ms to 5 s): the hub need not be reachable now.
     ///
     /// `options` configure the buffered producer the drain sends through; its `on_success`,
-    /// `on_failure` and `keep_failed_events` are the spool's own and are replaced (read
+    /// `on_failure`, `keep_failed_events` and `resolve_partition_keys` (off: its acknowledgements
+    /// follow the routes records were enqueued with) are the spool's own and are replaced (read
     /// [`report`](Self::report) instead).
     pub fn start<F, Fut>(spool: Spool, connect: F, options: BufferedOptions) -> SpooledProducer
     where
@@ -441,9 +442,12 @@ async fn drain(
             let (bad_flight, bad_log, bad_counters) =
                 (in_flight.clone(), log.clone(), counters.clone());
             let (bad_restart, bad_wake) = (restart.clone(), wake.clone());
+            // The acknowledgements follow the routes records were enqueued with: every batch
+            // must name its records' route, so keys keep lanes of their own.
             let options = options
                 .clone()
                 .keep_failed_events(false)
+                .resolve_partition_keys(false)
                 .on_success(move |batch| {
                     let route = Route::from_parts(
                         batch.partition_key.as_ref(),

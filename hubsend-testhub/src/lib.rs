@@ -89,6 +89,8 @@ pub struct HubConfig {
     pub(crate) websocket_port: Option<u16>,
     /// Whether the WebSocket upgrade echoes the chosen subprotocol.
     pub(crate) websocket_echo: bool,
+    /// Refuse a keyed event on a partition link whose key hashes to another partition.
+    pub(crate) verify_partition_keys: bool,
 }
 
 impl Default for HubConfig {
@@ -141,6 +143,7 @@ impl HubConfig {
             namespace_aliases: Vec::new(),
             websocket_port: None,
             websocket_echo: true,
+            verify_partition_keys: false,
         }
     }
 
@@ -379,6 +382,21 @@ impl HubConfig {
     /// service; [`GapAnswer::Refuse`] by default).
     pub fn idempotent_gaps(mut self, answer: GapAnswer) -> Self {
         self.idempotent_gaps = answer;
+        self
+    }
+
+    /// A test check the service does not make: an event sent to a partition link with an
+    /// `x-opt-partition-key` that hashes to another partition (by this hub's own hash, as
+    /// [`TestHub::partition_for_key`]) gets its delivery rejected with
+    /// `amqp:precondition-failed`.
+    ///
+    /// Off by default, as the service: it stores such an event on the link's partition with
+    /// its key (inferred: Microsoft's buffered producers resolve keys on the client and stamp
+    /// each event with its key, and their docs warn that a key may land on another partition
+    /// than other producers would give it, so the service neither moves nor refuses them).
+    /// Every stored event keeps its key either way ([`StoredEvent::partition_key`]).
+    pub fn verify_partition_keys(mut self, on: bool) -> Self {
+        self.verify_partition_keys = on;
         self
     }
 }

@@ -115,6 +115,10 @@ struct Args {
     /// (out-of-order-sequence) or `store`.
     #[arg(long, value_name = "ANSWER", default_value = "refuse", value_parser = parse_gaps)]
     idempotent_gaps: hubsend_testhub::GapAnswer,
+    /// Test check the service does not make: refuse (amqp:precondition-failed) a delivery to a
+    /// partition link holding an event whose x-opt-partition-key hashes to another partition.
+    #[arg(long)]
+    verify_partition_keys: bool,
     /// Write the hub's counters to FILE as one JSON object when it stops (SIGTERM or Ctrl-C).
     #[arg(long, value_name = "FILE")]
     stats_file: Option<PathBuf>,
@@ -200,7 +204,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_message_size(args.max_message_size)
         .rest(args.rest)
         .idempotent_resume(args.idempotent_resume)
-        .idempotent_gaps(args.idempotent_gaps);
+        .idempotent_gaps(args.idempotent_gaps)
+        .verify_partition_keys(args.verify_partition_keys);
     if let Some(port) = args.ws_port {
         config = config.websocket_port(port);
     }

@@ -20,7 +20,7 @@ use fe2o3_amqp_types::{
 };
 use tokio::time::Instant;
 
-use crate::{faults::ConnCommand, raw, sas::normalise, store::DeliveryMeta, wire::Captured};
+use crate::{faults::ConnCommand, hash, raw, sas::normalise, store::DeliveryMeta, wire::Captured};
 
 use super::{
     amqp_error,
@@ -232,6 +232,18 @@ impl ProducerLink {
         let mut first_key = None;
         let mut bodies = 0usize;
         let mut stamps: Vec<idempotent::Stamp> = Vec::new();
+        // With the test check on: the partition count keys are verified against.
+        let verify = self
+            .partition
+            .filter(|_| shared.config.verify_partition_keys)
+            .and_then(|p| Some((p, shared.partition_count(&self.hub)?)));
+        let misplaced = |key: Option<String>| match (verify, key) {
+            (Some((p, count)), Some(key)) => {
+                let home = hash::partition_for_key(&key, count);
+                (home != p).then(|| misplaced_key(&key, home, p))
+            }
+            _ => None,
+        };
         for section in raw::Sections::new(&buf) {
             let Some(s) = section else {
                 tracing::warn!("undecodable message");
@@ -253,8 +265,16 @@ impl ProducerLink {
                 tracing::warn!("undecodable event in batch");
                 return decode_error("A batch section is not an encoded AMQP message.");
             };
-            if spans.is_empty() {
-                first_key = event_annotations.and_then(|a| raw::partition_key(event, &a));
+            if spans.is_empty() || verify.is_some() {
+                let key = event_annotations
+                    .as_ref()
+                    .and_then(|a| raw::partition_key(event, a));
+                if let Some(refusal) = misplaced(key.clone()) {
+                    return refusal;
+                }
+                if spans.is_empty() {
+                    first_key = key;
+                }
             }
             if self.identity.is_some() {
                 stamps.push(stamp(event, event_annotations.as_ref()));
@@ -271,6 +291,9 @@ impl ProducerLink {
             return decode_error("A batch must carry data sections.");
         }
         if !batched {
+            if let Some(refusal) = misplaced(key.clone()) {
+                return refusal;
+            }
             spans.push((0, buf.len() as u32));
             if self.identity.is_some() {
                 stamps.push(stamp(&buf, annotations.as_ref()));
@@ -306,6 +329,17 @@ impl ProducerLink {
         );
         Verdict::Accept
     }
+}
+
+/// The test hub's refusal of an event whose key hashes to partition `home`, sent to `link`'s.
+fn misplaced_key(key: &str, home: u32, link: u32) -> Verdict {
+    Verdict::Reject(amqp_error(
+        "amqp:precondition-failed",
+        format!(
+            "An event with partition key '{key}' (partition {home}) was sent to partition {link} \
+             (the test hub's --verify-partition-keys check)."
+        ),
+    ))
 }
 
 /// The producer id, epoch and sequence number an event's annotations carry.

@@ -1,0 +1,205 @@
+//! Many partition keys against round robin (issue #16's "many partition keys" target):
+//! `BufferedProducer::enqueue` and `hubsend send --partition-key-field` with 10,000 distinct
+//! sensor ids, each side by side with the same events sent round robin, over TLS to the release
+//! test hub in a separate process. Prints events/s per run and the keyed/round-robin ratio.
+//!
+//! ```text
+//! cargo build --release -p hubsend-testhub -p hubsend-cli
+//! cargo run --release --example keys_bench -- [--events N] [--keys K] [--rounds R]
+//!                                             [--partitions P] [--plain]
+//! ```
+//!
+//! The binaries are found in the release directory next to this example (or give
+//! `HUBSEND_TESTHUB_BIN` / `HUBSEND_BIN`); without the `hubsend` binary only the library runs.
+//! Defaults: 1,000,000 events of ~100 bytes, 10,000 keys, 3 rounds (each mode once per round,
+//! alternating, best round reported), 4 partitions, TLS.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use hubsend::{BufferedOptions, BufferedProducer, Event, Producer, SendOptions};
+
+struct Args {
+    events: usize,
+    keys: usize,
+    rounds: usize,
+    partitions: u32,
+    tls: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        events: 1_000_000,
+        keys: 10_000,
+        rounds: 3,
+        partitions: 4,
+        tls: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().and_then(|v| v.parse::<usize>().ok());
+        match flag.as_str() {
+            "--events" => a.events = value().expect("--events N"),
+            "--keys" => a.keys = value().expect("--keys K").max(1),
+            "--rounds" => a.rounds = value().expect("--rounds R").max(1),
+            "--partitions" => a.partitions = value().expect("--partitions P") as u32,
+            "--plain" => a.tls = false,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// A release binary: `env`, else next to this example.
+fn binary(env: &str, name: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join(name);
+    path.exists().then_some(path)
+}
+
+/// The ~100-byte telemetry record `i`, from sensor `i % keys`.
+fn record(i: usize, keys: usize) -> String {
+    format!(
+        r#"{{"sensor_id":"sensor-{:05}","timestamp":"2025-08-19T08:30:00Z","value":{}.25,"seq":{i}}}"#,
+        i % keys,
+        i % 1000
+    )
+}
+
+/// Enqueues every event (keyed by sensor id or not) and waits for every outcome; events/s.
+async fn buffered(cs: &str, ca: Option<&[u8]>, args: &Args, keyed: bool) -> f64 {
+    let mut builder = Producer::builder().connection_string(cs);
+    if let Some(pem) = ca {
+        builder = builder.add_root_certificate_pem(pem.to_vec());
+    }
+    let producer = builder.connect().await.expect("connect");
+    let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
+    let started = Instant::now();
+    for i in 0..args.events {
+        let options = if keyed {
+            SendOptions::new().partition_key(format!("sensor-{:05}", i % args.keys))
+        } else {
+            SendOptions::new()
+        };
+        let event = Event::new(record(i, args.keys)).with_content_type("application/json");
+        buffered.enqueue(event, options).await.expect("enqueue");
+    }
+    let report = buffered.close().await;
+    let rate = report.sent as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(report.sent, args.events as u64, "{report:?}");
+    producer.close().await.expect("close");
+    rate
+}
+
+/// `hubsend send` of the NDJSON file (with `--partition-key-field sensor_id` when keyed);
+/// the events/s it reports.
+fn cli(bin: &PathBuf, cs: &str, ca: Option<&PathBuf>, input: &PathBuf, keyed: bool) -> f64 {
+    let mut cmd = Command::new(bin);
+    cmd.args(["send", "--connection-string", cs, "--json", "--input"])
+        .arg(input);
+    if let Some(ca) = ca {
+        cmd.arg("--ca-file").arg(ca);
+    }
+    if keyed {
+        cmd.args(["--partition-key-field", "sensor_id"]);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run hubsend");
+    assert!(out.status.success(), "hubsend send failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a report")).expect("JSON report");
+    report["events_per_sec"].as_f64().expect("events_per_sec")
+}
+
+fn main() {
+    let args = args();
+    let hub_bin = binary("HUBSEND_TESTHUB_BIN", "hubsend-testhub")
+        .expect("build the test hub: cargo build --release -p hubsend-testhub");
+    let dir = std::env::temp_dir().join(format!("hubsend-keys-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let mut hub = Command::new(&hub_bin);
+    hub.args(["--port", "0", "--retain-events", "100000", "--partitions"])
+        .arg(args.partitions.to_string());
+    if args.tls {
+        hub.arg("--tls-dir").arg(&dir);
+    }
+    let mut hub = hub
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the test hub");
+    let mut lines = BufReader::new(hub.stdout.take().expect("stdout")).lines();
+    let cs = lines
+        .next()
+        .and_then(|l| l.ok())
+        .expect("connection string");
+    std::thread::spawn(move || for _ in lines {});
+    let ca_path = args.tls.then(|| dir.join("ca.pem"));
+    let ca = ca_path.as_ref().map(|p| std::fs::read(p).expect("CA"));
+
+    let input = dir.join("telemetry.ndjson");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).expect("input"));
+    for i in 0..args.events {
+        writeln!(file, "{}", record(i, args.keys)).expect("write input");
+    }
+    drop(file);
+    let hubsend = binary("HUBSEND_BIN", "hubsend");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut best = [0f64; 4];
+    for round in 0..args.rounds {
+        let mut rates = [0f64; 4];
+        for (slot, keyed) in [(0, false), (1, true)] {
+            rates[slot] = runtime.block_on(buffered(&cs, ca.as_deref(), &args, keyed));
+        }
+        if let Some(bin) = &hubsend {
+            for (slot, keyed) in [(2, false), (3, true)] {
+                rates[slot] = cli(bin, &cs, ca_path.as_ref(), &input, keyed);
+            }
+        }
+        println!(
+            "round {}: buffered {:.0} / keyed {:.0}; hubsend send {:.0} / keyed {:.0} events/s",
+            round + 1,
+            rates[0],
+            rates[1],
+            rates[2],
+            rates[3]
+        );
+        for (b, r) in best.iter_mut().zip(rates) {
+            *b = b.max(r);
+        }
+    }
+    println!(
+        "\n{} events, {} keys, {} partitions, {} (best of {} rounds)",
+        args.events,
+        args.keys,
+        args.partitions,
+        if args.tls { "TLS" } else { "plain" },
+        args.rounds
+    );
+    println!("| mode | round robin | {} keys | ratio |", args.keys);
+    println!("|---|---|---|---|");
+    let rows: &[(&str, usize)] = if hubsend.is_some() {
+        &[("BufferedProducer::enqueue", 0), ("hubsend send", 2)]
+    } else {
+        &[("BufferedProducer::enqueue", 0)]
+    };
+    for (name, at) in rows {
+        let (rr, keyed) = (best[*at], best[at + 1]);
+        println!(
+            "| {name} | {rr:.0} | {keyed:.0} | {:.0} % |",
+            100.0 * keyed / rr.max(1.0)
+        );
+    }
+    let _ = hub.kill();
+    let _ = hub.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
