@@ -2,21 +2,25 @@
 Hubs-compatible endpoint (IoT Hub mode) and checks that every device-to-cloud message is there,
 as the device sent it, with the system properties IoT Hub stamps.
 
-Usage: iothub_builtin.py BUILTIN_CS [--ca PEM] [--node DEVICE_ID]
-                         [--hubsend BIN --policy-cs CS --devices N --per-device M]
+Usage: iothub_builtin.py BUILTIN_CS [--ca PEM] [--node DEVICE_ID [--node-count K]]
+                         [--hubsend BIN --policy-cs CS [--registry-url URL]
+                          [--endpoint URL] --devices N --per-device M]
 
 BUILTIN_CS is the hub's `Built-in endpoint:` line. With --node, the messages Microsoft's Node
-device SDK judge (iothub_device.js) sent as DEVICE_ID are expected (message ids node-0..9,
+device SDK judge (iothub_device.js) sent as DEVICE_ID are expected (K messages, ids node-0..,
 properties site=plant-3 and n, body value 40+i, auth scope `device`). With --hubsend, the
 judge writes N*M NDJSON records for N devices, sends them with `hubsend iot send
---device-field device` through the gateway with the policy string CS (devices created on the
-way, auth scope `hub`), and expects each record once on the endpoint under its device.
+--device-field device --create-devices --device-name-field name` through the gateway with the
+policy string CS (and --registry-url, --endpoint, --ca as given; devices created on the way,
+auth scope `hub`), and expects each record once on the endpoint under its device. With --ca,
+the PEM may hold both the AMQP and the registry CA.
 Prints PASS/FAIL lines; exits 1 on any failure.
 """
 import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,11 @@ def text(v):
 def read_all(cs, ca, want, match, timeout=30):
     """Every event on every partition from the start, until `want` events pass `match`."""
     opts = {"connection_verify": ca} if ca else {}
+    # Over TLS the SDK dials port 5671 whatever the Endpoint says; the test hub's port is
+    # given as a custom endpoint address, as a private endpoint would be.
+    endpoint = re.search(r"Endpoint=sb://([^/;]+)", cs).group(1)
+    if ":" in endpoint and "UseDevelopmentEmulator=true" not in cs:
+        opts["custom_endpoint_address"] = f"sb://{endpoint}"
     client = EventHubConsumerClient.from_connection_string(cs, consumer_group="$Default", **opts)
     got, errors = [], []
     done = threading.Event()
@@ -113,8 +122,7 @@ def common_checks(problems, got, scope):
             problems.append(f"{device} spread over partitions {sorted(parts)}")
 
 
-def judge_node(cs, ca, device):
-    want = 10
+def judge_node(cs, ca, device, want):
     got, errors = read_all(cs, ca, want,
                            lambda e: sys_prop(e, "iothub-connection-device-id") == device)
     problems = [f"consumer error {e!r}" for e in errors]
@@ -139,7 +147,7 @@ def judge_node(cs, ca, device):
             problems)
 
 
-def judge_hubsend(cs, ca, hubsend, policy_cs, ca_file, devices, per_device):
+def judge_hubsend(cs, ca, hubsend, policy_cs, ca_file, registry_url, endpoint, devices, per_device):
     run = os.urandom(4).hex()
     ids = [f"gw-{run}-{d}" for d in range(devices)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,12 +155,18 @@ def judge_hubsend(cs, ca, hubsend, policy_cs, ca_file, devices, per_device):
         with open(path, "w") as f:
             for i in range(per_device):
                 for d, device in enumerate(ids):
-                    f.write(json.dumps({"device": device, "name": f"Sensor {d}", "seq": i,
-                                        "temp": 20 + i}) + "\n")
+                    f.write(json.dumps({"sensor_id": f"{device}:temp", "device": device,
+                                        "name": f"Sensor {d}", "seq": i,
+                                        "timestamp": "2026-01-01T00:00:00Z",
+                                        "value": 20 + i}) + "\n")
         cmd = [hubsend, "iot", "send", "--input", path, "--device-field", "device",
                "--create-devices", "--device-name-field", "name", "--json"]
         if ca_file:
             cmd += ["--ca-file", ca_file]
+        if registry_url:
+            cmd += ["--registry-url", registry_url]
+        if endpoint:
+            cmd += ["--endpoint", endpoint]
         env = dict(os.environ, IOTHUB_CONNECTION_STRING=policy_cs)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     problems = []
@@ -189,16 +203,19 @@ def main():
     ap.add_argument("builtin_cs")
     ap.add_argument("--ca")
     ap.add_argument("--node")
+    ap.add_argument("--node-count", type=int, default=10)
     ap.add_argument("--hubsend")
     ap.add_argument("--policy-cs")
+    ap.add_argument("--registry-url")
+    ap.add_argument("--endpoint")
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--per-device", type=int, default=5)
     args = ap.parse_args()
     if args.node:
-        judge_node(args.builtin_cs, args.ca, args.node)
+        judge_node(args.builtin_cs, args.ca, args.node, args.node_count)
     if args.hubsend:
         judge_hubsend(args.builtin_cs, args.ca, args.hubsend, args.policy_cs, args.ca,
-                      args.devices, args.per_device)
+                      args.registry_url, args.endpoint, args.devices, args.per_device)
     print(f"iothub-builtin: {'FAILED ' + str(len(FAILED)) if FAILED else 'all passed'}")
     sys.exit(1 if FAILED else 0)
 

@@ -206,16 +206,9 @@ pub(crate) fn builtin_name(host: &str) -> String {
 /// Verifies an Event Hubs token for the built-in endpoint, signed with an IoT Hub policy's
 /// key text; ServiceConnect grants Listen.
 fn verify_builtin(shared: &Shared, state: &IotHubState, token: &str, name: &str) -> Result<Token, (i32, String)> {
-    let now = (now_ms() / 1000) as u64;
-    let verified = crate::sas::verify(
-        token,
-        name,
-        now,
-        |n| state.policy(n).map(|p| p.key.clone()),
-        &shared.hosts,
-        |h| shared.find_hub(h).is_some(),
-    )
-    .map_err(|e| (e.status(), e.description()))?;
+    let verified = shared
+        .verify_token(token, name)
+        .map_err(|e| (e.status(), e.description()))?;
     let service = state.policy(&verified.policy).is_some_and(|p| p.service_connect);
     Ok(Token {
         audience: verified.audience,

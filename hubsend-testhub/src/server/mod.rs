@@ -169,7 +169,12 @@ impl Shared {
         self.config.policies.iter().find(|p| p.name == name)
     }
 
+    /// A policy's key; in IoT Hub mode an IoT Hub policy's (Event Hubs tokens for the
+    /// built-in endpoint are signed with it).
     fn policy_key(&self, name: &str) -> Option<String> {
+        if let Some(state) = &self.iot {
+            return state.policy(name).map(|p| p.key.clone());
+        }
         self.policy(name).map(|p| p.key.clone())
     }
 
@@ -194,7 +199,7 @@ impl Shared {
         }
     }
 
-    fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
+    pub(super) fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
         let now = (now_ms() / 1000) as u64;
         sas::verify(
             token,
