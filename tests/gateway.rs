@@ -625,7 +625,11 @@ async fn past_the_per_connection_limit_devices_shard_by_a_stable_hash_of_their_i
     }
     assert_eq!(seen[0], seen[1], "placement depends on arrival order");
     let used: std::collections::BTreeSet<_> = seen[0].iter().collect();
-    assert!(used.len() > 1, "every device on one connection: {:?}", seen[0]);
+    assert!(
+        used.len() > 1,
+        "every device on one connection: {:?}",
+        seen[0]
+    );
     for id in &fleet {
         assert_eq!(iot.hub.iothub_messages(id).len(), 2, "{id}");
     }

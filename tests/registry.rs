@@ -217,7 +217,10 @@ async fn bulk_create_makes_hundreds_in_three_calls_with_names_and_per_device_out
 
     // Without RegistryWrite every device of the call fails with a typed error.
     let read_only = registry(&hub, "registryRead");
-    let outcomes = read_only.create_devices(&[("x-1", None), ("x-2", None)]).await.unwrap();
+    let outcomes = read_only
+        .create_devices(&[("x-1", None), ("x-2", None)])
+        .await
+        .unwrap();
     for (_, outcome) in outcomes {
         let err = outcome.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unauthorized);

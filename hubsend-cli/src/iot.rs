@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use hubsend::iothub::{
-    AutoCreate, DeviceSender, Gateway, IotHubBuilder, IotHubConnectionString,
-    IotHubCredentialKind, Registry, MAX_MESSAGE_SIZE,
+    AutoCreate, DeviceSender, Gateway, IotHubBuilder, IotHubConnectionString, IotHubCredentialKind,
+    Registry, MAX_MESSAGE_SIZE,
 };
 use hubsend::{DeliveryFuture, Error, ErrorKind, Event, ProducerOptions};
 use serde_json::{json, Value};
@@ -148,7 +148,12 @@ enum Sender {
 }
 
 impl Sender {
-    async fn send(&self, device: &str, name: Option<&str>, event: Event) -> hubsend::Result<DeliveryFuture> {
+    async fn send(
+        &self,
+        device: &str,
+        name: Option<&str>,
+        event: Event,
+    ) -> hubsend::Result<DeliveryFuture> {
         match self {
             Sender::Device(d) => d.send(event).await,
             Sender::Gateway(g) => g.send_named(device, name, event).await,
@@ -279,7 +284,8 @@ async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
                 EXIT_USAGE
             })?;
             if let Some(url) = &a.registry_url {
-                let loopback = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+                let loopback =
+                    url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
                 registry = registry.registry_url(url).danger_allow_http(loopback);
             }
             if let Some(pem) = &ca {
@@ -298,7 +304,10 @@ async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
     };
     connected.map_err(|e| {
         eprintln!("hubsend: cannot connect: {}", error_chain(&e));
-        if matches!(e.kind(), ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString) {
+        if matches!(
+            e.kind(),
+            ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString
+        ) {
             EXIT_USAGE
         } else {
             EXIT_FAILED
@@ -335,7 +344,10 @@ async fn send(a: IotSendArgs) -> u8 {
         Some(path) => match File::create(path) {
             Ok(f) => Some(BufWriter::new(f)),
             Err(e) => {
-                eprintln!("hubsend: cannot create rejects file {}: {e}", path.display());
+                eprintln!(
+                    "hubsend: cannot create rejects file {}: {e}",
+                    path.display()
+                );
                 return EXIT_FAILED;
             }
         },
@@ -385,14 +397,21 @@ async fn send(a: IotSendArgs) -> u8 {
                     DeviceOf::Field(field) => field_text(&record, field)
                         .ok_or_else(|| format!("missing or empty device id field `{field}`"))?,
                 };
-                let name = a.device_name_field.as_deref().and_then(|f| field_text(&record, f));
+                let name = a
+                    .device_name_field
+                    .as_deref()
+                    .and_then(|f| field_text(&record, f));
                 Ok((device, name, record.to_event()))
             });
             let (device, name, event) = match routed {
                 Ok(r) => r,
                 Err(reason) => {
                     report.rejected += 1;
-                    observer.rejected(&Reject { line: parsed.line, reason, raw: parsed.raw });
+                    observer.rejected(&Reject {
+                        line: parsed.line,
+                        reason,
+                        raw: parsed.raw,
+                    });
                     continue;
                 }
             };
@@ -434,9 +453,15 @@ async fn send(a: IotSendArgs) -> u8 {
     }
     drop(input);
     // Every outcome, unless a (further) signal says stop waiting.
-    let stop_at = if report.interrupted && signals.received() > 0 { 2 } else { 1 };
+    let stop_at = if report.interrupted && signals.received() > 0 {
+        2
+    } else {
+        1
+    };
     let abandoned = loop {
-        let Some((slot, bytes, future)) = pending.pop_front() else { break false };
+        let Some((slot, bytes, future)) = pending.pop_front() else {
+            break false;
+        };
         tokio::select! {
             result = future => tally.outcome(&names[slot], bytes, result),
             _ = signals.nth(stop_at) => {
@@ -500,7 +525,10 @@ async fn send(a: IotSendArgs) -> u8 {
     } else if !report.all_sent() || rejects_error.is_some() {
         EXIT_FAILED
     } else if a.strict && report.rejected > 0 {
-        eprintln!("hubsend: {} invalid line(s) and --strict was given", report.rejected);
+        eprintln!(
+            "hubsend: {} invalid line(s) and --strict was given",
+            report.rejected
+        );
         EXIT_REJECTED
     } else if report.interrupted && signals.received() > 0 {
         EXIT_INTERRUPTED

@@ -116,10 +116,22 @@ async fn a_gateway_sends_each_record_as_its_device_creating_and_naming_new_ones(
     let cs = iot.hub.iothub_connection_string("iothubowner");
     let run = iot_send(&cs, a.clone(), input.clone()).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.contains("line 13: missing or empty device id field `device`"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 13: missing or empty device id field `device`"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("line 14:"), "{}", run.stderr);
     let j = run.json();
-    assert_eq!((j["sent"].as_u64(), j["rejected"].as_u64(), j["failed"].as_u64()), (Some(12), Some(2), Some(0)));
+    assert_eq!(
+        (
+            j["sent"].as_u64(),
+            j["rejected"].as_u64(),
+            j["failed"].as_u64()
+        ),
+        (Some(12), Some(2), Some(0))
+    );
     assert_eq!(j["devices_created"], 2);
     assert_eq!(j["names_written"], 2);
     assert_eq!(j["connections"], 1);
@@ -129,7 +141,11 @@ async fn a_gateway_sends_each_record_as_its_device_creating_and_naming_new_ones(
         let stored = iot.hub.iothub_messages(d);
         let values: Vec<u64> = stored
             .iter()
-            .map(|e| serde_json::from_slice::<Value>(&e.body).unwrap()["value"].as_u64().unwrap())
+            .map(|e| {
+                serde_json::from_slice::<Value>(&e.body).unwrap()["value"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(values, [0, 1, 2, 3], "{d}");
     }
@@ -137,8 +153,16 @@ async fn a_gateway_sends_each_record_as_its_device_creating_and_naming_new_ones(
         assert!(j.get(key).is_some(), "{key} missing: {j}");
     }
     let state = iot.hub.iothub_state().unwrap();
-    assert_eq!(state.device("new-a").unwrap().desired["deviceName"], "Boiler A");
-    assert!(state.device("known").unwrap().desired.get("deviceName").is_none());
+    assert_eq!(
+        state.device("new-a").unwrap().desired["deviceName"],
+        "Boiler A"
+    );
+    assert!(state
+        .device("known")
+        .unwrap()
+        .desired
+        .get("deviceName")
+        .is_none());
 
     // Again with --strict: the same records are sent (no device created now), exit 3.
     a.push("--strict".into());
@@ -151,7 +175,9 @@ async fn a_gateway_sends_each_record_as_its_device_creating_and_naming_new_ones(
 #[tokio::test]
 async fn a_device_string_sends_every_record_as_that_device() {
     let iot = start(HubConfig::new().iothub(HOST).iot_device("solo", KEY)).await;
-    let input: String = (0..5).map(|n| record(Some("ignored"), "x", n) + "\n").collect();
+    let input: String = (0..5)
+        .map(|n| record(Some("ignored"), "x", n) + "\n")
+        .collect();
     let cs = iot.hub.iothub_device_connection_string("solo");
     let mut a = args(&["--json"]);
     a.extend(iot.endpoints().into_iter().take(2));
@@ -164,17 +190,21 @@ async fn a_device_string_sends_every_record_as_that_device() {
 
 #[tokio::test]
 async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
-    let iot = start(
-        HubConfig::new()
-            .iothub(HOST)
-            .iot_device("d1", KEY)
-            .policy("readonly", KEY, &[Right::ServiceConnect, Right::RegistryRead]),
-    )
+    let iot = start(HubConfig::new().iothub(HOST).iot_device("d1", KEY).policy(
+        "readonly",
+        KEY,
+        &[Right::ServiceConnect, Right::RegistryRead],
+    ))
     .await;
     let input = record(Some("d1"), "x", 1) + "\n";
     let mut a = args(&["--device-field", "device", "--json"]);
     a.extend(iot.endpoints());
-    let run = iot_send(&iot.hub.iothub_connection_string("readonly"), a.clone(), input.clone()).await;
+    let run = iot_send(
+        &iot.hub.iothub_connection_string("readonly"),
+        a.clone(),
+        input.clone(),
+    )
+    .await;
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("DeviceConnect"), "{}", run.stderr);
     assert!(!run.stderr.contains(KEY) && !run.stdout.contains(KEY));
@@ -185,8 +215,18 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let a = args(&["--device-field", "device", "--endpoint", &format!("amqp://127.0.0.1:{port}")]);
-    let run = iot_send(&iot.hub.iothub_connection_string("device"), a, input.clone()).await;
+    let a = args(&[
+        "--device-field",
+        "device",
+        "--endpoint",
+        &format!("amqp://127.0.0.1:{port}"),
+    ]);
+    let run = iot_send(
+        &iot.hub.iothub_connection_string("device"),
+        a,
+        input.clone(),
+    )
+    .await;
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("connect"), "{}", run.stderr);
 

@@ -348,7 +348,12 @@ impl IotHubState {
                 }
                 Err(why) => {
                     inner.counts.unauthorized += 1;
-                    error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess", why, vec![])
+                    error(
+                        StatusCode::UNAUTHORIZED,
+                        "IotHubUnauthorizedAccess",
+                        why,
+                        vec![],
+                    )
                 }
             };
         }
@@ -662,13 +667,21 @@ fn bulk(inner: &mut Inner, body: &[u8]) -> (StatusCode, Vec<(&'static str, Strin
     }
     let mut errors = Vec::new();
     for e in &entries {
-        let id = e.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let mode = e.get("importMode").and_then(Value::as_str).unwrap_or("createOrUpdate");
-        let fail = |code: &str, status: &str| {
-            json!({"deviceId": id, "moduleId": null, "errorCode": code, "errorStatus": status, "operation": mode})
-        };
+        let id = e
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let mode = e
+            .get("importMode")
+            .and_then(Value::as_str)
+            .unwrap_or("createOrUpdate");
+        let fail = |code: &str, status: &str| json!({"deviceId": id, "moduleId": null, "errorCode": code, "errorStatus": status, "operation": mode});
         if !valid_id(&id) {
-            errors.push(fail("ArgumentInvalid", "the device id has characters IoT Hub does not allow"));
+            errors.push(fail(
+                "ArgumentInvalid",
+                "the device id has characters IoT Hub does not allow",
+            ));
             continue;
         }
         inner.next_etag += 1;
@@ -709,7 +722,10 @@ fn bulk(inner: &mut Inner, body: &[u8]) -> (StatusCode, Vec<(&'static str, Strin
         match e.get("status").and_then(Value::as_str) {
             Some(status @ ("enabled" | "disabled")) => device.status = status.to_owned(),
             None => {}
-            Some(_) => errors.push(fail("ArgumentInvalid", "status must be enabled or disabled")),
+            Some(_) => errors.push(fail(
+                "ArgumentInvalid",
+                "status must be enabled or disabled",
+            )),
         }
         for (field, slot) in [
             ("primaryKey", &mut device.primary_key),
@@ -741,7 +757,11 @@ fn bulk(inner: &mut Inner, body: &[u8]) -> (StatusCode, Vec<(&'static str, Strin
     }
     let ok = errors.is_empty();
     (
-        if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST },
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        },
         vec![],
         json!({"isSuccessful": ok, "errors": errors, "warnings": []}),
     )

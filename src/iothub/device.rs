@@ -272,7 +272,9 @@ impl IotHubBuilder {
             Some(c) if !c.path.is_empty() => c.path.clone(),
             _ => "/$iothub/websocket".to_owned(),
         };
-        let dial = custom.as_ref().map_or(cs.connect_host(), |c| c.host.as_str());
+        let dial = custom
+            .as_ref()
+            .map_or(cs.connect_host(), |c| c.host.as_str());
         let (route, framing) = network.resolve(dial, &ws_path)?;
         let default_port = if tls.is_some() { 5671 } else { 5672 };
         let default_port = network.default_port(tls.is_some()).unwrap_or(default_port);

@@ -771,7 +771,10 @@ mod tests {
             assert_eq!(shard_of(id, 7), shard_of(id, 7));
         }
         // Growing 4 -> 5 moves only ids to the new connection, about a fifth of them.
-        let moved: Vec<&String> = ids.iter().filter(|id| shard_of(id, 4) != shard_of(id, 5)).collect();
+        let moved: Vec<&String> = ids
+            .iter()
+            .filter(|id| shard_of(id, 4) != shard_of(id, 5))
+            .collect();
         assert!(moved.iter().all(|id| shard_of(id, 5) == 4));
         assert!((300..500).contains(&moved.len()), "{}", moved.len());
         // Spread evenly.
@@ -779,6 +782,9 @@ mod tests {
         for id in &ids {
             counts[shard_of(id, 5)] += 1;
         }
-        assert!(counts.iter().all(|&c| (330..470).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (330..470).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

@@ -462,9 +462,20 @@ impl Registry {
                     continue;
                 }
             };
-            let mut failed: std::collections::HashMap<String, (String, String)> = Default::default();
-            for e in errors.get("errors").and_then(Value::as_array).into_iter().flatten() {
-                let text = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let mut failed: std::collections::HashMap<String, (String, String)> =
+                Default::default();
+            for e in errors
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let text = |k: &str| {
+                    e.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 failed.insert(text("deviceId"), (text("errorCode"), text("errorStatus")));
             }
             for (id, _) in chunk {

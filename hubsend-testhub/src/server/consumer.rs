@@ -380,10 +380,8 @@ impl ConsumerLink {
         // annotations of these names are overwritten, so they cannot be spoofed).
         if let Some(origin) = &ev.meta.iot {
             let text = |s: &str| Value::String(s.to_string());
-            ann.0.insert(
-                key("iothub-connection-device-id"),
-                text(&origin.device_id),
-            );
+            ann.0
+                .insert(key("iothub-connection-device-id"), text(&origin.device_id));
             ann.0.insert(
                 key("iothub-connection-auth-method"),
                 text(&origin.auth_method),
@@ -396,7 +394,8 @@ impl ConsumerLink {
                 key("iothub-enqueuedtime"),
                 Value::Timestamp(Timestamp::from_milliseconds(ev.enqueued_time_ms())),
             );
-            ann.0.insert(key("iothub-message-source"), text("Telemetry"));
+            ann.0
+                .insert(key("iothub-message-source"), text("Telemetry"));
         }
     }
 

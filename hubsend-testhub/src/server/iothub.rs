@@ -205,11 +205,18 @@ pub(crate) fn builtin_name(host: &str) -> String {
 
 /// Verifies an Event Hubs token for the built-in endpoint, signed with an IoT Hub policy's
 /// key text; ServiceConnect grants Listen.
-fn verify_builtin(shared: &Shared, state: &IotHubState, token: &str, name: &str) -> Result<Token, (i32, String)> {
+fn verify_builtin(
+    shared: &Shared,
+    state: &IotHubState,
+    token: &str,
+    name: &str,
+) -> Result<Token, (i32, String)> {
     let verified = shared
         .verify_token(token, name)
         .map_err(|e| (e.status(), e.description()))?;
-    let service = state.policy(&verified.policy).is_some_and(|p| p.service_connect);
+    let service = state
+        .policy(&verified.policy)
+        .is_some_and(|p| p.service_connect);
     Ok(Token {
         audience: verified.audience,
         expires_at_ms: (verified.expires_at as i64).saturating_mul(1000),
@@ -231,7 +238,10 @@ pub(super) fn put_token(
 ) -> (i32, String) {
     let builtin = shared_builtin(ctx).is_some_and(|b| {
         let target = Scope::parse(name, true);
-        target.segments.first().is_some_and(|s| s.eq_ignore_ascii_case(b))
+        target
+            .segments
+            .first()
+            .is_some_and(|s| s.eq_ignore_ascii_case(b))
     });
     let verified = if builtin {
         verify_builtin(&ctx.shared, state, token, name)
@@ -326,7 +336,11 @@ pub(super) fn d2c_target(
             format!("404001 DeviceNotFound: device '{device}' is not registered or is disabled"),
         ));
     };
-    let scope = if ctx.device_key_for(&entity) { "device" } else { "hub" };
+    let scope = if ctx.device_key_for(&entity) {
+        "device"
+    } else {
+        "hub"
+    };
     let origin = Arc::new(IotOrigin {
         device_id: device.to_string(),
         generation_id: identity.generation_id,

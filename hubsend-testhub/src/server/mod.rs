@@ -199,7 +199,11 @@ impl Shared {
         }
     }
 
-    pub(super) fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
+    pub(super) fn verify_token(
+        &self,
+        token: &str,
+        name: &str,
+    ) -> Result<sas::VerifiedToken, sas::TokenError> {
         let now = (now_ms() / 1000) as u64;
         sas::verify(
             token,
