@@ -1105,16 +1105,20 @@ mod iot {
             let cs = format!(
                 "HostName=bench.azure-devices.net;SharedAccessKeyName=device;SharedAccessKey={KEY}"
             );
+            let scheme = if hub.ca.is_some() {
+                "amqps://localhost"
+            } else {
+                "amqp://127.0.0.1"
+            };
             let mut builder = IotHubBuilder::default()
                 .connection_string(cs)
-                .port(hub.port)
+                .endpoint(format!("{scheme}:{}", hub.port))
                 .max_devices_per_connection(per_connection)
                 .idle_timeout(None)
                 .options(ProducerOptions::new().max_in_flight(4096));
-            builder = match &hub.ca {
-                Some(ca) => builder.add_root_certificate_pem(std::fs::read(ca).expect("CA")),
-                None => builder.danger_plaintext(true),
-            };
+            if let Some(ca) = &hub.ca {
+                builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("CA"));
+            }
             let gateway = builder.gateway().await.expect("gateway");
             // Warm-up: every device's token and link.
             let mut warm = Vec::new();
