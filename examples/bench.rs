@@ -31,6 +31,11 @@
 //! * `--idempotent` also runs every hubsend mode with idempotent retries, in rows of their
 //!   own next to the plain ones.
 //! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
+//! * `--mode iot`: the IoT Hub gateway alone (see [`iot`]): `--devices 1,100,1000` devices
+//!   sharing `--iot-events N` messages (default 200,000), batched per device, through one
+//!   `Gateway` against the test hub in IoT Hub mode; `--shard K` adds rows with at most K
+//!   devices per connection (default 250, 0: none). Rows give messages/s, CPU µs per message
+//!   (this process: the gateway), batch latency p50/p99 and peak RSS.
 //! * `--transports` also runs batch, single and latency over WebSockets (`wss`/`ws`) and the
 //!   HTTPS REST API against the same spawned hub (`--rest --ws-port 0`); build the example
 //!   with `--features websockets,https`.
@@ -547,6 +552,10 @@ fn main() {
         }
         return;
     }
+    if args.get("mode") == Some("iot") {
+        iot::run(&args);
+        return;
+    }
 
     let events = args.num("events", 2_000_000);
     let single_events = args.num("single-events", (events / 4).max(1));
@@ -942,4 +951,267 @@ fn group(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--mode iot`: the gateway
+
+/// `--mode iot`: one `Gateway` sending as N devices to a spawned test hub in IoT Hub mode.
+///
+/// Each row: N devices registered up front (`--iot-device`), one warm-up message each (token
+/// and link set up, not timed), then `--iot-events` messages in all, each device filling
+/// 256 KB batches of its share, all devices at once. Timed: from the first batch to the last
+/// outcome. CPU is this process's user + system time over that window (the hub runs in its
+/// own process), divided by the messages.
+mod iot {
+    use super::{bodies, cpu_seconds, find_bin, percentiles, proc_status_kib, Args};
+    use hubsend::iothub::{Gateway, IotHubBuilder};
+    use hubsend::{Event, ProducerOptions, TryAddError};
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const KEY: &str = "YmVuY2gtZGV2aWNlLWtleS1mb3ItdGhlLWlvdC1iZW5jaA==";
+
+    pub(super) fn run(args: &Args) {
+        let total = args.num("iot-events", 200_000);
+        let payload = args.num("payload-bytes", 100) as usize;
+        let shard = args.num("shard", 250) as usize;
+        let tls = args.flag("tls");
+        let counts: Vec<usize> = args
+            .get("devices")
+            .unwrap_or("1,100,1000")
+            .split(',')
+            .map(|d| d.trim().parse().expect("--devices"))
+            .collect();
+        let mut rows = Vec::new();
+        for &n in &counts {
+            rows.push((n, 900, one(n, 900, total, payload, tls)));
+            if shard > 0 && n > shard {
+                rows.push((n, shard, one(n, shard, total, payload, tls)));
+            }
+        }
+        println!(
+            "{:>8} {:>8} {:>6} {:>10} {:>12} {:>10} {:>8} {:>8} {:>8}",
+            "devices",
+            "per-conn",
+            "conns",
+            "messages",
+            "messages/s",
+            "CPU µs/msg",
+            "p50 ms",
+            "p99 ms",
+            "RSS MiB"
+        );
+        for (n, per, r) in &rows {
+            println!(
+                "{n:>8} {per:>8} {:>6} {:>10} {:>12.0} {:>10.2} {:>8.1} {:>8.1} {:>8.1}",
+                r.connections, r.messages, r.rate, r.cpu_us, r.p50, r.p99, r.rss_mib
+            );
+        }
+        if args.flag("json") {
+            for (n, per, r) in &rows {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "mode": "iot", "devices": n, "max_devices_per_connection": per,
+                        "connections": r.connections, "messages": r.messages,
+                        "messages_per_sec": r.rate, "cpu_us_per_message": r.cpu_us,
+                        "p50_ms": r.p50, "p99_ms": r.p99, "peak_rss_mib": r.rss_mib,
+                        "payload_bytes": payload, "tls": tls,
+                    })
+                );
+            }
+        }
+    }
+
+    struct Result {
+        connections: usize,
+        messages: u64,
+        rate: f64,
+        cpu_us: f64,
+        p50: f64,
+        p99: f64,
+        rss_mib: f64,
+    }
+
+    /// The spawned hub: its AMQP port and CA file; killed when dropped.
+    struct Hub {
+        child: std::process::Child,
+        port: u16,
+        ca: Option<std::path::PathBuf>,
+    }
+
+    impl Drop for Hub {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn hub(devices: usize, tls: bool) -> Hub {
+        let bin = find_bin("HUBSEND_TESTHUB_BIN", "hubsend-testhub")
+            .expect("the test hub binary: cargo build --release -p hubsend-testhub");
+        let dir = std::env::temp_dir().join(format!("hubsend-iot-bench-{}", std::process::id()));
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--iothub", "bench.azure-devices.net"])
+            .args([
+                "--retain-events",
+                "1000",
+                "--policy-key",
+                &format!("device={KEY}"),
+            ]);
+        for i in 0..devices {
+            cmd.arg("--iot-device").arg(format!("{}={KEY}", id(i)));
+        }
+        if tls {
+            cmd.arg("--tls-dir").arg(&dir);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the test hub");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines
+            .next()
+            .and_then(|l| l.ok())
+            .expect("the hub's first line");
+        let port = first
+            .split(';')
+            .find_map(|kv| kv.strip_prefix("GatewayHostName="))
+            .and_then(|g| g.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("GatewayHostName=localhost:PORT");
+        std::thread::spawn(move || for _ in lines {});
+        Hub {
+            child,
+            port,
+            ca: tls.then(|| dir.join("ca.pem")),
+        }
+    }
+
+    fn id(i: usize) -> String {
+        format!("bench-device-{i:05}")
+    }
+
+    fn one(devices: usize, per_connection: usize, total: u64, payload: usize, tls: bool) -> Result {
+        let hub = hub(devices, tls);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let cs = format!(
+                "HostName=bench.azure-devices.net;SharedAccessKeyName=device;SharedAccessKey={KEY}"
+            );
+            let scheme = if hub.ca.is_some() {
+                "amqps://localhost"
+            } else {
+                "amqp://127.0.0.1"
+            };
+            let mut builder = IotHubBuilder::default()
+                .connection_string(cs)
+                .endpoint(format!("{scheme}:{}", hub.port))
+                .max_devices_per_connection(per_connection)
+                .idle_timeout(None)
+                .options(ProducerOptions::new().max_in_flight(4096));
+            if let Some(ca) = &hub.ca {
+                builder = builder.add_root_certificate_pem(std::fs::read(ca).expect("CA"));
+            }
+            let gateway = builder.gateway().await.expect("gateway");
+            // Warm-up: every device's token and link.
+            let mut warm = Vec::new();
+            for i in 0..devices {
+                let g = gateway.clone();
+                warm.push(tokio::spawn(async move {
+                    g.send(&id(i), Event::new("warm-up"))
+                        .await
+                        .expect("queued")
+                        .await
+                        .expect("stored");
+                }));
+            }
+            for w in warm {
+                w.await.expect("warm-up");
+            }
+            let per_device = (total / devices as u64).max(1);
+            let body_set = std::sync::Arc::new(bodies(payload, 64));
+            let cpu0 = cpu_seconds();
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for i in 0..devices {
+                let g = gateway.clone();
+                let body_set = body_set.clone();
+                tasks.push(tokio::spawn(device_run(g, id(i), per_device, body_set)));
+            }
+            let mut latencies = Vec::new();
+            for t in tasks {
+                latencies.extend(t.await.expect("device task"));
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu0;
+            let messages = per_device * devices as u64;
+            let connections = gateway.stats().await.connections;
+            let (p50, p99) = percentiles(latencies);
+            let _ = gateway.close().await;
+            drop(hub);
+            Result {
+                connections,
+                messages,
+                rate: messages as f64 / elapsed,
+                cpu_us: cpu * 1e6 / messages as f64,
+                p50,
+                p99,
+                rss_mib: proc_status_kib("VmHWM:") as f64 / 1024.0,
+            }
+        })
+    }
+
+    /// Sends `count` messages as `device` in full batches; returns each batch's latency.
+    async fn device_run(
+        gateway: Gateway,
+        device: String,
+        count: u64,
+        body_set: std::sync::Arc<Vec<Vec<u8>>>,
+    ) -> Vec<Duration> {
+        let mut pending = Vec::new();
+        let mut batch = gateway.create_batch(&device).await.expect("batch");
+        for n in 0..count {
+            let event = Event::new(body_set[n as usize % body_set.len()].clone());
+            match batch.try_add(event) {
+                Ok(()) => continue,
+                Err(TryAddError::Full(event)) => {
+                    let full = std::mem::replace(
+                        &mut batch,
+                        gateway.create_batch(&device).await.expect("batch"),
+                    );
+                    pending.push(timed(
+                        gateway.send_batch(&device, full).await.expect("queued"),
+                    ));
+                    batch.try_add(event).expect("an event fits an empty batch");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        if !batch.is_empty() {
+            pending.push(timed(
+                gateway.send_batch(&device, batch).await.expect("queued"),
+            ));
+        }
+        let mut latencies = Vec::with_capacity(pending.len());
+        for outcome in pending {
+            latencies.push(outcome.await.expect("outcome task"));
+        }
+        latencies
+    }
+
+    /// Waits for `outcome` on a task of its own; resolves to the time from now to the outcome.
+    fn timed(outcome: hubsend::DeliveryFuture) -> tokio::task::JoinHandle<Duration> {
+        let sent = Instant::now();
+        tokio::spawn(async move {
+            outcome.await.expect("stored");
+            sent.elapsed()
+        })
+    }
 }

@@ -427,7 +427,8 @@ async fn idle_device_links_are_closed_and_attached_again_on_use() {
 
 #[tokio::test]
 async fn a_throttled_registry_is_waited_out_and_every_device_still_sends() {
-    // The registry answers 429 past 3 calls a second; 8 new devices need 16 calls.
+    // The registry answers 429 past 3 calls a second; 8 new devices arriving one after the
+    // other (so each is created alone, not in a bulk call) need 16 calls.
     let iot = Iot::start(config().iot_registry_rate_limit(3, Duration::from_secs(1))).await;
     let gateway = iot
         .builder(iot.hub.iothub_connection_string("iothubowner"))
@@ -436,20 +437,13 @@ async fn a_throttled_registry_is_waited_out_and_every_device_still_sends() {
         .gateway()
         .await
         .unwrap();
-    let mut tasks = Vec::new();
     for i in 0..8 {
-        let gateway = gateway.clone();
-        tasks.push(tokio::spawn(async move {
-            let id = format!("t{i}");
-            gateway
-                .send_named(&id, Some(&format!("name {i}")), Event::new("x"))
-                .await?
-                .await
-        }));
-    }
-    for task in tasks {
-        task.await
-            .unwrap()
+        let id = format!("t{i}");
+        gateway
+            .send_named(&id, Some(&format!("name {i}")), Event::new("x"))
+            .await
+            .expect("queued")
+            .await
             .expect("created and stored despite 429s");
     }
     let counts = iot.state().counts();
@@ -500,5 +494,185 @@ async fn concurrent_first_sends_of_one_new_device_create_it_once() {
             "{when:?}: {counts:?}"
         );
         assert_eq!(iot.hub.iothub_messages(&id).len(), 20);
+    }
+}
+
+#[tokio::test]
+async fn every_d2c_message_is_on_the_builtin_endpoint_under_its_device() {
+    let iot = Iot::start(config()).await;
+    let devices = ["north-1", "North-1", "south:2"];
+    for d in devices {
+        iot.state().add_device(d, POLICY_KEY);
+    }
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .gateway()
+        .await
+        .unwrap();
+    for i in 0..4 {
+        for d in devices {
+            let event = Event::new(format!("{d}/{i}"))
+                .with_content_type("application/json")
+                .with_message_id(format!("{d}-{i}"))
+                .with_property("n", i.to_string());
+            gateway.send(d, event).await.unwrap().await.unwrap();
+        }
+    }
+    // A batch counts one event per message on the built-in endpoint.
+    let mut batch = gateway.create_batch("south:2").await.unwrap();
+    for i in 4..7 {
+        batch
+            .try_add(Event::new(format!("south:2/{i}")))
+            .expect("fits");
+    }
+    gateway
+        .send_batch("south:2", batch)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let events = iot.hub.iothub_builtin_events();
+    assert_eq!(events.len(), 15);
+    for d in devices {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e.iothub_device_id.as_deref() == Some(d))
+            .collect();
+        let want = if d == "south:2" { 7 } else { 4 };
+        assert_eq!(mine.len(), want, "{d}");
+        // One partition per device, the one its id hashes to, in send order.
+        let partition = iot.hub.partition_for_key("plant", d);
+        for (i, e) in mine.iter().enumerate() {
+            assert_eq!(e.partition, partition, "{d}");
+            assert_eq!(e.body, format!("{d}/{i}").into_bytes());
+            if i < 4 {
+                assert_eq!(e.message_id.as_deref(), Some(format!("{d}-{i}").as_str()));
+                assert_eq!(e.application_properties["n"], i.to_string());
+                assert_eq!(e.content_type.as_deref(), Some("application/json"));
+            }
+        }
+    }
+    // Readable with the `service` policy's Event Hubs connection string, not outside IoT mode.
+    let cs = iot.hub.iothub_builtin_connection_string("service").unwrap();
+    assert!(cs.contains("SharedAccessKeyName=service;") && cs.contains("EntityPath=plant"));
+}
+
+/// Sends one message as each of `ids` in order; returns each device's connection.
+async fn placements(gateway: &Gateway, ids: &[String]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for id in ids {
+        stored(gateway, id, "x").await;
+        match gateway.device_state(id).await {
+            Some(DeviceState::Active { connection }) => out.push(connection),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until the gateway has closed every device link for idleness.
+async fn all_idle(gateway: &Gateway) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while gateway.stats().await.devices > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("idle links closed");
+}
+
+#[tokio::test]
+async fn past_the_per_connection_limit_devices_shard_by_a_stable_hash_of_their_id() {
+    let iot = Iot::start(config()).await;
+    let fillers: Vec<String> = (0..12).map(|i| format!("fill-{i}")).collect();
+    let fleet: Vec<String> = (0..6).map(|i| format!("meter-{i}")).collect();
+    for id in fillers.iter().chain(&fleet) {
+        iot.state().add_device(id.clone(), POLICY_KEY);
+    }
+    let mut seen = Vec::new();
+    for reversed in [false, true] {
+        let gateway = iot
+            .builder(iot.hub.iothub_connection_string("device"))
+            .max_devices_per_connection(4)
+            .idle_timeout(Some(Duration::from_secs(2)))
+            .gateway()
+            .await
+            .unwrap();
+        // 12 devices fill three connections of 4; then all go idle, the connections stay.
+        let filled = placements(&gateway, &fillers).await;
+        assert_eq!(gateway.stats().await.connections, 3);
+        assert!(filled.iter().all(|&c| c < 3));
+        all_idle(&gateway).await;
+        // The fleet arrives in another order in the second gateway; with room everywhere
+        // each id goes where its hash says, not to the first connection with room.
+        let mut order = fleet.clone();
+        if reversed {
+            order.reverse();
+        }
+        let mut placed = placements(&gateway, &order).await;
+        if reversed {
+            placed.reverse();
+        }
+        assert_eq!(gateway.stats().await.connections, 3);
+        seen.push(placed);
+        gateway.close().await.unwrap();
+    }
+    assert_eq!(seen[0], seen[1], "placement depends on arrival order");
+    let used: std::collections::BTreeSet<_> = seen[0].iter().collect();
+    assert!(
+        used.len() > 1,
+        "every device on one connection: {:?}",
+        seen[0]
+    );
+    for id in &fleet {
+        assert_eq!(iot.hub.iothub_messages(id).len(), 2, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn many_unknown_devices_at_once_are_created_with_bulk_calls() {
+    const DEVICES: usize = 150;
+    let iot = Iot::start(config()).await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("iothubowner"))
+        .auto_create(fast_registry(&iot, "iothubowner"), AutoCreate::OnNotFound)
+        .registry_concurrency(2)
+        .gateway()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..DEVICES {
+        let gateway = gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("fleet-{i:03}");
+            gateway
+                .send_named(&id, Some(&format!("Unit {i}")), Event::new(id.clone()))
+                .await
+                .expect("queued")
+                .await
+                .expect("stored");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = gateway.stats().await;
+    assert_eq!(
+        (stats.devices_created, stats.names_written),
+        (DEVICES as u64, DEVICES as u64),
+        "{stats:?}"
+    );
+    let counts = iot.state().counts();
+    assert_eq!(counts.created, DEVICES as u64);
+    // One create and one name write per device would be 300 calls; bulk calls carry many
+    // devices with their names (how many depends on how fast the hub refuses the unknown
+    // devices' links, which paces their arrival at the registry).
+    assert!(counts.bulk_calls >= 1, "{counts:?}");
+    assert!(counts.total < DEVICES as u64, "{counts:?}");
+    for i in 0..DEVICES {
+        let id = format!("fleet-{i:03}");
+        let device = iot.state().device(&id).expect("created");
+        assert_eq!(device.desired["deviceName"], format!("Unit {i}"));
+        assert_eq!(iot.hub.iothub_messages(&id).len(), 1, "{id}");
     }
 }

@@ -170,3 +170,60 @@ async fn https_with_the_hubs_ca_and_refused_without_it() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
 }
+
+#[tokio::test]
+async fn bulk_create_makes_hundreds_in_three_calls_with_names_and_per_device_outcomes() {
+    let hub = start(None).await;
+    let owner = registry(&hub, "iothubowner");
+    owner.ensure_device("old-1", Some("Old")).await.unwrap();
+    let ids: Vec<String> = (0..249).map(|i| format!("new-{i}")).collect();
+    let names: Vec<String> = (0..249).map(|i| format!("Meter {i}")).collect();
+    let mut list: Vec<(&str, Option<&str>)> = ids
+        .iter()
+        .zip(&names)
+        .map(|(id, name)| (id.as_str(), Some(name.as_str())))
+        .collect();
+    list.push(("old-1", Some("Renamed")));
+    list.push(("bad id/with slash", None));
+    list.push(("new-0", Some("Meter 0"))); // a duplicate, sent once
+    let before = hub.state().counts();
+    let outcomes = owner.create_devices(&list).await.unwrap();
+    assert_eq!(outcomes.len(), list.len());
+    for (i, (id, outcome)) in outcomes.iter().enumerate() {
+        assert_eq!(id, list[i].0);
+        match id.as_str() {
+            "old-1" => assert_eq!(outcome.as_ref().unwrap(), &EnsureOutcome::Existed),
+            "bad id/with slash" => {
+                let err = outcome.as_ref().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+                assert!(err.to_string().contains("bad id/with slash"), "{err}");
+            }
+            _ => assert_eq!(outcome.as_ref().unwrap(), &EnsureOutcome::Created, "{id}"),
+        }
+    }
+    let counts = hub.state().counts();
+    // 251 distinct ids: calls of 100, 100 and 51.
+    assert_eq!(counts.bulk_calls - before.bulk_calls, 3);
+    assert_eq!(counts.total - before.total, 3);
+    assert_eq!(counts.created - before.created, 249);
+    // Read back from the hub's store (the client's rate limit would make 249 reads slow).
+    for (id, name) in ids.iter().zip(&names) {
+        let device = hub.state().device(id).expect("created");
+        assert_eq!(device.desired["deviceName"], name.as_str());
+    }
+    let old = owner.get_twin("old-1").await.unwrap();
+    assert_eq!(old["properties"]["desired"]["deviceName"], "Old");
+    assert!(hub.state().device("bad id/with slash").is_none());
+
+    // Without RegistryWrite every device of the call fails with a typed error.
+    let read_only = registry(&hub, "registryRead");
+    let outcomes = read_only
+        .create_devices(&[("x-1", None), ("x-2", None)])
+        .await
+        .unwrap();
+    for (_, outcome) in outcomes {
+        let err = outcome.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unauthorized);
+        assert!(err.to_string().contains("RegistryWrite"), "{err}");
+    }
+}

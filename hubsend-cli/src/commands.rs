@@ -18,18 +18,18 @@ use crate::signals::Signals;
 use crate::text::{error_chain, sanitize};
 
 /// Exit status: success.
-const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_OK: u8 = 0;
 /// Exit status: a valid record was not stored, or the hub could not be used.
-const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage (e.g. no connection string).
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit status: `--strict` and some lines were invalid.
-const EXIT_REJECTED: u8 = 3;
+pub(crate) const EXIT_REJECTED: u8 = 3;
 /// Exit status: a second stop signal abandoned the wait for the hub's outcomes; the summary
 /// counts the events without a known outcome as `unknown`.
-const EXIT_ABANDONED: u8 = 4;
+pub(crate) const EXIT_ABANDONED: u8 = 4;
 /// Exit status: stopped by Ctrl-C or SIGTERM (everything read so far was stored).
-const EXIT_INTERRUPTED: u8 = 130;
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 /// Where and how to connect.
 #[derive(Debug)]
@@ -255,7 +255,7 @@ impl IngestObserver for CliObserver {
     }
 }
 
-fn human_summary(report: &IngestReport) {
+pub(crate) fn human_summary(report: &IngestReport) {
     let unknown = if report.unknown > 0 {
         format!(", {} without a known outcome", report.unknown)
     } else {

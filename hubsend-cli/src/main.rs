@@ -5,6 +5,7 @@
 
 mod commands;
 mod ingest;
+mod iot;
 mod signals;
 mod spooled;
 mod text;
@@ -56,6 +57,8 @@ enum Command {
     Bench(BenchArgs),
     /// Show the hub's name, partitions and per-partition properties.
     Info(InfoArgs),
+    /// IoT Hub: send telemetry records as device-to-cloud messages (`hubsend iot send`).
+    Iot(iot::IotArgs),
 }
 
 /// The connection string argument shared by every command.
@@ -228,7 +231,9 @@ fn main() -> ExitCode {
     // which wants threads of its own.
     let mut builder = match &cli.command {
         Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
-        Command::Send(_) | Command::Info(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Send(_) | Command::Info(_) | Command::Iot(_) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -242,6 +247,7 @@ fn main() -> ExitCode {
             Command::Send(args) => commands::send(args.into()).await,
             Command::Bench(args) => commands::bench(args.into()).await,
             Command::Info(args) => commands::info(args.into()).await,
+            Command::Iot(args) => iot::run(args).await,
         }
     });
     // The input reader thread may be blocked on a terminal: don't wait for it.

@@ -8,6 +8,9 @@
 //!   the status (`enabled`/`disabled`); an unknown id is 404.
 //! - `DELETE /devices/{id}` with `If-Match` (`*` or the etag; none is taken as `*`): 204,
 //!   or 404 for an unknown id.
+//! - `POST /devices`: the bulk registry call (at most 100 entries; `importMode` `create`,
+//!   `createOrUpdate`, `update`, `delete`; 200, or 400 with per-device `errors`), needing
+//!   RegistryWrite. A `create` entry's `properties.desired` and `tags` are the new twin's.
 //! - `GET /twins/{id}`, `PATCH /twins/{id}` (a JSON merge of `tags` and
 //!   `properties.desired`; `If-Match` `*` or the twin's etag, else 412 `PreconditionFailed`).
 //!
@@ -97,6 +100,8 @@ pub struct IotHubRequestCounts {
     pub throttled: u64,
     /// Successful deletes.
     pub deleted: u64,
+    /// Bulk registry calls (`POST /devices`) with an accepted token.
+    pub bulk_calls: u64,
 }
 
 #[derive(Debug, Default)]
@@ -325,6 +330,32 @@ impl IotHubState {
                 );
             }
             inner.window.push(now);
+        }
+        if path.trim_end_matches('/') == "/devices" && method == "POST" {
+            return match self.check_token(auth) {
+                Ok(policy) if policy.registry_write => {
+                    inner.counts.bulk_calls += 1;
+                    bulk(&mut inner, body)
+                }
+                Ok(_) => {
+                    inner.counts.unauthorized += 1;
+                    error(
+                        StatusCode::UNAUTHORIZED,
+                        "IotHubUnauthorizedAccess",
+                        "the policy lacks RegistryWrite",
+                        vec![],
+                    )
+                }
+                Err(why) => {
+                    inner.counts.unauthorized += 1;
+                    error(
+                        StatusCode::UNAUTHORIZED,
+                        "IotHubUnauthorizedAccess",
+                        why,
+                        vec![],
+                    )
+                }
+            };
         }
         let (kind, raw_id) = match path.strip_prefix("/devices/") {
             Some(id) => ("device", id),
@@ -604,6 +635,144 @@ fn new_device(id: &str, seq: u64, status: &str) -> IotHubDevice {
         twin_version: 1,
         twin_etag: format!("\"t{seq}\""),
     }
+}
+
+/// The bulk registry call (`POST /devices`): an array of at most 100 entries with unique ids,
+/// each applied on its own (a failed entry does not undo the others; inferred). Modes:
+/// `create` (an existing id is `DeviceAlreadyExists`), `createOrUpdate`, `update` (an unknown
+/// id is `DeviceNotFound`), `delete` (likewise); `status`, `authentication.symmetricKey`,
+/// `tags` and `properties.desired` are taken from the entry. Answers 200
+/// `{isSuccessful:true, errors:[], warnings:[]}`, or 400 with `isSuccessful:false` and one
+/// `{deviceId, errorCode, errorStatus}` per failed entry; a malformed body is a plain 400.
+fn bulk(inner: &mut Inner, body: &[u8]) -> (StatusCode, Vec<(&'static str, String)>, Value) {
+    let bad = |why: &str| error(StatusCode::BAD_REQUEST, "ArgumentInvalid", why, vec![]);
+    let Ok(Value::Array(entries)) = serde_json::from_slice::<Value>(body) else {
+        return bad("the body must be a JSON array of devices");
+    };
+    if entries.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "TooManyDevices",
+            "a bulk call takes at most 100 devices",
+            vec![],
+        );
+    }
+    let mut ids = std::collections::HashSet::new();
+    for e in &entries {
+        match e.get("id").and_then(Value::as_str) {
+            Some(id) if !id.is_empty() && ids.insert(id.to_owned()) => {}
+            Some(_) => return bad("device ids must be unique and non-empty"),
+            None => return bad("every entry needs an id"),
+        }
+    }
+    let mut errors = Vec::new();
+    for e in &entries {
+        let id = e
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let mode = e
+            .get("importMode")
+            .and_then(Value::as_str)
+            .unwrap_or("createOrUpdate");
+        let fail = |code: &str, status: &str| json!({"deviceId": id, "moduleId": null, "errorCode": code, "errorStatus": status, "operation": mode});
+        if !valid_id(&id) {
+            errors.push(fail(
+                "ArgumentInvalid",
+                "the device id has characters IoT Hub does not allow",
+            ));
+            continue;
+        }
+        inner.next_etag += 1;
+        let seq = inner.next_etag;
+        let exists = inner.devices.contains_key(&id);
+        match (mode.to_ascii_lowercase().as_str(), exists) {
+            ("create", true) => {
+                inner.counts.conflicts += 1;
+                errors.push(fail("DeviceAlreadyExists", "a device with this id exists"));
+                continue;
+            }
+            ("update" | "delete", false) => {
+                errors.push(fail("DeviceNotFound", "device not found"));
+                continue;
+            }
+            ("delete", true) => {
+                inner.devices.remove(&id);
+                inner.counts.deleted += 1;
+                continue;
+            }
+            ("create" | "createorupdate", false) => {
+                let device = new_device(&id, seq, "enabled");
+                inner.devices.insert(id.clone(), device);
+                inner.counts.created += 1;
+            }
+            ("update" | "createorupdate", true) => {}
+            _ => {
+                errors.push(fail(
+                    "InvalidOperation",
+                    "the test hub supports create, createOrUpdate, update and delete",
+                ));
+                continue;
+            }
+        }
+        let Some(device) = inner.devices.get_mut(&id) else {
+            continue;
+        };
+        match e.get("status").and_then(Value::as_str) {
+            Some(status @ ("enabled" | "disabled")) => device.status = status.to_owned(),
+            None => {}
+            Some(_) => errors.push(fail(
+                "ArgumentInvalid",
+                "status must be enabled or disabled",
+            )),
+        }
+        for (field, slot) in [
+            ("primaryKey", &mut device.primary_key),
+            ("secondaryKey", &mut device.secondary_key),
+        ] {
+            let key = e
+                .pointer(&format!("/authentication/symmetricKey/{field}"))
+                .and_then(Value::as_str)
+                .filter(|k| STANDARD.decode(k).is_ok());
+            if let Some(k) = key {
+                *slot = k.to_owned();
+            }
+        }
+        let mut twin_changed = false;
+        if let Some(tags) = e.get("tags").filter(|t| t.is_object()) {
+            merge(&mut device.tags, tags);
+            twin_changed = true;
+        }
+        if let Some(desired) = e.pointer("/properties/desired").filter(|d| d.is_object()) {
+            merge(&mut device.desired, desired);
+            twin_changed = true;
+        }
+        if twin_changed {
+            device.twin_version += 1;
+            device.twin_etag = format!("\"t{seq}\"");
+            inner.counts.twin_updates += 1;
+        }
+        device.etag = identity_etag(seq);
+    }
+    let ok = errors.is_empty();
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        },
+        vec![],
+        json!({"isSuccessful": ok, "errors": errors, "warnings": []}),
+    )
+}
+
+/// IoT Hub's device id rule: 1 to 128 of `A-Za-z0-9` and `-:.+%_#*?!(),=@;$'`.
+fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-:.+%_#*?!(),=@;$'".contains(c))
 }
 
 fn identity_etag(seq: u64) -> String {

@@ -77,6 +77,8 @@ pub struct HubConfig {
     pub(crate) iot: Option<iothub_http::IotHubState>,
     /// IoT Hub devices: id and base64 key.
     pub(crate) iot_devices: Vec<(String, String)>,
+    /// IoT Hub mode: the built-in Event Hubs-compatible endpoint's event hub (one of `hubs`).
+    pub(crate) iot_builtin: Option<String>,
     /// How an idempotent producer's resume is answered.
     pub(crate) idempotent_resume: ResumeAnswer,
     /// What a gap in an idempotent producer's numbers gets.
@@ -137,6 +139,7 @@ impl HubConfig {
             iothub: None,
             iot: None,
             iot_devices: Vec::new(),
+            iot_builtin: None,
             idempotent_resume: ResumeAnswer::default(),
             idempotent_gaps: GapAnswer::default(),
             rest: false,
@@ -221,6 +224,20 @@ impl HubConfig {
     /// front with [`iot_device`](Self::iot_device); read what each sent with
     /// [`TestHub::iothub_messages`]. See the `server::iothub` module docs for the choices
     /// made where the service's behaviour is inferred.
+    ///
+    /// Every accepted D2C message is also put on the hub's **built-in Event Hubs-compatible
+    /// endpoint**: an event hub named after the IoT hub (the first label of `host_name`, e.g.
+    /// `plant`; [`iot_builtin_partitions`](Self::iot_builtin_partitions), 4 by default),
+    /// partitioned by device id, that any Event Hubs consumer reads with a policy holding
+    /// ServiceConnect ([`TestHub::iothub_builtin_connection_string`]; Event Hubs SAS, signed
+    /// with the key text as Event Hubs does). Each event is the message as the device sent it
+    /// with IoT Hub's system properties added as message annotations, which a device cannot
+    /// spoof: `iothub-connection-device-id`, `iothub-connection-auth-method`
+    /// (`{"scope":"device"|"hub","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}`:
+    /// `device` for a device-key token, `hub` for a policy token),
+    /// `iothub-connection-auth-generation-id` (the identity's generation id),
+    /// `iothub-enqueuedtime` (timestamp) and `iothub-message-source` (`Telemetry`), next to
+    /// the usual `x-opt-sequence-number`, `x-opt-offset` and `x-opt-enqueued-time`.
     pub fn iothub(mut self, host_name: impl Into<String>) -> Self {
         let host = host_name.into().to_ascii_lowercase();
         let mut state = iothub_http::IotHubState::new(host.clone());
@@ -230,12 +247,26 @@ impl HubConfig {
                     state.with_policy(server::iot_policy(p.name.clone(), p.key.clone(), &p.rights));
             }
         }
+        let builtin = server::iot_builtin_name(&host);
         self.iothub = Some(host);
         self.iot = Some(state);
         self.max_message_size = 256 * 1024;
         if !self.hubs_customised {
             self.hubs.clear();
             self.hubs_customised = true;
+        }
+        self.hubs.push((builtin.clone(), 4));
+        self.iot_builtin = Some(builtin);
+        self
+    }
+
+    /// IoT Hub mode: the partition count of the built-in Event Hubs-compatible endpoint
+    /// (default 4, as a new IoT hub has). Call after [`iothub`](Self::iothub).
+    pub fn iot_builtin_partitions(mut self, partitions: u32) -> Self {
+        if let Some(name) = &self.iot_builtin {
+            for hub in self.hubs.iter_mut().filter(|h| &h.0 == name) {
+                hub.1 = partitions.max(1);
+            }
         }
         self
     }
@@ -586,6 +617,30 @@ impl TestHub {
             .find(|p| p.name == policy)
             .map(|p| p.key.clone())
             .unwrap_or_default();
+        self.event_hubs_connection_string(policy, &key, hub)
+    }
+
+    /// IoT Hub mode: the Event Hubs connection string of the built-in Event Hubs-compatible
+    /// endpoint ([`HubConfig::iothub`]) for IoT Hub policy `policy` (it needs ServiceConnect
+    /// to read, e.g. `service` or `iothubowner`); `None` outside IoT Hub mode.
+    pub fn iothub_builtin_connection_string(&self, policy: &str) -> Option<String> {
+        let hub = self.shared.config.iot_builtin.as_deref()?;
+        let key = self.shared.iot.as_ref()?.policy(policy)?.key.clone();
+        Some(self.event_hubs_connection_string(policy, &key, hub))
+    }
+
+    /// IoT Hub mode: what the built-in Event Hubs-compatible endpoint holds, as an Event Hubs
+    /// consumer would read it, ordered by (partition, sequence number).
+    pub fn iothub_builtin_events(&self) -> Vec<StoredEvent> {
+        match self.shared.config.iot_builtin.as_deref() {
+            Some(hub) => self.events(hub),
+            None => Vec::new(),
+        }
+    }
+
+    /// An Event Hubs connection string for this hub's address.
+    fn event_hubs_connection_string(&self, policy: &str, key: &str, hub: &str) -> String {
+        let cfg = &self.shared.config;
         let port = self.addr.port();
         if cfg.tls {
             format!(

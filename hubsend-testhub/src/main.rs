@@ -1,7 +1,9 @@
 //! `hubsend-testhub` binary: serves a local Event Hubs-compatible endpoint until interrupted.
 //! Stdout: line 1 is the send-only connection string, line 2 the `manage` (Listen) policy's,
 //! then, with TLS, the CA certificate's path (the file is written before line 1), then, with
-//! `--ws-port`, the WebSocket listener's URL.
+//! `--ws-port`, the WebSocket listener's URL. In IoT Hub mode a `Built-in endpoint: CS` line
+//! (after the CA and `Registry:` lines) gives the Event Hubs connection string of the built-in
+//! Event Hubs-compatible endpoint.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -17,7 +19,10 @@ use hubsend_testhub::{HubConfig, TestHub};
 line 2 that of the `manage` policy (Manage, Send, Listen: use it to read events back), and with \
 --tls-dir line 3 names the CA certificate (written before line 1 is printed). With --rest a \
 line `REST endpoint: URL` follows; with --ws-port the last line is `WebSocket: URL`, the \
-WebSocket listener's upgrade URL."
+WebSocket listener's upgrade URL. With --iothub, lines 1 and 2 are the `device` policy's and \
+the first device's connection strings, and a line `Built-in endpoint: CS` (after the CA and \
+`Registry:` lines) gives the Event Hubs connection string (policy `service`) of the built-in \
+Event Hubs-compatible endpoint, where every D2C message can be read back."
 )]
 struct Args {
     /// Interface to bind.
@@ -124,7 +129,8 @@ struct Args {
     stats_file: Option<PathBuf>,
     /// Speak IoT Hub as hub HOST (e.g. plant.azure-devices.net) instead of Event Hubs. Stdout
     /// line 1 is then the `device` policy's connection string (DeviceConnect), line 2 the
-    /// first device's; both name `GatewayHostName=localhost:PORT`.
+    /// first device's; both name `GatewayHostName=localhost:PORT`. A `Built-in endpoint: CS` line
+    /// follows the CA and `Registry:` lines: the built-in Event Hubs-compatible endpoint.
     #[arg(long, value_name = "HOST")]
     iothub: Option<String>,
     /// IoT Hub mode: register a device with its base64 key, as ID=KEY (repeatable).
@@ -283,6 +289,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             _ => println!("Registry: {}", rest.url()),
         }
+    }
+    // IoT Hub mode: the built-in Event Hubs-compatible endpoint, read with the `service`
+    // policy (ServiceConnect), after the lines above so their order stays.
+    if let Some(cs) = hub.iothub_builtin_connection_string("service") {
+        println!("Built-in endpoint: {cs}");
     }
     if let Some(url) = hub.rest_url() {
         println!("REST endpoint: {url}");

@@ -44,6 +44,9 @@ pub struct StoredEvent {
     /// The event as the client sent it, as one encoded AMQP message (all its sections); what
     /// consumers receive back, with the service's annotations added.
     pub encoded_message: Vec<u8>,
+    /// IoT Hub mode: the device that sent it (`iothub-connection-device-id`, as the built-in
+    /// endpoint's consumers see it).
+    pub iothub_device_id: Option<String>,
 }
 
 /// Payload buffers of deliveries that retention dropped, kept for reuse: fresh memory costs
@@ -111,6 +114,19 @@ pub(crate) struct DeliveryMeta {
     pub route_key: Option<Arc<str>>,
     /// Enqueued time, Unix milliseconds.
     pub enqueued_time_ms: i64,
+    /// IoT Hub: the device-to-cloud origin the built-in endpoint stamps on each event.
+    pub iot: Option<Arc<IotOrigin>>,
+}
+
+/// Who sent a device-to-cloud message, as IoT Hub's built-in endpoint tells consumers.
+#[derive(Debug)]
+pub(crate) struct IotOrigin {
+    /// `iothub-connection-device-id`.
+    pub device_id: String,
+    /// `iothub-connection-auth-generation-id`: the identity's generation id.
+    pub generation_id: String,
+    /// `iothub-connection-auth-method`, a JSON object.
+    pub auth_method: String,
 }
 
 /// The events of one delivery in one partition.
@@ -345,6 +361,7 @@ impl EventRef {
             batched: self.meta.batched,
             link_target: self.meta.link_target.to_string(),
             encoded_message: self.raw().to_vec(),
+            iothub_device_id: self.meta.iot.as_ref().map(|o| o.device_id.clone()),
         }
     }
 }
@@ -472,6 +489,7 @@ mod tests {
             link_target: Arc::from("telemetry"),
             route_key: None,
             enqueued_time_ms: 7,
+            iot: None,
         }
     }
 

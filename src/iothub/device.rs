@@ -69,6 +69,7 @@ pub struct IotHubBuilder {
     extra_roots_pem: Vec<Vec<u8>>,
     port: Option<u16>,
     plaintext: bool,
+    endpoint: Option<String>,
     max_devices_per_connection: usize,
     idle_timeout: Option<Duration>,
     refused_retry_after: Duration,
@@ -88,6 +89,7 @@ impl std::fmt::Debug for IotHubBuilder {
             .field("options", &self.options)
             .field("port", &self.port)
             .field("plaintext", &self.plaintext)
+            .field("endpoint", &self.endpoint)
             .field(
                 "max_devices_per_connection",
                 &self.max_devices_per_connection,
@@ -108,6 +110,7 @@ impl Default for IotHubBuilder {
             extra_roots_pem: Vec::new(),
             port: None,
             plaintext: false,
+            endpoint: None,
             max_devices_per_connection: DEFAULT_MAX_DEVICES_PER_CONNECTION,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             refused_retry_after: DEFAULT_REFUSED_RETRY_AFTER,
@@ -149,6 +152,18 @@ impl IotHubBuilder {
     /// Plain AMQP without TLS: tokens cross the network readable. Only for a local test hub.
     pub fn danger_plaintext(mut self, plaintext: bool) -> Self {
         self.plaintext = plaintext;
+        self
+    }
+
+    /// Dials this address instead of the hub (a private endpoint, a gateway, a local test
+    /// hub): `amqps://host[:5671]`, `wss://host[:443][/path]` (default path
+    /// `/$iothub/websocket`), or `amqp://`/`ws://` to a loopback host only (unless
+    /// [`danger_plaintext`](Self::danger_plaintext)). Token audiences and the AMQP `hostname`
+    /// keep the connection string's `HostName`. The scheme overrides
+    /// [`port`](Self::port), [`websockets`](Self::websockets) and plaintext; checked when
+    /// connecting ([`ErrorKind::InvalidConfig`] for `https://` or a URL that does not parse).
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoint = Some(url.into());
         self
     }
 
@@ -231,26 +246,48 @@ impl IotHubBuilder {
     }
 
     fn config(&self, cs: &IotHubConnectionString) -> Result<ConnectConfig> {
-        let tls = if self.plaintext {
+        let custom = match &self.endpoint {
+            Some(url) => Some(crate::endpoint::CustomEndpoint::parse(url, self.plaintext)?),
+            None => None,
+        };
+        let mut network = self.network.clone();
+        let mut plaintext = self.plaintext;
+        if let Some(c) = &custom {
+            if c.transport == crate::Transport::Https {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    "IoT Hub device-to-cloud goes over AMQP: use an amqps:// or wss:// endpoint",
+                ));
+            }
+            network.websockets = c.transport == crate::Transport::WebSockets;
+            plaintext = !c.tls;
+        }
+        let tls = if plaintext {
             None
         } else {
             Some(crate::tls::client_config_with_pems(&self.extra_roots_pem)?)
         };
         let options = &self.options;
-        let (route, framing) = self
-            .network
-            .resolve(cs.connect_host(), "/$iothub/websocket")?;
+        let ws_path = match &custom {
+            Some(c) if !c.path.is_empty() => c.path.clone(),
+            _ => "/$iothub/websocket".to_owned(),
+        };
+        let dial = custom
+            .as_ref()
+            .map_or(cs.connect_host(), |c| c.host.as_str());
+        let (route, framing) = network.resolve(dial, &ws_path)?;
         let default_port = if tls.is_some() { 5671 } else { 5672 };
-        let default_port = self
-            .network
-            .default_port(tls.is_some())
-            .unwrap_or(default_port);
+        let default_port = network.default_port(tls.is_some()).unwrap_or(default_port);
+        let port = match &custom {
+            Some(c) => c.port,
+            None => self.port.unwrap_or(default_port),
+        };
         Ok(ConnectConfig {
-            port: self.port.unwrap_or(default_port),
+            port,
             route,
             framing,
             host: cs.connect_host().to_owned(),
-            dial_host: None,
+            dial_host: custom.map(|c| c.host),
             hub: cs.hub_name().to_owned(),
             tls,
             provider: cs.token_provider(options.token_lifetime),

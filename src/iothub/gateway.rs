@@ -6,8 +6,13 @@
 //! Each device gets its own token (signed with the gateway's policy key, which needs
 //! DeviceConnect) and its own sender link, set up on its first message. A connection takes
 //! up to [`max_devices_per_connection`](super::IotHubBuilder::max_devices_per_connection)
-//! devices (default 900, under IoT Hub's cap of about 999 tokens per connection); the next
-//! device goes to a connection with room, or a new one. When the hub refuses a token because
+//! devices (default 900, under IoT Hub's cap of about 999 tokens per connection). A device is
+//! placed by a stable hash of its id (FNV-1a, then jump consistent hashing over the
+//! connections open): the same id lands on the same connection whenever that one has room,
+//! whatever order devices arrive in, and opening one more connection moves only about
+//! 1/(n+1) of the ids' targets. A device whose connection is full goes to the next one (in
+//! hash order) with room; when none has room, a new connection is opened and the device goes
+//! there. When the hub refuses a token because
 //! its connection holds too many (403005 `IotHubMaxCbsTokenExceeded`: tokens of devices gone
 //! idle still count until they expire), that connection takes no new devices for one token
 //! lifetime and the device is placed on another.
@@ -22,7 +27,11 @@
 //! calls only for new devices) or before each device's first use. At most
 //! [`registry_concurrency`](super::IotHubBuilder::registry_concurrency) registry calls run at
 //! once, and the registry client paces itself at its rate (100 operations a minute by
-//! default, IoT Hub's S1 limit) and waits out 429s.
+//! default, IoT Hub's S1 limit) and waits out 429s. New devices that wait for a registry call
+//! together (many unknown devices arriving at once; a call waits in 20 ms rounds, at most
+//! 200 ms, while devices being set up meanwhile keep joining) go out in one bulk call
+//! (`Registry::create_devices`, up to 100 per call, each name set in the same call); a device
+//! alone is created with one create and, when it has a name, one twin write.
 //!
 //! # Failures stay with their device
 //! A device the hub refuses (not found without auto-create, disabled, unauthorised,
@@ -153,7 +162,23 @@ struct Creator {
     registry: Registry,
     when: AutoCreate,
     permits: tokio::sync::Semaphore,
+    /// Creations waiting for the next registry call: whoever gets a permit takes up to
+    /// [`MAX_BULK_DEVICES`](super::registry::MAX_BULK_DEVICES) of them into one bulk call.
+    queue: std::sync::Mutex<Vec<PendingCreate>>,
 }
+
+/// How long a registry call waits, per round, for other new devices set up at the same time
+/// to join it (only while there are such devices and the queue grows; 10 rounds at most).
+#[cfg(feature = "registry")]
+const BULK_GATHER: Duration = Duration::from_millis(20);
+
+/// A device waiting to be created, and where its outcome goes.
+#[cfg(feature = "registry")]
+type PendingCreate = (
+    String,
+    Option<String>,
+    tokio::sync::oneshot::Sender<Result<EnsureOutcome>>,
+);
 
 #[derive(Default)]
 struct Counters {
@@ -241,6 +266,7 @@ impl Gateway {
                 registry,
                 when,
                 permits: tokio::sync::Semaphore::new(n.max(1)),
+                queue: std::sync::Mutex::new(Vec::new()),
             }),
             shards: Mutex::new(Shards::default()),
             setups: std::sync::Mutex::new(HashMap::new()),
@@ -522,7 +548,9 @@ impl Gateway {
         }
         let now = Instant::now();
         let max = self.inner.max_devices;
-        let free = (0..shards.engines.len()).find(|&i| {
+        let n = shards.engines.len();
+        let target = shard_of(device_id, n);
+        let free = (0..n).map(|k| (target + k) % n.max(1)).find(|&i| {
             shards.load[i] < max && shards.full_until[i].is_none_or(|until| now >= until)
         });
         let i = match free {
@@ -583,15 +611,42 @@ impl Gateway {
     }
 
     /// Creates the identity (writing its name once when this created it), within the
-    /// registry concurrency bound.
+    /// registry concurrency bound. Devices waiting together go out in one bulk call.
     #[cfg(feature = "registry")]
     async fn create(&self, creator: &Creator, device_id: &str, name: Option<&str>) -> Result<()> {
-        let _permit = creator
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&creator.queue).push((device_id.to_owned(), name.map(str::to_owned), tx));
+        let permit = creator
             .permits
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "the gateway is closed"))?;
-        let outcome = creator.registry.ensure_device(device_id, name).await?;
+        // Other devices being set up at the same time may be new too: give them a moment to
+        // join this call.
+        // Gathering goes on while the queue keeps growing, for at most 10 rounds.
+        let mut queued = 0;
+        for _ in 0..10 {
+            let now = lock(&creator.queue).len();
+            let setting_up = self.inner.setups.lock().map_or(0, |s| s.len());
+            if now <= queued || now >= super::registry::MAX_BULK_DEVICES || setting_up <= now {
+                break;
+            }
+            queued = now;
+            tokio::time::sleep(BULK_GATHER).await;
+        }
+        let batch: Vec<PendingCreate> = {
+            let mut queue = lock(&creator.queue);
+            let n = queue.len().min(super::registry::MAX_BULK_DEVICES);
+            queue.drain(..n).collect()
+        };
+        run_creates(&creator.registry, batch).await;
+        drop(permit);
+        // Another caller's call may have carried this device; if that caller went away
+        // mid-call, create it here.
+        let outcome = match rx.await {
+            Ok(outcome) => outcome?,
+            Err(_) => creator.registry.ensure_device(device_id, name).await?,
+        };
         if outcome == EnsureOutcome::Created {
             self.inner.counters.created.fetch_add(1, Ordering::Relaxed);
             if name.is_some() {
@@ -607,6 +662,62 @@ impl Gateway {
             .ensured = true;
         Ok(())
     }
+}
+
+/// Creates `batch` (one device: create, then its name; more: one bulk call carrying the
+/// names) and sends each device its outcome.
+#[cfg(feature = "registry")]
+async fn run_creates(registry: &Registry, batch: Vec<PendingCreate>) {
+    match batch.len() {
+        0 => {}
+        1 => {
+            for (id, name, tx) in batch {
+                let _ = tx.send(registry.ensure_device(&id, name.as_deref()).await);
+            }
+        }
+        n => {
+            tracing::debug!(devices = n, "bulk registry create");
+            let list: Vec<(&str, Option<&str>)> = batch
+                .iter()
+                .map(|(id, name, _)| (id.as_str(), name.as_deref()))
+                .collect();
+            let outcomes = registry.create_devices(&list).await;
+            let mut outcomes = match outcomes {
+                Ok(o) => o.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e); n],
+            };
+            outcomes.resize_with(n, || Ok(EnsureOutcome::Existed));
+            for ((_, _, tx), outcome) in batch.into_iter().zip(outcomes) {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// Locks a std mutex, taking it back from a panicked holder.
+#[cfg(feature = "registry")]
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection (of `connections`) a device id hashes to: FNV-1a 64 of its bytes, then
+/// jump consistent hashing (Lamping and Veach), so growing from n to n+1 connections moves
+/// only the ids that now hash to the new one. Stable across runs and platforms.
+fn shard_of(device_id: &str, connections: usize) -> usize {
+    if connections <= 1 {
+        return 0;
+    }
+    let mut key = device_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let (mut bucket, mut next) = (0_i64, 0_i64);
+    while next < connections as i64 {
+        bucket = next;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        let scale = (1_u64 << 31) as f64 / ((key >> 33) + 1) as f64;
+        next = ((bucket + 1) as f64 * scale) as i64;
+    }
+    bucket as usize
 }
 
 /// Closes the links of devices idle for `idle`, until the gateway is gone.
@@ -644,5 +755,36 @@ async fn sweep(gateway: Weak<GatewayInner>, idle: Duration) {
             inner.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("idle device link closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_of;
+
+    #[test]
+    fn the_shard_hash_is_stable_and_moves_few_ids_when_connections_grow() {
+        let ids: Vec<String> = (0..2000).map(|i| format!("sensor-{i}")).collect();
+        for id in &ids {
+            assert_eq!(shard_of(id, 1), 0);
+            assert!(shard_of(id, 7) < 7);
+            assert_eq!(shard_of(id, 7), shard_of(id, 7));
+        }
+        // Growing 4 -> 5 moves only ids to the new connection, about a fifth of them.
+        let moved: Vec<&String> = ids
+            .iter()
+            .filter(|id| shard_of(id, 4) != shard_of(id, 5))
+            .collect();
+        assert!(moved.iter().all(|id| shard_of(id, 5) == 4));
+        assert!((300..500).contains(&moved.len()), "{}", moved.len());
+        // Spread evenly.
+        let mut counts = [0; 5];
+        for id in &ids {
+            counts[shard_of(id, 5)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (330..470).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

@@ -22,5 +22,5 @@ pub use device::{
 };
 pub use gateway::{AutoCreate, DeviceState, Gateway, GatewayStats};
 #[cfg(feature = "registry")]
-pub use registry::{Device, EnsureOutcome, Registry, RegistryBuilder};
+pub use registry::{Device, EnsureOutcome, Registry, RegistryBuilder, MAX_BULK_DEVICES};
 pub use sas::IotHubSasProvider;

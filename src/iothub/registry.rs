@@ -6,6 +6,9 @@
 //! means it existed and is not an error) and, only when it was created, writes the device's
 //! name once into its twin (`PATCH /twins/{id}` with `properties.desired.deviceName`).
 //!
+//! [`create_devices`](Registry::create_devices) creates many at once with the bulk registry
+//! call (`POST /devices`, up to [`MAX_BULK_DEVICES`] per call, the name set in the same call).
+//!
 //! Every request carries an `Authorization: SharedAccessSignature …&skn=…` header signed with
 //! the policy key for the hub host, cached and re-signed before it expires. Calls pass through
 //! a client-side token bucket (IoT Hub throttles registry operations at 100 per minute per
@@ -37,6 +40,9 @@ pub const API_VERSION: &str = "2021-04-12";
 
 /// IoT Hub's registry throttle on S1 and S2: 100 operations per minute per unit.
 pub const DEFAULT_OPERATIONS_PER_MINUTE: u32 = 100;
+
+/// The most devices one bulk registry call carries (IoT Hub's limit).
+pub const MAX_BULK_DEVICES: usize = 100;
 
 /// How many times one call is sent when the hub answers 429 or 503.
 const DEFAULT_MAX_ATTEMPTS: u32 = 6;
@@ -388,6 +394,111 @@ impl Registry {
         Ok(outcome)
     }
 
+    /// Creates many devices with bulk registry calls (`POST /devices`, `importMode`
+    /// `create`, at most [`MAX_BULK_DEVICES`] per call, so one rate-limited operation per
+    /// hundred devices instead of one or two each), each with SAS keys the hub generates and,
+    /// when a name is given, `properties.desired.deviceName` set in the same call (so the name
+    /// is written exactly when the identity is created). Returns each device's outcome in
+    /// input order: [`EnsureOutcome::Created`], [`EnsureOutcome::Existed`] for an id the hub
+    /// reports as `DeviceAlreadyExists` (left as it is), or that device's own error
+    /// ([`ErrorKind::InvalidArgument`] for a bad id, …). Duplicate ids in the input are sent
+    /// once; each copy gets the outcome.
+    ///
+    /// # Errors
+    ///
+    /// A failure of a whole call (401/403 naming RegistryWrite, throttling past the retries,
+    /// the hub unreachable) fails the devices of that call with that error, in their slots;
+    /// the outer `Err` is for nothing else than an answer hubsend cannot read.
+    pub async fn create_devices(
+        &self,
+        devices: &[(&str, Option<&str>)],
+    ) -> Result<Vec<(String, Result<EnsureOutcome>)>> {
+        let mut unique: Vec<(&str, Option<&str>)> = Vec::with_capacity(devices.len());
+        let mut seen = std::collections::HashSet::new();
+        for &(id, name) in devices {
+            if seen.insert(id) {
+                unique.push((id, name));
+            }
+        }
+        let mut outcomes: std::collections::HashMap<&str, Result<EnsureOutcome>> =
+            std::collections::HashMap::with_capacity(unique.len());
+        for chunk in unique.chunks(MAX_BULK_DEVICES) {
+            let body: Vec<Value> = chunk
+                .iter()
+                .map(|(id, name)| {
+                    let mut entry = json!({
+                        "id": id,
+                        "importMode": "create",
+                        "status": "enabled",
+                        "authentication": {"type": "sas", "symmetricKey": {"primaryKey": null, "secondaryKey": null}},
+                    });
+                    if let Some(name) = name {
+                        entry["properties"] = json!({"desired": {"deviceName": name}});
+                    }
+                    entry
+                })
+                .collect();
+            let answer = self
+                .call(
+                    reqwest::Method::POST,
+                    "/devices",
+                    Some(Value::Array(body)),
+                    None,
+                    Right::Write,
+                )
+                .await;
+            let errors = match answer {
+                Ok((_, body)) => body,
+                Err(Failure::Status {
+                    status: 400,
+                    body: Some(body),
+                    ..
+                }) if body.get("errors").is_some() => body,
+                Err(failure) => {
+                    let error = failure.into_error();
+                    for (id, _) in chunk {
+                        outcomes.insert(id, Err(error.clone()));
+                    }
+                    continue;
+                }
+            };
+            let mut failed: std::collections::HashMap<String, (String, String)> =
+                Default::default();
+            for e in errors
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let text = |k: &str| {
+                    e.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                failed.insert(text("deviceId"), (text("errorCode"), text("errorStatus")));
+            }
+            for (id, _) in chunk {
+                let outcome = match failed.remove(*id) {
+                    None => Ok(EnsureOutcome::Created),
+                    Some((code, _)) if code == "DeviceAlreadyExists" => Ok(EnsureOutcome::Existed),
+                    Some((code, status)) => Err(bulk_error(id, &code, &status)),
+                };
+                outcomes.insert(id, outcome);
+            }
+        }
+        Ok(devices
+            .iter()
+            .map(|(id, _)| {
+                let outcome = outcomes
+                    .get(id)
+                    .cloned()
+                    .unwrap_or(Ok(EnsureOutcome::Existed));
+                ((*id).to_owned(), outcome)
+            })
+            .collect())
+    }
+
     /// A header value for the hub-host audience (see [`TokenCache`] for when it is re-signed).
     async fn authorization(&self) -> std::result::Result<String, Failure> {
         let (token, _) = self.inner.tokens.token().await.map_err(Failure::Other)?;
@@ -487,6 +598,7 @@ impl Registry {
                 code,
                 what,
                 right,
+                body: serde_json::from_str(&text).ok(),
             });
         }
     }
@@ -519,6 +631,8 @@ enum Failure {
         code: Option<String>,
         what: String,
         right: Right,
+        /// The answer's JSON body, if it had one (bulk calls carry per-device errors in it).
+        body: Option<Value>,
     },
     Other(Error),
 }
@@ -532,6 +646,7 @@ impl Failure {
                 code,
                 what,
                 right,
+                ..
             } => {
                 let code = code.unwrap_or_else(|| "unknown".to_owned());
                 let (kind, cause) = match status {
@@ -560,6 +675,22 @@ impl Failure {
             }
         }
     }
+}
+
+/// A device's own error in a bulk answer (`errorCode`, `errorStatus`).
+fn bulk_error(id: &str, code: &str, status: &str) -> Error {
+    let kind = match code {
+        "DeviceNotFound" => ErrorKind::NotFound,
+        "IotHubUnauthorizedAccess" | "IotHubUnauthorized" => ErrorKind::Unauthorized,
+        "ThrottlingException" | "IotHubThrottled" => ErrorKind::ServerBusy,
+        "PreconditionFailed" | "DeviceAlreadyExists" => ErrorKind::Rejected,
+        _ => ErrorKind::InvalidArgument,
+    };
+    let status = crate::error::sanitize(status);
+    Error::new(
+        kind,
+        format!("bulk create of device `{id}` at the IoT Hub registry: ErrorCode {code}: {status}"),
+    )
 }
 
 /// `ErrorCode:<Name>;…` from the body's `Message`, or an int `errorCode` from a JSON

@@ -104,20 +104,40 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
   IOT_DIR="$WORK/iothub"
   rm -rf "$IOT_DIR" && mkdir -p "$IOT_DIR"
   IOT_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+  IOT_OWNER_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+  IOT_REG_PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   RUST_LOG="${RUST_LOG:-hubsend_testhub=info}" "$HUB_BIN" --port 0 --iothub plant.azure-devices.net \
-    --iot-device "node-device=$IOT_KEY" --tls-dir "$IOT_DIR" --dump "$IOT_DIR/dump.json" \
+    --iot-device "node-device=$IOT_KEY" --policy-key "iothubowner=$IOT_OWNER_KEY" \
+    --iot-registry-port "$IOT_REG_PORT" --tls-dir "$IOT_DIR" --dump "$IOT_DIR/dump.json" \
     >"$IOT_DIR/hub.stdout" 2>"$IOT_DIR/hub.log" &
   IOT_PID=$!
   DEVICE_CS=""
   for _ in $(seq 1 100); do
-    DEVICE_CS="$(sed -n 2p "$IOT_DIR/hub.stdout" 2>/dev/null || true)"
-    [ -n "$DEVICE_CS" ] && break
+    grep -q '^Built-in endpoint: ' "$IOT_DIR/hub.stdout" 2>/dev/null && break
     sleep 0.1
   done
+  DEVICE_CS="$(sed -n 2p "$IOT_DIR/hub.stdout")"
   IOT_STATUS=0
   NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$IOT_DIR/ca.pem" \
     timeout 120 node "$ROOT/tests/interop/iothub_device.js" "$DEVICE_CS" "$IOT_DIR/dump.json" \
     >"$IOT_DIR/judge.out" 2>&1 || IOT_STATUS=$?
+  # 5b. The built-in Event Hubs-compatible endpoint, judged by Microsoft's Python
+  # EventHubConsumerClient (tests/interop/iothub_builtin.py): what the Node SDK just sent, and
+  # what `hubsend iot send` sends as 20 devices through one gateway (creating them over the
+  # registry, names from a field), each read back once under its device with IoT Hub's
+  # iothub-* system properties. The hub's `Built-in endpoint:` line is the consumer's string.
+  if [ "$IOT_STATUS" -eq 0 ]; then
+    NODE_SENT="$(sed -n 's/^PASS.*: \([0-9]*\) sendEvent + \([0-9]*\) sendEventBatch.*/\1 + \2/p' "$IOT_DIR/judge.out")"
+    BUILTIN_CS="$(sed -n 's/^Built-in endpoint: //p' "$IOT_DIR/hub.stdout")"
+    IOT_AMQP_PORT="$(sed -n 1p "$IOT_DIR/hub.stdout" | grep -o 'GatewayHostName=[^;]*' | grep -o '[0-9]*$')"
+    cat "$IOT_DIR/ca.pem" "$IOT_DIR/registry-ca.pem" >"$IOT_DIR/cas.pem"
+    timeout 180 "$VENV/bin/python" "$ROOT/tests/interop/iothub_builtin.py" "$BUILTIN_CS" \
+      --ca "$IOT_DIR/cas.pem" --node node-device --node-count "$((NODE_SENT))" \
+      --hubsend "$HUBSEND_BIN" --endpoint "amqps://localhost:$IOT_AMQP_PORT" \
+      --registry-url "https://localhost:$IOT_REG_PORT" --devices 20 --per-device 5 \
+      --policy-cs "HostName=plant.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=$IOT_OWNER_KEY" \
+      >>"$IOT_DIR/judge.out" 2>&1 || IOT_STATUS=$?
+  fi
   kill "$IOT_PID" 2>/dev/null || true
   wait "$IOT_PID" 2>/dev/null || true
   grep -E '^(PASS|FAIL|NOTE)' "$IOT_DIR/judge.out" || true

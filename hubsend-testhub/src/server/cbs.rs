@@ -55,6 +55,7 @@ pub(super) fn handle_put_token(msg: &Message<Body<Value>>, ctx: &ConnCtx) -> Mes
                 audience,
                 expires_at_ms: (expires_at as i64).saturating_mul(1000),
                 rights,
+                device_key: false,
             });
             shared.stat(|s| s.put_tokens_accepted += 1);
             shared.stat(|s| s.jwt_put_tokens_accepted += u64::from(jwt));

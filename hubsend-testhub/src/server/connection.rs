@@ -43,6 +43,8 @@ pub(super) struct Token {
     pub(super) audience: String,
     pub(super) expires_at_ms: i64,
     pub(super) rights: Vec<Right>,
+    /// IoT Hub: signed with a device's own key (scope `device`), not a policy's (`hub`).
+    pub(super) device_key: bool,
 }
 
 /// Per-connection state.
@@ -123,6 +125,18 @@ impl ConnCtx {
             Some(t) => Auth::Until(t),
             None => Auth::No,
         }
+    }
+
+    /// IoT Hub: whether the live token covering `entity` (the longest-lived one) was signed
+    /// with a device's own key rather than a policy's.
+    pub(super) fn device_key_for(&self, entity: &str) -> bool {
+        let now = now_ms();
+        let tokens = self.tokens.lock().unwrap();
+        tokens
+            .iter()
+            .filter(|t| t.expires_at_ms > now && covers(&t.audience, entity))
+            .max_by_key(|t| t.expires_at_ms)
+            .is_some_and(|t| t.device_key)
     }
 }
 

@@ -376,6 +376,27 @@ impl ConsumerLink {
         if let Some(pk) = partition_key {
             ann.0.insert(key("x-opt-partition-key"), Value::String(pk));
         }
+        // IoT Hub's built-in endpoint: the system properties the hub stamps (a device's own
+        // annotations of these names are overwritten, so they cannot be spoofed).
+        if let Some(origin) = &ev.meta.iot {
+            let text = |s: &str| Value::String(s.to_string());
+            ann.0
+                .insert(key("iothub-connection-device-id"), text(&origin.device_id));
+            ann.0.insert(
+                key("iothub-connection-auth-method"),
+                text(&origin.auth_method),
+            );
+            ann.0.insert(
+                key("iothub-connection-auth-generation-id"),
+                text(&origin.generation_id),
+            );
+            ann.0.insert(
+                key("iothub-enqueuedtime"),
+                Value::Timestamp(Timestamp::from_milliseconds(ev.enqueued_time_ms())),
+            );
+            ann.0
+                .insert(key("iothub-message-source"), text("Telemetry"));
+        }
     }
 
     /// The last-enqueued-event delivery annotations, when the consumer asked for them.

@@ -18,14 +18,22 @@
 //! - Unknown and disabled devices are refused at attach with `amqp:not-found` (404001).
 //!   A device disabled or deleted while its link is open has each later delivery rejected
 //!   with `amqp:not-found`.
+//! - The built-in Event Hubs-compatible endpoint is an event hub named after the IoT hub (the
+//!   first label of its host, [`builtin_name`]) on the same listener. A put-token whose
+//!   audience names it is an Event Hubs token (signed with the key *text*, as Event Hubs
+//!   clients sign) from an IoT Hub policy; ServiceConnect grants Listen on it. Each accepted
+//!   D2C delivery is stored there too (same bytes), on the partition the device id hashes to;
+//!   consumers get IoT Hub's system properties as annotations (see `HubConfig::iothub`).
 
 use base64::Engine;
 use percent_encoding::percent_decode_str;
 
+use std::sync::Arc;
+
 use crate::{
     iothub_http::{IotHubPolicy, IotHubState},
     sas::{covers, parse_token},
-    store::HubStore,
+    store::{HubStore, IotOrigin},
     Right,
 };
 
@@ -184,6 +192,40 @@ fn verify(
         audience: target.path(),
         expires_at_ms: (expires_at as i64).saturating_mul(1000),
         rights,
+        device_key: parsed.skn.is_none(),
+    })
+}
+
+/// The event hub name of the built-in Event Hubs-compatible endpoint of IoT hub `host`: its
+/// first label, lower case, without port (`plant.azure-devices.net` → `plant`).
+pub(crate) fn builtin_name(host: &str) -> String {
+    let label = host.split(['.', ':', '/']).next().unwrap_or(host);
+    label.to_ascii_lowercase()
+}
+
+/// Verifies an Event Hubs token for the built-in endpoint, signed with an IoT Hub policy's
+/// key text; ServiceConnect grants Listen.
+fn verify_builtin(
+    shared: &Shared,
+    state: &IotHubState,
+    token: &str,
+    name: &str,
+) -> Result<Token, (i32, String)> {
+    let verified = shared
+        .verify_token(token, name)
+        .map_err(|e| (e.status(), e.description()))?;
+    let service = state
+        .policy(&verified.policy)
+        .is_some_and(|p| p.service_connect);
+    Ok(Token {
+        audience: verified.audience,
+        expires_at_ms: (verified.expires_at as i64).saturating_mul(1000),
+        rights: if service {
+            vec![Right::ServiceConnect, Right::Listen]
+        } else {
+            Vec::new()
+        },
+        device_key: false,
     })
 }
 
@@ -194,7 +236,19 @@ pub(super) fn put_token(
     token: &str,
     name: &str,
 ) -> (i32, String) {
-    let token = match verify(state, token, name, (now_ms() / 1000) as u64) {
+    let builtin = shared_builtin(ctx).is_some_and(|b| {
+        let target = Scope::parse(name, true);
+        target
+            .segments
+            .first()
+            .is_some_and(|s| s.eq_ignore_ascii_case(b))
+    });
+    let verified = if builtin {
+        verify_builtin(&ctx.shared, state, token, name)
+    } else {
+        verify(state, token, name, (now_ms() / 1000) as u64)
+    };
+    let token = match verified {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(status = e.0, "iot put-token refused");
@@ -214,6 +268,11 @@ pub(super) fn put_token(
     }
     tokens.push(token);
     (200, "OK".to_string())
+}
+
+/// The built-in endpoint's event hub name, in IoT Hub mode.
+fn shared_builtin(ctx: &ConnCtx) -> Option<&str> {
+    ctx.shared.config.iot_builtin.as_deref()
 }
 
 /// The device a D2C target names (`/devices/{id}/messages/events`, also with a scheme and
@@ -253,7 +312,7 @@ pub(super) fn d2c_target(
     shared: &Shared,
     ctx: &ConnCtx,
     device: &str,
-) -> Result<String, (&'static str, String)> {
+) -> Result<(String, Arc<IotOrigin>), (&'static str, String)> {
     let Some(state) = shared.iot.as_ref() else {
         return Err((
             "amqp:not-found",
@@ -270,18 +329,35 @@ pub(super) fn d2c_target(
             format!("401002 IotHubUnauthorizedAccess: no token on this connection grants DeviceConnect for device '{device}'"),
         ));
     }
-    if !state.device_enabled(device) {
+    let identity = state.device(device).filter(|d| d.status == "enabled");
+    let Some(identity) = identity else {
         return Err((
             "amqp:not-found",
             format!("404001 DeviceNotFound: device '{device}' is not registered or is disabled"),
         ));
-    }
+    };
+    let scope = if ctx.device_key_for(&entity) {
+        "device"
+    } else {
+        "hub"
+    };
+    let origin = Arc::new(IotOrigin {
+        device_id: device.to_string(),
+        generation_id: identity.generation_id,
+        auth_method: serde_json::json!({
+            "scope": scope,
+            "type": "sas",
+            "issuer": "iothub",
+            "acceptingIpFilterRule": null,
+        })
+        .to_string(),
+    });
     let name = store_name(device);
     let mut store = shared.store.lock().unwrap();
     store
         .entry(name.clone())
         .or_insert_with(|| HubStore::new(1, now_ms()));
-    Ok(name)
+    Ok((name, origin))
 }
 
 /// For a D2C link's store: the rejection of a delivery whose device was disabled or deleted

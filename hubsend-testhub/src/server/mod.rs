@@ -33,7 +33,9 @@ pub(crate) mod rest;
 mod sasl;
 
 pub(crate) use connection::accept_loop;
-pub(crate) use iothub::{policy_with as iot_policy, store_name as iot_store_name};
+pub(crate) use iothub::{
+    builtin_name as iot_builtin_name, policy_with as iot_policy, store_name as iot_store_name,
+};
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -172,7 +174,12 @@ impl Shared {
         self.config.policies.iter().find(|p| p.name == name)
     }
 
+    /// A policy's key; in IoT Hub mode an IoT Hub policy's (Event Hubs tokens for the
+    /// built-in endpoint are signed with it).
     fn policy_key(&self, name: &str) -> Option<String> {
+        if let Some(state) = &self.iot {
+            return state.policy(name).map(|p| p.key.clone());
+        }
         self.policy(name).map(|p| p.key.clone())
     }
 
@@ -197,7 +204,11 @@ impl Shared {
         }
     }
 
-    fn verify_token(&self, token: &str, name: &str) -> Result<sas::VerifiedToken, sas::TokenError> {
+    pub(super) fn verify_token(
+        &self,
+        token: &str,
+        name: &str,
+    ) -> Result<sas::VerifiedToken, sas::TokenError> {
         let now = (now_ms() / 1000) as u64;
         sas::verify(
             token,
@@ -215,6 +226,39 @@ impl Shared {
         hub: &str,
         partition: Option<u32>,
         payload: Vec<u8>,
+        spans: Box<[(u32, u32)]>,
+        meta: DeliveryMeta,
+    ) -> u32 {
+        self.store_shared(hub, partition, Arc::new(payload), spans, meta)
+    }
+
+    /// IoT Hub: stores one accepted D2C delivery in its device's store and on the built-in
+    /// endpoint (the same bytes), on the partition the device id hashes to.
+    fn store_d2c(
+        &self,
+        device_store: &str,
+        payload: Vec<u8>,
+        spans: Box<[(u32, u32)]>,
+        meta: DeliveryMeta,
+    ) {
+        let payload = Arc::new(payload);
+        let builtin = self.config.iot_builtin.as_deref();
+        let target = builtin.and_then(|b| self.find_hub(b));
+        let device = meta.iot.as_ref().map(|o| o.device_id.clone());
+        if let (Some((hub, count)), Some(device)) = (target, device) {
+            let partition = hash::partition_for_key(&device, count);
+            let spans = spans.clone();
+            self.store_shared(&hub, Some(partition), payload.clone(), spans, meta.clone());
+        }
+        self.store_shared(device_store, None, payload, spans, meta);
+    }
+
+    /// [`store_events`](Self::store_events) of a payload that may be shared.
+    fn store_shared(
+        &self,
+        hub: &str,
+        partition: Option<u32>,
+        payload: Arc<Vec<u8>>,
         spans: Box<[(u32, u32)]>,
         mut meta: DeliveryMeta,
     ) -> u32 {
@@ -237,7 +281,7 @@ impl Shared {
         }
         meta.enqueued_time_ms = now_ms();
         let retain = self.config.retain_events;
-        hs.partitions[p as usize].append(Arc::new(payload), spans, meta, retain, &self.pool);
+        hs.partitions[p as usize].append(payload, spans, meta, retain, &self.pool);
         drop(store);
         self.stored.notify_waiters();
         p

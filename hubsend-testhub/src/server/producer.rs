@@ -44,10 +44,16 @@ pub(super) async fn producer_attach(
         // IoT Hub: `devices/{id}/messages/events`, checked in `iothub`.
         let device = super::iothub::d2c_device(&address).unwrap_or_default();
         return match super::iothub::d2c_target(shared, ctx, &device) {
-            Ok(store) => {
+            Ok((store, origin)) => {
                 // Case-preserving, so the device's token (exact-case id) covers it.
                 let entity = format!("devices/{device}/messages/events");
-                accept_producer(attach, address, session, ctx, store, None, entity).await
+                let target = Target {
+                    hub: store,
+                    partition: None,
+                    path: entity,
+                    iot: Some(origin),
+                };
+                accept_producer(attach, address, session, ctx, target).await
             }
             Err((condition, desc)) => refuse(attach, session, ctx, condition, desc).await,
         };
@@ -63,19 +69,40 @@ pub(super) async fn producer_attach(
         },
         _ => return refuse(attach, session, ctx, "amqp:not-found", not_found).await,
     };
-    accept_producer(attach, address, session, ctx, hub, partition, path).await
+    let target = Target {
+        hub,
+        partition,
+        path,
+        iot: None,
+    };
+    accept_producer(attach, address, session, ctx, target).await
 }
 
-/// Authorises and accepts a producer link to `hub` (and `partition`), then runs its loop.
+/// Where a producer link's deliveries go.
+struct Target {
+    /// The store (an event hub, or an IoT Hub device's store).
+    hub: String,
+    partition: Option<u32>,
+    /// The entity path tokens must cover.
+    path: String,
+    /// IoT Hub: the D2C sender, stamped on the built-in endpoint's copies.
+    iot: Option<Arc<crate::store::IotOrigin>>,
+}
+
+/// Authorises and accepts a producer link to `target`, then runs its loop.
 async fn accept_producer(
     mut attach: Attach,
     address: String,
     session: &mut ListenerSessionHandle,
     ctx: &Arc<ConnCtx>,
-    hub: String,
-    partition: Option<u32>,
-    path: String,
+    target: Target,
 ) {
+    let Target {
+        hub,
+        partition,
+        path,
+        iot,
+    } = target;
     let shared = &ctx.shared;
     let entity = path.clone();
     let right = shared.send_right();
@@ -161,6 +188,7 @@ async fn accept_producer(
                     max_message_size: mms,
                     name,
                     identity,
+                    iot,
                 },
             ));
         }
@@ -179,6 +207,8 @@ pub(super) struct ProducerLink {
     name: String,
     /// The producer id and epoch of an idempotent link.
     identity: Option<idempotent::Identity>,
+    /// IoT Hub: the device sending on this link.
+    iot: Option<Arc<crate::store::IotOrigin>>,
 }
 
 pub(super) enum Verdict {
@@ -315,18 +345,19 @@ impl ProducerLink {
                 }
             }
         }
-        shared.store_events(
-            &self.hub,
-            self.partition,
-            buf,
-            spans.into_boxed_slice(),
-            DeliveryMeta {
-                batched,
-                link_target: self.target.clone(),
-                route_key: key.map(Arc::from),
-                enqueued_time_ms: 0,
-            },
-        );
+        let meta = DeliveryMeta {
+            batched,
+            link_target: self.target.clone(),
+            route_key: key.map(Arc::from),
+            enqueued_time_ms: 0,
+            iot: self.iot.clone(),
+        };
+        let spans = spans.into_boxed_slice();
+        if self.iot.is_some() {
+            shared.store_d2c(&self.hub, buf, spans, meta);
+        } else {
+            shared.store_events(&self.hub, self.partition, buf, spans, meta);
+        }
         Verdict::Accept
     }
 }

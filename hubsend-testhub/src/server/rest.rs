@@ -511,6 +511,7 @@ fn store(
                 link_target: target.clone(),
                 route_key: key.map(Arc::from),
                 enqueued_time_ms: 0,
+                iot: None,
             },
         );
     };
