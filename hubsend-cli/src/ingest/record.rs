@@ -80,12 +80,27 @@ impl fmt::Display for RecordError {
 
 impl std::error::Error for RecordError {}
 
-/// A validated telemetry record: a JSON object with `sensor_id`, a UTC `timestamp` and `value`,
-/// plus any other fields unchanged.
+/// Which records `hubsend send` accepts (`--schema`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Schema {
+    /// The telemetry schema: `sensor_id`, `timestamp`, `value` (see the module docs).
+    #[default]
+    Telemetry,
+    /// Any JSON object (NDJSON: sent byte for byte as the line holds it; CSV: the row as an
+    /// object of header name to cell text).
+    None,
+}
+
+/// A record to send: under [`Schema::Telemetry`] a validated JSON object with `sensor_id`, a
+/// UTC `timestamp` and `value`, plus any other fields unchanged; under [`Schema::None`] any
+/// JSON object.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Record {
     object: Map<String, Value>,
-    timestamp: DateTime<Utc>,
+    /// `None` under [`Schema::None`].
+    timestamp: Option<DateTime<Utc>>,
+    /// Under [`Schema::None`] with NDJSON input: the line as read, which is the event body.
+    body: Option<String>,
 }
 
 impl Record {
@@ -118,7 +133,35 @@ impl Record {
             TIMESTAMP.to_owned(),
             Value::String(format_timestamp(&timestamp)),
         );
-        Ok(Record { object, timestamp })
+        Ok(Record {
+            object,
+            timestamp: Some(timestamp),
+            body: None,
+        })
+    }
+
+    /// A record of any JSON object (`--schema none`); `body`, when given, is sent instead of
+    /// the object's encoding (the NDJSON line as read).
+    pub(crate) fn unchecked(object: Map<String, Value>, body: Option<String>) -> Record {
+        Record {
+            object,
+            timestamp: None,
+            body,
+        }
+    }
+
+    /// Validates `object` under `schema`.
+    ///
+    /// # Errors
+    /// Under [`Schema::Telemetry`], as [`Record::from_object`]; never under [`Schema::None`].
+    pub(crate) fn with_schema(
+        object: Map<String, Value>,
+        schema: Schema,
+    ) -> Result<Record, RecordError> {
+        match schema {
+            Schema::Telemetry => Record::from_object(object),
+            Schema::None => Ok(Record::unchecked(object, None)),
+        }
     }
 
     /// Builds a record from its three required fields.
@@ -134,7 +177,11 @@ impl Record {
             Value::String(format_timestamp(&timestamp)),
         );
         object.insert(VALUE.to_owned(), value);
-        Record { object, timestamp }
+        Record {
+            object,
+            timestamp: Some(timestamp),
+            body: None,
+        }
     }
 
     /// Adds or replaces a pass-through field (not one of the three required ones).
@@ -158,7 +205,7 @@ impl Record {
     /// The reading's time, in UTC.
     #[cfg(test)]
     pub(crate) fn timestamp(&self) -> DateTime<Utc> {
-        self.timestamp
+        self.timestamp.unwrap_or_default()
     }
 
     /// The reading: a JSON number or string.
@@ -175,6 +222,9 @@ impl Record {
 
     /// The record's JSON encoding: the event body.
     pub(crate) fn to_json_bytes(&self) -> Vec<u8> {
+        if let Some(body) = &self.body {
+            return body.clone().into_bytes();
+        }
         // Serialising a map of JSON values cannot fail.
         serde_json::to_vec(&self.object).unwrap_or_default()
     }
@@ -235,9 +285,23 @@ pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
 /// # Errors
 /// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
 /// [`Record::from_object`].
+#[cfg(test)]
 pub(crate) fn parse_ndjson_line(line: &str) -> Result<Record, RecordError> {
+    parse_ndjson_line_as(line, Schema::Telemetry)
+}
+
+/// Parses one NDJSON line under `schema`: any JSON object passes [`Schema::None`], and its
+/// event body is the line itself.
+///
+/// # Errors
+/// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
+/// [`Record::with_schema`].
+pub(crate) fn parse_ndjson_line_as(line: &str, schema: Schema) -> Result<Record, RecordError> {
     let line = line.strip_prefix('\u{feff}').unwrap_or(line);
     match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(object)) if schema == Schema::None => {
+            Ok(Record::unchecked(object, Some(line.to_owned())))
+        }
         Ok(Value::Object(object)) => Record::from_object(object),
         Ok(other) => Err(RecordError::NotAnObject(format!(
             "found {}",
