@@ -96,6 +96,8 @@
 //!   token cache, and `rest`, the HTTPS REST delivery backend.
 //! - [`auth`]: SAS signing and [`TokenProvider`]s for CBS.
 //! - `entra` (feature `entra`): `ClientSecretCredential`, Microsoft Entra ID client secrets.
+//! - `azure_identity` (feature `azure-identity`): `AzureIdentityCredential`, any credential
+//!   of Microsoft's `azure_identity` crate.
 //! - [`iothub`]: IoT Hub connection strings and SAS tokens (device and policy keys).
 //! - [`retry`]: [`RetryOptions`] and the failure classifier.
 //! - [`error`]: [`Error`], [`ErrorKind`], [`Condition`].
@@ -103,6 +105,9 @@
 
 mod amqp;
 pub mod auth;
+#[cfg(feature = "azure-identity")]
+#[cfg_attr(docsrs, doc(cfg(feature = "azure-identity")))]
+pub mod azure_identity;
 pub mod batch;
 pub mod buffered;
 pub mod connection_string;
@@ -125,6 +130,9 @@ mod transport;
 
 pub use amqp::ConnectionEvent;
 pub use auth::{AccessToken, SasKeyProvider, SasTokenProvider, TokenProvider, TokenType};
+#[cfg(feature = "azure-identity")]
+#[cfg_attr(docsrs, doc(cfg(feature = "azure-identity")))]
+pub use azure_identity::AzureIdentityCredential;
 pub use batch::{BatchOptions, EventBatch, TryAddError};
 pub use buffered::{BufferedOptions, BufferedProducer, BufferedReport, FailedBatch, SettledBatch};
 pub use connection_string::ConnectionString;
