@@ -4,7 +4,7 @@
 # hubsend-testhub dev-dependency resolved to its packaged crate, offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${CARGO_TARGET_DIR:-target}
+target=$(realpath "${CARGO_TARGET_DIR:-target}")
 package="$target/package"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -17,6 +17,6 @@ cat >>Cargo.toml <<TOML
 [patch.crates-io]
 hubsend-testhub = { path = "../hubsend-testhub-0.1.0" }
 TOML
-CARGO_TARGET_DIR="$OLDPWD/$target/published-tests" \
-  cargo test --offline --all-targets --no-run
+# The same target directory: the registry dependencies built for the workspace are reused.
+CARGO_TARGET_DIR="$target" cargo test --offline --all-targets --no-run
 echo "the published hubsend crate's tests and examples compile"

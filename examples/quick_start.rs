@@ -1,3 +1,4 @@
+//! Sends one event, then 10,000 in batches, to the event hub of EVENTHUB_CONNECTION_STRING.
 use hubsend::{BatchOptions, Event, Producer, SendOptions, TryAddError};
 
 #[tokio::main]

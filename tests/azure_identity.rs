@@ -55,7 +55,10 @@ impl TokenCredential for TestIdentity {
                 "ManagedIdentityCredential: no identity assigned to this resource",
             ));
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let exp = now + self.lifetime.as_secs();
         let claims = serde_json::json!({
             "iss": ISSUER,
@@ -108,7 +111,9 @@ async fn a_token_credential_sends_through_token_refreshes() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let stored = hub.wait_for_events(HUB, sent, Duration::from_secs(10)).await;
+    let stored = hub
+        .wait_for_events(HUB, sent, Duration::from_secs(10))
+        .await;
     assert_eq!(stored.len(), sent);
     // 3-second tokens over 7 seconds: asked again before each expired, each one accepted.
     let calls = identity.calls.load(Ordering::SeqCst);
@@ -128,9 +133,13 @@ async fn a_token_credential_sends_through_token_refreshes() {
 #[tokio::test]
 async fn a_refusing_credential_or_a_missing_role_is_unauthorized() {
     let hub = jwt_hub().await;
-    let mut refusing = TestIdentity::new(&["Azure Event Hubs Data Sender"], Duration::from_secs(60));
+    let mut refusing =
+        TestIdentity::new(&["Azure Event Hubs Data Sender"], Duration::from_secs(60));
     refusing.refuse = true;
-    let err = builder(&hub, Arc::new(refusing)).connect().await.unwrap_err();
+    let err = builder(&hub, Arc::new(refusing))
+        .connect()
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
     assert!(err.to_string().contains("no identity assigned"), "{err}");
 
