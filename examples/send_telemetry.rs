@@ -7,6 +7,10 @@
 //! Environment: `EVENTHUB_CONNECTION_STRING` (else a local test hub starts in-process),
 //! `EVENTHUB_CA_FILE` (extra trusted root), `TELEMETRY_EVENTS` (default 1,000,000),
 //! `TELEMETRY_SENSORS` (default 2,000).
+//!
+//! Against the Event Hubs emulator (Docker): `export ACCEPT_EULA=Y` (accepting its licence
+//! terms), `docker compose up -d --wait` (returns once its health check passes), then export
+//! the emulator's connection string from `docker-compose.yml` and run this.
 
 mod common;
 

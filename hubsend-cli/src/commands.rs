@@ -2,34 +2,68 @@
 //! the progress display and summaries. Each returns the process exit status.
 
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ingest::record::{self, SENSOR_ID};
+use crate::exit;
+use crate::ingest::record::{self, Schema, SENSOR_ID};
 use crate::ingest::report::{IngestReport, Progress, Reject};
 use crate::ingest::stream::{self, IngestObserver, IngestOptions, Routing};
 use crate::ingest::{self, InputFormat, Lines, ParsedLine, CHUNK_LINES};
+use crate::progress::{CountingReader, ProgressMode, ProgressView};
+use crate::style::EventStyle;
 use hubsend::{ErrorKind, Producer, ProducerOptions, Transport};
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::signals::Signals;
-use crate::text::{error_chain, sanitize};
+use crate::text::{error_chain, sanitize, shown};
 
-/// Exit status: success.
-pub(crate) const EXIT_OK: u8 = 0;
-/// Exit status: a valid record was not stored, or the hub could not be used.
-pub(crate) const EXIT_FAILED: u8 = 1;
-/// Exit status: bad usage (e.g. no connection string).
-pub(crate) const EXIT_USAGE: u8 = 2;
-/// Exit status: `--strict` and some lines were invalid.
-pub(crate) const EXIT_REJECTED: u8 = 3;
-/// Exit status: a second stop signal abandoned the wait for the hub's outcomes; the summary
-/// counts the events without a known outcome as `unknown`.
-pub(crate) const EXIT_ABANDONED: u8 = 4;
-/// Exit status: stopped by Ctrl-C or SIGTERM (everything read so far was stored).
-pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+/// How much the command prints (`-q`, `-v`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ui {
+    /// Only errors on standard error.
+    pub(crate) quiet: bool,
+    /// Also the connection and the hub's limits.
+    pub(crate) verbose: bool,
+}
+
+/// Why a command could not run: the message (without secrets), the `error_kind` of `--json`
+/// and the exit status.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    pub(crate) kind: String,
+    pub(crate) code: u8,
+}
+
+impl Failure {
+    /// A usage failure (exit status 2).
+    pub(crate) fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            kind: exit::KIND_USAGE.to_owned(),
+            code: exit::USAGE,
+        }
+    }
+
+    /// Prints the message on standard error.
+    pub(crate) fn print(&self) {
+        eprintln!("hubsend: {}", self.message);
+    }
+
+    /// `report` with this failure's `error` and `error_kind`.
+    pub(crate) fn into_report(self, report: IngestReport) -> IngestReport {
+        IngestReport {
+            error: Some(self.message),
+            error_kind: Some(self.kind),
+            ..report
+        }
+    }
+}
 
 /// Where and how to connect.
 #[derive(Debug)]
@@ -38,6 +72,10 @@ pub(crate) struct Connection {
     pub(crate) ca_file: Option<PathBuf>,
     /// Idempotent retries (`--idempotent`).
     pub(crate) idempotent: bool,
+    /// `--event-hub`, for namespace-level connection strings.
+    pub(crate) event_hub: Option<String>,
+    /// `--connect-timeout`.
+    pub(crate) connect_timeout: Option<Duration>,
 }
 
 /// `--transport`, `--endpoint`, `--proxy`.
@@ -73,6 +111,12 @@ pub(crate) struct SendConfig {
     pub(crate) network: Network,
     pub(crate) input: String,
     pub(crate) csv: bool,
+    /// `--schema`.
+    pub(crate) schema: Schema,
+    /// `--content-type` and `--property`.
+    pub(crate) style: EventStyle,
+    /// `--progress`.
+    pub(crate) progress: ProgressMode,
     pub(crate) partition_key_field: Option<String>,
     pub(crate) partition_id: Option<String>,
     pub(crate) max_in_flight: usize,
@@ -93,6 +137,8 @@ pub(crate) struct BenchConfig {
     pub(crate) key_cardinality: u64,
     pub(crate) max_in_flight: usize,
     pub(crate) json: bool,
+    /// `--progress`.
+    pub(crate) progress: ProgressMode,
 }
 
 /// Arguments of `hubsend info`.
@@ -102,27 +148,52 @@ pub(crate) struct InfoConfig {
     pub(crate) json: bool,
 }
 
-fn no_connection_string() -> u8 {
-    eprintln!(
-        "hubsend: no connection string: pass --connection-string or set EVENTHUB_CONNECTION_STRING"
-    );
-    EXIT_USAGE
+fn no_connection_string() -> Failure {
+    Failure::usage(
+        "no connection string: pass --connection-string or set EVENTHUB_CONNECTION_STRING",
+    )
 }
 
-/// Connects, printing a clear reason on failure.
+/// The producer options of `connection`.
+pub(crate) fn producer_options(connection: &Connection, max_in_flight: usize) -> ProducerOptions {
+    let options = ProducerOptions::new()
+        .max_in_flight(max_in_flight)
+        .idempotent(connection.idempotent);
+    match connection.connect_timeout {
+        Some(timeout) => options.connect_timeout(timeout),
+        None => options,
+    }
+}
+
+/// Reads `--ca-file`.
+pub(crate) fn read_ca_file(connection: &Connection) -> Result<Option<Vec<u8>>, Failure> {
+    let Some(path) = connection.ca_file.as_ref() else {
+        return Ok(None);
+    };
+    std::fs::read(path).map(Some).map_err(|e| {
+        Failure::usage(format!(
+            "cannot read CA file {}: {e}",
+            shown(&path.to_string_lossy())
+        ))
+    })
+}
+
+/// The environment variable `send` and `info` read when `--connection-string` is not given.
+const CONNECTION_STRING_ENV: &str = "EVENTHUB_CONNECTION_STRING";
+
+/// Connects; on failure, a clear reason with its causes and a hint.
 async fn connect(
     connection_string: &str,
     connection: &Connection,
     max_in_flight: usize,
     network: &Network,
-) -> Result<Producer, u8> {
+) -> Result<Producer, Failure> {
     let mut builder = Producer::builder()
         .connection_string(connection_string)
-        .options(
-            ProducerOptions::new()
-                .max_in_flight(max_in_flight)
-                .idempotent(connection.idempotent),
-        );
+        .options(producer_options(connection, max_in_flight));
+    if let Some(hub) = &connection.event_hub {
+        builder = builder.event_hub(hub);
+    }
     if let Some(transport) = network.transport {
         builder = builder.transport(transport);
     }
@@ -134,14 +205,8 @@ async fn connect(
         Some(proxy) => builder.proxy(proxy),
         None => builder.proxy_from_env(network.proxy_from_env),
     };
-    if let Some(path) = connection.ca_file.as_ref() {
-        match std::fs::read(path) {
-            Ok(pem) => builder = builder.add_root_certificate_pem(pem),
-            Err(e) => {
-                eprintln!("hubsend: cannot read CA file {}: {e}", path.display());
-                return Err(EXIT_FAILED);
-            }
-        }
+    if let Some(pem) = read_ca_file(connection)? {
+        builder = builder.add_root_certificate_pem(pem);
     }
     builder.connect().await.map_err(|e| {
         let hint = match e.kind() {
@@ -152,16 +217,42 @@ async fn connect(
             ErrorKind::InvalidConnectionString => {
                 " (expected Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…)"
             }
+            ErrorKind::Connection | ErrorKind::Timeout => unreachable_hint(&e),
             _ => "",
         };
-        eprintln!("hubsend: cannot connect: {}{hint}", error_chain(&e));
-        // A transport, endpoint or proxy option that cannot work is a usage error.
-        if e.kind() == ErrorKind::InvalidConfig {
-            EXIT_USAGE
-        } else {
-            EXIT_FAILED
+        Failure {
+            message: format!("cannot connect: {}{hint}", error_chain(&e)),
+            kind: e.kind().to_string(),
+            // A transport, endpoint or proxy option that cannot work is a usage error.
+            code: exit::for_kind(e.kind()),
         }
     })
+}
+
+/// What to check when the hub cannot be reached, from the innermost I/O error's kind (an
+/// unknown host and a refused connection read differently).
+fn unreachable_hint(error: &hubsend::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    " (the host answered but nothing accepts connections on that port)"
+                }
+                std::io::ErrorKind::TimedOut => " (no answer: a firewall, or the wrong address?)",
+                _ if io.to_string().contains("lookup") => {
+                    " (the host name does not resolve: check Endpoint)"
+                }
+                _ => "",
+            };
+        }
+        source = e.source();
+    }
+    if error.kind() == ErrorKind::Timeout {
+        " (no answer in time: a firewall, the wrong port, or raise --connect-timeout)"
+    } else {
+        ""
+    }
 }
 
 /// `report` as JSON with the `transport` field.
@@ -180,34 +271,29 @@ fn record_limit(producer: &Producer) -> usize {
     usize::try_from(producer.max_message_size()).unwrap_or(usize::MAX)
 }
 
-/// Shows progress on a terminal and reports rejects on stderr and in the rejects file.
+/// Shows progress and reports rejects on stderr and in the rejects file.
 pub(crate) struct CliObserver {
-    terminal: bool,
-    progress_shown: bool,
+    view: ProgressView,
+    quiet: bool,
     rejects: Option<BufWriter<File>>,
     rejects_error: Option<std::io::Error>,
 }
 
 impl CliObserver {
-    pub(crate) fn new(rejects: Option<BufWriter<File>>) -> Self {
+    /// Reports rejects (on stderr unless `quiet`, and to `rejects`) and shows progress in
+    /// `view`.
+    pub(crate) fn new(rejects: Option<BufWriter<File>>, view: ProgressView, quiet: bool) -> Self {
         CliObserver {
-            terminal: std::io::stderr().is_terminal(),
-            progress_shown: false,
+            view,
+            quiet,
             rejects,
             rejects_error: None,
         }
     }
 
-    fn clear_progress(&mut self) {
-        if self.progress_shown {
-            eprint!("\r\x1b[2K");
-            self.progress_shown = false;
-        }
-    }
-
     /// Flushes the rejects file; returns the first write error, if any.
     pub(crate) fn finish(&mut self) -> Option<std::io::Error> {
-        self.clear_progress();
+        self.view.finish();
         if let Some(mut w) = self.rejects.take() {
             if let Err(e) = w.flush() {
                 self.rejects_error.get_or_insert(e);
@@ -219,10 +305,12 @@ impl CliObserver {
 
 impl IngestObserver for CliObserver {
     fn rejected(&mut self, reject: &Reject) {
-        self.clear_progress();
         // The reason may quote the input (or the hub): nothing in it may steer the terminal.
         let reason = sanitize(&reject.reason);
-        eprintln!("line {}: {reason}", reject.line);
+        if !self.quiet {
+            self.view
+                .println(&format!("line {}: {reason}", reject.line));
+        }
         if let Some(w) = &mut self.rejects {
             let entry = Reject {
                 line: reject.line,
@@ -237,21 +325,7 @@ impl IngestObserver for CliObserver {
     }
 
     fn progress(&mut self, p: &Progress) {
-        if !self.terminal {
-            return;
-        }
-        eprint!(
-            "\r\x1b[2K{} records, {} sent, {} rejected, {} failed | {:.0} events/s, {:.2} MB/s | {} in flight, {} retries",
-            p.records,
-            p.sent,
-            p.rejected,
-            p.failed,
-            p.events_per_sec(),
-            p.mb_per_sec(),
-            p.in_flight,
-            p.retries
-        );
-        self.progress_shown = true;
+        self.view.update(p);
     }
 }
 
@@ -305,10 +379,46 @@ async fn close(producer: Producer, signals: &Signals) {
     }
 }
 
+/// Prints `report` as the `--json` summary when asked to.
+fn print_json(json: bool, report: &IngestReport, transport: Transport) {
+    if json {
+        println!("{}", report_json(report, transport));
+    }
+}
+
+/// `send` failed before reading: the message, the `--json` summary, the status.
+fn send_failed(config: &SendConfig, failure: Failure) -> u8 {
+    failure.print();
+    let code = failure.code;
+    let report = failure.into_report(IngestReport::default());
+    print_json(config.json, &report, config.network.requested());
+    code
+}
+
+/// Opens `--input` (or FILE); `-` is standard input. The byte counter counts what is read,
+/// for the progress bar; the size is known for regular files.
+fn open_input(
+    path: &str,
+    read: &Arc<AtomicU64>,
+) -> Result<(Box<dyn std::io::Read + Send>, Option<u64>), Failure> {
+    if path == "-" {
+        let stdin = CountingReader::new(std::io::stdin(), read.clone());
+        return Ok((Box::new(stdin), None));
+    }
+    let file = File::open(path)
+        .map_err(|e| Failure::usage(format!("cannot open input {}: {e}", shown(path))))?;
+    let size = file
+        .metadata()
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    Ok((Box::new(CountingReader::new(file, read.clone())), size))
+}
+
 /// `hubsend send`.
-pub(crate) async fn send(config: SendConfig) -> u8 {
-    let Some(cs) = config.connection.connection_string.as_deref() else {
-        return no_connection_string();
+pub(crate) async fn send(config: SendConfig, ui: Ui) -> u8 {
+    let Some(cs) = config.connection.connection_string.clone() else {
+        return send_failed(&config, no_connection_string());
     };
     let format = if config.csv {
         InputFormat::Csv
@@ -317,36 +427,30 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     };
     // Opened before connecting so a wrong path fails at once; read only once the hub's message
     // limit is known, since that limit caps every line and row.
-    let source: Box<dyn std::io::Read + Send> = if config.input == "-" {
-        Box::new(std::io::stdin())
-    } else {
-        match File::open(&config.input) {
-            Ok(file) => Box::new(file),
-            Err(e) => {
-                eprintln!("hubsend: cannot open input {}: {e}", config.input);
-                return EXIT_FAILED;
-            }
-        }
+    let read = Arc::new(AtomicU64::new(0));
+    let (source, size) = match open_input(&config.input, &read) {
+        Ok(opened) => opened,
+        Err(failure) => return send_failed(&config, failure),
     };
     let rejects = match &config.rejects {
         None => None,
         Some(path) => match File::create(path) {
             Ok(f) => Some(BufWriter::new(f)),
             Err(e) => {
-                eprintln!(
-                    "hubsend: cannot create rejects file {}: {e}",
-                    path.display()
-                );
-                return EXIT_FAILED;
+                let failure = Failure::usage(format!(
+                    "cannot create rejects file {}: {e}",
+                    shown(&path.to_string_lossy())
+                ));
+                return send_failed(&config, failure);
             }
         },
     };
     let signals = Signals::install();
     if let Some(dir) = config.spool.clone() {
-        return crate::spooled::send(config, &dir, source, rejects, signals).await;
+        return crate::spooled::send(config, &dir, source, rejects, signals, ui).await;
     }
     let connecting = connect(
-        cs,
+        &cs,
         &config.connection,
         config.max_in_flight,
         &config.network,
@@ -354,7 +458,7 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     let producer = tokio::select! {
         connected = connecting => match connected {
             Ok(p) => p,
-            Err(code) => return code,
+            Err(failure) => return send_failed(&config, failure),
         },
         _ = signals.nth(1) => {
             // Stopped before anything was read.
@@ -362,22 +466,32 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
                 interrupted: true,
                 ..IngestReport::default()
             };
-            human_summary(&report);
-            if config.json {
-                println!("{}", report_json(&report, config.network.requested()));
+            if !ui.quiet {
+                human_summary(&report);
             }
-            return EXIT_INTERRUPTED;
+            print_json(config.json, &report, config.network.requested());
+            return exit::INTERRUPTED;
         }
     };
     let transport = producer.transport();
-    let input = ingest::spawn_reader(source, format, record_limit(&producer));
+    if ui.verbose {
+        eprintln!(
+            "hubsend: connected to event hub {} over {transport}; the hub's message limit is {} bytes",
+            sanitize(producer.event_hub()),
+            producer.max_message_size()
+        );
+    }
+    let input = ingest::spawn_reader(source, format, config.schema, record_limit(&producer));
     let routing = match (config.partition_key_field, config.partition_id) {
         (Some(field), _) => Routing::PartitionKeyField(field),
         (None, Some(id)) => Routing::PartitionId(id),
         (None, None) => Routing::RoundRobin,
     };
-    let options = IngestOptions::new().routing(routing);
-    let mut observer = CliObserver::new(rejects);
+    let options = IngestOptions::new()
+        .routing(routing)
+        .style(config.style.clone());
+    let view = ProgressView::new(config.progress, ui.quiet, Some(read), size);
+    let mut observer = CliObserver::new(rejects, view, ui.quiet);
     let mut report = run(&producer, input, &options, &mut observer, &signals).await;
     let rejects_error = observer.finish();
     let abandoned = signals.received() >= 2;
@@ -388,35 +502,42 @@ pub(crate) async fn send(config: SendConfig) -> u8 {
     if config.connection.idempotent {
         report.duplicates_avoided = Some(counters.stats().duplicates_avoided);
     }
+    if let Some(e) = &rejects_error {
+        report
+            .error
+            .get_or_insert_with(|| format!("writing the rejects file failed: {e}"));
+        report
+            .error_kind
+            .get_or_insert_with(|| exit::KIND_INPUT.to_owned());
+    }
 
-    human_summary(&report);
+    if !ui.quiet {
+        human_summary(&report);
+    }
     if let Some(error) = &report.error {
         eprintln!("hubsend: {error}");
     }
-    if let Some(e) = &rejects_error {
-        eprintln!("hubsend: writing the rejects file failed: {e}");
-    }
-    if config.json {
-        println!("{}", report_json(&report, transport));
-    }
+    print_json(config.json, &report, transport);
     if abandoned {
         eprintln!(
             "hubsend: stopped without waiting for the hub: {} event(s) have no known outcome",
             report.unknown
         );
-        EXIT_ABANDONED
-    } else if !report.all_sent() || rejects_error.is_some() {
-        EXIT_FAILED
+        exit::ABANDONED
+    } else if rejects_error.is_some() {
+        exit::FAILED
+    } else if !report.all_sent() {
+        exit::for_kind_name(report.error_kind.as_deref())
     } else if config.strict && report.rejected > 0 {
         eprintln!(
             "hubsend: {} invalid line(s) and --strict was given",
             report.rejected
         );
-        EXIT_REJECTED
+        exit::REJECTED
     } else if report.interrupted && signals.received() > 0 {
-        EXIT_INTERRUPTED
+        exit::INTERRUPTED
     } else {
-        EXIT_OK
+        exit::OK
     }
 }
 
@@ -470,13 +591,12 @@ fn synthetic_input(count: u64, payload_bytes: usize, cardinality: u64) -> mpsc::
 async fn start_local_hub(
     quiet: bool,
     network: &mut Network,
-) -> Result<(String, hubsend_testhub::TestHub), u8> {
+) -> Result<(String, hubsend_testhub::TestHub), Failure> {
     let transport = network.requested();
     if transport == Transport::WebSockets && network.endpoint.is_none() {
-        eprintln!(
-            "hubsend: the local test hub has no WebSocket listener; give --connection-string"
-        );
-        return Err(EXIT_USAGE);
+        return Err(Failure::usage(
+            "the local test hub has no WebSocket listener; give --connection-string",
+        ));
     }
     let hub_config = hubsend_testhub::HubConfig::new()
         .retain_events(Some(100_000))
@@ -497,65 +617,36 @@ async fn start_local_hub(
             }
             Ok((hub.connection_string(), hub))
         }
-        Err(e) => {
-            eprintln!("hubsend: cannot start the local test hub: {e}");
-            Err(EXIT_FAILED)
-        }
+        Err(e) => Err(Failure {
+            message: format!("cannot start the local test hub: {}", error_chain(&e)),
+            kind: exit::KIND_INPUT.to_owned(),
+            code: exit::FAILED,
+        }),
     }
 }
 
 /// Without the `local-hub` feature, `bench` needs a connection string like every command.
 #[cfg(not(feature = "local-hub"))]
-async fn start_local_hub(_quiet: bool, _network: &mut Network) -> Result<(String, NoLocalHub), u8> {
-    Err(no_connection_string())
+async fn start_local_hub(
+    _quiet: bool,
+    _network: &mut Network,
+) -> Result<(String, NoLocalHub), Failure> {
+    Err(Failure::usage(
+        "no --connection-string, and this build has no local test hub (feature `local-hub`)",
+    ))
 }
 
 /// Stands for the local hub a build without `local-hub` never has.
 #[cfg(not(feature = "local-hub"))]
 struct NoLocalHub;
 
-/// `hubsend bench`.
-pub(crate) async fn bench(mut config: BenchConfig) -> u8 {
-    let signals = Signals::install();
-    // Without a connection string, benchmark against a local test hub in this process.
-    let (cs, _local_hub) = match &config.connection.connection_string {
-        Some(cs) => (cs.clone(), None),
-        None => match start_local_hub(config.json, &mut config.network).await {
-            Ok((cs, hub)) => (cs, Some(hub)),
-            Err(code) => return code,
-        },
-    };
-    let producer = match connect(
-        &cs,
-        &config.connection,
-        config.max_in_flight,
-        &config.network,
-    )
-    .await
-    {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let transport = producer.transport();
-    let routing = if config.key_cardinality > 0 {
-        Routing::PartitionKeyField(SENSOR_ID.to_owned())
-    } else {
-        Routing::RoundRobin
-    };
-    let options = IngestOptions::new()
-        .routing(routing)
-        .max_open_batches(config.key_cardinality.clamp(1, 1024) as usize)
-        .linger(Duration::from_millis(200));
-    let input = synthetic_input(config.events, config.payload_bytes, config.key_cardinality);
-    let mut observer = CliObserver::new(None);
-    let report = run(&producer, input, &options, &mut observer, &signals).await;
-    observer.finish();
-    let counters = producer.clone();
-    if signals.received() < 2 {
-        close(producer, &signals).await;
-    }
-
-    let peak = peak_rss_mb();
+/// The `--json` object of `bench`.
+fn bench_json(
+    config: &BenchConfig,
+    report: &IngestReport,
+    peak: f64,
+    transport: Transport,
+) -> serde_json::Value {
     let mut summary = json!({
         "events": report.sent,
         "failed": report.failed,
@@ -572,20 +663,94 @@ pub(crate) async fn bench(mut config: BenchConfig) -> u8 {
         "local_hub": config.connection.connection_string.is_none(),
         "transport": transport.as_str(),
     });
+    if let (Some(error), Some(kind)) = (&report.error, &report.error_kind) {
+        summary["error"] = json!(error);
+        summary["error_kind"] = json!(kind);
+    }
+    summary
+}
+
+/// `bench` failed before sending: the message, the `--json` summary, the status.
+fn bench_failed(config: &BenchConfig, failure: Failure) -> u8 {
+    failure.print();
+    let code = failure.code;
+    let report = failure.into_report(IngestReport::default());
+    if config.json {
+        println!(
+            "{}",
+            bench_json(config, &report, peak_rss_mb(), config.network.requested())
+        );
+    }
+    code
+}
+
+/// `hubsend bench`.
+pub(crate) async fn bench(mut config: BenchConfig, ui: Ui) -> u8 {
+    let signals = Signals::install();
+    // Without --connection-string, benchmark against a local test hub in this process.
+    let (cs, _local_hub) = match &config.connection.connection_string {
+        Some(cs) => (cs.clone(), None),
+        None => {
+            if std::env::var_os(CONNECTION_STRING_ENV).is_some() && !ui.quiet {
+                eprintln!(
+                    "hubsend: bench ignores ${CONNECTION_STRING_ENV}; give --connection-string to load a real hub"
+                );
+            }
+            match start_local_hub(config.json || ui.quiet, &mut config.network).await {
+                Ok((cs, hub)) => (cs, Some(hub)),
+                Err(failure) => return bench_failed(&config, failure),
+            }
+        }
+    };
+    let producer = match connect(
+        &cs,
+        &config.connection,
+        config.max_in_flight,
+        &config.network,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(failure) => return bench_failed(&config, failure),
+    };
+    let transport = producer.transport();
+    let routing = if config.key_cardinality > 0 {
+        Routing::PartitionKeyField(SENSOR_ID.to_owned())
+    } else {
+        Routing::RoundRobin
+    };
+    let options = IngestOptions::new()
+        .routing(routing)
+        .max_open_batches(config.key_cardinality.clamp(1, 1024) as usize)
+        .linger(Duration::from_millis(200));
+    let input = synthetic_input(config.events, config.payload_bytes, config.key_cardinality);
+    let view = ProgressView::new(config.progress, ui.quiet, None, None);
+    let mut observer = CliObserver::new(None, view, ui.quiet);
+    let report = run(&producer, input, &options, &mut observer, &signals).await;
+    observer.finish();
+    let counters = producer.clone();
+    if signals.received() < 2 {
+        close(producer, &signals).await;
+    }
+
+    let peak = peak_rss_mb();
+    let mut summary = bench_json(&config, &report, peak, transport);
     if config.connection.idempotent {
         summary["duplicates_avoided"] = json!(counters.stats().duplicates_avoided);
     }
-    eprintln!(
-        "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB; over {transport}",
-        report.sent,
-        report.bytes as f64 / 1e6,
-        report.seconds,
-        report.events_per_sec,
-        report.mb_per_sec,
-        report.p50_ms,
-        report.p99_ms,
-        peak
-    );
+    if !ui.quiet {
+        eprintln!(
+            "hubsend bench: {} events ({:.2} MB) in {:.2} s: {:.0} events/s, {:.2} MB/s; batch latency p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.1} MB; over {transport}",
+            report.sent,
+            report.bytes as f64 / 1e6,
+            report.seconds,
+            report.events_per_sec,
+            report.mb_per_sec,
+            report.p50_ms,
+            report.p99_ms,
+            peak
+        );
+    }
     if let Some(error) = &report.error {
         eprintln!("hubsend: {error}");
     }
@@ -593,29 +758,46 @@ pub(crate) async fn bench(mut config: BenchConfig) -> u8 {
         println!("{summary}");
     }
     if report.all_sent() && report.sent == config.events {
-        EXIT_OK
+        exit::OK
+    } else if signals.received() >= 2 {
+        exit::ABANDONED
+    } else if report.all_sent() && signals.received() > 0 {
+        exit::INTERRUPTED
     } else {
-        EXIT_FAILED
+        exit::for_kind_name(report.error_kind.as_deref())
     }
 }
 
+/// `info` failed: the message, `{"error":…,"error_kind":…}` with `--json`, the status.
+fn info_failed(json: bool, failure: Failure) -> u8 {
+    failure.print();
+    if json {
+        println!(
+            "{}",
+            json!({"error": failure.message, "error_kind": failure.kind})
+        );
+    }
+    failure.code
+}
+
 /// `hubsend info`.
-pub(crate) async fn info(config: InfoConfig) -> u8 {
+pub(crate) async fn info(config: InfoConfig, _ui: Ui) -> u8 {
     let Some(cs) = config.connection.connection_string.as_deref() else {
-        return no_connection_string();
+        return info_failed(config.json, no_connection_string());
     };
     let producer = match connect(cs, &config.connection, 1, &Network::default()).await {
         Ok(p) => p,
-        Err(code) => return code,
+        Err(failure) => return info_failed(config.json, failure),
+    };
+    let read_failed = |what: String, e: hubsend::Error| Failure {
+        message: format!("cannot read {what}: {}", error_chain(&e)),
+        kind: e.kind().to_string(),
+        code: exit::for_kind(e.kind()),
     };
     let hub = match producer.hub_properties().await {
         Ok(h) => h,
         Err(e) => {
-            eprintln!(
-                "hubsend: cannot read the hub's properties: {}",
-                error_chain(&e)
-            );
-            return EXIT_FAILED;
+            return info_failed(config.json, read_failed("the hub's properties".into(), e));
         }
     };
     let mut partitions = Vec::new();
@@ -623,11 +805,8 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
         match producer.partition_properties(id).await {
             Ok(p) => partitions.push(p),
             Err(e) => {
-                eprintln!(
-                    "hubsend: cannot read partition {id}'s properties: {}",
-                    error_chain(&e)
-                );
-                return EXIT_FAILED;
+                let what = format!("partition {}'s properties", sanitize(id));
+                return info_failed(config.json, read_failed(what, e));
             }
         }
     }
@@ -681,5 +860,5 @@ pub(crate) async fn info(config: InfoConfig) -> u8 {
             );
         }
     }
-    EXIT_OK
+    exit::OK
 }

@@ -17,14 +17,17 @@ use hubsend::iothub::{
 use hubsend::{DeliveryFuture, Error, ErrorKind, Event, ProducerOptions};
 use serde_json::{json, Value};
 
-use crate::commands::{
-    human_summary, CliObserver, EXIT_ABANDONED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
-    EXIT_REJECTED, EXIT_USAGE,
+use crate::commands::{human_summary, CliObserver, Ui};
+use crate::exit::{
+    ABANDONED as EXIT_ABANDONED, FAILED as EXIT_FAILED, INTERRUPTED as EXIT_INTERRUPTED,
+    OK as EXIT_OK, REJECTED as EXIT_REJECTED, USAGE as EXIT_USAGE,
 };
 use crate::ingest::record::Record;
+use crate::ingest::record::Schema;
 use crate::ingest::report::{rate, IngestReport, Progress, Reject};
 use crate::ingest::stream::IngestObserver;
 use crate::ingest::{self, InputFormat};
+use crate::progress::ProgressView;
 use crate::signals::Signals;
 use crate::text::error_chain;
 
@@ -127,9 +130,9 @@ struct IotSendArgs {
 }
 
 /// Runs `hubsend iot …`; returns the exit status.
-pub(crate) async fn run(args: IotArgs) -> u8 {
+pub(crate) async fn run(args: IotArgs, ui: Ui) -> u8 {
     match args.command {
-        IotCommand::Send(a) => send(a).await,
+        IotCommand::Send(a) => send(a, ui).await,
     }
 }
 
@@ -304,14 +307,8 @@ async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
     };
     connected.map_err(|e| {
         eprintln!("hubsend: cannot connect: {}", error_chain(&e));
-        if matches!(
-            e.kind(),
-            ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString
-        ) {
-            EXIT_USAGE
-        } else {
-            EXIT_FAILED
-        }
+        // The same statuses as `send`: usage, unauthorized, unreachable, or failed.
+        crate::exit::for_kind(e.kind())
     })
 }
 
@@ -321,7 +318,7 @@ fn field_text(record: &Record, field: &str) -> Option<String> {
     record.partition_key(field).ok().filter(|s| !s.is_empty())
 }
 
-async fn send(a: IotSendArgs) -> u8 {
+async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     let Some(cs) = a.connection_string.clone().filter(|s| !s.trim().is_empty()) else {
         eprintln!(
             "hubsend: no connection string: pass --connection-string or set {CONNECTION_STRING_ENV}"
@@ -365,8 +362,9 @@ async fn send(a: IotSendArgs) -> u8 {
     } else {
         InputFormat::Ndjson
     };
-    let mut input = ingest::spawn_reader(source, format, MAX_MESSAGE_SIZE as usize);
-    let mut observer = CliObserver::new(rejects);
+    let mut input =
+        ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
+    let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
     let started = Instant::now();
     let mut report = IngestReport::default();
     let mut tally = Tally::default();

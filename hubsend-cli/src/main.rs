@@ -4,19 +4,46 @@
 //! streaming in [`ingest`].
 
 mod commands;
+mod exit;
 mod ingest;
 mod iot;
+mod progress;
 mod signals;
 mod spooled;
+mod style;
 mod text;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::progress::ProgressMode;
+
+/// What `hubsend send` accepts, for `--help`: the telemetry schema spelled out.
+const SEND_LONG_ABOUT: &str = "\
+Validate NDJSON or CSV records and send them as batched events.
+
+Input: a file named as the argument or with --input, or standard input (`-`, the default).
+NDJSON is one JSON object per line; CSV has a header row naming the fields.
+
+The telemetry schema (--schema telemetry, the default): every record is a JSON object with
+  sensor_id  a non-empty string
+  timestamp  an RFC 3339 time, e.g. 2025-08-19T10:30:00.250+02:00 (sent normalised to UTC, ...Z)
+  value      a number or a string (CSV: a number when the cell parses as one)
+and any other fields, passed through unchanged. Each record is sent as its JSON encoding with
+content type application/json. A line that breaks these rules is reported with its line
+number and reason (and written to --rejects) and not sent; --strict makes that exit 3.
+
+--schema none sends every NDJSON object byte for byte as the line holds it, and every CSV row
+as a JSON object of header name to cell text, with no field required.
+
+Example:
+  hubsend send readings.ndjson --partition-key-field sensor_id --property site=plant-7";
 
 /// The end of `hubsend send --help`: stopping and exit statuses (scripts depend on them).
 const SEND_AFTER_HELP: &str = "\
@@ -26,12 +53,17 @@ an outcome as `unknown`.
 
 Lines and CSV rows longer than the hub's message limit are rejected with their line number.
 
+--json prints one summary object as the last line of standard output on every exit, failures
+included (then with `error` and `error_kind`).
+
 Exit status:
   0    every valid record was stored by the hub
-  1    a valid record was not stored, or the hub could not be used
-  2    usage error (e.g. no connection string)
+  1    the hub refused a valid record or it could not be stored (or the input could not be read)
+  2    usage error: bad arguments, no or a malformed connection string, an unreadable file
   3    --strict and some lines were invalid
   4    a second signal stopped the wait for the hub's outcomes
+  5    unauthorized: the hub refused the credentials
+  6    the hub could not be reached: unknown host, connection refused, TLS failure, timeout
   130  stopped by Ctrl-C or SIGTERM; everything read was stored";
 
 /// The environment variable read when `--connection-string` is not given.
@@ -46,14 +78,30 @@ const CONNECTION_STRING_ENV: &str = "EVENTHUB_CONNECTION_STRING";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    /// Print only errors: no progress, no per-line rejects, no summary on standard error
+    /// (--json output and --rejects files are unchanged).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// Say more: -v the connection and the hub's limits, -vv debug logs, -vvv trace logs
+    /// (RUST_LOG, when set, chooses the logs instead).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate NDJSON or CSV telemetry records and send them as batched events.
-    #[command(after_help = SEND_AFTER_HELP)]
+    /// Validate NDJSON or CSV records and send them as batched events.
+    #[command(long_about = SEND_LONG_ABOUT, after_help = SEND_AFTER_HELP)]
     Send(SendArgs),
-    /// Send synthetic telemetry at full speed and report throughput and latency.
+    /// Send synthetic telemetry at full speed and report throughput and latency. Without
+    /// --connection-string on the command line it runs against a local test hub in this
+    /// process ($EVENTHUB_CONNECTION_STRING is not read, so a real hub is never loaded by
+    /// accident).
+    #[command(mut_arg("connection_string", |a| a
+        .env(None::<&str>)
+        .help("Event Hubs connection string of the hub to load; without it, a local test hub")))]
     Bench(BenchArgs),
     /// Show the hub's name, partitions and per-partition properties.
     Info(InfoArgs),
@@ -71,6 +119,38 @@ struct ConnectionArgs {
     /// Extra trusted root CA certificate (PEM), for private or test endpoints.
     #[arg(long, value_name = "PEM")]
     ca_file: Option<PathBuf>,
+
+    /// The event hub to use, for a namespace-level connection string (one without
+    /// EntityPath). With EntityPath it must name the same hub.
+    #[arg(long, value_name = "NAME")]
+    event_hub: Option<String>,
+
+    /// Give up connecting (TCP, TLS, authorisation) after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    connect_timeout: Option<Duration>,
+}
+
+/// A positive number of seconds, e.g. `10` or `2.5`.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+        _ => Err("expected a positive number of seconds".to_owned()),
+    }
+}
+
+/// The positional input file: `-` or a path. A value that looks like a secret (a connection
+/// string or a key pasted in the wrong place) is refused, and never shown.
+fn parse_input_file(text: &str) -> Result<String, String> {
+    if text::looks_secret(text) {
+        return Err(
+            "this looks like a connection string or key; give it with --connection-string"
+                .to_owned(),
+        );
+    }
+    if text != "-" && !std::path::Path::new(text).exists() {
+        return Err("no such file".to_owned());
+    }
+    Ok(text.to_owned())
 }
 
 /// How `send` and `bench` reach the hub.
@@ -106,6 +186,15 @@ enum TransportArg {
     Https,
 }
 
+/// `--schema` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SchemaArg {
+    /// sensor_id, timestamp and value required (see `hubsend send --help`).
+    Telemetry,
+    /// Any JSON object or CSV row, sent as it is.
+    None,
+}
+
 /// Input formats of `hubsend send`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -123,13 +212,35 @@ struct SendArgs {
     #[command(flatten)]
     network: NetworkArgs,
 
-    /// File to read, or `-` for standard input.
-    #[arg(long, value_name = "PATH", default_value = "-")]
-    input: String,
+    /// File to read, or `-` for standard input (the default).
+    #[arg(value_name = "FILE", value_parser = parse_input_file, conflicts_with = "input")]
+    file: Option<String>,
+
+    /// File to read, or `-` for standard input (the default); the same as FILE.
+    #[arg(long, value_name = "PATH")]
+    input: Option<String>,
 
     /// Input format.
     #[arg(long, value_enum, default_value_t = Format::Ndjson)]
     format: Format,
+
+    /// Which records are valid: telemetry (sensor_id, timestamp, value; see above) or none
+    /// (any JSON object or CSV row, sent as it is).
+    #[arg(long, value_enum, default_value_t = SchemaArg::Telemetry)]
+    schema: SchemaArg,
+
+    /// Content type of every event (default application/json).
+    #[arg(long, value_name = "TYPE")]
+    content_type: Option<String>,
+
+    /// Add an application property to every event (string value); repeat for more.
+    #[arg(long = "property", value_name = "KEY=VALUE", value_parser = style::parse_property)]
+    properties: Vec<(String, String)>,
+
+    /// Progress display: auto (a bar when standard error is a terminal), always (a plain line
+    /// every few seconds when it is not), never.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
 
     /// Route each record by this field's value (string form) as its partition key.
     #[arg(long, value_name = "FIELD", conflicts_with = "partition_id")]
@@ -199,6 +310,10 @@ struct BenchArgs {
     /// Idempotent retries (see `hubsend send --idempotent`).
     #[arg(long)]
     idempotent: bool,
+
+    /// Progress display: auto, always or never (see `hubsend send --help`).
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
 }
 
 #[derive(Debug, Args)]
@@ -216,10 +331,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return ExitCode::from(code),
     };
+    let level = match cli.verbose {
+        0 => "error",
+        1 => "warn",
+        2 => "debug",
+        _ => "trace",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
@@ -242,12 +363,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let ui = commands::Ui {
+        quiet: cli.quiet,
+        verbose: cli.verbose > 0,
+    };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Send(args) => commands::send(args.into()).await,
-            Command::Bench(args) => commands::bench(args.into()).await,
-            Command::Info(args) => commands::info(args.into()).await,
-            Command::Iot(args) => iot::run(args).await,
+            Command::Send(args) => commands::send(args.into(), ui).await,
+            Command::Bench(args) => commands::bench(args.into(), ui).await,
+            Command::Info(args) => commands::info(args.into(), ui).await,
+            Command::Iot(args) => iot::run(args, ui).await,
         }
     });
     // The input reader thread may be blocked on a terminal: don't wait for it.
@@ -256,11 +381,12 @@ fn main() -> ExitCode {
 }
 
 /// Parses the command line. Help and version go to stdout as clap prints them; a usage error is
-/// printed without any argument value that could be a secret, and gives the exit status.
+/// printed without any argument value that could be a secret, and gives the exit status (with
+/// `--json` among the arguments, also as `{"error":…,"error_kind":"usage"}` on stdout).
 fn parse_args() -> Result<Cli, u8> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     Cli::try_parse_from(&argv).map_err(|error| {
-        let code = u8::try_from(error.exit_code()).unwrap_or(commands::EXIT_USAGE);
+        let code = u8::try_from(error.exit_code()).unwrap_or(exit::USAGE);
         if matches!(
             error.kind(),
             ErrorKind::DisplayHelp
@@ -269,18 +395,19 @@ fn parse_args() -> Result<Cli, u8> {
         ) {
             let _ = error.print();
         } else {
-            eprint!("{}", usage_error_text(&error, &argv));
+            let text = usage_error_text(&error, &argv);
+            eprint!("{text}");
+            if argv.iter().any(|a| a == "--json") {
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                println!(
+                    "{}",
+                    serde_json::json!({"error": message, "error_kind": exit::KIND_USAGE})
+                );
+            }
         }
         code
     })
-}
-
-/// Case-insensitive markers of Event Hubs secrets: a SAS key or token, or a token's signature.
-const SECRET_MARKERS: &[&str] = &["sharedaccesskey=", "sharedaccesssignature", "sig="];
-
-fn looks_secret(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    SECRET_MARKERS.iter().any(|m| lower.contains(m))
 }
 
 /// clap's message for a usage error with the values that must not be echoed replaced:
@@ -297,9 +424,17 @@ fn usage_error_text(error: &clap::Error, argv: &[OsString]) -> String {
             }
         }
     }
+    if error.kind() == ErrorKind::ValueValidation {
+        // A value refused by a parser, e.g. a key given as the input file.
+        if let Some(ContextValue::String(value)) = error.get(ContextKind::InvalidValue) {
+            if text::looks_like_key(value) {
+                hidden.push(value.clone());
+            }
+        }
+    }
     for arg in argv.iter().skip(1) {
         let arg = arg.to_string_lossy();
-        if looks_secret(&arg) {
+        if text::looks_secret(&arg) {
             if let Some((_, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
                 hidden.push(value.to_owned());
             }
@@ -312,7 +447,7 @@ fn usage_error_text(error: &clap::Error, argv: &[OsString]) -> String {
     for value in hidden.iter().filter(|v| !v.is_empty()) {
         text = text.replace(value.as_str(), HIDDEN);
     }
-    if looks_secret(&text) {
+    if text::looks_secret(&text) {
         return "error: invalid arguments (not shown: they look like they hold a secret)\n\n\
                 For more information, try '--help'.\n"
             .to_owned();
@@ -326,6 +461,8 @@ impl From<ConnectionArgs> for commands::Connection {
             connection_string: a.connection_string.filter(|s| !s.trim().is_empty()),
             ca_file: a.ca_file,
             idempotent: false,
+            event_hub: a.event_hub.filter(|s| !s.trim().is_empty()),
+            connect_timeout: a.connect_timeout,
         }
     }
 }
@@ -353,8 +490,17 @@ impl From<SendArgs> for commands::SendConfig {
                 ..a.connection.into()
             },
             network: a.network.into(),
-            input: a.input,
+            input: a.file.or(a.input).unwrap_or_else(|| "-".to_owned()),
             csv: a.format == Format::Csv,
+            schema: match a.schema {
+                SchemaArg::Telemetry => ingest::record::Schema::Telemetry,
+                SchemaArg::None => ingest::record::Schema::None,
+            },
+            style: style::EventStyle {
+                content_type: a.content_type,
+                properties: a.properties,
+            },
+            progress: a.progress,
             partition_key_field: a.partition_key_field,
             partition_id: a.partition_id,
             max_in_flight: a.max_in_flight as usize,
@@ -379,6 +525,7 @@ impl From<BenchArgs> for commands::BenchConfig {
             key_cardinality: a.partitions_key_cardinality,
             max_in_flight: a.max_in_flight as usize,
             json: a.json,
+            progress: a.progress,
         }
     }
 }

@@ -11,17 +11,13 @@ use std::time::{Duration, Instant};
 use hubsend::{BufferedOptions, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE};
 use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpooledProducer};
 
-use crate::commands::{CliObserver, SendConfig};
+use crate::commands::{producer_options, read_ca_file, CliObserver, Failure, SendConfig, Ui};
+use crate::exit;
 use crate::ingest::report::{IngestReport, Reject};
 use crate::ingest::stream::IngestObserver;
 use crate::ingest::{self, InputFormat};
+use crate::progress::ProgressView;
 use crate::signals::Signals;
-
-/// Exit statuses, as for the in-memory `send`.
-const EXIT_OK: u8 = 0;
-const EXIT_FAILED: u8 = 1;
-const EXIT_REJECTED: u8 = 3;
-const EXIT_INTERRUPTED: u8 = 130;
 
 /// Runs `send` through the spool in `dir`. The hub need not be reachable: records wait in the
 /// spool until it is (a stop signal leaves them there for the next run).
@@ -31,19 +27,23 @@ pub(crate) async fn send(
     source: Box<dyn std::io::Read + Send>,
     rejects: Option<BufWriter<File>>,
     signals: Signals,
+    ui: Ui,
 ) -> u8 {
-    let Some(cs) = config.connection.connection_string.clone() else {
-        return EXIT_FAILED;
+    let failed = |failure: Failure| {
+        failure.print();
+        let code = failure.code;
+        if config.json {
+            let report = failure.into_report(IngestReport::default());
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        code
     };
-    let ca_pem = match &config.connection.ca_file {
-        None => None,
-        Some(path) => match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(e) => {
-                eprintln!("hubsend: cannot read CA file {}: {e}", path.display());
-                return EXIT_FAILED;
-            }
-        },
+    let Some(cs) = config.connection.connection_string.clone() else {
+        return failed(Failure::usage("no connection string"));
+    };
+    let ca_pem = match read_ca_file(&config.connection) {
+        Ok(pem) => pem,
+        Err(failure) => return failed(failure),
     };
     // Group commit per input chunk: each chunk's records reach the disk with one fsync.
     let spool = match Spool::open(
@@ -52,8 +52,7 @@ pub(crate) async fn send(
     ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("hubsend: cannot use the spool: {e}");
-            return EXIT_FAILED;
+            return failed(Failure::usage(format!("cannot use the spool: {e}")));
         }
     };
     for region in &spool.recovery().corrupt {
@@ -66,12 +65,16 @@ pub(crate) async fn send(
         );
     }
     let resume_after = spool.last_tag().unwrap_or(0);
-    let max_in_flight = config.max_in_flight;
+    let base: ProducerOptions = producer_options(&config.connection, config.max_in_flight);
     let idempotent = config.connection.idempotent;
+    let event_hub = config.connection.event_hub.clone();
     let builder = move |options: ProducerOptions| {
         let mut builder = Producer::builder()
             .connection_string(cs.clone())
-            .options(options.max_in_flight(max_in_flight));
+            .options(options);
+        if let Some(hub) = &event_hub {
+            builder = builder.event_hub(hub.clone());
+        }
         if let Some(pem) = &ca_pem {
             builder = builder.add_root_certificate_pem(pem.clone());
         }
@@ -82,18 +85,10 @@ pub(crate) async fn send(
     // already stored.
     let producer = if idempotent {
         SpooledProducer::start_idempotent(spool, move |states| {
-            builder(
-                ProducerOptions::new()
-                    .idempotent(true)
-                    .publishing_state(states),
-            )
+            builder(base.clone().publishing_state(states))
         })
     } else {
-        SpooledProducer::start(
-            spool,
-            move || builder(ProducerOptions::new()),
-            BufferedOptions::new(),
-        )
+        SpooledProducer::start(spool, move || builder(base.clone()), BufferedOptions::new())
     };
 
     let started = Instant::now();
@@ -104,8 +99,13 @@ pub(crate) async fn send(
     };
     // The hub's limit is not known before it is reached; records above the service's limit
     // are refused by the drain and counted failed.
-    let mut input = ingest::spawn_reader(source, format, DEFAULT_MAX_MESSAGE_SIZE as usize);
-    let mut observer = CliObserver::new(rejects);
+    let mut input = ingest::spawn_reader(
+        source,
+        format,
+        config.schema,
+        DEFAULT_MAX_MESSAGE_SIZE as usize,
+    );
+    let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
     let mut report = IngestReport::default();
     let mut error = None;
     let mut keys = std::collections::HashSet::new();
@@ -135,7 +135,7 @@ pub(crate) async fn send(
                     (None, Some(id)) => Route::partition_id(id.clone()),
                     (None, None) => Route::Any,
                 };
-                Ok((record.to_event_from_line(&parsed.raw), route))
+                Ok((config.style.apply(record.to_event()), route))
             });
             match routed {
                 Ok((event, route)) => {
@@ -195,7 +195,11 @@ pub(crate) async fn send(
     report.spooled = Some(spooled.spooled);
     report.resumed = Some(spooled.resumed);
     report.error = error.clone();
-    eprintln!(
+    if error.is_some() {
+        report.error_kind = Some(exit::KIND_INPUT.to_owned());
+    }
+    if !ui.quiet {
+        eprintln!(
         "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
         spooled.spooled,
         spooled.resumed,
@@ -205,11 +209,12 @@ pub(crate) async fn send(
         spooled.pending,
         if report.interrupted { " (stopped early)" } else { "" }
     );
-    if spooled.renumbered > 0 {
-        eprintln!(
-            "hubsend: spool: {} records were sent again under a new producer id (the hub no longer knew the old one); the hub may hold some of them twice",
-            spooled.renumbered
-        );
+        if spooled.renumbered > 0 {
+            eprintln!(
+                "hubsend: spool: {} records were sent again under a new producer id (the hub no longer knew the old one); the hub may hold some of them twice",
+                spooled.renumbered
+            );
+        }
     }
     if let Some(e) = &error {
         eprintln!("hubsend: {e}");
@@ -221,12 +226,12 @@ pub(crate) async fn send(
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     }
     if error.is_some() || report.failed > 0 || rejects_error.is_some() {
-        EXIT_FAILED
+        exit::FAILED
     } else if config.strict && report.rejected > 0 {
-        EXIT_REJECTED
+        exit::REJECTED
     } else if report.interrupted {
-        EXIT_INTERRUPTED
+        exit::INTERRUPTED
     } else {
-        EXIT_OK
+        exit::OK
     }
 }

@@ -28,6 +28,34 @@ pub(crate) fn sanitize(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Case-insensitive markers of Event Hubs secrets: a SAS key or token, or a token's signature.
+const SECRET_MARKERS: &[&str] = &["sharedaccesskey=", "sharedaccesssignature", "sig="];
+
+/// Whether `text` holds something that looks like a secret (a key or token in a connection
+/// string or SAS token).
+pub(crate) fn looks_secret(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// Whether `text` could be a bare key pasted where a file name was expected: 20 or more
+/// base64 characters with no dot or path separator.
+pub(crate) fn looks_like_key(text: &str) -> bool {
+    text.len() >= 20
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'=' | b'-' | b'_'))
+}
+
+/// `text` for a message, or a placeholder when it may be a secret.
+pub(crate) fn shown(text: &str) -> Cow<'_, str> {
+    if looks_secret(text) || looks_like_key(text) {
+        Cow::Borrowed("<not shown: it looks like a secret>")
+    } else {
+        sanitize(text)
+    }
+}
+
 /// `error` and every cause in its `source()` chain, `: `-separated and sanitised. A cause whose
 /// text the message already holds (messages often quote their cause) is not repeated.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

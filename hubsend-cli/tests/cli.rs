@@ -573,7 +573,7 @@ async fn wrong_key_fails_with_a_clear_message() {
         Some(br#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1}"#.to_vec()),
     )
     .await;
-    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 5, "stderr:\n{}", run.stderr);
     assert!(
         run.stderr.to_lowercase().contains("unauthorized"),
         "stderr:\n{}",
@@ -587,7 +587,7 @@ async fn wrong_key_fails_with_a_clear_message() {
 
     // info fails the same way.
     let run = hubsend(&["info", "--connection-string", &bad], &[], None).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 5);
     assert!(
         run.stderr.to_lowercase().contains("unauthorized"),
         "stderr:\n{}",
@@ -643,7 +643,7 @@ async fn tls_hub_with_ca_file() {
         Some(record),
     )
     .await;
-    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 6, "stderr:\n{}", run.stderr);
     assert!(run.stderr.contains("cannot connect"), "{}", run.stderr);
 }
 
@@ -1093,7 +1093,11 @@ async fn usage_errors_never_echo_a_secret() {
     }
     // What is wrong is still said.
     let run = hubsend(&["send", &cs], &[], Some(Vec::new())).await;
-    assert!(run.stderr.contains("unexpected argument"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("looks like a connection string"),
+        "{}",
+        run.stderr
+    );
     let run = hubsend(&["send", &typo], &[], Some(Vec::new())).await;
     assert!(run.stderr.contains("--conection-string"), "{}", run.stderr);
     // Help still prints, to stdout, with status 0.
@@ -1191,7 +1195,7 @@ async fn errors_are_printed_with_their_cause() {
     let hub = TestHub::start(HubConfig::new().tls(true)).await.unwrap();
     // No CA file: the handshake fails, and the reason is the certificate's issuer.
     let run = send_stdin(&hub, &[], telemetry_lines(1)).await;
-    assert_eq!(run.code, 1, "stderr:\n{}", run.stderr);
+    assert_eq!(run.code, 6, "stderr:\n{}", run.stderr);
     assert!(
         run.stderr.contains("TLS handshake") && run.stderr.contains("UnknownIssuer"),
         "stderr:\n{}",
@@ -1450,4 +1454,518 @@ async fn spool_idempotent_resumes_a_run_killed_mid_drain_without_duplicates() {
     assert_eq!(twice, 0, "no record stored twice");
     assert!(hub.events(HUB).iter().all(|e| e.partition_key.is_some()));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The connection string without its `EntityPath` (a namespace-level one).
+fn without_entity_path(cs: &str) -> String {
+    cs.split(';')
+        .filter(|p| !p.starts_with("EntityPath=") && !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_none_sends_each_object_as_it_is() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("schema-none");
+    // No telemetry field anywhere, odd spacing and key order: sent byte for byte.
+    let lines = [
+        r#"{"b":1,  "a":"x"}"#,
+        r#"{"nested":{"k":[1,2,3]},"n":null}"#,
+        r#"[1,2]"#,
+        r#"{"z":true}"#,
+    ];
+    let input = write(&dir, "any.ndjson", &format!("{}\n", lines.join("\n")));
+    let run = send_file(&hub, &input, &["--schema", "none", "--json"]).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let summary = run.json();
+    assert_eq!(
+        (summary["sent"].clone(), summary["rejected"].clone()),
+        (json!(3), json!(1))
+    );
+    assert!(
+        run.stderr.contains("line 3: not a JSON object"),
+        "{}",
+        run.stderr
+    );
+    let events = hub.wait_for_events(HUB, 3, Duration::from_secs(10)).await;
+    let mut stored: Vec<String> = events
+        .iter()
+        .map(|e| String::from_utf8(e.body.clone()).unwrap())
+        .collect();
+    stored.sort();
+    let mut expected = vec![lines[0], lines[1], lines[3]];
+    expected.sort();
+    assert_eq!(stored, expected);
+    assert!(events
+        .iter()
+        .all(|e| e.content_type.as_deref() == Some("application/json")));
+
+    // The same lines under the default schema are all invalid.
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let run = send_file(&hub, &input, &["--json"]).await;
+    assert_eq!(run.json()["rejected"], 4, "{}", run.stderr);
+
+    // CSV rows become objects of header to cell text, whatever the header.
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let csv = write(&dir, "any.csv", "host,load\nweb-1,0.75\nweb-2,\n");
+    let run = send_file(&hub, &csv, &["--format", "csv", "--schema", "none"]).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let events = hub.wait_for_events(HUB, 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        sorted(bodies(&events)),
+        sorted(vec![
+            json!({"host":"web-1","load":"0.75"}),
+            json!({"host":"web-2","load":""})
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_and_content_type_reach_the_hub() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let dir = scratch("props");
+    let input = write(&dir, "in.ndjson", &telemetry_lines(5));
+    // The input file given as the positional argument.
+    let cs = hub.connection_string();
+    let args = [
+        "send",
+        &input,
+        "--connection-string",
+        &cs,
+        "--content-type",
+        "application/vnd.plant+json",
+        "--property",
+        "site=plant-7",
+        "--property",
+        "query=a=b",
+        "--json",
+    ];
+    let run = hubsend(&args, &[], None).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["sent"], 5);
+    let events = hub.wait_for_events(HUB, 5, Duration::from_secs(10)).await;
+    for e in &events {
+        assert_eq!(
+            e.content_type.as_deref(),
+            Some("application/vnd.plant+json")
+        );
+        assert_eq!(
+            e.application_properties.get("site"),
+            Some(&json!("plant-7"))
+        );
+        assert_eq!(e.application_properties.get("query"), Some(&json!("a=b")));
+    }
+    // A property without `=` is a usage error.
+    let run = hubsend(&["send", "--property", "oops"], &[], Some(Vec::new())).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("KEY=VALUE"), "{}", run.stderr);
+    // FILE and --input together are a usage error; a FILE that does not exist too.
+    let run = hubsend(&["send", &input, "--input", &input], &[], None).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let run = hubsend(&["send", "no-such-file.ndjson", "--json"], &[], None).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("no such file"), "{}", run.stderr);
+    assert_eq!(run.json()["error_kind"], "usage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_hub_names_the_hub_of_a_namespace_connection_string() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let namespace = without_entity_path(&hub.connection_string());
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &namespace,
+            "--event-hub",
+            HUB,
+            "--json",
+        ],
+        &[],
+        Some(telemetry_lines(3).into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(
+        hub.wait_for_events(HUB, 3, Duration::from_secs(10))
+            .await
+            .len(),
+        3
+    );
+    // Without it there is no hub to send to: a usage error, with JSON.
+    let run = hubsend(
+        &["send", "--connection-string", &namespace, "--json"],
+        &[],
+        Some(telemetry_lines(1).into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 2, "stderr:\n{}", run.stderr);
+    assert!(run.json()["error"].as_str().is_some());
+}
+
+/// Runs `send --json` against `cs` with one telemetry line; checks the exit status, that the
+/// JSON summary names the failure, and returns the run.
+async fn expect_failure(cs: &str, extra: &[&str], code: i32, kind: &str) -> Run {
+    let mut args = vec!["send", "--connection-string", cs, "--json"];
+    args.extend_from_slice(extra);
+    let run = hubsend(&args, &[], Some(telemetry_lines(1).into_bytes())).await;
+    assert_eq!(run.code, code, "{args:?}: stderr:\n{}", run.stderr);
+    let summary = run.json();
+    assert_eq!(summary["error_kind"], kind, "{summary}");
+    assert_eq!(summary["sent"], 0, "{summary}");
+    assert!(
+        summary["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{summary}"
+    );
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_has_its_exit_status_and_json() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let good = hub.connection_string();
+    // 2: a malformed connection string.
+    expect_failure("Endpoint=nonsense", &[], 2, "invalid connection string").await;
+    // 5: the hub refuses the key.
+    let key = good
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap();
+    let wrong_key = "d3JvbmcgZG9lcyBub3QgbWF0dGVyIHdoYXQgaXQgaXMgYXQgYWxs";
+    let bad = good.replace(key, wrong_key);
+    let run = expect_failure(&bad, &[], 5, "unauthorized").await;
+    assert!(!run.stdout.contains(wrong_key) && !run.stderr.contains(wrong_key));
+    // 6: nothing listens on the port; an unknown host reads differently.
+    let port = free_port();
+    let on_port =
+        |port: u16| good.replace(&format!(":{}/", hub.addr().port()), &format!(":{port}/"));
+    let refused = on_port(port);
+    let run = expect_failure(&refused, &[], 6, "connection error").await;
+    assert!(
+        run.stderr.contains("nothing accepts connections"),
+        "{}",
+        run.stderr
+    );
+    let unknown = good.replace("sb://127.0.0.1:", "sb://no-such-host.invalid:");
+    let run = expect_failure(&unknown, &[], 6, "connection error").await;
+    assert!(run.stderr.contains("does not resolve"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("nothing accepts connections"),
+        "{}",
+        run.stderr
+    );
+    // 6: a TLS failure, with its cause.
+    let tls = TestHub::start(HubConfig::new().tls(true)).await.unwrap();
+    let run = expect_failure(&tls.connection_string(), &[], 6, "connection error").await;
+    assert!(
+        run.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("UnknownIssuer"),
+        "{}",
+        run.stdout
+    );
+    // 6: a listener that never speaks AMQP, within --connect-timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mute = on_port(port);
+    let started = std::time::Instant::now();
+    let run = hubsend(
+        &[
+            "send",
+            "--connection-string",
+            &mute,
+            "--connect-timeout",
+            "1",
+            "--json",
+        ],
+        &[],
+        Some(telemetry_lines(1).into_bytes()),
+    )
+    .await;
+    assert_eq!(run.code, 6, "stderr:\n{}", run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(run.json()["error"].as_str().is_some());
+    drop(silent);
+    // 2 with JSON for a usage error clap finds.
+    let run = hubsend(&["send", "--json", "--max-in-flight", "0"], &[], None).await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.json()["error_kind"], "usage");
+    // 2: no connection string, with JSON.
+    let run = hubsend(&["send", "--json"], &[], Some(Vec::new())).await;
+    assert_eq!(run.code, 2);
+    assert_eq!(run.json()["error_kind"], "usage");
+    // info and bench print JSON on failure too.
+    let run = hubsend(&["info", "--connection-string", &bad, "--json"], &[], None).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert_eq!(run.json()["error_kind"], "unauthorized");
+    let run = hubsend(
+        &[
+            "bench",
+            "--connection-string",
+            &refused,
+            "--events",
+            "10",
+            "--json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 6, "{}", run.stderr);
+    assert_eq!(run.json()["error_kind"], "connection error");
+    assert!(hub.events(HUB).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_never_loads_the_hub_of_the_environment_variable() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let cs = hub.connection_string();
+    let run = hubsend(
+        &["bench", "--events", "2000", "--json"],
+        &[("EVENTHUB_CONNECTION_STRING", &cs)],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let b = run.json();
+    assert_eq!(b["local_hub"], true, "{b}");
+    assert_eq!(b["events"], 2000, "{b}");
+    assert!(
+        run.stderr.contains("ignores $EVENTHUB_CONNECTION_STRING"),
+        "{}",
+        run.stderr
+    );
+    assert!(hub.events(HUB).is_empty());
+    // Given on the command line, it is used.
+    let run = hubsend(
+        &[
+            "bench",
+            "--events",
+            "2000",
+            "--json",
+            "--connection-string",
+            &cs,
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.json()["local_hub"], false);
+    assert_eq!(
+        hub.wait_for_events(HUB, 2000, Duration::from_secs(10))
+            .await
+            .len(),
+        2000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_and_verbose() {
+    let hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let mut input = telemetry_lines(3);
+    input.push_str("not json\n");
+    let run = send_stdin(&hub, &["-q", "--json"], input.clone()).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stderr, "", "quiet printed something");
+    assert_eq!(run.json()["sent"], 3);
+    let run = send_stdin(&hub, &["-v"], input).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("connected to event hub telemetry over amqp"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("line 4: not a JSON object"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("hubsend: sent 3 events"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// With `--progress always` and standard error a pipe, a plain progress line comes every few
+/// seconds; without it, none.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_always_prints_plain_lines_when_not_a_terminal() {
+    for always in [true, false] {
+        let hub = TestHub::start(HubConfig::new()).await.unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubsend"));
+        cmd.args(["send", "--connection-string", &hub.connection_string()]);
+        if always {
+            cmd.args(["--progress", "always"]);
+        }
+        let mut child = cmd
+            .env_remove("EVENTHUB_CONNECTION_STRING")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(telemetry_lines(4).as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        hub.wait_for_events(HUB, 4, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        drop(stdin);
+        let run = wait(child).await;
+        assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+        let lines: Vec<&str> = run
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("hubsend: progress: "))
+            .collect();
+        if always {
+            assert!(lines.len() >= 2, "{}", run.stderr);
+            assert!(lines.iter().any(|l| l.contains("4 sent")), "{}", run.stderr);
+        } else {
+            assert!(lines.is_empty(), "{}", run.stderr);
+        }
+        // No terminal control sequences when it is not a terminal.
+        assert!(!run.stderr.contains('\u{1b}'), "{:?}", run.stderr);
+    }
+}
+
+/// A tiny terminal: `cols` wide, wrapping long lines, honouring CR, LF, erase-line, cursor-up
+/// and erase-below, as indicatif uses them. Returns the screen's lines and how many times a
+/// line wrapped.
+fn emulate_terminal(output: &str, cols: usize) -> (Vec<String>, usize) {
+    let mut screen: Vec<Vec<char>> = vec![Vec::new()];
+    let (mut row, mut col, mut wraps) = (0usize, 0usize, 0usize);
+    let mut chars = output.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => col = 0,
+            '\n' => {
+                row += 1;
+                col = 0;
+                if screen.len() <= row {
+                    screen.push(Vec::new());
+                }
+            }
+            '\u{1b}' => {
+                if chars.peek() != Some(&'[') {
+                    continue;
+                }
+                chars.next();
+                let mut params = String::new();
+                let mut command = ' ';
+                for p in chars.by_ref() {
+                    if p.is_ascii_alphabetic() {
+                        command = p;
+                        break;
+                    }
+                    params.push(p);
+                }
+                let n: usize = params.trim_start_matches('?').parse().unwrap_or(1);
+                match command {
+                    'K' => screen[row].truncate(if params == "2" { 0 } else { col }),
+                    'A' => row = row.saturating_sub(n),
+                    'J' => {
+                        screen[row].truncate(col);
+                        screen.truncate(row + 1);
+                    }
+                    'G' => col = n.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            c if c.is_control() => {}
+            c => {
+                if col >= cols {
+                    wraps += 1;
+                    row += 1;
+                    col = 0;
+                    if screen.len() <= row {
+                        screen.push(Vec::new());
+                    }
+                }
+                let line = &mut screen[row];
+                if line.len() <= col {
+                    line.resize(col, ' ');
+                    line.push(c);
+                } else {
+                    line[col] = c;
+                }
+                col += 1;
+            }
+        }
+    }
+    let lines = screen
+        .into_iter()
+        .map(|l| l.into_iter().collect::<String>().trim_end().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    (lines, wraps)
+}
+
+/// On an 80-column terminal the bar (with total, percentage and ETA for a file) never wraps and
+/// leaves no stale line: once the run ends only the summary is on the screen.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_bar_fits_an_80_column_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` to make a terminal");
+        return;
+    }
+    let hub = TestHub::start(HubConfig::new().max_message_size(2048))
+        .await
+        .unwrap();
+    // Slow outcomes and one batch at a time: the run lasts seconds and the bar redraws.
+    hub.faults().delay_dispositions(Duration::from_millis(300));
+    let dir = scratch("tty");
+    let input = write(&dir, "in.ndjson", &telemetry_lines(300));
+    let command = format!(
+        "stty cols 80 rows 24; {} send '{}' --connection-string '{}' --max-in-flight 1 --partition-id 0",
+        env!("CARGO_BIN_EXE_hubsend"),
+        input,
+        hub.connection_string()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-q", "-e", "-c", &command, "/dev/null"])
+            .env_remove("EVENTHUB_CONNECTION_STRING")
+            .env("TERM", "xterm")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("ETA"),
+        "no bar with an ETA was drawn:\n{text:?}"
+    );
+    assert!(text.contains('%'), "no percentage:\n{text:?}");
+    // Every frame of the bar fits the width (so none wraps onto a line it cannot clear) …
+    for frame in text.split(['\r', '\n']).filter(|f| f.contains("ETA")) {
+        let visible = frame.replace("\u{1b}[2K", "");
+        assert!(
+            visible.chars().count() <= 80,
+            "a {}-column frame: {visible:?}",
+            visible.chars().count()
+        );
+    }
+    // … and once the run ends, only the summary is on the screen (it may wrap: it stays).
+    let (screen, _) = emulate_terminal(&text, 80);
+    let shown = screen.concat();
+    assert!(shown.starts_with("hubsend: sent 300 events"), "{screen:#?}");
+    assert!(
+        !shown.contains("ETA") && !shown.contains("ev/s"),
+        "stale progress left on the screen: {screen:#?}"
+    );
 }

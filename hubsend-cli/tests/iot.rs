@@ -227,7 +227,8 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
         input.clone(),
     )
     .await;
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    // Unreachable: exit status 6, as for `send`.
+    assert_eq!(run.code, 6, "{}", run.stderr);
     assert!(run.stderr.contains("connect"), "{}", run.stderr);
 
     // A policy string needs to be told where the device id is.

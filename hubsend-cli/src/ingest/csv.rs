@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 
 use serde_json::{Map, Number, Value};
 
-use super::record::{Record, RecordError, VALUE};
+use super::record::{Record, RecordError, Schema, VALUE};
 use super::{preview, ParsedLine};
 
 /// Turns one CSV row into a record, given the header's field names.
@@ -16,9 +16,23 @@ use super::{preview, ParsedLine};
 /// # Errors
 /// [`RecordError::Csv`] when the row's length differs from the header's,
 /// [`RecordError::EmptyValue`] for an empty `value` cell, otherwise as [`Record::from_object`].
+#[cfg(test)]
 pub(crate) fn parse_csv_row<S: AsRef<str>>(
     headers: &[S],
     fields: &[S],
+) -> Result<Record, RecordError> {
+    parse_csv_row_as(headers, fields, Schema::Telemetry)
+}
+
+/// [`parse_csv_row`] under `schema`: with [`Schema::None`] every cell stays a string and any
+/// header passes.
+///
+/// # Errors
+/// As [`parse_csv_row`]; under [`Schema::None`] only [`RecordError::Csv`].
+pub(crate) fn parse_csv_row_as<S: AsRef<str>>(
+    headers: &[S],
+    fields: &[S],
+    schema: Schema,
 ) -> Result<Record, RecordError> {
     if headers.len() != fields.len() {
         return Err(RecordError::Csv(format!(
@@ -30,7 +44,7 @@ pub(crate) fn parse_csv_row<S: AsRef<str>>(
     let mut object = Map::new();
     for (name, cell) in headers.iter().zip(fields) {
         let (name, cell) = (name.as_ref(), cell.as_ref());
-        let value = if name == VALUE {
+        let value = if name == VALUE && schema == Schema::Telemetry {
             if cell.trim().is_empty() {
                 return Err(RecordError::EmptyValue);
             }
@@ -40,7 +54,7 @@ pub(crate) fn parse_csv_row<S: AsRef<str>>(
         };
         object.insert(name.to_owned(), value);
     }
-    Record::from_object(object)
+    Record::with_schema(object, schema)
 }
 
 /// A CSV `value` cell as JSON: an integer, a finite float, or the text itself.
@@ -77,6 +91,7 @@ pub(crate) struct CsvRecords<R> {
     used: usize,
     ends: Vec<usize>,
     stage: CsvStage,
+    schema: Schema,
 }
 
 /// How far [`CsvRecords`] has read.
@@ -115,7 +130,14 @@ impl<R: Read> CsvRecords<R> {
             used: 0,
             ends: Vec::new(),
             stage: CsvStage::Input,
+            schema: Schema::Telemetry,
         }
+    }
+
+    /// Validates rows under `schema` (default [`Schema::Telemetry`]).
+    pub(crate) fn with_schema(mut self, schema: Schema) -> Self {
+        self.schema = schema;
+        self
     }
 
     /// Reads the next row into `fields`/`ends`; `None` at the end of the input.
@@ -386,7 +408,7 @@ impl<R: Read> Iterator for CsvRecords<R> {
                     return Some(Ok(ParsedLine {
                         line,
                         raw: reencode_csv(&fields),
-                        result: parse_csv_row(headers, &fields),
+                        result: parse_csv_row_as(headers, &fields, self.schema),
                     }));
                 }
             }

@@ -1,5 +1,6 @@
 //! Telemetry ingestion for `hubsend send` and `hubsend bench`: parse NDJSON or CSV records,
-//! validate them against the telemetry schema, and stream them into a hub.
+//! validate them against the telemetry schema (unless `--schema none`), and stream them into
+//! a hub.
 //!
 //! - [`record`]: the schema, [`Record`](record::Record) and [`RecordError`](record::RecordError).
 //! - [`ndjson`], [`csv`]: the readers, each bounded by the record limit.
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 
 use self::csv::CsvRecords;
 use self::ndjson::NdjsonRecords;
-use self::record::{truncate, Record, RecordError};
+use self::record::{truncate, Record, RecordError, Schema};
 
 /// Input formats [`records`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,21 +51,25 @@ pub(crate) fn preview(text: &str) -> String {
     truncate(text, RAW_PREVIEW_CHARS)
 }
 
-/// Parses `reader` in `format`, one [`ParsedLine`] per data line; I/O errors end the stream.
+/// Parses `reader` in `format` under `schema`, one [`ParsedLine`] per data line; I/O errors end the stream.
 ///
 /// A line or row longer than `max_record_bytes` becomes a [`RecordError::TooLong`] reject;
 /// memory stays bounded by that limit whatever the input holds.
 pub(crate) fn records<R: Read + Send + 'static>(
     reader: R,
     format: InputFormat,
+    schema: Schema,
     max_record_bytes: usize,
 ) -> Box<dyn Iterator<Item = std::io::Result<ParsedLine>> + Send> {
     match format {
-        InputFormat::Ndjson => Box::new(NdjsonRecords::new(
-            BufReader::with_capacity(256 * 1024, reader),
-            max_record_bytes,
-        )),
-        InputFormat::Csv => Box::new(CsvRecords::new(reader, max_record_bytes)),
+        InputFormat::Ndjson => Box::new(
+            NdjsonRecords::new(
+                BufReader::with_capacity(256 * 1024, reader),
+                max_record_bytes,
+            )
+            .with_schema(schema),
+        ),
+        InputFormat::Csv => Box::new(CsvRecords::new(reader, max_record_bytes).with_schema(schema)),
     }
 }
 
@@ -79,6 +84,7 @@ pub(crate) fn records<R: Read + Send + 'static>(
 pub(crate) fn spawn_reader<R: Read + Send + 'static>(
     reader: R,
     format: InputFormat,
+    schema: Schema,
     max_record_bytes: usize,
 ) -> mpsc::Receiver<Lines> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
@@ -93,7 +99,7 @@ pub(crate) fn spawn_reader<R: Read + Send + 'static>(
                 inner: reader,
                 handoff: handoff.clone(),
             };
-            for item in records(input, format, max_record_bytes) {
+            for item in records(input, format, schema, max_record_bytes) {
                 let full = {
                     let mut pending = handoff.lock();
                     pending.push(item);

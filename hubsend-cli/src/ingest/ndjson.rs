@@ -2,7 +2,7 @@
 
 use std::io::BufRead;
 
-use super::record::{parse_ndjson_line, RecordError};
+use super::record::{parse_ndjson_line_as, RecordError, Schema};
 use super::{preview, ParsedLine};
 
 /// Reads NDJSON lines from a buffered reader. Blank lines are skipped but counted.
@@ -17,6 +17,7 @@ pub(crate) struct NdjsonRecords<R> {
     limit: usize,
     buf: Vec<u8>,
     done: bool,
+    schema: Schema,
 }
 
 impl<R: BufRead> NdjsonRecords<R> {
@@ -29,7 +30,14 @@ impl<R: BufRead> NdjsonRecords<R> {
             limit: max_record_bytes,
             buf: Vec::new(),
             done: false,
+            schema: Schema::Telemetry,
         }
+    }
+
+    /// Validates lines under `schema` (default [`Schema::Telemetry`]).
+    pub(crate) fn with_schema(mut self, schema: Schema) -> Self {
+        self.schema = schema;
+        self
     }
 
     /// Reads the next line into `buf` (at most the limit plus its `\r\n`); returns whether a line
@@ -104,7 +112,7 @@ impl<R: BufRead> Iterator for NdjsonRecords<R> {
                 Ok(text) => ParsedLine {
                     line: self.line,
                     raw: text.to_owned(),
-                    result: parse_ndjson_line(text),
+                    result: parse_ndjson_line_as(text, self.schema),
                 },
                 Err(_) => ParsedLine {
                     line: self.line,

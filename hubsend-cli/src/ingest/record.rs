@@ -80,15 +80,29 @@ impl fmt::Display for RecordError {
 
 impl std::error::Error for RecordError {}
 
-/// A validated telemetry record: a JSON object with `sensor_id`, a UTC `timestamp` and `value`,
-/// plus any other fields unchanged.
+/// Which records `hubsend send` accepts (`--schema`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Schema {
+    /// The telemetry schema: `sensor_id`, `timestamp`, `value` (see the module docs).
+    #[default]
+    Telemetry,
+    /// Any JSON object (NDJSON: sent byte for byte as the line holds it; CSV: the row as an
+    /// object of header name to cell text).
+    None,
+}
+
+/// A record to send: under [`Schema::Telemetry`] a validated JSON object with `sensor_id`, a
+/// UTC `timestamp` and `value`, plus any other fields unchanged; under [`Schema::None`] any
+/// JSON object.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Record {
     object: Map<String, Value>,
-    timestamp: DateTime<Utc>,
-    /// Whether the input text is already the event body: an NDJSON line whose `timestamp` is
-    /// in its normalised form (see [`to_event_from_line`](Self::to_event_from_line)).
-    verbatim: bool,
+    /// `None` under [`Schema::None`].
+    timestamp: Option<DateTime<Utc>>,
+    /// The event body as read, when it is one: under [`Schema::None`] an NDJSON line, and
+    /// under the telemetry schema an NDJSON line that needed no normalisation (its own bytes
+    /// are sent, not re-serialised: field order, spacing and number spelling as written).
+    body: Option<String>,
 }
 
 impl Record {
@@ -135,10 +149,34 @@ impl Record {
         }
         let record = Record {
             object,
-            timestamp,
-            verbatim: false,
+            timestamp: Some(timestamp),
+            body: None,
         };
         Ok((record, already_normal))
+    }
+
+    /// A record of any JSON object (`--schema none`); `body`, when given, is sent instead of
+    /// the object's encoding (the NDJSON line as read).
+    pub(crate) fn unchecked(object: Map<String, Value>, body: Option<String>) -> Record {
+        Record {
+            object,
+            timestamp: None,
+            body,
+        }
+    }
+
+    /// Validates `object` under `schema`.
+    ///
+    /// # Errors
+    /// Under [`Schema::Telemetry`], as [`Record::from_object`]; never under [`Schema::None`].
+    pub(crate) fn with_schema(
+        object: Map<String, Value>,
+        schema: Schema,
+    ) -> Result<Record, RecordError> {
+        match schema {
+            Schema::Telemetry => Record::from_object(object),
+            Schema::None => Ok(Record::unchecked(object, None)),
+        }
     }
 
     /// Builds a record from its three required fields.
@@ -156,8 +194,8 @@ impl Record {
         object.insert(VALUE.to_owned(), value);
         Record {
             object,
-            timestamp,
-            verbatim: false,
+            timestamp: Some(timestamp),
+            body: None,
         }
     }
 
@@ -182,7 +220,7 @@ impl Record {
     /// The reading's time, in UTC.
     #[cfg(test)]
     pub(crate) fn timestamp(&self) -> DateTime<Utc> {
-        self.timestamp
+        self.timestamp.unwrap_or_default()
     }
 
     /// The reading: a JSON number or string.
@@ -199,6 +237,9 @@ impl Record {
 
     /// The record's JSON encoding: the event body.
     pub(crate) fn to_json_bytes(&self) -> Vec<u8> {
+        if let Some(body) = &self.body {
+            return body.clone().into_bytes();
+        }
         // Serialising a map of JSON values cannot fail.
         serde_json::to_vec(&self.object).unwrap_or_default()
     }
@@ -206,17 +247,6 @@ impl Record {
     /// The record as an event: its JSON encoding with content type `application/json`.
     pub(crate) fn to_event(&self) -> Event {
         Event::new(self.to_json_bytes()).with_content_type("application/json")
-    }
-
-    /// The record parsed from `line` as an event: when the line needed no normalisation, its
-    /// own bytes (not re-serialised: field order, spacing and number spelling as written);
-    /// otherwise as [`to_event`](Self::to_event).
-    pub(crate) fn to_event_from_line(&self, line: &str) -> Event {
-        if self.verbatim {
-            Event::new(line.as_bytes().to_vec()).with_content_type("application/json")
-        } else {
-            self.to_event()
-        }
     }
 
     /// The partition key for this record: the string form of `field`'s value (strings as they
@@ -270,15 +300,29 @@ pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
 /// # Errors
 /// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
 /// [`Record::from_object`].
+#[cfg(test)]
 pub(crate) fn parse_ndjson_line(line: &str) -> Result<Record, RecordError> {
-    let (line, bom) = match line.strip_prefix('\u{feff}') {
-        Some(rest) => (rest, true),
-        None => (line, false),
-    };
+    parse_ndjson_line_as(line, Schema::Telemetry)
+}
+
+/// Parses one NDJSON line under `schema`: any JSON object passes [`Schema::None`], and its
+/// event body is the line itself; under the telemetry schema the line is the body too when it
+/// needed no normalisation (a byte-order mark is never part of it).
+///
+/// # Errors
+/// [`RecordError::NotAnObject`] for anything that is not a JSON object, otherwise as
+/// [`Record::with_schema`].
+pub(crate) fn parse_ndjson_line_as(line: &str, schema: Schema) -> Result<Record, RecordError> {
+    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
     match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(object)) if schema == Schema::None => {
+            Ok(Record::unchecked(object, Some(line.to_owned())))
+        }
         Ok(Value::Object(object)) => {
             let (mut record, unchanged) = Record::checked(object)?;
-            record.verbatim = unchanged && !bom;
+            if unchanged {
+                record.body = Some(line.to_owned());
+            }
             Ok(record)
         }
         Ok(other) => Err(RecordError::NotAnObject(format!(
@@ -326,28 +370,32 @@ mod tests {
         let line =
             r#"{ "value": 1.50, "timestamp": "2025-08-19T08:30:00.250Z", "sensor_id": "a" }"#;
         let r = parse_ndjson_line(line).unwrap();
-        let event = r.to_event_from_line(line);
+        let event = r.to_event();
         assert_eq!(event.body(), line.as_bytes());
         assert_eq!(event.content_type(), Some("application/json"));
-        assert_ne!(r.to_json_bytes(), line.as_bytes());
+        let reserialised = serde_json::to_vec(r.as_json()).unwrap();
+        assert_ne!(reserialised, line.as_bytes());
         // A timestamp to normalise: the re-serialised record, as before.
         let offset = r#"{"sensor_id":"a","timestamp":"2025-08-19T10:30:00.250+02:00","value":1}"#;
         let r = parse_ndjson_line(offset).unwrap();
-        assert_eq!(r.to_event_from_line(offset).body(), r.to_json_bytes());
-        let body: Value = serde_json::from_slice(&r.to_json_bytes()).unwrap();
+        assert_eq!(
+            r.to_event().body(),
+            serde_json::to_vec(r.as_json()).unwrap()
+        );
+        let body: Value = serde_json::from_slice(r.to_event().body()).unwrap();
         assert_eq!(body["timestamp"], "2025-08-19T08:30:00.250Z");
         // A byte-order mark is not part of the body.
         let bom = format!("\u{feff}{line}");
         let r = parse_ndjson_line(&bom).unwrap();
-        assert_eq!(r.to_event_from_line(&bom).body(), r.to_json_bytes());
-        // CSV rows are never verbatim (their text is not JSON).
+        assert_eq!(r.to_event().body(), line.as_bytes());
+        // CSV rows are never sent as their text (it is not JSON).
         let csv = Record::from_object(obj(
             json!({"sensor_id": "a", "timestamp": "2025-08-19T08:30:00Z", "value": 1}),
         ))
         .unwrap();
         assert_eq!(
-            csv.to_event_from_line("a,2025-08-19T08:30:00Z,1").body(),
-            csv.to_json_bytes()
+            csv.to_event().body(),
+            serde_json::to_vec(csv.as_json()).unwrap()
         );
     }
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::record::RecordError;
 use super::report::{percentile_ms, rate, IngestReport, Progress, Reject};
 use super::{preview, Lines, ParsedLine};
+use crate::style::EventStyle;
 use crate::text::error_chain;
 
 /// How [`ingest`] routes events.
@@ -46,6 +47,8 @@ pub(crate) struct IngestOptions {
     pub(crate) linger: Duration,
     /// How often [`IngestObserver::progress`] is called (default 250 ms).
     pub(crate) progress_interval: Duration,
+    /// `--content-type` and `--property`, set on every event.
+    pub(crate) style: EventStyle,
 }
 
 impl Default for IngestOptions {
@@ -55,6 +58,7 @@ impl Default for IngestOptions {
             max_open_batches: 64,
             linger: Duration::from_millis(50),
             progress_interval: Duration::from_millis(250),
+            style: EventStyle::default(),
         }
     }
 }
@@ -74,6 +78,12 @@ impl IngestOptions {
     /// Sets [`max_open_batches`](Self::max_open_batches) (at least 1).
     pub(crate) fn max_open_batches(mut self, batches: usize) -> Self {
         self.max_open_batches = batches.max(1);
+        self
+    }
+
+    /// Sets [`style`](Self::style).
+    pub(crate) fn style(mut self, style: EventStyle) -> Self {
+        self.style = style;
         self
     }
 
@@ -263,7 +273,7 @@ impl Run<'_> {
                 return self.reject(parsed.line, &parsed.raw, e.to_string());
             }
         };
-        let event = record.to_event_from_line(&parsed.raw);
+        let event = self.options.style.apply(record.to_event());
         // The exact check is rare and async; the common path stays a plain enqueue.
         let checked = if self.near_limit(&event) {
             self.check_size(&event, &route).await
@@ -468,6 +478,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::record::Schema;
     use crate::ingest::record::{synthetic_record, SENSOR_ID};
     use crate::ingest::{spawn_reader, InputFormat};
     use serde_json::Value;
@@ -522,6 +533,7 @@ mod tests {
         let input = spawn_reader(
             std::io::Cursor::new(ndjson(1000, 10)),
             InputFormat::Ndjson,
+            Schema::Telemetry,
             LIMIT,
         );
         let mut observer = Collect::default();
@@ -607,6 +619,7 @@ mod tests {
         let input = spawn_reader(
             std::io::Cursor::new(ndjson(400, 0)),
             InputFormat::Ndjson,
+            Schema::Telemetry,
             LIMIT,
         );
         let report = ingest(
