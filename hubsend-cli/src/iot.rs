@@ -520,8 +520,11 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     }
     if abandoned {
         EXIT_ABANDONED
-    } else if !report.all_sent() || rejects_error.is_some() {
+    } else if rejects_error.is_some() {
         EXIT_FAILED
+    } else if !report.all_sent() {
+        // As for `send`: unauthorized (5), unreachable (6), otherwise failed (1).
+        crate::exit::for_kind_name(report.error_kind.as_deref())
     } else if a.strict && report.rejected > 0 {
         eprintln!(
             "hubsend: {} invalid line(s) and --strict was given",

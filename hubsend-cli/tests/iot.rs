@@ -205,7 +205,8 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
         input.clone(),
     )
     .await;
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    // Unauthorized: exit status 5, as for `send`.
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(run.stderr.contains("DeviceConnect"), "{}", run.stderr);
     assert!(!run.stderr.contains(KEY) && !run.stdout.contains(KEY));
     assert_eq!(run.json()["failed"], 1);
