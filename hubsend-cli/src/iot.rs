@@ -27,7 +27,7 @@ use crate::ingest::record::Schema;
 use crate::ingest::report::{rate, IngestReport, Progress, Reject};
 use crate::ingest::stream::IngestObserver;
 use crate::ingest::{self, InputFormat};
-use crate::progress::ProgressView;
+use crate::progress::{ProgressMode, ProgressView};
 use crate::signals::Signals;
 use crate::text::error_chain;
 
@@ -364,7 +364,11 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     };
     let mut input =
         ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
-    let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
+    let mut observer = CliObserver::new(
+        rejects,
+        ProgressView::new(ProgressMode::Auto, ui.quiet, None, None),
+        ui.quiet,
+    );
     let started = Instant::now();
     let mut report = IngestReport::default();
     let mut tally = Tally::default();
