@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fe2o3_amqp::link::delivery::{DeliveryFut, Sendable};
-use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::link::{DetachError, SendError};
 use fe2o3_amqp::types::messaging::{Batch, Data, Outcome};
 use fe2o3_amqp::Sender;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +25,7 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::error::detach_error;
 use super::ledger::{DeliveryId, Ledger, State};
 use super::{
     outcome_result, send_error, ConnectionEvent, Counters, Engine, Lifecycle, Outgoing, Waiter,
@@ -243,6 +244,10 @@ impl LinkTask {
                     }
                     lost = Some(error);
                 }
+                // The hub detached the link: its in-flight outcomes will never come.
+                detached = self.sender.on_detach(), if !self.ledger.is_empty() => {
+                    lost = self.on_remote_detach(&detached, waiting);
+                }
                 message = next_outgoing(&mut carried, &mut rx), if accepting => match message {
                     None => open = false,
                     Some(out) => {
@@ -403,6 +408,53 @@ impl LinkTask {
                 None
             }
         }
+    }
+
+    /// Takes the hub's detach of the link while deliveries are unsettled (`waiting`: the one
+    /// in flight longest), by the policy table. A condition it fails fails the deliveries
+    /// that were in flight with that condition; the rest are resent on a re-attached link
+    /// (when none are left, the next send re-attaches). Any other detach is returned as the
+    /// error to recover from, so the link is re-attached (with a fresh token first where the
+    /// table says) and every unsettled delivery is resent in order.
+    fn on_remote_detach(
+        &mut self,
+        detached: &DetachError,
+        waiting: Option<(DeliveryId, Instant)>,
+    ) -> Option<Error> {
+        let error = detach_error(detached, "the hub detached the link");
+        let with_condition = matches!(
+            detached,
+            DetachError::RemoteDetachedWithError(_) | DetachError::RemoteClosedWithError(_)
+        );
+        if !with_condition || classify(&error) != Action::Fail {
+            if let Some((id, _)) = waiting {
+                self.blame(id, &error);
+            }
+            return Some(error);
+        }
+        tracing::warn!(error = %error, "the hub detached the link; failing the deliveries in flight");
+        let in_flight: Vec<DeliveryId> = self
+            .ledger
+            .ids()
+            .into_iter()
+            .filter(|id| {
+                self.ledger
+                    .get_mut(*id)
+                    .is_some_and(|e| e.state == State::InFlight)
+            })
+            .collect();
+        // Outcomes that arrived before the detach still count.
+        self.settle_ready();
+        for id in in_flight {
+            if self
+                .ledger
+                .get_mut(id)
+                .is_some_and(|e| e.state == State::Unsent)
+            {
+                self.settle(id, Err(error.clone()));
+            }
+        }
+        (!self.ledger.is_empty()).then_some(error)
     }
 
     /// The refusals only an idempotent link has. Every delivery behind a refused one is

@@ -494,11 +494,9 @@ async fn a_delivery_refused_with_each_condition_is_retried_recovered_or_failed_a
     one_fault_per_row(|s, symbol| s.refuse = Some(symbol)).await;
 }
 
-/// The same table for a link the hub detaches while a delivery is in flight. Today the link
-/// task does not watch the sender for a remote detach: it notices only through the 60 s try
-/// timeout (or the next send), and then re-attaches whatever the condition said.
+/// The same table for a link the hub detaches while a delivery is in flight: the link task
+/// notices the detach at once (not at the try timeout) and follows the condition's row.
 #[tokio::test(start_paused = true)]
-#[ignore = "defect: a remote detach with a delivery in flight is noticed only at the try timeout"]
 async fn a_link_detached_with_each_condition_recovers_or_fails_as_the_table_says() {
     one_fault_per_row(|s, symbol| s.detach = Some(symbol)).await;
 }
