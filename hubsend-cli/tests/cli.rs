@@ -1431,13 +1431,15 @@ async fn spool_idempotent_resumes_a_run_killed_mid_drain_without_duplicates() {
     let json = second.json();
     let resumed = json["resumed"].as_u64().expect("resumed");
     assert!(resumed > 0, "{json}");
-    // Deliveries were stored but unconfirmed at the kill: resent, dropped by the hub, and
+    // Deliveries stored but unconfirmed at the kill are resent, dropped by the hub, and
     // reported (the hub answers the resumed attach with its last stored number, so the
     // producer knows exactly which resends were duplicates).
     let avoided = json["duplicates_avoided"]
         .as_u64()
         .expect("duplicates_avoided");
-    assert!(avoided > 0, "{json}");
+    // Whether any resend was a duplicate depends on where the kill landed (0 when nothing
+    // stored was still unconfirmed); what must hold is that every one the hub dropped is
+    // reported, and below, that nothing is stored twice or lost.
     assert_eq!(avoided, hub.stats().idempotent_duplicates, "{json}");
 
     let mut seen = BTreeMap::new();
