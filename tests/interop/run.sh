@@ -180,6 +180,22 @@ REQUESTS_CA_BUNDLE="$WORK/iothub-ca.pem" timeout 120 "$VENV/bin/python" \
   >"$WORK/iothub-registry.out" 2>&1 || REG_STATUS=$?
 grep -E '^(PASS|FAIL|iothub-registry:)' "$WORK/iothub-registry.out" || cat "$WORK/iothub-registry.out"
 [ "$REG_STATUS" -eq 0 ] || exit 1
+# 6b. The same registry judged by Microsoft's Node azure-iothub `Registry` (npm, pinned; its own
+# node_modules beside the device SDK's): create, get, create again (409 DeviceAlreadyExists),
+# getTwin/updateTwin (stale etag 412), delete (tests/interop/iothub_registry.js).
+IOT_NODE_HUB="$ROOT/target/interop-node-hub"
+if [ ! -d "$IOT_NODE_HUB/node_modules/azure-iothub" ]; then
+  mkdir -p "$IOT_NODE_HUB"
+  (cd "$IOT_NODE_HUB" && npm init -y >/dev/null 2>&1 && \
+    npm install --no-audit --no-fund --silent azure-iothub@1.16.6 >/dev/null) \
+    || fail "npm install of Microsoft's azure-iothub failed"
+fi
+NODE_PATH="$IOT_NODE_HUB/node_modules" NODE_EXTRA_CA_CERTS="$WORK/iothub-ca.pem" timeout 120 \
+  node "$ROOT/tests/interop/iothub_registry.js" "$IOT_OWNER_CS" \
+  >"$WORK/iothub-registry-node.out" 2>&1 || REG_STATUS=$?
+grep -E '^(PASS|FAIL|iothub-registry-node:)' "$WORK/iothub-registry-node.out" \
+  || cat "$WORK/iothub-registry-node.out"
+[ "$REG_STATUS" -eq 0 ] || exit 1
 
 # 7. One device store for REST and AMQP: Microsoft's Python azure-iot-hub creates a device over
 # the registry REST API, Microsoft's Node device SDK sends as it over AMQPS with the key the
