@@ -740,16 +740,7 @@ impl Pipeline {
                 "the batch was made by a producer of another transport; make it with this producer's `create_batch`",
             ));
         }
-        if batch.size_in_bytes() > link.max_message_size {
-            return Err(Error::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "the batch is {} bytes but the link allows {}",
-                    batch.size_in_bytes(),
-                    link.max_message_size
-                ),
-            ));
-        }
+        Self::check_size(&batch, &link)?;
         self.submit(engine, link, batch.into_sections(), false, wait)
             .await
     }
@@ -768,6 +759,14 @@ impl Pipeline {
                 "the batch holds no event",
             ));
         }
+        Self::check_size(&batch, &link)?;
+        let mut sections = batch.into_sections();
+        sections.fixed = Some(first);
+        self.submit(engine, link, sections, false, true).await
+    }
+
+    /// Refuses a batch larger than `link` allows.
+    fn check_size(batch: &EventBatch, link: &LinkHandle) -> Result<()> {
         if batch.size_in_bytes() > link.max_message_size {
             return Err(Error::new(
                 ErrorKind::MessageTooLarge,
@@ -778,9 +777,7 @@ impl Pipeline {
                 ),
             ));
         }
-        let mut sections = batch.into_sections();
-        sections.fixed = Some(first);
-        self.submit(engine, link, sections, false, true).await
+        Ok(())
     }
 
     /// Deliveries waiting for an outcome.

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::log::{Log, LogReader, Stored};
 use crate::producer::{pause, permanent, Counters, RECONNECT_MAX, RECONNECT_MIN};
-use crate::record::{self, Route};
+use crate::record::{self, Reader, Route};
 
 /// The journal's file name in the spool directory.
 const FILE: &str = "numbers.log";
@@ -248,47 +248,13 @@ fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
     framed(&p, out);
 }
 
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.at.checked_add(n)?;
-        let out = self.bytes.get(self.at..end)?;
-        self.at = end;
-        Some(out)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i16(&mut self) -> Option<i16> {
-        Some(i16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn string(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-    fn route(&mut self) -> Option<Route> {
-        Some(match self.u8()? {
-            1 => Route::PartitionKey(self.string()?),
-            2 => Route::PartitionId(self.string()?),
-            _ => Route::Any,
-        })
-    }
+/// A route as the journal writes it (see `encode_entry`).
+fn read_route(c: &mut Reader<'_>) -> Option<Route> {
+    Some(match c.u8()? {
+        1 => Route::PartitionKey(c.string()?),
+        2 => Route::PartitionId(c.string()?),
+        _ => Route::Any,
+    })
 }
 
 /// Reads the journal's records up to the first damaged one (a torn tail: a delivery whose
@@ -306,10 +272,7 @@ fn load(bytes: &[u8]) -> Table {
             break;
         }
         at += 8 + len;
-        let mut c = Cursor {
-            bytes: payload,
-            at: 0,
-        };
+        let mut c = Reader::new(payload);
         let parsed = (|| -> Option<()> {
             match c.u8()? {
                 1 => {
@@ -346,7 +309,7 @@ fn load(bytes: &[u8]) -> Table {
                         epoch: c.i16()?,
                     };
                     let first = c.i32()?;
-                    let route = c.route()?;
+                    let route = read_route(&mut c)?;
                     let n = c.u32()? as usize;
                     let mut seqs = Vec::with_capacity(n.min(1 << 16));
                     for _ in 0..n {
