@@ -7,8 +7,8 @@
 //! against the link's limit, and queued on its sender link; it yields a [`DeliveryFuture`].
 //! Awaiting that future gives the hub's outcome: `Ok(())` once the hub accepted (stored) the
 //! event, or the error it answered with. Many deliveries can be in flight at once, up to
-//! [`ProducerOptions::max_in_flight`] deliveries and [`ProducerOptions::max_in_flight_bytes`]
-//! bytes; past that `send` waits (backpressure) and `try_send` fails with
+//! [`ProducerOptions::max_in_flight`] batches, [`ProducerOptions::max_pending_sends`] single
+//! sends and [`ProducerOptions::max_in_flight_bytes`] bytes; past that `send` waits (backpressure) and `try_send` fails with
 //! [`ErrorKind::Busy`]. Order on a link is the order of calls.
 //!
 //! Every single event travels as a one-event batch message (format 0x80013700), as
@@ -48,6 +48,7 @@ use crate::retry::RetryOptions;
 /// |---|---|
 /// | [`max_in_flight`](Self::max_in_flight) | 1024 deliveries |
 /// | [`max_in_flight_bytes`](Self::max_in_flight_bytes) | 8 MiB |
+/// | [`max_pending_sends`](Self::max_pending_sends) | 65,536 single sends |
 /// | [`token_lifetime`](Self::token_lifetime) | 1 hour (SAS keys) |
 /// | [`connect_timeout`](Self::connect_timeout) | 30 s |
 /// | [`operation_timeout`](Self::operation_timeout) | 60 s |
@@ -59,6 +60,7 @@ use crate::retry::RetryOptions;
 pub struct ProducerOptions {
     pub(crate) max_in_flight: usize,
     pub(crate) max_in_flight_bytes: usize,
+    pub(crate) max_pending_sends: usize,
     pub(crate) token_lifetime: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) operation_timeout: Duration,
@@ -78,6 +80,7 @@ impl Default for ProducerOptions {
         ProducerOptions {
             max_in_flight: 1024,
             max_in_flight_bytes: 8 * 1024 * 1024,
+            max_pending_sends: 65_536,
             token_lifetime: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(60),
@@ -95,9 +98,36 @@ impl ProducerOptions {
         ProducerOptions::default()
     }
 
-    /// At most this many deliveries (events or batches) await the hub's outcome at once.
+    /// At most this many batches (and, over HTTPS, single events) await the hub's outcome
+    /// at once.
+    ///
+    /// Over AMQP, single sends ([`Producer::send`]) are bounded by
+    /// [`max_pending_sends`](Self::max_pending_sends) instead: the sends queued behind each
+    /// other travel together in one delivery, so counting them as deliveries would cap a
+    /// producer far from the hub at this many events per round trip.
     pub fn max_in_flight(mut self, deliveries: usize) -> Self {
         self.max_in_flight = deliveries.max(1);
+        self
+    }
+
+    /// How many messages a sender link's queue holds: everything the in-flight bounds let
+    /// callers queue, so that a link waiting for the hub finds the sends behind it there
+    /// to pack together (every queued message holds its permits; the queue adds no bound).
+    pub(crate) fn queue_depth(&self) -> usize {
+        self.max_in_flight
+            .saturating_add(self.max_pending_sends)
+            .min(1 << 22)
+    }
+
+    /// Over AMQP: at most this many single-event sends ([`Producer::send`],
+    /// [`Producer::try_send`]) are queued or await the hub's outcome at once (their bytes
+    /// count against [`max_in_flight_bytes`](Self::max_in_flight_bytes) as well). Past it
+    /// `send` waits and `try_send` fails with [`ErrorKind::Busy`].
+    ///
+    /// The sends queued on a link while it waits for the hub leave together, packed into as
+    /// few deliveries as the message size allows; this bound is how many may wait that way.
+    pub fn max_pending_sends(mut self, sends: usize) -> Self {
+        self.max_pending_sends = sends.max(1);
         self
     }
 
@@ -481,7 +511,7 @@ impl ProducerBuilder {
             config.idempotent = Some(self.options.publishing_state.clone());
         }
         let audience = crate::entity::eventhubs::audience(&config.host, &config.hub);
-        let engine = Engine::connect(config, self.options.max_in_flight, Some(audience)).await?;
+        let engine = Engine::connect(config, self.options.queue_depth(), Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
@@ -701,8 +731,11 @@ enum Backend {
 #[derive(Debug)]
 pub(crate) struct Pipeline {
     deliveries: Arc<Semaphore>,
+    /// Single sends over AMQP, which share deliveries (see `ProducerOptions::max_pending_sends`).
+    sends: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_in_flight: usize,
+    max_sends: usize,
 }
 
 impl Pipeline {
@@ -713,10 +746,13 @@ impl Pipeline {
             .max_in_flight_bytes
             .max(max_message_size as usize)
             .min(u32::MAX as usize);
+        let sends = options.max_pending_sends.min(Semaphore::MAX_PERMITS);
         Pipeline {
             deliveries: Arc::new(Semaphore::new(options.max_in_flight)),
+            sends: Arc::new(Semaphore::new(sends)),
             bytes: Arc::new(Semaphore::new(bytes)),
             max_in_flight: options.max_in_flight,
+            max_sends: sends,
         }
     }
 
@@ -780,9 +816,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Deliveries waiting for an outcome.
+    /// Deliveries (and single sends) waiting for an outcome.
     pub(crate) fn in_flight(&self) -> usize {
-        self.max_in_flight - self.deliveries.available_permits()
+        (self.max_in_flight - self.deliveries.available_permits())
+            + (self.max_sends - self.sends.available_permits())
     }
 
     /// Queues `sections` on `link` once permits are free (`wait`) or fails with `Busy`.
@@ -796,7 +833,12 @@ impl Pipeline {
     ) -> Result<DeliveryFuture> {
         let size = sections.size().min(u32::MAX as u64) as u32;
         engine.check_open()?;
-        let permits = self.permits(size, wait).await?;
+        let count = if mergeable {
+            &self.sends
+        } else {
+            &self.deliveries
+        };
+        let permits = Self::acquire(count, &self.bytes, size, wait).await?;
         let (reply, rx) = oneshot::channel();
         link.tx
             .send(Outgoing {
@@ -812,6 +854,7 @@ impl Pipeline {
         Ok(DeliveryFuture::from_receiver(rx))
     }
 
+    #[cfg(feature = "https")]
     /// The permits for one delivery of `bytes` bytes: waits for them (`wait`) or fails with
     /// [`ErrorKind::Busy`]. They are given back when dropped.
     pub(crate) async fn permits(
@@ -819,16 +862,20 @@ impl Pipeline {
         bytes: u32,
         wait: bool,
     ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        Self::acquire(&self.deliveries, &self.bytes, bytes, wait).await
+    }
+
+    /// One permit of `count` and `bytes` permits of `budget`, waited for or [`ErrorKind::Busy`].
+    async fn acquire(
+        count: &Arc<Semaphore>,
+        budget: &Arc<Semaphore>,
+        bytes: u32,
+        wait: bool,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
         let closed = |_| Error::new(ErrorKind::Closed, "the producer is closed");
         if wait {
-            let d = self
-                .deliveries
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(closed)?;
-            let b = self
-                .bytes
+            let d = count.clone().acquire_owned().await.map_err(closed)?;
+            let b = budget
                 .clone()
                 .acquire_many_owned(bytes)
                 .await
@@ -836,12 +883,8 @@ impl Pipeline {
             Ok((d, b))
         } else {
             let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
-            let d = self.deliveries.clone().try_acquire_owned().map_err(busy)?;
-            let b = self
-                .bytes
-                .clone()
-                .try_acquire_many_owned(bytes)
-                .map_err(busy)?;
+            let d = count.clone().try_acquire_owned().map_err(busy)?;
+            let b = budget.clone().try_acquire_many_owned(bytes).map_err(busy)?;
             Ok((d, b))
         }
     }
@@ -851,7 +894,7 @@ impl Pipeline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ProducerStats {
-    /// Deliveries waiting for the hub's outcome.
+    /// Batches and single sends waiting for the hub's outcome.
     pub in_flight: usize,
     /// Deliveries (events or batches) the hub accepted.
     pub sent: u64,

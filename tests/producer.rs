@@ -421,7 +421,7 @@ async fn in_flight_bound_gives_backpressure_or_busy() {
     let hub = hub().await;
     let producer = Producer::builder()
         .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().max_in_flight(2))
+        .options(ProducerOptions::new().max_pending_sends(2))
         .connect()
         .await
         .unwrap();
@@ -458,6 +458,66 @@ async fn in_flight_bound_gives_backpressure_or_busy() {
             .unwrap();
     }
     assert_eq!(hub.wait_for_events(HUB, 8, WAIT).await.len(), 8);
+}
+
+#[tokio::test]
+async fn the_batch_bound_gives_backpressure() {
+    let hub = hub().await;
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(ProducerOptions::new().max_in_flight(1))
+        .connect()
+        .await
+        .unwrap();
+    hub.faults().delay_dispositions(Duration::from_millis(300));
+    let batch = |body: &'static str| {
+        let producer = producer.clone();
+        async move {
+            let mut batch = producer.create_batch(BatchOptions::new()).await.unwrap();
+            batch.try_add(Event::new(body)).unwrap();
+            batch
+        }
+    };
+    let a = producer.send_batch(batch("a").await).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let b = producer.send_batch(batch("b").await).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    a.await.unwrap();
+    b.await.unwrap();
+    assert_eq!(hub.wait_for_events(HUB, 2, WAIT).await.len(), 2);
+}
+
+#[tokio::test]
+async fn single_sends_far_from_the_hub_are_not_held_to_the_batch_bound() {
+    // Every outcome takes two seconds (a far hub). With one batch allowed in flight, single sends
+    // still queue without waiting for one another: the delivery bound counts batches, not
+    // the single sends that share deliveries.
+    let hub = hub().await;
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .options(ProducerOptions::new().max_in_flight(1))
+        .connect()
+        .await
+        .unwrap();
+    hub.faults().delay_dispositions(Duration::from_secs(2));
+    let started = tokio::time::Instant::now();
+    let mut futures = Vec::new();
+    for i in 0..1000u32 {
+        let event = Event::new(format!("far-{i}"));
+        futures.push(producer.send(event, SendOptions::new()).await.unwrap());
+    }
+    let queued = started.elapsed();
+    assert!(
+        queued < Duration::from_millis(1500),
+        "1000 sends took {queued:?} to queue: they waited for outcomes"
+    );
+    eprintln!("1000 single sends queued in {queued:?}");
+    for fut in futures {
+        fut.await.expect("stored");
+    }
+    let stored = hub.wait_for_events(HUB, 1000, WAIT).await;
+    assert_eq!(stored.len(), 1000);
+    producer.close().await.unwrap();
 }
 
 #[tokio::test]

@@ -322,7 +322,7 @@ impl IotHubBuilder {
         let entity = entity::device_events(cs.host_name(), &device_id);
         let engine = Engine::connect(
             config,
-            self.options.max_in_flight,
+            self.options.queue_depth(),
             Some(entity.audience.clone()),
         )
         .await?;
@@ -355,7 +355,7 @@ impl IotHubBuilder {
         Ok(Gateway::new(GatewaySettings {
             host_name: cs.host_name().to_owned(),
             config,
-            queue_depth: self.options.max_in_flight,
+            queue_depth: self.options.queue_depth(),
             max_devices: self.max_devices_per_connection,
             pipeline: self.pipeline(),
             token_lifetime: self.options.token_lifetime,
