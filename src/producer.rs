@@ -8,8 +8,9 @@
 //! Awaiting that future gives the hub's outcome: `Ok(())` once the hub accepted (stored) the
 //! event, or the error it answered with. Many deliveries can be in flight at once, up to
 //! [`ProducerOptions::max_in_flight`] batches, [`ProducerOptions::max_pending_sends`] single
-//! sends and [`ProducerOptions::max_in_flight_bytes`] bytes; past that `send` waits (backpressure) and `try_send` fails with
-//! [`ErrorKind::Busy`]. Order on a link is the order of calls.
+//! sends and [`ProducerOptions::max_in_flight_bytes`] bytes; past that `send` waits
+//! (backpressure) and `try_send` fails with [`ErrorKind::Busy`]. Order on a link is the
+//! order of calls.
 //!
 //! Every single event travels as a one-event batch message (format 0x80013700), as
 //! Microsoft's JavaScript SDK does, so its size is known exactly before anything is sent.
@@ -46,7 +47,7 @@ use crate::retry::RetryOptions;
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`max_in_flight`](Self::max_in_flight) | 1024 deliveries |
+/// | [`max_in_flight`](Self::max_in_flight) | 1024 batches |
 /// | [`max_in_flight_bytes`](Self::max_in_flight_bytes) | 8 MiB |
 /// | [`max_pending_sends`](Self::max_pending_sends) | 65,536 single sends |
 /// | [`token_lifetime`](Self::token_lifetime) | 1 hour (SAS keys) |
@@ -854,9 +855,9 @@ impl Pipeline {
         Ok(DeliveryFuture::from_receiver(rx))
     }
 
-    #[cfg(feature = "https")]
     /// The permits for one delivery of `bytes` bytes: waits for them (`wait`) or fails with
     /// [`ErrorKind::Busy`]. They are given back when dropped.
+    #[cfg(feature = "https")]
     pub(crate) async fn permits(
         &self,
         bytes: u32,

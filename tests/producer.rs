@@ -8,7 +8,7 @@ use hubsend::{
     Telemetry, TryAddError,
 };
 use hubsend_testhub::{HubConfig, Right};
-use support::{hub, producer, start, HUB, WAIT};
+use support::{hub, producer, producer_with, start, HUB, WAIT};
 
 mod support;
 
@@ -314,12 +314,11 @@ async fn tls_with_a_generated_ca() {
 #[tokio::test]
 async fn tokens_are_refreshed_on_the_same_connection() {
     let hub = hub().await;
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().token_lifetime(Duration::from_secs(3)))
-        .connect()
-        .await
-        .unwrap();
+    let producer = producer_with(
+        &hub,
+        ProducerOptions::new().token_lifetime(Duration::from_secs(3)),
+    )
+    .await;
     // Stream until the producer reports three refreshes (each after half of a 3 s lifetime),
     // not for a fixed time; the 50 ms pause only paces the stream.
     let mut events = producer.subscribe();
@@ -378,12 +377,11 @@ async fn hub_and_partition_properties() {
 async fn rejections_surface_with_the_hubs_condition() {
     let hub = hub().await;
     // With retries off, the hub's throttling reaches the caller as it was sent.
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().retry(hubsend::RetryOptions::new().max_retries(0)))
-        .connect()
-        .await
-        .unwrap();
+    let producer = producer_with(
+        &hub,
+        ProducerOptions::new().retry(hubsend::RetryOptions::new().max_retries(0)),
+    )
+    .await;
     hub.faults()
         .reject_every_nth(2, "com.microsoft:server-busy");
     let mut outcomes = Vec::new();
@@ -419,12 +417,7 @@ async fn rejections_surface_with_the_hubs_condition() {
 #[tokio::test]
 async fn in_flight_bound_gives_backpressure_or_busy() {
     let hub = hub().await;
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().max_pending_sends(2))
-        .connect()
-        .await
-        .unwrap();
+    let producer = producer_with(&hub, ProducerOptions::new().max_pending_sends(2)).await;
     hub.faults().delay_dispositions(Duration::from_millis(300));
     let a = producer
         .send(Event::new(b"a".to_vec()), SendOptions::new())
@@ -463,12 +456,7 @@ async fn in_flight_bound_gives_backpressure_or_busy() {
 #[tokio::test]
 async fn the_batch_bound_gives_backpressure() {
     let hub = hub().await;
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().max_in_flight(1))
-        .connect()
-        .await
-        .unwrap();
+    let producer = producer_with(&hub, ProducerOptions::new().max_in_flight(1)).await;
     hub.faults().delay_dispositions(Duration::from_millis(300));
     let batch = |body: &'static str| {
         let producer = producer.clone();
@@ -493,12 +481,7 @@ async fn single_sends_far_from_the_hub_are_not_held_to_the_batch_bound() {
     // still queue without waiting for one another: the delivery bound counts batches, not
     // the single sends that share deliveries.
     let hub = hub().await;
-    let producer = Producer::builder()
-        .connection_string(hub.connection_string())
-        .options(ProducerOptions::new().max_in_flight(1))
-        .connect()
-        .await
-        .unwrap();
+    let producer = producer_with(&hub, ProducerOptions::new().max_in_flight(1)).await;
     hub.faults().delay_dispositions(Duration::from_secs(2));
     let started = tokio::time::Instant::now();
     let mut futures = Vec::new();
@@ -511,7 +494,6 @@ async fn single_sends_far_from_the_hub_are_not_held_to_the_batch_bound() {
         queued < Duration::from_millis(1500),
         "1000 sends took {queued:?} to queue: they waited for outcomes"
     );
-    eprintln!("1000 single sends queued in {queued:?}");
     for fut in futures {
         fut.await.expect("stored");
     }
