@@ -415,8 +415,14 @@ async fn idle_device_links_are_closed_and_attached_again_on_use() {
     for i in 0..3 {
         stored(&gateway, &format!("i{i}"), "second").await;
     }
+    // Each device is open again, or (on a slow machine, 200 ms after its send) closed again.
     let stats = gateway.stats().await;
-    assert_eq!((stats.connections, stats.devices), (1, 3), "{stats:?}");
+    assert_eq!(stats.connections, 1, "{stats:?}");
+    assert_eq!(
+        stats.devices as u64 + (stats.idle_closed - 3),
+        3,
+        "every device attached again: {stats:?}"
+    );
     assert_eq!(iot.hub.stats().producer_links_attached, 6);
     for i in 0..3 {
         let stored = iot.hub.iothub_messages(&format!("i{i}"));
@@ -632,11 +638,14 @@ async fn past_the_per_connection_limit_devices_shard_by_a_stable_hash_of_their_i
 #[tokio::test]
 async fn many_unknown_devices_at_once_are_created_with_bulk_calls() {
     const DEVICES: usize = 150;
-    let iot = Iot::start(config()).await;
+    // One registry call at a time, each answered after 250 ms: whatever devices arrive while
+    // a call is out queue up and go together in the next, however slowly the machine lets
+    // them arrive.
+    let iot = Iot::start(config().iot_registry_delay(Duration::from_millis(250))).await;
     let gateway = iot
         .builder(iot.hub.iothub_connection_string("iothubowner"))
         .auto_create(fast_registry(&iot, "iothubowner"), AutoCreate::OnNotFound)
-        .registry_concurrency(2)
+        .registry_concurrency(1)
         .gateway()
         .await
         .unwrap();
@@ -665,8 +674,7 @@ async fn many_unknown_devices_at_once_are_created_with_bulk_calls() {
     let counts = iot.state().counts();
     assert_eq!(counts.created, DEVICES as u64);
     // One create and one name write per device would be 300 calls; bulk calls carry many
-    // devices with their names (how many depends on how fast the hub refuses the unknown
-    // devices' links, which paces their arrival at the registry).
+    // devices with their names.
     assert!(counts.bulk_calls >= 1, "{counts:?}");
     assert!(counts.total < DEVICES as u64, "{counts:?}");
     for i in 0..DEVICES {

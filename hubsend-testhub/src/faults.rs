@@ -111,16 +111,14 @@ impl FaultShared {
     }
 
     /// Counts one incoming transfer; returns the rejection condition if this one must fail.
-    // `is_multiple_of` needs Rust 1.87; the workspace MSRV is 1.85.
-    #[allow(unknown_lints, clippy::manual_is_multiple_of)]
     pub(crate) fn on_transfer(&self) -> Option<String> {
         let mut st = self.state.lock().unwrap();
         st.transfer_count += 1;
         match &st.reject_every {
             Some((n, cond)) if *n > 0 && st.reject_at_random => {
-                (rand::random::<u64>() % *n == 0).then(|| cond.clone())
+                rand::random::<u64>().is_multiple_of(*n).then(|| cond.clone())
             }
-            Some((n, cond)) if *n > 0 && st.transfer_count % *n == 0 => Some(cond.clone()),
+            Some((n, cond)) if *n > 0 && st.transfer_count.is_multiple_of(*n) => Some(cond.clone()),
             _ => None,
         }
     }

@@ -122,6 +122,9 @@ pub struct IotHubState {
     window: Duration,
     /// Live CBS tokens one AMQP connection may hold (IoT Hub: about 999).
     token_cap: usize,
+    /// How long the registry REST side waits before answering each request (zero unless a test
+    /// slows it down, as a distant or busy hub answers).
+    delay: Duration,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -153,6 +156,7 @@ impl IotHubState {
             per_minute: None,
             window: Duration::from_secs(60),
             token_cap: DEFAULT_TOKEN_CAP,
+            delay: Duration::ZERO,
             inner: Arc::default(),
         }
     }
@@ -249,6 +253,13 @@ impl IotHubState {
     /// Counts the rate limit over `window` instead of a minute, so tests need not wait one.
     pub fn with_rate_window(mut self, window: Duration) -> IotHubState {
         self.window = window.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Waits `delay` before answering each registry request, the way a distant or busy hub
+    /// answers late; requests that arrive meanwhile queue up in the client.
+    pub fn with_response_delay(mut self, delay: Duration) -> IotHubState {
+        self.delay = delay;
         self
     }
 
@@ -961,6 +972,9 @@ async fn serve(
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     let auth = header("authorization");
     let if_match = header("if-match");
+    if !state.delay.is_zero() {
+        tokio::time::sleep(state.delay).await;
+    }
     let (status, headers, json) = state.handle(method, path, auth, if_match, &body);
     let mut response = Response::builder()
         .status(status)

@@ -293,6 +293,13 @@ impl HubConfig {
         self
     }
 
+    /// IoT Hub mode: the registry REST side waits `delay` before it answers each request, as a
+    /// distant or busy hub does (tests use it to let a client's queue of registry work build up).
+    pub fn iot_registry_delay(mut self, delay: Duration) -> Self {
+        self.iot = self.iot.map(|s| s.with_response_delay(delay));
+        self
+    }
+
     /// Adds a SAS policy; the first call replaces the default policies. In IoT Hub mode
     /// (after [`iothub`](Self::iothub)) it adds an IoT Hub policy with the IoT Hub rights among
     /// `rights`, replacing only the policy of the same name.
