@@ -19,6 +19,27 @@ use crate::ingest::{self, InputFormat};
 use crate::progress::ProgressView;
 use crate::signals::Signals;
 
+/// Opens the spool in `dir` with group commit per input chunk (each chunk's records reach
+/// the disk with one fsync) and reports any damaged tail a crash left, as `send --spool` and
+/// `iot send --spool` do.
+pub(crate) fn open(dir: &Path) -> Result<Spool, Failure> {
+    let spool = Spool::open(
+        dir,
+        SpoolOptions::new().commit(Commit::Group(Duration::from_millis(2))),
+    )
+    .map_err(|e| Failure::usage(format!("cannot use the spool: {e}")))?;
+    for region in &spool.recovery().corrupt {
+        eprintln!(
+            "hubsend: spool: damaged tail cut off in {} at byte {} ({} bytes, {})",
+            region.file.display(),
+            region.offset,
+            region.skipped_bytes,
+            region.reason
+        );
+    }
+    Ok(spool)
+}
+
 /// Runs `send` through the spool in `dir`. The hub need not be reachable: records wait in the
 /// spool until it is (a stop signal leaves them there for the next run).
 pub(crate) async fn send(
@@ -45,25 +66,10 @@ pub(crate) async fn send(
         Ok(pem) => pem,
         Err(failure) => return failed(failure),
     };
-    // Group commit per input chunk: each chunk's records reach the disk with one fsync.
-    let spool = match Spool::open(
-        dir,
-        SpoolOptions::new().commit(Commit::Group(Duration::from_millis(2))),
-    ) {
+    let spool = match open(dir) {
         Ok(s) => s,
-        Err(e) => {
-            return failed(Failure::usage(format!("cannot use the spool: {e}")));
-        }
+        Err(failure) => return failed(failure),
     };
-    for region in &spool.recovery().corrupt {
-        eprintln!(
-            "hubsend: spool: damaged tail cut off in {} at byte {} ({} bytes, {})",
-            region.file.display(),
-            region.offset,
-            region.skipped_bytes,
-            region.reason
-        );
-    }
     let resume_after = spool.last_tag().unwrap_or(0);
     let base: ProducerOptions = producer_options(&config.connection, config.max_in_flight);
     let idempotent = config.connection.idempotent;

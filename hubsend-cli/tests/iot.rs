@@ -237,3 +237,309 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--device-field"), "{}", run.stderr);
 }
+
+/// A scratch directory unique to this test process and call.
+fn scratch(name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "hubsend-iot-test-{}-{n}-{name}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The size of the spool's records on disk so far (its `.seg` files).
+fn segment_bytes(spool: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(spool) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Starts `hubsend iot send ARGS` and SIGKILLs it once its spool holds `bytes` bytes (it must
+/// not end before).
+async fn kill_once_spooled(cs: &str, args: &[String], spool: &std::path::Path, bytes: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
+        .args(["iot", "send"])
+        .args(args)
+        .env("IOTHUB_CONNECTION_STRING", cs)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hubsend");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Watches the spool grow; the kill lands wherever the writer is at that moment.
+    while segment_bytes(spool) < bytes {
+        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run 1 ended on its own"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+}
+
+/// The `value` of each message stored for `device`, in the order the hub stored them.
+fn stored_values(iot: &Iot, device: &str) -> Vec<u64> {
+    iot.hub
+        .iothub_messages(device)
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<Value>(&e.body).expect("JSON body")["value"]
+                .as_u64()
+                .expect("value")
+        })
+        .collect()
+}
+
+/// `iot send --spool` with a policy string over several devices: run 1 starts with the hub
+/// unreachable and is killed (SIGKILL) at a moment that depends on the process id; run 2, the
+/// same command with the hub up, sends what the spool held and the rest of the input. Every
+/// record is stored once, under its device, in order; a third run finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_its_device() {
+    const LINES: u64 = 6_000;
+    const DEVICES: u64 = 5;
+    let dir = scratch("iot-spool");
+    let spool = dir.join("spool");
+    let input: String = (0..LINES)
+        .map(|i| {
+            let device = format!("dev-{}", i % DEVICES);
+            record(Some(&device), "x", i as u32) + "\n"
+        })
+        .collect();
+    let input_path = dir.join("in.ndjson");
+    std::fs::write(&input_path, input).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    // Written out, since the hub that will own this policy is not running yet.
+    let cs = format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}");
+    let a = args(&[
+        "--input",
+        input_path.to_str().unwrap(),
+        "--device-field",
+        "device",
+        "--endpoint",
+        &format!("amqp://127.0.0.1:{port}"),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--json",
+    ]);
+
+    let threshold = 4096 + u64::from(std::process::id()) % 300_000;
+    kill_once_spooled(&cs, &a, &spool, threshold).await;
+
+    let mut config =
+        HubConfig::new()
+            .port(port)
+            .iothub(HOST)
+            .policy("fleet", KEY, &[Right::DeviceConnect]);
+    for d in 0..DEVICES {
+        config = config.iot_device(format!("dev-{d}"), KEY);
+    }
+    let iot = start(config).await;
+    let run = iot_send(&cs, a.clone(), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    let (spooled, resumed) = (
+        j["spooled"].as_u64().unwrap(),
+        j["resumed"].as_u64().unwrap(),
+    );
+    assert!(resumed > 0, "the kill left records in the spool: {j}");
+    assert_eq!(spooled + resumed, LINES, "{j}");
+    assert_eq!(j["sent"], LINES, "{j}");
+    assert_eq!(j["failed"], 0, "{j}");
+
+    let mut duplicates = 0;
+    for d in 0..DEVICES {
+        let device = format!("dev-{d}");
+        let values = stored_values(&iot, &device);
+        let mut distinct = values.clone();
+        distinct.dedup();
+        duplicates += values.len() - distinct.len();
+        let expected: Vec<u64> = (0..LINES).filter(|i| i % DEVICES == d).collect();
+        // In order per device, each once, none lost, none under another device.
+        assert_eq!(values, expected, "{device}");
+        assert_eq!(j["devices"][&device]["sent"], LINES / DEVICES, "{j}");
+    }
+    println!("killed at {threshold} spool bytes; run 2: {j}; {duplicates} stored twice");
+    assert_eq!(duplicates, 0);
+
+    // Nothing left, nothing new to read.
+    let run = iot_send(&cs, a, String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["spooled"].as_u64(), j["resumed"].as_u64()),
+        (Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(
+        iot.hub.iothub_messages("dev-0").len() as u64,
+        LINES / DEVICES
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--create-devices --device-name-field` through the spool: each device's name is only in
+/// its first record, and run 1 (killed before the hub could be reached) may have spooled it,
+/// so run 2 can only name the devices from what the spool kept. Devices are created and named
+/// once; a later run with a fresh spool creates and names nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_creates_devices_and_writes_their_names_once() {
+    let iot = start(HubConfig::new().iothub(HOST)).await;
+    let dir = scratch("iot-spool-create");
+    let spool = dir.join("spool");
+    let names = [
+        ("boiler-a", "Boiler A"),
+        ("boiler-b", "Boiler B"),
+        ("pump-c", "Pump C"),
+    ];
+    let mut lines = Vec::new();
+    for n in 0..40u32 {
+        let (device, name) = names[n as usize % names.len()];
+        let mut v = serde_json::json!({
+            "sensor_id": "temp", "timestamp": "2026-01-01T00:00:00Z", "value": n,
+            "device": device,
+        });
+        if (n as usize) < names.len() {
+            v["name"] = name.into();
+        }
+        lines.push(v.to_string());
+    }
+    let input_path = dir.join("in.ndjson");
+    std::fs::write(&input_path, lines.join("\n") + "\n").unwrap();
+    let cs = iot.hub.iothub_connection_string("iothubowner");
+    let with = |endpoint: String, spool: &std::path::Path| {
+        args(&[
+            "--input",
+            input_path.to_str().unwrap(),
+            "--device-field",
+            "device",
+            "--create-devices",
+            "--device-name-field",
+            "name",
+            "--endpoint",
+            &endpoint,
+            "--registry-url",
+            &iot.rest.url(),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("amqp://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    kill_once_spooled(&cs, &with(nowhere, &spool), &spool, 1).await;
+    assert!(iot.hub.iothub_state().unwrap().devices().is_empty());
+
+    let here = format!("amqp://127.0.0.1:{}", iot.hub.addr().port());
+    let run = iot_send(&cs, with(here.clone(), &spool), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        j["spooled"].as_u64().unwrap() + j["resumed"].as_u64().unwrap(),
+        40,
+        "{j}"
+    );
+    assert_eq!(j["sent"], 40, "{j}");
+    assert_eq!(j["devices_created"], 3, "{j}");
+    assert_eq!(j["names_written"], 3, "{j}");
+    let state = iot.hub.iothub_state().unwrap();
+    for (device, name) in names {
+        assert_eq!(state.device(device).unwrap().desired["deviceName"], name);
+        assert_eq!(
+            iot.hub.iothub_messages(device).len(),
+            if device == "boiler-a" { 14 } else { 13 }
+        );
+    }
+    let created = state.counts().created;
+
+    // A fresh spool, the same input: the devices exist, so nothing is created or renamed.
+    let run = iot_send(&cs, with(here, &dir.join("spool-2")), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["devices_created"].as_u64(), j["names_written"].as_u64()),
+        (Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(state.counts().created, created);
+    assert_eq!(iot.hub.iothub_messages("pump-c").len(), 26);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `iot send --spool` with a policy the hub refuses (no DeviceConnect): exit 5 naming the
+/// right, and the records stay in the spool; the same spool with a policy that may send
+/// delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_keeps_the_records_when_the_hub_refuses_the_credentials() {
+    let iot = start(
+        HubConfig::new()
+            .iothub(HOST)
+            .iot_device("d1", KEY)
+            .iot_device("d2", KEY)
+            .policy(
+                "readonly",
+                KEY,
+                &[Right::ServiceConnect, Right::RegistryRead],
+            ),
+    )
+    .await;
+    let dir = scratch("iot-spool-refused");
+    let spool = dir.join("spool");
+    let input: String = (0..10)
+        .map(|n| record(Some(if n % 2 == 0 { "d1" } else { "d2" }), "x", n) + "\n")
+        .collect();
+    let mut a = args(&[
+        "--device-field",
+        "device",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--json",
+    ]);
+    a.extend(iot.endpoints().into_iter().take(2));
+    let cs = iot.hub.iothub_connection_string("readonly");
+    let run = iot_send(&cs, a.clone(), input).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(run.stderr.contains("DeviceConnect"), "{}", run.stderr);
+    assert!(!run.stderr.contains(KEY) && !run.stdout.contains(KEY));
+    let j = run.json();
+    assert_eq!(
+        (
+            j["spooled"].as_u64(),
+            j["sent"].as_u64(),
+            j["failed"].as_u64()
+        ),
+        (Some(10), Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(j["error_kind"], "unauthorized", "{j}");
+    assert!(iot.hub.iothub_messages("d1").is_empty());
+
+    // The input is spooled already: nothing more is read from it.
+    let cs = iot.hub.iothub_connection_string("device");
+    let run = iot_send(&cs, a, String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["resumed"].as_u64(), j["sent"].as_u64()),
+        (Some(10), Some(10)),
+        "{j}"
+    );
+    assert_eq!(stored_values(&iot, "d1"), [0, 2, 4, 6, 8]);
+    assert_eq!(stored_values(&iot, "d2"), [1, 3, 5, 7, 9]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

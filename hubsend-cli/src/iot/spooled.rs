@@ -1,0 +1,302 @@
+//! `hubsend iot send --spool DIR`: records go into a disk spool (hubsend-spool) with their
+//! device id and name, and are sent from there through an [`IotHubSink`], so an interrupted
+//! run (Ctrl-C, kill, reboot) resumes with the same command: what the spool holds is sent
+//! first, and the input is read on after the last line that made it into the spool (each
+//! record carries its line number).
+//!
+//! The hub need not be reachable: records wait in the spool until it is, and the drain
+//! connects a new gateway (or device sender) after each failure. A credential the hub
+//! refuses (a policy without DeviceConnect, a wrong key, a disabled device) stops the run
+//! with exit status 5 and leaves the records in the spool; a device the hub does not know
+//! (without `--create-devices`) or a message over 256 KB is given up and counted failed.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hubsend::iothub::{Gateway, MAX_MESSAGE_SIZE};
+use hubsend::{Error, ErrorKind};
+use hubsend_spool::{DeviceOutcome, IotHubSender, IotHubSink, Route, SpooledProducer};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::{DeviceCount, DeviceOf, IotSendArgs, Plan, Sender};
+use crate::commands::{CliObserver, Ui};
+use crate::exit;
+use crate::ingest::record::Schema;
+use crate::ingest::report::{rate, IngestReport, Reject};
+use crate::ingest::stream::IngestObserver;
+use crate::ingest::{self, InputFormat};
+use crate::progress::ProgressView;
+use crate::signals::Signals;
+use crate::text::error_chain;
+
+/// What the drain has seen, shared with the sink's callbacks.
+#[derive(Default)]
+struct Seen {
+    devices: BTreeMap<String, DeviceCount>,
+    /// Every gateway the drain connected (one per attempt): their counters add up.
+    gateways: Vec<Gateway>,
+    /// A device sender was connected.
+    device_sender: bool,
+}
+
+/// Errors that no reconnection fixes: the run stops and leaves the records spooled.
+fn is_fatal(error: &Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Unauthorized | ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString
+    )
+}
+
+/// Keeps the first fatal error (and wakes whoever waits for one).
+fn note_fatal(fatal: &watch::Sender<Option<Error>>, error: &Error) {
+    fatal.send_if_modified(|f| {
+        let first = f.is_none();
+        f.get_or_insert_with(|| error.clone());
+        first
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `iot send` through the spool in `dir`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send(
+    a: IotSendArgs,
+    plan: Arc<Plan>,
+    device_of: DeviceOf,
+    dir: &Path,
+    source: Box<dyn std::io::Read + Send>,
+    rejects: Option<BufWriter<File>>,
+    signals: Signals,
+    ui: Ui,
+) -> u8 {
+    let spool = match crate::spooled::open(dir) {
+        Ok(s) => s,
+        Err(failure) => {
+            failure.print();
+            if a.json {
+                let report = failure.clone().into_report(IngestReport::default());
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            }
+            return failure.code;
+        }
+    };
+    let resume_after = spool.last_tag().unwrap_or(0);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // The first error no reconnection fixes.
+    let (fatal_tx, mut fatal) = watch::channel(None::<Error>);
+    let fatal_tx = Arc::new(fatal_tx);
+    let sink = {
+        let (seen, fatal_tx) = (seen.clone(), fatal_tx.clone());
+        IotHubSink::new(move || {
+            let (plan, seen, fatal_tx) = (plan.clone(), seen.clone(), fatal_tx.clone());
+            async move {
+                let sender = plan.connect().await.inspect_err(|e| {
+                    if is_fatal(e) {
+                        note_fatal(&fatal_tx, e);
+                    }
+                })?;
+                let mut seen = lock(&seen);
+                Ok(match sender {
+                    Sender::Gateway(g) => {
+                        seen.gateways.push(g.clone());
+                        IotHubSender::Gateway(g)
+                    }
+                    Sender::Device(d) => {
+                        seen.device_sender = true;
+                        IotHubSender::Device(d)
+                    }
+                })
+            }
+        })
+    }
+    .on_outcome({
+        let (seen, fatal_tx) = (seen.clone(), fatal_tx.clone());
+        move |device, outcome| {
+            let mut seen = lock(&seen);
+            let count = seen.devices.entry(device.to_owned()).or_default();
+            match outcome {
+                DeviceOutcome::Sent => count.sent += 1,
+                DeviceOutcome::Failed(_) => count.failed += 1,
+                DeviceOutcome::Retrying(e) if is_fatal(e) => note_fatal(&fatal_tx, e),
+                _ => {}
+            }
+        }
+    });
+    let producer = SpooledProducer::start_with_sink(spool, sink);
+
+    let started = Instant::now();
+    let format = if a.format == crate::Format::Csv {
+        InputFormat::Csv
+    } else {
+        InputFormat::Ndjson
+    };
+    let mut input =
+        ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
+    let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
+    let mut report = IngestReport::default();
+    let mut input_error = None;
+    'read: loop {
+        let chunk = tokio::select! {
+            chunk = input.recv() => chunk,
+            _ = signals.nth(1) => { report.interrupted = true; break 'read; }
+            _ = fatal.wait_for(Option::is_some) => { report.interrupted = true; break 'read; }
+        };
+        let Some(chunk) = chunk else { break };
+        let mut records = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            let parsed = match item {
+                Ok(p) => p,
+                Err(e) => {
+                    input_error = Some(format!("reading the input failed: {e}"));
+                    report.interrupted = true;
+                    break;
+                }
+            };
+            // Spooled by an earlier run.
+            if parsed.line <= resume_after {
+                continue;
+            }
+            report.records += 1;
+            let routed = parsed
+                .result
+                .map_err(|e| e.to_string())
+                .and_then(|record| device_of.route(&record, a.device_name_field.as_deref()));
+            match routed {
+                Ok((device, name, event)) => {
+                    records.push((event, Route::device(device, name), parsed.line));
+                }
+                Err(reason) => {
+                    report.rejected += 1;
+                    observer.rejected(&Reject {
+                        line: parsed.line,
+                        reason,
+                        raw: parsed.raw,
+                    });
+                }
+            }
+        }
+        if !records.is_empty() {
+            if let Err(e) = producer.enqueue_batch_tagged(records).await {
+                input_error = Some(e.to_string());
+                report.interrupted = true;
+                break;
+            }
+        }
+        if input_error.is_some() {
+            break;
+        }
+    }
+    drop(input);
+
+    // Wait for the hub to accept everything, unless a (further) signal says stop or the hub
+    // refuses the credentials: what is left stays in the spool for the next run.
+    let stop_at = if report.interrupted && signals.received() > 0 {
+        2
+    } else {
+        1
+    };
+    let drained = tokio::select! {
+        _ = producer.drained() => true,
+        _ = signals.nth(stop_at) => false,
+        _ = fatal.wait_for(Option::is_some) => false,
+    };
+    if !drained {
+        report.interrupted = true;
+    }
+    // Read before the drain closes the gateway (its connections count drops to 0).
+    let (mut created, mut names_written, mut connections) = (0, 0, 0);
+    let gateways = lock(&seen).gateways.clone();
+    for g in &gateways {
+        let s = g.stats().await;
+        created += s.devices_created;
+        names_written += s.names_written;
+        connections += s.connections;
+    }
+    let spooled = producer.shutdown().await;
+    if lock(&seen).device_sender {
+        connections = connections.max(1);
+    }
+    let rejects_error = observer.finish();
+    let fatal = fatal.borrow().clone();
+
+    let elapsed = started.elapsed();
+    report.sent = spooled.sent;
+    report.failed = spooled.failed + spooled.dropped;
+    report.batches = spooled.sent + spooled.failed;
+    report.seconds = elapsed.as_secs_f64();
+    report.events_per_sec = rate(spooled.sent as f64, elapsed);
+    report.spooled = Some(spooled.spooled);
+    report.resumed = Some(spooled.resumed);
+    match (&input_error, &fatal) {
+        (Some(e), _) => {
+            report.error = Some(e.clone());
+            report.error_kind = Some(exit::KIND_INPUT.to_owned());
+        }
+        (None, Some(e)) => {
+            report.error = Some(error_chain(e));
+            report.error_kind = Some(e.kind().to_string());
+        }
+        (None, None) => {}
+    }
+    let devices: serde_json::Map<String, Value> = lock(&seen)
+        .devices
+        .iter()
+        .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
+        .collect();
+    if !ui.quiet {
+        eprintln!(
+            "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
+            spooled.spooled,
+            spooled.resumed,
+            spooled.sent,
+            report.rejected,
+            report.failed,
+            spooled.pending,
+            if report.interrupted { " (stopped early)" } else { "" }
+        );
+        eprintln!(
+            "hubsend: {} devices, {created} created, {names_written} names written, {connections} connections",
+            devices.len()
+        );
+    }
+    if let Some(error) = &report.error {
+        eprintln!("hubsend: {error}");
+    }
+    if let Some(e) = &rejects_error {
+        eprintln!("hubsend: writing the rejects file failed: {e}");
+    }
+    if a.json {
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("devices".into(), Value::Object(devices));
+            map.insert("devices_created".into(), created.into());
+            map.insert("names_written".into(), names_written.into());
+            map.insert("connections".into(), connections.into());
+        }
+        println!("{value}");
+    }
+    if let Some(e) = &fatal {
+        // Unauthorized (5) or a usage error (2), as without --spool.
+        exit::for_kind(e.kind())
+    } else if input_error.is_some() || report.failed > 0 || rejects_error.is_some() {
+        exit::FAILED
+    } else if a.strict && report.rejected > 0 {
+        eprintln!(
+            "hubsend: {} invalid line(s) and --strict was given",
+            report.rejected
+        );
+        exit::REJECTED
+    } else if report.interrupted {
+        exit::INTERRUPTED
+    } else {
+        exit::OK
+    }
+}
