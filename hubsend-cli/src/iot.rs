@@ -200,12 +200,19 @@ impl Sender {
     }
 
     /// Identities created, names written and connections open.
-    async fn counts(&self) -> (u64, u64, usize) {
+    async fn counts(&self) -> DeviceTotals {
         match self {
-            Sender::Device(_) => (0, 0, 1),
+            Sender::Device(_) => DeviceTotals {
+                connections: 1,
+                ..DeviceTotals::default()
+            },
             Sender::Gateway(g) => {
                 let s = g.stats().await;
-                (s.devices_created, s.names_written, s.connections)
+                DeviceTotals {
+                    created: s.devices_created,
+                    names_written: s.names_written,
+                    connections: s.connections,
+                }
             }
         }
     }
@@ -391,6 +398,70 @@ fn field_text(record: &Record, field: &str) -> Option<String> {
     record.partition_key(field).ok().filter(|s| !s.is_empty())
 }
 
+/// What a run did with identities and connections, for the summary.
+#[derive(Default)]
+struct DeviceTotals {
+    created: u64,
+    names_written: u64,
+    connections: usize,
+}
+
+/// Sets `report`'s `error` and `error_kind`: the input's failure first, else the hub's.
+fn set_error(report: &mut IngestReport, input_error: Option<String>, hub_error: Option<&Error>) {
+    match (input_error, hub_error) {
+        (Some(e), _) => {
+            report.error = Some(e);
+            report.error_kind = Some(crate::exit::KIND_INPUT.to_owned());
+        }
+        (None, Some(e)) => {
+            report.error = Some(error_chain(e));
+            report.error_kind = Some(e.kind().to_string());
+        }
+        (None, None) => {}
+    }
+}
+
+/// The end of a run's output: the devices line (when `show`), the error, a rejects file that
+/// could not be written, and with `json` the summary object with the device fields.
+fn print_end(
+    report: &IngestReport,
+    devices: &BTreeMap<String, DeviceCount>,
+    totals: &DeviceTotals,
+    rejects_error: Option<&std::io::Error>,
+    json: bool,
+    show: bool,
+) {
+    if show {
+        eprintln!(
+            "hubsend: {} devices, {} created, {} names written, {} connections",
+            devices.len(),
+            totals.created,
+            totals.names_written,
+            totals.connections
+        );
+    }
+    if let Some(error) = &report.error {
+        eprintln!("hubsend: {error}");
+    }
+    if let Some(e) = rejects_error {
+        eprintln!("hubsend: writing the rejects file failed: {e}");
+    }
+    if json {
+        let mut value = serde_json::to_value(report).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            let devices: serde_json::Map<String, Value> = devices
+                .iter()
+                .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
+                .collect();
+            map.insert("devices".into(), Value::Object(devices));
+            map.insert("devices_created".into(), totals.created.into());
+            map.insert("names_written".into(), totals.names_written.into());
+            map.insert("connections".into(), totals.connections.into());
+        }
+        println!("{value}");
+    }
+}
+
 async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     let Some(cs) = a.connection_string.clone().filter(|s| !s.trim().is_empty()) else {
         eprintln!(
@@ -554,7 +625,7 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
             }
         }
     };
-    let (created, names_written, connections) = sender.counts().await;
+    let totals = sender.counts().await;
     if !abandoned {
         sender.close().await;
     }
@@ -567,43 +638,16 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     report.seconds = elapsed.as_secs_f64();
     report.events_per_sec = rate(tally.sent as f64, elapsed);
     report.mb_per_sec = rate(tally.bytes as f64 / 1e6, elapsed);
-    match (input_error, &tally.first_error) {
-        (Some(e), _) => {
-            report.error = Some(e);
-            report.error_kind = Some("input".to_owned());
-        }
-        (None, Some(e)) => {
-            report.error = Some(error_chain(e));
-            report.error_kind = Some(e.kind().to_string());
-        }
-        (None, None) => {}
-    }
+    set_error(&mut report, input_error, tally.first_error.as_ref());
     human_summary(&report);
-    eprintln!(
-        "hubsend: {} devices, {created} created, {names_written} names written, {connections} connections",
-        tally.devices.len()
+    print_end(
+        &report,
+        &tally.devices,
+        &totals,
+        rejects_error.as_ref(),
+        a.json,
+        true,
     );
-    if let Some(error) = &report.error {
-        eprintln!("hubsend: {error}");
-    }
-    if let Some(e) = &rejects_error {
-        eprintln!("hubsend: writing the rejects file failed: {e}");
-    }
-    if a.json {
-        let mut value = serde_json::to_value(&report).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            let devices: serde_json::Map<String, Value> = tally
-                .devices
-                .iter()
-                .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
-                .collect();
-            map.insert("devices".into(), Value::Object(devices));
-            map.insert("devices_created".into(), created.into());
-            map.insert("names_written".into(), names_written.into());
-            map.insert("connections".into(), connections.into());
-        }
-        println!("{value}");
-    }
     if abandoned {
         EXIT_ABANDONED
     } else if rejects_error.is_some() {

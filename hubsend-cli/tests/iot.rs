@@ -7,6 +7,9 @@ use hubsend_testhub::iothub_http::IotHubRest;
 use hubsend_testhub::{HubConfig, Right, TestHub};
 use serde_json::Value;
 
+mod support;
+use support::{free_port, scratch, spawn_silent, spool_bytes};
+
 const HOST: &str = "plant.azure-devices.net";
 const KEY: &str = "cG9saWN5LWtleS1mb3ItdGhlLWNsaS1pb3QtdGVzdHM=";
 
@@ -238,46 +241,15 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
     assert!(run.stderr.contains("--device-field"), "{}", run.stderr);
 }
 
-/// A scratch directory unique to this test process and call.
-fn scratch(name: &str) -> std::path::PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "hubsend-iot-test-{}-{n}-{name}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The size of the spool's records on disk so far (its `.seg` files).
-fn segment_bytes(spool: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(spool) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-        .map(|e| e.metadata().map_or(0, |m| m.len()))
-        .sum()
-}
-
 /// Starts `hubsend iot send ARGS` and SIGKILLs it once its spool holds `bytes` bytes (it must
 /// not end before).
 async fn kill_once_spooled(cs: &str, args: &[String], spool: &std::path::Path, bytes: u64) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-        .args(["iot", "send"])
-        .args(args)
-        .env("IOTHUB_CONNECTION_STRING", cs)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn hubsend");
+    let mut argv = args.to_vec();
+    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+    let mut child = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", cs)]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Watches the spool grow; the kill lands wherever the writer is at that moment.
-    while segment_bytes(spool) < bytes {
+    while spool_bytes(spool) < bytes {
         assert!(std::time::Instant::now() < deadline, "nothing spooled");
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -308,7 +280,7 @@ fn stored_values(iot: &Iot, device: &str) -> Vec<u64> {
 /// record is stored once, under its device, in order; a third run finds nothing to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_its_device() {
-    const LINES: u64 = 6_000;
+    const LINES: u64 = 12_000;
     const DEVICES: u64 = 5;
     let dir = scratch("iot-spool");
     let spool = dir.join("spool");
@@ -320,9 +292,7 @@ async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_it
         .collect();
     let input_path = dir.join("in.ndjson");
     std::fs::write(&input_path, input).unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    let port = free_port();
     // Written out, since the hub that will own this policy is not running yet.
     let cs = format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}");
     let a = args(&[
@@ -337,7 +307,7 @@ async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_it
         "--json",
     ]);
 
-    let threshold = 4096 + u64::from(std::process::id()) % 300_000;
+    let threshold = 4096 + u64::from(std::process::id()) % 600_000;
     kill_once_spooled(&cs, &a, &spool, threshold).await;
 
     let mut config =
@@ -439,9 +409,7 @@ async fn spool_creates_devices_and_writes_their_names_once() {
             "--json",
         ])
     };
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let nowhere = format!("amqp://127.0.0.1:{}", closed.local_addr().unwrap().port());
-    drop(closed);
+    let nowhere = format!("amqp://127.0.0.1:{}", free_port());
     kill_once_spooled(&cs, &with(nowhere, &spool), &spool, 1).await;
     assert!(iot.hub.iothub_state().unwrap().devices().is_empty());
 
@@ -541,5 +509,125 @@ async fn spool_keeps_the_records_when_the_hub_refuses_the_credentials() {
     );
     assert_eq!(stored_values(&iot, "d1"), [0, 2, 4, 6, 8]);
     assert_eq!(stored_values(&iot, "d2"), [1, 3, 5, 7, 9]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `iot send --spool` killed mid-drain: run 1 starts with the hub unreachable, the hub comes
+/// up (answering each delivery 30 ms late, so some are stored but unconfirmed) and run 1 is
+/// SIGKILLed once the hub holds a pid-dependent number of messages; run 2 resends what the
+/// spool still held. Nothing is lost; what is stored twice is counted, and only records run 2
+/// resumed from the spool can be among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
+    const LINES: u64 = 12_000;
+    const DEVICES: u64 = 4;
+    let dir = scratch("iot-spool-mid-drain");
+    let spool = dir.join("spool");
+    let input: String = (0..LINES)
+        .map(|i| record(Some(&format!("dev-{}", i % DEVICES)), "x", i as u32) + "\n")
+        .collect();
+    let input_path = dir.join("in.ndjson");
+    std::fs::write(&input_path, input).unwrap();
+    let port = free_port();
+    let cs = format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}");
+    let a = args(&[
+        "--input",
+        input_path.to_str().unwrap(),
+        "--device-field",
+        "device",
+        "--endpoint",
+        &format!("amqp://127.0.0.1:{port}"),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--json",
+    ]);
+    let mut argv = a.clone();
+    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+    let mut first = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &cs)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while spool_bytes(&spool) < 8192 {
+        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let mut config =
+        HubConfig::new()
+            .port(port)
+            .iothub(HOST)
+            .policy("fleet", KEY, &[Right::DeviceConnect]);
+    for d in 0..DEVICES {
+        config = config.iot_device(format!("dev-{d}"), KEY);
+    }
+    let iot = start(config).await;
+    iot.hub
+        .faults()
+        .delay_dispositions(std::time::Duration::from_millis(30));
+    let stored = |iot: &Iot| -> u64 {
+        (0..DEVICES)
+            .map(|d| iot.hub.iothub_messages(&format!("dev-{d}")).len() as u64)
+            .sum()
+    };
+    let threshold = 200 + u64::from(std::process::id()) % 6_000;
+    while stored(&iot) < threshold {
+        assert!(std::time::Instant::now() < deadline, "nothing stored");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "run 1 ended on its own"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let at_kill = stored(&iot);
+    iot.hub.faults().clear();
+
+    let run = iot_send(&cs, a, String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    let (spooled, resumed) = (
+        j["spooled"].as_u64().unwrap(),
+        j["resumed"].as_u64().unwrap(),
+    );
+    assert!(resumed > 0, "{j}");
+    assert_eq!(j["sent"].as_u64(), Some(spooled + resumed), "{j}");
+    assert_eq!(j["failed"], 0, "{j}");
+    let mut duplicates = 0;
+    for d in 0..DEVICES {
+        let device = format!("dev-{d}");
+        let mut values = stored_values(&iot, &device);
+        let total = values.len();
+        values.sort_unstable();
+        values.dedup();
+        duplicates += total - values.len();
+        let expected: Vec<u64> = (0..LINES).filter(|i| i % DEVICES == d).collect();
+        assert_eq!(values, expected, "{device}: every record, under its device");
+    }
+    println!("killed with {at_kill} stored (threshold {threshold}); run 2: {j}; {duplicates} stored twice");
+    assert!(
+        duplicates as u64 <= resumed,
+        "{duplicates} duplicates, {resumed} resumed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device connection string through the spool: every record is sent as that device.
+#[tokio::test]
+async fn spool_with_a_device_string_sends_as_that_device() {
+    let iot = start(HubConfig::new().iothub(HOST).iot_device("solo", KEY)).await;
+    let dir = scratch("iot-spool-device");
+    let input: String = (0..5)
+        .map(|n| record(Some("ignored"), "x", n) + "\n")
+        .collect();
+    let cs = iot.hub.iothub_device_connection_string("solo");
+    let mut a = args(&["--spool", dir.join("spool").to_str().unwrap(), "--json"]);
+    a.extend(iot.endpoints().into_iter().take(2));
+    let run = iot_send(&cs, a, input).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["spooled"], 5, "{j}");
+    assert_eq!(j["sent"], 5, "{j}");
+    assert_eq!(j["devices"]["solo"]["sent"], 5, "{j}");
+    assert_eq!(j["connections"], 1, "{j}");
+    assert_eq!(stored_values(&iot, "solo"), [0, 1, 2, 3, 4]);
+    assert!(iot.hub.iothub_messages("ignored").is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,19 +20,18 @@ use std::time::Instant;
 use hubsend::iothub::{Gateway, MAX_MESSAGE_SIZE};
 use hubsend::{Error, ErrorKind};
 use hubsend_spool::{DeviceOutcome, IotHubSender, IotHubSink, Route, SpooledProducer};
-use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::{DeviceCount, DeviceOf, IotSendArgs, Plan, Sender};
+use super::{print_end, set_error, DeviceCount, DeviceOf, DeviceTotals, IotSendArgs, Plan, Sender};
 use crate::commands::{CliObserver, Ui};
 use crate::exit;
+use crate::ingest::record::Record;
 use crate::ingest::record::Schema;
-use crate::ingest::report::{rate, IngestReport, Reject};
-use crate::ingest::stream::IngestObserver;
+use crate::ingest::report::{rate, IngestReport};
 use crate::ingest::{self, InputFormat};
 use crate::progress::ProgressView;
 use crate::signals::Signals;
-use crate::text::error_chain;
+use crate::spooled::{print_summary, spool_input};
 
 /// What the drain has seen, shared with the sink's callbacks.
 #[derive(Default)]
@@ -138,63 +137,31 @@ pub(super) async fn send(
     } else {
         InputFormat::Ndjson
     };
-    let mut input =
-        ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
+    let input = ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
     let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
     let mut report = IngestReport::default();
-    let mut input_error = None;
-    'read: loop {
-        let chunk = tokio::select! {
-            chunk = input.recv() => chunk,
-            _ = signals.nth(1) => { report.interrupted = true; break 'read; }
-            _ = fatal.wait_for(Option::is_some) => { report.interrupted = true; break 'read; }
-        };
-        let Some(chunk) = chunk else { break };
-        let mut records = Vec::with_capacity(chunk.len());
-        for item in chunk {
-            let parsed = match item {
-                Ok(p) => p,
-                Err(e) => {
-                    input_error = Some(format!("reading the input failed: {e}"));
-                    report.interrupted = true;
-                    break;
-                }
-            };
-            // Spooled by an earlier run.
-            if parsed.line <= resume_after {
-                continue;
-            }
-            report.records += 1;
-            let routed = parsed
-                .result
-                .map_err(|e| e.to_string())
-                .and_then(|record| device_of.route(&record, a.device_name_field.as_deref()));
-            match routed {
-                Ok((device, name, event)) => {
-                    records.push((event, Route::device(device, name), parsed.line));
-                }
-                Err(reason) => {
-                    report.rejected += 1;
-                    observer.rejected(&Reject {
-                        line: parsed.line,
-                        reason,
-                        raw: parsed.raw,
-                    });
-                }
-            }
+    let route = |record: Record| {
+        let (device, name, event) = device_of.route(&record, a.device_name_field.as_deref())?;
+        Ok((event, Route::device(device, name)))
+    };
+    // The first signal, or a refusal no reconnection fixes, stops the reading.
+    let mut refused = fatal.clone();
+    let stop = async {
+        tokio::select! {
+            _ = signals.nth(1) => {}
+            _ = refused.wait_for(Option::is_some) => {}
         }
-        if !records.is_empty() {
-            if let Err(e) = producer.enqueue_batch_tagged(records).await {
-                input_error = Some(e.to_string());
-                report.interrupted = true;
-                break;
-            }
-        }
-        if input_error.is_some() {
-            break;
-        }
-    }
-    drop(input);
+    };
+    let input_error = spool_input(
+        &producer,
+        input,
+        resume_after,
+        route,
+        &mut observer,
+        &mut report,
+        stop,
+    )
+    .await;
 
     // Wait for the hub to accept everything, unless a (further) signal says stop or the hub
     // refuses the credentials: what is left stays in the spool for the next run.
@@ -212,17 +179,17 @@ pub(super) async fn send(
         report.interrupted = true;
     }
     // Read before the drain closes the gateway (its connections count drops to 0).
-    let (mut created, mut names_written, mut connections) = (0, 0, 0);
+    let mut totals = DeviceTotals::default();
     let gateways = lock(&seen).gateways.clone();
     for g in &gateways {
         let s = g.stats().await;
-        created += s.devices_created;
-        names_written += s.names_written;
-        connections += s.connections;
+        totals.created += s.devices_created;
+        totals.names_written += s.names_written;
+        totals.connections += s.connections;
     }
     let spooled = producer.shutdown().await;
     if lock(&seen).device_sender {
-        connections = connections.max(1);
+        totals.connections = totals.connections.max(1);
     }
     let rejects_error = observer.finish();
     let fatal = fatal.borrow().clone();
@@ -235,54 +202,13 @@ pub(super) async fn send(
     report.events_per_sec = rate(spooled.sent as f64, elapsed);
     report.spooled = Some(spooled.spooled);
     report.resumed = Some(spooled.resumed);
-    match (&input_error, &fatal) {
-        (Some(e), _) => {
-            report.error = Some(e.clone());
-            report.error_kind = Some(exit::KIND_INPUT.to_owned());
-        }
-        (None, Some(e)) => {
-            report.error = Some(error_chain(e));
-            report.error_kind = Some(e.kind().to_string());
-        }
-        (None, None) => {}
-    }
-    let devices: serde_json::Map<String, Value> = lock(&seen)
-        .devices
-        .iter()
-        .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
-        .collect();
+    set_error(&mut report, input_error.clone(), fatal.as_ref());
+    let devices = std::mem::take(&mut lock(&seen).devices);
     if !ui.quiet {
-        eprintln!(
-            "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
-            spooled.spooled,
-            spooled.resumed,
-            spooled.sent,
-            report.rejected,
-            report.failed,
-            spooled.pending,
-            if report.interrupted { " (stopped early)" } else { "" }
-        );
-        eprintln!(
-            "hubsend: {} devices, {created} created, {names_written} names written, {connections} connections",
-            devices.len()
-        );
+        print_summary(&spooled, &report);
     }
-    if let Some(error) = &report.error {
-        eprintln!("hubsend: {error}");
-    }
-    if let Some(e) = &rejects_error {
-        eprintln!("hubsend: writing the rejects file failed: {e}");
-    }
-    if a.json {
-        let mut value = serde_json::to_value(&report).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            map.insert("devices".into(), Value::Object(devices));
-            map.insert("devices_created".into(), created.into());
-            map.insert("names_written".into(), names_written.into());
-            map.insert("connections".into(), connections.into());
-        }
-        println!("{value}");
-    }
+    let rejects_error = rejects_error.as_ref();
+    print_end(&report, &devices, &totals, rejects_error, a.json, !ui.quiet);
     if let Some(e) = &fatal {
         // Unauthorized (5) or a usage error (2), as without --spool.
         exit::for_kind(e.kind())
