@@ -241,12 +241,9 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
     assert!(run.stderr.contains("--device-field"), "{}", run.stderr);
 }
 
-/// Starts `hubsend iot send ARGS` and SIGKILLs it once its spool holds `bytes` bytes (it must
-/// not end before).
-async fn kill_once_spooled(cs: &str, args: &[String], spool: &std::path::Path, bytes: u64) {
-    let mut argv = args.to_vec();
-    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
-    let mut child = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", cs)]);
+/// SIGKILLs `child` (a spooled run) once its spool holds `bytes` bytes; it must not end
+/// before.
+async fn kill_once_spooled(mut child: std::process::Child, spool: &std::path::Path, bytes: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Watches the spool grow; the kill lands wherever the writer is at that moment.
     while spool_bytes(spool) < bytes {
@@ -274,6 +271,68 @@ fn stored_values(iot: &Iot, device: &str) -> Vec<u64> {
         .collect()
 }
 
+/// A fleet run over `devices` devices (`dev-0`, …): `lines` records round robin over them
+/// (record `i` has value `i`) in a file in `dir`, a policy string for `fleet` (written out:
+/// its hub may not run yet), and the `iot send --spool DIR/spool` arguments that send them to
+/// the hub on `port`.
+struct Fleet {
+    spool: std::path::PathBuf,
+    cs: String,
+    args: Vec<String>,
+    port: u16,
+    devices: u64,
+}
+
+impl Fleet {
+    fn new(dir: &std::path::Path, lines: u64, devices: u64) -> Fleet {
+        let input: String = (0..lines)
+            .map(|i| record(Some(&format!("dev-{}", i % devices)), "x", i as u32) + "\n")
+            .collect();
+        let input_path = dir.join("in.ndjson");
+        std::fs::write(&input_path, input).unwrap();
+        let spool = dir.join("spool");
+        let port = free_port();
+        let args = args(&[
+            "--input",
+            input_path.to_str().unwrap(),
+            "--device-field",
+            "device",
+            "--endpoint",
+            &format!("amqp://127.0.0.1:{port}"),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ]);
+        Fleet {
+            spool,
+            cs: format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}"),
+            args,
+            port,
+            devices,
+        }
+    }
+
+    /// The hub on the fleet's port, with its devices and the `fleet` policy (DeviceConnect).
+    async fn hub(&self) -> Iot {
+        let mut config = HubConfig::new().port(self.port).iothub(HOST).policy(
+            "fleet",
+            KEY,
+            &[Right::DeviceConnect],
+        );
+        for d in 0..self.devices {
+            config = config.iot_device(format!("dev-{d}"), KEY);
+        }
+        start(config).await
+    }
+
+    /// `iot send` with the fleet's arguments, as a child to kill.
+    fn spawn(&self) -> std::process::Child {
+        let mut argv = self.args.clone();
+        argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+        spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &self.cs)])
+    }
+}
+
 /// `iot send --spool` with a policy string over several devices: run 1 starts with the hub
 /// unreachable and is killed (SIGKILL) at a moment that depends on the process id; run 2, the
 /// same command with the hub up, sends what the spool held and the rest of the input. Every
@@ -283,43 +342,13 @@ async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_it
     const LINES: u64 = 12_000;
     const DEVICES: u64 = 5;
     let dir = scratch("iot-spool");
-    let spool = dir.join("spool");
-    let input: String = (0..LINES)
-        .map(|i| {
-            let device = format!("dev-{}", i % DEVICES);
-            record(Some(&device), "x", i as u32) + "\n"
-        })
-        .collect();
-    let input_path = dir.join("in.ndjson");
-    std::fs::write(&input_path, input).unwrap();
-    let port = free_port();
-    // Written out, since the hub that will own this policy is not running yet.
-    let cs = format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}");
-    let a = args(&[
-        "--input",
-        input_path.to_str().unwrap(),
-        "--device-field",
-        "device",
-        "--endpoint",
-        &format!("amqp://127.0.0.1:{port}"),
-        "--spool",
-        spool.to_str().unwrap(),
-        "--json",
-    ]);
-
+    let fleet = Fleet::new(&dir, LINES, DEVICES);
+    let (cs, a) = (&fleet.cs, &fleet.args);
     let threshold = 4096 + u64::from(std::process::id()) % 600_000;
-    kill_once_spooled(&cs, &a, &spool, threshold).await;
+    kill_once_spooled(fleet.spawn(), &fleet.spool, threshold).await;
 
-    let mut config =
-        HubConfig::new()
-            .port(port)
-            .iothub(HOST)
-            .policy("fleet", KEY, &[Right::DeviceConnect]);
-    for d in 0..DEVICES {
-        config = config.iot_device(format!("dev-{d}"), KEY);
-    }
-    let iot = start(config).await;
-    let run = iot_send(&cs, a.clone(), String::new()).await;
+    let iot = fleet.hub().await;
+    let run = iot_send(cs, a.clone(), String::new()).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let j = run.json();
     let (spooled, resumed) = (
@@ -347,7 +376,7 @@ async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_it
     assert_eq!(duplicates, 0);
 
     // Nothing left, nothing new to read.
-    let run = iot_send(&cs, a, String::new()).await;
+    let run = iot_send(cs, a.clone(), String::new()).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let j = run.json();
     assert_eq!(
@@ -410,7 +439,10 @@ async fn spool_creates_devices_and_writes_their_names_once() {
         ])
     };
     let nowhere = format!("amqp://127.0.0.1:{}", free_port());
-    kill_once_spooled(&cs, &with(nowhere, &spool), &spool, 1).await;
+    let mut argv = with(nowhere, &spool);
+    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+    let child = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &cs)]);
+    kill_once_spooled(child, &spool, 1).await;
     assert!(iot.hub.iothub_state().unwrap().devices().is_empty());
 
     let here = format!("amqp://127.0.0.1:{}", iot.hub.addr().port());
@@ -522,42 +554,14 @@ async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
     const LINES: u64 = 12_000;
     const DEVICES: u64 = 4;
     let dir = scratch("iot-spool-mid-drain");
-    let spool = dir.join("spool");
-    let input: String = (0..LINES)
-        .map(|i| record(Some(&format!("dev-{}", i % DEVICES)), "x", i as u32) + "\n")
-        .collect();
-    let input_path = dir.join("in.ndjson");
-    std::fs::write(&input_path, input).unwrap();
-    let port = free_port();
-    let cs = format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}");
-    let a = args(&[
-        "--input",
-        input_path.to_str().unwrap(),
-        "--device-field",
-        "device",
-        "--endpoint",
-        &format!("amqp://127.0.0.1:{port}"),
-        "--spool",
-        spool.to_str().unwrap(),
-        "--json",
-    ]);
-    let mut argv = a.clone();
-    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
-    let mut first = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &cs)]);
+    let fleet = Fleet::new(&dir, LINES, DEVICES);
+    let mut first = fleet.spawn();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while spool_bytes(&spool) < 8192 {
+    while spool_bytes(&fleet.spool) < 8192 {
         assert!(std::time::Instant::now() < deadline, "nothing spooled");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let mut config =
-        HubConfig::new()
-            .port(port)
-            .iothub(HOST)
-            .policy("fleet", KEY, &[Right::DeviceConnect]);
-    for d in 0..DEVICES {
-        config = config.iot_device(format!("dev-{d}"), KEY);
-    }
-    let iot = start(config).await;
+    let iot = fleet.hub().await;
     iot.hub
         .faults()
         .delay_dispositions(std::time::Duration::from_millis(30));
@@ -580,7 +584,7 @@ async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
     let at_kill = stored(&iot);
     iot.hub.faults().clear();
 
-    let run = iot_send(&cs, a, String::new()).await;
+    let run = iot_send(&fleet.cs, fleet.args.clone(), String::new()).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let j = run.json();
     let (spooled, resumed) = (

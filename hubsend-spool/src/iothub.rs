@@ -2,40 +2,7 @@
 //! [`Gateway`] (each record as the device its [`Route::Device`] names) or a [`DeviceSender`]
 //! (every record as that one device).
 //!
-//! Each record is one message, sent with the gateway's or device sender's own pipelining;
-//! the outcomes are awaited in the order the records were sent (so records of one device
-//! settle in order) and reported to the drain one by one: a record leaves the spool once the
-//! hub accepted it.
-//!
-//! # What is retried and what is given up
-//! - The hub does not know the device (and the gateway does not create it), the message is
-//!   over 256 KB, or the device id is one IoT Hub does not allow: the record can never be
-//!   sent; it is removed and counted failed ([`SpoolReport::failed`](crate::SpoolReport)).
-//! - Anything else (connection lost, throttled, credentials refused: a policy without
-//!   DeviceConnect, a disabled device) keeps the record: the drain closes the gateway,
-//!   connects a new one with backoff and sends again from the first record not accepted. A
-//!   refusal that only the operator can lift stays until they do: watch for it with
-//!   [`IotHubSink::on_outcome`] ([`DeviceOutcome::Retrying`]).
-//!
-//! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use hubsend::iothub::IotHubBuilder;
-//! use hubsend::Event;
-//! use hubsend_spool::{IotHubSender, IotHubSink, Route, Spool, SpoolOptions, SpooledProducer};
-//!
-//! let spool = Spool::open("/var/spool/fleet", SpoolOptions::new())?;
-//! let policy = std::env::var("IOTHUB_CONNECTION_STRING")?;
-//! let sink = IotHubSink::new(move || {
-//!     let builder = IotHubBuilder::default().connection_string(policy.clone());
-//!     async move { builder.gateway().await.map(IotHubSender::Gateway) }
-//! });
-//! let producer = SpooledProducer::start_with_sink(spool, sink);
-//! let route = Route::device("boiler-7", Some("Boiler 7".into()));
-//! producer.enqueue(Event::new(r#"{"t":71.5}"#), route).await?;
-//! let report = producer.close().await;
-//! println!("{} sent, {} resumed from a previous run", report.sent, report.resumed);
-//! # Ok(()) }
-//! ```
+//! See [`IotHubSink`] for how it sends and what it retries.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -73,7 +40,7 @@ pub enum IotHubSender {
 pub enum DeviceOutcome<'a> {
     /// The hub accepted it; it left the spool.
     Sent,
-    /// It can never be sent (see the [module docs](self)); it left the spool, counted failed.
+    /// It can never be sent (see [`IotHubSink`]); it left the spool, counted failed.
     Failed(&'a hubsend::Error),
     /// Not now: it stays in the spool and is sent again after the drain reconnects.
     Retrying(&'a hubsend::Error),
@@ -82,9 +49,43 @@ pub enum DeviceOutcome<'a> {
 type ConnectFn = Arc<dyn Fn() -> BoxFuture<hubsend::Result<IotHubSender>> + Send + Sync>;
 type Observer = Arc<dyn Fn(&str, DeviceOutcome<'_>) + Send + Sync>;
 
-/// A [`Sink`] that sends spooled records to IoT Hub: give it to
-/// [`SpooledProducer::start_with_sink`](crate::SpooledProducer::start_with_sink). See the
-/// [module docs](self).
+/// A [`Sink`] that sends spooled records to IoT Hub as device-to-cloud messages: give it to
+/// [`SpooledProducer::start_with_sink`](crate::SpooledProducer::start_with_sink).
+///
+/// Each record is one message, sent with the gateway's or device sender's own pipelining;
+/// the outcomes are awaited in the order the records were sent (so records of one device
+/// settle in order) and reported to the drain one by one: a record leaves the spool once the
+/// hub accepted it.
+///
+/// # What is retried and what is given up
+/// - The hub does not know the device (and the gateway does not create it), the message is
+///   over 256 KB, or the device id is one IoT Hub does not allow: the record can never be
+///   sent; it is removed and counted failed ([`SpoolReport::failed`](crate::SpoolReport)).
+/// - Anything else (connection lost, throttled, credentials refused: a policy without
+///   DeviceConnect, a disabled device) keeps the record: the drain closes the gateway,
+///   connects a new one with backoff and sends again from the first record not accepted. A
+///   refusal that only the operator can lift stays until they do: watch for it with
+///   [`IotHubSink::on_outcome`] ([`DeviceOutcome::Retrying`]).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use hubsend::iothub::IotHubBuilder;
+/// use hubsend::Event;
+/// use hubsend_spool::{IotHubSender, IotHubSink, Route, Spool, SpoolOptions, SpooledProducer};
+///
+/// let spool = Spool::open("/var/spool/fleet", SpoolOptions::new())?;
+/// let policy = std::env::var("IOTHUB_CONNECTION_STRING")?;
+/// let sink = IotHubSink::new(move || {
+///     let builder = IotHubBuilder::default().connection_string(policy.clone());
+///     async move { builder.gateway().await.map(IotHubSender::Gateway) }
+/// });
+/// let producer = SpooledProducer::start_with_sink(spool, sink);
+/// let route = Route::device("boiler-7", Some("Boiler 7".into()));
+/// producer.enqueue(Event::new(r#"{"t":71.5}"#), route).await?;
+/// let report = producer.close().await;
+/// println!("{} sent, {} resumed from a previous run", report.sent, report.resumed);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct IotHubSink {
     connect: ConnectFn,

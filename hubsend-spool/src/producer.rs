@@ -44,8 +44,8 @@ pub struct SpoolReport {
     pub resumed: u64,
     /// Records the hub accepted (this run).
     pub sent: u64,
-    /// Records that can never be sent (too large for the hub, an unknown partition), removed
-    /// and counted here.
+    /// Records that can never be sent (too large for the hub, an unknown partition, an IoT
+    /// Hub device the hub does not know), removed and counted here.
     pub failed: u64,
     /// Records dropped by [`WhenFull::DropOldest`](crate::WhenFull::DropOldest).
     pub dropped: u64,
@@ -57,8 +57,9 @@ pub struct SpoolReport {
     pub corrupt_regions: u64,
     /// Times the drain started over (connection lost, retries spent).
     pub restarts: u64,
-    /// Records read back from the spool and held in memory by the buffered producer (queued
-    /// or in flight): bounded by its limits, not by the outage.
+    /// Records read back from the spool and held in memory by the sink (the buffered
+    /// producer's queues and batches in flight, or IoT Hub messages awaiting their outcome):
+    /// bounded by its limits, not by the outage.
     pub in_memory: u64,
     /// With [`start_idempotent`](SpooledProducer::start_idempotent): events the hub
     /// acknowledged as stored already when they were sent again (after a restart, a lost

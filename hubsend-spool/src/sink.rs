@@ -2,14 +2,6 @@
 //! [`Acks`] a session reports the hub's outcomes through, and the drain loop that reads the
 //! spool in order and feeds them.
 //!
-//! The drain is the same whatever the hub: it reads records in spool order (skipping what
-//! was accepted already), hands each to the session with a [`Ticket`], and removes a record
-//! only when the session says the hub accepted it ([`Acks::accepted`]) or that it can never
-//! be sent ([`Acks::refused`], counted failed). When the session says "not now"
-//! ([`Acks::retry`], or [`NotTaken::Later`] from [`SinkSession::send`]), the drain closes
-//! it, waits (100 ms doubling to 5 s), connects again and reads the spool again from the
-//! first record not accepted.
-//!
 //! Two sinks come with the crate: the Event Hubs one behind [`SpooledProducer::start`]
 //! (a [`BufferedProducer`](hubsend::BufferedProducer)), and [`IotHubSink`] (an IoT Hub
 //! gateway or device sender); [`SpooledProducer::start_with_sink`] takes any.
@@ -56,6 +48,14 @@ pub enum NotTaken {
 }
 
 /// A destination for spooled records: connects a [`SinkSession`], again after each failure.
+///
+/// The drain is the same whatever the hub: it reads records in spool order (skipping what
+/// was accepted already), hands each to the session with a [`Ticket`], and removes a record
+/// only when the session says the hub accepted it ([`Acks::accepted`]) or that it can never
+/// be sent ([`Acks::refused`], counted failed). When the session says "not now"
+/// ([`Acks::retry`], or [`NotTaken::Later`] from [`SinkSession::send`]), the drain closes
+/// it, waits (100 ms doubling to 5 s), connects again and reads the spool again from the
+/// first record not accepted.
 ///
 /// Implement it to drain a spool anywhere; [`SpooledProducer::start_with_sink`] runs it.
 ///
