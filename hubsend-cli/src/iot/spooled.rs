@@ -37,8 +37,10 @@ use crate::spooled::{print_summary, spool_input};
 #[derive(Default)]
 struct Seen {
     devices: BTreeMap<String, DeviceCount>,
-    /// Every gateway the drain connected (one per attempt): their counters add up.
-    gateways: Vec<Gateway>,
+    /// The gateway the drain connected last (a new one per attempt).
+    gateway: Option<Gateway>,
+    /// What the gateways before it created and named.
+    earlier: DeviceTotals,
     /// A device sender was connected.
     device_sender: bool,
 }
@@ -102,14 +104,21 @@ pub(super) async fn send(
                         note_fatal(&fatal_tx, e);
                     }
                 })?;
-                let mut seen = lock(&seen);
                 Ok(match sender {
                     Sender::Gateway(g) => {
-                        seen.gateways.push(g.clone());
+                        // Only the counters of the ones before are kept: a long outage
+                        // connects many.
+                        let before = lock(&seen).gateway.replace(g.clone());
+                        if let Some(before) = before {
+                            let stats = before.stats().await;
+                            let mut seen = lock(&seen);
+                            seen.earlier.created += stats.devices_created;
+                            seen.earlier.names_written += stats.names_written;
+                        }
                         IotHubSender::Gateway(g)
                     }
                     Sender::Device(d) => {
-                        seen.device_sender = true;
+                        lock(&seen).device_sender = true;
                         IotHubSender::Device(d)
                     }
                 })
@@ -179,13 +188,15 @@ pub(super) async fn send(
         report.interrupted = true;
     }
     // Read before the drain closes the gateway (its connections count drops to 0).
-    let mut totals = DeviceTotals::default();
-    let gateways = lock(&seen).gateways.clone();
-    for g in &gateways {
+    let (gateway, mut totals) = {
+        let mut seen = lock(&seen);
+        (seen.gateway.take(), std::mem::take(&mut seen.earlier))
+    };
+    if let Some(g) = gateway {
         let s = g.stats().await;
         totals.created += s.devices_created;
         totals.names_written += s.names_written;
-        totals.connections += s.connections;
+        totals.connections = s.connections;
     }
     let spooled = producer.shutdown().await;
     if lock(&seen).device_sender {
