@@ -1,13 +1,14 @@
 //! Store and forward for [`hubsend`]: a bounded, crash-safe disk spool in front of
-//! [`BufferedProducer`](hubsend::BufferedProducer), so a gateway loses nothing across uplink
-//! outages, restarts, kills and power cuts.
+//! [`BufferedProducer`](hubsend::BufferedProducer) or an IoT Hub gateway ([`IotHubSink`]), so
+//! a gateway loses nothing across uplink outages, restarts, kills and power cuts.
 //!
 //! [`SpooledProducer::enqueue`] returns once the event is in the spool (see [`Commit`] for
 //! what "in" means: fsynced by group commit, by each call, or written with a background
 //! fsync). A drain task reads the spool in order and sends through a `BufferedProducer` (its
-//! batching, linger and pipelining), reconnecting for as long as the hub is unreachable;
-//! a record leaves the spool only once the hub accepted it. On start, whatever a previous run
-//! left is sent first.
+//! batching, linger and pipelining), or through any other [`Sink`]
+//! ([`SpooledProducer::start_with_sink`]), reconnecting for as long as the hub is
+//! unreachable; a record leaves the spool only once the hub accepted it. On start, whatever a
+//! previous run left is sent first.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
