@@ -2,11 +2,15 @@
 //! device connection string, or `--device-id`) or as many through one gateway (a policy string
 //! and `--device-field`), creating unknown devices on the way (`--create-devices`). Input
 //! reading, rejects, progress, the summary and the exit statuses are `hubsend send`'s.
+//! `--spool DIR` stores and forwards through a disk spool ([`spooled`]).
+
+mod spooled;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
@@ -61,9 +65,15 @@ hub does not know (the policy needs RegistryWrite, and ServiceConnect to write n
 --device-name-field writes that field's value to the new device's twin as
 properties.desired.deviceName, once, at creation.
 
+--spool DIR stores and forwards, as hubsend send --spool: every record goes into a disk spool
+first (with its device id and name) and is sent from there; the hub need not be reachable, and an
+interrupted run (Ctrl-C, kill, reboot) resumes with the same command, sending what the spool
+holds first and reading the input on after the last spooled line. A refused credential (exit 5)
+leaves the records in the spool for the next run.
+
 --json prints one object on the last line: send's fields (sent, rejected, failed, seconds,
 events_per_sec, …) plus devices (per device: sent, failed), devices_created, names_written and
-connections.
+connections; with --spool also spooled and resumed.
 
 Exit status: as hubsend send (0 all stored, 1 a record not stored or the hub unusable, 2 usage,
 3 --strict with invalid lines, 4 abandoned, 130 stopped by a signal).";
@@ -127,6 +137,13 @@ struct IotSendArgs {
     /// Print the summary as one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
+
+    /// Store and forward: put the input into a disk spool in DIR and send from there. An
+    /// interrupted run (Ctrl-C, kill, reboot) resumes with the same command: the records
+    /// still spooled are sent first and the input is read on after the last spooled line.
+    /// The hub need not be reachable; the run waits for it (Ctrl-C leaves the rest spooled).
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
 }
 
 /// Runs `hubsend iot …`; returns the exit status.
@@ -137,11 +154,30 @@ pub(crate) async fn run(args: IotArgs, ui: Ui) -> u8 {
 }
 
 /// Where each record goes.
+#[derive(Clone)]
 enum DeviceOf {
     /// Every record as this device.
     Fixed(String),
     /// The record's field.
     Field(String),
+}
+
+impl DeviceOf {
+    /// `record`'s device id, the name to give it (`--device-name-field`) and its event; the
+    /// reject reason when it names no device.
+    fn route(
+        &self,
+        record: &Record,
+        name_field: Option<&str>,
+    ) -> Result<(String, Option<String>, Event), String> {
+        let device = match self {
+            DeviceOf::Fixed(id) => id.clone(),
+            DeviceOf::Field(field) => field_text(record, field)
+                .ok_or_else(|| format!("missing or empty device id field `{field}`"))?,
+        };
+        let name = name_field.and_then(|f| field_text(record, f));
+        Ok((device, name, record.to_event()))
+    }
 }
 
 /// The device sender or the gateway.
@@ -164,12 +200,19 @@ impl Sender {
     }
 
     /// Identities created, names written and connections open.
-    async fn counts(&self) -> (u64, u64, usize) {
+    async fn counts(&self) -> DeviceTotals {
         match self {
-            Sender::Device(_) => (0, 0, 1),
+            Sender::Device(_) => DeviceTotals {
+                connections: 1,
+                ..DeviceTotals::default()
+            },
             Sender::Gateway(g) => {
                 let s = g.stats().await;
-                (s.devices_created, s.names_written, s.connections)
+                DeviceTotals {
+                    created: s.devices_created,
+                    names_written: s.names_written,
+                    connections: s.connections,
+                }
             }
         }
     }
@@ -235,8 +278,50 @@ fn read_file(path: &PathBuf, what: &str) -> Result<Vec<u8>, u8> {
     })
 }
 
-/// Builds the device sender or gateway the arguments ask for.
-async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
+/// How to reach the hub, checked once and turned into a fresh builder for each connection
+/// (`--spool` connects again after each failure).
+struct Plan {
+    connection_string: String,
+    ca: Option<Vec<u8>>,
+    endpoint: Option<String>,
+    max_in_flight: u32,
+    /// The device of a device connection string.
+    device: Option<String>,
+    /// With `--create-devices`.
+    registry: Option<Registry>,
+}
+
+impl Plan {
+    fn builder(&self) -> IotHubBuilder {
+        let mut builder = IotHubBuilder::default()
+            .connection_string(self.connection_string.clone())
+            .options(ProducerOptions::new().max_in_flight(self.max_in_flight as usize));
+        if let Some(pem) = &self.ca {
+            builder = builder.add_root_certificate_pem(pem.clone());
+        }
+        if let Some(url) = &self.endpoint {
+            builder = builder.endpoint(url);
+        }
+        if let Some(registry) = &self.registry {
+            builder = builder.auto_create(registry.clone(), AutoCreate::OnNotFound);
+        }
+        builder
+    }
+
+    /// Connects the device sender (a device string) or the gateway (a policy string).
+    async fn connect(&self) -> hubsend::Result<Sender> {
+        let builder = self.builder();
+        if self.device.is_some() {
+            builder.device_sender().await.map(Sender::Device)
+        } else {
+            builder.gateway().await.map(Sender::Gateway)
+        }
+    }
+}
+
+/// Checks the arguments and the connection string: what to connect and where each record
+/// goes, or the exit status after a message.
+fn plan(a: &IotSendArgs, cs: &str) -> Result<(Plan, DeviceOf), u8> {
     let parsed = IotHubConnectionString::parse(cs).map_err(|e| {
         eprintln!("hubsend: {}", error_chain(&e));
         EXIT_USAGE
@@ -245,67 +330,62 @@ async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
         Some(path) => Some(read_file(path, "CA file")?),
         None => None,
     };
-    let mut builder = IotHubBuilder::default()
-        .connection_string(cs)
-        .options(ProducerOptions::new().max_in_flight(a.max_in_flight as usize));
-    if let Some(pem) = &ca {
-        builder = builder.add_root_certificate_pem(pem.clone());
-    }
-    if let Some(url) = &a.endpoint {
-        builder = builder.endpoint(url);
-    }
-    let connected = if let Some(device) = parsed.device_id() {
+    let mut plan = Plan {
+        connection_string: cs.to_owned(),
+        ca,
+        endpoint: a.endpoint.clone(),
+        max_in_flight: a.max_in_flight,
+        device: None,
+        registry: None,
+    };
+    if let Some(device) = parsed.device_id() {
         if a.device_field.is_some() || a.create_devices {
             eprintln!(
                 "hubsend: a device connection string sends as its own device: --device-field and --create-devices need a policy string"
             );
             return Err(EXIT_USAGE);
         }
-        let device = device.to_owned();
-        builder
-            .device_sender()
-            .await
-            .map(|d| (Sender::Device(d), DeviceOf::Fixed(device)))
-    } else {
-        let device_of = match (&a.device_field, &a.device_id) {
-            (Some(field), _) => DeviceOf::Field(field.clone()),
-            (None, Some(id)) => DeviceOf::Fixed(id.clone()),
-            (None, None) => {
-                eprintln!(
-                    "hubsend: a policy connection string needs --device-field FIELD (or --device-id ID)"
-                );
-                return Err(EXIT_USAGE);
-            }
-        };
-        if parsed.credential_kind() != IotHubCredentialKind::PolicyKey {
-            eprintln!("hubsend: a gateway needs a policy connection string with SharedAccessKey");
+        plan.device = Some(device.to_owned());
+        return Ok((plan, DeviceOf::Fixed(device.to_owned())));
+    }
+    let device_of = match (&a.device_field, &a.device_id) {
+        (Some(field), _) => DeviceOf::Field(field.clone()),
+        (None, Some(id)) => DeviceOf::Fixed(id.clone()),
+        (None, None) => {
+            eprintln!(
+                "hubsend: a policy connection string needs --device-field FIELD (or --device-id ID)"
+            );
             return Err(EXIT_USAGE);
         }
-        if a.create_devices {
-            let mut registry = Registry::builder(cs).map_err(|e| {
-                eprintln!("hubsend: {}", error_chain(&e));
-                EXIT_USAGE
-            })?;
-            if let Some(url) = &a.registry_url {
-                let loopback =
-                    url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
-                registry = registry.registry_url(url).danger_allow_http(loopback);
-            }
-            if let Some(pem) = &ca {
-                registry = registry.add_root_certificate_pem(pem.clone());
-            }
-            let registry = registry.build().map_err(|e| {
-                eprintln!("hubsend: cannot use the registry: {}", error_chain(&e));
-                EXIT_USAGE
-            })?;
-            builder = builder.auto_create(registry, AutoCreate::OnNotFound);
-        }
-        builder
-            .gateway()
-            .await
-            .map(|g| (Sender::Gateway(g), device_of))
     };
-    connected.map_err(|e| {
+    if parsed.credential_kind() != IotHubCredentialKind::PolicyKey {
+        eprintln!("hubsend: a gateway needs a policy connection string with SharedAccessKey");
+        return Err(EXIT_USAGE);
+    }
+    if a.create_devices {
+        let mut registry = Registry::builder(cs).map_err(|e| {
+            eprintln!("hubsend: {}", error_chain(&e));
+            EXIT_USAGE
+        })?;
+        if let Some(url) = &a.registry_url {
+            let loopback =
+                url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+            registry = registry.registry_url(url).danger_allow_http(loopback);
+        }
+        if let Some(pem) = &plan.ca {
+            registry = registry.add_root_certificate_pem(pem.clone());
+        }
+        plan.registry = Some(registry.build().map_err(|e| {
+            eprintln!("hubsend: cannot use the registry: {}", error_chain(&e));
+            EXIT_USAGE
+        })?);
+    }
+    Ok((plan, device_of))
+}
+
+/// Builds the device sender or gateway the arguments ask for.
+async fn connect(plan: &Plan) -> Result<Sender, u8> {
+    plan.connect().await.map_err(|e| {
         eprintln!("hubsend: cannot connect: {}", error_chain(&e));
         // The same statuses as `send`: usage, unauthorized, unreachable, or failed.
         crate::exit::for_kind(e.kind())
@@ -316,6 +396,70 @@ async fn connect(a: &IotSendArgs, cs: &str) -> Result<(Sender, DeviceOf), u8> {
 /// writes them; `None` when absent, null, empty or an object or array.
 fn field_text(record: &Record, field: &str) -> Option<String> {
     record.partition_key(field).ok().filter(|s| !s.is_empty())
+}
+
+/// What a run did with identities and connections, for the summary.
+#[derive(Default)]
+struct DeviceTotals {
+    created: u64,
+    names_written: u64,
+    connections: usize,
+}
+
+/// Sets `report`'s `error` and `error_kind`: the input's failure first, else the hub's.
+fn set_error(report: &mut IngestReport, input_error: Option<String>, hub_error: Option<&Error>) {
+    match (input_error, hub_error) {
+        (Some(e), _) => {
+            report.error = Some(e);
+            report.error_kind = Some(crate::exit::KIND_INPUT.to_owned());
+        }
+        (None, Some(e)) => {
+            report.error = Some(error_chain(e));
+            report.error_kind = Some(e.kind().to_string());
+        }
+        (None, None) => {}
+    }
+}
+
+/// The end of a run's output: the devices line (when `show`), the error, a rejects file that
+/// could not be written, and with `json` the summary object with the device fields.
+fn print_end(
+    report: &IngestReport,
+    devices: &BTreeMap<String, DeviceCount>,
+    totals: &DeviceTotals,
+    rejects_error: Option<&std::io::Error>,
+    json: bool,
+    show: bool,
+) {
+    if show {
+        eprintln!(
+            "hubsend: {} devices, {} created, {} names written, {} connections",
+            devices.len(),
+            totals.created,
+            totals.names_written,
+            totals.connections
+        );
+    }
+    if let Some(error) = &report.error {
+        eprintln!("hubsend: {error}");
+    }
+    if let Some(e) = rejects_error {
+        eprintln!("hubsend: writing the rejects file failed: {e}");
+    }
+    if json {
+        let mut value = serde_json::to_value(report).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            let devices: serde_json::Map<String, Value> = devices
+                .iter()
+                .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
+                .collect();
+            map.insert("devices".into(), Value::Object(devices));
+            map.insert("devices_created".into(), totals.created.into());
+            map.insert("names_written".into(), totals.names_written.into());
+            map.insert("connections".into(), totals.connections.into());
+        }
+        println!("{value}");
+    }
 }
 
 async fn send(a: IotSendArgs, ui: Ui) -> u8 {
@@ -350,8 +494,25 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
         },
     };
     let signals = Signals::install();
-    let (sender, device_of) = tokio::select! {
-        c = connect(&a, &cs) => match c {
+    let (plan, device_of) = match plan(&a, &cs) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if let Some(dir) = a.spool.clone() {
+        return spooled::send(
+            a,
+            Arc::new(plan),
+            device_of,
+            &dir,
+            source,
+            rejects,
+            signals,
+            ui,
+        )
+        .await;
+    }
+    let sender = tokio::select! {
+        c = connect(&plan) => match c {
             Ok(c) => c,
             Err(code) => return code,
         },
@@ -393,18 +554,10 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
                 }
             };
             report.records += 1;
-            let routed = parsed.result.map_err(|e| e.to_string()).and_then(|record| {
-                let device = match &device_of {
-                    DeviceOf::Fixed(id) => id.clone(),
-                    DeviceOf::Field(field) => field_text(&record, field)
-                        .ok_or_else(|| format!("missing or empty device id field `{field}`"))?,
-                };
-                let name = a
-                    .device_name_field
-                    .as_deref()
-                    .and_then(|f| field_text(&record, f));
-                Ok((device, name, record.to_event()))
-            });
+            let routed = parsed
+                .result
+                .map_err(|e| e.to_string())
+                .and_then(|record| device_of.route(&record, a.device_name_field.as_deref()));
             let (device, name, event) = match routed {
                 Ok(r) => r,
                 Err(reason) => {
@@ -472,7 +625,7 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
             }
         }
     };
-    let (created, names_written, connections) = sender.counts().await;
+    let totals = sender.counts().await;
     if !abandoned {
         sender.close().await;
     }
@@ -485,43 +638,16 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
     report.seconds = elapsed.as_secs_f64();
     report.events_per_sec = rate(tally.sent as f64, elapsed);
     report.mb_per_sec = rate(tally.bytes as f64 / 1e6, elapsed);
-    match (input_error, &tally.first_error) {
-        (Some(e), _) => {
-            report.error = Some(e);
-            report.error_kind = Some("input".to_owned());
-        }
-        (None, Some(e)) => {
-            report.error = Some(error_chain(e));
-            report.error_kind = Some(e.kind().to_string());
-        }
-        (None, None) => {}
-    }
+    set_error(&mut report, input_error, tally.first_error.as_ref());
     human_summary(&report);
-    eprintln!(
-        "hubsend: {} devices, {created} created, {names_written} names written, {connections} connections",
-        tally.devices.len()
+    print_end(
+        &report,
+        &tally.devices,
+        &totals,
+        rejects_error.as_ref(),
+        a.json,
+        true,
     );
-    if let Some(error) = &report.error {
-        eprintln!("hubsend: {error}");
-    }
-    if let Some(e) = &rejects_error {
-        eprintln!("hubsend: writing the rejects file failed: {e}");
-    }
-    if a.json {
-        let mut value = serde_json::to_value(&report).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            let devices: serde_json::Map<String, Value> = tally
-                .devices
-                .iter()
-                .map(|(id, c)| (id.clone(), json!({"sent": c.sent, "failed": c.failed})))
-                .collect();
-            map.insert("devices".into(), Value::Object(devices));
-            map.insert("devices_created".into(), created.into());
-            map.insert("names_written".into(), names_written.into());
-            map.insert("connections".into(), connections.into());
-        }
-        println!("{value}");
-    }
     if abandoned {
         EXIT_ABANDONED
     } else if rejects_error.is_some() {

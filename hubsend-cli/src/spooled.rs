@@ -4,20 +4,125 @@
 //! made it into the spool (each record carries its line number).
 
 use std::fs::File;
+use std::future::Future;
 use std::io::BufWriter;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hubsend::{BufferedOptions, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE};
-use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpooledProducer};
+use hubsend::{BufferedOptions, Event, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE};
+use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpoolReport, SpooledProducer};
+use tokio::sync::mpsc;
 
 use crate::commands::{producer_options, read_ca_file, CliObserver, Failure, SendConfig, Ui};
 use crate::exit;
+use crate::ingest::record::Record;
 use crate::ingest::report::{IngestReport, Reject};
 use crate::ingest::stream::IngestObserver;
-use crate::ingest::{self, InputFormat};
+use crate::ingest::{self, InputFormat, Lines};
 use crate::progress::ProgressView;
 use crate::signals::Signals;
+
+/// Opens the spool in `dir` with group commit per input chunk (each chunk's records reach
+/// the disk with one fsync) and reports any damaged tail a crash left, as `send --spool` and
+/// `iot send --spool` do.
+pub(crate) fn open(dir: &Path) -> Result<Spool, Failure> {
+    let spool = Spool::open(
+        dir,
+        SpoolOptions::new().commit(Commit::Group(Duration::from_millis(2))),
+    )
+    .map_err(|e| Failure::usage(format!("cannot use the spool: {e}")))?;
+    for region in &spool.recovery().corrupt {
+        eprintln!(
+            "hubsend: spool: damaged tail cut off in {} at byte {} ({} bytes, {})",
+            region.file.display(),
+            region.offset,
+            region.skipped_bytes,
+            region.reason
+        );
+    }
+    Ok(spool)
+}
+
+/// Reads `input` into `producer`'s spool, as `send --spool` and `iot send --spool` do: every
+/// line after `resume_after` (the last line an earlier run spooled) is counted in `report`,
+/// made an event and its route by `route` (or rejected with the reason it gives, reported to
+/// `observer`), and spooled with its line number as its tag, one commit per input chunk.
+/// Stops early (`report.interrupted`) when `stop` resolves. Returns the error that ended the
+/// reading early, if any: the input could not be read or the spool not written.
+pub(crate) async fn spool_input(
+    producer: &SpooledProducer,
+    mut input: mpsc::Receiver<Lines>,
+    resume_after: u64,
+    mut route: impl FnMut(Record) -> Result<(Event, Route), String>,
+    observer: &mut CliObserver,
+    report: &mut IngestReport,
+    stop: impl Future<Output = ()>,
+) -> Option<String> {
+    tokio::pin!(stop);
+    let mut error = None;
+    'read: loop {
+        let chunk = tokio::select! {
+            chunk = input.recv() => chunk,
+            _ = &mut stop => { report.interrupted = true; break 'read; }
+        };
+        let Some(chunk) = chunk else { break };
+        let mut records = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            let parsed = match item {
+                Ok(p) => p,
+                Err(e) => {
+                    error = Some(format!("reading the input failed: {e}"));
+                    report.interrupted = true;
+                    break;
+                }
+            };
+            if parsed.line <= resume_after {
+                continue;
+            }
+            report.records += 1;
+            match parsed
+                .result
+                .map_err(|e| e.to_string())
+                .and_then(&mut route)
+            {
+                Ok((event, route)) => records.push((event, route, parsed.line)),
+                Err(reason) => {
+                    report.rejected += 1;
+                    observer.rejected(&Reject {
+                        line: parsed.line,
+                        reason,
+                        raw: parsed.raw,
+                    });
+                }
+            }
+        }
+        if !records.is_empty() {
+            if let Err(e) = producer.enqueue_batch_tagged(records).await {
+                error = Some(e.to_string());
+                report.interrupted = true;
+                break;
+            }
+        }
+        if error.is_some() {
+            break;
+        }
+    }
+    error
+}
+
+/// The summary line of a spooled run on standard error.
+pub(crate) fn print_summary(spooled: &SpoolReport, report: &IngestReport) {
+    eprintln!(
+        "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
+        spooled.spooled,
+        spooled.resumed,
+        spooled.sent,
+        report.rejected,
+        report.failed,
+        spooled.pending,
+        if report.interrupted { " (stopped early)" } else { "" }
+    );
+}
 
 /// Runs `send` through the spool in `dir`. The hub need not be reachable: records wait in the
 /// spool until it is (a stop signal leaves them there for the next run).
@@ -45,25 +150,10 @@ pub(crate) async fn send(
         Ok(pem) => pem,
         Err(failure) => return failed(failure),
     };
-    // Group commit per input chunk: each chunk's records reach the disk with one fsync.
-    let spool = match Spool::open(
-        dir,
-        SpoolOptions::new().commit(Commit::Group(Duration::from_millis(2))),
-    ) {
+    let spool = match open(dir) {
         Ok(s) => s,
-        Err(e) => {
-            return failed(Failure::usage(format!("cannot use the spool: {e}")));
-        }
+        Err(failure) => return failed(failure),
     };
-    for region in &spool.recovery().corrupt {
-        eprintln!(
-            "hubsend: spool: damaged tail cut off in {} at byte {} ({} bytes, {})",
-            region.file.display(),
-            region.offset,
-            region.skipped_bytes,
-            region.reason
-        );
-    }
     let resume_after = spool.last_tag().unwrap_or(0);
     let base: ProducerOptions = producer_options(&config.connection, config.max_in_flight);
     let idempotent = config.connection.idempotent;
@@ -99,7 +189,7 @@ pub(crate) async fn send(
     };
     // The hub's limit is not known before it is reached; records above the service's limit
     // are refused by the drain and counted failed.
-    let mut input = ingest::spawn_reader(
+    let input = ingest::spawn_reader(
         source,
         format,
         config.schema,
@@ -107,65 +197,30 @@ pub(crate) async fn send(
     );
     let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
     let mut report = IngestReport::default();
-    let mut error = None;
     let mut keys = std::collections::HashSet::new();
-    'read: loop {
-        let chunk = tokio::select! {
-            chunk = input.recv() => chunk,
-            _ = signals.nth(1) => { report.interrupted = true; break 'read; }
+    let route = |record: Record| {
+        let route = match (&config.partition_key_field, &config.partition_id) {
+            (Some(field), _) => {
+                Route::partition_key(record.partition_key(field).map_err(|e| e.to_string())?)
+            }
+            (None, Some(id)) => Route::partition_id(id.clone()),
+            (None, None) => Route::Any,
         };
-        let Some(chunk) = chunk else { break };
-        let mut events = Vec::with_capacity(chunk.len());
-        for item in chunk {
-            let parsed = match item {
-                Ok(p) => p,
-                Err(e) => {
-                    error = Some(format!("reading the input failed: {e}"));
-                    report.interrupted = true;
-                    break;
-                }
-            };
-            if parsed.line <= resume_after {
-                continue;
-            }
-            report.records += 1;
-            let routed = parsed.result.and_then(|record| {
-                let route = match (&config.partition_key_field, &config.partition_id) {
-                    (Some(field), _) => Route::partition_key(record.partition_key(field)?),
-                    (None, Some(id)) => Route::partition_id(id.clone()),
-                    (None, None) => Route::Any,
-                };
-                Ok((config.style.apply(record.to_event()), route))
-            });
-            match routed {
-                Ok((event, route)) => {
-                    if let Route::PartitionKey(k) = &route {
-                        keys.insert(k.clone());
-                    }
-                    events.push((event, route, parsed.line));
-                }
-                Err(e) => {
-                    report.rejected += 1;
-                    observer.rejected(&Reject {
-                        line: parsed.line,
-                        reason: e.to_string(),
-                        raw: parsed.raw,
-                    });
-                }
-            }
+        if let Route::PartitionKey(k) = &route {
+            keys.insert(k.clone());
         }
-        if !events.is_empty() {
-            if let Err(e) = producer.enqueue_batch_tagged(events).await {
-                error = Some(e.to_string());
-                report.interrupted = true;
-                break;
-            }
-        }
-        if error.is_some() {
-            break;
-        }
-    }
-    drop(input);
+        Ok((config.style.apply(record.to_event()), route))
+    };
+    let error = spool_input(
+        &producer,
+        input,
+        resume_after,
+        route,
+        &mut observer,
+        &mut report,
+        signals.nth(1),
+    )
+    .await;
 
     // Wait for the hub to accept everything, unless a (further) signal says stop: what is left
     // stays in the spool for the next run.
@@ -199,16 +254,7 @@ pub(crate) async fn send(
         report.error_kind = Some(exit::KIND_INPUT.to_owned());
     }
     if !ui.quiet {
-        eprintln!(
-        "hubsend: spooled {} records, resumed {} from an earlier run, sent {}; {} rejected, {} failed, {} left in the spool{}",
-        spooled.spooled,
-        spooled.resumed,
-        spooled.sent,
-        report.rejected,
-        report.failed,
-        spooled.pending,
-        if report.interrupted { " (stopped early)" } else { "" }
-    );
+        print_summary(&spooled, &report);
         if spooled.renumbered > 0 {
             eprintln!(
                 "hubsend: spool: {} records were sent again under a new producer id (the hub no longer knew the old one); the hub may hold some of them twice",

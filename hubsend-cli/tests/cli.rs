@@ -4,25 +4,15 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use hubsend_testhub::{HubConfig, StoredEvent, TestHub};
 use serde_json::{json, Value};
 
-const HUB: &str = "telemetry";
+mod support;
+use support::{free_port, scratch, spawn_silent, spool_bytes};
 
-/// A scratch directory unique to this test process and call.
-fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "hubsend-cli-test-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+const HUB: &str = "telemetry";
 
 struct Run {
     code: i32,
@@ -1264,28 +1254,6 @@ async fn idempotent_send_stores_each_line_once_through_a_dropped_connection() {
     assert!(plain.json().get("duplicates_avoided").is_none());
 }
 
-/// A port nothing listens on (bound once, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Bytes in the spool's segment files.
-fn spool_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     const LINES: u64 = 20_000;
@@ -1318,14 +1286,7 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     ];
 
     // Run 1, hub unreachable: killed with SIGKILL once part of the input is in the spool.
-    let mut first = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn hubsend");
+    let mut first = spawn_silent(&args, &[]);
     let threshold = 4096 + u64::from(std::process::id()) % 500_000;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while spool_bytes(&spool) < threshold {
@@ -1402,14 +1363,7 @@ async fn spool_idempotent_resumes_a_run_killed_mid_drain_without_duplicates() {
         "--idempotent",
         "--json",
     ];
-    let mut first = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn hubsend");
+    let mut first = spawn_silent(&args, &[]);
     // A random moment once the hub holds part of the input.
     let threshold = 2_000 + u64::from(std::process::id()) % 20_000;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

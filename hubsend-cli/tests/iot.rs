@@ -7,6 +7,9 @@ use hubsend_testhub::iothub_http::IotHubRest;
 use hubsend_testhub::{HubConfig, Right, TestHub};
 use serde_json::Value;
 
+mod support;
+use support::{free_port, scratch, spawn_silent, spool_bytes};
+
 const HOST: &str = "plant.azure-devices.net";
 const KEY: &str = "cG9saWN5LWtleS1mb3ItdGhlLWNsaS1pb3QtdGVzdHM=";
 
@@ -236,4 +239,399 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
     let run = iot_send(&iot.hub.iothub_connection_string("device"), vec![], input).await;
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("--device-field"), "{}", run.stderr);
+}
+
+/// SIGKILLs `child` (a spooled run) once its spool holds `bytes` bytes; it must not end
+/// before.
+async fn kill_once_spooled(mut child: std::process::Child, spool: &std::path::Path, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Watches the spool grow; the kill lands wherever the writer is at that moment.
+    while spool_bytes(spool) < bytes {
+        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run 1 ended on its own"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+}
+
+/// The `value` of each message stored for `device`, in the order the hub stored them.
+fn stored_values(iot: &Iot, device: &str) -> Vec<u64> {
+    iot.hub
+        .iothub_messages(device)
+        .iter()
+        .map(|e| {
+            serde_json::from_slice::<Value>(&e.body).expect("JSON body")["value"]
+                .as_u64()
+                .expect("value")
+        })
+        .collect()
+}
+
+/// A fleet run over `devices` devices (`dev-0`, …): `lines` records round robin over them
+/// (record `i` has value `i`) in a file in `dir`, a policy string for `fleet` (written out:
+/// its hub may not run yet), and the `iot send --spool DIR/spool` arguments that send them to
+/// the hub on `port`.
+struct Fleet {
+    spool: std::path::PathBuf,
+    cs: String,
+    args: Vec<String>,
+    port: u16,
+    devices: u64,
+}
+
+impl Fleet {
+    fn new(dir: &std::path::Path, lines: u64, devices: u64) -> Fleet {
+        let input: String = (0..lines)
+            .map(|i| record(Some(&format!("dev-{}", i % devices)), "x", i as u32) + "\n")
+            .collect();
+        let input_path = dir.join("in.ndjson");
+        std::fs::write(&input_path, input).unwrap();
+        let spool = dir.join("spool");
+        let port = free_port();
+        let args = args(&[
+            "--input",
+            input_path.to_str().unwrap(),
+            "--device-field",
+            "device",
+            "--endpoint",
+            &format!("amqp://127.0.0.1:{port}"),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ]);
+        Fleet {
+            spool,
+            cs: format!("HostName={HOST};SharedAccessKeyName=fleet;SharedAccessKey={KEY}"),
+            args,
+            port,
+            devices,
+        }
+    }
+
+    /// The hub on the fleet's port, with its devices and the `fleet` policy (DeviceConnect).
+    async fn hub(&self) -> Iot {
+        let mut config = HubConfig::new().port(self.port).iothub(HOST).policy(
+            "fleet",
+            KEY,
+            &[Right::DeviceConnect],
+        );
+        for d in 0..self.devices {
+            config = config.iot_device(format!("dev-{d}"), KEY);
+        }
+        start(config).await
+    }
+
+    /// `iot send` with the fleet's arguments, as a child to kill.
+    fn spawn(&self) -> std::process::Child {
+        let mut argv = self.args.clone();
+        argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+        spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &self.cs)])
+    }
+}
+
+/// `iot send --spool` with a policy string over several devices: run 1 starts with the hub
+/// unreachable and is killed (SIGKILL) at a moment that depends on the process id; run 2, the
+/// same command with the hub up, sends what the spool held and the rest of the input. Every
+/// record is stored once, under its device, in order; a third run finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_resumes_a_killed_gateway_run_and_stores_each_record_once_under_its_device() {
+    const LINES: u64 = 12_000;
+    const DEVICES: u64 = 5;
+    let dir = scratch("iot-spool");
+    let fleet = Fleet::new(&dir, LINES, DEVICES);
+    let (cs, a) = (&fleet.cs, &fleet.args);
+    let threshold = 4096 + u64::from(std::process::id()) % 600_000;
+    kill_once_spooled(fleet.spawn(), &fleet.spool, threshold).await;
+
+    let iot = fleet.hub().await;
+    let run = iot_send(cs, a.clone(), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    let (spooled, resumed) = (
+        j["spooled"].as_u64().unwrap(),
+        j["resumed"].as_u64().unwrap(),
+    );
+    assert!(resumed > 0, "the kill left records in the spool: {j}");
+    assert_eq!(spooled + resumed, LINES, "{j}");
+    assert_eq!(j["sent"], LINES, "{j}");
+    assert_eq!(j["failed"], 0, "{j}");
+
+    let mut duplicates = 0;
+    for d in 0..DEVICES {
+        let device = format!("dev-{d}");
+        let values = stored_values(&iot, &device);
+        let mut distinct = values.clone();
+        distinct.dedup();
+        duplicates += values.len() - distinct.len();
+        let expected: Vec<u64> = (0..LINES).filter(|i| i % DEVICES == d).collect();
+        // In order per device, each once, none lost, none under another device.
+        assert_eq!(values, expected, "{device}");
+        assert_eq!(j["devices"][&device]["sent"], LINES / DEVICES, "{j}");
+    }
+    println!("killed at {threshold} spool bytes; run 2: {j}; {duplicates} stored twice");
+    assert_eq!(duplicates, 0);
+
+    // Nothing left, nothing new to read.
+    let run = iot_send(cs, a.clone(), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["spooled"].as_u64(), j["resumed"].as_u64()),
+        (Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(
+        iot.hub.iothub_messages("dev-0").len() as u64,
+        LINES / DEVICES
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--create-devices --device-name-field` through the spool: each device's name is only in
+/// its first record, and run 1 (killed before the hub could be reached) may have spooled it,
+/// so run 2 can only name the devices from what the spool kept. Devices are created and named
+/// once; a later run with a fresh spool creates and names nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_creates_devices_and_writes_their_names_once() {
+    let iot = start(HubConfig::new().iothub(HOST)).await;
+    let dir = scratch("iot-spool-create");
+    let spool = dir.join("spool");
+    let names = [
+        ("boiler-a", "Boiler A"),
+        ("boiler-b", "Boiler B"),
+        ("pump-c", "Pump C"),
+    ];
+    let mut lines = Vec::new();
+    for n in 0..40u32 {
+        let (device, name) = names[n as usize % names.len()];
+        let mut v = serde_json::json!({
+            "sensor_id": "temp", "timestamp": "2026-01-01T00:00:00Z", "value": n,
+            "device": device,
+        });
+        if (n as usize) < names.len() {
+            v["name"] = name.into();
+        }
+        lines.push(v.to_string());
+    }
+    let input_path = dir.join("in.ndjson");
+    std::fs::write(&input_path, lines.join("\n") + "\n").unwrap();
+    let cs = iot.hub.iothub_connection_string("iothubowner");
+    let with = |endpoint: String, spool: &std::path::Path| {
+        args(&[
+            "--input",
+            input_path.to_str().unwrap(),
+            "--device-field",
+            "device",
+            "--create-devices",
+            "--device-name-field",
+            "name",
+            "--endpoint",
+            &endpoint,
+            "--registry-url",
+            &iot.rest.url(),
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let nowhere = format!("amqp://127.0.0.1:{}", free_port());
+    let mut argv = with(nowhere, &spool);
+    argv.splice(0..0, ["iot".to_owned(), "send".to_owned()]);
+    let child = spawn_silent(&argv, &[("IOTHUB_CONNECTION_STRING", &cs)]);
+    kill_once_spooled(child, &spool, 1).await;
+    assert!(iot.hub.iothub_state().unwrap().devices().is_empty());
+
+    let here = format!("amqp://127.0.0.1:{}", iot.hub.addr().port());
+    let run = iot_send(&cs, with(here.clone(), &spool), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        j["spooled"].as_u64().unwrap() + j["resumed"].as_u64().unwrap(),
+        40,
+        "{j}"
+    );
+    assert_eq!(j["sent"], 40, "{j}");
+    assert_eq!(j["devices_created"], 3, "{j}");
+    assert_eq!(j["names_written"], 3, "{j}");
+    let state = iot.hub.iothub_state().unwrap();
+    for (device, name) in names {
+        assert_eq!(state.device(device).unwrap().desired["deviceName"], name);
+        assert_eq!(
+            iot.hub.iothub_messages(device).len(),
+            if device == "boiler-a" { 14 } else { 13 }
+        );
+    }
+    let created = state.counts().created;
+
+    // A fresh spool, the same input: the devices exist, so nothing is created or renamed.
+    let run = iot_send(&cs, with(here, &dir.join("spool-2")), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["devices_created"].as_u64(), j["names_written"].as_u64()),
+        (Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(state.counts().created, created);
+    assert_eq!(iot.hub.iothub_messages("pump-c").len(), 26);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `iot send --spool` with a policy the hub refuses (no DeviceConnect): exit 5 naming the
+/// right, and the records stay in the spool; the same spool with a policy that may send
+/// delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_keeps_the_records_when_the_hub_refuses_the_credentials() {
+    let iot = start(
+        HubConfig::new()
+            .iothub(HOST)
+            .iot_device("d1", KEY)
+            .iot_device("d2", KEY)
+            .policy(
+                "readonly",
+                KEY,
+                &[Right::ServiceConnect, Right::RegistryRead],
+            ),
+    )
+    .await;
+    let dir = scratch("iot-spool-refused");
+    let spool = dir.join("spool");
+    let input: String = (0..10)
+        .map(|n| record(Some(if n % 2 == 0 { "d1" } else { "d2" }), "x", n) + "\n")
+        .collect();
+    let mut a = args(&[
+        "--device-field",
+        "device",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--json",
+    ]);
+    a.extend(iot.endpoints().into_iter().take(2));
+    let cs = iot.hub.iothub_connection_string("readonly");
+    let run = iot_send(&cs, a.clone(), input).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(run.stderr.contains("DeviceConnect"), "{}", run.stderr);
+    assert!(!run.stderr.contains(KEY) && !run.stdout.contains(KEY));
+    let j = run.json();
+    assert_eq!(
+        (
+            j["spooled"].as_u64(),
+            j["sent"].as_u64(),
+            j["failed"].as_u64()
+        ),
+        (Some(10), Some(0), Some(0)),
+        "{j}"
+    );
+    assert_eq!(j["error_kind"], "unauthorized", "{j}");
+    assert!(iot.hub.iothub_messages("d1").is_empty());
+
+    // The input is spooled already: nothing more is read from it.
+    let cs = iot.hub.iothub_connection_string("device");
+    let run = iot_send(&cs, a, String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(
+        (j["resumed"].as_u64(), j["sent"].as_u64()),
+        (Some(10), Some(10)),
+        "{j}"
+    );
+    assert_eq!(stored_values(&iot, "d1"), [0, 2, 4, 6, 8]);
+    assert_eq!(stored_values(&iot, "d2"), [1, 3, 5, 7, 9]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `iot send --spool` killed mid-drain: run 1 starts with the hub unreachable, the hub comes
+/// up (answering each delivery 30 ms late, so some are stored but unconfirmed) and run 1 is
+/// SIGKILLed once the hub holds a pid-dependent number of messages; run 2 resends what the
+/// spool still held. Nothing is lost; what is stored twice is counted, and only records run 2
+/// resumed from the spool can be among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
+    const LINES: u64 = 12_000;
+    const DEVICES: u64 = 4;
+    let dir = scratch("iot-spool-mid-drain");
+    let fleet = Fleet::new(&dir, LINES, DEVICES);
+    let mut first = fleet.spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while spool_bytes(&fleet.spool) < 8192 {
+        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let iot = fleet.hub().await;
+    iot.hub
+        .faults()
+        .delay_dispositions(std::time::Duration::from_millis(30));
+    let stored = |iot: &Iot| -> u64 {
+        (0..DEVICES)
+            .map(|d| iot.hub.iothub_messages(&format!("dev-{d}")).len() as u64)
+            .sum()
+    };
+    let threshold = 200 + u64::from(std::process::id()) % 6_000;
+    while stored(&iot) < threshold {
+        assert!(std::time::Instant::now() < deadline, "nothing stored");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "run 1 ended on its own"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let at_kill = stored(&iot);
+    iot.hub.faults().clear();
+
+    let run = iot_send(&fleet.cs, fleet.args.clone(), String::new()).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    let (spooled, resumed) = (
+        j["spooled"].as_u64().unwrap(),
+        j["resumed"].as_u64().unwrap(),
+    );
+    assert!(resumed > 0, "{j}");
+    assert_eq!(j["sent"].as_u64(), Some(spooled + resumed), "{j}");
+    assert_eq!(j["failed"], 0, "{j}");
+    let mut duplicates = 0;
+    for d in 0..DEVICES {
+        let device = format!("dev-{d}");
+        let mut values = stored_values(&iot, &device);
+        let total = values.len();
+        values.sort_unstable();
+        values.dedup();
+        duplicates += total - values.len();
+        let expected: Vec<u64> = (0..LINES).filter(|i| i % DEVICES == d).collect();
+        assert_eq!(values, expected, "{device}: every record, under its device");
+    }
+    println!("killed with {at_kill} stored (threshold {threshold}); run 2: {j}; {duplicates} stored twice");
+    assert!(
+        duplicates as u64 <= resumed,
+        "{duplicates} duplicates, {resumed} resumed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device connection string through the spool: every record is sent as that device.
+#[tokio::test]
+async fn spool_with_a_device_string_sends_as_that_device() {
+    let iot = start(HubConfig::new().iothub(HOST).iot_device("solo", KEY)).await;
+    let dir = scratch("iot-spool-device");
+    let input: String = (0..5)
+        .map(|n| record(Some("ignored"), "x", n) + "\n")
+        .collect();
+    let cs = iot.hub.iothub_device_connection_string("solo");
+    let mut a = args(&["--spool", dir.join("spool").to_str().unwrap(), "--json"]);
+    a.extend(iot.endpoints().into_iter().take(2));
+    let run = iot_send(&cs, a, input).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["spooled"], 5, "{j}");
+    assert_eq!(j["sent"], 5, "{j}");
+    assert_eq!(j["devices"]["solo"]["sent"], 5, "{j}");
+    assert_eq!(j["connections"], 1, "{j}");
+    assert_eq!(stored_values(&iot, "solo"), [0, 1, 2, 3, 4]);
+    assert!(iot.hub.iothub_messages("ignored").is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,13 +1,14 @@
 //! Store and forward for [`hubsend`]: a bounded, crash-safe disk spool in front of
-//! [`BufferedProducer`](hubsend::BufferedProducer), so a gateway loses nothing across uplink
-//! outages, restarts, kills and power cuts.
+//! [`BufferedProducer`](hubsend::BufferedProducer) or an IoT Hub gateway ([`IotHubSink`]), so
+//! a gateway loses nothing across uplink outages, restarts, kills and power cuts.
 //!
 //! [`SpooledProducer::enqueue`] returns once the event is in the spool (see [`Commit`] for
 //! what "in" means: fsynced by group commit, by each call, or written with a background
 //! fsync). A drain task reads the spool in order and sends through a `BufferedProducer` (its
-//! batching, linger and pipelining), reconnecting for as long as the hub is unreachable;
-//! a record leaves the spool only once the hub accepted it. On start, whatever a previous run
-//! left is sent first.
+//! batching, linger and pipelining), or through any other [`Sink`]
+//! ([`SpooledProducer::start_with_sink`]), reconnecting for as long as the hub is
+//! unreachable; a record leaves the spool only once the hub accepted it. On start, whatever a
+//! previous run left is sent first.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,7 +56,12 @@
 //!
 //! - `log` (private): segment files, the writer thread, the cursor, recovery; its options
 //!   ([`SpoolOptions`], [`Commit`], [`WhenFull`]) are re-exported here.
-//! - `producer` (private): [`SpooledProducer`], the drain in front of `BufferedProducer`.
+//! - `producer` (private): [`SpooledProducer`], and the Event Hubs sink in front of
+//!   `BufferedProducer`.
+//! - `sink` (private): the drain loop, generic over where it sends: [`Sink`], [`SinkSession`],
+//!   [`Acks`], [`Ticket`], [`NotTaken`].
+//! - `iothub` (private): [`IotHubSink`], the drain to an IoT Hub gateway or device sender
+//!   (see [IoT Hub](#iot-hub)).
 //! - `record` (private): how an event and its [`Route`] are encoded in a record.
 //! - `numbered` (private): the numbers journal and the idempotent drain behind
 //!   [`SpooledProducer::start_idempotent`].
@@ -104,24 +110,39 @@
 //! resends are duplicates; a hub that only echoes the number it was given drops them all the
 //! same but the count stays lower.
 //!
+//! # IoT Hub
+//!
+//! [`SpooledProducer::start_with_sink`] with an [`IotHubSink`] spools device-to-cloud
+//! messages: each record's [`Route::device`] names its device (and the name to give it when a
+//! gateway with auto-create creates it; the name is kept in the record, so a resumed run
+//! names the device as the first would have). The drain sends through a
+//! [`Gateway`](hubsend::iothub::Gateway) or a [`DeviceSender`](hubsend::iothub::DeviceSender)
+//! that the sink connects (again after each failure), awaits each message's outcome in order,
+//! and removes a record once the hub accepted it: at least once, in order per device, with
+//! the guarantees above. See the [`IotHubSink`] docs for what is retried and what is given up.
+//!
 //! [`Spool::set_state`] and [`Spool::state`] keep small JSON values (written atomically,
 //! beside the records) for any other state that must survive with them.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod error;
+mod iothub;
 mod log;
 mod numbered;
 mod producer;
 mod record;
+mod sink;
 
 use std::path::Path;
 use std::sync::Arc;
 
 pub use error::{CorruptRegion, Result, SpoolError, SpoolErrorKind};
+pub use iothub::{DeviceOutcome, IotHubSender, IotHubSession, IotHubSink};
 pub use log::{Commit, Recovery, SpoolOptions, WhenFull};
 pub use producer::{SpoolReport, SpooledProducer};
 pub use record::Route;
+pub use sink::{Acks, NotTaken, Sink, SinkSession, Ticket};
 
 /// An open spool directory. Cheap to clone; closed (writer stopped, cursor written) when the
 /// last clone and the [`SpooledProducer`] using it are gone.

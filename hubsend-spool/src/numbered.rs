@@ -835,6 +835,14 @@ impl Run<'_> {
                     self.fail([stored.seq]);
                     continue;
                 };
+                if matches!(route, Route::Device { .. }) {
+                    tracing::warn!(
+                        seq = stored.seq,
+                        "spool: an IoT Hub device record cannot go to an event hub; removed"
+                    );
+                    self.fail([stored.seq]);
+                    continue;
+                }
                 let mut event = Some(event);
                 while let Some(e) = event.take() {
                     if !open.contains_key(&route) {

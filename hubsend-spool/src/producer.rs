@@ -1,30 +1,32 @@
 //! [`SpooledProducer`]: `enqueue` writes to the spool; a drain task reads it back in order and
-//! sends through a [`BufferedProducer`], deleting records only once the hub accepted them.
+//! sends through a [`Sink`] (see [`crate::sink`]), deleting records only once the hub accepted
+//! them. [`SpooledProducer::start`] drains to Event Hubs through a [`BufferedProducer`]
+//! (`BufferedSink`, below), [`SpooledProducer::start_with_sink`] to any sink, e.g. an
+//! [`IotHubSink`](crate::IotHubSink).
 //!
-//! The drain learns what the hub accepted from the buffered producer's `on_success` and
-//! `on_failure` hooks: each lane settles its batches in order, so a per-route queue of the
-//! sequence numbers handed to it says which records a settled batch held. A batch that failed
-//! after the producer's retries (an outage longer than the retry budget) makes the drain close
-//! that buffered producer, reconnect with backoff, and read the spool again from the first
-//! record not accepted; records accepted meanwhile are skipped.
+//! The Event Hubs sink learns what the hub accepted from the buffered producer's `on_success`
+//! and `on_failure` hooks: each lane settles its batches in order, so a per-route queue of the
+//! tickets handed to it says which records a settled batch held. A batch that failed after the
+//! producer's retries (an outage longer than the retry budget) makes the drain close that
+//! buffered producer, reconnect with backoff, and read the spool again from the first record
+//! not accepted; records accepted meanwhile are skipped.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hubsend::{BufferedOptions, BufferedProducer, ErrorKind, Event, Producer};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Result, SpoolError, SpoolErrorKind};
 use crate::log::Log;
 use crate::record::{self, Route};
+use crate::sink::{Acks, NotTaken, Sink, SinkSession, Ticket};
 use crate::Spool;
 
-/// Records read from the spool at a time.
-const READ_CHUNK: usize = 1024;
 /// First and largest wait between attempts to reach the hub.
 pub(crate) const RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -42,8 +44,8 @@ pub struct SpoolReport {
     pub resumed: u64,
     /// Records the hub accepted (this run).
     pub sent: u64,
-    /// Records that can never be sent (too large for the hub, an unknown partition), removed
-    /// and counted here.
+    /// Records that can never be sent (too large for the hub, an unknown partition, an IoT
+    /// Hub device the hub does not know), removed and counted here.
     pub failed: u64,
     /// Records dropped by [`WhenFull::DropOldest`](crate::WhenFull::DropOldest).
     pub dropped: u64,
@@ -55,8 +57,9 @@ pub struct SpoolReport {
     pub corrupt_regions: u64,
     /// Times the drain started over (connection lost, retries spent).
     pub restarts: u64,
-    /// Records read back from the spool and held in memory by the buffered producer (queued
-    /// or in flight): bounded by its limits, not by the outage.
+    /// Records read back from the spool and held in memory by the sink (the buffered
+    /// producer's queues and batches in flight, or IoT Hub messages awaiting their outcome):
+    /// bounded by its limits, not by the outage.
     pub in_memory: u64,
     /// With [`start_idempotent`](SpooledProducer::start_idempotent): events the hub
     /// acknowledged as stored already when they were sent again (after a restart, a lost
@@ -124,12 +127,19 @@ impl SpooledProducer {
         Fut: Future<Output = hubsend::Result<Producer>> + Send + 'static,
     {
         let connect: Connect = Arc::new(move || Box::pin(connect()));
+        Self::start_with_sink(spool, BufferedSink { connect, options })
+    }
+
+    /// Starts the drain on `spool`, sending through `sink`: e.g. an
+    /// [`IotHubSink`](crate::IotHubSink), or a sink of your own (see [`Sink`]). The sink is
+    /// connected now and again after each failure (with backoff from 100 ms to 5 s): the hub
+    /// need not be reachable now.
+    pub fn start_with_sink<S: Sink>(spool: Spool, sink: S) -> SpooledProducer {
         let counters = Arc::new(Counters::default());
         let (stop, stopped) = watch::channel(false);
-        let drain = tokio::spawn(drain(
+        let drain = tokio::spawn(crate::sink::drain(
             spool.log().clone(),
-            connect,
-            options,
+            sink,
             counters.clone(),
             stopped,
         ));
@@ -368,19 +378,6 @@ pub(crate) fn permanent(kind: ErrorKind) -> bool {
     )
 }
 
-/// The sequence numbers handed to each route's lane, in order.
-type InFlight = Arc<Mutex<HashMap<Route, VecDeque<u64>>>>;
-
-fn take(in_flight: &InFlight, counters: &Counters, route: &Route, count: usize) -> Vec<u64> {
-    let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(queue) = map.get_mut(route) else {
-        return Vec::new();
-    };
-    let n = count.min(queue.len());
-    counters.in_memory.fetch_sub(n as u64, Ordering::Relaxed);
-    queue.drain(..n).collect()
-}
-
 /// Waits for `d`, or less if stop is requested; true when stopping.
 pub(crate) async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
     if *stopped.borrow() {
@@ -407,199 +404,145 @@ pub(crate) fn cursor_task(log: Arc<Log>, mut stopped: watch::Receiver<bool>) -> 
     })
 }
 
-async fn drain(
-    log: Arc<Log>,
+/// The Event Hubs sink behind [`SpooledProducer::start`]: each session is a [`Producer`] and a
+/// [`BufferedProducer`] over it (its batching, linger and pipelining).
+///
+/// The buffered producer reports outcomes per batch (`on_success`, `on_failure`) with the
+/// batch's route and size, and each lane settles its batches in order, so a per-route queue
+/// of the tickets handed to it says which records a settled batch held. A batch that failed
+/// after the producer's retries makes the session ask for a restart.
+struct BufferedSink {
     connect: Connect,
     options: BufferedOptions,
-    counters: Arc<Counters>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let cursor = cursor_task(log.clone(), stopped.clone());
-    let mut reader = Some(log.reader());
-    let mut delay = RECONNECT_MIN;
-    'connect: while !*stopped.borrow() {
-        let producer = tokio::select! {
-            p = connect() => p,
-            _ = stopped.changed() => break,
-        };
-        let producer = match producer {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(error = %e, "spool: hub not reachable");
-                if pause(delay, &mut stopped).await {
-                    break;
-                }
-                delay = (delay * 2).min(RECONNECT_MAX);
-                continue;
-            }
-        };
+}
+
+/// The tickets handed to each route's lane, in order.
+type InFlight = Arc<Mutex<HashMap<Route, VecDeque<Ticket>>>>;
+
+fn take(in_flight: &InFlight, route: &Route, count: usize) -> Vec<Ticket> {
+    let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(queue) = map.get_mut(route) else {
+        return Vec::new();
+    };
+    let n = count.min(queue.len());
+    queue.drain(..n).collect()
+}
+
+/// One connection of [`BufferedSink`].
+struct BufferedSession {
+    producer: Producer,
+    buffered: BufferedProducer,
+    in_flight: InFlight,
+}
+
+impl Sink for BufferedSink {
+    type Session = BufferedSession;
+
+    async fn connect(&self, acks: Acks) -> hubsend::Result<BufferedSession> {
+        let producer = (self.connect)().await?;
         let in_flight: InFlight = Arc::default();
-        let restart = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(Notify::new());
-        let buffered = {
-            let (ok_flight, ok_log, ok_counters) =
-                (in_flight.clone(), log.clone(), counters.clone());
-            let (bad_flight, bad_log, bad_counters) =
-                (in_flight.clone(), log.clone(), counters.clone());
-            let (bad_restart, bad_wake) = (restart.clone(), wake.clone());
-            // The acknowledgements follow the routes records were enqueued with: every batch
-            // must name its records' route, so keys keep lanes of their own.
-            let options = options
-                .clone()
-                .keep_failed_events(false)
-                .resolve_partition_keys(false)
-                .on_success(move |batch| {
-                    let route = Route::from_parts(
-                        batch.partition_key.as_ref(),
-                        batch.partition_id.as_ref(),
-                    );
-                    let seqs = take(&ok_flight, &ok_counters, &route, batch.events);
-                    ok_counters
-                        .sent
-                        .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                    ok_log.ack(seqs);
-                })
-                .on_failure(move |failed| {
-                    let route = Route::from_parts(
-                        failed.partition_key.as_ref(),
-                        failed.partition_id.as_ref(),
-                    );
-                    let seqs = take(&bad_flight, &bad_counters, &route, failed.count);
-                    if permanent(failed.error.kind()) {
-                        tracing::warn!(records = seqs.len(), error = %failed.error, "spool: records can never be sent; removed");
-                        bad_counters
-                            .failed
-                            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                        bad_log.ack(seqs);
-                    } else {
-                        bad_restart.store(true, Ordering::SeqCst);
-                        bad_wake.notify_one();
-                    }
-                });
-            BufferedProducer::new(producer.clone(), options)
-        };
-        let (mut next, _) = log.bounds();
-        'read: loop {
-            if restart.load(Ordering::SeqCst) || *stopped.borrow() {
-                break;
-            }
-            let appended = log.appended.notified();
-            tokio::pin!(appended);
-            appended.as_mut().enable();
-            let Some(mut r) = reader.take() else { break };
-            let from = next;
-            let (r, chunk) = match tokio::task::spawn_blocking(move || {
-                let chunk = r.read(from, READ_CHUNK);
-                (r, chunk)
+        let (ok_flight, ok_acks) = (in_flight.clone(), acks.clone());
+        let (bad_flight, bad_acks) = (in_flight.clone(), acks);
+        // The acknowledgements follow the routes records were enqueued with: every batch
+        // must name its records' route, so keys keep lanes of their own.
+        let options = self
+            .options
+            .clone()
+            .keep_failed_events(false)
+            .resolve_partition_keys(false)
+            .on_success(move |batch| {
+                let route =
+                    Route::from_parts(batch.partition_key.as_ref(), batch.partition_id.as_ref());
+                ok_acks.accepted(take(&ok_flight, &route, batch.events));
             })
-            .await
-            {
-                Ok(v) => v,
-                Err(_) => break 'connect,
-            };
-            reader = Some(r);
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    // A record the recovery scan passed is now unreadable (disk error): skip it
-                    // rather than stop the whole spool.
-                    tracing::warn!(error = %e, seq = next, "spool: record unreadable; skipped");
-                    log.ack([next]);
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    next += 1;
-                    continue;
+            .on_failure(move |failed| {
+                let route = Route::from_parts(
+                    failed.partition_key.as_ref(),
+                    failed.partition_id.as_ref(),
+                );
+                let tickets = take(&bad_flight, &route, failed.count);
+                if permanent(failed.error.kind()) {
+                    tracing::warn!(records = tickets.len(), error = %failed.error, "spool: records can never be sent; removed");
+                    bad_acks.refused(tickets);
+                } else {
+                    bad_acks.retry();
                 }
-            };
-            if chunk.is_empty() {
-                let (watermark, _) = log.bounds();
-                next = next.max(watermark);
-                tokio::select! {
-                    _ = &mut appended => {}
-                    _ = wake.notified() => {}
-                    _ = stopped.changed() => {}
-                }
-                continue;
-            }
-            for stored in chunk {
-                next = stored.seq + 1;
-                if !log.is_pending(stored.seq) {
-                    continue;
-                }
-                let Some((event, route)) = record::decode(&stored.payload) else {
-                    tracing::warn!(
-                        seq = stored.seq,
-                        "spool: record in an unknown format; skipped"
-                    );
-                    log.ack([stored.seq]);
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let options = route.send_options();
-                in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(route.clone())
-                    .or_default()
-                    .push_back(stored.seq);
-                counters.in_memory.fetch_add(1, Ordering::Relaxed);
-                let enqueued = tokio::select! {
-                    r = buffered.enqueue(event, options) => r.map_err(Some),
-                    _ = wake.notified() => Err(None),
-                    _ = stopped.changed() => Err(None),
-                };
-                if let Err(e) = enqueued {
-                    if let Some(q) = in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(&route)
-                    {
-                        let before = q.len();
-                        q.retain(|s| *s != stored.seq);
-                        counters
-                            .in_memory
-                            .fetch_sub((before - q.len()) as u64, Ordering::Relaxed);
-                    }
-                    if let Some(e) =
-                        e.filter(|e| permanent(e.kind()) || e.kind() == ErrorKind::NotFound)
-                    {
-                        tracing::warn!(seq = stored.seq, error = %e, "spool: record can never be sent; removed");
-                        log.ack([stored.seq]);
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    restart.store(true, Ordering::SeqCst);
-                    break 'read;
-                }
-            }
-            delay = RECONNECT_MIN;
+            });
+        let buffered = BufferedProducer::new(producer.clone(), options);
+        Ok(BufferedSession {
+            producer,
+            buffered,
+            in_flight,
+        })
+    }
+}
+
+/// Takes a ticket back out of its route's queue unless disarmed: the enqueue it stood for
+/// failed or was cancelled.
+struct Handed<'a> {
+    in_flight: &'a InFlight,
+    route: &'a Route,
+    ticket: Ticket,
+    armed: bool,
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
         }
-        // Let what is in flight settle (its acks are recorded), then start over from the
-        // first record not accepted.
-        let stopping = *stopped.borrow();
-        let deadline = if stopping {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_secs(30)
-        };
-        let _ = buffered.close_within(deadline).await;
-        let _ = producer.close_within(Duration::from_secs(1)).await;
-        // What never settled is read again from the spool.
-        let left: usize = in_flight
+        if let Some(q) = self
+            .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, q)| q.len())
-            .sum();
-        counters.in_memory.fetch_sub(left as u64, Ordering::Relaxed);
-        if stopping {
-            break;
+            .get_mut(self.route)
+        {
+            q.retain(|t| *t != self.ticket);
         }
-        counters.restarts.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("spool: drain restarting after a failure");
-        if pause(delay, &mut stopped).await {
-            break;
-        }
-        delay = (delay * 2).min(RECONNECT_MAX);
     }
-    let _ = cursor.await;
+}
+
+impl SinkSession for BufferedSession {
+    async fn send(
+        &mut self,
+        ticket: Ticket,
+        event: Event,
+        route: Route,
+    ) -> std::result::Result<(), NotTaken> {
+        let Some(options) = route.send_options() else {
+            tracing::warn!("spool: an IoT Hub device record cannot go to an event hub; removed");
+            return Err(NotTaken::Never);
+        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route.clone())
+            .or_default()
+            .push_back(ticket);
+        let mut handed = Handed {
+            in_flight: &self.in_flight,
+            route: &route,
+            ticket,
+            armed: true,
+        };
+        match self.buffered.enqueue(event, options).await {
+            Ok(()) => {
+                handed.armed = false;
+                Ok(())
+            }
+            Err(e) if permanent(e.kind()) || e.kind() == ErrorKind::NotFound => {
+                tracing::warn!(error = %e, "spool: record can never be sent; removed");
+                Err(NotTaken::Never)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "spool: enqueue failed");
+                Err(NotTaken::Later)
+            }
+        }
+    }
+
+    async fn close(self, deadline: Duration) {
+        let _ = self.buffered.close_within(deadline).await;
+        let _ = self.producer.close_within(Duration::from_secs(1)).await;
+    }
 }

@@ -6,7 +6,8 @@ use hubsend::{Event, PropertyValue};
 use crate::error::{Result, SpoolError, SpoolErrorKind};
 
 /// Where a spooled event goes: like [`hubsend::SendOptions`], which cannot be read back, so
-/// the spool keeps its own copy of the choice.
+/// the spool keeps its own copy of the choice. The Event Hubs sink takes `Any`,
+/// `PartitionKey` and `PartitionId`; the [`IotHubSink`](crate::IotHubSink) takes `Device`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Route {
@@ -17,6 +18,16 @@ pub enum Route {
     PartitionKey(String),
     /// To one partition id.
     PartitionId(String),
+    /// As one IoT Hub device (for an [`IotHubSink`](crate::IotHubSink)): a device-to-cloud
+    /// message on that device's stream, in order per device.
+    Device {
+        /// The device id.
+        id: String,
+        /// The name to write to the device's twin (`properties.desired.deviceName`) if the
+        /// gateway creates its identity on the way (auto-create); ignored otherwise. Kept in
+        /// the record, so a resumed run names the device as the first run would have.
+        name: Option<String>,
+    },
 }
 
 impl Route {
@@ -30,12 +41,22 @@ impl Route {
         Route::PartitionId(id.into())
     }
 
-    pub(crate) fn send_options(&self) -> hubsend::SendOptions {
-        match self {
+    /// As the IoT Hub device `id`, with the `name` to give it if it is created on the way.
+    pub fn device(id: impl Into<String>, name: Option<String>) -> Route {
+        Route::Device {
+            id: id.into(),
+            name,
+        }
+    }
+
+    /// The Event Hubs send options; `None` for a device route.
+    pub(crate) fn send_options(&self) -> Option<hubsend::SendOptions> {
+        Some(match self {
             Route::Any => hubsend::SendOptions::new(),
             Route::PartitionKey(k) => hubsend::SendOptions::new().partition_key(k.clone()),
             Route::PartitionId(p) => hubsend::SendOptions::new().partition_id(p.clone()),
-        }
+            Route::Device { .. } => return None,
+        })
     }
 
     /// The route a settled or failed batch reports.
@@ -48,6 +69,9 @@ impl Route {
     }
 }
 
+/// The record format's version. Route tags: 0 any, 1 partition key, 2 partition id, 3 device
+/// (id, optional name; added without a new version, so records written before it read the
+/// same, and a version without it skips a device record as "unknown format").
 const VERSION: u8 = 1;
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -78,6 +102,11 @@ pub(crate) fn encode(event: &Event, route: &Route) -> Result<Vec<u8>> {
         Route::PartitionId(p) => {
             out.push(2);
             put_bytes(&mut out, p.as_bytes());
+        }
+        Route::Device { id, name } => {
+            out.push(3);
+            put_bytes(&mut out, id.as_bytes());
+            put_opt(&mut out, name.as_deref());
         }
     }
     put_opt(&mut out, event.content_type());
@@ -136,6 +165,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<(Event, Route)> {
         0 => Route::Any,
         1 => Route::PartitionKey(r.string()?),
         2 => Route::PartitionId(r.string()?),
+        3 => Route::Device {
+            id: r.string()?,
+            name: r.opt()?,
+        },
         _ => return None,
     };
     let content_type = r.opt()?;
@@ -253,6 +286,8 @@ mod tests {
             Route::Any,
             Route::partition_key("k"),
             Route::partition_id("3"),
+            Route::device("sensor-1", None),
+            Route::device("sensor-2", Some("Boiler B".into())),
         ] {
             let bytes = encode(&event, &route).expect("encodes");
             assert_eq!(decode(&bytes), Some((event.clone(), route)));
@@ -261,5 +296,29 @@ mod tests {
                 assert_eq!(decode(&bytes[..cut]), None, "cut at {cut}");
             }
         }
+    }
+
+    /// A record as this format wrote it before the device route existed (written out byte
+    /// for byte) still reads.
+    #[test]
+    fn records_written_before_the_device_route_still_read() {
+        let old: Vec<u8> = [
+            &[1u8, 1][..], // version 1, route tag 1 (partition key)
+            &[5, 0, 0, 0], // the key's length
+            b"key-7",      // the key
+            &[0, 0, 0, 0], // no content type, encoding, message or correlation id
+            &[0, 0, 0, 0], // no properties
+            &[2, 0, 0, 0], // the body's length
+            b"{}",         // the body
+        ]
+        .concat();
+        assert_eq!(
+            decode(&old),
+            Some((Event::new(b"{}".to_vec()), Route::partition_key("key-7")))
+        );
+        // An unknown route tag is refused, not misread.
+        let mut unknown = old.clone();
+        unknown[1] = 9;
+        assert_eq!(decode(&unknown), None);
     }
 }
