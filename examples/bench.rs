@@ -37,7 +37,7 @@
 //!   limit; 0 is the proxy without delay, the base the other times are compared with. The
 //!   ceiling peer is skipped (it dials the hub directly); the official crate goes through the
 //!   proxy. `--repeat N` runs every point N times (spread over the sweep) and reports each run.
-//!   The table adds CPU µs per event (user + system of the child over the timed part), the
+//!   The table adds CPU µs per event (the child's time on a CPU over the timed part), the
 //!   in-flight count (batches and single sends awaiting an outcome, sampled every 2 ms: max
 //!   and mean) and the rate against 0 ms. p50/p99 are per batch (batch, buffered), per
 //!   sampled send (single: one in 16) or per send (latency, after `--latency-warmup N`
@@ -169,6 +169,36 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// User + system CPU of every thread of this process, in seconds, to the nanosecond: the
+/// sum of `/proc/self/task/*/schedstat` (time on a CPU). [`cpu_seconds`]'s clock ticks
+/// (10 ms) are too coarse for runs of a few hundred ms of CPU. Falls back to it when
+/// schedstat is missing.
+fn cpu_seconds_precise() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return cpu_seconds();
+    };
+    let mut ns = 0u64;
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(v) = s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            ns += v;
+            any = true;
+        }
+    }
+    if any {
+        ns as f64 / 1e9
+    } else {
+        cpu_seconds()
+    }
+}
+
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     if samples.is_empty() {
         return (0.0, 0.0);
@@ -263,7 +293,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     let mut latency = None;
     let mut batches = 0u64;
     let mut rss_samples: Vec<u64> = Vec::new();
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_seconds_precise();
     let start = Instant::now();
     match mode.as_str() {
         "steady" => {
@@ -364,7 +394,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     drop(tx);
     let (settled, outcome_samples) = waiter.await.expect("waiter task")?;
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_seconds_precise() - cpu0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let (in_flight_max, in_flight_mean) = sampler.await.expect("sampler task");
     if latency.is_none() {
