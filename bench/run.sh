@@ -43,8 +43,8 @@ if [[ "${1:-}" == rtt ]]; then
         echo "## 100-byte telemetry events over TLS, RTT ${RTTS:-0,5,20,50} ms, ${REPEAT:-2} runs each"
         "$CARGO_TARGET_DIR/release/examples/bench" --tls --rtt-ms "${RTTS:-0,5,20,50}" \
             --repeat "${REPEAT:-2}" --mode batch,single,buffered,latency --payload-bytes 100 \
-            --events "${RTT_EVENTS:-1000000}" --single-events "${RTT_SINGLE_EVENTS:-500000}" \
-            --latency-events 200 --latency-warmup 20 \
+            --events "${RTT_EVENTS:-4000000}" --single-events "${RTT_SINGLE_EVENTS:-1000000}" \
+            --latency-events 200 --latency-warmup 20 --json \
             --official-single-events 200 --official-latency-events 100 "${PEERS_ARG[@]}" "$@"
     } 2>&1 | tee "$out"
     echo "saved to $out"

@@ -38,7 +38,7 @@
 //!   ceiling peer is skipped (it dials the hub directly); the official crate goes through the
 //!   proxy. `--repeat N` runs every point N times (spread over the sweep) and reports each run.
 //!   The table adds CPU µs per event (the child's time on a CPU over the timed part), the
-//!   in-flight count (batches and single sends awaiting an outcome, sampled every 2 ms: max
+//!   in-flight count (batches and single sends awaiting an outcome, sampled every 5 ms: max
 //!   and mean) and the rate against 0 ms. p50/p99 are per batch (batch, buffered), per
 //!   sampled send (single: one in 16) or per send (latency, after `--latency-warmup N`
 //!   untimed sends, default 200). AMQP only (not with `--transports`).
@@ -268,16 +268,17 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         }
         hubsend::Result::Ok((n, samples))
     });
-    // Batches and single sends waiting for their outcome, sampled every 2 ms while timed:
+    // Batches and single sends waiting for their outcome, sampled every 5 ms while timed:
     // with a round-trip time, rate = in flight / (RTT + the hub's time), so this shows which
-    // bound holds a mode back.
-    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // bound holds a mode back. Not in `latency` (one at a time), whose CPU per send the
+    // sampler's wake-ups would dominate.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(mode != "latency"));
     let sampler = {
         let producer = producer.clone();
         let sampling = sampling.clone();
         tokio::spawn(async move {
             let (mut max, mut sum, mut n) = (0usize, 0u64, 0u64);
-            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
                 let now = producer.stats().in_flight;
