@@ -1212,7 +1212,7 @@ fn print_rtt_table(rows: &[Row]) {
         for rtt in rtts.iter().copied().filter(|r| *r > 0) {
             let pct = |a: Option<f64>, b: Option<f64>| {
                 a.zip(b)
-                    .map_or("n/a".to_owned(), |(a, b)| format!("{:.0}%", 100.0 * a / b))
+                    .map_or("n/a".to_owned(), |(a, b)| format!("{:.1}%", 100.0 * a / b))
             };
             println!(
                 "  {rtt:>3} ms: batch {} of 0 ms{}; single {} ev/s{}; buffered {} of batch",
