@@ -7,6 +7,9 @@
 #   EVENTS=4000000 bench/run.sh  # more events per batched run
 #   NO_PEERS=1 bench/run.sh      # hubsend only (skips building the official crate)
 #   STEADY=0 bench/run.sh        # skip the 60 s steady-state memory run
+#   bench/run.sh rtt             # far from the hub: TLS through a delay proxy at 0, 5, 20 and
+#                                # 50 ms round-trip time, each point twice (RTTS=0,20 REPEAT=3
+#                                # to change); saved as bench/results/rtt-*.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The build stays inside the project (the workspace's own `target/`) unless CARGO_TARGET_DIR
@@ -27,10 +30,29 @@ fi
 
 mkdir -p bench/results
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+header() {
+    echo "# hubsend bench $stamp  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "# $(nproc) cores, $(uname -sr), $(rustc --version), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+if [[ "${1:-}" == rtt ]]; then
+    shift
+    out="bench/results/rtt-$stamp.txt"
+    {
+        header
+        echo
+        echo "## 100-byte telemetry events over TLS, RTT ${RTTS:-0,5,20,50} ms, ${REPEAT:-2} runs each"
+        "$CARGO_TARGET_DIR/release/examples/bench" --tls --rtt-ms "${RTTS:-0,5,20,50}" \
+            --repeat "${REPEAT:-2}" --mode batch,single,buffered,latency --payload-bytes 100 \
+            --events "${RTT_EVENTS:-4000000}" --single-events "${RTT_SINGLE_EVENTS:-1000000}" \
+            --latency-events 200 --latency-warmup 20 --json \
+            --official-single-events 200 --official-latency-events 100 "${PEERS_ARG[@]}" "$@"
+    } 2>&1 | tee "$out"
+    echo "saved to $out"
+    exit 0
+fi
 out="bench/results/bench-$stamp.txt"
 {
-    echo "# hubsend bench $stamp  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-    echo "# $(nproc) cores, $(uname -sr), $(rustc --version)"
+    header
     echo
     echo "## 100-byte telemetry events"
     "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" --steady-seconds "$STEADY" "${PEERS_ARG[@]}" "$@"

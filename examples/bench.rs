@@ -31,6 +31,18 @@
 //! * `--idempotent` also runs every hubsend mode with idempotent retries, in rows of their
 //!   own next to the plain ones.
 //! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
+//!   `--mode` also takes a list: `--mode batch,single`.
+//! * `--rtt-ms 0,5,20,50`: far from the hub. Each round-trip time puts a delay proxy (see
+//!   [`delay`]) between the children and the hub, half the time each way, no bandwidth
+//!   limit; 0 is the proxy without delay, the base the other times are compared with. The
+//!   ceiling peer is skipped (it dials the hub directly); the official crate goes through the
+//!   proxy. `--repeat N` runs every point N times (spread over the sweep) and reports each run.
+//!   The table adds CPU µs per event (the child's time on a CPU over the timed part), the
+//!   in-flight count (batches and single sends awaiting an outcome, sampled every 5 ms: max
+//!   and mean) and the rate against 0 ms. p50/p99 are per batch (batch, buffered), per
+//!   sampled send (single: one in 16) or per send (latency, after `--latency-warmup N`
+//!   untimed sends, default 200). AMQP only (not with `--transports`).
+//!   `bench/run.sh rtt` runs the sweep over TLS.
 //! * `--mode iot`: the IoT Hub gateway alone (see [`iot`]): `--devices 1,100,1000` devices
 //!   sharing `--iot-events N` messages (default 200,000), batched per device, through one
 //!   `Gateway` against the test hub in IoT Hub mode; `--shard K` adds rows with at most K
@@ -157,6 +169,36 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// User + system CPU of every thread of this process, in seconds, to the nanosecond: the
+/// sum of `/proc/self/task/*/schedstat` (time on a CPU). [`cpu_seconds`]'s clock ticks
+/// (10 ms) are too coarse for runs of a few hundred ms of CPU. Falls back to it when
+/// schedstat is missing.
+fn cpu_seconds_precise() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return cpu_seconds();
+    };
+    let mut ns = 0u64;
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(v) = s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            ns += v;
+            any = true;
+        }
+    }
+    if any {
+        ns as f64 / 1e9
+    } else {
+        cpu_seconds()
+    }
+}
+
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     if samples.is_empty() {
         return (0.0, 0.0);
@@ -207,20 +249,52 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         .send_and_wait(Event::new(pool[0].clone()), SendOptions::new())
         .await?;
 
-    // Outcomes are awaited in order by a separate task, so the loop below only queues.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<hubsend::DeliveryFuture>();
+    // Outcomes are awaited in order by a separate task, so the loop below only queues. A send
+    // stamped with the time it was handed over gives a latency sample (submit to outcome):
+    // every batch, one single send in SAMPLE_EVERY (reading the clock for each would cost
+    // the single-send rows a few percent of their CPU).
+    const SAMPLE_EVERY: usize = 16;
+    type Stamped = (Option<Instant>, hubsend::DeliveryFuture);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Stamped>();
     let waiter = tokio::spawn(async move {
         let mut n = 0u64;
-        while let Some(fut) = rx.recv().await {
+        let mut samples = Vec::new();
+        while let Some((sent, fut)) = rx.recv().await {
             fut.await?;
+            if let Some(sent) = sent {
+                samples.push(sent.elapsed());
+            }
             n += 1;
         }
-        hubsend::Result::Ok(n)
+        hubsend::Result::Ok((n, samples))
     });
+    // Batches and single sends waiting for their outcome, sampled every 5 ms while timed:
+    // with a round-trip time, rate = in flight / (RTT + the hub's time), so this shows which
+    // bound holds a mode back. Not in `latency` (one at a time), whose CPU per send the
+    // sampler's wake-ups would dominate.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(mode != "latency"));
+    let sampler = {
+        let producer = producer.clone();
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let (mut max, mut sum, mut n) = (0usize, 0u64, 0u64);
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let now = producer.stats().in_flight;
+                max = max.max(now);
+                sum += now as u64;
+                n += 1;
+            }
+            (max, sum as f64 / n.max(1) as f64)
+        })
+    };
+    let buffered_samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
 
     let mut latency = None;
     let mut batches = 0u64;
     let mut rss_samples: Vec<u64> = Vec::new();
+    let cpu0 = cpu_seconds_precise();
     let start = Instant::now();
     match mode.as_str() {
         "steady" => {
@@ -238,7 +312,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
                         &mut batch,
                         producer.create_batch(BatchOptions::new()).await?,
                     );
-                    tx.send(producer.send_batch(full).await?).ok();
+                    tx.send((None, producer.send_batch(full).await?)).ok();
                     batches += 1;
                     batch.try_add(event).expect("fits an empty batch");
                     if Instant::now() >= next_sample {
@@ -261,19 +335,28 @@ async fn child(args: &Args) -> hubsend::Result<()> {
                         &mut batch,
                         producer.create_batch(BatchOptions::new()).await?,
                     );
-                    tx.send(producer.send_batch(full).await?).ok();
+                    let sent = Instant::now();
+                    tx.send((Some(sent), producer.send_batch(full).await?)).ok();
                     batches += 1;
                     batch.try_add(event).expect("fits an empty batch");
                 }
             }
             if !batch.is_empty() {
-                tx.send(producer.send_batch(batch).await?).ok();
+                let sent = Instant::now();
+                tx.send((Some(sent), producer.send_batch(batch).await?))
+                    .ok();
                 batches += 1;
             }
         }
         "buffered" => {
-            let buffered =
-                hubsend::BufferedProducer::new(producer.clone(), hubsend::BufferedOptions::new());
+            // Default options; the success callback only records each batch's latency.
+            let samples = buffered_samples.clone();
+            let options = hubsend::BufferedOptions::new().on_success(move |b| {
+                if let Ok(mut s) = samples.lock() {
+                    s.push(b.latency);
+                }
+            });
+            let buffered = hubsend::BufferedProducer::new(producer.clone(), options);
             for i in 0..events as usize {
                 let event = Event::new(pool[i % pool.len()].clone());
                 buffered.enqueue(event, SendOptions::new()).await?;
@@ -284,12 +367,13 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         "single" => {
             for i in 0..events as usize {
                 let event = Event::new(pool[i % pool.len()].clone());
-                tx.send(producer.send(event, SendOptions::new()).await?)
+                let sent = (i % SAMPLE_EVERY == 0).then(Instant::now);
+                tx.send((sent, producer.send(event, SendOptions::new()).await?))
                     .ok();
             }
         }
         "latency" => {
-            for i in 0..200 {
+            for i in 0..args.num("latency-warmup", 200) as usize {
                 producer
                     .send_and_wait(Event::new(pool[i % pool.len()].clone()), SendOptions::new())
                     .await?;
@@ -309,8 +393,20 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         other => panic!("unknown child mode {other}"),
     }
     drop(tx);
-    let settled = waiter.await.expect("waiter task")?;
+    let (settled, outcome_samples) = waiter.await.expect("waiter task")?;
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds_precise() - cpu0;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (in_flight_max, in_flight_mean) = sampler.await.expect("sampler task");
+    if latency.is_none() {
+        let mut samples = outcome_samples;
+        if let Ok(mut b) = buffered_samples.lock() {
+            samples.append(&mut b);
+        }
+        if !samples.is_empty() {
+            latency = Some(percentiles(samples));
+        }
+    }
     if mode == "batch" || mode == "steady" {
         assert_eq!(settled, batches);
     } else if mode == "single" {
@@ -340,6 +436,10 @@ async fn child(args: &Args) -> hubsend::Result<()> {
             producer.max_message_size()
         ));
     }
+    line.push_str(&format!(
+        ",\"cpu_us_per_event\":{:.3},\"in_flight_max\":{in_flight_max},\"in_flight_mean\":{in_flight_mean:.1}",
+        cpu * 1e6 / events.max(1) as f64
+    ));
     line.push('}');
     println!("{line}");
     let _ = tokio::time::timeout(Duration::from_secs(5), producer.close()).await;
@@ -480,6 +580,18 @@ impl Hub {
         rest.trim_end_matches('/').to_owned()
     }
 
+    /// The hub's AMQP listener, for the delay proxy (`localhost` is the loopback address the
+    /// spawned hub listens on).
+    fn socket_addr(&self) -> std::net::SocketAddr {
+        use std::net::ToSocketAddrs;
+        let authority = self.authority().replacen("localhost", "127.0.0.1", 1);
+        authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("the hub's endpoint {authority:?} is not host:port"))
+    }
+
     fn rss_mib(&self) -> Option<f64> {
         let pid = self.process.as_ref()?.id();
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -535,6 +647,10 @@ fn run_json(label: &str, cmd: &mut Command) -> Option<Value> {
 struct Row {
     transport: &'static str,
     payload: u64,
+    /// The round-trip time the delay proxy added (`--rtt-ms`); None: straight to the hub.
+    rtt_ms: Option<u64>,
+    /// Which of `--repeat` runs (from 1).
+    run: u64,
     name: String,
     json: Value,
 }
@@ -567,14 +683,36 @@ fn main() {
     let official_single_conc = args.num("official-single-concurrency", 1);
     let steady_seconds = args.num("steady-seconds", 0);
     let mode = args.get("mode").unwrap_or("all").to_owned();
-    let modes: Vec<&str> = match mode.as_str() {
-        "all" => vec!["batch", "buffered", "single", "latency"],
-        m @ ("batch" | "buffered" | "single" | "latency") => vec![m],
-        other => {
-            eprintln!("--mode batch|buffered|single|latency|all, not {other}");
-            std::process::exit(2);
+    let mut modes: Vec<&str> = Vec::new();
+    for m in mode.split(',').map(str::trim) {
+        match m {
+            "all" => modes.extend(["batch", "buffered", "single", "latency"]),
+            "batch" | "buffered" | "single" | "latency" => modes.push(m),
+            other => {
+                eprintln!("--mode batch|buffered|single|latency|all (or a list), not {other}");
+                std::process::exit(2);
+            }
         }
+    }
+    // `--rtt-ms 0,5,20`: each round-trip time through a delay proxy; none: straight to the hub.
+    let rtts: Vec<Option<u64>> = match args.get("rtt-ms") {
+        None => vec![None],
+        Some(list) => list
+            .split(',')
+            .map(|r| {
+                Some(r.trim().parse().unwrap_or_else(|_| {
+                    eprintln!("--rtt-ms wants milliseconds, like 0,5,20,50; got {r:?}");
+                    std::process::exit(2)
+                }))
+            })
+            .collect(),
     };
+    let rtt_mode = args.get("rtt-ms").is_some();
+    if rtt_mode && args.flag("transports") {
+        eprintln!("--rtt-ms covers AMQP (plain or TLS) only; run --transports without it");
+        std::process::exit(2);
+    }
+    let repeat = args.num("repeat", 1).max(1);
     let payloads: Vec<u64> = args
         .get("payload-bytes")
         .unwrap_or("100")
@@ -612,18 +750,63 @@ fn main() {
         // The endpoint only: the connection string carries the hub's key.
         let endpoint = hub.cs.split(';').next().unwrap_or_default();
         eprintln!("hub ({transport}): {endpoint}");
-        for &payload in &payloads {
+        // One delay proxy per round-trip time, in front of this hub's AMQP port.
+        let proxies: Vec<(Option<u64>, Option<delay::Proxy>)> = rtts
+            .iter()
+            .map(|&rtt| {
+                let proxy = rtt.map(|ms| {
+                    let upstream = hub.socket_addr();
+                    let one_way = Duration::from_micros(ms * 500);
+                    delay::Proxy::start(upstream, one_way)
+                        .unwrap_or_else(|e| panic!("starting the delay proxy: {e}"))
+                });
+                (rtt, proxy)
+            })
+            .collect();
+        // Runs of one point are spread over the whole sweep (all RTTs, then all again), so a
+        // busy spell on the shared machine hits one run of several points, not both of one.
+        let proxies = &proxies;
+        for (&payload, run, (rtt, proxy)) in payloads
+            .iter()
+            .flat_map(|p| (0..repeat).flat_map(move |run| proxies.iter().map(move |x| (p, run, x))))
+        {
+            let rtt = *rtt;
+            let describe = |name: &str| match rtt {
+                Some(ms) => format!(
+                    "{name} ({transport}, {payload} B, {ms} ms RTT, run {})",
+                    run + 1
+                ),
+                None => format!("{name} ({transport}, {payload} B)"),
+            };
+            // The proxied endpoint: the hub's name on its certificate, the proxy's port.
+            let via = proxy.as_ref().map(|p| {
+                let host = hub.authority();
+                let host = host.rsplit_once(':').map_or(host.as_str(), |h| h.0);
+                let scheme = if hub.tls { "amqps" } else { "amqp" };
+                format!("{scheme}://{host}:{}", p.addr.port())
+            });
             let mut push = |name: &str, json: Option<Value>| {
-                if let Some(json) = json {
+                if let Some(mut json) = json {
+                    if let Some(p) = proxy {
+                        let (up, down) = p.take_peaks();
+                        json["proxy_peak_to_hub_kib"] = Value::from(up / 1024);
+                        json["proxy_peak_to_client_kib"] = Value::from(down / 1024);
+                    }
                     if json_out {
                         let mut j = json.clone();
                         j["transport"] = Value::from(transport);
                         j["row"] = Value::from(name);
+                        if let Some(ms) = rtt {
+                            j["rtt_ms"] = Value::from(ms);
+                            j["run"] = Value::from(run + 1);
+                        }
                         println!("{j}");
                     }
                     rows.push(Row {
                         transport,
                         payload,
+                        rtt_ms: rtt,
+                        run: run + 1,
                         name: name.to_owned(),
                         json,
                     });
@@ -643,10 +826,13 @@ fn main() {
                 if let Some(ca) = &hub.ca {
                     cmd.arg("--ca").arg(ca);
                 }
-                for flag in ["max-in-flight", "max-in-flight-bytes"] {
+                for flag in ["max-in-flight", "max-in-flight-bytes", "latency-warmup"] {
                     if let Some(value) = args.get(flag) {
                         cmd.arg(format!("--{flag}")).arg(value);
                     }
+                }
+                if let Some(via) = &via {
+                    cmd.arg("--endpoint").arg(via);
                 }
                 cmd
             };
@@ -689,10 +875,7 @@ fn main() {
                     } else {
                         format!("hubsend {m}")
                     };
-                    push(
-                        &name,
-                        run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
-                    );
+                    push(&name, run_json(&describe(&name), &mut cmd));
                 }
             }
             if steady_seconds > 0 {
@@ -700,7 +883,8 @@ fn main() {
                 let label = format!("hubsend steady {steady_seconds}s ({transport}, {payload} B)");
                 push("hubsend steady", run_json(&label, &mut cmd));
             }
-            if let Some(bin) = &ceiling {
+            // The ceiling dials the connection string's endpoint: not through the proxy.
+            if let Some(bin) = ceiling.as_ref().filter(|_| rtt.is_none()) {
                 if modes.contains(&"batch") {
                     let mut cmd = Command::new(bin);
                     cmd.arg("--connection-string")
@@ -719,7 +903,9 @@ fn main() {
                 }
             }
             if let Some(bin) = &official {
-                let endpoint = if hub.tls {
+                let endpoint = if let Some(via) = &via {
+                    via.clone()
+                } else if hub.tls {
                     // The official crate verifies through the platform verifier: trust the
                     // hub's CA via SSL_CERT_FILE and dial the name on the certificate.
                     format!("amqps://{}", hub.authority())
@@ -753,10 +939,7 @@ fn main() {
                         "single" => "official send_event".to_owned(),
                         _ => "official latency".to_owned(),
                     };
-                    push(
-                        &name,
-                        run_json(&format!("{name} ({transport}, {payload} B)"), &mut cmd),
-                    );
+                    push(&name, run_json(&describe(&name), &mut cmd));
                 }
             }
         }
@@ -765,7 +948,11 @@ fn main() {
         }
     }
 
-    print_table(&rows);
+    if rtt_mode {
+        print_rtt_table(&rows);
+    } else {
+        print_table(&rows);
+    }
 }
 
 fn print_table(rows: &[Row]) {
@@ -936,6 +1123,116 @@ fn print_table(rows: &[Row]) {
                     .collect();
                 println!("      RSS MiB over the steady run: {}", every_10.join(", "));
             }
+        }
+    }
+}
+
+/// `--rtt-ms`: one row per mode × transport × round-trip time × run, then the targets of
+/// issue #16 that depend on distance, from the mean of the runs.
+fn print_rtt_table(rows: &[Row]) {
+    let opt = |v: Option<f64>, prec: usize| match v {
+        Some(x) => format!("{x:.prec$}"),
+        None => "-".to_owned(),
+    };
+    // Mean events/s of a mode's runs at one point.
+    let mean_eps = |t: &str, p: u64, name: &str, rtt: u64| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.transport == t && r.payload == p && r.name == name)
+            .filter(|r| r.rtt_ms == Some(rtt))
+            .filter_map(|r| f(&r.json, "events_per_sec"))
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut sorted: Vec<&Row> = rows.iter().collect();
+    // Stable: runs stay in the order they ran.
+    sorted.sort_by_key(|r| (r.transport, r.payload, r.name.clone(), r.rtt_ms));
+    println!();
+    println!(
+        "{:<5} {:>5} {:>4}  {:<20} {:>3} {:>10} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7}",
+        "link",
+        "bytes",
+        "RTT",
+        "mode",
+        "run",
+        "events/s",
+        "MB/s",
+        "µs/ev",
+        "p50 ms",
+        "p99 ms",
+        "RSS MB",
+        "in-flight",
+        "mean",
+        "vs 0ms"
+    );
+    println!("{}", "-".repeat(124));
+    for r in sorted {
+        let j = &r.json;
+        let is_latency = r.name.ends_with("latency");
+        let eps = f(j, "events_per_sec").filter(|_| !is_latency);
+        let base = mean_eps(r.transport, r.payload, &r.name, 0).filter(|_| !is_latency);
+        println!(
+            "{:<5} {:>5} {:>4}  {:<20} {:>3} {:>10} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7}",
+            r.transport,
+            r.payload,
+            r.rtt_ms.map_or("-".into(), |m| m.to_string()),
+            r.name,
+            r.run,
+            eps.map_or("-".into(), |e| group(e as u64)),
+            opt(f(j, "mb_per_sec").filter(|_| !is_latency), 1),
+            opt(f(j, "cpu_us_per_event"), 2),
+            opt(f(j, "p50_ms"), 2),
+            opt(f(j, "p99_ms"), 2),
+            opt(f(j, "peak_rss_kib").map(|k| k * 1024.0 / 1e6), 1),
+            opt(f(j, "in_flight_max"), 0),
+            opt(f(j, "in_flight_mean"), 1),
+            match (eps, base) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.0}%", 100.0 * a / b),
+                _ => "-".to_owned(),
+            },
+        );
+    }
+    let mut keys: Vec<(&str, u64)> = rows.iter().map(|r| (r.transport, r.payload)).collect();
+    keys.sort();
+    keys.dedup();
+    let mark = |ok: Option<bool>| match ok {
+        Some(true) => "MET",
+        Some(false) => "MISSED",
+        None => "n/a",
+    };
+    for (t, p) in keys {
+        println!();
+        println!("[{t}, {p} B] issue #16 targets at a distance (mean of the runs; 0 ms: through the proxy, no delay):");
+        let batch = |rtt| mean_eps(t, p, "hubsend batch", rtt);
+        let single = |rtt| mean_eps(t, p, "hubsend single", rtt);
+        let buffered = |rtt| mean_eps(t, p, "hubsend buffered", rtt);
+        let mut rtts: Vec<u64> = rows.iter().filter_map(|r| r.rtt_ms).collect();
+        rtts.sort();
+        rtts.dedup();
+        for rtt in rtts.iter().copied().filter(|r| *r > 0) {
+            let pct = |a: Option<f64>, b: Option<f64>| {
+                a.zip(b)
+                    .map_or("n/a".to_owned(), |(a, b)| format!("{:.1}%", 100.0 * a / b))
+            };
+            println!(
+                "  {rtt:>3} ms: batch {} of 0 ms{}; single {} ev/s{}; buffered {} of batch",
+                pct(batch(rtt), batch(0)),
+                if rtt == 20 {
+                    format!(
+                        " (>= 80%: {})",
+                        mark(batch(rtt).zip(batch(0)).map(|(a, b)| a >= 0.8 * b))
+                    )
+                } else {
+                    String::new()
+                },
+                single(rtt).map_or("n/a".into(), |e| group(e as u64)),
+                if rtt == 20 {
+                    format!(" (>= 500,000: {})", mark(single(rtt).map(|e| e >= 5e5)))
+                } else {
+                    String::new()
+                },
+                pct(buffered(rtt), batch(rtt)),
+            );
         }
     }
 }
@@ -1213,5 +1510,211 @@ mod iot {
             outcome.await.expect("stored");
             sent.elapsed()
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `--rtt-ms`: a delay line between the children and the hub
+
+/// A TCP proxy that adds a fixed one-way delay to each direction (half the round-trip time)
+/// and nothing else: no bandwidth limit, no reordering, no loss.
+///
+/// Why not the `noxious` crate (a Rust Toxiproxy, as issue #16 suggested): its latency toxic
+/// (1.0.4, the latest release, on tokio-util 0.6) is `input.then(|chunk| sleep(latency))`:
+/// each chunk waits out the whole latency before the next chunk is even looked at, so one
+/// direction carries at most one read buffer (8 KiB, tokio-util's `FramedRead`) per latency:
+/// about 0.8 MB/s at 10 ms each way, a bandwidth cap far below what the bench sends, not a
+/// round-trip time. Toxiproxy itself has the same shape. Here every chunk is stamped with its
+/// due time when it is read and sits in a queue; the writer waits only for the head's due
+/// time, so any number of chunks are in the air at once and a direction carries
+/// bandwidth × delay bytes, as a long link does.
+///
+/// Each direction holds at most [`QUEUE_CAP`] bytes in the air (a link buffer: past it the
+/// reader waits, which at 25 ms each way is only reached above 2.6 GB/s). Tokio's timer has
+/// 1 ms resolution and rounds up, so a chunk arrives up to 1 ms late each way; the bench's
+/// `latency` rows show the round trip the children actually got.
+mod delay {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+    use tokio::time::Instant;
+
+    /// Bytes one direction of one connection may hold in the air (64 MiB).
+    pub(super) const QUEUE_CAP: usize = 64 << 20;
+    /// Queue permits are counted in KiB, so a semaphore's permit count stays small.
+    const PERMIT_BYTES: usize = 1024;
+    /// The most one read takes from a socket.
+    const READ_CHUNK: usize = 64 * 1024;
+
+    /// Bytes in the air now and at most since the last [`Proxy::take_peaks`], per direction.
+    #[derive(Default)]
+    struct Gauge {
+        now: AtomicU64,
+        peak: AtomicU64,
+    }
+
+    impl Gauge {
+        fn add(&self, n: u64) {
+            let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+        fn sub(&self, n: u64) {
+            self.now.fetch_sub(n, Ordering::Relaxed);
+        }
+        fn take_peak(&self) -> u64 {
+            self.peak
+                .swap(self.now.load(Ordering::Relaxed), Ordering::Relaxed)
+        }
+    }
+
+    #[derive(Default)]
+    struct Gauges {
+        to_hub: Gauge,
+        to_client: Gauge,
+    }
+
+    /// A running proxy: listens on `addr` (loopback), forwards to the hub. It runs on a
+    /// thread and runtime of its own, so its CPU is neither the client's nor the hub's; it
+    /// stops with the bench process.
+    pub(super) struct Proxy {
+        pub(super) addr: SocketAddr,
+        gauges: Arc<Gauges>,
+    }
+
+    impl Proxy {
+        /// Listens on 127.0.0.1 (any free port) and forwards every connection to `upstream`,
+        /// each chunk in each direction `one_way` after it was read.
+        pub(super) fn start(upstream: SocketAddr, one_way: Duration) -> std::io::Result<Proxy> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?;
+            let gauges = Arc::new(Gauges::default());
+            let shared = gauges.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("delay-proxy-{}", addr.port()))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let Ok(listener) = TcpListener::from_std(listener) else {
+                            return;
+                        };
+                        while let Ok((client, _)) = listener.accept().await {
+                            let gauges = shared.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = connection(client, upstream, one_way, gauges).await
+                                {
+                                    eprintln!("  delay proxy: {e}");
+                                }
+                            });
+                        }
+                    })
+                })?;
+            Ok(Proxy { addr, gauges })
+        }
+
+        /// The most bytes in the air (client → hub, hub → client) since the last call.
+        pub(super) fn take_peaks(&self) -> (u64, u64) {
+            (
+                self.gauges.to_hub.take_peak(),
+                self.gauges.to_client.take_peak(),
+            )
+        }
+    }
+
+    async fn connection(
+        client: TcpStream,
+        upstream: SocketAddr,
+        one_way: Duration,
+        gauges: Arc<Gauges>,
+    ) -> std::io::Result<()> {
+        let hub = TcpStream::connect(upstream).await?;
+        client.set_nodelay(true)?;
+        hub.set_nodelay(true)?;
+        let (client_read, client_write) = client.into_split();
+        let (hub_read, hub_write) = hub.into_split();
+        let up = tokio::spawn(direction(
+            client_read,
+            hub_write,
+            one_way,
+            gauges.clone(),
+            true,
+        ));
+        let down = tokio::spawn(direction(hub_read, client_write, one_way, gauges, false));
+        let _ = tokio::join!(up, down);
+        Ok(())
+    }
+
+    /// One direction: a reader stamping chunks and a writer releasing each at its due time.
+    async fn direction(
+        mut from: OwnedReadHalf,
+        mut to: OwnedWriteHalf,
+        one_way: Duration,
+        gauges: Arc<Gauges>,
+        to_hub: bool,
+    ) {
+        fn pick(g: &Gauges, to_hub: bool) -> &Gauge {
+            if to_hub {
+                &g.to_hub
+            } else {
+                &g.to_client
+            }
+        }
+        let room = Arc::new(Semaphore::new(QUEUE_CAP / PERMIT_BYTES));
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Chunk)>();
+        let reader_gauges = gauges.clone();
+        let reader = async move {
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break, // EOF or reset: the writer drains, then closes
+                    Ok(n) => {
+                        // Stamped when read: the delay runs from here, whatever waits ahead.
+                        let due = Instant::now() + one_way;
+                        let permits = n.div_ceil(PERMIT_BYTES) as u32;
+                        let Ok(room) = room.clone().acquire_many_owned(permits).await else {
+                            break;
+                        };
+                        pick(&reader_gauges, to_hub).add(n as u64);
+                        let chunk = Chunk {
+                            bytes: buf[..n].to_vec(),
+                            _room: room,
+                        };
+                        if tx.send((due, chunk)).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        let writer = async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+                let n = chunk.bytes.len() as u64;
+                let result = to.write_all(&chunk.bytes).await;
+                pick(&gauges, to_hub).sub(n);
+                drop(chunk);
+                if result.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(reader, writer);
+    }
+
+    /// Bytes read from one side, holding their share of the direction's room until written.
+    struct Chunk {
+        bytes: Vec<u8>,
+        _room: OwnedSemaphorePermit,
     }
 }
