@@ -115,9 +115,9 @@ impl FaultShared {
         let mut st = self.state.lock().unwrap();
         st.transfer_count += 1;
         match &st.reject_every {
-            Some((n, cond)) if *n > 0 && st.reject_at_random => {
-                rand::random::<u64>().is_multiple_of(*n).then(|| cond.clone())
-            }
+            Some((n, cond)) if *n > 0 && st.reject_at_random => rand::random::<u64>()
+                .is_multiple_of(*n)
+                .then(|| cond.clone()),
             Some((n, cond)) if *n > 0 && st.transfer_count.is_multiple_of(*n) => Some(cond.clone()),
             _ => None,
         }

@@ -470,6 +470,8 @@ pub struct HubStats {
     pub management_requests: u64,
     /// Events from idempotent producers acknowledged as duplicates and not stored.
     pub idempotent_duplicates: u64,
+    /// IoT Hub mode: live D2C links detached because their device was deleted or disabled.
+    pub device_links_detached: u64,
 }
 
 /// Errors starting a [`TestHub`].
