@@ -101,8 +101,14 @@ async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
         .expect_err("unknown");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     stored(&gateway, "Dev-A", "via gateway").await;
-    // Disabled: its open link's next delivery is refused, and it cannot connect again.
+    // Disabled: the hub detaches its two live links (the device sender's and the gateway's),
+    // their next delivery is refused, and it cannot connect again.
     assert!(iot.state().set_device_enabled("Dev-A", false));
+    let stats = iot
+        .hub
+        .wait_for_stats(|s| s.device_links_detached == 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(stats.device_links_detached, 2);
     let err = device
         .send(Event::new("after disable"))
         .await
@@ -122,6 +128,11 @@ async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
         .expect("enabled");
     again.send(Event::new("back")).await.unwrap().await.unwrap();
     assert!(iot.state().remove_device("Dev-A"));
+    let stats = iot
+        .hub
+        .wait_for_stats(|s| s.device_links_detached == 3, Duration::from_secs(10))
+        .await;
+    assert_eq!(stats.device_links_detached, 3);
     let err = registry.get_device("Dev-A").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = again
