@@ -101,8 +101,14 @@ async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
         .expect_err("unknown");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     stored(&gateway, "Dev-A", "via gateway").await;
-    // Disabled: its open link's next delivery is refused, and it cannot connect again.
+    // Disabled: the hub detaches its two live links (the device sender's and the gateway's),
+    // their next delivery is refused, and it cannot connect again.
     assert!(iot.state().set_device_enabled("Dev-A", false));
+    let stats = iot
+        .hub
+        .wait_for_stats(|s| s.device_links_detached == 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(stats.device_links_detached, 2);
     let err = device
         .send(Event::new("after disable"))
         .await
@@ -122,6 +128,11 @@ async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
         .expect("enabled");
     again.send(Event::new("back")).await.unwrap().await.unwrap();
     assert!(iot.state().remove_device("Dev-A"));
+    let stats = iot
+        .hub
+        .wait_for_stats(|s| s.device_links_detached == 3, Duration::from_secs(10))
+        .await;
+    assert_eq!(stats.device_links_detached, 3);
     let err = registry.get_device("Dev-A").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = again
@@ -683,4 +694,220 @@ async fn many_unknown_devices_at_once_are_created_with_bulk_calls() {
         assert_eq!(device.desired["deviceName"], format!("Unit {i}"));
         assert_eq!(iot.hub.iothub_messages(&id).len(), 1, "{id}");
     }
+}
+
+/// `DELETE /devices/{id}` on the test hub's registry REST server, as a service client sends
+/// it (a policy SAS for the hub host, signed here with the base64-decoded `iothubowner` key);
+/// the HTTP status.
+async fn delete_over_rest(iot: &Iot, device_id: &str) -> u16 {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = iot.state().policy("iothubowner").unwrap().key.clone();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .unwrap();
+    let se = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let sr = enc(HOST);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{sr}\n{se}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let request = format!(
+        "DELETE /devices/{}?api-version=2021-04-12 HTTP/1.1\r\nHost: {HOST}\r\n\
+         Authorization: SharedAccessSignature sr={sr}&sig={}&se={se}&skn=iothubowner\r\n\
+         If-Match: \"*\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        enc(device_id),
+        enc(&sig)
+    );
+    let mut stream = tokio::net::TcpStream::connect(iot.rest.addr())
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"))
+}
+
+/// What one device's stream saw: each send's body and outcome, in order, and whether it was
+/// submitted after the device's deletion had been answered.
+type Outcomes = Vec<(String, bool, hubsend::Result<()>)>;
+
+/// Streams as `device_id` with at most `window` sends unresolved, until it has tried at least
+/// `total` sends and `after` of them since `deleted` was set (once the victim's deletion was
+/// answered); every send is resolved before it returns.
+async fn stream(
+    gateway: Gateway,
+    device_id: String,
+    window: usize,
+    deleted: tokio::sync::watch::Receiver<bool>,
+    (total, after): (usize, usize),
+) -> Outcomes {
+    let mut outcomes: Outcomes = Vec::new();
+    let mut waiting = std::collections::VecDeque::new();
+    let mut tried_after = 0;
+    for n in 0..20_000 {
+        let late = *deleted.borrow();
+        if n >= total && tried_after >= after {
+            break;
+        }
+        tried_after += usize::from(late);
+        let body = format!("{device_id}-{n}");
+        let index = outcomes.len();
+        outcomes.push((body.clone(), late, Ok(())));
+        match gateway.send(&device_id, Event::new(body)).await {
+            Ok(outcome) => waiting.push_back((index, outcome)),
+            Err(e) => outcomes[index].2 = Err(e),
+        }
+        if waiting.len() >= window {
+            let (index, outcome) = waiting.pop_front().unwrap();
+            outcomes[index].2 = outcome.await;
+        }
+    }
+    for (index, outcome) in waiting {
+        outcomes[index].2 = outcome.await;
+    }
+    outcomes
+}
+
+#[tokio::test]
+async fn a_device_deleted_through_the_registry_mid_stream_fails_alone_and_nothing_is_lost() {
+    let mut config = config();
+    for i in 0..4 {
+        config = config.iot_device(format!("s{i}"), POLICY_KEY);
+    }
+    let iot = Iot::start(config).await;
+    // No auto-create: the deleted device must stay deleted.
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .gateway()
+        .await
+        .unwrap();
+    let (deleted_tx, deleted) = tokio::sync::watch::channel(false);
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        let id = format!("s{i}");
+        let rx = deleted.clone();
+        // The victim streams on until 20 sends after its deletion have been tried; the
+        // others stream across the deletion, 40 sends after it (at least 100 in all).
+        let until = if i == 1 { (0, 20) } else { (100, 40) };
+        streams.push(tokio::spawn(stream(gateway.clone(), id, 8, rx, until)));
+    }
+    // Mid-stream: once the hub stored 10 of s1's messages (its link is live, more are in
+    // flight), s1 is deleted through the registry REST API.
+    iot.hub
+        .wait_for_iothub_messages("s1", 10, Duration::from_secs(30))
+        .await;
+    assert_eq!(delete_over_rest(&iot, "s1").await, 204);
+    deleted_tx.send_replace(true);
+    let mut results = Vec::new();
+    for s in streams {
+        results.push(s.await.unwrap());
+    }
+    // The hub detached s1's live link (and only that one).
+    assert_eq!(iot.hub.stats().device_links_detached, 1);
+
+    let victim = &results[1];
+    let stored: Vec<Vec<u8>> = iot
+        .hub
+        .iothub_messages("s1")
+        .into_iter()
+        .map(|e| e.body)
+        .collect();
+    let succeeded: Vec<Vec<u8>> = victim
+        .iter()
+        .filter(|(_, _, r)| r.is_ok())
+        .map(|(b, _, _)| b.clone().into_bytes())
+        .collect();
+    // Not lost silently: what was reported sent is exactly what the hub stored, in order.
+    assert_eq!(succeeded, stored);
+    assert!(stored.len() >= 10);
+    for (body, late, result) in victim {
+        match result {
+            // Every failure is the typed not-found, also for what was in flight at the detach.
+            Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "{body}: {e}"),
+            // Nothing submitted after the deletion was answered is accepted.
+            Ok(()) => assert!(!late, "{body} was accepted after the deletion"),
+        }
+    }
+    assert_eq!(victim.iter().filter(|(_, late, _)| *late).count(), 20);
+    assert!(matches!(
+        gateway.device_state("s1").await,
+        Some(DeviceState::Refused(e)) if e.kind() == ErrorKind::NotFound
+    ));
+    // The others went on: every send accepted and stored once, in order.
+    for i in [0, 2, 3] {
+        let sent = &results[i];
+        assert!(sent.iter().filter(|(_, late, _)| *late).count() >= 40);
+        let bodies: Vec<Vec<u8>> = sent
+            .iter()
+            .map(|(body, _, result)| {
+                assert!(result.is_ok(), "{body}: {result:?}");
+                body.clone().into_bytes()
+            })
+            .collect();
+        let stored: Vec<Vec<u8>> = iot
+            .hub
+            .iothub_messages(&format!("s{i}"))
+            .into_iter()
+            .map(|e| e.body)
+            .collect();
+        assert_eq!(bodies, stored, "s{i}");
+    }
+    let stats = gateway.stats().await;
+    assert_eq!((stats.devices, stats.in_flight), (3, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_message_over_256_kb_is_refused_by_the_gateway_before_sending() {
+    // The hub would take up to 1 MiB, so only the gateway's own check can refuse.
+    let iot = Iot::start(
+        config()
+            .iot_device("big-1", POLICY_KEY)
+            .max_message_size(1024 * 1024),
+    )
+    .await;
+    let gateway = iot
+        .builder(iot.hub.iothub_connection_string("device"))
+        .gateway()
+        .await
+        .unwrap();
+    stored(&gateway, "big-1", "small first").await;
+    let transfers = iot.hub.stats().transfers_received;
+    let err = gateway
+        .send("big-1", Event::new(vec![b'x'; 300 * 1024]))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.kind(), ErrorKind::MessageTooLarge, "{err}");
+    let mut batch = gateway.create_batch("big-1").await.unwrap();
+    assert!(matches!(
+        batch.try_add(Event::new(vec![b'y'; 300 * 1024])),
+        Err(hubsend::TryAddError::TooLarge(_))
+    ));
+    let mut added = 0;
+    while batch.try_add(Event::new(vec![b'z'; 10 * 1024])).is_ok() {
+        added += 1;
+    }
+    assert!(batch.size_in_bytes() <= 256 * 1024);
+    assert!((24..=25).contains(&added), "{added}");
+    // Nothing reached the hub; the device still sends, its full batch accepted.
+    assert_eq!(iot.hub.stats().transfers_received, transfers);
+    gateway
+        .send_batch("big-1", batch)
+        .await
+        .unwrap()
+        .await
+        .expect("stored");
+    assert_eq!(iot.hub.iothub_messages("big-1").len(), 1 + added);
 }

@@ -24,6 +24,9 @@
 //! ([`TestHub`](crate::TestHub) with [`HubConfig::iothub`](crate::HubConfig::iothub)) reads
 //! the same devices, keys, status and policies, so a device created here can send D2C at once,
 //! a disabled one is refused and a deleted one is gone. Ids are case-sensitive everywhere.
+//! Every change to the registry (over REST or through [`IotHubState`]'s methods) wakes the
+//! AMQP side, which detaches the live D2C links of a device just deleted or disabled (see
+//! the `server::iothub` module docs for the condition).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -126,6 +129,8 @@ pub struct IotHubState {
     /// slows it down, as a distant or busy hub answers).
     delay: Duration,
     inner: Arc<Mutex<Inner>>,
+    /// Bumped on every change to the registry; the AMQP side's D2C links watch it.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// IoT Hub's limit of CBS tokens per AMQP connection (PROTOCOL-2 D: "up to 999 tokens per
@@ -158,6 +163,7 @@ impl IotHubState {
             token_cap: DEFAULT_TOKEN_CAP,
             delay: Duration::ZERO,
             inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -206,26 +212,47 @@ impl IotHubState {
         let mut device = new_device(&id, inner.next_etag, "enabled");
         device.primary_key = primary_key.into();
         inner.devices.insert(id, device);
+        drop(inner);
+        self.changed();
     }
 
     /// Enables or disables device `id`; false when it does not exist.
+    /// A disabled device's live D2C links are detached (as over REST).
     pub fn set_device_enabled(&self, id: &str, enabled: bool) -> bool {
-        let mut inner = self.lock();
-        inner.next_etag += 1;
-        let seq = inner.next_etag;
-        match inner.devices.get_mut(id) {
-            Some(d) => {
-                d.status = if enabled { "enabled" } else { "disabled" }.to_owned();
-                d.etag = identity_etag(seq);
-                true
+        let found = {
+            let mut inner = self.lock();
+            inner.next_etag += 1;
+            let seq = inner.next_etag;
+            match inner.devices.get_mut(id) {
+                Some(d) => {
+                    d.status = if enabled { "enabled" } else { "disabled" }.to_owned();
+                    d.etag = identity_etag(seq);
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        };
+        self.changed();
+        found
     }
 
-    /// Removes device `id`; false when it did not exist.
+    /// Removes device `id`; false when it did not exist. Its live D2C links are detached (as
+    /// over REST).
     pub fn remove_device(&self, id: &str) -> bool {
-        self.lock().devices.remove(id).is_some()
+        let removed = self.lock().devices.remove(id).is_some();
+        self.changed();
+        removed
+    }
+
+    /// Wakes whoever watches the registry ([`watch_changes`](Self::watch_changes)).
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees a change whenever a device is added, changed or removed; the
+    /// AMQP side's D2C links watch it to detach devices deleted or disabled meanwhile.
+    pub(crate) fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether device `id` exists and is enabled.
@@ -240,6 +267,7 @@ impl IotHubState {
     pub(crate) fn fresh(&self) -> IotHubState {
         IotHubState {
             inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
             ..self.clone()
         }
     }
@@ -310,8 +338,26 @@ impl IotHubState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Handles one request.
+    /// Handles one request; a request that may have changed the registry (any but `GET`)
+    /// wakes the AMQP side's D2C links afterwards.
     fn handle(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        if_match: Option<&str>,
+        body: &[u8],
+    ) -> (StatusCode, Vec<(&'static str, String)>, Value) {
+        let answer = self.handle_locked(method, path, auth, if_match, body);
+        // Also a bulk call answered 400: its other entries were applied.
+        if method != "GET" {
+            self.changed();
+        }
+        answer
+    }
+
+    /// [`handle`](Self::handle) under the registry's lock.
+    fn handle_locked(
         &self,
         method: &str,
         path: &str,

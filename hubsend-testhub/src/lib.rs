@@ -220,7 +220,9 @@ impl HubConfig {
     /// adds one or replaces the one of its name, [`policy_key`](Self::policy_key) sets a key.
     /// Devices live in one store, [`TestHub::iothub_state`], shared with the registry and twin
     /// REST server ([`iothub_http::IotHubRest`]) when one is started on it: a device created
-    /// over REST can send at once, a disabled or deleted one is refused. Register devices up
+    /// over REST can send at once, a disabled or deleted one is refused (one deleted or disabled
+    /// while its D2C links are live has them detached with `amqp:not-found`, counted in
+    /// [`HubStats::device_links_detached`]). Register devices up
     /// front with [`iot_device`](Self::iot_device); read what each sent with
     /// [`TestHub::iothub_messages`]. See the `server::iothub` module docs for the choices
     /// made where the service's behaviour is inferred.
@@ -470,6 +472,8 @@ pub struct HubStats {
     pub management_requests: u64,
     /// Events from idempotent producers acknowledged as duplicates and not stored.
     pub idempotent_duplicates: u64,
+    /// IoT Hub mode: live D2C links detached because their device was deleted or disabled.
+    pub device_links_detached: u64,
 }
 
 /// Errors starting a [`TestHub`].

@@ -136,6 +136,11 @@ struct Args {
     /// IoT Hub mode: register a device with its base64 key, as ID=KEY (repeatable).
     #[arg(long = "iot-device", value_name = "ID=KEY", value_parser = parse_policy_key)]
     iot_devices: Vec<(String, String)>,
+    /// IoT Hub mode: register a device with its base64 key, disabled, as ID=KEY
+    /// (repeatable): its own tokens are refused, and links to it are refused with
+    /// `amqp:not-found` also under a policy token.
+    #[arg(long = "iot-disabled-device", value_name = "ID=KEY", value_parser = parse_policy_key, requires = "iothub")]
+    iot_disabled_devices: Vec<(String, String)>,
     /// IoT Hub mode: also serve the registry and twin REST API (HTTPS with --tls-dir, its CA
     /// written to DIR/registry-ca.pem) on PORT, on the same device store as AMQP: devices
     /// created there can send at once. Microsoft's service SDKs build the URL from HostName,
@@ -220,7 +225,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(host) = &args.iothub {
         config = config.iothub(host);
-        for (id, key) in &args.iot_devices {
+        for (id, key) in args.iot_devices.iter().chain(&args.iot_disabled_devices) {
             config = config.iot_device(id, key);
         }
     }
@@ -229,6 +234,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config = config.policy_key(name, key);
     }
     let hub = TestHub::start(config).await?;
+    // Disabled before anything is printed, so no client can see them enabled.
+    if let Some(state) = hub.iothub_state() {
+        for (id, _) in &args.iot_disabled_devices {
+            state.set_device_enabled(id, false);
+        }
+    }
     // The registry and twin REST API on the same device store (IoT Hub mode).
     let registry = match (args.iot_registry_port, hub.iothub_state()) {
         (Some(port), Some(state)) => {

@@ -1,19 +1,25 @@
 // Judge: Microsoft's Node IoT device SDK (azure-iot-device + azure-iot-device-amqp) sends
 // device-to-cloud messages over AMQPS to the test hub in IoT Hub mode. Usage:
-//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [--refused WHY | --websockets]
+//   node iothub_device.js DEVICE_CONNECTION_STRING DUMP_FILE [--refused WHY [ERROR] | --websockets]
 // With --websockets it uses the SDK's AMQP-over-WebSockets transport (AmqpWs), which always
 // dials wss://GATEWAY:443/$iothub/websocket.
 // Exits non-zero unless the hub stored exactly what was sent (read back from DUMP_FILE, which
 // the test hub rewrites with every stored message). With --refused, exits non-zero unless the
-// hub refuses the device (a disabled or deleted one) and stores nothing from it.
+// hub refuses the device (a disabled, deleted or unknown one, or a wrong key) and stores
+// nothing from it; with ERROR, also unless the SDK's error is of that class (e.g.
+// UnauthorizedError, DeviceNotFoundError), so a refusal for another reason (an unreachable
+// host, say) does not pass. The connection string may carry a SharedAccessSignature instead of
+// a key (see iothub_policy_sas.js).
 'use strict';
 const fs = require('fs');
 const { Client, Message } = require('azure-iot-device');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 
-const [connectionString, dumpFile, mode, why] = process.argv.slice(2);
+const [connectionString, dumpFile, mode, why, expectedError] = process.argv.slice(2);
 const transport = mode === '--websockets' ? AmqpWs : Amqp;
-const judge = mode === '--websockets' ? 'iothub node device SDK (AmqpWs)' : 'iothub node device SDK';
+const judge = mode === '--websockets' ? 'iothub node device SDK (AmqpWs)'
+  : /SharedAccessSignature=/.test(connectionString) ? 'iothub node device SDK (policy-signed token)'
+    : 'iothub node device SDK';
 const deviceId = /DeviceId=([^;]+)/.exec(connectionString)[1];
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -49,11 +55,15 @@ async function refused() {
       console.log(`FAIL iothub node device SDK (${why}): refused, yet a message was stored`);
       process.exit(1);
     }
-    console.log(`PASS iothub node device SDK: ${why} device refused (${e.constructor.name})`);
+    if (expectedError && e.constructor.name !== expectedError) {
+      console.log(`FAIL iothub node device SDK (${why}): refused with ${e.constructor.name} (${e.message}), expected ${expectedError}`);
+      process.exit(1);
+    }
+    console.log(`PASS iothub node device SDK: ${why} refused (${e.constructor.name})`);
     return;
   }
   await client.close().catch(() => {});
-  console.log(`FAIL iothub node device SDK: ${why} device was not refused`);
+  console.log(`FAIL iothub node device SDK: ${why} was not refused`);
   process.exit(1);
 }
 

@@ -94,6 +94,12 @@ grep -E '^(PASS|FAIL|  hubsend report|  sent |  read |interop:)' "$WORK/interop.
 # azure-iot-device-amqp from npm, pinned): CBS answered 200, device SAS, the D2C link and the
 # message mapping. The hub dumps what it stored; the script compares it with what it sent.
 IOT_NODE="$ROOT/target/interop-node"
+# A `SharedAccessSignature=` device connection string for device $2, signed with the policy of
+# connection string $1 (tests/interop/iothub_policy_sas.js; $3 = --wrong-key signs with a
+# random key).
+policy_sas() {
+  NODE_PATH="$IOT_NODE/node_modules" node "$ROOT/tests/interop/iothub_policy_sas.js" "$@"
+}
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
   if [ ! -d "$IOT_NODE/node_modules/azure-iot-device-amqp" ]; then
     mkdir -p "$IOT_NODE"
@@ -107,7 +113,8 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
   IOT_OWNER_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
   IOT_REG_PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   RUST_LOG="${RUST_LOG:-hubsend_testhub=info}" "$HUB_BIN" --port 0 --iothub plant.azure-devices.net \
-    --iot-device "node-device=$IOT_KEY" --policy-key "iothubowner=$IOT_OWNER_KEY" \
+    --iot-device "node-device=$IOT_KEY" --iot-device "node-policy=$IOT_KEY" \
+    --policy-key "iothubowner=$IOT_OWNER_KEY" \
     --iot-registry-port "$IOT_REG_PORT" --tls-dir "$IOT_DIR" --dump "$IOT_DIR/dump.json" \
     >"$IOT_DIR/hub.stdout" 2>"$IOT_DIR/hub.log" &
   IOT_PID=$!
@@ -137,6 +144,29 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
       --registry-url "https://localhost:$IOT_REG_PORT" --devices 20 --per-device 5 \
       --policy-cs "HostName=plant.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=$IOT_OWNER_KEY" \
       >>"$IOT_DIR/judge.out" 2>&1 || IOT_STATUS=$?
+  fi
+  # 5c. A policy-signed token: Microsoft's SAS builder (tests/interop/iothub_policy_sas.js)
+  # signs a token for {host}/devices/node-policy with the `device` policy's key (line 1, skn
+  # `device`), and the Node device SDK sends with it as a `SharedAccessSignature=` device
+  # connection string (it dials the host in the token's sr, the test hub's localhost:PORT).
+  # Then the refusals, each with the SDK error class it must end in: a policy token signed with
+  # a wrong key and a device string with a wrong device key (UnauthorizedError: put-token 401),
+  # a device the registry does not know (DeviceNotFoundError: attach amqp:not-found). The
+  # disabled device is judged in the lifecycle (section 7), disabled over REST.
+  if [ "$IOT_STATUS" -eq 0 ]; then
+    IOT_POLICY_CS="$(sed -n 1p "$IOT_DIR/hub.stdout")"
+    WRONG_KEY="$("$VENV/bin/python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+    iot_node() {
+      NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$IOT_DIR/ca.pem" \
+        timeout 60 node "$ROOT/tests/interop/iothub_device.js" "$1" "$IOT_DIR/dump.json" "${@:2}"
+    }
+    { iot_node "$(policy_sas "$IOT_POLICY_CS" node-policy)" \
+        && iot_node "$(policy_sas "$IOT_POLICY_CS" node-policy --wrong-key)" \
+          --refused "policy token with a wrong key" UnauthorizedError \
+        && iot_node "$(policy_sas "$IOT_POLICY_CS" ghost-device)" \
+          --refused "unknown device (policy token)" DeviceNotFoundError \
+        && iot_node "$(echo "$DEVICE_CS" | sed "s#SharedAccessKey=[^;]*#SharedAccessKey=$WRONG_KEY#")" \
+          --refused "wrong device key" UnauthorizedError; } >>"$IOT_DIR/judge.out" 2>&1 || IOT_STATUS=$?
   fi
   kill "$IOT_PID" 2>/dev/null || true
   wait "$IOT_PID" 2>/dev/null || true
@@ -199,7 +229,9 @@ grep -E '^(PASS|FAIL|iothub-registry-node:)' "$WORK/iothub-registry-node.out" \
 
 # 7. One device store for REST and AMQP: Microsoft's Python azure-iot-hub creates a device over
 # the registry REST API, Microsoft's Node device SDK sends as it over AMQPS with the key the
-# registry generated; disabled over REST it is refused, and deleted it is refused again. Both
+# registry generated; disabled over REST it is refused, with its own key (put-token 401) and
+# with a token signed by the iothubowner policy (attach amqp:not-found), and deleted it is
+# refused again both ways. Both
 # sides run in one test hub process (--iot-registry-port). The hub's HostName carries the
 # registry's port because the Python SDK builds its URL from it.
 LC_DIR="$WORK/iothub-lifecycle"
@@ -228,12 +260,21 @@ node_device() {
   NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$LC_DIR/ca.pem" \
     timeout 60 node "$ROOT/tests/interop/iothub_device.js" "$LC_DEVICE_CS" "$LC_DIR/dump.json" "$@"
 }
+node_policy_token() {
+  NODE_PATH="$IOT_NODE/node_modules" NODE_EXTRA_CA_CERTS="$LC_DIR/ca.pem" \
+    timeout 60 node "$ROOT/tests/interop/iothub_device.js" \
+    "$(policy_sas "$LC_OWNER_CS;$AMQP_GATEWAY" "$LC_DEVICE")" "$LC_DIR/dump.json" "$@"
+}
 LC_STATUS=0
 LC_KEY="$(lifecycle create)" || { LC_STATUS=1; echo "$LC_KEY"; }
 LC_DEVICE_CS="HostName=localhost:$REG_PORT;$AMQP_GATEWAY;DeviceId=$LC_DEVICE;SharedAccessKey=$LC_KEY"
 if [ "$LC_STATUS" -eq 0 ]; then
-  { node_device && lifecycle disable && node_device --refused disabled \
-      && lifecycle delete && node_device --refused deleted; } >"$LC_DIR/judge.out" 2>&1 || LC_STATUS=$?
+  { node_device && lifecycle disable \
+      && node_device --refused "disabled device" UnauthorizedError \
+      && node_policy_token --refused "disabled device (policy token)" DeviceNotFoundError \
+      && lifecycle delete && node_device --refused "deleted device" UnauthorizedError \
+      && node_policy_token --refused "deleted device (policy token)" DeviceNotFoundError; } \
+    >"$LC_DIR/judge.out" 2>&1 || LC_STATUS=$?
 fi
 kill "$LC_PID" 2>/dev/null || true
 wait "$LC_PID" 2>/dev/null || true
@@ -245,7 +286,7 @@ if [ "$LC_STATUS" -ne 0 ]; then
   echo "interop: iothub lifecycle judge failed"
   exit 1
 fi
-echo "interop: iothub lifecycle judge passed (REST create, AMQP send, disable, delete)"
+echo "interop: iothub lifecycle judge passed (REST create, AMQP send, disable, delete; device key and policy token)"
 
 
 # 8. Idempotent publishing (#15), judged by Microsoft's JS EventHubBufferedProducerClient with

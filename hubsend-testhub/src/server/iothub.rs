@@ -16,8 +16,18 @@
 //!   [`IotHubState::token_cap`] live tokens (999 by default) answers the next put-token for a
 //!   new audience with 403, description `403005 IotHubMaxCbsTokenExceeded`.
 //! - Unknown and disabled devices are refused at attach with `amqp:not-found` (404001).
-//!   A device disabled or deleted while its link is open has each later delivery rejected
-//!   with `amqp:not-found`.
+//! - A device deleted or disabled through the registry (REST, or [`IotHubState`]'s methods)
+//!   while it has live D2C links: each of those links is detached at once with
+//!   `amqp:not-found` (`404001 DeviceNotFound`, the description saying deleted or disabled),
+//!   after the outcomes of what it had already received; a delivery that arrives before the
+//!   detach is rejected with the same error, so nothing sent after the change is stored.
+//!   PROTOCOL-2 C lists `amqp:not-found` for "unknown or disabled device"; that the hub
+//!   detaches the links (gateway v2 hubs) is from azure-iot-sdk-csharp#3422 and
+//!   azure-iot-sdk-java#1774, and one condition for both cases is inferred from .NET's
+//!   end-to-end tests (`ConnectionStatusChangeHandlerTests`: deleting and disabling a device
+//!   over AMQP both end in `Device_Disabled`, which .NET derives only from
+//!   `DeviceNotFoundException`, its mapping of `amqp:not-found`). Not
+//!   `amqp:unauthorized-access`: .NET would report that as `Bad_Credential`.
 //! - The built-in Event Hubs-compatible endpoint is an event hub named after the IoT hub (the
 //!   first label of its host, [`builtin_name`]) on the same listener. A put-token whose
 //!   audience names it is an Event Hubs token (signed with the key *text*, as Event Hubs
@@ -360,20 +370,34 @@ pub(super) fn d2c_target(
     Ok((name, origin))
 }
 
-/// For a D2C link's store: the rejection of a delivery whose device was disabled or deleted
-/// after its link attached.
+/// For a D2C link's store: the error (rejection of a delivery, or the link's detach) when
+/// its device was disabled or deleted after the link attached.
 pub(super) fn device_gone(
     shared: &Shared,
     store: &str,
 ) -> Option<fe2o3_amqp_types::definitions::Error> {
     let state = shared.iot.as_ref()?;
     let device = device_of_store(store)?;
-    (!state.device_enabled(&device)).then(|| {
-        amqp_error(
-            "amqp:not-found",
-            format!("404001 DeviceNotFound: device '{device}' is not registered or is disabled"),
-        )
-    })
+    let what = match state.device(&device) {
+        None => "was deleted",
+        Some(d) if d.status != "enabled" => "is disabled",
+        Some(_) => return None,
+    };
+    Some(amqp_error(
+        "amqp:not-found",
+        format!("404001 DeviceNotFound: device '{device}' {what}"),
+    ))
+}
+
+/// Resolves when the registry of a D2C link's hub changed; never for other links (`None`)
+/// or once the registry is gone.
+pub(super) async fn registry_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = changes {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 #[cfg(test)]

@@ -392,6 +392,17 @@ pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
         .set_credit(if withheld.is_some() { 0 } else { credit })
         .await;
     let mut detach_rx = shared.faults.detach_tx.subscribe();
+    // IoT Hub: the registry, so that the device's deletion or disabling detaches the link.
+    let mut registry_rx = shared
+        .iot
+        .as_ref()
+        .filter(|_| link.iot.is_some())
+        .map(|state| {
+            let mut rx = state.watch_changes();
+            // A change between the attach's check and here is looked at on the first turn.
+            rx.mark_changed();
+            rx
+        });
     let mut credit_rx = shared.faults.credit_tx.subscribe();
     let mut pending: std::collections::VecDeque<(Instant, DeliveryInfo, Verdict)> =
         Default::default();
@@ -471,6 +482,16 @@ pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                         dispose(&receiver, &shared, info, verdict).await;
                     }
                     break Some(amqp_error(&cond, desc));
+                }
+            }
+            () = super::iothub::registry_changed(&mut registry_rx) => {
+                if let Some(gone) = super::iothub::device_gone(&shared, &link.hub) {
+                    while let Some((_, info, verdict)) = held.take().or_else(|| pending.pop_front()) {
+                        dispose(&receiver, &shared, info, verdict).await;
+                    }
+                    tracing::info!(link = %link.name, "device deleted or disabled: detaching its D2C link");
+                    shared.stat(|s| s.device_links_detached += 1);
+                    break Some(gone);
                 }
             }
             r = credit_rx.changed() => {
