@@ -127,6 +127,12 @@ impl ProducerOptions {
     ///
     /// The sends queued on a link while it waits for the hub leave together, packed into as
     /// few deliveries as the message size allows; this bound is how many may wait that way.
+    ///
+    /// An [idempotent](Self::idempotent) producer's single sends count against
+    /// [`max_in_flight`](Self::max_in_flight) instead, each send one: on an idempotent link
+    /// every delivery behind a refused one is refused too and resent in order, so the number
+    /// of events in flight there is what each refusal costs (and how often the events behind
+    /// it are tried again).
     pub fn max_pending_sends(mut self, sends: usize) -> Self {
         self.max_pending_sends = sends.max(1);
         self
@@ -737,6 +743,9 @@ pub(crate) struct Pipeline {
     bytes: Arc<Semaphore>,
     max_in_flight: usize,
     max_sends: usize,
+    /// Single sends hold a delivery permit each (idempotent producers; see
+    /// `ProducerOptions::max_pending_sends`).
+    singles_are_deliveries: bool,
 }
 
 impl Pipeline {
@@ -754,6 +763,7 @@ impl Pipeline {
             bytes: Arc::new(Semaphore::new(bytes)),
             max_in_flight: options.max_in_flight,
             max_sends: sends,
+            singles_are_deliveries: options.idempotent,
         }
     }
 
@@ -834,7 +844,7 @@ impl Pipeline {
     ) -> Result<DeliveryFuture> {
         let size = sections.size().min(u32::MAX as u64) as u32;
         engine.check_open()?;
-        let count = if mergeable {
+        let count = if mergeable && !self.singles_are_deliveries {
             &self.sends
         } else {
             &self.deliveries
