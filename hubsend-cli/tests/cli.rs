@@ -1330,6 +1330,115 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `send --spool` against a hub that refuses us for good: a wrong key and a policy without
+/// Send exit 5, an event hub that does not exist exits 1, each within a bounded time, with the
+/// error and its kind in the JSON summary and every record left in the spool; the same spool
+/// with the right credentials then stores each record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
+    const LINES: u32 = 40;
+    const SEND_KEY: &str = "c3Bvb2wtcmVmdXNlZC1zZW5kLWtleS1ub3QtYS1zZWNyZXQ=";
+    const LISTEN_KEY: &str = "c3Bvb2wtcmVmdXNlZC1saXN0ZW4ta2V5LW5vdC1hLXNlY3JldA==";
+    const WRONG_KEY: &str = "c3Bvb2wtcmVmdXNlZC13cm9uZy1rZXktbm90LWEtc2VjcmV0";
+    let hub = TestHub::start(
+        HubConfig::new()
+            .policy("sender", SEND_KEY, &[hubsend_testhub::Right::Send])
+            .policy("listener", LISTEN_KEY, &[hubsend_testhub::Right::Listen]),
+    )
+    .await
+    .unwrap();
+    let dir = scratch("spool-refused");
+    let spool = dir.join("spool");
+    let input = write(&dir, "in.ndjson", &telemetry_lines(LINES));
+    let run = |cs: String| {
+        let (input, spool) = (input.clone(), spool.clone());
+        async move {
+            let args = [
+                "send",
+                "--connection-string",
+                &cs,
+                "--input",
+                &input,
+                "--spool",
+                spool.to_str().unwrap(),
+                "--json",
+            ];
+            let started = std::time::Instant::now();
+            // A refusal ends the run; before the fix it reconnected forever.
+            let run = tokio::time::timeout(Duration::from_secs(30), hubsend(&args, &[], None))
+                .await
+                .expect("the run ends within 30 s");
+            (run, started.elapsed())
+        }
+    };
+    let good = hub.connection_string_for("sender", HUB);
+    let refusals = [
+        (good.replace(SEND_KEY, WRONG_KEY), 5, "unauthorized", "SharedAccessKey"),
+        (hub.connection_string_for("listener", HUB), 5, "unauthorized", "may send"),
+        (
+            good.replace(&format!("EntityPath={HUB}"), "EntityPath=no-such-hub"),
+            1,
+            "not found",
+            "does not exist",
+        ),
+    ];
+    for (i, (cs, code, kind, hint)) in refusals.into_iter().enumerate() {
+        let (r, took) = run(cs).await;
+        assert_eq!(r.code, code, "{kind}: stderr:\n{}", r.stderr);
+        assert!(took < Duration::from_secs(20), "{kind}: took {took:?}");
+        assert!(r.stderr.contains(hint), "{kind}: {}", r.stderr);
+        for key in [SEND_KEY, LISTEN_KEY, WRONG_KEY] {
+            assert!(!r.stdout.contains(key) && !r.stderr.contains(key));
+        }
+        let j = r.json();
+        assert_eq!(j["error_kind"], kind, "{j}");
+        assert!(
+            j["error"].as_str().is_some_and(|e| e.contains(hint)),
+            "{j}"
+        );
+        // The first run spools the input; the later ones resume it and read nothing new.
+        let (spooled, resumed) = if i == 0 { (LINES, 0) } else { (0, LINES) };
+        assert_eq!(
+            (
+                j["spooled"].as_u64(),
+                j["resumed"].as_u64(),
+                j["sent"].as_u64(),
+                j["failed"].as_u64()
+            ),
+            (
+                Some(u64::from(spooled)),
+                Some(u64::from(resumed)),
+                Some(0),
+                Some(0)
+            ),
+            "{kind}: {j}"
+        );
+    }
+    assert!(hub.events(HUB).is_empty());
+
+    // The right key: everything the spool kept is stored, each record once.
+    let (r, _) = run(good).await;
+    assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
+    let j = r.json();
+    assert_eq!(
+        (j["resumed"].as_u64(), j["spooled"].as_u64(), j["sent"].as_u64()),
+        (Some(u64::from(LINES)), Some(0), Some(u64::from(LINES))),
+        "{j}"
+    );
+    assert!(j["error"].is_null(), "{j}");
+    let mut values: Vec<u64> = hub
+        .events(HUB)
+        .iter()
+        .map(|e| {
+            let body: Value = serde_json::from_slice(&e.body).unwrap();
+            body["value"].as_u64().unwrap()
+        })
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (0..u64::from(LINES)).collect::<Vec<_>>());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--spool --idempotent`: run 1 is killed with SIGKILL mid-drain while deliveries are in
 /// flight (the hub stores each and answers 30 ms later); run 2, the same command, resends
 /// what was unconfirmed with its original sequence numbers: every record stored once, and
