@@ -2,6 +2,10 @@
 //! from there, so an interrupted run (Ctrl-C, kill, reboot) resumes with the same command:
 //! what the spool holds is sent first, and the input is read on after the last line that
 //! made it into the spool (each record carries its line number).
+//!
+//! The hub need not be reachable: the drain reconnects until it is. A refusal no reconnection
+//! fixes ([`Refusal`], shared with `iot send --spool`) ends the run with the exit status and
+//! `--json` error that `send` without `--spool` gives, the records left in the spool.
 
 use std::fs::File;
 use std::future::Future;

@@ -10,7 +10,7 @@ use hubsend_testhub::{HubConfig, StoredEvent, TestHub};
 use serde_json::{json, Value};
 
 mod support;
-use support::{free_port, scratch, spawn_silent, spool_bytes};
+use support::{command, free_port, scratch, spawn_silent, spool_bytes};
 
 const HUB: &str = "telemetry";
 
@@ -42,18 +42,12 @@ async fn hubsend(args: &[&str], env: &[(&str, &str)], stdin: Option<Vec<u8>>) ->
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let output: Output = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubsend"));
-        cmd.args(&args)
-            .env_remove("EVENTHUB_CONNECTION_STRING")
-            .env_remove("RUST_LOG")
-            .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
+        let mut cmd = command(&args);
+        cmd.envs(env).stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = cmd.spawn().expect("spawn hubsend");
         if let Some(bytes) = stdin {
             let mut pipe = child.stdin.take().unwrap();
@@ -877,20 +871,15 @@ fn spawn_send_from_open_pipe(
     hub: &TestHub,
     records: u32,
 ) -> (std::process::Child, std::process::ChildStdin) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-        .args([
-            "send",
-            "--connection-string",
-            &hub.connection_string(),
-            "--json",
-        ])
-        .env_remove("EVENTHUB_CONNECTION_STRING")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = command(&[
+        "send",
+        "--connection-string",
+        &hub.connection_string(),
+        "--json",
+    ])
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
     // Keep stdin open: the input never ends on its own.
     let mut stdin = child.stdin.take().unwrap();
     for i in 0..records {
@@ -1334,6 +1323,7 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
 /// Send exit 5, an event hub that does not exist exits 1, each within a bounded time, with the
 /// error and its kind in the JSON summary and every record left in the spool; the same spool
 /// with the right credentials then stores each record exactly once.
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
     const LINES: u32 = 40;
@@ -1364,17 +1354,38 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
                 "--json",
             ];
             let started = std::time::Instant::now();
-            // A refusal ends the run; before the fix it reconnected forever.
-            let run = tokio::time::timeout(Duration::from_secs(30), hubsend(&args, &[], None))
-                .await
-                .expect("the run ends within 30 s");
-            (run, started.elapsed())
+            let child = command(&args)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn hubsend");
+            let pid = child.id();
+            // A refusal ends the run (it used to reconnect forever): SIGKILL after 30 s so
+            // the test fails instead of hanging.
+            match tokio::time::timeout(Duration::from_secs(30), wait(child)).await {
+                Ok(run) => (run, started.elapsed()),
+                Err(_) => {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    panic!("the run did not end within 30 s");
+                }
+            }
         }
     };
     let good = hub.connection_string_for("sender", HUB);
     let refusals = [
-        (good.replace(SEND_KEY, WRONG_KEY), 5, "unauthorized", "SharedAccessKey"),
-        (hub.connection_string_for("listener", HUB), 5, "unauthorized", "may send"),
+        (
+            good.replace(SEND_KEY, WRONG_KEY),
+            5,
+            "unauthorized",
+            "SharedAccessKey",
+        ),
+        (
+            hub.connection_string_for("listener", HUB),
+            5,
+            "unauthorized",
+            "may send",
+        ),
         (
             good.replace(&format!("EntityPath={HUB}"), "EntityPath=no-such-hub"),
             1,
@@ -1392,10 +1403,7 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
         }
         let j = r.json();
         assert_eq!(j["error_kind"], kind, "{j}");
-        assert!(
-            j["error"].as_str().is_some_and(|e| e.contains(hint)),
-            "{j}"
-        );
+        assert!(j["error"].as_str().is_some_and(|e| e.contains(hint)), "{j}");
         // The first run spools the input; the later ones resume it and read nothing new.
         let (spooled, resumed) = if i == 0 { (LINES, 0) } else { (0, LINES) };
         assert_eq!(
@@ -1421,7 +1429,11 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
     assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
     let j = r.json();
     assert_eq!(
-        (j["resumed"].as_u64(), j["spooled"].as_u64(), j["sent"].as_u64()),
+        (
+            j["resumed"].as_u64(),
+            j["spooled"].as_u64(),
+            j["sent"].as_u64()
+        ),
         (Some(u64::from(LINES)), Some(0), Some(u64::from(LINES))),
         "{j}"
     );
