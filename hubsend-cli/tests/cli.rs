@@ -1319,8 +1319,8 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `send --spool` against a hub that refuses us for good: a wrong key and a policy without
-/// Send exit 5, an event hub that does not exist exits 1, each within a bounded time, with the
+/// `send --spool` against a hub that refuses us for good: a wrong key (also with
+/// `--idempotent`) and a policy without Send exit 5, an event hub that does not exist exits 1, each within a bounded time, with the
 /// error and its kind in the JSON summary and every record left in the spool; the same spool
 /// with the right credentials then stores each record exactly once.
 #[cfg(unix)]
@@ -1340,10 +1340,10 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
     let dir = scratch("spool-refused");
     let spool = dir.join("spool");
     let input = write(&dir, "in.ndjson", &telemetry_lines(LINES));
-    let run = |cs: String| {
+    let run = |cs: String, idempotent: bool| {
         let (input, spool) = (input.clone(), spool.clone());
         async move {
-            let args = [
+            let mut args = vec![
                 "send",
                 "--connection-string",
                 &cs,
@@ -1353,6 +1353,9 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
                 spool.to_str().unwrap(),
                 "--json",
             ];
+            if idempotent {
+                args.push("--idempotent");
+            }
             let started = std::time::Instant::now();
             let child = command(&args)
                 .stdin(Stdio::null())
@@ -1379,22 +1382,33 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
             5,
             "unauthorized",
             "SharedAccessKey",
+            false,
         ),
         (
             hub.connection_string_for("listener", HUB),
             5,
             "unauthorized",
             "may send",
+            false,
         ),
         (
             good.replace(&format!("EntityPath={HUB}"), "EntityPath=no-such-hub"),
             1,
             "not found",
             "does not exist",
+            false,
+        ),
+        // The idempotent drain connects through the same path.
+        (
+            good.replace(SEND_KEY, WRONG_KEY),
+            5,
+            "unauthorized",
+            "SharedAccessKey",
+            true,
         ),
     ];
-    for (i, (cs, code, kind, hint)) in refusals.into_iter().enumerate() {
-        let (r, took) = run(cs).await;
+    for (i, (cs, code, kind, hint, idempotent)) in refusals.into_iter().enumerate() {
+        let (r, took) = run(cs, idempotent).await;
         assert_eq!(r.code, code, "{kind}: stderr:\n{}", r.stderr);
         assert!(took < Duration::from_secs(20), "{kind}: took {took:?}");
         assert!(r.stderr.contains(hint), "{kind}: {}", r.stderr);
@@ -1425,7 +1439,7 @@ async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
     assert!(hub.events(HUB).is_empty());
 
     // The right key: everything the spool kept is stored, each record once.
-    let (r, _) = run(good).await;
+    let (r, _) = run(good, false).await;
     assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
     let j = r.json();
     assert_eq!(
