@@ -208,25 +208,29 @@ async fn connect(
     if let Some(pem) = read_ca_file(connection)? {
         builder = builder.add_root_certificate_pem(pem);
     }
-    builder.connect().await.map_err(|e| {
-        let hint = match e.kind() {
-            ErrorKind::Unauthorized => {
-                " (check SharedAccessKeyName and SharedAccessKey, and that the policy may send)"
-            }
-            ErrorKind::NotFound => " (check EntityPath: the event hub does not exist)",
-            ErrorKind::InvalidConnectionString => {
-                " (expected Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…)"
-            }
-            ErrorKind::Connection | ErrorKind::Timeout => unreachable_hint(&e),
-            _ => "",
-        };
-        Failure {
-            message: format!("cannot connect: {}{hint}", error_chain(&e)),
-            kind: e.kind().to_string(),
-            // A transport, endpoint or proxy option that cannot work is a usage error.
-            code: exit::for_kind(e.kind()),
+    builder.connect().await.map_err(|e| connect_failure(&e))
+}
+
+/// Why connecting failed, as `send` reports it with and without `--spool`: the error with its
+/// cause and a hint at what to check, its `error_kind`, and the exit status for its kind.
+pub(crate) fn connect_failure(e: &hubsend::Error) -> Failure {
+    let hint = match e.kind() {
+        ErrorKind::Unauthorized => {
+            " (check SharedAccessKeyName and SharedAccessKey, and that the policy may send)"
         }
-    })
+        ErrorKind::NotFound => " (check EntityPath: the event hub does not exist)",
+        ErrorKind::InvalidConnectionString => {
+            " (expected Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=…)"
+        }
+        ErrorKind::Connection | ErrorKind::Timeout => unreachable_hint(e),
+        _ => "",
+    };
+    Failure {
+        message: format!("cannot connect: {}{hint}", error_chain(e)),
+        kind: e.kind().to_string(),
+        // A transport, endpoint or proxy option that cannot work is a usage error.
+        code: exit::for_kind(e.kind()),
+    }
 }
 
 /// What to check when the hub cannot be reached, from the innermost I/O error's kind (an

@@ -275,6 +275,8 @@ struct SendArgs {
     /// interrupted run (Ctrl-C, kill, reboot) resumes with the same command: the records
     /// still spooled are sent first and the input is read on after the last spooled line.
     /// The hub need not be reachable; the run waits for it (Ctrl-C leaves the rest spooled).
+    /// A refused credential (exit 5) or an event hub that does not exist (exit 1) ends the run
+    /// and leaves the records in the spool.
     #[arg(long, value_name = "DIR")]
     spool: Option<PathBuf>,
 }

@@ -2,18 +2,27 @@
 //! from there, so an interrupted run (Ctrl-C, kill, reboot) resumes with the same command:
 //! what the spool holds is sent first, and the input is read on after the last line that
 //! made it into the spool (each record carries its line number).
+//!
+//! The hub need not be reachable: the drain reconnects until it is. A refusal no reconnection
+//! fixes ([`Refusal`], shared with `iot send --spool`) ends the run with the exit status and
+//! `--json` error that `send` without `--spool` gives, the records left in the spool.
 
 use std::fs::File;
 use std::future::Future;
 use std::io::BufWriter;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hubsend::{BufferedOptions, Event, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE};
+use hubsend::{
+    BufferedOptions, ErrorKind, Event, Producer, ProducerOptions, DEFAULT_MAX_MESSAGE_SIZE,
+};
 use hubsend_spool::{Commit, Route, Spool, SpoolOptions, SpoolReport, SpooledProducer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::commands::{producer_options, read_ca_file, CliObserver, Failure, SendConfig, Ui};
+use crate::commands::{
+    connect_failure, producer_options, read_ca_file, CliObserver, Failure, SendConfig, Ui,
+};
 use crate::exit;
 use crate::ingest::record::Record;
 use crate::ingest::report::{IngestReport, Reject};
@@ -110,6 +119,95 @@ pub(crate) async fn spool_input(
     error
 }
 
+/// The first error of a spooled run that no reconnection fixes (a refused credential, an
+/// unusable configuration, for `send` also an event hub that does not exist), noted from the
+/// sink's connects and outcomes: it stops the reading and the wait for the drain, and the run
+/// ends with its exit status, the records left in the spool for a run that can send them.
+/// Without one, the drain keeps reconnecting (an unreachable hub is waited for).
+#[derive(Clone)]
+pub(crate) struct Refusal {
+    first: Arc<watch::Sender<Option<hubsend::Error>>>,
+    fatal: fn(&hubsend::Error) -> bool,
+}
+
+impl Refusal {
+    /// Notes the errors `fatal` says no reconnection fixes.
+    pub(crate) fn new(fatal: fn(&hubsend::Error) -> bool) -> Refusal {
+        Refusal {
+            first: Arc::new(watch::channel(None).0),
+            fatal,
+        }
+    }
+
+    /// Keeps `error` if it is fatal and the first one (waking [`noted`](Self::noted)).
+    pub(crate) fn check(&self, error: &hubsend::Error) {
+        if !(self.fatal)(error) {
+            return;
+        }
+        self.first.send_if_modified(|first| {
+            let none = first.is_none();
+            first.get_or_insert_with(|| error.clone());
+            none
+        });
+    }
+
+    /// Resolves once a fatal error was noted.
+    pub(crate) async fn noted(&self) {
+        let mut first = self.first.subscribe();
+        let _ = first.wait_for(Option::is_some).await;
+    }
+
+    /// The fatal error, if one was noted.
+    pub(crate) fn error(&self) -> Option<hubsend::Error> {
+        self.first.borrow().clone()
+    }
+
+    /// Resolves on the first stop signal or a fatal error: what stops the reading.
+    pub(crate) async fn or_signal(&self, signals: &Signals) {
+        tokio::select! {
+            _ = signals.nth(1) => {}
+            _ = self.noted() => {}
+        }
+    }
+
+    /// Waits until the hub accepted everything spooled; `false` when a (further) stop signal
+    /// or a fatal error ended the wait first (what is left stays in the spool). `interrupted`:
+    /// the reading stopped early.
+    pub(crate) async fn drained(
+        &self,
+        producer: &SpooledProducer,
+        signals: &Signals,
+        interrupted: bool,
+    ) -> bool {
+        // The reading stops on a fatal error too: only a signal it took counts.
+        let stop_at = if interrupted && signals.received() > 0 {
+            2
+        } else {
+            1
+        };
+        tokio::select! {
+            _ = producer.drained() => true,
+            _ = signals.nth(stop_at) => false,
+            _ = self.noted() => false,
+        }
+    }
+}
+
+/// Errors that no reconnection fixes, for any hub: refused credentials (a wrong key, a policy
+/// without the right to send, a disabled device) and a configuration that cannot work.
+pub(crate) fn no_reconnection_fixes(error: &hubsend::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Unauthorized | ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString
+    )
+}
+
+/// For `send --spool`, also an event hub that does not exist (only connect errors are checked,
+/// where `NotFound` names the event hub).
+fn event_hub_fatal(error: &hubsend::Error) -> bool {
+    no_reconnection_fixes(error) || error.kind() == ErrorKind::NotFound
+}
+
 /// The summary line of a spooled run on standard error.
 pub(crate) fn print_summary(spooled: &SpoolReport, report: &IngestReport) {
     eprintln!(
@@ -158,6 +256,9 @@ pub(crate) async fn send(
     let base: ProducerOptions = producer_options(&config.connection, config.max_in_flight);
     let idempotent = config.connection.idempotent;
     let event_hub = config.connection.event_hub.clone();
+    // Every connect of the drain goes through `builder`: a refusal there ends the run.
+    let refusal = Refusal::new(event_hub_fatal);
+    let connect_refusal = refusal.clone();
     let builder = move |options: ProducerOptions| {
         let mut builder = Producer::builder()
             .connection_string(cs.clone())
@@ -168,7 +269,8 @@ pub(crate) async fn send(
         if let Some(pem) = &ca_pem {
             builder = builder.add_root_certificate_pem(pem.clone());
         }
-        builder.connect()
+        let refusal = connect_refusal.clone();
+        async move { builder.connect().await.inspect_err(|e| refusal.check(e)) }
     };
     // Idempotent: the spool fixes each delivery's partition and sequence numbers on disk
     // before sending it, so a resumed run resends them unchanged and the hub drops what it
@@ -218,17 +320,15 @@ pub(crate) async fn send(
         route,
         &mut observer,
         &mut report,
-        signals.nth(1),
+        refusal.or_signal(&signals),
     )
     .await;
 
-    // Wait for the hub to accept everything, unless a (further) signal says stop: what is left
-    // stays in the spool for the next run.
-    let stop_at = if report.interrupted { 2 } else { 1 };
-    let drained = tokio::select! {
-        _ = producer.drained() => true,
-        _ = signals.nth(stop_at) => false,
-    };
+    // Wait for the hub to accept everything, unless a (further) signal says stop or the hub
+    // refuses us for good: what is left stays in the spool for the next run.
+    let drained = refusal
+        .drained(&producer, &signals, report.interrupted)
+        .await;
     if !drained {
         report.interrupted = true;
     }
@@ -249,10 +349,22 @@ pub(crate) async fn send(
     }
     report.spooled = Some(spooled.spooled);
     report.resumed = Some(spooled.resumed);
+    // A refusal is what ended the run (the reading stopped because of it); as without
+    // --spool, its message, kind and exit status.
+    let refused = refusal.error().map(|e| connect_failure(&e));
+    let error = match &refused {
+        Some(failure) => {
+            report.error_kind = Some(failure.kind.clone());
+            Some(failure.message.clone())
+        }
+        None => {
+            if error.is_some() {
+                report.error_kind = Some(exit::KIND_INPUT.to_owned());
+            }
+            error
+        }
+    };
     report.error = error.clone();
-    if error.is_some() {
-        report.error_kind = Some(exit::KIND_INPUT.to_owned());
-    }
     if !ui.quiet {
         print_summary(&spooled, &report);
         if spooled.renumbered > 0 {
@@ -271,7 +383,9 @@ pub(crate) async fn send(
     if config.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     }
-    if error.is_some() || report.failed > 0 || rejects_error.is_some() {
+    if let Some(failure) = &refused {
+        failure.code
+    } else if error.is_some() || report.failed > 0 || rejects_error.is_some() {
         exit::FAILED
     } else if config.strict && report.rejected > 0 {
         exit::REJECTED

@@ -10,7 +10,7 @@ use hubsend_testhub::{HubConfig, StoredEvent, TestHub};
 use serde_json::{json, Value};
 
 mod support;
-use support::{free_port, scratch, spawn_silent, spool_bytes};
+use support::{command, free_port, scratch, spawn_silent, spool_bytes};
 
 const HUB: &str = "telemetry";
 
@@ -42,18 +42,12 @@ async fn hubsend(args: &[&str], env: &[(&str, &str)], stdin: Option<Vec<u8>>) ->
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let output: Output = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubsend"));
-        cmd.args(&args)
-            .env_remove("EVENTHUB_CONNECTION_STRING")
-            .env_remove("RUST_LOG")
-            .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
+        let mut cmd = command(&args);
+        cmd.envs(env).stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         let mut child = cmd.spawn().expect("spawn hubsend");
         if let Some(bytes) = stdin {
             let mut pipe = child.stdin.take().unwrap();
@@ -877,20 +871,15 @@ fn spawn_send_from_open_pipe(
     hub: &TestHub,
     records: u32,
 ) -> (std::process::Child, std::process::ChildStdin) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-        .args([
-            "send",
-            "--connection-string",
-            &hub.connection_string(),
-            "--json",
-        ])
-        .env_remove("EVENTHUB_CONNECTION_STRING")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = command(&[
+        "send",
+        "--connection-string",
+        &hub.connection_string(),
+        "--json",
+    ])
+    .stdin(Stdio::piped())
+    .spawn()
+    .unwrap();
     // Keep stdin open: the input never ends on its own.
     let mut stdin = child.stdin.take().unwrap();
     for i in 0..records {
@@ -1327,6 +1316,152 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     assert_eq!(third.json()["spooled"], 0);
     assert_eq!(third.json()["resumed"], 0);
     assert_eq!(hub.events(HUB).len() as u64, LINES);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `send --spool` against a hub that refuses us for good: a wrong key (also with
+/// `--idempotent`) and a policy without Send exit 5, an event hub that does not exist exits 1, each within a bounded time, with the
+/// error and its kind in the JSON summary and every record left in the spool; the same spool
+/// with the right credentials then stores each record exactly once.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_keeps_the_records_when_the_hub_refuses_them_for_good() {
+    const LINES: u32 = 40;
+    const SEND_KEY: &str = "c3Bvb2wtcmVmdXNlZC1zZW5kLWtleS1ub3QtYS1zZWNyZXQ=";
+    const LISTEN_KEY: &str = "c3Bvb2wtcmVmdXNlZC1saXN0ZW4ta2V5LW5vdC1hLXNlY3JldA==";
+    const WRONG_KEY: &str = "c3Bvb2wtcmVmdXNlZC13cm9uZy1rZXktbm90LWEtc2VjcmV0";
+    let hub = TestHub::start(
+        HubConfig::new()
+            .policy("sender", SEND_KEY, &[hubsend_testhub::Right::Send])
+            .policy("listener", LISTEN_KEY, &[hubsend_testhub::Right::Listen]),
+    )
+    .await
+    .unwrap();
+    let dir = scratch("spool-refused");
+    let spool = dir.join("spool");
+    let input = write(&dir, "in.ndjson", &telemetry_lines(LINES));
+    let run = |cs: String, idempotent: bool| {
+        let (input, spool) = (input.clone(), spool.clone());
+        async move {
+            let mut args = vec![
+                "send",
+                "--connection-string",
+                &cs,
+                "--input",
+                &input,
+                "--spool",
+                spool.to_str().unwrap(),
+                "--json",
+            ];
+            if idempotent {
+                args.push("--idempotent");
+            }
+            let started = std::time::Instant::now();
+            let child = command(&args)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn hubsend");
+            let pid = child.id();
+            // A refusal ends the run (it used to reconnect forever): SIGKILL after 30 s so
+            // the test fails instead of hanging.
+            match tokio::time::timeout(Duration::from_secs(30), wait(child)).await {
+                Ok(run) => (run, started.elapsed()),
+                Err(_) => {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    panic!("the run did not end within 30 s");
+                }
+            }
+        }
+    };
+    let good = hub.connection_string_for("sender", HUB);
+    let refusals = [
+        (
+            good.replace(SEND_KEY, WRONG_KEY),
+            5,
+            "unauthorized",
+            "SharedAccessKey",
+            false,
+        ),
+        (
+            hub.connection_string_for("listener", HUB),
+            5,
+            "unauthorized",
+            "may send",
+            false,
+        ),
+        (
+            good.replace(&format!("EntityPath={HUB}"), "EntityPath=no-such-hub"),
+            1,
+            "not found",
+            "does not exist",
+            false,
+        ),
+        // The idempotent drain connects through the same path.
+        (
+            good.replace(SEND_KEY, WRONG_KEY),
+            5,
+            "unauthorized",
+            "SharedAccessKey",
+            true,
+        ),
+    ];
+    for (i, (cs, code, kind, hint, idempotent)) in refusals.into_iter().enumerate() {
+        let (r, took) = run(cs, idempotent).await;
+        assert_eq!(r.code, code, "{kind}: stderr:\n{}", r.stderr);
+        assert!(took < Duration::from_secs(20), "{kind}: took {took:?}");
+        assert!(r.stderr.contains(hint), "{kind}: {}", r.stderr);
+        for key in [SEND_KEY, LISTEN_KEY, WRONG_KEY] {
+            assert!(!r.stdout.contains(key) && !r.stderr.contains(key));
+        }
+        let j = r.json();
+        assert_eq!(j["error_kind"], kind, "{j}");
+        assert!(j["error"].as_str().is_some_and(|e| e.contains(hint)), "{j}");
+        // The first run spools the input; the later ones resume it and read nothing new.
+        let (spooled, resumed) = if i == 0 { (LINES, 0) } else { (0, LINES) };
+        assert_eq!(
+            (
+                j["spooled"].as_u64(),
+                j["resumed"].as_u64(),
+                j["sent"].as_u64(),
+                j["failed"].as_u64()
+            ),
+            (
+                Some(u64::from(spooled)),
+                Some(u64::from(resumed)),
+                Some(0),
+                Some(0)
+            ),
+            "{kind}: {j}"
+        );
+    }
+    assert!(hub.events(HUB).is_empty());
+
+    // The right key: everything the spool kept is stored, each record once.
+    let (r, _) = run(good, false).await;
+    assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
+    let j = r.json();
+    assert_eq!(
+        (
+            j["resumed"].as_u64(),
+            j["spooled"].as_u64(),
+            j["sent"].as_u64()
+        ),
+        (Some(u64::from(LINES)), Some(0), Some(u64::from(LINES))),
+        "{j}"
+    );
+    assert!(j["error"].is_null(), "{j}");
+    let mut values: Vec<u64> = hub
+        .events(HUB)
+        .iter()
+        .map(|e| {
+            let body: Value = serde_json::from_slice(&e.body).unwrap();
+            body["value"].as_u64().unwrap()
+        })
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (0..u64::from(LINES)).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

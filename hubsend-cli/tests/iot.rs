@@ -1,14 +1,14 @@
 //! End-to-end tests of `hubsend iot send`: the real binary against a test hub in IoT Hub mode
 //! (AMQP and the registry REST side on one device store) running in this process.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use hubsend_testhub::iothub_http::IotHubRest;
 use hubsend_testhub::{HubConfig, Right, TestHub};
 use serde_json::Value;
 
 mod support;
-use support::{free_port, scratch, spawn_silent, spool_bytes};
+use support::{command, free_port, scratch, spawn_silent, spool_bytes};
 
 const HOST: &str = "plant.azure-devices.net";
 const KEY: &str = "cG9saWN5LWtleS1mb3ItdGhlLWNsaS1pb3QtdGVzdHM=";
@@ -58,14 +58,10 @@ impl Run {
 async fn iot_send(cs: &str, args: Vec<String>, input: String) -> Run {
     let cs = cs.to_owned();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubsend"))
-            .args(["iot", "send"])
+        let mut child = command(&["iot", "send"])
             .args(&args)
             .env("IOTHUB_CONNECTION_STRING", cs)
-            .env_remove("RUST_LOG")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn hubsend");
         let mut stdin = child.stdin.take().unwrap();

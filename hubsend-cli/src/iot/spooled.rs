@@ -18,9 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hubsend::iothub::{Gateway, MAX_MESSAGE_SIZE};
-use hubsend::{Error, ErrorKind};
 use hubsend_spool::{DeviceOutcome, IotHubSender, IotHubSink, Route, SpooledProducer};
-use tokio::sync::watch;
 
 use super::{print_end, set_error, DeviceCount, DeviceOf, DeviceTotals, IotSendArgs, Plan, Sender};
 use crate::commands::{CliObserver, Ui};
@@ -31,7 +29,7 @@ use crate::ingest::report::{rate, IngestReport};
 use crate::ingest::{self, InputFormat};
 use crate::progress::ProgressView;
 use crate::signals::Signals;
-use crate::spooled::{print_summary, spool_input};
+use crate::spooled::{no_reconnection_fixes, print_summary, spool_input, Refusal};
 
 /// What the drain has seen, shared with the sink's callbacks.
 #[derive(Default)]
@@ -43,23 +41,6 @@ struct Seen {
     earlier: DeviceTotals,
     /// A device sender was connected.
     device_sender: bool,
-}
-
-/// Errors that no reconnection fixes: the run stops and leaves the records spooled.
-fn is_fatal(error: &Error) -> bool {
-    matches!(
-        error.kind(),
-        ErrorKind::Unauthorized | ErrorKind::InvalidConfig | ErrorKind::InvalidConnectionString
-    )
-}
-
-/// Keeps the first fatal error (and wakes whoever waits for one).
-fn note_fatal(fatal: &watch::Sender<Option<Error>>, error: &Error) {
-    fatal.send_if_modified(|f| {
-        let first = f.is_none();
-        f.get_or_insert_with(|| error.clone());
-        first
-    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -92,18 +73,13 @@ pub(super) async fn send(
     let resume_after = spool.last_tag().unwrap_or(0);
     let seen = Arc::new(Mutex::new(Seen::default()));
     // The first error no reconnection fixes.
-    let (fatal_tx, mut fatal) = watch::channel(None::<Error>);
-    let fatal_tx = Arc::new(fatal_tx);
+    let refusal = Refusal::new(no_reconnection_fixes);
     let sink = {
-        let (seen, fatal_tx) = (seen.clone(), fatal_tx.clone());
+        let (seen, refusal) = (seen.clone(), refusal.clone());
         IotHubSink::new(move || {
-            let (plan, seen, fatal_tx) = (plan.clone(), seen.clone(), fatal_tx.clone());
+            let (plan, seen, refusal) = (plan.clone(), seen.clone(), refusal.clone());
             async move {
-                let sender = plan.connect().await.inspect_err(|e| {
-                    if is_fatal(e) {
-                        note_fatal(&fatal_tx, e);
-                    }
-                })?;
+                let sender = plan.connect().await.inspect_err(|e| refusal.check(e))?;
                 Ok(match sender {
                     Sender::Gateway(g) => {
                         // Only the counters of the ones before are kept: a long outage
@@ -126,14 +102,14 @@ pub(super) async fn send(
         })
     }
     .on_outcome({
-        let (seen, fatal_tx) = (seen.clone(), fatal_tx.clone());
+        let (seen, refusal) = (seen.clone(), refusal.clone());
         move |device, outcome| {
             let mut seen = lock(&seen);
             let count = seen.devices.entry(device.to_owned()).or_default();
             match outcome {
                 DeviceOutcome::Sent => count.sent += 1,
                 DeviceOutcome::Failed(_) => count.failed += 1,
-                DeviceOutcome::Retrying(e) if is_fatal(e) => note_fatal(&fatal_tx, e),
+                DeviceOutcome::Retrying(e) => refusal.check(e),
                 _ => {}
             }
         }
@@ -154,13 +130,6 @@ pub(super) async fn send(
         Ok((event, Route::device(device, name)))
     };
     // The first signal, or a refusal no reconnection fixes, stops the reading.
-    let mut refused = fatal.clone();
-    let stop = async {
-        tokio::select! {
-            _ = signals.nth(1) => {}
-            _ = refused.wait_for(Option::is_some) => {}
-        }
-    };
     let input_error = spool_input(
         &producer,
         input,
@@ -168,22 +137,15 @@ pub(super) async fn send(
         route,
         &mut observer,
         &mut report,
-        stop,
+        refusal.or_signal(&signals),
     )
     .await;
 
     // Wait for the hub to accept everything, unless a (further) signal says stop or the hub
     // refuses the credentials: what is left stays in the spool for the next run.
-    let stop_at = if report.interrupted && signals.received() > 0 {
-        2
-    } else {
-        1
-    };
-    let drained = tokio::select! {
-        _ = producer.drained() => true,
-        _ = signals.nth(stop_at) => false,
-        _ = fatal.wait_for(Option::is_some) => false,
-    };
+    let drained = refusal
+        .drained(&producer, &signals, report.interrupted)
+        .await;
     if !drained {
         report.interrupted = true;
     }
@@ -203,7 +165,7 @@ pub(super) async fn send(
         totals.connections = totals.connections.max(1);
     }
     let rejects_error = observer.finish();
-    let fatal = fatal.borrow().clone();
+    let fatal = refusal.error();
 
     let elapsed = started.elapsed();
     report.sent = spooled.sent;

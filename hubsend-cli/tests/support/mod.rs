@@ -40,6 +40,18 @@ pub fn spool_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// `hubsend ARGS` without the connection-string and log variables of the test's environment,
+/// its standard output and error piped (standard input is the caller's to set).
+pub fn command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubsend"));
+    cmd.args(args)
+        .env_remove("EVENTHUB_CONNECTION_STRING")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// Starts `hubsend ARGS` with `env` added, nothing on standard input and its output
 /// discarded: a run a test kills.
 pub fn spawn_silent<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Child {
