@@ -508,31 +508,36 @@ async fn spool_keeps_the_records_when_the_hub_refuses_the_credentials() {
     ]);
     a.extend(iot.endpoints().into_iter().take(2));
     let cs = iot.hub.iothub_connection_string("readonly");
-    let run = iot_send(&cs, a.clone(), input).await;
+    let run = iot_send(&cs, a.clone(), input.clone()).await;
     assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(run.stderr.contains("DeviceConnect"), "{}", run.stderr);
     assert!(!run.stderr.contains(KEY) && !run.stdout.contains(KEY));
     let j = run.json();
+    // A refusal stops the reading too: on a slow machine the refusal may come before the
+    // reader handed over the whole input, and the same command reads on after what it kept.
+    let kept = j["spooled"].as_u64().expect("spooled");
+    assert!(kept <= 10, "{j}");
     assert_eq!(
-        (
-            j["spooled"].as_u64(),
-            j["sent"].as_u64(),
-            j["failed"].as_u64()
-        ),
-        (Some(10), Some(0), Some(0)),
+        (j["sent"].as_u64(), j["failed"].as_u64()),
+        (Some(0), Some(0)),
         "{j}"
     );
     assert_eq!(j["error_kind"], "unauthorized", "{j}");
     assert!(iot.hub.iothub_messages("d1").is_empty());
 
-    // The input is spooled already: nothing more is read from it.
+    // The same command with a policy that may send: what the spool kept goes first, then
+    // the rest of the input.
     let cs = iot.hub.iothub_connection_string("device");
-    let run = iot_send(&cs, a, String::new()).await;
+    let run = iot_send(&cs, a, input).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let j = run.json();
     assert_eq!(
-        (j["resumed"].as_u64(), j["sent"].as_u64()),
-        (Some(10), Some(10)),
+        (
+            j["resumed"].as_u64(),
+            j["spooled"].as_u64(),
+            j["sent"].as_u64()
+        ),
+        (Some(kept), Some(10 - kept), Some(10)),
         "{j}"
     );
     assert_eq!(stored_values(&iot, "d1"), [0, 2, 4, 6, 8]);
