@@ -822,6 +822,15 @@ impl LaneShared {
 }
 
 impl LaneState {
+    /// Every batch not shipped yet, oldest first: the sealed ones, then the open one (taken
+    /// under one lock, so that a batch sealed meanwhile by an `enqueue` on another thread
+    /// cannot be shipped after the newer open batch).
+    fn take_all(&mut self) -> Vec<Filled> {
+        let mut all: Vec<Filled> = self.sealed.drain(..).collect();
+        all.push(self.take_open());
+        all
+    }
+
     /// The open batch and what goes with it, replaced by an empty one.
     fn take_open(&mut self) -> Filled {
         let empty = self.open.empty_like();
@@ -952,9 +961,13 @@ impl LaneTask {
                 biased;
                 command = rx.recv() => {
                     let Some(LaneCommand::Flush(done)) = command else { break };
-                    self.ship_sealed(&shared, &settle_tx).await;
-                    let open = shared.lock().take_open();
-                    self.ship(open, &settle_tx, Some(done)).await;
+                    let all = shared.lock().take_all();
+                    let last = all.len() - 1;
+                    let mut done = Some(done);
+                    for (i, filled) in all.into_iter().enumerate() {
+                        let flushed = if i == last { done.take() } else { None };
+                        self.ship(filled, &settle_tx, flushed).await;
+                    }
                     deadline = None;
                 }
                 () = shared.wake.notified() => {
@@ -964,8 +977,10 @@ impl LaneTask {
                     }
                 }
                 () = linger => {
-                    let open = shared.lock().take_open();
-                    self.ship(open, &settle_tx, None).await;
+                    let all = shared.lock().take_all();
+                    for filled in all {
+                        self.ship(filled, &settle_tx, None).await;
+                    }
                     deadline = None;
                 }
             }
