@@ -15,7 +15,7 @@ use crate::ingest::stream::{self, IngestObserver, IngestOptions, Routing};
 use crate::ingest::{self, InputFormat, Lines, ParsedLine, CHUNK_LINES};
 use crate::progress::{CountingReader, ProgressMode, ProgressView};
 use crate::style::EventStyle;
-use hubsend::{ErrorKind, Producer, ProducerOptions, Transport};
+use hubsend::{ErrorKind, Producer, ProducerBuilder, ProducerOptions, Transport};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -79,7 +79,7 @@ pub(crate) struct Connection {
 }
 
 /// `--transport`, `--endpoint`, `--proxy`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Network {
     pub(crate) transport: Option<Transport>,
     pub(crate) endpoint: Option<String>,
@@ -89,6 +89,21 @@ pub(crate) struct Network {
 }
 
 impl Network {
+    /// `builder` going the way these options say (used with and without `--spool`).
+    pub(crate) fn apply(&self, mut builder: ProducerBuilder) -> ProducerBuilder {
+        if let Some(transport) = self.transport {
+            builder = builder.transport(transport);
+        }
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.endpoint(endpoint);
+        }
+        // An explicit --proxy, else $HTTPS_PROXY unless $NO_PROXY exempts the host.
+        match &self.proxy {
+            Some(proxy) => builder.proxy(proxy),
+            None => builder.proxy_from_env(self.proxy_from_env),
+        }
+    }
+
     /// The transport these options ask for: `--transport`, else what `--endpoint`'s scheme
     /// implies, else AMQP (the producer reports the one it uses).
     fn requested(&self) -> Transport {
@@ -194,17 +209,7 @@ async fn connect(
     if let Some(hub) = &connection.event_hub {
         builder = builder.event_hub(hub);
     }
-    if let Some(transport) = network.transport {
-        builder = builder.transport(transport);
-    }
-    if let Some(endpoint) = &network.endpoint {
-        builder = builder.endpoint(endpoint);
-    }
-    // An explicit --proxy, else $HTTPS_PROXY unless $NO_PROXY exempts the host.
-    builder = match &network.proxy {
-        Some(proxy) => builder.proxy(proxy),
-        None => builder.proxy_from_env(network.proxy_from_env),
-    };
+    builder = network.apply(builder);
     if let Some(pem) = read_ca_file(connection)? {
         builder = builder.add_root_certificate_pem(pem);
     }

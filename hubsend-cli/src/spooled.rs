@@ -256,6 +256,8 @@ pub(crate) async fn send(
     let base: ProducerOptions = producer_options(&config.connection, config.max_in_flight);
     let idempotent = config.connection.idempotent;
     let event_hub = config.connection.event_hub.clone();
+    // `--transport`, `--endpoint` and `--proxy`, as without `--spool`.
+    let network = config.network.clone();
     // Every connect of the drain goes through `builder`: a refusal there ends the run.
     let refusal = Refusal::new(event_hub_fatal);
     let connect_refusal = refusal.clone();
@@ -269,6 +271,7 @@ pub(crate) async fn send(
         if let Some(pem) = &ca_pem {
             builder = builder.add_root_certificate_pem(pem.clone());
         }
+        builder = network.apply(builder);
         let refusal = connect_refusal.clone();
         async move { builder.connect().await.inspect_err(|e| refusal.check(e)) }
     };

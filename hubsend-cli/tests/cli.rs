@@ -768,6 +768,41 @@ async fn send_over_https_stores_the_records_and_reports_the_transport() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_spool_goes_the_way_transport_and_endpoint_say() {
+    // The spool's drain connects with --transport and --endpoint too (it used to take only
+    // the connection string, and went over AMQP).
+    let hub = TestHub::start(HubConfig::new().rest(true)).await.unwrap();
+    let dir = scratch("spool-https");
+    let input = write(&dir, "in.ndjson", &telemetry_lines(200));
+    let spool = dir.join("spool");
+    let url = hub.rest_url().unwrap();
+    let run = send_file(
+        &hub,
+        &input,
+        &[
+            "--transport",
+            "https",
+            "--endpoint",
+            &url,
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let report = run.json();
+    assert_eq!(
+        (report["sent"].as_u64(), report["spooled"].as_u64()),
+        (Some(200), Some(200)),
+        "{report}"
+    );
+    assert_eq!(hub.events(HUB).len(), 200);
+    assert!(hub.rest_stats().created >= 1, "{:?}", hub.rest_stats());
+    assert_eq!(hub.stats().deliveries_accepted, 0, "nothing went over AMQP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_over_https_against_the_local_hub() {
     let run = hubsend(
         &[
