@@ -145,6 +145,8 @@ fn bodies(bytes: usize, count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+// Our own, as in the CLI: a line of /proc/self/status is a few lines; procfs or sysinfo
+// would be a dev-dependency of the library for it.
 fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -199,6 +201,8 @@ fn cpu_seconds_precise() -> f64 {
     }
 }
 
+// Exact, over one timed mode's samples (a bounded run, unlike a `hubsend send` that may go
+// on for days, which uses a histogram); no hdrhistogram dev-dependency for a benchmark.
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
     if samples.is_empty() {
         return (0.0, 0.0);

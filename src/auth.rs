@@ -147,9 +147,9 @@ pub(crate) fn parse_sas_expiry(signature: &str) -> std::result::Result<SystemTim
         return Err("must start with `SharedAccessSignature ` (one space)".to_owned());
     };
     let (mut sr, mut sig, mut se) = (None, None, None);
-    for pair in fields.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let slot = match name {
+    // Split and percent-decoded as the hub reads a token (`application/x-www-form-urlencoded`).
+    for (name, value) in url::form_urlencoded::parse(fields.as_bytes()) {
+        let slot = match &*name {
             "sr" => &mut sr,
             "sig" => &mut sig,
             "se" => &mut se,
@@ -160,8 +160,8 @@ pub(crate) fn parse_sas_expiry(signature: &str) -> std::result::Result<SystemTim
         }
         *slot = Some(value);
     }
-    for (name, value) in [("sr", sr), ("sig", sig), ("se", se)] {
-        match value {
+    for (name, value) in [("sr", &sr), ("sig", &sig), ("se", &se)] {
+        match value.as_deref() {
             None => return Err(format!("has no `{name}` field")),
             Some("") => return Err(format!("has an empty `{name}` field")),
             Some(_) => {}
@@ -865,6 +865,16 @@ mod tests {
         assert_eq!(
             parse_sas_expiry(ok),
             Ok(UNIX_EPOCH + Duration::from_secs(42))
+        );
+        // Fields are form-decoded, as the hub reads them: an encoded name or value counts.
+        let encoded = "SharedAccessSignature sr=sb%3A%2F%2Fns%2Fhub&sig=a%2Bb%3D&s%65=%34%32";
+        assert_eq!(
+            parse_sas_expiry(encoded),
+            Ok(UNIX_EPOCH + Duration::from_secs(42))
+        );
+        assert_eq!(
+            parse_sas_expiry("SharedAccessSignature sr=x&sig=s&se=4&s%65=2"),
+            Err("has more than one `se` field".to_owned())
         );
     }
 

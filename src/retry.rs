@@ -16,8 +16,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-
 use crate::error::Error;
 #[cfg(test)]
 use crate::error::{Condition, ErrorKind};
@@ -100,9 +98,16 @@ impl RetryOptions {
             .base_delay
             .saturating_mul(1u32 << exp)
             .min(self.max_delay);
-        let jitter = rand::thread_rng().gen_range(0.0..0.2);
-        base + base.mul_f64(jitter)
+        base + base.mul_f64(jitter())
     }
+}
+
+/// A uniform fraction in `0..0.2`. From getrandom (in the tree anyway, through uuid) instead
+/// of a whole `rand` for one number a retry; retries are rare, so one system call each is free.
+fn jitter() -> f64 {
+    // No randomness from the OS (not seen on supported targets): retry without jitter.
+    let bits = getrandom::u64().unwrap_or(0);
+    (bits >> 11) as f64 / (1_u64 << 53) as f64 * 0.2
 }
 
 pub(crate) use crate::error::Action;
@@ -157,5 +162,13 @@ mod tests {
         assert!(d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(480));
         let d9 = r.delay(9);
         assert!(d9 >= Duration::from_millis(1000) && d9 <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn jitter_is_spread_over_a_fifth() {
+        let draws: Vec<f64> = (0..1_000).map(|_| jitter()).collect();
+        assert!(draws.iter().all(|j| (0.0..0.2).contains(j)), "{draws:?}");
+        // Spread, not one value: both halves of the range are hit.
+        assert!(draws.iter().any(|&j| j < 0.1) && draws.iter().any(|&j| j >= 0.1));
     }
 }

@@ -634,6 +634,7 @@ impl IotHubState {
         let mut sig = None;
         let mut se = None;
         let mut skn = None;
+        // Split by hand, not form-decoded: the signature covers `sr` and `se` as sent.
         for pair in token.split('&') {
             let (k, v) = pair.split_once('=').ok_or("malformed token")?;
             match k {

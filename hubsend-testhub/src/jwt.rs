@@ -113,6 +113,10 @@ fn unauthorized(why: &str) -> TokenError {
 }
 
 /// Verifies a JWT put for the CBS `name` against `issuers`.
+// Our own, not jsonwebtoken: its time checks read the clock (tests pass `now_secs`) with one
+// leeway for `exp` and `nbf` (ours: none and 60 s), leaving it only split, HS256 and `aud`, for
+// a crypto backend of its own (aws-lc-rs, or RustCrypto's rsa/p256/p384/ed25519: a second stack
+// in a `ring` build) here and in the CLI's `local-hub`. `verify_slice` is constant-time.
 pub(crate) fn verify(
     token: &str,
     name: &str,

@@ -45,6 +45,9 @@ pub(crate) struct ParsedToken<'a> {
 }
 
 /// Splits a token into its fields; order-independent, first `=` splits.
+///
+/// Not `form_urlencoded::parse`: the signature covers `sr` and `se` as sent (still encoded),
+/// and form decoding would turn a `+` left in `sig` into a space; each field is decoded below.
 pub(crate) fn parse_token(token: &str) -> Option<ParsedToken<'_>> {
     let (scheme, rest) = token.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("SharedAccessSignature") {

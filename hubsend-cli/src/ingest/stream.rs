@@ -17,7 +17,7 @@ use hubsend::{
 use tokio::sync::mpsc;
 
 use super::record::RecordError;
-use super::report::{percentile_ms, rate, IngestReport, Progress, Reject};
+use super::report::{rate, IngestReport, Latencies, Progress, Reject};
 use super::{preview, Lines, ParsedLine};
 use crate::style::EventStyle;
 use crate::text::error_chain;
@@ -144,7 +144,7 @@ struct Tally {
     /// Batches with an outcome.
     batches: u64,
     /// Each stored batch's latency.
-    latencies: Vec<Duration>,
+    latencies: Latencies,
     /// The first failure: its text (with causes) and kind.
     error: Option<(String, ErrorKind)>,
     /// A failure that will fail everything after it too.
@@ -376,7 +376,6 @@ impl Run<'_> {
             (None, Some((text, kind))) => (Some(text), Some(kind.to_string())),
             (None, None) => (None, None),
         };
-        tally.latencies.sort_unstable();
         IngestReport {
             sent: buffered.sent,
             rejected: self.rejected,
@@ -389,8 +388,8 @@ impl Run<'_> {
             records: self.records,
             batches: tally.batches,
             partition_keys: self.keys.len() as u64,
-            p50_ms: percentile_ms(&tally.latencies, 0.50),
-            p99_ms: percentile_ms(&tally.latencies, 0.99),
+            p50_ms: tally.latencies.percentile_ms(0.50),
+            p99_ms: tally.latencies.percentile_ms(0.99),
             interrupted: self.interrupted || !finished,
             error,
             error_kind,
@@ -428,7 +427,7 @@ where
             let mut tally = lock(&tally);
             tally.bytes += batch.body_bytes;
             tally.batches += 1;
-            tally.latencies.push(batch.latency);
+            tally.latencies.record(batch.latency);
         }
     };
     let on_failure = {
