@@ -314,7 +314,7 @@ pub(crate) async fn send(
         if let Route::PartitionKey(k) = &route {
             keys.insert(k.clone());
         }
-        Ok((config.style.apply(record.to_event()), route))
+        Ok((config.style.apply(record.into_event()), route))
     };
     let error = spool_input(
         &producer,

@@ -11,6 +11,7 @@ pub(crate) mod csv;
 pub(crate) mod ndjson;
 pub(crate) mod record;
 pub(crate) mod report;
+pub(crate) mod scan;
 pub(crate) mod stream;
 
 use std::io::{BufReader, Read};

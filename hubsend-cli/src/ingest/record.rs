@@ -6,10 +6,14 @@
 //! [`RecordError`] naming the reason; it is never sent.
 
 use std::fmt;
+use std::ops::Range;
+use std::sync::OnceLock;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use hubsend::Event;
 use serde_json::{Map, Number, Value};
+
+use super::scan::{self, Scanned};
 
 /// The field naming the sensor.
 pub(crate) const SENSOR_ID: &str = "sensor_id";
@@ -94,15 +98,29 @@ pub(crate) enum Schema {
 /// A record to send: under [`Schema::Telemetry`] a validated JSON object with `sensor_id`, a
 /// UTC `timestamp` and `value`, plus any other fields unchanged; under [`Schema::None`] any
 /// JSON object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Record {
-    object: Map<String, Value>,
+    /// The object; for a line taken as it stands (see [`scan`](super::scan)) it is parsed
+    /// from `body` only when something asks for it (a partition key field other than
+    /// `sensor_id`), which gives the same object the full parse would have built.
+    object: OnceLock<Map<String, Value>>,
     /// `None` under [`Schema::None`].
     timestamp: Option<DateTime<Utc>>,
     /// The event body as read, when it is one: under [`Schema::None`] an NDJSON line, and
     /// under the telemetry schema an NDJSON line that needed no normalisation (its own bytes
     /// are sent, not re-serialised: field order, spacing and number spelling as written).
     body: Option<String>,
+    /// Where `sensor_id`'s text lies in `body`, when the line was taken as it stands and the
+    /// id holds no escapes.
+    sensor_id_span: Option<Range<usize>>,
+}
+
+impl PartialEq for Record {
+    fn eq(&self, other: &Record) -> bool {
+        self.timestamp == other.timestamp
+            && self.body == other.body
+            && self.object() == other.object()
+    }
 }
 
 impl Record {
@@ -148,9 +166,10 @@ impl Record {
             object.insert(TIMESTAMP.to_owned(), Value::String(normalised));
         }
         let record = Record {
-            object,
+            object: OnceLock::from(object),
             timestamp: Some(timestamp),
             body: None,
+            sensor_id_span: None,
         };
         Ok((record, already_normal))
     }
@@ -159,9 +178,10 @@ impl Record {
     /// the object's encoding (the NDJSON line as read).
     pub(crate) fn unchecked(object: Map<String, Value>, body: Option<String>) -> Record {
         Record {
-            object,
+            object: OnceLock::from(object),
             timestamp: None,
             body,
+            sensor_id_span: None,
         }
     }
 
@@ -193,9 +213,10 @@ impl Record {
         );
         object.insert(VALUE.to_owned(), value);
         Record {
-            object,
+            object: OnceLock::from(object),
             timestamp: Some(timestamp),
             body: None,
+            sensor_id_span: None,
         }
     }
 
@@ -203,7 +224,7 @@ impl Record {
     pub(crate) fn with_field(mut self, name: impl Into<String>, value: Value) -> Record {
         let name = name.into();
         if name != SENSOR_ID && name != TIMESTAMP && name != VALUE {
-            self.object.insert(name, value);
+            self.object_mut().insert(name, value);
         }
         self
     }
@@ -211,7 +232,7 @@ impl Record {
     /// The sensor id.
     #[cfg(test)]
     pub(crate) fn sensor_id(&self) -> &str {
-        self.object
+        self.object()
             .get(SENSOR_ID)
             .and_then(Value::as_str)
             .unwrap_or_default()
@@ -226,13 +247,41 @@ impl Record {
     /// The reading: a JSON number or string.
     #[cfg(test)]
     pub(crate) fn value(&self) -> &Value {
-        self.object.get(VALUE).unwrap_or(&Value::Null)
+        self.object().get(VALUE).unwrap_or(&Value::Null)
     }
 
     /// The whole record as a JSON object, `timestamp` already normalised.
     #[cfg(test)]
     pub(crate) fn as_json(&self) -> &Map<String, Value> {
-        &self.object
+        self.object()
+    }
+
+    /// A record of a line taken as it stands: `line` is the body, the object is parsed from it
+    /// when asked for.
+    fn from_line(line: &str, scanned: Scanned) -> Record {
+        Record {
+            object: OnceLock::new(),
+            timestamp: scanned.timestamp,
+            body: Some(line.to_owned()),
+            sensor_id_span: scanned.sensor_id,
+        }
+    }
+
+    /// The object, parsed from the body the first time for a line taken as it stands.
+    fn object(&self) -> &Map<String, Value> {
+        self.object.get_or_init(|| {
+            // The body is a JSON object the scan accepted, so this parse succeeds.
+            match self.body.as_deref().map(serde_json::from_str::<Value>) {
+                Some(Ok(Value::Object(object))) => object,
+                _ => Map::new(),
+            }
+        })
+    }
+
+    fn object_mut(&mut self) -> &mut Map<String, Value> {
+        self.object();
+        // Initialised just above.
+        self.object.get_mut().expect("the object is initialised")
     }
 
     /// The record's JSON encoding: the event body.
@@ -241,12 +290,22 @@ impl Record {
             return body.clone().into_bytes();
         }
         // Serialising a map of JSON values cannot fail.
-        serde_json::to_vec(&self.object).unwrap_or_default()
+        serde_json::to_vec(self.object()).unwrap_or_default()
     }
 
     /// The record as an event: its JSON encoding with content type `application/json`.
     pub(crate) fn to_event(&self) -> Event {
         Event::new(self.to_json_bytes()).with_content_type("application/json")
+    }
+
+    /// [`to_event`](Self::to_event), moving a body read from the input into the event
+    /// instead of copying it.
+    pub(crate) fn into_event(self) -> Event {
+        let body = match self.body {
+            Some(body) => body.into_bytes(),
+            None => serde_json::to_vec(self.object()).unwrap_or_default(),
+        };
+        Event::new(body).with_content_type("application/json")
     }
 
     /// The partition key for this record: the string form of `field`'s value (strings as they
@@ -256,7 +315,14 @@ impl Record {
     /// [`RecordError::MissingPartitionKey`] when the field is absent or `null`,
     /// [`RecordError::InvalidPartitionKey`] when it is an object or array.
     pub(crate) fn partition_key(&self, field: &str) -> Result<String, RecordError> {
-        match self.object.get(field) {
+        if field == SENSOR_ID {
+            if let (Some(span), Some(body)) = (&self.sensor_id_span, &self.body) {
+                if let Some(id) = body.get(span.clone()) {
+                    return Ok(id.to_owned());
+                }
+            }
+        }
+        match self.object().get(field) {
             None | Some(Value::Null) => Err(RecordError::MissingPartitionKey(field.to_owned())),
             Some(Value::String(s)) => Ok(s.clone()),
             Some(Value::Number(n)) => Ok(n.to_string()),
@@ -314,6 +380,20 @@ pub(crate) fn parse_ndjson_line(line: &str) -> Result<Record, RecordError> {
 /// [`Record::with_schema`].
 pub(crate) fn parse_ndjson_line_as(line: &str, schema: Schema) -> Result<Record, RecordError> {
     let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+    let scanned = match schema {
+        Schema::Telemetry => scan::telemetry(line),
+        Schema::None => scan::object(line),
+    };
+    match scanned {
+        Some(scanned) => Ok(Record::from_line(line, scanned)),
+        None => parse_ndjson_line_full(line, schema),
+    }
+}
+
+/// [`parse_ndjson_line_as`] with a [`Value`] built for every line (`line` without a
+/// byte-order mark): the path for the lines the scan leaves to it, which names every reason and
+/// normalises.
+fn parse_ndjson_line_full(line: &str, schema: Schema) -> Result<Record, RecordError> {
     match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(object)) if schema == Schema::None => {
             Ok(Record::unchecked(object, Some(line.to_owned())))
@@ -362,6 +442,131 @@ mod tests {
             Value::Object(m) => m,
             _ => panic!("not an object"),
         }
+    }
+
+    /// Lines that probe every difference a borrowing scan could have from building a `Value`.
+    fn tricky_lines() -> Vec<String> {
+        let ts = "2025-08-19T08:30:00.250Z";
+        let mut lines: Vec<String> = [
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00.250Z","value":1}"#,
+            r#"{ "value" : 1.50 , "timestamp":"2025-08-19T08:30:00.250Z", "sensor_id":"a" }"#,
+            "\t{\"sensor_id\":\"a\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":2}  ",
+            r#"{"sensor_id":"a\"b\\c\u00e9\ud83d\ude00","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"é☃😀","timestamp":"2025-08-19T08:30:00Z","value":"Running"}"#,
+            r#"{"sensor\u005fid":"a","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025\u002d08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":"\ud800"}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":"\x"}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1e3}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":-0}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":-0.0}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":123456789012345678901234567890}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1e400}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"x":1e400}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"x":[1,{"y":-1e999}]}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":01}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1.}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":NaN}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":""}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":true}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":null}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":[1]}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":{}}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z"}"#,
+            r#"{"sensor_id":"","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":7,"timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":null,"timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T10:30:00+02:00","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19t08:30:00z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00.000Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00.250000Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00+00:00","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:60Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-02-30T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19 08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"yesterday","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":1700000000,"value":1}"#,
+            r#"{"sensor_id":"a","timestamp":null,"value":1}"#,
+            r#"{"sensor_id":"a","sensor_id":"b","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","sensor_id":"","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":7,"sensor_id":"b","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"x","timestamp":"2025-08-19T08:30:00Z","value":1}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"value":true}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"u":1,"u":"x"}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"unit":"mm/s","tags":{"a":[1,2,null,true,false,"s"]}}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1} x"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1}{}"#,
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1"#,
+            "{\"sensor_id\":\"a\tb\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":1}",
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00Z","value":1,"on":true,"n":null,"f":2.50,"i":-7}"#,
+            "{}",
+            "[]",
+            "[1,2]",
+            "42",
+            "\"s\"",
+            "null",
+            "",
+            "garbage",
+            "\u{feff}{\"sensor_id\":\"a\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":1}",
+            "\u{feff}\u{feff}{\"sensor_id\":\"a\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":1}",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        // Nesting at and past the parser's recursion limit, in an extra field.
+        for depth in [126, 127, 128, 200] {
+            lines.push(format!(
+                r#"{{"sensor_id":"a","timestamp":"{ts}","value":1,"deep":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            ));
+        }
+        lines
+    }
+
+    #[test]
+    fn the_scan_accepts_refuses_and_sends_exactly_what_the_full_parse_does() {
+        let fields = [
+            SENSOR_ID, TIMESTAMP, VALUE, "x", "u", "unit", "on", "n", "f", "i", "tags",
+        ];
+        let mut scanned = 0;
+        for line in tricky_lines() {
+            for schema in [Schema::Telemetry, Schema::None] {
+                let fast = parse_ndjson_line_as(&line, schema);
+                let stripped = line.strip_prefix('\u{feff}').unwrap_or(&line);
+                let full = parse_ndjson_line_full(stripped, schema);
+                assert_eq!(fast, full, "{schema:?} {line}");
+                let (Ok(fast), Ok(full)) = (fast, full) else {
+                    continue;
+                };
+                assert_eq!(fast.body, full.body, "{schema:?} {line}");
+                assert_eq!(fast.to_event().body(), full.to_event().body(), "{line}");
+                assert_eq!(fast.clone().into_event().body(), full.to_event().body());
+                for field in fields {
+                    assert_eq!(
+                        fast.partition_key(field),
+                        full.partition_key(field),
+                        "{schema:?} {field} {line}"
+                    );
+                }
+                if fast.object.get().is_none() || fast.sensor_id_span.is_some() {
+                    scanned += 1;
+                }
+            }
+        }
+        // The scan did take lines as they stand (this is not a comparison of the full parse
+        // with itself).
+        assert!(scanned >= 15, "{scanned}");
+        let canonical = r#"{"sensor_id":"s-1","timestamp":"2025-08-19T08:30:00Z","value":1}"#;
+        let scan = scan::telemetry(canonical).unwrap();
+        assert_eq!(&canonical[scan.sensor_id.unwrap()], "s-1");
+        assert!(scan::telemetry(
+            r#"{"sensor_id":"a","timestamp":"2025-08-19T08:30:00+00:00","value":1}"#
+        )
+        .is_none());
     }
 
     #[test]

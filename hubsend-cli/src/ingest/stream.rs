@@ -273,7 +273,7 @@ impl Run<'_> {
                 return self.reject(parsed.line, &parsed.raw, e.to_string());
             }
         };
-        let event = self.options.style.apply(record.to_event());
+        let event = self.options.style.apply(record.into_event());
         // The exact check is rare and async; the common path stays a plain enqueue.
         let checked = if self.near_limit(&event) {
             self.check_size(&event, &route).await
