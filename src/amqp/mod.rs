@@ -108,6 +108,34 @@ impl std::fmt::Debug for LinkHandle {
     }
 }
 
+/// The sender links [`Engine::link`] attached, by route: the hub's and each partition's.
+#[derive(Default)]
+struct Routes {
+    hub: Option<Arc<LinkHandle>>,
+    partitions: HashMap<String, Arc<LinkHandle>>,
+}
+
+impl Routes {
+    /// The link of `partition` (else the hub's), while its task still takes sends.
+    fn open(&self, partition: Option<&str>) -> Option<Arc<LinkHandle>> {
+        let link = match partition {
+            None => self.hub.as_ref(),
+            Some(p) => self.partitions.get(p),
+        }?;
+        (!link.tx.is_closed()).then(|| link.clone())
+    }
+
+    /// Records `link` as the link of `partition` (else the hub's).
+    fn put(&mut self, partition: Option<&str>, link: Arc<LinkHandle>) {
+        match partition {
+            None => self.hub = Some(link),
+            Some(p) => {
+                self.partitions.insert(p.to_owned(), link);
+            }
+        }
+    }
+}
+
 /// The connection a producer owns.
 pub(crate) struct Engine {
     config: ConnectConfig,
@@ -118,6 +146,9 @@ pub(crate) struct Engine {
     /// Flips the moment the current connection's stream ends (no polling).
     lost: std::sync::Mutex<Lost>,
     links: Mutex<HashMap<String, Arc<LinkHandle>>>,
+    /// The hub's and its partitions' open sender links, which [`link`](Self::link) reads
+    /// without `links`'s async lock or building the link's address: one lookup per send.
+    routes: std::sync::RwLock<Routes>,
     management: Mutex<Option<Management>>,
     link_counter: AtomicU64,
     /// Idempotent publishing: every partition's state.
@@ -416,6 +447,7 @@ impl Engine {
                 authorizer,
                 lost: std::sync::Mutex::new(lost),
                 links: Mutex::new(HashMap::new()),
+                routes: std::sync::RwLock::new(Routes::default()),
                 management: Mutex::new(None),
                 link_counter: AtomicU64::new(0),
                 refresher: std::sync::Mutex::new(Vec::new()),
@@ -447,10 +479,20 @@ impl Engine {
     }
 
     /// The sender link for the hub or one of its partitions, attached on first use.
+    /// Sends find an open one in `routes`; the first send of a route, or one after its link
+    /// task stopped, takes the locked path and records what it found.
     pub(crate) async fn link(self: &Arc<Self>, partition: Option<&str>) -> Result<Arc<LinkHandle>> {
+        self.check_open()?;
+        if let Some(link) = self.routes.read().ok().and_then(|r| r.open(partition)) {
+            return Ok(link);
+        }
         let entity = entity::eventhubs::sender(&self.config.host, &self.config.hub, partition);
         let idempotent = partition.filter(|_| self.publishing.is_some());
-        self.attach_link(entity, None, idempotent).await
+        let link = self.attach_link(entity, None, idempotent).await?;
+        if let Ok(mut routes) = self.routes.write() {
+            routes.put(partition, link.clone());
+        }
+        Ok(link)
     }
 
     /// The sender link for `entity`, attached on first use. Its audience is authorised first
@@ -555,11 +597,19 @@ impl Engine {
     /// queued keep their handle; the link task settles them, then detaches.
     pub(crate) async fn release_link(&self, target: &str, audience: &str) {
         let released = self.links.lock().await.remove(target);
+        self.forget_routes();
         self.authorizer.forget(audience);
         drop(released);
     }
 
     /// Fails with [`ErrorKind::Closed`] once `close` was called.
+    /// Empties `routes`, so that the next send of every route takes the locked path.
+    fn forget_routes(&self) {
+        if let Ok(mut routes) = self.routes.write() {
+            *routes = Routes::default();
+        }
+    }
+
     pub(crate) fn check_open(&self) -> Result<()> {
         match *self.lifecycle.borrow() {
             Lifecycle::Open => Ok(()),
@@ -749,6 +799,7 @@ impl Engine {
             }
         }
         let links: Vec<Arc<LinkHandle>> = self.links.lock().await.drain().map(|(_, l)| l).collect();
+        self.forget_routes();
         let tasks: Vec<JoinHandle<()>> = links
             .iter()
             .filter_map(|l| l.task.lock().ok().and_then(|mut t| t.take()))

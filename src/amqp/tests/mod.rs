@@ -145,3 +145,47 @@ async fn each_audience_is_refreshed_before_its_own_expiry_and_a_refused_one_fail
         .expect("alarms still sends");
     producer.close().await.expect("closes");
 }
+
+#[tokio::test]
+async fn a_route_keeps_its_link_until_the_link_task_stops_then_gets_a_new_one() {
+    let hub = TestHub::start(HubConfig::new().hub("telemetry", 2))
+        .await
+        .expect("hub");
+    let producer = Producer::builder()
+        .connection_string(hub.connection_string())
+        .connect()
+        .await
+        .expect("connects");
+    let engine = engine(&producer);
+    let first = engine.link(None).await.expect("hub link");
+    let again = engine.link(None).await.expect("hub link");
+    assert!(Arc::ptr_eq(&first, &again), "a second send reuses the link");
+    let partition = engine.link(Some("1")).await.expect("partition link");
+    assert!(
+        !Arc::ptr_eq(&first, &partition),
+        "a partition has its own link"
+    );
+    assert!(Arc::ptr_eq(
+        &partition,
+        &engine.link(Some("1")).await.expect("partition link")
+    ));
+
+    // The hub link's task stops: its queue closes, and the next send must not get it.
+    let task = first.task.lock().ok().and_then(|mut t| t.take());
+    task.expect("the link task").abort();
+    tokio::time::timeout(Duration::from_secs(5), first.tx.closed())
+        .await
+        .expect("the queue closes with its task");
+    let fresh = engine.link(None).await.expect("a new hub link");
+    assert!(!Arc::ptr_eq(&first, &fresh), "a stopped link is replaced");
+    let stored = send_on(&fresh, 7).await;
+    stored
+        .await
+        .expect("answered")
+        .expect("the new link stores the event");
+    assert!(Arc::ptr_eq(
+        &fresh,
+        &engine.link(None).await.expect("hub link")
+    ));
+    producer.close().await.expect("closes");
+}
