@@ -602,7 +602,6 @@ impl Engine {
         drop(released);
     }
 
-    /// Fails with [`ErrorKind::Closed`] once `close` was called.
     /// Empties `routes`, so that the next send of every route takes the locked path.
     fn forget_routes(&self) {
         if let Ok(mut routes) = self.routes.write() {
@@ -610,6 +609,7 @@ impl Engine {
         }
     }
 
+    /// Fails with [`ErrorKind::Closed`] once `close` was called.
     pub(crate) fn check_open(&self) -> Result<()> {
         match *self.lifecycle.borrow() {
             Lifecycle::Open => Ok(()),
