@@ -66,6 +66,14 @@ fn config() -> HubConfig {
     HubConfig::new().iothub(HOST)
 }
 
+/// [`config`] with devices `{prefix}0` … `{prefix}{n-1}` registered, each keyed with
+/// `POLICY_KEY`.
+fn with_devices(prefix: &str, n: usize) -> HubConfig {
+    (0..n).fold(config(), |config, i| {
+        config.iot_device(format!("{prefix}{i}"), POLICY_KEY)
+    })
+}
+
 #[tokio::test]
 async fn a_device_created_over_rest_sends_and_disabled_or_deleted_is_refused() {
     let iot = Iot::start(config()).await;
@@ -350,11 +358,7 @@ async fn without_registry_rights_only_the_unknown_devices_fail() {
 
 #[tokio::test]
 async fn a_disabled_device_fails_alone_while_the_others_keep_sending() {
-    let mut config = config();
-    for i in 0..5 {
-        config = config.iot_device(format!("d{i}"), POLICY_KEY);
-    }
-    let iot = Iot::start(config).await;
+    let iot = Iot::start(with_devices("d", 5)).await;
     iot.state().set_device_enabled("d2", false);
     let gateway = iot
         .builder(iot.hub.iothub_connection_string("iothubowner"))
@@ -391,11 +395,7 @@ async fn a_disabled_device_fails_alone_while_the_others_keep_sending() {
 
 #[tokio::test]
 async fn idle_device_links_are_closed_and_attached_again_on_use() {
-    let mut config = config();
-    for i in 0..3 {
-        config = config.iot_device(format!("i{i}"), POLICY_KEY);
-    }
-    let iot = Iot::start(config).await;
+    let iot = Iot::start(with_devices("i", 3)).await;
     let gateway = iot
         .builder(iot.hub.iothub_connection_string("device"))
         .idle_timeout(Some(Duration::from_millis(200)))
@@ -783,11 +783,7 @@ async fn stream(
 
 #[tokio::test]
 async fn a_device_deleted_through_the_registry_mid_stream_fails_alone_and_nothing_is_lost() {
-    let mut config = config();
-    for i in 0..4 {
-        config = config.iot_device(format!("s{i}"), POLICY_KEY);
-    }
-    let iot = Iot::start(config).await;
+    let iot = Iot::start(with_devices("s", 4)).await;
     // No auto-create: the deleted device must stay deleted.
     let gateway = iot
         .builder(iot.hub.iothub_connection_string("device"))

@@ -239,11 +239,22 @@ async fn missing_rights_and_unreachable_hubs_fail_with_a_clear_message() {
 
 /// SIGKILLs `child` (a spooled run) once its spool holds `bytes` bytes; it must not end
 /// before.
-async fn kill_once_spooled(mut child: std::process::Child, spool: &std::path::Path, bytes: u64) {
+async fn kill_once_spooled(child: std::process::Child, spool: &std::path::Path, bytes: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     // Watches the spool grow; the kill lands wherever the writer is at that moment.
-    while spool_bytes(spool) < bytes {
-        assert!(std::time::Instant::now() < deadline, "nothing spooled");
+    kill_when(child, deadline, "spooled", || spool_bytes(spool) >= bytes).await;
+}
+
+/// SIGKILLs `child` once `reached` holds (checked every millisecond); it must not end before,
+/// and `reached` must hold before `deadline` ("nothing {what}" otherwise).
+async fn kill_when(
+    mut child: std::process::Child,
+    deadline: std::time::Instant,
+    what: &str,
+    mut reached: impl FnMut() -> bool,
+) {
+    while !reached() {
+        assert!(std::time::Instant::now() < deadline, "nothing {what}");
         assert!(
             child.try_wait().unwrap().is_none(),
             "run 1 ended on its own"
@@ -556,7 +567,7 @@ async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
     const DEVICES: u64 = 4;
     let dir = scratch("iot-spool-mid-drain");
     let fleet = Fleet::new(&dir, LINES, DEVICES);
-    let mut first = fleet.spawn();
+    let first = fleet.spawn();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while spool_bytes(&fleet.spool) < 8192 {
         assert!(std::time::Instant::now() < deadline, "nothing spooled");
@@ -572,16 +583,7 @@ async fn spool_resumes_a_gateway_run_killed_mid_drain_losing_nothing() {
             .sum()
     };
     let threshold = 200 + u64::from(std::process::id()) % 6_000;
-    while stored(&iot) < threshold {
-        assert!(std::time::Instant::now() < deadline, "nothing stored");
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "run 1 ended on its own"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    first.kill().expect("SIGKILL");
-    let _ = first.wait();
+    kill_when(first, deadline, "stored", || stored(&iot) >= threshold).await;
     let at_kill = stored(&iot);
     iot.hub.faults().clear();
 
