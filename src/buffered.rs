@@ -989,12 +989,12 @@ impl LaneTask {
             }
         }
         // The last batches: from now on an add hands its event back (to the route's next lane).
-        let (sealed, open) = {
+        let last = {
             let mut state = shared.lock();
             state.closed = true;
-            (std::mem::take(&mut state.sealed), state.take_open())
+            state.take_all()
         };
-        for filled in sealed.into_iter().chain([open]) {
+        for filled in last {
             self.ship(filled, &settle_tx, None).await;
         }
         drop(settle_tx);
