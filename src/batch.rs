@@ -580,6 +580,39 @@ impl Sections {
         self.events.append(&other.events);
     }
 
+    /// Encodes `event` straight onto the end of this plain message when it shares the message's
+    /// partition key and the message stays within `limit` bytes; returns the bytes it added.
+    /// `None` (and the message unchanged) otherwise, for whatever reason: the caller then takes
+    /// the way that names it.
+    pub(crate) fn try_push(&mut self, event: &Event, key: Option<&str>, limit: u64) -> Option<u64> {
+        if self.stamping.is_some() || self.fixed.is_some() || self.partition_key.as_deref() != key {
+            return None;
+        }
+        let start = self.events.bytes.len();
+        if event.encode_into(&mut self.events.bytes, None).is_err() {
+            self.events.bytes.truncate(start);
+            return None;
+        }
+        let len = self.events.bytes.len() - start;
+        let added = len as u64 + section_overhead(len);
+        if self.size + added > limit {
+            self.events.bytes.truncate(start);
+            return None;
+        }
+        self.size += added;
+        self.events.ends.push(self.events.bytes.len());
+        Some(added)
+    }
+
+    /// Takes back the event [`try_push`](Self::try_push) just added (`added` bytes).
+    pub(crate) fn pop_last(&mut self, added: u64) {
+        if self.events.ends.pop().is_some() {
+            let end = self.events.ends.last().copied().unwrap_or(0);
+            self.events.bytes.truncate(end);
+            self.size -= added;
+        }
+    }
+
     /// The batch message (format 0x80013700) these sections make; an idempotent one stamped
     /// with `stamp` (its events numbered from `stamp.first` on, the envelope carrying the
     /// first event's annotations as Microsoft's clients do).

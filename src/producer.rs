@@ -34,7 +34,7 @@ use chrono::{DateTime, Utc};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Outgoing, Waiter};
+use crate::amqp::{ConnectConfig, ConnectionEvent, Engine, LinkHandle, Pushed, Queued, Waiters};
 use crate::auth::TokenProvider;
 use crate::batch::{BatchOptions, EventBatch, Route, Sections};
 use crate::connection_string::ConnectionString;
@@ -111,13 +111,12 @@ impl ProducerOptions {
         self
     }
 
-    /// How many messages a sender link's queue holds: everything the in-flight bounds let
-    /// callers queue, so that a link waiting for the hub finds the sends behind it there
-    /// to pack together (every queued message holds its permits; the queue adds no bound).
-    pub(crate) fn queue_depth(&self) -> usize {
-        self.max_in_flight
-            .saturating_add(self.max_pending_sends)
-            .min(1 << 22)
+    /// How many deliveries a link keeps awaiting their outcome before the single sends behind
+    /// them wait and gather into one message: as many full messages of `max_message_size` as
+    /// the byte bound holds (at least 2, so sends still overlap a round trip).
+    pub(crate) fn single_window(&self, max_message_size: u64) -> usize {
+        let full = self.max_in_flight_bytes as u64 / max_message_size.max(1);
+        full.clamp(2, 1024) as usize
     }
 
     /// Over AMQP: at most this many single-event sends ([`Producer::send`],
@@ -127,6 +126,10 @@ impl ProducerOptions {
     ///
     /// The sends queued on a link while it waits for the hub leave together, packed into as
     /// few deliveries as the message size allows; this bound is how many may wait that way.
+    /// A link waits while as many deliveries await their outcome as
+    /// [`max_in_flight_bytes`](Self::max_in_flight_bytes) holds messages of the largest size
+    /// (at least 2; 8 by default): a lone send leaves at once, and sends under load travel
+    /// together in full messages instead of one small delivery each.
     ///
     /// An [idempotent](Self::idempotent) producer's single sends count against
     /// [`max_in_flight`](Self::max_in_flight) instead, each send one: on an idempotent link
@@ -508,6 +511,7 @@ impl ProducerBuilder {
             max_frame_size: 65536,
             retry: self.options.retry.clone(),
             max_message_size: self.options.max_message_size,
+            single_window: self.options.single_window(self.options.max_message_size),
             idempotent: None,
         };
         let mut config = config;
@@ -518,7 +522,7 @@ impl ProducerBuilder {
             config.idempotent = Some(self.options.publishing_state.clone());
         }
         let audience = crate::entity::eventhubs::audience(&config.host, &config.hub);
-        let engine = Engine::connect(config, self.options.queue_depth(), Some(audience)).await?;
+        let engine = Engine::connect(config, Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
         let max_message_size = link.max_message_size;
@@ -851,18 +855,49 @@ impl Pipeline {
         };
         let permits = Self::acquire(count, &self.bytes, size, wait).await?;
         let (reply, rx) = oneshot::channel();
-        link.tx
-            .send(Outgoing {
+        link.queue
+            .push(Queued {
                 sections,
                 mergeable,
-                waiter: Waiter {
-                    reply,
-                    _permits: permits,
-                },
+                waiters: Waiters::one(reply, permits),
             })
-            .await
             .map_err(|_| Error::new(ErrorKind::Closed, "the sender link has stopped"))?;
         Ok(DeliveryFuture::from_receiver(rx))
+    }
+
+    /// Queues one plain single send on `link`: encoded straight onto the message waiting at
+    /// the back of the link's queue when the permits are free at once (the common case under
+    /// load, and the cheap one), else the general way of [`submit`](Self::submit).
+    pub(crate) async fn submit_event(
+        &self,
+        engine: &Engine,
+        link: Arc<LinkHandle>,
+        event: &Event,
+        partition_key: Option<String>,
+        wait: bool,
+    ) -> Result<DeliveryFuture> {
+        engine.check_open()?;
+        if !self.singles_are_deliveries {
+            let (reply, rx) = oneshot::channel();
+            let permits = |bytes: u64| {
+                let bytes = u32::try_from(bytes).ok()?;
+                let count = self.sends.clone().try_acquire_owned().ok()?;
+                let budget = self.bytes.clone().try_acquire_many_owned(bytes).ok()?;
+                Some((count, budget))
+            };
+            match link
+                .queue
+                .push_event(event, partition_key.as_deref(), reply, permits)
+            {
+                Pushed::Queued => return Ok(DeliveryFuture::from_receiver(rx)),
+                Pushed::Closed => {
+                    return Err(Error::new(ErrorKind::Closed, "the sender link has stopped"))
+                }
+                Pushed::Declined => {}
+            }
+        }
+        let sections = Sections::single(event, partition_key, link.max_message_size)?;
+        self.submit(engine, link, sections, true, wait).await
     }
 
     /// The permits for one delivery of `bytes` bytes: waits for them (`wait`) or fails with
@@ -1318,8 +1353,10 @@ impl Producer {
             return self.submit_on(engine, link, sections, true, wait).await;
         }
         let link = engine.link(route.partition_id.as_deref()).await?;
-        let sections = Sections::single(&event, route.partition_key, link.max_message_size)?;
-        self.submit_on(engine, link, sections, true, wait).await
+        self.inner
+            .pipeline
+            .submit_event(engine, link, &event, route.partition_key, wait)
+            .await
     }
 
     async fn submit_on(

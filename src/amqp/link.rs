@@ -22,13 +22,13 @@ use fe2o3_amqp::types::messaging::{Batch, Data, Outcome};
 use fe2o3_amqp::Sender;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::error::detach_error;
 use super::ledger::{DeliveryId, Ledger, State};
 use super::{
-    outcome_result, send_error, ConnectionEvent, Counters, Engine, Lifecycle, Outgoing, Waiter,
+    outcome_result, send_error, ConnectionEvent, Counters, Engine, Lifecycle, LinkQueue, Waiters,
 };
 use super::{Publishing, Sequencer};
 use crate::batch::{Sections, BATCH_MESSAGE_FORMAT};
@@ -41,7 +41,7 @@ use crate::transport::Lost;
 /// callers.
 pub(crate) struct Pending {
     sections: Sections,
-    waiters: Vec<Waiter>,
+    waiters: Waiters,
     /// On an idempotent link: the sequence number of its first event (the others follow).
     first: Option<i32>,
     /// The hub reported storing it already when the link was re-attached: its acceptance is
@@ -112,6 +112,21 @@ pub(crate) struct LinkTask {
     idem: Option<(Sequencer, Arc<Publishing>)>,
     /// A failure that ends the link for good (a stolen producer epoch).
     fatal: Option<Error>,
+    /// Where the sends wait for this task.
+    queue: Arc<LinkQueue>,
+    /// Single sends wait in the queue while this many deliveries await their outcome, so the
+    /// ones that arrive meanwhile leave together.
+    window: usize,
+}
+
+/// Closes a link's queue when its task ends, however it ends: the engine's route cache then
+/// sees the link as stopped, and the sends still queued are answered as closed.
+struct CloseOnDrop(Arc<LinkQueue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        drop(self.0.close());
+    }
 }
 
 impl LinkTask {
@@ -127,6 +142,8 @@ impl LinkTask {
         cap: u64,
         lifecycle: watch::Receiver<Lifecycle>,
         idem: Option<(Sequencer, Arc<Publishing>)>,
+        queue: Arc<LinkQueue>,
+        window: usize,
     ) -> LinkTask {
         let limit = link_limit(&sender, cap);
         LinkTask {
@@ -146,6 +163,8 @@ impl LinkTask {
             lifecycle,
             idem,
             fatal: None,
+            queue,
+            window,
         }
     }
 
@@ -165,30 +184,26 @@ impl LinkTask {
     }
 
     /// Drains the link's queue until it closes and every delivery is settled.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>) {
+    pub(crate) async fn run(mut self) {
+        let queue = self.queue.clone();
+        let _closer = CloseOnDrop(queue.clone());
         let mut open = true;
         let mut intake_closed = false;
-        // A message taken off the queue that could not join the delivery before it.
-        let mut carried: Option<Outgoing> = None;
         loop {
-            if !open && carried.is_none() && self.ledger.is_empty() {
+            if !open && self.ledger.is_empty() {
                 break;
             }
             let lifecycle = *self.lifecycle.borrow();
             if lifecycle != Lifecycle::Open && !intake_closed {
                 // Closing: no new sends; what is queued already still goes out.
-                rx.close();
+                queue.close_intake();
                 intake_closed = true;
             }
             if lifecycle == Lifecycle::Closed {
-                self.abandon(
-                    Error::new(
-                        ErrorKind::Closed,
-                        "the producer was closed before the hub settled the delivery",
-                    ),
-                    &mut rx,
-                    &mut carried,
-                );
+                self.abandon(Error::new(
+                    ErrorKind::Closed,
+                    "the producer was closed before the hub settled the delivery",
+                ));
                 return;
             }
             let next_retry = self.ledger.next_retry().filter(|_| self.idem.is_none());
@@ -197,6 +212,7 @@ impl LinkTask {
             let waiting = self.ledger.longest_waiting();
             let expiry = self.ledger.next_expiry(self.retry.deadline);
             let try_timeout = self.retry.try_timeout;
+            let take_mergeable = self.ledger.len() < self.window;
             let mut lost: Option<Error> = None;
             tokio::select! {
                 biased;
@@ -210,8 +226,6 @@ impl LinkTask {
                         // nothing is left to recover with.
                         self.abandon(
                             Error::new(ErrorKind::Closed, "the producer was dropped"),
-                            &mut rx,
-                            &mut carried,
                         );
                         return;
                     }
@@ -248,12 +262,9 @@ impl LinkTask {
                 detached = self.sender.on_detach(), if !self.ledger.is_empty() => {
                     lost = self.on_remote_detach(&detached, waiting);
                 }
-                message = next_outgoing(&mut carried, &mut rx), if accepting => match message {
+                message = queue.next(take_mergeable), if accepting => match message {
                     None => open = false,
-                    Some(out) => {
-                        let (sections, waiters) = coalesce(out, &mut rx, &mut carried, self.limit);
-                        lost = self.send_new(sections, waiters).await.err();
-                    }
+                    Some(item) => lost = self.send_new(item.sections, item.waiters).await.err(),
                 },
             }
             let lost = match self.fatal.take() {
@@ -273,7 +284,7 @@ impl LinkTask {
                             error: error.to_string(),
                         });
                     }
-                    self.abandon(error, &mut rx, &mut carried);
+                    self.abandon(error);
                     return;
                 }
             }
@@ -282,23 +293,13 @@ impl LinkTask {
     }
 
     /// Fails every unsettled and queued delivery with `error` and stops taking new ones.
-    fn abandon(
-        &mut self,
-        error: Error,
-        rx: &mut mpsc::Receiver<Outgoing>,
-        carried: &mut Option<Outgoing>,
-    ) {
+    fn abandon(&mut self, error: Error) {
         for entry in self.ledger.drain() {
             self.counters
                 .settle(entry.payload.waiters, Err(error.clone()));
         }
-        rx.close();
-        for out in carried
-            .take()
-            .into_iter()
-            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-        {
-            self.counters.settle(vec![out.waiter], Err(error.clone()));
+        for item in self.queue.close() {
+            self.counters.settle(item.waiters, Err(error.clone()));
         }
     }
 
@@ -643,7 +644,7 @@ impl LinkTask {
         }
     }
 
-    async fn send_new(&mut self, sections: Sections, waiters: Vec<Waiter>) -> Result<()> {
+    async fn send_new(&mut self, sections: Sections, waiters: Waiters) -> Result<()> {
         let callers = waiters.len();
         let fixed = sections.fixed;
         let mut pending = Pending {
@@ -782,6 +783,7 @@ impl LinkTask {
             self.generation = generation;
             self.lost = lost;
             self.limit = link_limit(&self.sender, self.cap);
+            self.queue.set_limit(self.limit);
             self.resume_idempotent()?;
             let ids = self.ledger.ids();
             let resent = ids.len();
@@ -943,43 +945,6 @@ pub(crate) fn link_limit(sender: &Sender, cap: u64) -> u64 {
         Some(0) | None => cap,
         Some(limit) => limit.min(cap),
     }
-}
-
-/// The message carried over from the last coalescing pass, else the next one queued.
-async fn next_outgoing(
-    carried: &mut Option<Outgoing>,
-    rx: &mut mpsc::Receiver<Outgoing>,
-) -> Option<Outgoing> {
-    match carried.take() {
-        Some(out) => Some(out),
-        None => rx.recv().await,
-    }
-}
-
-/// Packs the single-event sends queued right behind `first` into its delivery, in order, as
-/// long as they share its partition key and the message stays within `limit` bytes. Under
-/// load this turns a stream of `send` calls into full batch messages (one transfer, one
-/// outcome for all of them); with nothing queued, `first` goes out alone and at once.
-fn coalesce(
-    first: Outgoing,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    carried: &mut Option<Outgoing>,
-    limit: u64,
-) -> (Sections, Vec<Waiter>) {
-    let mut sections = first.sections;
-    let mut waiters = vec![first.waiter];
-    if first.mergeable {
-        while let Ok(next) = rx.try_recv() {
-            if next.mergeable && sections.can_absorb(&next.sections, limit) {
-                sections.absorb(next.sections);
-                waiters.push(next.waiter);
-            } else {
-                *carried = Some(next);
-                break;
-            }
-        }
-    }
-    (sections, waiters)
 }
 
 /// The fe2o3 message for one delivery (stamped on an idempotent link). It lives only until

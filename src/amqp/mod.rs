@@ -6,10 +6,12 @@ mod error;
 mod ledger;
 mod link;
 mod management;
+mod queue;
 
 use error::{attach_error, from_amqp_error};
 pub(crate) use error::{outcome_result, send_error};
 use management::Management;
+pub(crate) use queue::{LinkQueue, Pushed, Queued, Waiters};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,12 +25,11 @@ use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::SenderSettleMode;
 use fe2o3_amqp::{Connection, Sender, Session};
 use fe2o3_amqp_management::client::MgmtClient;
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit};
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::auth::TokenProvider;
-use crate::batch::Sections;
 use crate::entity::{self, Entity};
 use crate::error::{Error, ErrorKind, Result};
 use crate::idempotent::{self, PartitionPublishingState};
@@ -54,6 +55,9 @@ pub(crate) struct ConnectConfig {
     /// The largest message size hubsend believes a link announces (see
     /// [`ProducerOptions::max_message_size`](crate::ProducerOptions::max_message_size)).
     pub(crate) max_message_size: u64,
+    /// Deliveries a link keeps awaiting their outcome before single sends wait and gather
+    /// (see `ProducerOptions::single_window`).
+    pub(crate) single_window: usize,
     /// Through a proxy or not, AMQP raw or in WebSocket messages.
     pub(crate) route: transport::Route,
     pub(crate) framing: transport::Framing,
@@ -76,34 +80,26 @@ pub(crate) enum Lifecycle {
     Closed,
 }
 
-/// One message on its way to a sender link, with the caller's reply slot.
-pub(crate) struct Outgoing {
-    pub(crate) sections: Sections,
-    /// Whether the link may pack this into one delivery with the messages queued right
-    /// behind it (single-event sends; a caller's own batch always goes as built).
-    pub(crate) mergeable: bool,
-    pub(crate) waiter: Waiter,
-}
-
-/// A caller waiting for the outcome of (part of) a delivery, and the in-flight permits it holds.
-pub(crate) struct Waiter {
-    pub(crate) reply: oneshot::Sender<Result<()>>,
-    /// Released when the caller's outcome is settled.
-    pub(crate) _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-}
-
 /// A live sender link: its queue and the task that drains it.
 pub(crate) struct LinkHandle {
-    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) queue: Arc<LinkQueue>,
     pub(crate) max_message_size: u64,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The last handle gone (the link released, the engine dropped): the link takes no more
+/// sends, settles what it holds and detaches.
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.queue.close_intake();
+    }
 }
 
 impl std::fmt::Debug for LinkHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkHandle")
             .field("max_message_size", &self.max_message_size)
-            .field("open", &!self.tx.is_closed())
+            .field("open", &!self.queue.is_closed())
             .finish()
     }
 }
@@ -122,7 +118,7 @@ impl Routes {
             None => self.hub.as_ref(),
             Some(p) => self.partitions.get(p),
         }?;
-        (!link.tx.is_closed()).then(|| link.clone())
+        (!link.queue.is_closed()).then(|| link.clone())
     }
 
     /// Records `link` as the link of `partition` (else the hub's).
@@ -157,8 +153,6 @@ pub(crate) struct Engine {
     refresher: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The generation of the current connection, for the connection watch.
     replaced: tokio::sync::watch::Sender<u64>,
-    /// How many messages may wait in a link's queue.
-    queue_depth: usize,
     /// Serialises reconnects so concurrent link tasks open one new connection, not several.
     reconnect_lock: Mutex<()>,
     /// Connections opened after the first; also the generation of the current connection.
@@ -321,25 +315,14 @@ pub(crate) fn idempotent_reply(sender: &Sender, target: &str) -> Result<(i64, i1
 impl Counters {
     /// Hands a final outcome to every caller waiting on one delivery, and counts it once per
     /// caller (a delivery can carry several single-event sends).
-    fn settle(&self, waiters: Vec<Waiter>, result: Result<()>) {
+    fn settle(&self, waiters: Waiters, result: Result<()>) {
         let counter = if result.is_ok() {
             &self.accepted
         } else {
             &self.failed
         };
         counter.fetch_add(waiters.len() as u64, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                for waiter in waiters {
-                    let _ = waiter.reply.send(Ok(()));
-                }
-            }
-            Err(error) => {
-                for waiter in waiters {
-                    let _ = waiter.reply.send(Err(error.clone()));
-                }
-            }
-        }
+        waiters.answer(result);
     }
 }
 
@@ -402,7 +385,6 @@ impl Engine {
     /// connection's credential (so bad credentials fail at connect).
     pub(crate) async fn connect(
         config: ConnectConfig,
-        queue_depth: usize,
         audience: Option<String>,
     ) -> Result<Arc<Engine>> {
         let span = tracing::info_span!("connection", host = %config.host, port = config.port, hub = %config.hub);
@@ -452,7 +434,6 @@ impl Engine {
                 link_counter: AtomicU64::new(0),
                 refresher: std::sync::Mutex::new(Vec::new()),
                 replaced: tokio::sync::watch::channel(0).0,
-                queue_depth,
                 reconnect_lock: Mutex::new(()),
                 reconnects: AtomicU64::new(0),
                 recoveries: AtomicU64::new(0),
@@ -528,7 +509,7 @@ impl Engine {
         let target = entity.address.clone();
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(&target) {
-            if !link.tx.is_closed() {
+            if !link.queue.is_closed() {
                 return Ok(link.clone());
             }
         }
@@ -569,7 +550,7 @@ impl Engine {
             }
             None => None,
         };
-        let (tx, rx) = mpsc::channel(self.queue_depth);
+        let queue = Arc::new(LinkQueue::new(max_message_size));
         let task = link::LinkTask::new(
             Arc::downgrade(self),
             target.clone(),
@@ -581,10 +562,12 @@ impl Engine {
             cap,
             self.lifecycle.subscribe(),
             idem,
+            queue.clone(),
+            self.config.single_window,
         );
-        let task = tokio::spawn(task.run(rx).instrument(span));
+        let task = tokio::spawn(task.run().instrument(span));
         let handle = Arc::new(LinkHandle {
-            tx,
+            queue,
             max_message_size,
             task: std::sync::Mutex::new(Some(task)),
         });

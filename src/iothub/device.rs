@@ -296,6 +296,7 @@ impl IotHubBuilder {
             max_frame_size: 65536,
             retry: options.retry.clone(),
             max_message_size: options.max_message_size.min(MAX_MESSAGE_SIZE),
+            single_window: options.single_window(MAX_MESSAGE_SIZE),
             idempotent: None,
         })
     }
@@ -320,12 +321,7 @@ impl IotHubBuilder {
         })?;
         let config = self.config(&cs)?;
         let entity = entity::device_events(cs.host_name(), &device_id);
-        let engine = Engine::connect(
-            config,
-            self.options.queue_depth(),
-            Some(entity.audience.clone()),
-        )
-        .await?;
+        let engine = Engine::connect(config, Some(entity.audience.clone())).await?;
         let link = engine.link_to(entity, None).await?;
         Ok(DeviceSender {
             inner: Arc::new(DeviceInner {
@@ -355,7 +351,6 @@ impl IotHubBuilder {
         Ok(Gateway::new(GatewaySettings {
             host_name: cs.host_name().to_owned(),
             config,
-            queue_depth: self.options.queue_depth(),
             max_devices: self.max_devices_per_connection,
             pipeline: self.pipeline(),
             token_lifetime: self.options.token_lifetime,

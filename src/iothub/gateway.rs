@@ -120,7 +120,6 @@ pub struct GatewayStats {
 pub(super) struct GatewaySettings {
     pub(super) host_name: String,
     pub(super) config: ConnectConfig,
-    pub(super) queue_depth: usize,
     pub(super) max_devices: usize,
     pub(super) pipeline: Pipeline,
     pub(super) token_lifetime: Duration,
@@ -142,7 +141,6 @@ pub struct Gateway {
 struct GatewayInner {
     host_name: String,
     config: ConnectConfig,
-    queue_depth: usize,
     max_devices: usize,
     pipeline: Pipeline,
     token_lifetime: Duration,
@@ -255,7 +253,6 @@ impl Gateway {
         let inner = Arc::new(GatewayInner {
             host_name: settings.host_name,
             config: settings.config,
-            queue_depth: settings.queue_depth,
             max_devices: settings.max_devices,
             pipeline: settings.pipeline,
             token_lifetime: settings.token_lifetime,
@@ -556,9 +553,7 @@ impl Gateway {
         let i = match free {
             Some(i) => i,
             None => {
-                let engine =
-                    Engine::connect(self.inner.config.clone(), self.inner.queue_depth, None)
-                        .await?;
+                let engine = Engine::connect(self.inner.config.clone(), None).await?;
                 shards.engines.push(engine);
                 shards.load.push(0);
                 shards.full_until.push(None);

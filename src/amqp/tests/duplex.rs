@@ -320,6 +320,7 @@ fn config(peer: &Arc<Peer>, lifetime: Duration) -> ConnectConfig {
             .max_retries(5)
             .base_delay(Duration::from_millis(100)),
         max_message_size: 1 << 20,
+        single_window: 8,
         route: peer.route(),
         framing: Framing::Raw,
         idempotent: None,
@@ -328,7 +329,7 @@ fn config(peer: &Arc<Peer>, lifetime: Duration) -> ConnectConfig {
 
 /// An engine on `peer` with the hub's audience put (1 h tokens).
 async fn connect(peer: &Arc<Peer>) -> Arc<Engine> {
-    Engine::connect(config(peer, HOUR), 64, Some(audience("telemetry")))
+    Engine::connect(config(peer, HOUR), Some(audience("telemetry")))
         .await
         .expect("connects")
 }
@@ -386,7 +387,7 @@ async fn put_token_200_and_202_are_accepted_and_other_statuses_refused_by_kind()
             s.answers
                 .insert(audience("telemetry"), Answer::Status(status))
         });
-        let result = Engine::connect(config(&peer, HOUR), 64, Some(audience("telemetry"))).await;
+        let result = Engine::connect(config(&peer, HOUR), Some(audience("telemetry"))).await;
         match (refused, result) {
             (None, Ok(engine)) => {
                 let link = engine.link(None).await.expect("link");
@@ -413,8 +414,7 @@ async fn a_put_token_never_answered_times_out_at_the_operation_timeout() {
     let peer = Peer::new();
     peer.with(|s| s.answers.insert(audience("telemetry"), Answer::Silent));
     let started = Instant::now();
-    let Err(error) = Engine::connect(config(&peer, HOUR), 64, Some(audience("telemetry"))).await
-    else {
+    let Err(error) = Engine::connect(config(&peer, HOUR), Some(audience("telemetry"))).await else {
         panic!("connected without an answer to put-token");
     };
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");

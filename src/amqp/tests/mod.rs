@@ -9,7 +9,7 @@ use std::time::Duration;
 use hubsend_testhub::{HubConfig, TestHub};
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{Engine, LinkHandle, Outgoing, Waiter};
+use super::{Engine, LinkHandle, Queued, Waiters};
 use crate::batch::Sections;
 use crate::connection_string::ConnectionString;
 use crate::entity::eventhubs;
@@ -22,20 +22,19 @@ async fn send_on(link: &LinkHandle, n: usize) -> oneshot::Receiver<crate::Result
     let event = Event::new(format!("{n}"));
     let sections = Sections::single(&event, None, link.max_message_size).expect("fits");
     let (reply, rx) = oneshot::channel();
-    let waiter = Waiter {
+    let waiters = Waiters::one(
         reply,
-        _permits: (
+        (
             permits.clone().acquire_owned().await.expect("permit"),
             permits.acquire_owned().await.expect("permit"),
         ),
-    };
-    link.tx
-        .send(Outgoing {
+    );
+    link.queue
+        .push(Queued {
             sections,
             mergeable: true,
-            waiter,
+            waiters,
         })
-        .await
         .map_err(|_| "link closed")
         .expect("queued");
     rx
@@ -173,9 +172,13 @@ async fn a_route_keeps_its_link_until_the_link_task_stops_then_gets_a_new_one() 
     // The hub link's task stops: its queue closes, and the next send must not get it.
     let task = first.task.lock().ok().and_then(|mut t| t.take());
     task.expect("the link task").abort();
-    tokio::time::timeout(Duration::from_secs(5), first.tx.closed())
-        .await
-        .expect("the queue closes with its task");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !first.queue.is_closed() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the queue closes with its task");
     let fresh = engine.link(None).await.expect("a new hub link");
     assert!(!Arc::ptr_eq(&first, &fresh), "a stopped link is replaced");
     let stored = send_on(&fresh, 7).await;
