@@ -655,6 +655,37 @@ fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Message<Batch<D
     builder.data_batch(sections).build()
 }
 
+/// Hooks for the crate's own micro-benchmarks (`benches/encode.rs`), which fill batches without
+/// a hub. Not part of the API: no semver promise, may change or go away in any release.
+#[doc(hidden)]
+pub mod __bench {
+    use super::{BatchOptions, EventBatch, Route};
+    use crate::error::{Error, ErrorKind, Result};
+    use crate::event::Event;
+
+    /// An empty AMQP batch routed as `options` say, holding up to `max_size` bytes, made
+    /// without a producer (a real one takes its limit from the link).
+    pub fn offline_batch(options: BatchOptions, max_size: u64) -> Result<EventBatch> {
+        if options.partition_key.is_some() && options.partition_id.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "give a partition key or a partition id, not both",
+            ));
+        }
+        let route = Route {
+            partition_key: options.partition_key,
+            partition_id: options.partition_id,
+        };
+        EventBatch::new(route, options.max_size.unwrap_or(max_size))
+    }
+
+    /// Adds `event` carrying its own partition key `key`, as a `BufferedProducer` lane does;
+    /// whether it was added.
+    pub fn add_keyed(batch: &mut EventBatch, event: &Event, key: &str) -> bool {
+        batch.add_keyed(event, Some(key)).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
