@@ -547,6 +547,11 @@ impl Sections {
             None => EventBatch::new(route, limit.max(1)),
         };
         let mut batch = batch.map_err(|_| too_large(event, limit))?;
+        // One allocation of the right size for a body alone (an event with metadata reserves
+        // its exact size itself), instead of growing from the data section's header.
+        if let Some(len) = event.bare_encoded_len() {
+            batch.events.bytes.reserve_exact(len);
+        }
         batch.add_ref(event).map_err(|_| too_large(event, limit))?;
         Ok(batch.into_sections())
     }
