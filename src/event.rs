@@ -168,11 +168,14 @@ impl Event {
             && self.properties.is_empty()
     }
 
-    /// For a bare event, its exact encoded size (without a partition key), known without
-    /// encoding it.
-    pub(crate) fn bare_encoded_len(&self) -> Option<usize> {
-        (self.is_bare() && u32::try_from(self.body.len()).is_ok())
-            .then(|| self.body.len() + data_section_header(self.body.len()).1)
+    /// For a bare event, its exact encoded size with the key annotation of `partition_key`
+    /// (if any), known without encoding it.
+    pub(crate) fn bare_encoded_len(&self, partition_key: Option<&str>) -> Option<usize> {
+        (self.is_bare() && u32::try_from(self.body.len()).is_ok()).then(|| {
+            partition_key.map_or(0, key_annotation_len)
+                + self.body.len()
+                + data_section_header(self.body.len()).1
+        })
     }
 
     fn amqp_properties(&self) -> Option<Properties> {
@@ -998,12 +1001,25 @@ mod tests {
             out.len(),
             key_annotation_len("compressor-7") + layout.len() + 300 + 8
         );
-        for len in [0, 1, 254, 255, 256, 70_000] {
+        for len in [0, 1, 231, 232, 254, 255, 256, 70_000] {
             let key = "k".repeat(len);
             let mut out = Vec::new();
             write_key_annotation(&mut out, &key);
             assert_eq!(out.len(), key_annotation_len(&key), "key of {len} bytes");
+            // A body alone is sized without encoding it; batches count on that size.
+            for body in [0, 1, 254, 255, 1000] {
+                let event = Event::new(vec![1u8; body]);
+                for key in [None, Some(key.as_str())] {
+                    assert_eq!(
+                        event.bare_encoded_len(key),
+                        Some(event.encode(key).unwrap().len()),
+                        "body {body}, key {:?} bytes",
+                        key.map(str::len)
+                    );
+                }
+            }
         }
+        assert_eq!(event.bare_encoded_len(None), None, "not bare");
     }
 
     #[test]
