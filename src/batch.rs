@@ -329,15 +329,20 @@ impl EventBatch {
             None => (key, None),
         };
         let reserve = stamp_key.map_or(0, idempotent::key_reserve);
-        // A body alone is sized without encoding it, so a full batch costs no work.
-        if let (Some(len), None) = (event.bare_encoded_len(), own_key) {
-            self.room_for(len + reserve)?;
-        }
+        // A body alone (with its own key, if any) is sized without encoding it: a full batch
+        // costs no work, and its size needs no second look once encoded.
+        let known = match event.bare_encoded_len(own_key) {
+            Some(len) => Some(self.room_for(len + reserve)?),
+            None => None,
+        };
         let start = self.events.bytes.len();
         let checked = event
             .encode_into(&mut self.events.bytes, own_key)
             .map_err(|_| Rejection::TooLarge)
-            .and_then(|()| self.room_for(self.events.bytes.len() - start + reserve));
+            .and_then(|()| match known {
+                Some(added) => Ok(added),
+                None => self.room_for(self.events.bytes.len() - start + reserve),
+            });
         let added = match checked {
             Ok(added) => added,
             Err(rejection) => {
@@ -547,6 +552,11 @@ impl Sections {
             None => EventBatch::new(route, limit.max(1)),
         };
         let mut batch = batch.map_err(|_| too_large(event, limit))?;
+        // One allocation of the right size for a body alone (an event with metadata reserves
+        // its exact size itself), instead of growing from the data section's header.
+        if let Some(len) = event.bare_encoded_len(None) {
+            batch.events.bytes.reserve_exact(len);
+        }
         batch.add_ref(event).map_err(|_| too_large(event, limit))?;
         Ok(batch.into_sections())
     }
@@ -688,6 +698,37 @@ fn envelope(partition_key: Option<&str>, sections: Vec<Data>) -> Message<Batch<D
     builder.data_batch(sections).build()
 }
 
+/// Hooks for the crate's own micro-benchmarks (`benches/encode.rs`), which fill batches without
+/// a hub. Not part of the API: no semver promise, may change or go away in any release.
+#[doc(hidden)]
+pub mod __bench {
+    use super::{BatchOptions, EventBatch, Route};
+    use crate::error::{Error, ErrorKind, Result};
+    use crate::event::Event;
+
+    /// An empty AMQP batch routed as `options` say, holding up to `max_size` bytes, made
+    /// without a producer (a real one takes its limit from the link).
+    pub fn offline_batch(options: BatchOptions, max_size: u64) -> Result<EventBatch> {
+        if options.partition_key.is_some() && options.partition_id.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "give a partition key or a partition id, not both",
+            ));
+        }
+        let route = Route {
+            partition_key: options.partition_key,
+            partition_id: options.partition_id,
+        };
+        EventBatch::new(route, options.max_size.unwrap_or(max_size))
+    }
+
+    /// Adds `event` carrying its own partition key `key`, as a `BufferedProducer` lane does;
+    /// whether it was added.
+    pub fn add_keyed(batch: &mut EventBatch, event: &Event, key: &str) -> bool {
+        batch.add_keyed(event, Some(key)).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,6 +786,31 @@ mod tests {
             big.err().map(|e| e.kind()),
             Some(ErrorKind::MessageTooLarge)
         );
+    }
+
+    #[test]
+    fn events_with_keys_of_their_own_keep_an_exact_size() {
+        // As a BufferedProducer lane adds them: each event carries its own key annotation.
+        let limit = 20_000;
+        let mut batch = EventBatch::new(route(None), limit).unwrap();
+        let mut i = 0usize;
+        let rejected = loop {
+            let key = "k".repeat(i * 7 % 300);
+            let event = Event::new(vec![b'x'; i * 13 % 400]);
+            let event = match i % 3 {
+                0 => event.with_property("i", i as i64),
+                _ => event,
+            };
+            match batch.add_keyed(&event, Some(&key)) {
+                Ok(()) => i += 1,
+                Err(rejection) => break rejection,
+            }
+        };
+        assert_eq!(rejected, Rejection::Full);
+        let size = batch.size_in_bytes();
+        assert!(size <= limit && i > 20, "{i} events, {size} bytes");
+        let encoded = encode_message(&batch.into_message().unwrap()).unwrap();
+        assert_eq!(encoded.len() as u64, size);
     }
 
     #[test]

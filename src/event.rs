@@ -168,11 +168,14 @@ impl Event {
             && self.properties.is_empty()
     }
 
-    /// For a bare event, its exact encoded size (without a partition key), known without
-    /// encoding it.
-    pub(crate) fn bare_encoded_len(&self) -> Option<usize> {
-        (self.is_bare() && u32::try_from(self.body.len()).is_ok())
-            .then(|| self.body.len() + data_section_header(self.body.len()).1)
+    /// For a bare event, its exact encoded size with the key annotation of `partition_key`
+    /// (if any), known without encoding it.
+    pub(crate) fn bare_encoded_len(&self, partition_key: Option<&str>) -> Option<usize> {
+        (self.is_bare() && u32::try_from(self.body.len()).is_ok()).then(|| {
+            partition_key.map_or(0, key_annotation_len)
+                + self.body.len()
+                + data_section_header(self.body.len()).1
+        })
     }
 
     fn amqp_properties(&self) -> Option<Properties> {
@@ -212,9 +215,69 @@ impl Event {
     }
 
     /// Appends the complete AMQP encoding of this event as one message (one batch section's
-    /// payload) to `out`: the metadata sections (when there are any) through serde_amqp, then
-    /// the data section around the body. No fe2o3 message is built and the body is not cloned.
+    /// payload) to `out`: the key annotation, the properties and application-properties
+    /// sections (when there are any) and the data section around the body, each written
+    /// directly, byte for byte as serde_amqp encodes them, into one reservation of the exact
+    /// size. No fe2o3 message is built and nothing is cloned. A value too long for AMQP's
+    /// 32-bit sizes goes to serde_amqp, which refuses it.
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>, partition_key: Option<&str>) -> Result<()> {
+        if self.is_bare() {
+            // Two writes: no reservation (it costs more than it saves in a batch's buffer).
+            if let Some(key) = partition_key {
+                write_key_annotation(out, key);
+            }
+            return write_data_section(out, &self.body);
+        }
+        self.encode_with_metadata_into(out, partition_key)
+    }
+
+    /// [`encode_into`](Self::encode_into) for an event with metadata (kept out of line, so a
+    /// body alone takes the short path it always took).
+    #[inline(never)]
+    fn encode_with_metadata_into(
+        &self,
+        out: &mut Vec<u8>,
+        partition_key: Option<&str>,
+    ) -> Result<()> {
+        let Some(layout) = self.layout() else {
+            return self.encode_into_serde(out, partition_key);
+        };
+        out.reserve(
+            partition_key.map_or(0, key_annotation_len)
+                + layout.len()
+                + self.body.len()
+                + DATA_SECTION_HEADER_MAX,
+        );
+        if let Some(key) = partition_key {
+            write_key_annotation(out, key);
+        }
+        if let Some((count, content)) = layout.properties {
+            out.extend_from_slice(&[0x00, 0x53, 0x73]);
+            write_compound_header(out, LIST, content, count);
+            for (i, field) in self.properties_fields()[..count].iter().enumerate() {
+                match field {
+                    // Fields 0 and 5 (message-id, correlation-id) are strings, 6 and 7
+                    // (content-type, content-encoding) symbols.
+                    Some(value) => write_var(out, if i < 6 { STR } else { SYM }, value.as_bytes()),
+                    None => out.push(NULL),
+                }
+            }
+        }
+        if let Some(content) = layout.application {
+            out.extend_from_slice(&[0x00, 0x53, 0x74]);
+            write_compound_header(out, MAP, content, 2 * self.properties.len());
+            for (key, value) in &self.properties {
+                write_var(out, STR, key.as_bytes());
+                value.write(out);
+            }
+        }
+        write_data_section(out, &self.body)
+    }
+
+    /// [`encode_into`](Self::encode_into) through serde_amqp's sections, for values the direct
+    /// writer leaves to it.
+    #[cold]
+    fn encode_into_serde(&self, out: &mut Vec<u8>, partition_key: Option<&str>) -> Result<()> {
         if let Some(key) = partition_key {
             write_key_annotation(out, key);
         }
@@ -225,6 +288,133 @@ impl Event {
             write_section(out, &app)?;
         }
         write_data_section(out, &self.body)
+    }
+
+    /// The AMQP properties list's first 8 fields (message-id, user-id, to, subject, reply-to,
+    /// correlation-id, content-type, content-encoding): the ones an event sets, and the ones
+    /// between them it never does. The rest are never set.
+    fn properties_fields(&self) -> [Option<&str>; 8] {
+        [
+            self.message_id.as_deref(),
+            None,
+            None,
+            None,
+            None,
+            self.correlation_id.as_deref(),
+            self.content_type.as_deref(),
+            self.content_encoding.as_deref(),
+        ]
+    }
+
+    /// The sizes of the metadata sections, or `None` when a value is too long for the direct
+    /// writer (AMQP's 32-bit sizes).
+    fn layout(&self) -> Option<Layout> {
+        let fields = self.properties_fields();
+        let properties = match fields.iter().rposition(Option::is_some) {
+            // As serde_amqp: the list ends with the last field set.
+            Some(last) => {
+                let mut content = 0;
+                for field in &fields[..=last] {
+                    content += match field {
+                        Some(value) => var_len(value.len())?,
+                        None => 1,
+                    };
+                }
+                Some((last + 1, compound_content(content)?))
+            }
+            None => None,
+        };
+        let application = match self.properties.is_empty() {
+            true => None,
+            false => {
+                let mut content = 0;
+                for (key, value) in &self.properties {
+                    content += var_len(key.len())? + value.encoded_len()?;
+                }
+                Some(compound_content(content)?)
+            }
+        };
+        Some(Layout {
+            properties,
+            application,
+        })
+    }
+}
+
+/// The sizes of an event's metadata sections as [`Event::encode_into`] writes them.
+struct Layout {
+    /// The properties list's field count and the size of its fields, if there is one.
+    properties: Option<(usize, usize)>,
+    /// The size of the application-properties map's entries, if there is one.
+    application: Option<usize>,
+}
+
+impl Layout {
+    /// The encoded size of both sections, with descriptors and headers.
+    fn len(&self) -> usize {
+        let section = |content: usize| 3 + compound_header_len(content) + content;
+        self.properties.map_or(0, |(_, content)| section(content))
+            + self.application.map_or(0, section)
+    }
+}
+
+/// The one-byte null (an unset field between set ones).
+const NULL: u8 = 0x40;
+/// The 8- and 32-bit constructors of strings, symbols and binaries, lists and maps.
+const STR: (u8, u8) = (0xa1, 0xb1);
+const SYM: (u8, u8) = (0xa3, 0xb3);
+const BIN: (u8, u8) = (0xa0, 0xb0);
+const LIST: (u8, u8) = (0xc0, 0xd0);
+const MAP: (u8, u8) = (0xc1, 0xd1);
+/// The longest string, binary or compound content serde_amqp writes (its 32-bit forms count
+/// the size field's own 4 bytes).
+const VAR_MAX: usize = u32::MAX as usize - 4;
+
+/// The encoded size of a string, symbol or binary of `len` bytes (the 8-bit form below 255
+/// bytes, as serde_amqp), or `None` beyond [`VAR_MAX`].
+fn var_len(len: usize) -> Option<usize> {
+    match len {
+        0..255 => Some(2 + len),
+        _ if len <= VAR_MAX => Some(5 + len),
+        _ => None,
+    }
+}
+
+/// Appends a string, symbol or binary with the constructor pair `codes` (8-bit, 32-bit).
+#[inline]
+fn write_var(out: &mut Vec<u8>, codes: (u8, u8), bytes: &[u8]) {
+    if bytes.len() < u8::MAX as usize {
+        out.extend_from_slice(&[codes.0, bytes.len() as u8]);
+    } else {
+        out.push(codes.1);
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
+}
+
+/// `content` if a list or map may hold that many bytes of elements.
+fn compound_content(content: usize) -> Option<usize> {
+    (content <= VAR_MAX).then_some(content)
+}
+
+/// The size of a list or map header (constructor, size, count) around `content` bytes.
+fn compound_header_len(content: usize) -> usize {
+    if content < u8::MAX as usize {
+        3
+    } else {
+        9
+    }
+}
+
+/// Appends a list or map header as serde_amqp writes it: list8/map8 while the elements take
+/// fewer than 255 bytes, else list32/map32; the size counts the count field.
+fn write_compound_header(out: &mut Vec<u8>, codes: (u8, u8), content: usize, count: usize) {
+    if content < u8::MAX as usize {
+        out.extend_from_slice(&[codes.0, (content + 1) as u8, count as u8]);
+    } else {
+        out.push(codes.1);
+        out.extend_from_slice(&((content + 4) as u32).to_be_bytes());
+        out.extend_from_slice(&(count as u32).to_be_bytes());
     }
 }
 
@@ -257,6 +447,7 @@ fn write_section<T: Serialize>(out: &mut Vec<u8>, section: &T) -> Result<()> {
 
 /// Appends one AMQP data section (descriptor `0x75`, then the bytes as binary) exactly as
 /// serde_amqp encodes `Data`: vbin8 below 255 bytes, vbin32 from there on.
+#[inline]
 fn write_data_section(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     if u32::try_from(bytes.len()).is_err() {
         return Err(Error::new(
@@ -270,12 +461,48 @@ fn write_data_section(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The encoded size of the key annotation [`write_key_annotation`] writes.
+fn key_annotation_len(key: &str) -> usize {
+    let value_header = if key.len() < u8::MAX as usize { 2 } else { 5 };
+    let entries = 2 + PARTITION_KEY_ANNOTATION.len() + value_header + key.len();
+    3 + compound_header_len(entries) + entries
+}
+
 /// Appends the message-annotations section `{x-opt-partition-key: key}` as serde_amqp
 /// encodes it (PROTOCOL E.2: `00 53 72`, a map8 `c1 size 02` while it fits 255 bytes, else
 /// map32; the symbol; the key as str8 below 255 bytes, else str32), without building a map:
 /// batches whose events carry keys of their own write one per event.
 fn write_key_annotation(out: &mut Vec<u8>, key: &str) {
     const SYMBOL: &[u8] = PARTITION_KEY_ANNOTATION.as_bytes();
+    // The usual key (its annotation map within 255 bytes): the 29 bytes before the key are
+    // fixed but for two lengths, written at once.
+    const SHORT_PREFIX: usize = 3 + 3 + 2 + SYMBOL.len() + 2;
+    const SHORT_MAX: usize = u8::MAX as usize - 1 - (SHORT_PREFIX - 6);
+    const TEMPLATE: [u8; SHORT_PREFIX] = {
+        let mut t = [0u8; SHORT_PREFIX];
+        let head = [0x00, 0x53, 0x72, 0xc1, 0, 0x02, 0xa3, SYMBOL.len() as u8];
+        let mut i = 0;
+        while i < head.len() {
+            t[i] = head[i];
+            i += 1;
+        }
+        let mut i = 0;
+        while i < SYMBOL.len() {
+            t[head.len() + i] = SYMBOL[i];
+            i += 1;
+        }
+        t[SHORT_PREFIX - 2] = 0xa1;
+        t
+    };
+    if key.len() <= SHORT_MAX {
+        let mut prefix = TEMPLATE;
+        prefix[4] = (SHORT_PREFIX - 6 + key.len() + 1) as u8;
+        prefix[SHORT_PREFIX - 1] = key.len() as u8;
+        out.reserve(SHORT_PREFIX + key.len());
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(key.as_bytes());
+        return;
+    }
     let value_header = if key.len() < u8::MAX as usize { 2 } else { 5 };
     let entries = 2 + SYMBOL.len() + value_header + key.len();
     out.extend_from_slice(&[0x00, 0x53, 0x72]);
@@ -338,6 +565,37 @@ pub enum PropertyValue {
 }
 
 impl PropertyValue {
+    /// The encoded size of [`write`](Self::write)'s output, or `None` when it is too long for
+    /// AMQP's 32-bit sizes.
+    fn encoded_len(&self) -> Option<usize> {
+        match self {
+            PropertyValue::Bool(_) => Some(1),
+            PropertyValue::Long(-128..=127) => Some(2),
+            PropertyValue::Long(_) | PropertyValue::Double(_) | PropertyValue::Timestamp(_) => {
+                Some(9)
+            }
+            PropertyValue::String(s) => var_len(s.len()),
+            PropertyValue::Binary(b) => var_len(b.len()),
+        }
+    }
+
+    /// Appends the value as serde_amqp encodes its [`SimpleValue`]: booleans as `true`/`false`
+    /// (0x41/0x42), a long in -128..=127 as smalllong, timestamps in milliseconds.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            PropertyValue::Bool(true) => out.push(0x41),
+            PropertyValue::Bool(false) => out.push(0x42),
+            PropertyValue::Long(v @ -128..=127) => out.extend_from_slice(&[0x55, *v as u8]),
+            PropertyValue::Long(v) => write_fixed(out, 0x81, v.to_be_bytes()),
+            PropertyValue::Double(v) => write_fixed(out, 0x82, v.to_be_bytes()),
+            PropertyValue::Timestamp(t) => {
+                write_fixed(out, 0x83, t.timestamp_millis().to_be_bytes())
+            }
+            PropertyValue::String(s) => write_var(out, STR, s.as_bytes()),
+            PropertyValue::Binary(b) => write_var(out, BIN, b),
+        }
+    }
+
     fn to_simple_value(&self) -> SimpleValue {
         match self {
             PropertyValue::Bool(b) => SimpleValue::Bool(*b),
@@ -350,6 +608,12 @@ impl PropertyValue {
             ),
         }
     }
+}
+
+/// Appends an 8-byte value with its constructor.
+fn write_fixed(out: &mut Vec<u8>, code: u8, bytes: [u8; 8]) {
+    out.push(code);
+    out.extend_from_slice(&bytes);
 }
 
 impl From<bool> for PropertyValue {
@@ -492,15 +756,14 @@ mod tests {
 
     #[test]
     fn the_key_annotation_is_written_as_serde_amqp_writes_it() {
-        for len in [
-            0, 1, 2, 100, 230, 231, 232, 233, 234, 235, 254, 255, 256, 300, 70_000,
-        ] {
-            let key = "k".repeat(len);
-            let mut ours = Vec::new();
+        // Every length across both map8/map32 (231/232) and str8/str32 (254/255) limits.
+        for len in (0..300).chain([70_000]) {
+            let key = "ü".repeat(len / 2) + &"k".repeat(len % 2);
+            let mut ours = b"before".to_vec();
             write_key_annotation(&mut ours, &key);
             let mut theirs = Vec::new();
             write_section(&mut theirs, &annotations(Some(&key)).unwrap()).unwrap();
-            assert_eq!(ours, theirs, "key of {len} bytes");
+            assert_eq!(ours[6..], theirs[..], "key of {len} bytes");
         }
     }
 
@@ -566,6 +829,197 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `event`'s direct encoding against serde_amqp's encoding of the same message, without
+    /// and with a partition key.
+    fn assert_encodes_as_serde_amqp(event: &Event, what: &str) {
+        for key in [None, Some("compressor-7"), Some(&*"k".repeat(300))] {
+            let expected = encode_message(&event.to_message(key)).unwrap();
+            let mut ours = b"before".to_vec();
+            event.encode_into(&mut ours, key).unwrap();
+            assert_eq!(&ours[..6], b"before", "{what}: appends");
+            assert_eq!(ours[6..], expected[..], "{what} ({event:?}), key {key:?}");
+        }
+    }
+
+    #[test]
+    fn properties_and_values_are_written_as_serde_amqp_writes_them() {
+        let ts = |ms| PropertyValue::Timestamp(DateTime::from_timestamp_millis(ms).unwrap());
+        let values = [
+            PropertyValue::Bool(true),
+            PropertyValue::Bool(false),
+            PropertyValue::Long(0),
+            PropertyValue::Long(-128),
+            PropertyValue::Long(127),
+            PropertyValue::Long(128),
+            PropertyValue::Long(-129),
+            PropertyValue::Long(i64::MIN),
+            PropertyValue::Long(i64::MAX),
+            PropertyValue::Double(42.1),
+            PropertyValue::Double(-0.0),
+            PropertyValue::Double(f64::INFINITY),
+            PropertyValue::Double(f64::MIN_POSITIVE),
+            ts(0),
+            ts(1_755_592_200_000),
+            ts(-86_400_001),
+            PropertyValue::String(String::new()),
+            PropertyValue::String("Grüße, 温度 🌡".into()),
+            PropertyValue::Binary(Vec::new()),
+            PropertyValue::Binary(vec![0, 0xff, 0x40]),
+        ];
+        for (i, value) in values.iter().enumerate() {
+            let event = Event::new(b"{}".to_vec()).with_property("v", value.clone());
+            assert_encodes_as_serde_amqp(&event, &format!("value {i}"));
+        }
+        let event = values
+            .iter()
+            .enumerate()
+            .fold(Event::new(vec![9u8; 100]), |e, (i, v)| {
+                e.with_property(format!("p{i}"), v.clone())
+            });
+        assert_encodes_as_serde_amqp(&event, "all values");
+        // NaN compares unequal to itself: the bytes are compared, never the events.
+        let nan = Event::new(Vec::new()).with_property("nan", f64::NAN);
+        assert_encodes_as_serde_amqp(&nan, "NaN");
+    }
+
+    #[test]
+    fn every_properties_field_combination_is_written_as_serde_amqp_writes_it() {
+        for mask in 0..16u8 {
+            for len in [0, 1, 254, 255, 256] {
+                let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+                assert_eq!(text.len(), len);
+                let mut event = Event::new(b"body".to_vec());
+                if mask & 1 != 0 {
+                    event = event.with_message_id(text.clone());
+                }
+                if mask & 2 != 0 {
+                    event = event.with_correlation_id(text.clone());
+                }
+                if mask & 4 != 0 {
+                    event = event.with_content_type(text.replace('é', "j"));
+                }
+                if mask & 8 != 0 {
+                    event = event.with_content_encoding(text.replace('é', "u"));
+                }
+                assert_encodes_as_serde_amqp(&event, &format!("fields {mask:04b}, {len} bytes"));
+                let event = event.with_property("k", text);
+                assert_encodes_as_serde_amqp(&event, &format!("fields {mask:04b} + one property"));
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_around_the_8_bit_limits_are_written_as_serde_amqp_writes_them() {
+        // Single strings, keys and binaries of 253..=257 bytes (str8/str32, vbin8/vbin32) and
+        // sections whose content crosses 255 bytes (list8/list32, map8/map32) one byte at a time.
+        for len in 200..300 {
+            let text = "s".repeat(len);
+            let events = [
+                Event::new(Vec::new()).with_message_id(text.clone()),
+                Event::new(Vec::new()).with_content_type(text.clone()),
+                Event::new(Vec::new())
+                    .with_correlation_id("c")
+                    .with_content_encoding(text.clone()),
+                Event::new(Vec::new()).with_property(text.clone(), true),
+                Event::new(Vec::new()).with_property("k", text.clone()),
+                Event::new(Vec::new()).with_property("k", text.clone().into_bytes()),
+                Event::new(vec![1u8; len])
+                    .with_content_type("application/json")
+                    .with_property("a", 1i64)
+                    .with_property("b", "x".repeat(len - 190)),
+            ];
+            for (i, event) in events.iter().enumerate() {
+                assert_encodes_as_serde_amqp(event, &format!("shape {i}, {len} bytes"));
+            }
+        }
+    }
+
+    #[test]
+    fn random_events_are_written_as_serde_amqp_writes_them() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(16);
+        let text = |rng: &mut StdRng| {
+            let len = match rng.gen_range(0..4) {
+                0 => rng.gen_range(0..4),
+                1 => rng.gen_range(250..260),
+                2 => rng.gen_range(0..600),
+                _ => rng.gen_range(0..40),
+            };
+            (0..len)
+                .map(|_| ['a', 'Z', '-', 'ß', '€', '🚀'][rng.gen_range(0..6)])
+                .collect::<String>()
+        };
+        for round in 0..500 {
+            let mut event = Event::new(vec![b'b'; rng.gen_range(0..400)]);
+            if rng.gen_bool(0.5) {
+                event = event.with_content_type(text(&mut rng));
+            }
+            if rng.gen_bool(0.3) {
+                event = event.with_content_encoding(text(&mut rng));
+            }
+            if rng.gen_bool(0.3) {
+                event = event.with_message_id(text(&mut rng));
+            }
+            if rng.gen_bool(0.3) {
+                event = event.with_correlation_id(text(&mut rng));
+            }
+            for _ in 0..rng.gen_range(0..12) {
+                let value = match rng.gen_range(0..6) {
+                    0 => PropertyValue::Bool(rng.gen()),
+                    1 => PropertyValue::Long(match rng.gen_bool(0.5) {
+                        true => rng.gen_range(-300..300),
+                        false => rng.gen(),
+                    }),
+                    2 => PropertyValue::Double(rng.gen::<f64>() * 1e6),
+                    3 => PropertyValue::String(text(&mut rng)),
+                    4 => PropertyValue::Binary(text(&mut rng).into_bytes()),
+                    _ => PropertyValue::Timestamp(
+                        DateTime::from_timestamp_millis(rng.gen_range(-1e13 as i64..1e13 as i64))
+                            .unwrap(),
+                    ),
+                };
+                event = event.with_property(text(&mut rng), value);
+            }
+            assert_encodes_as_serde_amqp(&event, &format!("round {round}"));
+        }
+    }
+
+    #[test]
+    fn encode_into_reserves_exactly_what_it_writes() {
+        let event = Event::new(vec![5u8; 300])
+            .with_content_type("application/json")
+            .with_message_id("m")
+            .with_property("site", "plant-3")
+            .with_property("n", 1_000i64);
+        let mut out = Vec::new();
+        event.encode_into(&mut out, Some("compressor-7")).unwrap();
+        let layout = event.layout().unwrap();
+        assert_eq!(
+            out.len(),
+            key_annotation_len("compressor-7") + layout.len() + 300 + 8
+        );
+        for len in [0, 1, 231, 232, 254, 255, 256, 70_000] {
+            let key = "k".repeat(len);
+            let mut out = Vec::new();
+            write_key_annotation(&mut out, &key);
+            assert_eq!(out.len(), key_annotation_len(&key), "key of {len} bytes");
+            // A body alone is sized without encoding it; batches count on that size.
+            for body in [0, 1, 254, 255, 1000] {
+                let event = Event::new(vec![1u8; body]);
+                for key in [None, Some(key.as_str())] {
+                    assert_eq!(
+                        event.bare_encoded_len(key),
+                        Some(event.encode(key).unwrap().len()),
+                        "body {body}, key {:?} bytes",
+                        key.map(str::len)
+                    );
+                }
+            }
+        }
+        assert_eq!(event.bare_encoded_len(None), None, "not bare");
     }
 
     #[test]
