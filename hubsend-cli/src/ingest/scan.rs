@@ -44,12 +44,13 @@ pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
     if !fields.value {
         return None;
     }
-    let timestamp = chrono::DateTime::parse_from_rfc3339(&text)
-        .ok()?
-        .with_timezone(&chrono::Utc);
-    if format_timestamp(&timestamp) != *text {
-        return None;
-    }
+    let timestamp = canonical_utc(&text).or_else(|| {
+        // Whatever the quick check leaves (a leap second, say): as the full parse decides.
+        let timestamp = chrono::DateTime::parse_from_rfc3339(&text)
+            .ok()?
+            .with_timezone(&chrono::Utc);
+        (format_timestamp(&timestamp) == *text).then_some(timestamp)
+    })?;
     let sensor_id = match sensor_id {
         Cow::Borrowed(s) => {
             let start = s.as_ptr() as usize - line.as_ptr() as usize;
@@ -61,6 +62,63 @@ pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
         sensor_id,
         timestamp: Some(timestamp),
     })
+}
+
+/// The time `text` names when it is in the canonical form [`format_timestamp`] writes
+/// (`YYYY-MM-DDTHH:MM:SS[.fff|.ffffff|.fffffffff]Z`, the fraction as short as it can be and
+/// absent when zero) and a valid date and time; `None` otherwise, and for a leap second, which
+/// are left to chrono. Checked in place: no parse through chrono's general RFC 3339 parser and
+/// no `String` to compare with. A time this accepts is one chrono parses to the same instant and
+/// writes back as `text` (`canonical_utc_agrees_with_chrono` checks it).
+pub(crate) fn canonical_utc(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[b.len() - 1] != b'Z'
+    {
+        return None;
+    }
+    let digits = |range: Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let fraction = &b[19..b.len() - 1];
+    // How many digits the canonical form gives a fraction depends on its value (see
+    // chrono's `SecondsFormat::AutoSi`): none when zero, else 3, 6 or 9, the fewest that hold it.
+    let nanos = match fraction.len() {
+        0 => 0,
+        4 | 7 | 10 if fraction[0] == b'.' => {
+            let places = fraction.len() - 1;
+            let n = digits(20..b.len() - 1)? * 10u32.pow(9 - places as u32);
+            let fewest = if n == 0 {
+                0
+            } else if n % 1_000_000 == 0 {
+                3
+            } else if n % 1_000 == 0 {
+                6
+            } else {
+                9
+            };
+            if fewest != places {
+                return None;
+            }
+            n
+        }
+        _ => return None,
+    };
+    if second > 59 {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
+    let time = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
+    Some(date.and_time(time).and_utc())
 }
 
 /// Whether `line` is a JSON object (`--schema none`); `None` when only the full parse can tell.
@@ -318,5 +376,101 @@ impl Visitor<'_> for KeyTextVisitor {
 
     fn visit_str<E: de::Error>(self, _: &str) -> Result<KeyText, E> {
         Ok(KeyText)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old check: chrono's RFC 3339 parse, then the canonical form written out and compared.
+    fn by_chrono(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let t = chrono::DateTime::parse_from_rfc3339(text)
+            .ok()?
+            .with_timezone(&chrono::Utc);
+        (format_timestamp(&t) == text).then_some(t)
+    }
+
+    #[test]
+    fn canonical_utc_agrees_with_chrono() {
+        let mut texts: Vec<String> = [
+            "2025-08-19T08:30:00Z",
+            "2025-08-19T08:30:00.250Z",
+            "2025-08-19T08:30:00.000Z",
+            "2025-08-19T08:30:00.200000Z",
+            "2025-08-19T08:30:00.250001Z",
+            "2025-08-19T08:30:00.250001000Z",
+            "2025-08-19T08:30:00.250001001Z",
+            "2025-08-19T08:30:00.000000001Z",
+            "2025-08-19T08:30:00.0Z",
+            "2025-08-19T08:30:00.25Z",
+            "2025-08-19T08:30:00.Z",
+            "2025-08-19T08:30:00,250Z",
+            "2025-08-19T08:30:00.25aZ",
+            "2025-08-19T08:30:00.2500000000Z",
+            "2025-08-19T08:30:60Z",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.500Z",
+            "2025-08-19T24:00:00Z",
+            "2025-08-19T23:60:00Z",
+            "2025-02-29T00:00:00Z",
+            "2024-02-29T00:00:00Z",
+            "2025-02-30T00:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-00-01T00:00:00Z",
+            "2025-01-00T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "2025-08-19t08:30:00Z",
+            "2025-08-19T08:30:00z",
+            "2025-08-19 08:30:00Z",
+            "2025-08-19T08:30:00+00:00",
+            "2025-08-19T08:30:00-00:00",
+            "2025-08-19T10:30:00+02:00",
+            "2025-08-19T08:30:00",
+            "2025-8-19T08:30:00Z",
+            "+2025-08-19T08:30:00Z",
+            "-002-08-19T08:30:00Z",
+            "2025-08-19T08:30:0 Z",
+            "2025-08-19T08:30:+0Z",
+            "２025-08-19T08:30:00Z",
+            "2025-08-19T08:30:00ZZ",
+            "2025-08-19T08:30:00Z ",
+            "",
+            "Z",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        // Every digit position through every digit, and fractions of every length.
+        let base = "2024-02-29T23:59:59.999999999Z";
+        for i in 0..base.len() {
+            for c in ('0'..='9').chain(['.', 'Z', ':', '-']) {
+                let mut t: Vec<char> = base.chars().collect();
+                t[i] = c;
+                texts.push(t.into_iter().collect());
+            }
+        }
+        for places in 0..12 {
+            for digit in ["0", "1", "5", "9"] {
+                let fraction = format!("{}{}", "0".repeat(places.max(1) - 1), digit);
+                texts.push(format!("2025-08-19T08:30:00.{}Z", &fraction[..places]));
+                texts.push(format!("2025-08-19T08:30:00.{fraction}Z"));
+                texts.push(format!("2025-08-19T08:30:00.{digit}{}Z", "0".repeat(places)));
+            }
+        }
+        let mut accepted = 0;
+        for text in &texts {
+            let quick = canonical_utc(text);
+            if let Some(t) = quick {
+                accepted += 1;
+                assert_eq!(by_chrono(text), Some(t), "{text:?}");
+            } else if let Some(t) = by_chrono(text) {
+                // Left to chrono: only leap seconds.
+                assert!(t.timestamp_subsec_nanos() >= 1_000_000_000, "{text:?}");
+            }
+        }
+        assert!(accepted >= 40, "{accepted} of {} accepted", texts.len());
     }
 }
