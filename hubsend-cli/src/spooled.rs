@@ -91,8 +91,9 @@ pub(crate) async fn spool_input(
             report.records += 1;
             let ParsedLine { line, raw, result } = parsed;
             let routed = match result {
-                Ok(record) => route(record)
-                    .map_err(|(reason, record)| (reason, reject_text(raw, &record))),
+                Ok(record) => {
+                    route(record).map_err(|(reason, record)| (reason, reject_text(raw, &record)))
+                }
                 Err(e) => Err((e.to_string(), raw.unwrap_or_default())),
             };
             match routed {

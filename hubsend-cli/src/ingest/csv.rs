@@ -588,7 +588,10 @@ mod tests {
             rows[0].result.as_ref().unwrap().as_json()["note"],
             "hello, world"
         );
-        assert_eq!(rows[0].raw.as_deref().unwrap(), "a,2025-01-01T00:00:00Z,1.5,\"hello, world\"");
+        assert_eq!(
+            rows[0].raw.as_deref().unwrap(),
+            "a,2025-01-01T00:00:00Z,1.5,\"hello, world\""
+        );
         assert!(rows[1].result.is_err());
         assert_eq!(rows[1].raw.as_deref().unwrap(), "b,not-a-time,2,x");
         assert!(rows[2]

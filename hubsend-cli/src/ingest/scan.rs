@@ -82,11 +82,7 @@ pub(crate) fn canonical_utc(text: &str) -> Option<chrono::DateTime<chrono::Utc>>
     {
         return None;
     }
-    let digits = |range: Range<usize>| -> Option<u32> {
-        b[range].iter().try_fold(0u32, |n, &d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
-        })
-    };
+    let digits = |range: Range<usize>| decimal(&b[range]);
     let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
     let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
     let fraction = &b[19..b.len() - 1];
@@ -119,6 +115,20 @@ pub(crate) fn canonical_utc(text: &str) -> Option<chrono::DateTime<chrono::Utc>>
     let date = chrono::NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
     let time = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
     Some(date.and_time(time).and_utc())
+}
+
+/// The number `digits` spell (at most 9 ASCII digits); `None` when any is not one.
+#[inline(always)]
+fn decimal(digits: &[u8]) -> Option<u32> {
+    let mut n = 0u32;
+    for &c in digits {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u32::from(d);
+    }
+    Some(n)
 }
 
 /// Whether `line` is a JSON object (`--schema none`); `None` when only the full parse can tell.
@@ -457,7 +467,10 @@ mod tests {
                 let fraction = format!("{}{}", "0".repeat(places.max(1) - 1), digit);
                 texts.push(format!("2025-08-19T08:30:00.{}Z", &fraction[..places]));
                 texts.push(format!("2025-08-19T08:30:00.{fraction}Z"));
-                texts.push(format!("2025-08-19T08:30:00.{digit}{}Z", "0".repeat(places)));
+                texts.push(format!(
+                    "2025-08-19T08:30:00.{digit}{}Z",
+                    "0".repeat(places)
+                ));
             }
         }
         let mut accepted = 0;
