@@ -33,9 +33,11 @@ pub(crate) struct Scanned {
 /// in canonical form, so its own bytes are the event body; `None` when only the full parse
 /// can tell (it is then refused or normalised there).
 pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
-    let mut de = serde_json::Deserializer::from_str(line);
-    let fields = Fields::deserialize_in(&mut de, true).ok()?;
-    de.end().ok()?;
+    let fields = match flat(line, true) {
+        Flat::Fields(fields) => fields,
+        Flat::Refused => return None,
+        Flat::Unsure => serde_fields(line, true)?,
+    };
     let sensor_id = fields.sensor_id?;
     if sensor_id.is_empty() {
         return None;
@@ -133,17 +135,200 @@ fn decimal(digits: &[u8]) -> Option<u32> {
 
 /// Whether `line` is a JSON object (`--schema none`); `None` when only the full parse can tell.
 pub(crate) fn object(line: &str) -> Option<Scanned> {
-    let mut de = serde_json::Deserializer::from_str(line);
-    Fields::deserialize_in(&mut de, false).ok()?;
-    de.end().ok()?;
+    match flat(line, false) {
+        Flat::Fields(_) => {}
+        Flat::Refused => return None,
+        Flat::Unsure => {
+            serde_fields(line, false)?;
+        }
+    }
     Some(Scanned {
         sensor_id: None,
         timestamp: None,
     })
 }
 
+/// The serde pass over `line`: its fields, or `None` when the full parse must decide.
+fn serde_fields(line: &str, telemetry: bool) -> Option<Fields<'_>> {
+    let mut de = serde_json::Deserializer::from_str(line);
+    let fields = Fields::deserialize_in(&mut de, telemetry).ok()?;
+    de.end().ok()?;
+    Some(fields)
+}
+
+/// What [`flat`] made of a line.
+#[derive(Debug, PartialEq, Eq)]
+enum Flat<'a> {
+    /// A flat object of the plain shape: the fields the serde pass would find in it.
+    Fields(Fields<'a>),
+    /// Of the plain shape, but the serde pass would give up on it too (a telemetry field of the
+    /// wrong type or given twice): the full parse decides.
+    Refused,
+    /// Not of the plain shape: ask the serde pass.
+    Unsure,
+}
+
+/// A quick pass by hand over the common shape of a telemetry line: one flat object whose keys
+/// and string values hold no escapes and no control characters, whose numbers have no
+/// exponent and at most 100 characters, and whose other values are `true`, `false` or `null`,
+/// with JSON whitespace anywhere between. For such a line it finds what the serde pass finds
+/// (serde_json accepts exactly these texts: strings of other characters are valid since `line`
+/// is UTF-8, and a number without exponent of that length is never out of range), at a
+/// fraction of the cost; anything else (escapes, nesting, exponents, a syntax error) is
+/// [`Flat::Unsure`] and goes to the serde pass, so what is accepted does not change
+/// (`the_quick_pass_finds_what_serde_finds` checks it).
+fn flat(line: &str, telemetry: bool) -> Flat<'_> {
+    let b = line.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    // A string without escapes or control characters, `i` just after its opening quote.
+    let plain = |i: &mut usize| -> Option<Range<usize>> {
+        let start = *i;
+        while *i < b.len() {
+            match b[*i] {
+                b'"' => {
+                    *i += 1;
+                    return Some(start..*i - 1);
+                }
+                b'\\' | 0..=0x1f => return None,
+                _ => *i += 1,
+            }
+        }
+        None
+    };
+    let mut fields = Fields::default();
+    let mut refused = false;
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return Flat::Unsure;
+    }
+    i += 1;
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return Flat::Unsure;
+            }
+            i += 1;
+            let Some(key) = plain(&mut i) else {
+                return Flat::Unsure;
+            };
+            ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return Flat::Unsure;
+            }
+            i += 1;
+            ws(&mut i);
+            enum Kind {
+                Text(Range<usize>),
+                Number,
+                Other,
+            }
+            let kind = match b.get(i) {
+                Some(b'"') => {
+                    i += 1;
+                    match plain(&mut i) {
+                        Some(text) => Kind::Text(text),
+                        None => return Flat::Unsure,
+                    }
+                }
+                Some(b'-' | b'0'..=b'9') => {
+                    let start = i;
+                    if b[i] == b'-' {
+                        i += 1;
+                    }
+                    match b.get(i) {
+                        Some(b'0') => i += 1,
+                        Some(b'1'..=b'9') => {
+                            while i < b.len() && b[i].is_ascii_digit() {
+                                i += 1;
+                            }
+                        }
+                        _ => return Flat::Unsure,
+                    }
+                    if b.get(i) == Some(&b'.') {
+                        i += 1;
+                        let digits = i;
+                        while i < b.len() && b[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                        if i == digits {
+                            return Flat::Unsure;
+                        }
+                    }
+                    if matches!(b.get(i), Some(b'e' | b'E')) || i - start > 100 {
+                        return Flat::Unsure;
+                    }
+                    Kind::Number
+                }
+                _ => {
+                    let rest = &b[i..];
+                    let word = [&b"true"[..], b"false", b"null"]
+                        .into_iter()
+                        .find(|w| rest.starts_with(w));
+                    match word {
+                        Some(w) => {
+                            i += w.len();
+                            Kind::Other
+                        }
+                        None => return Flat::Unsure,
+                    }
+                }
+            };
+            if telemetry {
+                match &b[key.clone()] {
+                    b"sensor_id" | b"timestamp" => {
+                        let slot = if &b[key] == b"sensor_id" {
+                            &mut fields.sensor_id
+                        } else {
+                            &mut fields.timestamp
+                        };
+                        match kind {
+                            Kind::Text(text) if slot.is_none() => {
+                                *slot = Some(Cow::Borrowed(&line[text]));
+                            }
+                            _ => refused = true,
+                        }
+                    }
+                    b"value" => match kind {
+                        Kind::Text(_) | Kind::Number if !fields.value => fields.value = true,
+                        _ => refused = true,
+                    },
+                    _ => {}
+                }
+            }
+            ws(&mut i);
+            match b.get(i) {
+                Some(b',') => {
+                    i += 1;
+                    ws(&mut i);
+                }
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Flat::Unsure,
+            }
+        }
+    }
+    ws(&mut i);
+    if i != b.len() {
+        Flat::Unsure
+    } else if refused {
+        Flat::Refused
+    } else {
+        Flat::Fields(fields)
+    }
+}
+
 /// The telemetry fields of one object, borrowed where they can be.
-#[derive(Default)]
+#[derive(Default, Debug, PartialEq, Eq)]
 struct Fields<'a> {
     sensor_id: Option<Cow<'a, str>>,
     timestamp: Option<Cow<'a, str>>,
@@ -399,6 +584,72 @@ mod tests {
             .ok()?
             .with_timezone(&chrono::Utc);
         (format_timestamp(&t) == text).then_some(t)
+    }
+
+    /// The serde pass's verdict in the quick pass's terms.
+    fn by_serde(line: &str, telemetry: bool) -> Option<Fields<'_>> {
+        serde_fields(line, telemetry)
+    }
+
+    #[test]
+    fn the_quick_pass_finds_what_serde_finds() {
+        let mut lines: Vec<String> = [
+            r#"{"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}"#,
+            r#" { "sensor_id" : "a" , "timestamp" : "t" , "value" : "Running" } "#,
+            "\t{\"value\":-0,\r\"sensor_id\":\"a\",\n\"timestamp\":\"t\"}\r",
+            r#"{"sensor_id":"é☃😀","timestamp":"t","value":1,"x":true,"y":false,"z":null}"#,
+            r#"{"sensor_id":"a","timestamp":"t","value":123456789012345678901234567890}"#,
+            r#"{"sensor_id":"a","timestamp":"t","value":1.5,"pad":"xxxx","pad":"y"}"#,
+            r#"{"sensor_id":"","timestamp":"","value":""}"#,
+            r#"{"":"","a":0,"b":-0.0,"c":10.01}"#,
+            r#"{}"#,
+            r#"{ }"#,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        lines.push(format!(
+            r#"{{"sensor_id":"a","timestamp":"t","value":{}}}"#,
+            "9".repeat(99)
+        ));
+        lines.push(format!(
+            r#"{{"sensor_id":"a","timestamp":"t","value":{}}}"#,
+            "9".repeat(400)
+        ));
+        lines.push(format!(r#"{{"v":0.{}1}}"#, "0".repeat(400)));
+        // Every byte of a few lines replaced by characters that matter to JSON, and cut short.
+        let bases = lines.clone();
+        let swaps = [
+            "", " ", "\"", "\\", ":", ",", "{", "}", "[", "]", "-", "+", ".", "0", "1", "e", "E",
+            "t", "n", "f", "x", "\u{1}", "\u{7f}", "é", "\t", "\u{feff}",
+        ];
+        for base in &bases[..4] {
+            let chars: Vec<char> = base.chars().collect();
+            for at in 0..chars.len() {
+                for swap in swaps {
+                    let mut t: String = chars[..at].iter().collect();
+                    t.push_str(swap);
+                    t.extend(&chars[at + 1..]);
+                    lines.push(t);
+                }
+                lines.push(chars[..at].iter().collect());
+            }
+        }
+        let mut quick = 0;
+        for line in &lines {
+            for keep in [true, false] {
+                let serde = by_serde(line, keep);
+                match flat(line, keep) {
+                    Flat::Fields(fields) => {
+                        quick += 1;
+                        assert_eq!(Some(fields), serde, "{line:?}");
+                    }
+                    Flat::Refused => assert_eq!(serde, None, "{line:?}"),
+                    Flat::Unsure => {}
+                }
+            }
+        }
+        assert!(quick > 1000, "only {quick} lines took the quick pass");
     }
 
     #[test]
