@@ -36,8 +36,8 @@
 //!   on an NDJSON file of `--cli-lines N` telemetry lines (default `--events`; see
 //!   `telemetry_lines`: varying ids, timestamps and values, some strings like `"Running"`,
 //!   each valid as it stands), written to the target dir and removed afterwards, against the
-//!   same hub. Rows: `hubsend batch (cli bodies)` (the batch mode sending the file's bodies,
-//!   run first) and `hubsend cli` (lines/s and MB/s as `hubsend` reports them, from the start
+//!   same hub. Rows: `hubsend batch (cli bodies)` (the batch mode sending the file's bodies
+//!   with content type `application/json`, as `hubsend send` sends them; run first) and `hubsend cli` (lines/s and MB/s as `hubsend` reports them, from the start
 //!   of sending; CPU µs per line and peak RSS of the `hubsend` process over its whole life).
 //!   The targets add "cli >= 1M lines/s" and "cli >= 70% of batch (same bodies)" (#16).
 //!   Not with `--rtt-ms`.
@@ -282,6 +282,13 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         Some("telemetry") => telemetry_lines(payload, 1024),
         _ => bodies(payload, 1024),
     };
+    // `--content-type T`: every event carries it, as every event `hubsend send` builds does
+    // (`application/json`): an AMQP properties section more per event.
+    let content_type = args.get("content-type").map(str::to_owned);
+    let new_event = |body: &Vec<u8>| match &content_type {
+        Some(t) => Event::new(body.clone()).with_content_type(t.as_str()),
+        None => Event::new(body.clone()),
+    };
 
     let mut options = ProducerOptions::new();
     if let Some(n) = args.get("max-in-flight") {
@@ -382,7 +389,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         "batch" => {
             let mut batch = producer.create_batch(BatchOptions::new()).await?;
             for i in 0..events as usize {
-                let event = Event::new(pool[i % pool.len()].clone());
+                let event = new_event(&pool[i % pool.len()]);
                 if let Err(e) = batch.try_add(event) {
                     let TryAddError::Full(event) = e else {
                         panic!("a {payload}-byte event does not fit an empty batch");
@@ -1073,7 +1080,7 @@ fn main() {
                     }
                     // The batch with the file's bodies first, then `hubsend send` of the file.
                     let mut cmd = hubsend_child("batch", ("events", cli_lines));
-                    cmd.arg("--pool").arg("telemetry");
+                    cmd.args(["--pool", "telemetry", "--content-type", "application/json"]);
                     let name = "hubsend batch (cli bodies)";
                     push(name, run_json(&describe(name), &mut cmd));
                     let mut cmd = hubsend_child("cli", ("events", cli_lines));
