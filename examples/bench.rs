@@ -209,14 +209,25 @@ fn proc_status_kib(field: &str) -> u64 {
 
 /// User + system CPU seconds of this process so far.
 fn cpu_seconds() -> f64 {
+    // utime and stime are the 14th and 15th fields.
+    stat_seconds(14, 15)
+}
+
+/// The sum of two clock-tick fields of `/proc/self/stat` (numbered from 1 as in proc(5)), in
+/// seconds (10 ms ticks).
+fn stat_seconds(a: usize, b: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
-    // Fields after the ")" that closes the command name; utime and stime are 14th and 15th.
+    // Fields after the ")" that closes the command name, which is the 2nd: the 3rd is first.
     let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(a) + ticks(b)) / 100.0
 }
 
 /// User + system CPU of every thread of this process, in seconds, to the nanosecond: the
@@ -515,13 +526,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
 /// CPU seconds (user + system) of this process's children that have been waited for: the
 /// `cutime` and `cstime` of `/proc/self/stat`, in clock ticks (10 ms).
 fn children_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(13) + ticks(14)) / 100.0
+    stat_seconds(16, 17)
 }
 
 /// `--child cli`: writes `--events` telemetry lines ([`telemetry_lines`], cycled) to a file in

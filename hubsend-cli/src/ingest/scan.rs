@@ -97,9 +97,9 @@ pub(crate) fn canonical_utc(text: &str) -> Option<chrono::DateTime<chrono::Utc>>
             let n = digits(20..b.len() - 1)? * 10u32.pow(9 - places as u32);
             let fewest = if n == 0 {
                 0
-            } else if n % 1_000_000 == 0 {
+            } else if n.is_multiple_of(1_000_000) {
                 3
-            } else if n % 1_000 == 0 {
+            } else if n.is_multiple_of(1_000) {
                 6
             } else {
                 9
@@ -191,7 +191,9 @@ fn flat(line: &str, telemetry: bool) -> Flat<'_> {
         let len = memchr::memchr2(b'"', b'\\', &b[start..])?;
         let end = start + len;
         // A fold, not `any`: no early exit, so the check runs over many bytes at a time.
-        let control = b[start..end].iter().fold(false, |seen, &c| seen | (c < 0x20));
+        let control = b[start..end]
+            .iter()
+            .fold(false, |seen, &c| seen | (c < 0x20));
         if b[end] != b'"' || control {
             return None;
         }
