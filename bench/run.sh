@@ -7,6 +7,7 @@
 #   EVENTS=4000000 bench/run.sh  # more events per batched run
 #   NO_PEERS=1 bench/run.sh      # hubsend only (skips building the official crate)
 #   STEADY=0 bench/run.sh        # skip the 60 s steady-state memory run
+#   CLI_LINES=1000000 bench/run.sh  # lines in the `hubsend send` file (default EVENTS)
 #   bench/run.sh rtt             # far from the hub: TLS through a delay proxy at 0, 5, 20 and
 #                                # 50 ms round-trip time, each point twice (RTTS=0,20 REPEAT=3
 #                                # to change); saved as bench/results/rtt-*.txt
@@ -20,6 +21,7 @@ EVENTS_1K="${EVENTS_1K:-500000}"
 STEADY="${STEADY:-60}"   # seconds of full-speed 100-byte streaming with RSS sampled (0: skip)
 
 cargo build --release -p hubsend-testhub
+cargo build --release -p hubsend-cli   # `hubsend send` for the cli rows (--mode all, 100 B)
 cargo build --release --features websockets,https --example bench
 PEERS_ARG=()
 if [[ -z "${NO_PEERS:-}" ]]; then
@@ -55,7 +57,7 @@ out="bench/results/bench-$stamp.txt"
     header
     echo
     echo "## 100-byte telemetry events"
-    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" --steady-seconds "$STEADY" "${PEERS_ARG[@]}" "$@"
+    "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 100 --events "$EVENTS" --cli-lines "${CLI_LINES:-$EVENTS}" --steady-seconds "$STEADY" "${PEERS_ARG[@]}" "$@"
     echo
     echo "## 1 KiB events"
     "$CARGO_TARGET_DIR/release/examples/bench" --both --payload-bytes 1024 --events "$EVENTS_1K" "${PEERS_ARG[@]}" "$@"

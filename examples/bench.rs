@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! cargo build --release -p hubsend-testhub
+//! cargo build --release -p hubsend-cli               # for --mode cli (part of all)
 //! (cd bench-peers && cargo build --release)          # optional: official + ceiling peers
 //! cargo run --release --example bench -- [--events N] [--payload-bytes B[,B2..]] [--tls|--both]
-//!                                         [--mode batch|single|latency|all] [--json]
+//!                                         [--mode batch|single|latency|cli|all] [--json]
 //! ```
 //!
 //! Options (all optional):
@@ -30,6 +31,16 @@
 //! * `--no-peers` skip the official and ceiling binaries even when they are built.
 //! * `--idempotent` also runs every hubsend mode with idempotent retries, in rows of their
 //!   own next to the plain ones.
+//! * `--mode cli` (also part of `all`, there for payloads up to 128 B only): the release
+//!   `hubsend send --input FILE --json` (`HUBSEND_BIN`, else next to this example's target dir)
+//!   on an NDJSON file of `--cli-lines N` telemetry lines (default `--events`; see
+//!   `telemetry_lines`: varying ids, timestamps and values, some strings like `"Running"`,
+//!   each valid as it stands), written to the target dir and removed afterwards, against the
+//!   same hub. Rows: `hubsend batch (cli bodies)` (the batch mode sending the file's bodies
+//!   with content type `application/json`, as `hubsend send` sends them; run first) and `hubsend cli` (lines/s and MB/s as `hubsend` reports them, from the start
+//!   of sending; CPU µs per line and peak RSS of the `hubsend` process over its whole life).
+//!   The targets add "cli >= 1M lines/s" and "cli >= 70% of batch (same bodies)" (#16).
+//!   Not with `--rtt-ms`.
 //! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
 //!   `--mode` also takes a list: `--mode batch,single`.
 //! * `--rtt-ms 0,5,20,50`: far from the hub. Each round-trip time puts a delay proxy (see
@@ -121,26 +132,63 @@ impl Args {
 fn bodies(bytes: usize, count: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|i| {
-            let mut s = format!(
+            let s = format!(
                 "{{\"sensor_id\":\"compressor-{}:vibe_x\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{}.{}",
                 i % 10,
                 40 + i % 50,
                 i % 10
             );
-            if s.len() + 1 < bytes {
-                let pad = bytes - s.len() - 1;
-                if pad > 9 {
-                    s.push_str(",\"pad\":\"");
-                    s.push_str(&"x".repeat(pad - 9));
-                    s.push('"');
-                } else {
-                    s.push_str(&" ".repeat(pad));
-                }
-            }
-            s.push('}');
-            let mut v = s.into_bytes();
+            let mut v = closed(s, bytes).into_bytes();
             v.truncate(bytes);
             v
+        })
+        .collect()
+}
+
+/// `s` (an object missing its `}`) padded to `bytes` with a `pad` field or spaces, then closed.
+fn closed(mut s: String, bytes: usize) -> String {
+    if s.len() + 1 < bytes {
+        let pad = bytes - s.len() - 1;
+        if pad > 9 {
+            s.push_str(",\"pad\":\"");
+            s.push_str(&"x".repeat(pad - 9));
+            s.push('"');
+        } else {
+            s.push_str(&" ".repeat(pad));
+        }
+    }
+    s.push('}');
+    s
+}
+
+/// `count` distinct NDJSON telemetry lines of `bytes` bytes (longer when the fields alone
+/// are; never cut, so every line stays valid), for `--mode cli`: 291 sensor ids, timestamps
+/// over an hour (a quarter with milliseconds), numeric values and one in eight a string such
+/// as `"Running"`. Every line passes `hubsend send`'s telemetry schema as it stands (the
+/// timestamp already canonical UTC), so each is sent as its own bytes.
+fn telemetry_lines(bytes: usize, count: usize) -> Vec<Vec<u8>> {
+    const STATES: [&str; 3] = ["Running", "Idle", "Fault"];
+    const AXES: [&str; 3] = ["x", "y", "z"];
+    (0..count)
+        .map(|i| {
+            let value = if i % 8 == 7 {
+                format!("\"{}\"", STATES[i / 8 % 3])
+            } else {
+                format!("{}.{}", 40 + i % 50, i % 10)
+            };
+            let millis = if i % 4 == 0 {
+                format!(".{:03}", i % 999 + 1)
+            } else {
+                String::new()
+            };
+            let s = format!(
+                "{{\"sensor_id\":\"compressor-{}:vibe_{}\",\"timestamp\":\"2025-08-19T08:{:02}:{:02}{millis}Z\",\"value\":{value}",
+                i % 97,
+                AXES[i % 3],
+                i / 60 % 60,
+                i % 60,
+            );
+            closed(s, bytes).into_bytes()
         })
         .collect()
 }
@@ -161,14 +209,25 @@ fn proc_status_kib(field: &str) -> u64 {
 
 /// User + system CPU seconds of this process so far.
 fn cpu_seconds() -> f64 {
+    // utime and stime are the 14th and 15th fields.
+    stat_seconds(14, 15)
+}
+
+/// The sum of two clock-tick fields of `/proc/self/stat` (numbered from 1 as in proc(5)), in
+/// seconds (10 ms ticks).
+fn stat_seconds(a: usize, b: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
-    // Fields after the ")" that closes the command name; utime and stime are 14th and 15th.
+    // Fields after the ")" that closes the command name, which is the 2nd: the 3rd is first.
     let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(a) + ticks(b)) / 100.0
 }
 
 /// User + system CPU of every thread of this process, in seconds, to the nanosecond: the
@@ -229,7 +288,18 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     let cs = args.get("cs").expect("--cs").to_owned();
     let mut events = args.num("events", 1_000_000);
     let payload = args.num("payload-bytes", 100) as usize;
-    let pool = bodies(payload, 1024);
+    // `--pool telemetry`: the lines `--mode cli` writes to its file (the batch it is compared with).
+    let pool = match args.get("pool") {
+        Some("telemetry") => telemetry_lines(payload, 1024),
+        _ => bodies(payload, 1024),
+    };
+    // `--content-type T`: every event carries it, as every event `hubsend send` builds does
+    // (`application/json`): an AMQP properties section more per event.
+    let content_type = args.get("content-type").map(str::to_owned);
+    let new_event = |body: &Vec<u8>| match &content_type {
+        Some(t) => Event::new(body.clone()).with_content_type(t.as_str()),
+        None => Event::new(body.clone()),
+    };
 
     let mut options = ProducerOptions::new();
     if let Some(n) = args.get("max-in-flight") {
@@ -330,7 +400,7 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         "batch" => {
             let mut batch = producer.create_batch(BatchOptions::new()).await?;
             for i in 0..events as usize {
-                let event = Event::new(pool[i % pool.len()].clone());
+                let event = new_event(&pool[i % pool.len()]);
                 if let Err(e) = batch.try_add(event) {
                     let TryAddError::Full(event) = e else {
                         panic!("a {payload}-byte event does not fit an empty batch");
@@ -447,6 +517,127 @@ async fn child(args: &Args) -> hubsend::Result<()> {
     line.push('}');
     println!("{line}");
     let _ = tokio::time::timeout(Duration::from_secs(5), producer.close()).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// child: `hubsend send` of an NDJSON file (`--mode cli`)
+
+/// CPU seconds (user + system) of this process's children that have been waited for: the
+/// `cutime` and `cstime` of `/proc/self/stat`, in clock ticks (10 ms).
+fn children_cpu_seconds() -> f64 {
+    stat_seconds(16, 17)
+}
+
+/// `--child cli`: writes `--events` telemetry lines ([`telemetry_lines`], cycled) to a file in
+/// the target directory, runs the release `hubsend send --input FILE --json` on it against
+/// the hub (connection string in its environment, `--ca-file` for TLS), and prints the JSON
+/// line the other children print: lines/s and MB/s as `hubsend` reports them (from the start
+/// of sending, after connecting), the CPU of the `hubsend` process over its whole life (user +
+/// system, from this process's waited-for children: reading, validating, TLS, start-up), and
+/// its peak RSS (VmHWM, sampled every 10 ms until it exits). The file is removed afterwards.
+fn run_cli_child(args: &Args) -> Result<(), String> {
+    use std::io::Write;
+    let bin = PathBuf::from(args.get("hubsend-bin").ok_or("--hubsend-bin")?);
+    let cs = args.get("cs").ok_or("--cs")?;
+    let lines = args.num("events", 1_000_000);
+    let payload = args.num("payload-bytes", 100) as usize;
+    let pool = telemetry_lines(payload, 1024);
+    let dir = release_dir().unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!("bench-cli-{}.ndjson", std::process::id()));
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let _remove = Remove(path.clone());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut file_bytes = 0u64;
+    for i in 0..lines as usize {
+        let line = &pool[i % pool.len()];
+        out.write_all(line)
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        file_bytes += line.len() as u64 + 1;
+    }
+    out.flush()
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    drop(out);
+
+    let mut cmd = Command::new(&bin);
+    cmd.args(["send", "--json", "--progress", "never", "--input"])
+        .arg(&path)
+        .env("EVENTHUB_CONNECTION_STRING", cs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(ca) = args.get("ca") {
+        cmd.arg("--ca-file").arg(ca);
+    }
+    let cpu0 = children_cpu_seconds();
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let pid = child.id();
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("waiting for hubsend: {e}")),
+        }
+    };
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = children_cpu_seconds() - cpu0;
+    let mut stdout = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut stdout);
+    }
+    let summary = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .ok_or_else(|| format!("hubsend send ({status}) printed no JSON summary: {stdout}"))?;
+    let sent = summary.get("sent").and_then(Value::as_u64).unwrap_or(0);
+    if !status.success() || sent != lines {
+        return Err(format!(
+            "hubsend send ({status}) sent {sent} of {lines} lines: {summary}"
+        ));
+    }
+    let num = |k: &str| summary.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let line = serde_json::json!({
+        "tool": "hubsend",
+        "mode": "cli",
+        "events": sent,
+        "payload_bytes": payload,
+        "file_bytes": file_bytes,
+        "seconds": num("seconds"),
+        "wall_seconds": wall,
+        "events_per_sec": num("events_per_sec"),
+        "mb_per_sec": num("mb_per_sec"),
+        "p50_ms": num("p50_ms"),
+        "p99_ms": num("p99_ms"),
+        "batches": num("batches"),
+        "peak_rss_kib": peak_kib,
+        "cpu_seconds": cpu,
+        "cpu_us_per_event": cpu * 1e6 / sent.max(1) as f64,
+    });
+    println!("{line}");
     Ok(())
 }
 
@@ -665,6 +856,13 @@ fn f(v: &Value, k: &str) -> Option<f64> {
 
 fn main() {
     let args = Args::parse();
+    if args.get("child") == Some("cli") {
+        if let Err(e) = run_cli_child(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if args.get("child").is_some() {
         if let Err(e) = run_child(&args) {
             eprintln!("error: {e}");
@@ -690,10 +888,10 @@ fn main() {
     let mut modes: Vec<&str> = Vec::new();
     for m in mode.split(',').map(str::trim) {
         match m {
-            "all" => modes.extend(["batch", "buffered", "single", "latency"]),
-            "batch" | "buffered" | "single" | "latency" => modes.push(m),
+            "all" => modes.extend(["batch", "buffered", "single", "latency", "cli"]),
+            "batch" | "buffered" | "single" | "latency" | "cli" => modes.push(m),
             other => {
-                eprintln!("--mode batch|buffered|single|latency|all (or a list), not {other}");
+                eprintln!("--mode batch|buffered|single|latency|cli|all (or a list), not {other}");
                 std::process::exit(2);
             }
         }
@@ -715,6 +913,23 @@ fn main() {
     if rtt_mode && args.flag("transports") {
         eprintln!("--rtt-ms covers AMQP (plain or TLS) only; run --transports without it");
         std::process::exit(2);
+    }
+    // `cli` runs `hubsend send` on a file, straight to the hub: not through the delay proxy.
+    if rtt_mode {
+        modes.retain(|m| *m != "cli");
+    }
+    // In `all`, only for telemetry-sized lines (a 1 KiB file of `--events` lines is large).
+    let cli_explicit = mode.split(',').any(|m| m.trim() == "cli");
+    let cli_lines = args.num("cli-lines", events);
+    let hubsend_bin = modes
+        .contains(&"cli")
+        .then(|| find_bin("HUBSEND_BIN", "hubsend"))
+        .flatten();
+    if modes.contains(&"cli") && hubsend_bin.is_none() {
+        eprintln!(
+            "note: the hubsend binary was not found (cli mode skipped); build it with\n    \
+             cargo build --release -p hubsend-cli   # same CARGO_TARGET_DIR, or set HUBSEND_BIN"
+        );
     }
     let repeat = args.num("repeat", 1).max(1);
     let payloads: Vec<u64> = args
@@ -844,7 +1059,7 @@ fn main() {
             let others = [("wss", hub.ws_url.clone()), ("https", hub.rest_url.clone())];
             for (label, url) in others.iter().filter(|_| more_transports) {
                 let Some(url) = url else { continue };
-                for m in modes.iter().filter(|m| **m != "buffered") {
+                for m in modes.iter().filter(|m| **m != "buffered" && **m != "cli") {
                     let n = match *m {
                         "batch" => events,
                         "single" => {
@@ -863,6 +1078,22 @@ fn main() {
             }
             let idempotent_too = args.flag("idempotent");
             for m in &modes {
+                if *m == "cli" {
+                    let Some(bin) = &hubsend_bin else { continue };
+                    if payload > 128 && !cli_explicit {
+                        continue;
+                    }
+                    // The batch with the file's bodies first, then `hubsend send` of the file.
+                    let mut cmd = hubsend_child("batch", ("events", cli_lines));
+                    cmd.args(["--pool", "telemetry", "--content-type", "application/json"]);
+                    let name = "hubsend batch (cli bodies)";
+                    push(name, run_json(&describe(name), &mut cmd));
+                    let mut cmd = hubsend_child("cli", ("events", cli_lines));
+                    cmd.arg("--hubsend-bin").arg(bin);
+                    let name = "hubsend cli";
+                    push(name, run_json(&describe(name), &mut cmd));
+                    continue;
+                }
                 let n = match *m {
                     "batch" | "buffered" => events,
                     "single" => single_events,
@@ -916,7 +1147,7 @@ fn main() {
                 } else {
                     format!("amqp://{}", hub.authority())
                 };
-                for m in &modes {
+                for m in modes.iter().filter(|m| **m != "cli") {
                     let (n, conc) = match *m {
                         "batch" => (official_events, official_conc),
                         "single" => (official_single_events, official_single_conc),
@@ -967,7 +1198,7 @@ fn print_table(rows: &[Row]) {
     };
     println!();
     println!(
-        "{:<6} {:>6}  {:<22} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "{:<6} {:>6}  {:<26} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9}",
         "link",
         "bytes",
         "mode",
@@ -977,9 +1208,10 @@ fn print_table(rows: &[Row]) {
         "p50 ms",
         "p99 ms",
         "RSS MB",
-        "CPU s"
+        "CPU s",
+        "CPU µs/ev"
     );
-    println!("{}", "-".repeat(106));
+    println!("{}", "-".repeat(120));
     let opt = |v: Option<f64>, prec: usize| match v {
         Some(x) => format!("{x:.prec$}"),
         None => "-".to_owned(),
@@ -994,7 +1226,7 @@ fn print_table(rows: &[Row]) {
             r.name.clone()
         };
         println!(
-            "{:<6} {:>6}  {:<22} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7}",
+            "{:<6} {:>6}  {:<26} {:>10} {:>12} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9}",
             r.transport,
             r.payload,
             name,
@@ -1013,6 +1245,7 @@ fn print_table(rows: &[Row]) {
             opt(f(j, "p99_ms"), 3),
             opt(f(j, "peak_rss_kib").map(|k| k * 1024.0 / 1e6), 1),
             opt(f(j, "cpu_seconds"), 2),
+            opt(f(j, "cpu_us_per_event"), 3),
         );
         if let Some(s) = stalls {
             match f(j, "events_per_sec_excl_stalls").filter(|_| !is_latency) {
@@ -1060,6 +1293,17 @@ fn print_table(rows: &[Row]) {
                 _ => "n/a".to_owned(),
             }
         );
+        let cli = eps("hubsend cli");
+        let cli_batch = eps("hubsend batch (cli bodies)");
+        if cli.is_some() {
+            println!(
+                "  hubsend cli    / batch (same bodies) = {}",
+                match (cli, cli_batch) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.1}%", 100.0 * a / b),
+                    _ => "n/a".to_owned(),
+                }
+            );
+        }
         if let (Some(a), Some(b)) = (
             get(t, p, "hubsend latency").and_then(|j| f(j, "p99_ms")),
             get(t, p, "official latency").and_then(|j| f(j, "p99_ms")),
@@ -1102,6 +1346,18 @@ fn print_table(rows: &[Row]) {
             ];
             for (label, met) in targets {
                 println!("    {label} {}", mark(met));
+            }
+            if cli.is_some() {
+                let cli_targets = [
+                    ("cli >= 1M lines/s ...........", cli.map(|v| v >= 1e6)),
+                    (
+                        "cli >= 70% of batch (same) ..",
+                        cli.zip(cli_batch).map(|(a, b)| a >= 0.7 * b),
+                    ),
+                ];
+                for (label, met) in cli_targets {
+                    println!("    {label} {}", mark(met));
+                }
             }
             if let Some(samples) = get(t, p, "hubsend steady")
                 .and_then(|j| j.get("rss_samples_mib"))

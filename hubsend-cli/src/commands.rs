@@ -581,7 +581,7 @@ fn synthetic_input(count: u64, payload_bytes: usize, cardinality: u64) -> mpsc::
                 .map(|i| {
                     Ok(ParsedLine {
                         line: i + 1,
-                        raw: String::new(),
+                        raw: None,
                         result: Ok(record::synthetic_record(i, payload_bytes, cardinality)),
                     })
                 })

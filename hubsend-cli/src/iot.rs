@@ -554,18 +554,20 @@ async fn send(a: IotSendArgs, ui: Ui) -> u8 {
                 }
             };
             report.records += 1;
-            let routed = parsed
-                .result
-                .map_err(|e| e.to_string())
-                .and_then(|record| device_of.route(&record, a.device_name_field.as_deref()));
+            let routed = match parsed.result {
+                Ok(record) => device_of
+                    .route(&record, a.device_name_field.as_deref())
+                    .map_err(|reason| (reason, ingest::reject_text(parsed.raw, &record))),
+                Err(e) => Err((e.to_string(), parsed.raw.unwrap_or_default())),
+            };
             let (device, name, event) = match routed {
                 Ok(r) => r,
-                Err(reason) => {
+                Err((reason, raw)) => {
                     report.rejected += 1;
                     observer.rejected(&Reject {
                         line: parsed.line,
                         reason,
-                        raw: parsed.raw,
+                        raw,
                     });
                     continue;
                 }

@@ -27,7 +27,7 @@ use crate::exit;
 use crate::ingest::record::Record;
 use crate::ingest::report::{IngestReport, Reject};
 use crate::ingest::stream::IngestObserver;
-use crate::ingest::{self, InputFormat, Lines};
+use crate::ingest::{self, reject_text, InputFormat, Lines, ParsedLine};
 use crate::progress::ProgressView;
 use crate::signals::Signals;
 
@@ -62,7 +62,7 @@ pub(crate) async fn spool_input(
     producer: &SpooledProducer,
     mut input: mpsc::Receiver<Lines>,
     resume_after: u64,
-    mut route: impl FnMut(Record) -> Result<(Event, Route), String>,
+    mut route: impl FnMut(Record) -> Result<(Event, Route), (String, Record)>,
     observer: &mut CliObserver,
     report: &mut IngestReport,
     stop: impl Future<Output = ()>,
@@ -89,19 +89,18 @@ pub(crate) async fn spool_input(
                 continue;
             }
             report.records += 1;
-            match parsed
-                .result
-                .map_err(|e| e.to_string())
-                .and_then(&mut route)
-            {
-                Ok((event, route)) => records.push((event, route, parsed.line)),
-                Err(reason) => {
+            let ParsedLine { line, raw, result } = parsed;
+            let routed = match result {
+                Ok(record) => {
+                    route(record).map_err(|(reason, record)| (reason, reject_text(raw, &record)))
+                }
+                Err(e) => Err((e.to_string(), raw.unwrap_or_default())),
+            };
+            match routed {
+                Ok((event, route)) => records.push((event, route, line)),
+                Err((reason, raw)) => {
                     report.rejected += 1;
-                    observer.rejected(&Reject {
-                        line: parsed.line,
-                        reason,
-                        raw: parsed.raw,
-                    });
+                    observer.rejected(&Reject { line, reason, raw });
                 }
             }
         }
@@ -305,9 +304,10 @@ pub(crate) async fn send(
     let mut keys = std::collections::HashSet::new();
     let route = |record: Record| {
         let route = match (&config.partition_key_field, &config.partition_id) {
-            (Some(field), _) => {
-                Route::partition_key(record.partition_key(field).map_err(|e| e.to_string())?)
-            }
+            (Some(field), _) => match record.partition_key(field) {
+                Ok(key) => Route::partition_key(key),
+                Err(e) => return Err((e.to_string(), record)),
+            },
             (None, Some(id)) => Route::partition_id(id.clone()),
             (None, None) => Route::Any,
         };

@@ -373,21 +373,21 @@ impl<R: Read> Iterator for CsvRecords<R> {
             if let Some(opened) = row.open_quote {
                 return Some(Ok(ParsedLine {
                     line,
-                    raw: preview(&reencode_csv(&self.lossy_fields())),
+                    raw: Some(preview(&reencode_csv(&self.lossy_fields()))),
                     result: Err(RecordError::UnterminatedQuote(opened)),
                 }));
             }
             if row.too_long {
                 return Some(Ok(ParsedLine {
                     line,
-                    raw: preview(&reencode_csv(&self.lossy_fields())),
+                    raw: Some(preview(&reencode_csv(&self.lossy_fields()))),
                     result: Err(RecordError::TooLong(self.limit)),
                 }));
             }
             let Some(mut fields) = self.field_strings() else {
                 return Some(Ok(ParsedLine {
                     line,
-                    raw: reencode_csv(&self.lossy_fields()),
+                    raw: Some(reencode_csv(&self.lossy_fields())),
                     result: Err(RecordError::NotUtf8),
                 }));
             };
@@ -407,7 +407,7 @@ impl<R: Read> Iterator for CsvRecords<R> {
                     }
                     return Some(Ok(ParsedLine {
                         line,
-                        raw: reencode_csv(&fields),
+                        raw: Some(reencode_csv(&fields)),
                         result: parse_csv_row_as(headers, &fields, self.schema),
                     }));
                 }
@@ -451,7 +451,7 @@ mod tests {
                 long_row.result.as_ref().unwrap_err(),
                 &RecordError::TooLong(1000)
             );
-            assert!(long_row.raw.chars().count() <= RAW_PREVIEW_CHARS + 1);
+            assert!(long_row.raw.as_deref().unwrap().chars().count() <= RAW_PREVIEW_CHARS + 1);
         }
         assert_eq!(rows[0].result.as_ref().unwrap().sensor_id(), "a");
         assert_eq!(rows[4].result.as_ref().unwrap().sensor_id(), "e");
@@ -588,9 +588,12 @@ mod tests {
             rows[0].result.as_ref().unwrap().as_json()["note"],
             "hello, world"
         );
-        assert_eq!(rows[0].raw, "a,2025-01-01T00:00:00Z,1.5,\"hello, world\"");
+        assert_eq!(
+            rows[0].raw.as_deref().unwrap(),
+            "a,2025-01-01T00:00:00Z,1.5,\"hello, world\""
+        );
         assert!(rows[1].result.is_err());
-        assert_eq!(rows[1].raw, "b,not-a-time,2,x");
+        assert_eq!(rows[1].raw.as_deref().unwrap(), "b,not-a-time,2,x");
         assert!(rows[2]
             .result
             .as_ref()

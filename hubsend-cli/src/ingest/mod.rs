@@ -38,10 +38,19 @@ pub(crate) enum InputFormat {
 pub(crate) struct ParsedLine {
     /// 1-based line number in the input (for CSV: the line the row starts on).
     pub(crate) line: u64,
-    /// The input text (for CSV: the row re-encoded as CSV), for reject reports.
-    pub(crate) raw: String,
+    /// The input text (for CSV: the row re-encoded as CSV), for reject reports; `None` when it
+    /// is the record's body (an NDJSON line sent as it stands is copied once, into its body),
+    /// see [`reject_text`].
+    pub(crate) raw: Option<String>,
     /// The record, or why the line is invalid.
     pub(crate) result: Result<Record, RecordError>,
+}
+
+/// The text a reject report shows for a line whose `record` was refused after parsing (no
+/// route, too large for the hub): `raw`, or the record's body when the line was read into it.
+pub(crate) fn reject_text(raw: Option<String>, record: &Record) -> String {
+    raw.or_else(|| record.line_text().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// How much of an over-long line or record is kept for the reject report.
@@ -138,8 +147,15 @@ impl Handoff {
 
     /// Sends the pending lines, if any; `false` once the run has stopped listening.
     fn hand_over(&self) -> bool {
-        let chunk = std::mem::take(&mut *self.lock());
-        chunk.is_empty() || self.tx.blocking_send(chunk).is_ok()
+        let chunk = {
+            let mut pending = self.lock();
+            if pending.is_empty() {
+                return true;
+            }
+            // The next chunk is allocated once, at its full size.
+            std::mem::replace(&mut *pending, Vec::with_capacity(CHUNK_LINES))
+        };
+        self.tx.blocking_send(chunk).is_ok()
     }
 }
 

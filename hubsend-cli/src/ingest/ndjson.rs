@@ -81,6 +81,35 @@ impl<R: BufRead> Iterator for NdjsonRecords<R> {
 
     fn next(&mut self) -> Option<Self::Item> {
         while !self.done {
+            // The common case: the whole line is in the reader's buffer, and is parsed there.
+            // Its bytes are copied once, into the event body (or the reject's text); only a
+            // line that runs past the end of the buffer is gathered in `buf` first.
+            let (limit, schema) = (self.limit, self.schema);
+            let available = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            if let Some(end) = memchr::memchr(b'\n', available) {
+                self.line += 1;
+                // As `read_line` keeps it: at most the limit plus CR LF, so one over the
+                // limit is still seen.
+                let whole = &available[..=end];
+                let keep = limit.saturating_add(3);
+                let (bytes, cut) = match whole.len() > keep {
+                    true => (&whole[..keep], true),
+                    false => (&whole[..end], false),
+                };
+                let parsed = parse_line(bytes, cut, self.line, limit, schema);
+                self.reader.consume(end + 1);
+                match parsed {
+                    Some(parsed) => return Some(Ok(parsed)),
+                    None => continue,
+                }
+            }
             let cut = match self.read_line() {
                 Ok(Some(cut)) => cut,
                 Ok(None) => {
@@ -93,37 +122,51 @@ impl<R: BufRead> Iterator for NdjsonRecords<R> {
                 }
             };
             self.line += 1;
-            let mut bytes = self.buf.as_slice();
-            if let Some(rest) = bytes.strip_suffix(b"\n") {
-                bytes = rest;
+            let bytes = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+            if let Some(parsed) = parse_line(bytes, cut, self.line, limit, schema) {
+                return Some(Ok(parsed));
             }
-            if let Some(rest) = bytes.strip_suffix(b"\r") {
-                bytes = rest;
-            }
-            if cut || bytes.len() > self.limit {
-                return Some(Ok(ParsedLine {
-                    line: self.line,
-                    raw: preview(&String::from_utf8_lossy(bytes)),
-                    result: Err(RecordError::TooLong(self.limit)),
-                }));
-            }
-            let parsed = match std::str::from_utf8(bytes) {
-                Ok(text) if text.trim().is_empty() => continue,
-                Ok(text) => ParsedLine {
-                    line: self.line,
-                    raw: text.to_owned(),
-                    result: parse_ndjson_line_as(text, self.schema),
-                },
-                Err(_) => ParsedLine {
-                    line: self.line,
-                    raw: String::from_utf8_lossy(bytes).into_owned(),
-                    result: Err(RecordError::NotUtf8),
-                },
-            };
-            return Some(Ok(parsed));
         }
         None
     }
+}
+
+/// One line (`bytes`, its `\n` already taken off; `cut` when only its start was kept) as a
+/// [`ParsedLine`], or `None` for a blank line.
+///
+/// A line whose record sends the line's own bytes keeps no copy of its text besides the
+/// body ([`ParsedLine::raw`] is `None`); any other line keeps its text for a reject report.
+fn parse_line(
+    bytes: &[u8],
+    cut: bool,
+    line: u64,
+    limit: usize,
+    schema: Schema,
+) -> Option<ParsedLine> {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    if cut || bytes.len() > limit {
+        return Some(ParsedLine {
+            line,
+            raw: Some(preview(&String::from_utf8_lossy(bytes))),
+            result: Err(RecordError::TooLong(limit)),
+        });
+    }
+    Some(match std::str::from_utf8(bytes) {
+        Ok(text) if text.trim().is_empty() => return None,
+        Ok(text) => {
+            let result = parse_ndjson_line_as(text, schema);
+            let raw = match &result {
+                Ok(record) if record.line_text() == Some(text) => None,
+                _ => Some(text.to_owned()),
+            };
+            ParsedLine { line, raw, result }
+        }
+        Err(_) => ParsedLine {
+            line,
+            raw: Some(String::from_utf8_lossy(bytes).into_owned()),
+            result: Err(RecordError::NotUtf8),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -145,9 +188,12 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0].line, 1);
         assert!(lines[0].result.is_ok());
-        assert!(!lines[0].raw.ends_with('\r'));
+        // The line is the record's body, kept once.
+        assert_eq!(lines[0].raw, None);
+        let body = lines[0].result.as_ref().unwrap().line_text().unwrap();
+        assert!(!body.ends_with('\r'));
         assert_eq!(lines[1].line, 4);
-        assert_eq!(lines[1].raw, "bad");
+        assert_eq!(lines[1].raw.as_deref(), Some("bad"));
         assert!(lines[1]
             .result
             .as_ref()
@@ -179,8 +225,9 @@ mod tests {
                 long_line.result.as_ref().err(),
                 Some(&RecordError::TooLong(1000))
             );
-            assert!(long_line.raw.starts_with(r#"{"sensor_id":"b""#));
-            assert!(long_line.raw.chars().count() <= RAW_PREVIEW_CHARS + 1);
+            let raw = long_line.raw.as_deref().unwrap();
+            assert!(raw.starts_with(r#"{"sensor_id":"b""#));
+            assert!(raw.chars().count() <= RAW_PREVIEW_CHARS + 1);
         }
         assert!(lines[0].result.is_ok() && lines[2].result.is_ok());
         assert_eq!(

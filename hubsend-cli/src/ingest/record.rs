@@ -267,6 +267,12 @@ impl Record {
         }
     }
 
+    /// The line this record's body was read from, when the body is an NDJSON line as it
+    /// stands (without a byte-order mark); `None` when the body is the record's encoding.
+    pub(crate) fn line_text(&self) -> Option<&str> {
+        self.body.as_deref()
+    }
+
     /// The object, parsed from the body the first time for a line taken as it stands.
     fn object(&self) -> &Map<String, Value> {
         self.object.get_or_init(|| {

@@ -33,9 +33,11 @@ pub(crate) struct Scanned {
 /// in canonical form, so its own bytes are the event body; `None` when only the full parse
 /// can tell (it is then refused or normalised there).
 pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
-    let mut de = serde_json::Deserializer::from_str(line);
-    let fields = Fields::deserialize_in(&mut de, true).ok()?;
-    de.end().ok()?;
+    let fields = match flat(line, true) {
+        Flat::Fields(fields) => fields,
+        Flat::Refused => return None,
+        Flat::Unsure => serde_fields(line, true)?,
+    };
     let sensor_id = fields.sensor_id?;
     if sensor_id.is_empty() {
         return None;
@@ -44,12 +46,13 @@ pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
     if !fields.value {
         return None;
     }
-    let timestamp = chrono::DateTime::parse_from_rfc3339(&text)
-        .ok()?
-        .with_timezone(&chrono::Utc);
-    if format_timestamp(&timestamp) != *text {
-        return None;
-    }
+    let timestamp = canonical_utc(&text).or_else(|| {
+        // Whatever the quick check leaves (a leap second, say): as the full parse decides.
+        let timestamp = chrono::DateTime::parse_from_rfc3339(&text)
+            .ok()?
+            .with_timezone(&chrono::Utc);
+        (format_timestamp(&timestamp) == *text).then_some(timestamp)
+    })?;
     let sensor_id = match sensor_id {
         Cow::Borrowed(s) => {
             let start = s.as_ptr() as usize - line.as_ptr() as usize;
@@ -63,19 +66,269 @@ pub(crate) fn telemetry(line: &str) -> Option<Scanned> {
     })
 }
 
+/// The time `text` names when it is in the canonical form [`format_timestamp`] writes
+/// (`YYYY-MM-DDTHH:MM:SS[.fff|.ffffff|.fffffffff]Z`, the fraction as short as it can be and
+/// absent when zero) and a valid date and time; `None` otherwise, and for a leap second, which
+/// are left to chrono. Checked in place: no parse through chrono's general RFC 3339 parser and
+/// no `String` to compare with. A time this accepts is one chrono parses to the same instant and
+/// writes back as `text` (`canonical_utc_agrees_with_chrono` checks it).
+pub(crate) fn canonical_utc(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[b.len() - 1] != b'Z'
+    {
+        return None;
+    }
+    let digits = |range: Range<usize>| decimal(&b[range]);
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let fraction = &b[19..b.len() - 1];
+    // How many digits the canonical form gives a fraction depends on its value (see
+    // chrono's `SecondsFormat::AutoSi`): none when zero, else 3, 6 or 9, the fewest that hold it.
+    let nanos = match fraction.len() {
+        0 => 0,
+        4 | 7 | 10 if fraction[0] == b'.' => {
+            let places = fraction.len() - 1;
+            let n = digits(20..b.len() - 1)? * 10u32.pow(9 - places as u32);
+            let fewest = if n == 0 {
+                0
+            } else if n.is_multiple_of(1_000_000) {
+                3
+            } else if n.is_multiple_of(1_000) {
+                6
+            } else {
+                9
+            };
+            if fewest != places {
+                return None;
+            }
+            n
+        }
+        _ => return None,
+    };
+    if second > 59 {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
+    let time = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
+    Some(date.and_time(time).and_utc())
+}
+
+/// The number `digits` spell (at most 9 ASCII digits); `None` when any is not one.
+#[inline(always)]
+fn decimal(digits: &[u8]) -> Option<u32> {
+    let mut n = 0u32;
+    for &c in digits {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u32::from(d);
+    }
+    Some(n)
+}
+
 /// Whether `line` is a JSON object (`--schema none`); `None` when only the full parse can tell.
 pub(crate) fn object(line: &str) -> Option<Scanned> {
-    let mut de = serde_json::Deserializer::from_str(line);
-    Fields::deserialize_in(&mut de, false).ok()?;
-    de.end().ok()?;
+    match flat(line, false) {
+        Flat::Fields(_) => {}
+        Flat::Refused => return None,
+        Flat::Unsure => {
+            serde_fields(line, false)?;
+        }
+    }
     Some(Scanned {
         sensor_id: None,
         timestamp: None,
     })
 }
 
+/// The serde pass over `line`: its fields, or `None` when the full parse must decide.
+fn serde_fields(line: &str, telemetry: bool) -> Option<Fields<'_>> {
+    let mut de = serde_json::Deserializer::from_str(line);
+    let fields = Fields::deserialize_in(&mut de, telemetry).ok()?;
+    de.end().ok()?;
+    Some(fields)
+}
+
+/// What [`flat`] made of a line.
+#[derive(Debug, PartialEq, Eq)]
+enum Flat<'a> {
+    /// A flat object of the plain shape: the fields the serde pass would find in it.
+    Fields(Fields<'a>),
+    /// Of the plain shape, but the serde pass would give up on it too (a telemetry field of the
+    /// wrong type or given twice): the full parse decides.
+    Refused,
+    /// Not of the plain shape: ask the serde pass.
+    Unsure,
+}
+
+/// A quick pass by hand over the common shape of a telemetry line: one flat object whose keys
+/// and string values hold no escapes and no control characters, whose numbers have no
+/// exponent and at most 100 characters, and whose other values are `true`, `false` or `null`,
+/// with JSON whitespace anywhere between. For such a line it finds what the serde pass finds
+/// (serde_json accepts exactly these texts: strings of other characters are valid since `line`
+/// is UTF-8, and a number without exponent of that length is never out of range), at a
+/// fraction of the cost; anything else (escapes, nesting, exponents, a syntax error) is
+/// [`Flat::Unsure`] and goes to the serde pass, so what is accepted does not change
+/// (`the_quick_pass_finds_what_serde_finds` checks it).
+fn flat(line: &str, telemetry: bool) -> Flat<'_> {
+    let b = line.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
+            *i += 1;
+        }
+    };
+    // A string without escapes or control characters, `i` just after its opening quote.
+    let plain = |i: &mut usize| -> Option<Range<usize>> {
+        let start = *i;
+        let len = memchr::memchr2(b'"', b'\\', &b[start..])?;
+        let end = start + len;
+        // A fold, not `any`: no early exit, so the check runs over many bytes at a time.
+        let control = b[start..end]
+            .iter()
+            .fold(false, |seen, &c| seen | (c < 0x20));
+        if b[end] != b'"' || control {
+            return None;
+        }
+        *i = end + 1;
+        Some(start..end)
+    };
+    let mut fields = Fields::default();
+    let mut refused = false;
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return Flat::Unsure;
+    }
+    i += 1;
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return Flat::Unsure;
+            }
+            i += 1;
+            let Some(key) = plain(&mut i) else {
+                return Flat::Unsure;
+            };
+            ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return Flat::Unsure;
+            }
+            i += 1;
+            ws(&mut i);
+            enum Kind {
+                Text(Range<usize>),
+                Number,
+                Other,
+            }
+            let kind = match b.get(i) {
+                Some(b'"') => {
+                    i += 1;
+                    match plain(&mut i) {
+                        Some(text) => Kind::Text(text),
+                        None => return Flat::Unsure,
+                    }
+                }
+                Some(b'-' | b'0'..=b'9') => {
+                    let start = i;
+                    if b[i] == b'-' {
+                        i += 1;
+                    }
+                    match b.get(i) {
+                        Some(b'0') => i += 1,
+                        Some(b'1'..=b'9') => {
+                            while i < b.len() && b[i].is_ascii_digit() {
+                                i += 1;
+                            }
+                        }
+                        _ => return Flat::Unsure,
+                    }
+                    if b.get(i) == Some(&b'.') {
+                        i += 1;
+                        let digits = i;
+                        while i < b.len() && b[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                        if i == digits {
+                            return Flat::Unsure;
+                        }
+                    }
+                    if matches!(b.get(i), Some(b'e' | b'E')) || i - start > 100 {
+                        return Flat::Unsure;
+                    }
+                    Kind::Number
+                }
+                _ => {
+                    let rest = &b[i..];
+                    let word = [&b"true"[..], b"false", b"null"]
+                        .into_iter()
+                        .find(|w| rest.starts_with(w));
+                    match word {
+                        Some(w) => {
+                            i += w.len();
+                            Kind::Other
+                        }
+                        None => return Flat::Unsure,
+                    }
+                }
+            };
+            if telemetry {
+                match &b[key.clone()] {
+                    b"sensor_id" | b"timestamp" => {
+                        let slot = if &b[key] == b"sensor_id" {
+                            &mut fields.sensor_id
+                        } else {
+                            &mut fields.timestamp
+                        };
+                        match kind {
+                            Kind::Text(text) if slot.is_none() => {
+                                *slot = Some(Cow::Borrowed(&line[text]));
+                            }
+                            _ => refused = true,
+                        }
+                    }
+                    b"value" => match kind {
+                        Kind::Text(_) | Kind::Number if !fields.value => fields.value = true,
+                        _ => refused = true,
+                    },
+                    _ => {}
+                }
+            }
+            ws(&mut i);
+            match b.get(i) {
+                Some(b',') => {
+                    i += 1;
+                    ws(&mut i);
+                }
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Flat::Unsure,
+            }
+        }
+    }
+    ws(&mut i);
+    if i != b.len() {
+        Flat::Unsure
+    } else if refused {
+        Flat::Refused
+    } else {
+        Flat::Fields(fields)
+    }
+}
+
 /// The telemetry fields of one object, borrowed where they can be.
-#[derive(Default)]
+#[derive(Default, Debug, PartialEq, Eq)]
 struct Fields<'a> {
     sensor_id: Option<Cow<'a, str>>,
     timestamp: Option<Cow<'a, str>>,
@@ -318,5 +571,170 @@ impl Visitor<'_> for KeyTextVisitor {
 
     fn visit_str<E: de::Error>(self, _: &str) -> Result<KeyText, E> {
         Ok(KeyText)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old check: chrono's RFC 3339 parse, then the canonical form written out and compared.
+    fn by_chrono(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let t = chrono::DateTime::parse_from_rfc3339(text)
+            .ok()?
+            .with_timezone(&chrono::Utc);
+        (format_timestamp(&t) == text).then_some(t)
+    }
+
+    /// The serde pass's verdict in the quick pass's terms.
+    fn by_serde(line: &str, telemetry: bool) -> Option<Fields<'_>> {
+        serde_fields(line, telemetry)
+    }
+
+    #[test]
+    fn the_quick_pass_finds_what_serde_finds() {
+        let mut lines: Vec<String> = [
+            r#"{"sensor_id":"compressor-7:vibe_x","timestamp":"2025-08-19T08:30:00Z","value":42.1}"#,
+            r#" { "sensor_id" : "a" , "timestamp" : "t" , "value" : "Running" } "#,
+            "\t{\"value\":-0,\r\"sensor_id\":\"a\",\n\"timestamp\":\"t\"}\r",
+            r#"{"sensor_id":"é☃😀","timestamp":"t","value":1,"x":true,"y":false,"z":null}"#,
+            r#"{"sensor_id":"a","timestamp":"t","value":123456789012345678901234567890}"#,
+            r#"{"sensor_id":"a","timestamp":"t","value":1.5,"pad":"xxxx","pad":"y"}"#,
+            r#"{"sensor_id":"","timestamp":"","value":""}"#,
+            r#"{"":"","a":0,"b":-0.0,"c":10.01}"#,
+            r#"{}"#,
+            r#"{ }"#,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        lines.push(format!(
+            r#"{{"sensor_id":"a","timestamp":"t","value":{}}}"#,
+            "9".repeat(99)
+        ));
+        lines.push(format!(
+            r#"{{"sensor_id":"a","timestamp":"t","value":{}}}"#,
+            "9".repeat(400)
+        ));
+        lines.push(format!(r#"{{"v":0.{}1}}"#, "0".repeat(400)));
+        // Every byte of a few lines replaced by characters that matter to JSON, and cut short.
+        let bases = lines.clone();
+        let swaps = [
+            "", " ", "\"", "\\", ":", ",", "{", "}", "[", "]", "-", "+", ".", "0", "1", "e", "E",
+            "t", "n", "f", "x", "\u{1}", "\u{7f}", "é", "\t", "\u{feff}",
+        ];
+        for base in &bases[..4] {
+            let chars: Vec<char> = base.chars().collect();
+            for at in 0..chars.len() {
+                for swap in swaps {
+                    let mut t: String = chars[..at].iter().collect();
+                    t.push_str(swap);
+                    t.extend(&chars[at + 1..]);
+                    lines.push(t);
+                }
+                lines.push(chars[..at].iter().collect());
+            }
+        }
+        let mut quick = 0;
+        for line in &lines {
+            for keep in [true, false] {
+                let serde = by_serde(line, keep);
+                match flat(line, keep) {
+                    Flat::Fields(fields) => {
+                        quick += 1;
+                        assert_eq!(Some(fields), serde, "{line:?}");
+                    }
+                    Flat::Refused => assert_eq!(serde, None, "{line:?}"),
+                    Flat::Unsure => {}
+                }
+            }
+        }
+        assert!(quick > 1000, "only {quick} lines took the quick pass");
+    }
+
+    #[test]
+    fn canonical_utc_agrees_with_chrono() {
+        let mut texts: Vec<String> = [
+            "2025-08-19T08:30:00Z",
+            "2025-08-19T08:30:00.250Z",
+            "2025-08-19T08:30:00.000Z",
+            "2025-08-19T08:30:00.200000Z",
+            "2025-08-19T08:30:00.250001Z",
+            "2025-08-19T08:30:00.250001000Z",
+            "2025-08-19T08:30:00.250001001Z",
+            "2025-08-19T08:30:00.000000001Z",
+            "2025-08-19T08:30:00.0Z",
+            "2025-08-19T08:30:00.25Z",
+            "2025-08-19T08:30:00.Z",
+            "2025-08-19T08:30:00,250Z",
+            "2025-08-19T08:30:00.25aZ",
+            "2025-08-19T08:30:00.2500000000Z",
+            "2025-08-19T08:30:60Z",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.500Z",
+            "2025-08-19T24:00:00Z",
+            "2025-08-19T23:60:00Z",
+            "2025-02-29T00:00:00Z",
+            "2024-02-29T00:00:00Z",
+            "2025-02-30T00:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-00-01T00:00:00Z",
+            "2025-01-00T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "2025-08-19t08:30:00Z",
+            "2025-08-19T08:30:00z",
+            "2025-08-19 08:30:00Z",
+            "2025-08-19T08:30:00+00:00",
+            "2025-08-19T08:30:00-00:00",
+            "2025-08-19T10:30:00+02:00",
+            "2025-08-19T08:30:00",
+            "2025-8-19T08:30:00Z",
+            "+2025-08-19T08:30:00Z",
+            "-002-08-19T08:30:00Z",
+            "2025-08-19T08:30:0 Z",
+            "2025-08-19T08:30:+0Z",
+            "２025-08-19T08:30:00Z",
+            "2025-08-19T08:30:00ZZ",
+            "2025-08-19T08:30:00Z ",
+            "",
+            "Z",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        // Every digit position through every digit, and fractions of every length.
+        let base = "2024-02-29T23:59:59.999999999Z";
+        for i in 0..base.len() {
+            for c in ('0'..='9').chain(['.', 'Z', ':', '-']) {
+                let mut t: Vec<char> = base.chars().collect();
+                t[i] = c;
+                texts.push(t.into_iter().collect());
+            }
+        }
+        for places in 0..12 {
+            for digit in ["0", "1", "5", "9"] {
+                let fraction = format!("{}{}", "0".repeat(places.max(1) - 1), digit);
+                texts.push(format!("2025-08-19T08:30:00.{}Z", &fraction[..places]));
+                texts.push(format!("2025-08-19T08:30:00.{fraction}Z"));
+                texts.push(format!(
+                    "2025-08-19T08:30:00.{digit}{}Z",
+                    "0".repeat(places)
+                ));
+            }
+        }
+        let mut accepted = 0;
+        for text in &texts {
+            let quick = canonical_utc(text);
+            if let Some(t) = quick {
+                accepted += 1;
+                assert_eq!(by_chrono(text), Some(t), "{text:?}");
+            } else if let Some(t) = by_chrono(text) {
+                // Left to chrono: only leap seconds.
+                assert!(t.timestamp_subsec_nanos() >= 1_000_000_000, "{text:?}");
+            }
+        }
+        assert!(accepted >= 40, "{accepted} of {} accepted", texts.len());
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::record::RecordError;
 use super::report::{rate, IngestReport, Latencies, Progress, Reject};
-use super::{preview, Lines, ParsedLine};
+use super::{preview, reject_text, Lines, ParsedLine};
 use crate::style::EventStyle;
 use crate::text::error_chain;
 
@@ -259,18 +259,19 @@ impl Run<'_> {
 
     async fn record(&mut self, parsed: ParsedLine) {
         self.records += 1;
-        let record = match parsed.result {
+        let ParsedLine { line, raw, result } = parsed;
+        let record = match result {
             Ok(record) => record,
             Err(e) => {
                 self.rejected += 1;
-                return self.reject(parsed.line, &parsed.raw, e.to_string());
+                return self.reject(line, raw.as_deref().unwrap_or_default(), e.to_string());
             }
         };
         let route = match self.route(&record) {
             Ok(route) => route,
             Err(e) => {
                 self.rejected += 1;
-                return self.reject(parsed.line, &parsed.raw, e.to_string());
+                return self.reject(line, &reject_text(raw, &record), e.to_string());
             }
         };
         let event = self.options.style.apply(record.into_event());
@@ -284,7 +285,13 @@ impl Run<'_> {
             // Still a failed record (valid, but it cannot be stored), reported with its line
             // like a refused one.
             self.unsent += 1;
-            self.reject(parsed.line, &preview(&parsed.raw), reason.clone());
+            // Without a text of its own the line is the event's body (the style sets only
+            // metadata).
+            let text = match &raw {
+                Some(raw) => preview(raw),
+                None => preview(&String::from_utf8_lossy(event.body())),
+            };
+            self.reject(line, &text, reason.clone());
             lock(&self.tally).note(reason, kind);
             return;
         }
@@ -580,7 +587,7 @@ mod tests {
             let record = synthetic_record(i, 100, 0);
             tx.send(vec![Ok(ParsedLine {
                 line: i + 1,
-                raw: String::new(),
+                raw: None,
                 result: Ok(record),
             })])
             .await
@@ -648,7 +655,7 @@ mod tests {
             let record = synthetic_record(i as u64, size, 0);
             tx.send(vec![Ok(ParsedLine {
                 line: i as u64 + 1,
-                raw: String::new(),
+                raw: None,
                 result: Ok(record),
             })])
             .await

@@ -125,9 +125,9 @@ pub(super) async fn send(
     let input = ingest::spawn_reader(source, format, Schema::Telemetry, MAX_MESSAGE_SIZE as usize);
     let mut observer = CliObserver::new(rejects, ProgressView::hidden(), ui.quiet);
     let mut report = IngestReport::default();
-    let route = |record: Record| {
-        let (device, name, event) = device_of.route(&record, a.device_name_field.as_deref())?;
-        Ok((event, Route::device(device, name)))
+    let route = |record: Record| match device_of.route(&record, a.device_name_field.as_deref()) {
+        Ok((device, name, event)) => Ok((event, Route::device(device, name))),
+        Err(reason) => Err((reason, record)),
     };
     // The first signal, or a refusal no reconnection fixes, stops the reading.
     let input_error = spool_input(
