@@ -997,7 +997,7 @@ mod tests {
     #[cfg(hubsend_fe2o3_payload)]
     #[test]
     fn a_sealed_message_keeps_one_encoding_and_its_count() {
-        let mut batch = EventBatch::new(route(Some("k")), 64 * 1024).unwrap();
+        let mut batch = EventBatch::new(route(Some("k")), 256 * 1024).unwrap();
         for i in 0..300 {
             batch.try_add(Event::new(vec![b'y'; 100 + i])).unwrap();
         }

@@ -37,11 +37,17 @@ fi
 [[ -n "$registry" ]] || { echo "fe2o3-amqp 0.18.4 is not in the cargo registry" >&2; exit 1; }
 
 patched="$CARGO_TARGET_DIR/fe2o3/fe2o3-amqp-0.18.4"
-rm -rf "$patched"
-mkdir -p "$(dirname "$patched")"
-cp -r "$registry" "$patched"
-chmod -R u+w "$patched"
-patch -s -d "$patched" -p1 < bench/fe2o3/fe2o3-amqp-0.18.4-send-payload.patch
+applied="$CARGO_TARGET_DIR/fe2o3/applied.patch"
+# A fresh copy only when the patch changed: a new copy has new mtimes, and cargo would rebuild
+# the patched crate and everything above it.
+if ! cmp -s bench/fe2o3/fe2o3-amqp-0.18.4-send-payload.patch "$applied"; then
+    rm -rf "$patched" "$applied"
+    mkdir -p "$(dirname "$patched")"
+    cp -r "$registry" "$patched"
+    chmod -R u+w "$patched"
+    patch -s -d "$patched" -p1 < bench/fe2o3/fe2o3-amqp-0.18.4-send-payload.patch
+    cp bench/fe2o3/fe2o3-amqp-0.18.4-send-payload.patch "$applied"
+fi
 
 cp Cargo.lock "$CARGO_TARGET_DIR/fe2o3/Cargo.lock.orig"
 restore_lock() { cp "$CARGO_TARGET_DIR/fe2o3/Cargo.lock.orig" Cargo.lock; }
