@@ -983,6 +983,8 @@ fn coalesce(
 }
 
 /// What one delivery is handed to fe2o3 as.
+// One lives on the stack for one send; boxing the message would cost an allocation per send.
+#[allow(clippy::large_enum_variant)]
 enum Transfer {
     /// A message fe2o3 serialises (stamped on an idempotent link). It lives only until fe2o3
     /// has serialised it; its per-event buffers then go back to the thread's pool
