@@ -1,6 +1,7 @@
 //! [`EventBatch`]: events packed into one AMQP batch message (format 0x80013700) whose size is
 //! counted exactly, so a batch that accepted an event is never refused by the hub for size.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -176,17 +177,20 @@ impl Encoded {
         self.ends.len()
     }
 
-    /// Each event's encoding as a data section of a batch message (copies).
+    /// Each event's encoding as a data section of a batch message (copies, into buffers from
+    /// this thread's [`POOL`]).
     fn to_sections(&self) -> Vec<Data> {
-        let mut start = 0;
-        self.ends
-            .iter()
-            .map(|&end| {
-                let data = Data(Binary::from(self.bytes[start..end].to_vec()));
+        POOL.with_borrow_mut(|pool| {
+            let mut sections = pool.list(self.ends.len());
+            let mut start = 0;
+            for &end in &self.ends {
+                let mut buffer = pool.buffer();
+                buffer.extend_from_slice(&self.bytes[start..end]);
+                sections.push(Data(Binary::from(buffer)));
                 start = end;
-                data
-            })
-            .collect()
+            }
+            sections
+        })
     }
 
     /// Appends `other`'s events after these.
@@ -214,6 +218,75 @@ impl Encoded {
     fn key(&self, i: usize) -> Option<&str> {
         self.keys.get(i).and_then(|k| k.as_deref())
     }
+}
+
+/// The most bytes of section buffers one thread's [`POOL`] keeps: about two 1 MB messages of
+/// small events. Beyond it buffers are freed as before.
+const POOL_BYTES: usize = 2 << 20;
+
+/// A section buffer larger than this is freed rather than kept (so one large event does not
+/// pin its buffer).
+const POOL_BUFFER_MAX: usize = 16 << 10;
+
+thread_local! {
+    /// Data section buffers of messages fe2o3 has serialised, for the next message built on
+    /// this thread. fe2o3's `Data` owns its bytes, so a batch message needs one `Vec` per
+    /// event for as long as it takes to serialise it; reusing them saves allocating and
+    /// freeing ~10,000 small buffers per 1 MB message. One pool per worker thread (not per
+    /// link), so memory kept does not grow with the number of links.
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// See [`POOL`].
+#[derive(Default)]
+struct Pool {
+    /// Empty buffers.
+    buffers: Vec<Vec<u8>>,
+    /// Their capacities summed.
+    bytes: usize,
+    /// Empty section lists.
+    lists: Vec<Vec<Data>>,
+}
+
+impl Pool {
+    /// An empty buffer, reused when there is one.
+    fn buffer(&mut self) -> Vec<u8> {
+        match self.buffers.pop() {
+            Some(buffer) => {
+                self.bytes -= buffer.capacity();
+                buffer
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// An empty section list with room for `n`.
+    fn list(&mut self, n: usize) -> Vec<Data> {
+        let mut list = self.lists.pop().unwrap_or_default();
+        list.reserve(n);
+        list
+    }
+}
+
+/// Gives the section buffers of a message fe2o3 has serialised back to this thread's pool, as
+/// far as it has room.
+pub(crate) fn recycle(message: Message<Batch<Data>>) {
+    let mut sections = message.body.into_inner();
+    POOL.with_borrow_mut(|pool| {
+        for Data(buffer) in sections.drain(..) {
+            let mut buffer = buffer.into_vec();
+            let capacity = buffer.capacity();
+            if capacity > POOL_BUFFER_MAX || pool.bytes + capacity > POOL_BYTES {
+                continue;
+            }
+            buffer.clear();
+            pool.bytes += capacity;
+            pool.buffers.push(buffer);
+        }
+        if pool.lists.len() < 2 {
+            pool.lists.push(sections);
+        }
+    });
 }
 
 impl EventBatch {
@@ -482,6 +555,8 @@ impl EventBatch {
             size: self.size,
             stamping,
             fixed: None,
+            #[cfg(hubsend_fe2o3_payload)]
+            wire: None,
         }
     }
 
@@ -507,6 +582,11 @@ pub(crate) struct Sections {
     ///
     /// [`Producer::send_batch_numbered`]: crate::Producer::send_batch_numbered
     pub(crate) fixed: Option<i32>,
+    /// A plain message once [`seal`](Self::seal)ed: its whole encoding, which every send of
+    /// it hands to fe2o3 (a shared buffer, not a copy), and how many events it holds (their
+    /// own buffers are freed then).
+    #[cfg(hubsend_fe2o3_payload)]
+    wire: Option<(bytes::Bytes, usize)>,
 }
 
 /// What an idempotent message's events are stamped with besides the link's numbers.
@@ -563,6 +643,10 @@ impl Sections {
 
     /// How many events the message carries.
     pub(crate) fn len(&self) -> usize {
+        #[cfg(hubsend_fe2o3_payload)]
+        if let Some((_, len)) = &self.wire {
+            return *len;
+        }
         self.events.len()
     }
 
@@ -623,6 +707,76 @@ impl Sections {
         }
     }
 
+    /// The whole plain batch message, encoded byte for byte as fe2o3 encodes
+    /// [`to_message(None)`](Self::to_message): the envelope, then each event as a data
+    /// section. `None` for a stamped message (its stamps are written when it is sent).
+    #[cfg_attr(not(hubsend_fe2o3_payload), allow(dead_code))]
+    pub(crate) fn encode_plain(&self) -> Result<Option<Vec<u8>>> {
+        if self.stamping.is_some() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(self.size as usize);
+        match self.partition_key.as_deref() {
+            None => {
+                static KEYLESS: OnceLock<Vec<u8>> = OnceLock::new();
+                let prefix = match KEYLESS.get() {
+                    Some(prefix) => prefix,
+                    None => {
+                        let prefix = encode_message(&envelope(None, Vec::new()))?;
+                        KEYLESS.get_or_init(|| prefix)
+                    }
+                };
+                out.extend_from_slice(prefix);
+            }
+            Some(key) => out.extend_from_slice(&encode_message(&envelope(Some(key), Vec::new()))?),
+        }
+        let mut start = 0;
+        for &end in &self.events.ends {
+            let bytes = &self.events.bytes[start..end];
+            start = end;
+            // amqp:data:binary (0x00 0x53 0x75), then the bytes as vbin8 or vbin32, as
+            // serde_amqp writes them (see `section_overhead`).
+            out.extend_from_slice(&[0x00, 0x53, 0x75]);
+            match u8::try_from(bytes.len()) {
+                Ok(len) if len < u8::MAX => out.extend_from_slice(&[0xa0, len]),
+                _ => {
+                    let len = u32::try_from(bytes.len()).map_err(|_| {
+                        Error::new(ErrorKind::MessageTooLarge, "an event over 4 GiB")
+                    })?;
+                    out.push(0xb0);
+                    out.extend_from_slice(&len.to_be_bytes());
+                }
+            }
+            out.extend_from_slice(bytes);
+        }
+        debug_assert_eq!(out.len() as u64, self.size);
+        Ok(Some(out))
+    }
+
+    /// Encodes a plain message once, into the buffer every send of it goes out from (fe2o3
+    /// keeps a clone of it, not a copy, until the hub settles the delivery), and frees the
+    /// events' own buffers: one copy of the message lives while it is in flight. Stamped
+    /// messages are left as they are (renumbering changes their stamps); sealing twice does
+    /// nothing.
+    #[cfg(hubsend_fe2o3_payload)]
+    pub(crate) fn seal(&mut self) -> Result<()> {
+        if self.wire.is_some() {
+            return Ok(());
+        }
+        if let Some(encoded) = self.encode_plain()? {
+            let len = self.events.len();
+            self.events = Encoded::default();
+            self.wire = Some((bytes::Bytes::from(encoded), len));
+        }
+        Ok(())
+    }
+
+    /// The encoded message, once [`seal`](Self::seal)ed.
+    #[cfg(hubsend_fe2o3_payload)]
+    pub(crate) fn wire(&self) -> Option<&bytes::Bytes> {
+        self.wire.as_ref().map(|(bytes, _)| bytes)
+    }
+
     /// The batch message (format 0x80013700) these sections make; an idempotent one stamped
     /// with `stamp` (its events numbered from `stamp.first` on, the envelope carrying the
     /// first event's annotations as Microsoft's clients do).
@@ -637,7 +791,7 @@ impl Sections {
         let template = idempotent::Template::new(shared_key, stamp.producer_id, stamp.epoch)?;
         // Events with keys of their own: one template per run of equal keys.
         let mut keyed: Option<(&str, idempotent::Template)> = None;
-        let mut sections = Vec::with_capacity(self.events.len());
+        let mut sections = POOL.with_borrow_mut(|pool| pool.list(self.events.len()));
         let mut start = 0;
         for (i, &end) in self.events.ends.iter().enumerate() {
             let bytes = &self.events.bytes[start..end];
@@ -653,7 +807,8 @@ impl Sections {
                 },
                 _ => &template,
             };
-            let mut out = Vec::with_capacity(bytes.len() + 160);
+            let mut out = POOL.with_borrow_mut(Pool::buffer);
+            out.reserve(bytes.len() + 160);
             template.write(&mut out, idempotent::seq_add(stamp.first, i as u64));
             out.extend_from_slice(bytes);
             sections.push(Data(Binary::from(out)));
@@ -912,6 +1067,47 @@ mod tests {
             Err(TryAddError::TooLarge(_))
         ));
         assert!(small.is_empty());
+    }
+
+    #[test]
+    fn plain_messages_encode_byte_for_byte_as_fe2o3_does() {
+        for key in [None, Some("pump-7")] {
+            let key = key.map(str::to_owned);
+            let event = |n: usize| Event::new(vec![b'x'; n]).with_property("n", n as i64);
+            // Both sides of the vbin8/vbin32 boundary, merged as single sends are.
+            let mut merged = Sections::single(&event(1), key.clone(), 1 << 20).unwrap();
+            for n in (220..260).chain([5000, 0]) {
+                merged.absorb(Sections::single(&event(n), key.clone(), 1 << 20).unwrap());
+            }
+            let expected = encode_message(&merged.to_message(None).unwrap()).unwrap();
+            let encoded = merged.encode_plain().unwrap().expect("a plain message");
+            assert_eq!(encoded, expected);
+            assert_eq!(encoded.len() as u64, merged.size());
+            // The pooled buffers of the message just serialised serve the next one alike.
+            recycle(merged.to_message(None).unwrap());
+            let again = encode_message(&merged.to_message(None).unwrap()).unwrap();
+            assert_eq!(again, expected);
+        }
+        let mut stamped = EventBatch::new_idempotent(route(None), "0".into(), 4096).unwrap();
+        stamped.try_add(Event::new(vec![1u8; 10])).unwrap();
+        assert!(stamped.into_sections().encode_plain().unwrap().is_none());
+    }
+
+    #[cfg(hubsend_fe2o3_payload)]
+    #[test]
+    fn a_sealed_message_keeps_one_encoding_and_its_count() {
+        let mut batch = EventBatch::new(route(Some("k")), 256 * 1024).unwrap();
+        for i in 0..300 {
+            batch.try_add(Event::new(vec![b'y'; 100 + i])).unwrap();
+        }
+        let mut sections = batch.into_sections();
+        let expected = encode_message(&sections.to_message(None).unwrap()).unwrap();
+        sections.seal().unwrap();
+        let wire = sections.wire().expect("sealed").clone();
+        assert_eq!(&wire[..], &expected[..]);
+        assert_eq!(sections.len(), 300);
+        sections.seal().unwrap();
+        assert_eq!(sections.wire().map(|w| w.as_ptr()), Some(wire.as_ptr()));
     }
 
     #[test]

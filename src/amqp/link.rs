@@ -611,8 +611,8 @@ impl LinkTask {
             }),
             _ => None,
         };
-        let sendable = match sendable(&entry.payload.sections, stamp) {
-            Ok(sendable) => sendable,
+        let transfer = match transfer(&mut entry.payload.sections, stamp) {
+            Ok(transfer) => transfer,
             Err(e) => {
                 self.settle(id, Err(e));
                 return Ok(());
@@ -620,7 +620,7 @@ impl LinkTask {
         };
         let result = send_unless_lost(
             &mut self.sender,
-            sendable,
+            transfer,
             &self.lost,
             self.retry.try_timeout,
         )
@@ -947,29 +947,66 @@ pub(crate) fn link_limit(sender: &Sender, cap: u64) -> u64 {
     }
 }
 
-/// The fe2o3 message for one delivery (stamped on an idempotent link). It lives only until
-/// fe2o3 has serialised it, so the per-event buffers it needs are allocated and freed on this
-/// task.
-fn sendable(sections: &Sections, stamp: Option<Stamp>) -> Result<Sendable<Batch<Data>>> {
-    Ok(Sendable::builder()
-        .message(sections.to_message(stamp)?)
-        .message_format(BATCH_MESSAGE_FORMAT)
-        .build())
+/// What one delivery is handed to fe2o3 as.
+// One lives on the stack for one send; boxing the message would cost an allocation per send.
+#[allow(clippy::large_enum_variant)]
+enum Transfer {
+    /// A message fe2o3 serialises (stamped on an idempotent link). It lives only until fe2o3
+    /// has serialised it; its per-event buffers then go back to the thread's pool
+    /// ([`crate::batch::recycle`]).
+    Message(Sendable<Batch<Data>>),
+    /// The message's encoding, shared with the ledger's copy (fe2o3 patched with
+    /// `send_batchable_payload`: bench/fe2o3/).
+    #[cfg(hubsend_fe2o3_payload)]
+    Encoded(bytes::Bytes),
+}
+
+/// What one delivery goes to fe2o3 as: with the fe2o3 patch a plain message is encoded once
+/// (sealed) and sent from that encoding on every try; otherwise it is built anew each time.
+fn transfer(sections: &mut Sections, stamp: Option<Stamp>) -> Result<Transfer> {
+    #[cfg(hubsend_fe2o3_payload)]
+    {
+        sections.seal()?;
+        if let Some(wire) = sections.wire() {
+            return Ok(Transfer::Encoded(wire.clone()));
+        }
+    }
+    Ok(Transfer::Message(
+        Sendable::builder()
+            .message(sections.to_message(stamp)?)
+            .message_format(BATCH_MESSAGE_FORMAT)
+            .build(),
+    ))
 }
 
 /// Hands one message to fe2o3, unless the connection is lost or no credit comes within a try
 /// (fe2o3 would otherwise wait for credit forever on a dead link).
 async fn send_unless_lost(
     sender: &mut Sender,
-    sendable: Sendable<Batch<Data>>,
+    transfer: Transfer,
     lost: &Lost,
     try_timeout: Duration,
 ) -> Result<DeliveryFut<std::result::Result<Outcome, SendError>>> {
+    let send = async {
+        match transfer {
+            Transfer::Message(sendable) => {
+                let result = sender.send_batchable_ref(&sendable).await;
+                crate::batch::recycle(sendable.message);
+                result
+            }
+            #[cfg(hubsend_fe2o3_payload)]
+            Transfer::Encoded(payload) => {
+                sender
+                    .send_batchable_payload(payload, BATCH_MESSAGE_FORMAT)
+                    .await
+            }
+        }
+    };
     tokio::select! {
         // Biased: when credit is there the send completes on its first poll, and the two
         // watchdog timers below are never registered.
         biased;
-        result = sender.send_batchable_ref(&sendable) => result.map_err(|e| send_error(e, "sending failed")),
+        result = send => result.map_err(|e| send_error(e, "sending failed")),
         () = lost.lost() => Err(Error::new(ErrorKind::Connection, "the connection was lost")),
         // No credit within a try: a silently dead connection looks exactly like this.
         () = tokio::time::sleep(try_timeout) => Err(Error::new(
