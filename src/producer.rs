@@ -881,9 +881,7 @@ impl Pipeline {
             let (reply, rx) = oneshot::channel();
             let permits = |bytes: u64| {
                 let bytes = u32::try_from(bytes).ok()?;
-                let count = self.sends.clone().try_acquire_owned().ok()?;
-                let budget = self.bytes.clone().try_acquire_many_owned(bytes).ok()?;
-                Some((count, budget))
+                Self::try_acquire(&self.sends, &self.bytes, bytes).ok()
             };
             match link
                 .queue
@@ -893,7 +891,11 @@ impl Pipeline {
                 Pushed::Closed => {
                     return Err(Error::new(ErrorKind::Closed, "the sender link has stopped"))
                 }
-                Pushed::Declined => {}
+                // The event's own message, when the queue built it already.
+                Pushed::Declined(Some(sections)) => {
+                    return self.submit(engine, link, sections, true, wait).await
+                }
+                Pushed::Declined(None) => {}
             }
         }
         let sections = Sections::single(event, partition_key, link.max_message_size)?;
@@ -928,11 +930,21 @@ impl Pipeline {
                 .map_err(closed)?;
             Ok((d, b))
         } else {
-            let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
-            let d = count.clone().try_acquire_owned().map_err(busy)?;
-            let b = budget.clone().try_acquire_many_owned(bytes).map_err(busy)?;
-            Ok((d, b))
+            Self::try_acquire(count, budget, bytes)
         }
+    }
+
+    /// One permit of `count` and `bytes` permits of `budget` if both are free now, else
+    /// [`ErrorKind::Busy`] (and neither is held).
+    fn try_acquire(
+        count: &Arc<Semaphore>,
+        budget: &Arc<Semaphore>,
+        bytes: u32,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let busy = |_| Error::new(ErrorKind::Busy, "the in-flight bound is reached");
+        let d = count.clone().try_acquire_owned().map_err(busy)?;
+        let b = budget.clone().try_acquire_many_owned(bytes).map_err(busy)?;
+        Ok((d, b))
     }
 }
 

@@ -121,33 +121,11 @@ pub fn sas_token(resource: &str, key_name: &str, key: &str, ttl: Duration) -> (S
     )
 }
 
-/// A pool of distinct event bodies of exactly `bytes` bytes each, shaped like telemetry JSON.
-pub fn bodies(bytes: usize, count: usize) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| {
-            let mut s = format!(
-                "{{\"sensor_id\":\"compressor-{}:vibe_x\",\"timestamp\":\"2025-08-19T08:30:00Z\",\"value\":{}.{}",
-                i % 10,
-                40 + i % 50,
-                i % 10
-            );
-            if s.len() + 1 < bytes {
-                let pad = bytes - s.len() - 1;
-                if pad > 9 {
-                    s.push_str(",\"pad\":\"");
-                    s.push_str(&"x".repeat(pad - 9));
-                    s.push('"');
-                } else {
-                    s.push_str(&" ".repeat(pad));
-                }
-            }
-            s.push('}');
-            let mut v = s.into_bytes();
-            v.truncate(bytes);
-            v
-        })
-        .collect()
-}
+// The same bodies as hubsend's bench sends (one generator for every client).
+#[path = "../../examples/common/bodies.rs"]
+#[allow(dead_code)] // its `closed` serves the bench's NDJSON lines only
+mod common_bodies;
+pub use common_bodies::bodies;
 
 /// Peak resident set size of this process (VmHWM), in KiB.
 pub fn peak_rss_kib() -> u64 {

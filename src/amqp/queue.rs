@@ -107,10 +107,10 @@ pub(crate) enum Pushed {
     Queued,
     /// The link takes no more sends.
     Closed,
-    /// Not queued: the permits were not free at once, or
-    /// the event needs a message of its own that this way does not build (too large, a
-    /// different partition key at the back, ...). The caller takes the general way.
-    Declined,
+    /// Not queued: the permits were not free at once, or the event needs a message of its own
+    /// that this way does not build (too large, ...). The caller takes the general way, with
+    /// the event's own message when this way built it already (no second encoding).
+    Declined(Option<Sections>),
 }
 
 #[derive(Default)]
@@ -208,16 +208,16 @@ impl LinkQueue {
                     }
                     None => {
                         back.sections.pop_last(added);
-                        Pushed::Declined
+                        Pushed::Declined(None)
                     }
                 };
             }
         }
         let Ok(sections) = Sections::single(event, key.map(str::to_owned), limit) else {
-            return Pushed::Declined;
+            return Pushed::Declined(None);
         };
         let Some(p) = permits(sections.size()) else {
-            return Pushed::Declined;
+            return Pushed::Declined(Some(sections));
         };
         let was_empty = state.items.is_empty();
         state.items.push_back(Queued {
@@ -310,6 +310,18 @@ mod tests {
         )
     }
 
+    /// Every caller was answered with success and every permit of `sems()` is back.
+    async fn every_caller_stored_and_every_permit_back(
+        replies: Vec<oneshot::Receiver<Result<()>>>,
+        s: &(Arc<Semaphore>, Arc<Semaphore>),
+    ) {
+        for rx in replies {
+            assert!(rx.await.expect("answered").is_ok());
+        }
+        assert_eq!(s.0.available_permits(), 100, "every permit is back");
+        assert_eq!(s.1.available_permits(), 1000);
+    }
+
     fn sems() -> (Arc<Semaphore>, Arc<Semaphore>) {
         (
             Arc::new(Semaphore::new(100)),
@@ -342,11 +354,7 @@ mod tests {
             })
             .collect();
         assert_eq!(lens, [3, 2, 1]);
-        for rx in replies {
-            assert!(rx.await.expect("answered").is_ok());
-        }
-        assert_eq!(s.0.available_permits(), 100, "every permit is back");
-        assert_eq!(s.1.available_permits(), 1000);
+        every_caller_stored_and_every_permit_back(replies, &s).await;
     }
 
     #[tokio::test]
@@ -375,7 +383,7 @@ mod tests {
         let event = crate::Event::new(b"e".to_vec());
         assert!(matches!(
             q.push_event(&event, Some("k"), reply, |_| None),
-            Pushed::Declined
+            Pushed::Declined(None)
         ));
         assert_eq!(
             q.lock().items.back().map(|m| m.sections.size()),
@@ -413,11 +421,7 @@ mod tests {
             m.waiters.answer(Ok(()));
         }
         assert_eq!(lens, [2, 2], "one message per run of equal keys");
-        for rx in replies {
-            assert!(rx.await.expect("answered").is_ok());
-        }
-        assert_eq!(s.0.available_permits(), 100, "every permit is back");
-        assert_eq!(s.1.available_permits(), 1000);
+        every_caller_stored_and_every_permit_back(replies, &s).await;
     }
 
     #[tokio::test]
