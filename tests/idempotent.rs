@@ -305,6 +305,56 @@ async fn batch_of(producer: &Producer, range: std::ops::Range<i64>) -> hubsend::
     batch
 }
 
+/// Sends `at..at + 10` for partition "0" numbered from `at`, and waits for its outcome.
+async fn send_ten_numbered(producer: &Producer, at: i64) -> hubsend::Result<()> {
+    let batch = batch_of(producer, at..at + 10).await;
+    producer.send_batch_numbered(batch, at as i32).await?.await
+}
+
+/// Partition "0"'s publishing state as a producer that "crashed" after its first batch of
+/// ten would have saved it: the later batches stored but not known as stored.
+fn saved_after_first_ten(producer: &Producer) -> Vec<PartitionPublishingState> {
+    producer
+        .publishing_state()
+        .into_iter()
+        .filter(|s| s.partition_id == "0")
+        .map(|s| PartitionPublishingState::new("0", s.producer_group_id, s.owner_level, 9))
+        .collect()
+}
+
+/// Resends that settle one by one after a resume (a spool draining at the link's pace): each
+/// one the hub reported storing is counted as avoided, and the confirmed number never moves
+/// back below what the hub reported, so a resend sent after another settled is still known
+/// as stored.
+#[tokio::test]
+async fn resends_settled_one_by_one_are_all_known_as_stored() {
+    let hub = start(HubConfig::new().idempotent_resume(ResumeAnswer::Stored)).await;
+    let first = producer(&hub, options()).await;
+    for at in [0, 10, 20] {
+        send_ten_numbered(&first, at).await.unwrap();
+    }
+    let saved = saved_after_first_ten(&first);
+    // "Crashed" before it learned that the last two batches were stored.
+    drop(first);
+
+    let second = producer(&hub, options().publishing_state(saved)).await;
+    let last_confirmed = |p: &Producer| {
+        p.publishing_state()
+            .into_iter()
+            .find(|s| s.partition_id == "0")
+            .map(|s| s.last_published_sequence_number)
+    };
+    for at in [10, 20] {
+        send_ten_numbered(&second, at).await.unwrap();
+        assert_eq!(last_confirmed(&second), Some(29), "after resending {at}..");
+    }
+    send_ten_numbered(&second, 30).await.unwrap();
+    assert_exactly_once(&hub, 40, "one by one");
+    assert_eq!(hub.stats().idempotent_duplicates, 20);
+    assert_eq!(second.stats().duplicates_avoided, 20);
+    assert_eq!(last_confirmed(&second), Some(39));
+}
+
 /// Caller-numbered batches (a spool resending after a crash): a new producer with the old
 /// one's state sends the same events with the same numbers and the hub drops them; numbers
 /// that do not follow what the hub stored fail with out-of-order-sequence, and are never
@@ -322,37 +372,14 @@ async fn numbered_batches_are_resent_with_their_numbers_and_never_renumbered() {
             .unwrap()
             .await
             .unwrap();
-        let batch = batch_of(&first, 10..20).await;
-        first
-            .send_batch_numbered(batch, 10)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        let saved: Vec<_> = first
-            .publishing_state()
-            .into_iter()
-            .filter(|s| s.partition_id == "0")
-            .map(|s| PartitionPublishingState::new("0", s.producer_group_id, s.owner_level, 9))
-            .collect();
+        send_ten_numbered(&first, 10).await.unwrap();
+        let saved = saved_after_first_ten(&first);
         // "Crashed" before it learned that the second batch was stored.
         drop(first);
 
         let second = producer(&hub, options().publishing_state(saved)).await;
-        let again = batch_of(&second, 10..20).await;
-        second
-            .send_batch_numbered(again, 10)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        let next = batch_of(&second, 20..30).await;
-        second
-            .send_batch_numbered(next, 20)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        send_ten_numbered(&second, 10).await.unwrap();
+        send_ten_numbered(&second, 20).await.unwrap();
         assert_exactly_once(&hub, 30, &format!("{resume:?}"));
         assert_eq!(hub.stats().idempotent_duplicates, 10, "{resume:?}");
         let expected = if resume == ResumeAnswer::Stored {

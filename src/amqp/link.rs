@@ -326,11 +326,12 @@ impl LinkTask {
         };
         if accepted {
             if pending.known_stored {
+                // Numbers at or before what the hub reported storing: `committed` is there
+                // already, and moving it back would make later resends look new.
                 self.counters
                     .duplicates_avoided
                     .fetch_add(pending.sections.len() as u64, Ordering::Relaxed);
-            }
-            if seq.committed_ticket.is_none_or(|c| c < pending.ticket) {
+            } else if seq.committed_ticket.is_none_or(|c| c < pending.ticket) {
                 seq.committed_ticket = Some(pending.ticket);
                 seq.committed = last;
                 publishing.publish(seq.state());
@@ -887,6 +888,11 @@ impl LinkTask {
             }
             None => {
                 if reported >= 0 {
+                    // The hub stored up to `reported`: resends queued from here on are
+                    // compared with it (see `send_new`).
+                    if seq.committed < 0 || seq_at_or_before(seq.committed, reported) {
+                        seq.committed = reported;
+                    }
                     for id in self.ledger.ids() {
                         if let Some(entry) = self.ledger.get_mut(id) {
                             entry.payload.known_stored = entry

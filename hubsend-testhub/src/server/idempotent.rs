@@ -300,6 +300,13 @@ impl Registry {
             {
                 if to <= from {
                     self.duplicates += seqs.len() as u64;
+                    tracing::debug!(
+                        producer_id = identity.id,
+                        first,
+                        last = last_in,
+                        stored = state.last,
+                        "dropped a resent delivery as a duplicate"
+                    );
                     return Verdict::Duplicate;
                 }
             }
