@@ -525,7 +525,7 @@ impl ProducerBuilder {
         let engine = Engine::connect(config, Some(audience)).await?;
         // Attach the hub link now so a missing hub or missing rights fail at connect.
         let link = engine.link(None).await?;
-        let max_message_size = link.max_message_size;
+        let max_message_size = link.max_message_size();
         let partitions = if self.options.idempotent {
             let ids = read_hub_properties(&engine).await?.partition_ids;
             if ids.is_empty() {
@@ -818,13 +818,13 @@ impl Pipeline {
 
     /// Refuses a batch larger than `link` allows.
     fn check_size(batch: &EventBatch, link: &LinkHandle) -> Result<()> {
-        if batch.size_in_bytes() > link.max_message_size {
+        if batch.size_in_bytes() > link.max_message_size() {
             return Err(Error::new(
                 ErrorKind::MessageTooLarge,
                 format!(
                     "the batch is {} bytes but the link allows {}",
                     batch.size_in_bytes(),
-                    link.max_message_size
+                    link.max_message_size()
                 ),
             ));
         }
@@ -898,7 +898,7 @@ impl Pipeline {
                 Pushed::Declined(None) => {}
             }
         }
-        let sections = Sections::single(event, partition_key, link.max_message_size)?;
+        let sections = Sections::single(event, partition_key, link.max_message_size())?;
         self.submit(engine, link, sections, true, wait).await
     }
 
@@ -1174,11 +1174,11 @@ impl Producer {
         if let Some(partitions) = &self.inner.partitions {
             let partition = partitions.resolve(&route)?;
             let link = engine.link(Some(&partition)).await?;
-            let max = batch_limit(link.max_message_size, options.max_size)?;
+            let max = batch_limit(link.max_message_size(), options.max_size)?;
             return EventBatch::new_idempotent(route, partition, max);
         }
         let link = engine.link(route.partition_id.as_deref()).await?;
-        new_batch(route, link.max_message_size, options.max_size)
+        new_batch(route, link.max_message_size(), options.max_size)
     }
 
     /// Queues a batch; the returned future resolves with the hub's outcome for all its events.
@@ -1360,7 +1360,7 @@ impl Producer {
                 &event,
                 partition,
                 route.partition_key,
-                link.max_message_size,
+                link.max_message_size(),
             )?;
             return self.submit_on(engine, link, sections, true, wait).await;
         }

@@ -83,7 +83,6 @@ pub(crate) enum Lifecycle {
 /// A live sender link: its queue and the task that drains it.
 pub(crate) struct LinkHandle {
     pub(crate) queue: Arc<LinkQueue>,
-    pub(crate) max_message_size: u64,
     task: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -95,10 +94,18 @@ impl Drop for LinkHandle {
     }
 }
 
+impl LinkHandle {
+    /// The link's message size limit: what the hub allows now (it follows re-attaches),
+    /// within the producer's own cap.
+    pub(crate) fn max_message_size(&self) -> u64 {
+        self.queue.limit()
+    }
+}
+
 impl std::fmt::Debug for LinkHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkHandle")
-            .field("max_message_size", &self.max_message_size)
+            .field("max_message_size", &self.max_message_size())
             .field("open", &!self.queue.is_closed())
             .finish()
     }
@@ -568,7 +575,6 @@ impl Engine {
         let task = tokio::spawn(task.run().instrument(span));
         let handle = Arc::new(LinkHandle {
             queue,
-            max_message_size,
             task: std::sync::Mutex::new(Some(task)),
         });
         links.insert(target, handle.clone());

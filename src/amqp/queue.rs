@@ -142,6 +142,11 @@ impl LinkQueue {
         }
     }
 
+    /// The link's message size limit now (it follows re-attaches).
+    pub(crate) fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     /// The link was attached again with this message size limit.
     pub(crate) fn set_limit(&self, limit: u64) {
         self.limit.store(limit, Ordering::Relaxed);

@@ -404,7 +404,7 @@ impl DeviceSender {
 
     /// The largest message (or batch) the link takes: at most 256 KB.
     pub fn max_message_size(&self) -> u64 {
-        self.inner.link.max_message_size
+        self.inner.link.max_message_size()
     }
 
     /// Queues one message; the future resolves with the hub's outcome. Waits while the
@@ -429,7 +429,11 @@ impl DeviceSender {
     /// # Errors
     /// [`ErrorKind::InvalidBatchSize`] for 0 or more than the link allows.
     pub fn create_batch(&self, max_size: Option<u64>) -> Result<EventBatch> {
-        new_batch(Route::default(), self.inner.link.max_message_size, max_size)
+        new_batch(
+            Route::default(),
+            self.inner.link.max_message_size(),
+            max_size,
+        )
     }
 
     /// Queues a batch as one delivery.
@@ -453,7 +457,7 @@ impl DeviceSender {
 
     async fn submit_one(&self, message: Event, wait: bool) -> Result<DeliveryFuture> {
         let link = self.inner.link.clone();
-        let sections = Sections::single(&message, None, link.max_message_size)?;
+        let sections = Sections::single(&message, None, link.max_message_size())?;
         self.inner
             .pipeline
             .submit(&self.inner.engine, link, sections, true, wait)

@@ -320,7 +320,7 @@ impl Gateway {
         message: Event,
     ) -> Result<DeliveryFuture> {
         let (engine, link) = self.device(device_id, name).await?;
-        let sections = Sections::single(&message, None, link.max_message_size)?;
+        let sections = Sections::single(&message, None, link.max_message_size())?;
         self.inner
             .pipeline
             .submit(&engine, link, sections, true, true)
@@ -333,7 +333,7 @@ impl Gateway {
     /// As [`send`](Self::send).
     pub async fn create_batch(&self, device_id: &str) -> Result<EventBatch> {
         let (_, link) = self.device(device_id, None).await?;
-        new_batch(Route::default(), link.max_message_size, None)
+        new_batch(Route::default(), link.max_message_size(), None)
     }
 
     /// Queues a batch as one delivery of `device_id`.

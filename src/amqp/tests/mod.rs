@@ -20,7 +20,7 @@ use crate::{Event, Producer, ProducerOptions};
 async fn send_on(link: &LinkHandle, n: usize) -> oneshot::Receiver<crate::Result<()>> {
     let permits = Arc::new(Semaphore::new(1 << 20));
     let event = Event::new(format!("{n}"));
-    let sections = Sections::single(&event, None, link.max_message_size).expect("fits");
+    let sections = Sections::single(&event, None, link.max_message_size()).expect("fits");
     let (reply, rx) = oneshot::channel();
     let waiters = Waiters::one(
         reply,
