@@ -227,7 +227,12 @@ struct KeyRouter {
     first_read: tokio::sync::Mutex<()>,
     /// Set while a re-read runs in the background.
     refreshing: std::sync::atomic::AtomicBool,
+    /// Lookups so far: the ids' age is checked on every [`AGE_CHECK_EVERY`]th, not on each.
+    lookups: AtomicU64,
 }
+
+/// How many key lookups share one look at the clock for the ids' age.
+const AGE_CHECK_EVERY: u64 = 256;
 
 struct Known {
     /// The ids, or `None` when they could not be read (keyed events then go to the hub).
@@ -239,7 +244,8 @@ struct Known {
 
 /// Where a keyed event goes.
 enum Resolved {
-    Partition(String),
+    /// The partition at this index of these ids.
+    Partition(Arc<[String]>, usize),
     /// To the hub, which hashes the key itself.
     Hub,
     /// Not known yet: the ids were never read.
@@ -267,9 +273,13 @@ impl KeyRouter {
 
     /// The partition `key` goes to, or `None` when the partition ids are not available (read
     /// now if they were never read; read again in the background when they are old).
-    async fn resolve(self: &Arc<Self>, producer: &Producer, key: &str) -> Option<String> {
+    async fn resolve(
+        self: &Arc<Self>,
+        producer: &Producer,
+        key: &str,
+    ) -> Option<(Arc<[String]>, usize)> {
         match self.lookup(producer, key) {
-            Resolved::Partition(id) => return Some(id),
+            Resolved::Partition(ids, at) => return Some((ids, at)),
             Resolved::Hub => return None,
             Resolved::Unknown => {}
         }
@@ -278,7 +288,7 @@ impl KeyRouter {
             self.read(producer).await;
         }
         match self.lookup(producer, key) {
-            Resolved::Partition(id) => Some(id),
+            Resolved::Partition(ids, at) => Some((ids, at)),
             Resolved::Hub | Resolved::Unknown => None,
         }
     }
@@ -291,6 +301,7 @@ impl KeyRouter {
             return Resolved::Unknown;
         };
         if !known.fixed
+            && self.lookups.fetch_add(1, Ordering::Relaxed) % AGE_CHECK_EVERY == 0
             && known.read_at.elapsed() >= PARTITION_REFRESH
             && !self.refreshing.swap(true, Ordering::Relaxed)
         {
@@ -301,7 +312,7 @@ impl KeyRouter {
             });
         }
         match &known.ids {
-            Some(ids) => Resolved::Partition(ids[partition_for_key(key, ids.len())].clone()),
+            Some(ids) => Resolved::Partition(ids.clone(), partition_for_key(key, ids.len())),
             None => Resolved::Hub,
         }
     }
@@ -374,6 +385,53 @@ impl RouteKey {
     }
 }
 
+/// The lanes of the partitions keys resolved to, by index into the ids they were resolved
+/// with; new ids (a re-read) start it afresh.
+#[derive(Default)]
+struct PartitionLanes {
+    ids: Option<Arc<[String]>>,
+    lanes: Vec<Option<Arc<LaneShared>>>,
+}
+
+impl PartitionLanes {
+    fn get(&self, ids: &Arc<[String]>, at: usize) -> Option<Arc<LaneShared>> {
+        match &self.ids {
+            Some(known) if Arc::ptr_eq(known, ids) => self.lanes.get(at)?.clone(),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, ids: &Arc<[String]>, at: usize, lane: Arc<LaneShared>) {
+        if !self
+            .ids
+            .as_ref()
+            .is_some_and(|known| Arc::ptr_eq(known, ids))
+        {
+            self.ids = Some(ids.clone());
+            self.lanes = vec![None; ids.len()];
+        }
+        if let Some(slot) = self.lanes.get_mut(at) {
+            *slot = Some(lane);
+        }
+    }
+}
+
+/// Where one `enqueue` goes: a route, or a partition a key resolved to (its route is built
+/// only when its lane has to be looked up).
+enum Target {
+    Route(RouteKey),
+    Partition(Arc<[String]>, usize),
+}
+
+impl Target {
+    fn route(&self) -> RouteKey {
+        match self {
+            Target::Route(route) => route.clone(),
+            Target::Partition(ids, at) => RouteKey::partition(ids[*at].clone()),
+        }
+    }
+}
+
 struct Lane {
     /// Dropping it makes the lane send what it holds and end.
     tx: mpsc::Sender<LaneCommand>,
@@ -402,6 +460,9 @@ struct Shared {
     /// The route of the last `enqueue` and its lane: the next event on the same route (all of
     /// them, without keys or ids) skips the lookup in `lanes`.
     recent: Mutex<Option<(RouteKey, Arc<LaneShared>)>>,
+    /// Keyed events' lanes by partition index (keys resolved on the client alternate between
+    /// partitions, so `recent` rarely matches them).
+    by_partition: Mutex<PartitionLanes>,
     enqueued: AtomicU64,
     sent: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -438,6 +499,7 @@ impl BufferedProducer {
                 options,
                 lanes: tokio::sync::Mutex::new(Lanes::default()),
                 recent: Mutex::new(None),
+                by_partition: Mutex::new(PartitionLanes::default()),
                 enqueued: AtomicU64::new(0),
                 sent: Arc::new(AtomicU64::new(0)),
                 failed: Arc::new(AtomicU64::new(0)),
@@ -501,22 +563,33 @@ impl BufferedProducer {
             ));
         }
         // A key resolved on the client travels with its event to the partition's lane.
-        let (route, key) = match partition_key {
-            Some(key) if !self.shared.options.resolve_partition_keys => (RouteKey::key(key), None),
+        let (target, key) = match partition_key {
+            Some(key) if !self.shared.options.resolve_partition_keys => {
+                (Target::Route(RouteKey::key(key)), None)
+            }
             Some(key) => match self.shared.keys.resolve(&self.shared.producer, &key).await {
-                Some(id) => (RouteKey::partition(id), Some(key)),
-                None => (RouteKey::key(key), None),
+                Some((ids, at)) => (Target::Partition(ids, at), Some(key)),
+                None => (Target::Route(RouteKey::key(key)), None),
             },
-            None => (RouteKey::id(partition_id), None),
+            None => (Target::Route(RouteKey::id(partition_id)), None),
         };
         let (mut event, mut key, mut permit) = (event, key, permit);
-        let mut lane = self.recent_lane(&route);
+        let mut lane = match &target {
+            Target::Route(route) => self.recent_lane(route),
+            Target::Partition(ids, at) => self.by_partition().get(ids, *at),
+        };
         loop {
             let current = match lane.take() {
                 Some(lane) => lane,
                 None => {
+                    let route = target.route();
                     let found = self.lane(&route).await?;
-                    *self.recent() = Some((route.clone(), found.clone()));
+                    match &target {
+                        Target::Route(_) => *self.recent() = Some((route, found.clone())),
+                        Target::Partition(ids, at) => {
+                            self.by_partition().set(ids, *at, found.clone())
+                        }
+                    }
                     found
                 }
             };
@@ -529,6 +602,13 @@ impl BufferedProducer {
         }
         self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn by_partition(&self) -> std::sync::MutexGuard<'_, PartitionLanes> {
+        self.shared
+            .by_partition
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Option<(RouteKey, Arc<LaneShared>)>> {
@@ -553,6 +633,19 @@ impl BufferedProducer {
                 lane.last_used = lanes.uses;
             }
         }
+        // So were the partitions keyed events reached through the shortcut.
+        {
+            let by_partition = self.by_partition();
+            if let Some(ids) = &by_partition.ids {
+                for (id, cached) in ids.iter().zip(&by_partition.lanes) {
+                    if cached.is_some() {
+                        if let Some(lane) = lanes.open.get_mut(&RouteKey::partition(id.clone())) {
+                            lane.last_used = lanes.uses;
+                        }
+                    }
+                }
+            }
+        }
         lanes.uses += 1;
         if let Some(lane) = lanes.open.get_mut(route) {
             if !lane.tx.is_closed() && !lane.shared.is_closed() {
@@ -575,6 +668,8 @@ impl BufferedProducer {
                 .map(|(key, _)| key.clone());
             if let Some((key, lane)) = oldest.and_then(|key| lanes.open.remove_entry(&key)) {
                 lanes.retired.push((key, lane.task));
+                // No event may join the retired lane through the partition shortcut.
+                *self.by_partition() = PartitionLanes::default();
             }
         }
         // A lane retired on this route may still be sending: the new one starts after it has
