@@ -301,7 +301,10 @@ impl KeyRouter {
             return Resolved::Unknown;
         };
         if !known.fixed
-            && self.lookups.fetch_add(1, Ordering::Relaxed) % AGE_CHECK_EVERY == 0
+            && self
+                .lookups
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(AGE_CHECK_EVERY)
             && known.read_at.elapsed() >= PARTITION_REFRESH
             && !self.refreshing.swap(true, Ordering::Relaxed)
         {
