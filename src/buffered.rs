@@ -521,15 +521,59 @@ impl BufferedProducer {
         // A free slot is taken without the waiting future (the common case).
         let permit = match self.shared.buffer.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => self
-                .shared
-                .buffer
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?,
+            Err(_) => {
+                self.unblock_full_buffer().await;
+                self.shared
+                    .buffer
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?
+            }
         };
         self.put(event, options, permit).await
+    }
+
+    /// The buffer is full. When no lane is shipping and most of the buffer sits in open
+    /// batches (many lanes, none full yet: many partitions, or a small buffer), waiting would
+    /// only end at the linger time, since no batch can fill while every slot is taken; so the
+    /// fullest open batch is sealed and shipped now. While a lane ships, its permits come back
+    /// without help, and nothing is sealed early.
+    async fn unblock_full_buffer(&self) {
+        let lanes: Vec<Arc<LaneShared>> = {
+            let lanes = self.shared.lanes.lock().await;
+            lanes
+                .open
+                .values()
+                .map(|lane| lane.shared.clone())
+                .collect()
+        };
+        let mut open = 0;
+        let mut fullest: Option<(usize, &Arc<LaneShared>)> = None;
+        for lane in &lanes {
+            if lane.shipping.load(Ordering::Acquire) {
+                return;
+            }
+            let state = lane.lock();
+            if !state.sealed.is_empty() {
+                return;
+            }
+            let len = state.open.len();
+            open += len;
+            if fullest.is_none_or(|(most, _)| len > most) {
+                fullest = Some((len, lane));
+            }
+        }
+        if open * 2 < self.shared.options.max_buffered_events {
+            return;
+        }
+        if let Some((len, lane)) = fullest.filter(|(len, _)| *len > 0) {
+            tracing::trace!(
+                events = len,
+                "buffer full of open batches; shipping the fullest"
+            );
+            lane.seal_open();
+        }
     }
 
     /// Like [`enqueue`](Self::enqueue) but fails with [`ErrorKind::Busy`] when the buffer is full.
@@ -709,6 +753,7 @@ impl BufferedProducer {
                 sealed: VecDeque::new(),
                 closed: false,
             }),
+            shipping: AtomicBool::new(false),
             wake: Notify::new(),
             failures: failures.clone(),
         });
@@ -820,6 +865,8 @@ impl BufferedProducer {
 /// gets its first event (to start its linger time), not per event.
 struct LaneShared {
     state: Mutex<LaneState>,
+    /// Set while the lane's task hands a batch to the producer (its permits are still held).
+    shipping: AtomicBool,
     wake: Notify,
     failures: Failures,
 }
@@ -854,6 +901,18 @@ impl LaneShared {
 
     fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Seals the open batch (if it holds anything) for the lane's task to ship now.
+    fn seal_open(&self) {
+        let mut state = self.lock();
+        if state.closed || state.open.is_empty() {
+            return;
+        }
+        let filled = state.take_open();
+        state.sealed.push_back(filled);
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Encodes `event` into the open batch (sealing it first when it is full), or hands it
@@ -1064,7 +1123,7 @@ impl LaneTask {
                     let mut done = Some(done);
                     for (i, filled) in all.into_iter().enumerate() {
                         let flushed = if i == last { done.take() } else { None };
-                        self.ship(filled, &settle_tx, flushed).await;
+                        self.ship(&shared, filled, &settle_tx, flushed).await;
                     }
                     deadline = None;
                 }
@@ -1077,7 +1136,7 @@ impl LaneTask {
                 () = linger => {
                     let all = shared.lock().take_all();
                     for filled in all {
-                        self.ship(filled, &settle_tx, None).await;
+                        self.ship(&shared, filled, &settle_tx, None).await;
                     }
                     deadline = None;
                 }
@@ -1093,7 +1152,7 @@ impl LaneTask {
             state.take_all()
         };
         for filled in last {
-            self.ship(filled, &settle_tx, None).await;
+            self.ship(&shared, filled, &settle_tx, None).await;
         }
         drop(settle_tx);
         let _ = settler.await;
@@ -1110,17 +1169,33 @@ impl LaneTask {
             let next = shared.lock().sealed.pop_front();
             let Some(filled) = next else { return any };
             any = true;
-            self.ship(filled, settle, None).await;
+            self.ship(shared, filled, settle, None).await;
         }
     }
 
     /// Sends a batch (if it holds anything) and then releases its buffer permits.
     async fn ship(
         &self,
+        shared: &LaneShared,
         filled: Filled,
         settle: &mpsc::UnboundedSender<Shipped>,
         flushed: Option<oneshot::Sender<()>>,
     ) {
+        // Cleared before the permits go back: an `enqueue` that sees it set can count on them
+        // (see `unblock_full_buffer`).
+        shared.shipping.store(true, Ordering::Release);
+        let permits = self.hand_over(filled, settle, flushed).await;
+        shared.shipping.store(false, Ordering::Release);
+        drop(permits);
+    }
+
+    /// Hands one batch to the producer; returns its buffer permits.
+    async fn hand_over(
+        &self,
+        filled: Filled,
+        settle: &mpsc::UnboundedSender<Shipped>,
+        flushed: Option<oneshot::Sender<()>>,
+    ) -> Option<OwnedSemaphorePermit> {
         let Filled {
             batch,
             permits,
@@ -1139,7 +1214,7 @@ impl LaneTask {
                     flushed: Some(done),
                 });
             }
-            return;
+            return permits;
         }
         let count = batch.len();
         let at = Instant::now();
@@ -1160,7 +1235,7 @@ impl LaneTask {
                 }
             }
         }
-        drop(permits);
+        permits
     }
 }
 

@@ -125,6 +125,29 @@ async fn ten_thousand_keys_share_one_batch_per_partition() {
     producer.close().await.unwrap();
 }
 
+/// A buffer smaller than the partitions' open batches together: no batch can fill while the
+/// buffer is full, so an enqueue that finds it full ships the fullest open batch rather than
+/// wait for a linger (here ten minutes) to free room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_of_open_batches_does_not_wait_for_the_linger() {
+    let hub = hub(8).await;
+    let producer = producer(&hub, ProducerOptions::new()).await;
+    let options = BufferedOptions::new()
+        .max_buffered_events(2_000)
+        .linger(Duration::from_secs(600));
+    let buffered = BufferedProducer::new(producer.clone(), options);
+    tokio::time::timeout(Duration::from_secs(120), stream(&buffered))
+        .await
+        .expect("enqueue waited for the linger with the buffer full of open batches");
+    let report = buffered.close().await;
+    assert_eq!(report.sent, (KEYS * PER_KEY) as u64, "{report:?}");
+    assert_eq!(report.failed, 0);
+    let deliveries = check_store(&hub, 8);
+    // Each shipped early batch held at least half the buffer over the 8 partitions.
+    assert!(deliveries >= 10, "{deliveries} deliveries");
+    producer.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_keys_with_idempotent_retries() {
     let hub = hub(8).await;
