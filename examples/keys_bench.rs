@@ -2,6 +2,9 @@
 //! `BufferedProducer::enqueue` and `hubsend send --partition-key-field` with 10,000 distinct
 //! sensor ids, each side by side with the same events sent round robin, over TLS to the release
 //! test hub in a separate process. Prints events/s per run and the keyed/round-robin ratio.
+//! A control runs round robin events that carry a 41-byte application property, as many
+//! bytes as the key annotation each keyed event carries, to tell the cost of the key's bytes
+//! from the cost of routing by key.
 //!
 //! ```text
 //! cargo build --release -p hubsend-testhub -p hubsend-cli
@@ -71,8 +74,25 @@ fn record(i: usize, keys: usize) -> String {
     )
 }
 
-/// Enqueues every event (keyed by sensor id or not) and waits for every outcome; events/s.
-async fn buffered(cs: &str, ca: Option<&[u8]>, args: &Args, keyed: bool) -> f64 {
+/// How [`buffered`] sends each event.
+#[derive(Clone, Copy, PartialEq)]
+enum Sent {
+    /// Round robin, no key.
+    RoundRobin,
+    /// Keyed by its sensor id (the key annotation adds 41 bytes to each event).
+    Keyed,
+    /// Round robin with the sensor id as a 19-character application property: the same 41
+    /// bytes per event as the key annotation, without a key. The control that tells the cost
+    /// of the key's bytes from the cost of routing by key.
+    SameBytes,
+}
+
+/// The application property of [`Sent::SameBytes`]: its name is as long as the
+/// `x-opt-partition-key` symbol, so the section is as long as the key annotation.
+const SAME_BYTES_PROPERTY: &str = "sensor_id_partition";
+
+/// Enqueues every event (as `sent` says) and waits for every outcome; events/s.
+async fn buffered(cs: &str, ca: Option<&[u8]>, args: &Args, sent: Sent) -> f64 {
     let mut builder = Producer::builder().connection_string(cs);
     if let Some(pem) = ca {
         builder = builder.add_root_certificate_pem(pem.to_vec());
@@ -81,12 +101,16 @@ async fn buffered(cs: &str, ca: Option<&[u8]>, args: &Args, keyed: bool) -> f64 
     let buffered = BufferedProducer::new(producer.clone(), BufferedOptions::new());
     let started = Instant::now();
     for i in 0..args.events {
-        let options = if keyed {
-            SendOptions::new().partition_key(format!("sensor-{:05}", i % args.keys))
-        } else {
-            SendOptions::new()
+        let mut event = Event::new(record(i, args.keys)).with_content_type("application/json");
+        let options = match sent {
+            Sent::RoundRobin => SendOptions::new(),
+            Sent::Keyed => SendOptions::new().partition_key(format!("sensor-{:05}", i % args.keys)),
+            Sent::SameBytes => {
+                event = event
+                    .with_property(SAME_BYTES_PROPERTY, format!("sensor-{:05}", i % args.keys));
+                SendOptions::new()
+            }
         };
-        let event = Event::new(record(i, args.keys)).with_content_type("application/json");
         buffered.enqueue(event, options).await.expect("enqueue");
     }
     let report = buffered.close().await;
@@ -96,17 +120,24 @@ async fn buffered(cs: &str, ca: Option<&[u8]>, args: &Args, keyed: bool) -> f64 
     rate
 }
 
-/// `hubsend send` of the NDJSON file (with `--partition-key-field sensor_id` when keyed);
-/// the events/s it reports.
-fn cli(bin: &PathBuf, cs: &str, ca: Option<&PathBuf>, input: &PathBuf, keyed: bool) -> f64 {
+/// `hubsend send` of the NDJSON file (with `--partition-key-field sensor_id` when keyed, with
+/// a constant 41-byte property for the control); the events/s it reports.
+fn cli(bin: &PathBuf, cs: &str, ca: Option<&PathBuf>, input: &PathBuf, sent: Sent) -> f64 {
     let mut cmd = Command::new(bin);
     cmd.args(["send", "--connection-string", cs, "--json", "--input"])
         .arg(input);
     if let Some(ca) = ca {
         cmd.arg("--ca-file").arg(ca);
     }
-    if keyed {
-        cmd.args(["--partition-key-field", "sensor_id"]);
+    match sent {
+        Sent::RoundRobin => {}
+        Sent::Keyed => {
+            cmd.args(["--partition-key-field", "sensor_id"]);
+        }
+        Sent::SameBytes => {
+            cmd.arg("--property")
+                .arg(format!("{SAME_BYTES_PROPERTY}=sensor-00000"));
+        }
     }
     let out = cmd.stderr(Stdio::inherit()).output().expect("run hubsend");
     assert!(out.status.success(), "hubsend send failed");
@@ -154,24 +185,34 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut best = [0f64; 4];
+    let mut best = [0f64; 6];
     for round in 0..args.rounds {
-        let mut rates = [0f64; 4];
-        for (slot, keyed) in [(0, false), (1, true)] {
-            rates[slot] = runtime.block_on(buffered(&cs, ca.as_deref(), &args, keyed));
+        let mut rates = [0f64; 6];
+        for (slot, sent) in [
+            (0, Sent::RoundRobin),
+            (1, Sent::Keyed),
+            (4, Sent::SameBytes),
+        ] {
+            rates[slot] = runtime.block_on(buffered(&cs, ca.as_deref(), &args, sent));
         }
         if let Some(bin) = &hubsend {
-            for (slot, keyed) in [(2, false), (3, true)] {
-                rates[slot] = cli(bin, &cs, ca_path.as_ref(), &input, keyed);
+            for (slot, sent) in [
+                (2, Sent::RoundRobin),
+                (3, Sent::Keyed),
+                (5, Sent::SameBytes),
+            ] {
+                rates[slot] = cli(bin, &cs, ca_path.as_ref(), &input, sent);
             }
         }
         println!(
-            "round {}: buffered {:.0} / keyed {:.0}; hubsend send {:.0} / keyed {:.0} events/s",
+            "round {}: buffered {:.0} / keyed {:.0} / same bytes {:.0}; hubsend send {:.0} / keyed {:.0} / same bytes {:.0} events/s",
             round + 1,
             rates[0],
             rates[1],
+            rates[4],
             rates[2],
-            rates[3]
+            rates[3],
+            rates[5]
         );
         for (b, r) in best.iter_mut().zip(rates) {
             *b = b.max(r);
@@ -197,6 +238,24 @@ fn main() {
         println!(
             "| {name} | {rr:.0} | {keyed:.0} | {:.0} % |",
             100.0 * keyed / rr.max(1.0)
+        );
+    }
+    // The control: keyed against round robin events of the same size.
+    println!(
+        "\ncontrol: round robin events with a 41-byte application property, the key annotation's size"
+    );
+    println!("| mode | same bytes, round robin | keyed | keyed / control |");
+    println!("|---|---|---|---|");
+    let controls: &[(&str, usize, usize)] = if hubsend.is_some() {
+        &[("BufferedProducer::enqueue", 4, 1), ("hubsend send", 5, 3)]
+    } else {
+        &[("BufferedProducer::enqueue", 4, 1)]
+    };
+    for (name, same, keyed) in controls {
+        let (same, keyed) = (best[*same], best[*keyed]);
+        println!(
+            "| {name} | {same:.0} | {keyed:.0} | {:.0} % |",
+            100.0 * keyed / same.max(1.0)
         );
     }
     let _ = hub.kill();
