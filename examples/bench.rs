@@ -482,8 +482,9 @@ async fn child(args: &Args) -> hubsend::Result<()> {
         ));
     }
     line.push_str(&format!(
-        ",\"cpu_us_per_event\":{:.3},\"in_flight_max\":{in_flight_max},\"in_flight_mean\":{in_flight_mean:.1}",
-        cpu * 1e6 / events.max(1) as f64
+        ",\"cpu_us_per_event\":{:.3},\"in_flight_max\":{in_flight_max},\"in_flight_mean\":{in_flight_mean:.1},\"window_mib\":{:.1}",
+        cpu * 1e6 / events.max(1) as f64,
+        producer.stats().in_flight_window_bytes as f64 / (1 << 20) as f64
     ));
     line.push('}');
     println!("{line}");

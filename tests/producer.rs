@@ -606,3 +606,64 @@ async fn pipelined_single_sends_share_deliveries_but_never_mix_keys() {
     }
     producer.close().await.unwrap();
 }
+
+/// Sends `mib` MiB of 1 KiB events in full batches, pipelined, and waits for every outcome.
+async fn send_mib(producer: &Producer, mib: usize) -> usize {
+    let body = vec![b'x'; 1024];
+    let (mut sent, mut futures) = (0, Vec::new());
+    while sent < mib << 10 {
+        let mut batch = producer.create_batch(BatchOptions::new()).await.unwrap();
+        while sent < mib << 10 && batch.try_add(Event::new(body.clone())).is_ok() {
+            sent += 1;
+        }
+        futures.push(producer.send_batch(batch).await.unwrap());
+    }
+    for fut in futures {
+        fut.await.expect("stored");
+    }
+    sent
+}
+
+/// 200 ms away from the hub (behind a delay proxy) the in-flight window grows from its 8 MiB
+/// start toward the 16 MiB default ceiling, as bandwidth × round trip asks, and never past
+/// the bound a producer sets. (Near the hub it stays at its start in a release build: the
+/// bench reports it per run as `window_mib`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_window_grows_far_from_the_hub_within_its_bound() {
+    let hub = hub().await;
+    let proxy =
+        hubsend_testhub::DelayProxy::start("127.0.0.1:0", hub.addr(), Duration::from_millis(100))
+            .await
+            .unwrap();
+    let port = |p: u16| format!(":{p}/");
+    let far = hub
+        .connection_string()
+        .replace(&port(hub.addr().port()), &port(proxy.addr().port()));
+    let connect = |options: ProducerOptions| {
+        Producer::builder()
+            .connection_string(far.clone())
+            .options(options)
+            .connect()
+    };
+    let mut sent = 0;
+    for (bound, start, ceiling) in [(None, 8 << 20, 16 << 20), (Some(8 << 20), 8 << 20, 8 << 20)] {
+        let options = match bound {
+            Some(bytes) => ProducerOptions::new().max_in_flight_bytes(bytes),
+            None => ProducerOptions::new(),
+        };
+        let producer = connect(options).await.unwrap();
+        assert_eq!(producer.stats().in_flight_window_bytes, start);
+        sent += send_mib(&producer, 32).await;
+        let window = producer.stats().in_flight_window_bytes;
+        if ceiling > start {
+            assert!(
+                window > start && window <= ceiling,
+                "a 200 ms round trip left the window at {window} bytes"
+            );
+        } else {
+            assert_eq!(window, ceiling, "the window went past the bound");
+        }
+        producer.close().await.unwrap();
+    }
+    assert_eq!(hub.events(HUB).len(), sent);
+}

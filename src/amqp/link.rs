@@ -52,6 +52,8 @@ pub(crate) struct Pending {
     /// Its numbers were fixed by the caller (`Producer::send_batch_numbered`): never
     /// renumbered; failed instead where they would have to be.
     fixed: bool,
+    /// The connection's accepted bytes when it was last sent (see `Window::accepted`).
+    delivered_at_send: super::window::Delivered,
 }
 
 impl Pending {
@@ -212,7 +214,7 @@ impl LinkTask {
             let waiting = self.ledger.longest_waiting();
             let expiry = self.ledger.next_expiry(self.retry.deadline);
             let try_timeout = self.retry.try_timeout;
-            let take_mergeable = self.ledger.len() < self.window;
+            let take_mergeable = self.ledger.len() < self.single_window();
             let mut lost: Option<Error> = None;
             tokio::select! {
                 biased;
@@ -292,6 +294,14 @@ impl LinkTask {
         let _ = self.sender.close().await;
     }
 
+    /// How many deliveries may await their outcome before single sends wait and gather: the
+    /// configured number, or as many largest messages as the in-flight window holds once it
+    /// has grown past that.
+    fn single_window(&self) -> usize {
+        let grown = self.counters.window.granted() / self.limit.max(1);
+        self.window.max(grown.min(1024) as usize)
+    }
+
     /// Fails every unsettled and queued delivery with `error` and stops taking new ones.
     fn abandon(&mut self, error: Error) {
         for entry in self.ledger.drain() {
@@ -308,6 +318,11 @@ impl LinkTask {
         if let Some(entry) = self.ledger.settle(id) {
             if result.is_ok() {
                 self.fruitless = 0;
+                self.counters.window.accepted(
+                    entry.payload.sections.size(),
+                    (entry.last_sent, entry.payload.delivered_at_send),
+                    Instant::now(),
+                );
             }
             self.on_settled(id, &entry.payload, result.is_ok());
             self.counters.settle(entry.payload.waiters, result);
@@ -629,6 +644,9 @@ impl LinkTask {
         match result {
             Ok(fut) => {
                 self.ledger.sent(id, Instant::now());
+                if let Some(entry) = self.ledger.get_mut(id) {
+                    entry.payload.delivered_at_send = self.counters.window.delivered();
+                }
                 self.outcomes.push(Tagged { id, fut });
                 Ok(())
             }
@@ -655,6 +673,7 @@ impl LinkTask {
             known_stored: false,
             ticket: 0,
             fixed: fixed.is_some(),
+            delivered_at_send: Default::default(),
         };
         if let Some((seq, _)) = self.idem.as_mut() {
             if pending.sections.is_stamped() {

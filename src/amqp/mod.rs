@@ -7,6 +7,7 @@ mod ledger;
 mod link;
 mod management;
 mod queue;
+mod window;
 
 use error::{attach_error, from_amqp_error};
 pub(crate) use error::{outcome_result, send_error};
@@ -186,6 +187,8 @@ pub(crate) struct Counters {
     /// Events of resent deliveries the hub had stored already (idempotent links), which it
     /// acknowledged without storing them again.
     pub(crate) duplicates_avoided: AtomicU64,
+    /// The in-flight byte window, grown by what accepted deliveries show.
+    pub(crate) window: window::Window,
 }
 
 /// The idempotent publishing state of every partition, as the link tasks last confirmed it.

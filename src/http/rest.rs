@@ -168,6 +168,7 @@ impl Rest {
             reconnects: 0,
             link_recoveries: 0,
             duplicates_avoided: 0,
+            in_flight_window_bytes: 0,
         }
     }
 
