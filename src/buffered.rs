@@ -369,6 +369,11 @@ struct RouteKey {
 }
 
 impl RouteKey {
+    /// Neither a key nor an id.
+    fn is_round_robin(&self) -> bool {
+        self.partition_key.is_none() && self.partition_id.is_none()
+    }
+
     fn partition(id: String) -> RouteKey {
         RouteKey::id(Some(id))
     }
@@ -531,7 +536,38 @@ impl BufferedProducer {
                     .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?
             }
         };
+        if options.is_round_robin() {
+            return match self.add_round_robin(event, permit) {
+                Ok(()) => Ok(()),
+                Err((event, permit)) => self.put(event, options, permit).await,
+            };
+        }
         self.put(event, options, permit).await
+    }
+
+    /// The common case without an await: a round-robin event while the last route was round
+    /// robin too goes straight into that lane. Hands the event back otherwise (closed, another
+    /// last route, or a lane that ended), for [`put`](Self::put).
+    #[allow(clippy::result_large_err)]
+    fn add_round_robin(
+        &self,
+        event: Event,
+        permit: OwnedSemaphorePermit,
+    ) -> std::result::Result<(), (Event, OwnedSemaphorePermit)> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err((event, permit));
+        }
+        let lane = match &*self.recent() {
+            Some((key, lane)) if key.is_round_robin() => lane.clone(),
+            _ => return Err((event, permit)),
+        };
+        match lane.add(event, None, permit) {
+            Ok(()) => {
+                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err((event, _, permit)) => Err((event, permit)),
+        }
     }
 
     /// The buffer is full. When no lane is shipping and most of the buffer sits in open
@@ -587,6 +623,12 @@ impl BufferedProducer {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Error::new(ErrorKind::Busy, "the buffer is full"))?;
+        if options.is_round_robin() {
+            return match self.add_round_robin(event, permit) {
+                Ok(()) => Ok(()),
+                Err((event, permit)) => self.put(event, options, permit).await,
+            };
+        }
         self.put(event, options, permit).await
     }
 

@@ -258,6 +258,11 @@ impl SendOptions {
     pub(crate) fn into_route(self) -> (Option<String>, Option<String>) {
         (self.route.partition_key, self.route.partition_id)
     }
+
+    /// Neither a partition key nor a partition id: round robin.
+    pub(crate) fn is_round_robin(&self) -> bool {
+        self.route.partition_key.is_none() && self.route.partition_id.is_none()
+    }
 }
 
 /// Builds a [`Producer`]. Setters never fail; [`connect`](Self::connect) reports every problem.
