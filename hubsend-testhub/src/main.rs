@@ -359,14 +359,15 @@ fn parse_gaps(s: &str) -> Result<hubsend_testhub::GapAnswer, String> {
     }
 }
 
-/// Rewrites `path` every 200 ms with every D2C message the hub stored (of every device in
-/// the registry, also those created over REST), as one JSON array.
+/// Rewrites `path` every 200 ms with every D2C message the hub stored (of every device that
+/// has been in the registry, also those created over REST or deleted since), as one JSON
+/// array.
 async fn dump_loop(hub: &TestHub, path: &std::path::Path) {
+    let mut devices = std::collections::BTreeSet::new();
     loop {
-        let devices: Vec<String> = hub
-            .iothub_state()
-            .map(|s| s.devices().into_iter().map(|d| d.device_id).collect())
-            .unwrap_or_default();
+        if let Some(state) = hub.iothub_state() {
+            devices.extend(state.devices().into_iter().map(|d| d.device_id));
+        }
         let all: Vec<serde_json::Value> = devices
             .iter()
             .flat_map(|d| {
