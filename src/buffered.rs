@@ -547,7 +547,9 @@ impl BufferedProducer {
 
     /// The common case without an await: a round-robin event while the last route was round
     /// robin too goes straight into that lane. Hands the event back otherwise (closed, another
-    /// last route, or a lane that ended), for [`put`](Self::put).
+    /// last route, or a lane that ended), for [`put`](Self::put). Called before `put`, not
+    /// from it: building `put`'s future (the event, options and permit moved into it) cost
+    /// 0.31 -> 0.36 us per event when the shortcut was moved inside.
     #[allow(clippy::result_large_err)]
     fn add_round_robin(
         &self,

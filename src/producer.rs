@@ -788,10 +788,7 @@ impl Pipeline {
     /// The bounds `options` set; the byte bound is at least one message of
     /// `max_message_size` (so the largest message can always go) and fits a semaphore.
     pub(crate) fn new(options: &ProducerOptions, max_message_size: u64) -> Pipeline {
-        let bytes = options
-            .start_window()
-            .max(max_message_size as usize)
-            .min(u32::MAX as usize);
+        let (bytes, _) = Self::byte_bounds(options, max_message_size);
         let sends = options.max_pending_sends.min(Semaphore::MAX_PERMITS);
         Pipeline {
             deliveries: Arc::new(Semaphore::new(options.max_in_flight)),
@@ -803,18 +800,24 @@ impl Pipeline {
         }
     }
 
+    /// The byte budget's start and ceiling: at least one message of `max_message_size`, and
+    /// within what a delivery's permits (`u32`) can ask for.
+    fn byte_bounds(options: &ProducerOptions, max_message_size: u64) -> (usize, usize) {
+        let limit = u32::MAX as usize;
+        let largest = usize::try_from(max_message_size).unwrap_or(limit);
+        let start = options.start_window().max(largest).min(limit);
+        let ceiling = options.max_in_flight_bytes.max(start).min(limit);
+        (start, ceiling)
+    }
+
     /// Lets `engine`'s link tasks grow the byte budget toward the configured ceiling (see
     /// [`ProducerOptions::max_in_flight_bytes`]).
     fn grow_with(&self, engine: &Engine, options: &ProducerOptions, max_message_size: u64) {
-        let limit = u32::MAX as u64;
-        let start = (options.start_window() as u64)
-            .max(max_message_size)
-            .min(limit);
-        let ceiling = (options.max_in_flight_bytes as u64).max(start).min(limit);
+        let (start, ceiling) = Self::byte_bounds(options, max_message_size);
         engine
             .counters
             .window
-            .attach(self.bytes.clone(), start, ceiling);
+            .attach(self.bytes.clone(), start as u64, ceiling as u64);
     }
 
     /// Queues a caller's batch on `link` as one delivery, as it was built.

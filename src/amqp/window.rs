@@ -3,6 +3,7 @@
 //! far, by the bandwidth-delay product its own deliveries show (so a long round trip does not
 //! cap throughput at window / round trip, and a near hub does not pay the memory).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ const HEADROOM: f64 = 2.0;
 pub(crate) struct Window {
     /// The pipeline's byte budget and its ceiling, once the producer made it.
     budget: OnceLock<(Arc<Semaphore>, u64)>,
+    /// Bytes the budget holds now: read on every turn of a link task's loop, so kept out of
+    /// the lock (written under it).
+    granted: AtomicU64,
     state: Mutex<WindowState>,
 }
 
@@ -34,8 +38,6 @@ pub(crate) struct Delivered {
 
 #[derive(Default)]
 struct WindowState {
-    /// Bytes the budget holds now.
-    granted: u64,
     /// Bytes of the deliveries accepted so far, and when the last was.
     delivered: Delivered,
     /// The shortest time a delivery took from being sent to being accepted.
@@ -58,13 +60,13 @@ impl Window {
     /// Takes over `budget`, which holds `start` permits now and may grow to `ceiling`.
     pub(crate) fn attach(&self, budget: Arc<Semaphore>, start: u64, ceiling: u64) {
         if self.budget.set((budget, ceiling.max(start))).is_ok() {
-            self.lock().granted = start;
+            self.granted.store(start, Ordering::Release);
         }
     }
 
     /// The bytes the window holds now (0 before a pipeline is attached).
     pub(crate) fn granted(&self) -> u64 {
-        self.lock().granted
+        self.granted.load(Ordering::Acquire)
     }
 
     /// What was accepted so far; a link notes it when it sends a delivery.
@@ -82,7 +84,8 @@ impl Window {
         let Some((budget, ceiling)) = self.budget.get() else {
             return;
         };
-        if state.granted >= *ceiling {
+        let granted = self.granted();
+        if granted >= *ceiling {
             return;
         }
         let rtt = now.saturating_duration_since(sent);
@@ -95,11 +98,11 @@ impl Window {
         let rate = state.delivered.bytes.saturating_sub(then.bytes) as f64 / since.as_secs_f64();
         state.best_rate = state.best_rate.max(rate);
         let wanted = (HEADROOM * state.best_rate * min_rtt.as_secs_f64()) as u64;
-        if wanted <= state.granted {
+        if wanted <= granted {
             return;
         }
         let grown = wanted.min(*ceiling);
-        let more = grown - state.granted;
+        let more = grown - granted;
         let Ok(more_permits) = usize::try_from(more) else {
             return;
         };
@@ -108,13 +111,13 @@ impl Window {
         }
         budget.add_permits(more_permits);
         tracing::debug!(
-            from = state.granted,
+            from = granted,
             to = grown,
             rate_mb_s = state.best_rate / 1e6,
             min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
             "in-flight window grown to the bandwidth-delay product"
         );
-        state.granted = grown;
+        self.granted.store(grown, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
