@@ -43,8 +43,8 @@
 //!   Not with `--rtt-ms`.
 //! * `--mode buffered` (also part of `all`): `BufferedProducer::enqueue`, one event per call.
 //!   `--mode` also takes a list: `--mode batch,single`.
-//! * `--rtt-ms 0,5,20,50`: far from the hub. Each round-trip time puts a delay proxy (see
-//!   [`delay`]) between the children and the hub, half the time each way, no bandwidth
+//! * `--rtt-ms 0,5,20,50`: far from the hub. Each round-trip time puts a delay proxy (the test
+//!   hub's [`DelayProxy`], on a thread of its own) between the children and the hub, half the time each way, no bandwidth
 //!   limit; 0 is the proxy without delay, the base the other times are compared with. The
 //!   ceiling peer is skipped (it dials the hub directly); the official crate goes through the
 //!   proxy. `--repeat N` runs every point N times (spread over the sweep) and reports each run.
@@ -79,6 +79,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hubsend::{BatchOptions, Event, Producer, ProducerOptions, SendOptions, TryAddError};
+use hubsend_testhub::DelayProxy;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -857,6 +858,12 @@ fn main() {
         iot::run(&args);
         return;
     }
+    // The delay proxies run in this process and warn through `tracing` (an upstream they
+    // cannot reach): to stderr, as the bench's own notes.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("hubsend_testhub=warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
 
     let events = args.num("events", 2_000_000);
     let single_events = args.num("single-events", (events / 4).max(1));
@@ -953,13 +960,14 @@ fn main() {
         let endpoint = hub.cs.split(';').next().unwrap_or_default();
         eprintln!("hub ({transport}): {endpoint}");
         // One delay proxy per round-trip time, in front of this hub's AMQP port.
-        let proxies: Vec<(Option<u64>, Option<delay::Proxy>)> = rtts
+        let proxies: Vec<(Option<u64>, Option<DelayProxy>)> = rtts
             .iter()
             .map(|&rtt| {
                 let proxy = rtt.map(|ms| {
                     let upstream = hub.socket_addr();
                     let one_way = Duration::from_micros(ms * 500);
-                    delay::Proxy::start(upstream, one_way)
+                    DelayProxy::builder(upstream, one_way)
+                        .start_on_own_thread()
                         .unwrap_or_else(|e| panic!("starting the delay proxy: {e}"))
                 });
                 (rtt, proxy)
@@ -985,14 +993,14 @@ fn main() {
                 let host = hub.authority();
                 let host = host.rsplit_once(':').map_or(host.as_str(), |h| h.0);
                 let scheme = if hub.tls { "amqps" } else { "amqp" };
-                format!("{scheme}://{host}:{}", p.addr.port())
+                format!("{scheme}://{host}:{}", p.addr().port())
             });
             let mut push = |name: &str, json: Option<Value>| {
                 if let Some(mut json) = json {
                     if let Some(p) = proxy {
-                        let (up, down) = p.take_peaks();
-                        json["proxy_peak_to_hub_kib"] = Value::from(up / 1024);
-                        json["proxy_peak_to_client_kib"] = Value::from(down / 1024);
+                        let peaks = p.take_peaks();
+                        json["proxy_peak_to_hub_kib"] = Value::from(peaks.to_upstream / 1024);
+                        json["proxy_peak_to_client_kib"] = Value::from(peaks.to_client / 1024);
                     }
                     if json_out {
                         let mut j = json.clone();
@@ -1752,211 +1760,5 @@ mod iot {
             outcome.await.expect("stored");
             sent.elapsed()
         })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// `--rtt-ms`: a delay line between the children and the hub
-
-/// A TCP proxy that adds a fixed one-way delay to each direction (half the round-trip time)
-/// and nothing else: no bandwidth limit, no reordering, no loss.
-///
-/// Why not the `noxious` crate (a Rust Toxiproxy, as issue #16 suggested): its latency toxic
-/// (1.0.4, the latest release, on tokio-util 0.6) is `input.then(|chunk| sleep(latency))`:
-/// each chunk waits out the whole latency before the next chunk is even looked at, so one
-/// direction carries at most one read buffer (8 KiB, tokio-util's `FramedRead`) per latency:
-/// about 0.8 MB/s at 10 ms each way, a bandwidth cap far below what the bench sends, not a
-/// round-trip time. Toxiproxy itself has the same shape. Here every chunk is stamped with its
-/// due time when it is read and sits in a queue; the writer waits only for the head's due
-/// time, so any number of chunks are in the air at once and a direction carries
-/// bandwidth × delay bytes, as a long link does.
-///
-/// Each direction holds at most [`QUEUE_CAP`] bytes in the air (a link buffer: past it the
-/// reader waits, which at 25 ms each way is only reached above 2.6 GB/s). Tokio's timer has
-/// 1 ms resolution and rounds up, so a chunk arrives up to 1 ms late each way; the bench's
-/// `latency` rows show the round trip the children actually got.
-mod delay {
-    use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-    use tokio::time::Instant;
-
-    /// Bytes one direction of one connection may hold in the air (64 MiB).
-    pub(super) const QUEUE_CAP: usize = 64 << 20;
-    /// Queue permits are counted in KiB, so a semaphore's permit count stays small.
-    const PERMIT_BYTES: usize = 1024;
-    /// The most one read takes from a socket.
-    const READ_CHUNK: usize = 64 * 1024;
-
-    /// Bytes in the air now and at most since the last [`Proxy::take_peaks`], per direction.
-    #[derive(Default)]
-    struct Gauge {
-        now: AtomicU64,
-        peak: AtomicU64,
-    }
-
-    impl Gauge {
-        fn add(&self, n: u64) {
-            let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
-            self.peak.fetch_max(now, Ordering::Relaxed);
-        }
-        fn sub(&self, n: u64) {
-            self.now.fetch_sub(n, Ordering::Relaxed);
-        }
-        fn take_peak(&self) -> u64 {
-            self.peak
-                .swap(self.now.load(Ordering::Relaxed), Ordering::Relaxed)
-        }
-    }
-
-    #[derive(Default)]
-    struct Gauges {
-        to_hub: Gauge,
-        to_client: Gauge,
-    }
-
-    /// A running proxy: listens on `addr` (loopback), forwards to the hub. It runs on a
-    /// thread and runtime of its own, so its CPU is neither the client's nor the hub's; it
-    /// stops with the bench process.
-    pub(super) struct Proxy {
-        pub(super) addr: SocketAddr,
-        gauges: Arc<Gauges>,
-    }
-
-    impl Proxy {
-        /// Listens on 127.0.0.1 (any free port) and forwards every connection to `upstream`,
-        /// each chunk in each direction `one_way` after it was read.
-        pub(super) fn start(upstream: SocketAddr, one_way: Duration) -> std::io::Result<Proxy> {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            listener.set_nonblocking(true)?;
-            let addr = listener.local_addr()?;
-            let gauges = Arc::new(Gauges::default());
-            let shared = gauges.clone();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            std::thread::Builder::new()
-                .name(format!("delay-proxy-{}", addr.port()))
-                .spawn(move || {
-                    rt.block_on(async move {
-                        let Ok(listener) = TcpListener::from_std(listener) else {
-                            return;
-                        };
-                        while let Ok((client, _)) = listener.accept().await {
-                            let gauges = shared.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = connection(client, upstream, one_way, gauges).await
-                                {
-                                    eprintln!("  delay proxy: {e}");
-                                }
-                            });
-                        }
-                    })
-                })?;
-            Ok(Proxy { addr, gauges })
-        }
-
-        /// The most bytes in the air (client → hub, hub → client) since the last call.
-        pub(super) fn take_peaks(&self) -> (u64, u64) {
-            (
-                self.gauges.to_hub.take_peak(),
-                self.gauges.to_client.take_peak(),
-            )
-        }
-    }
-
-    async fn connection(
-        client: TcpStream,
-        upstream: SocketAddr,
-        one_way: Duration,
-        gauges: Arc<Gauges>,
-    ) -> std::io::Result<()> {
-        let hub = TcpStream::connect(upstream).await?;
-        client.set_nodelay(true)?;
-        hub.set_nodelay(true)?;
-        let (client_read, client_write) = client.into_split();
-        let (hub_read, hub_write) = hub.into_split();
-        let up = tokio::spawn(direction(
-            client_read,
-            hub_write,
-            one_way,
-            gauges.clone(),
-            true,
-        ));
-        let down = tokio::spawn(direction(hub_read, client_write, one_way, gauges, false));
-        let _ = tokio::join!(up, down);
-        Ok(())
-    }
-
-    /// One direction: a reader stamping chunks and a writer releasing each at its due time.
-    async fn direction(
-        mut from: OwnedReadHalf,
-        mut to: OwnedWriteHalf,
-        one_way: Duration,
-        gauges: Arc<Gauges>,
-        to_hub: bool,
-    ) {
-        fn pick(g: &Gauges, to_hub: bool) -> &Gauge {
-            if to_hub {
-                &g.to_hub
-            } else {
-                &g.to_client
-            }
-        }
-        let room = Arc::new(Semaphore::new(QUEUE_CAP / PERMIT_BYTES));
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Chunk)>();
-        let reader_gauges = gauges.clone();
-        let reader = async move {
-            let mut buf = vec![0u8; READ_CHUNK];
-            loop {
-                match from.read(&mut buf).await {
-                    Ok(0) | Err(_) => break, // EOF or reset: the writer drains, then closes
-                    Ok(n) => {
-                        // Stamped when read: the delay runs from here, whatever waits ahead.
-                        let due = Instant::now() + one_way;
-                        let permits = n.div_ceil(PERMIT_BYTES) as u32;
-                        let Ok(room) = room.clone().acquire_many_owned(permits).await else {
-                            break;
-                        };
-                        pick(&reader_gauges, to_hub).add(n as u64);
-                        let chunk = Chunk {
-                            bytes: buf[..n].to_vec(),
-                            _room: room,
-                        };
-                        if tx.send((due, chunk)).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        };
-        let writer = async move {
-            while let Some((due, chunk)) = rx.recv().await {
-                if due > Instant::now() {
-                    tokio::time::sleep_until(due).await;
-                }
-                let n = chunk.bytes.len() as u64;
-                let result = to.write_all(&chunk.bytes).await;
-                pick(&gauges, to_hub).sub(n);
-                drop(chunk);
-                if result.is_err() {
-                    return;
-                }
-            }
-            let _ = to.shutdown().await;
-        };
-        tokio::join!(reader, writer);
-    }
-
-    /// Bytes read from one side, holding their share of the direction's room until written.
-    struct Chunk {
-        bytes: Vec<u8>,
-        _room: OwnedSemaphorePermit,
     }
 }

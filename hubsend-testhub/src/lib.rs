@@ -23,7 +23,7 @@ mod ws;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-pub use delay::DelayProxy;
+pub use delay::{DelayProxy, DelayProxyBuilder, DelayProxyPeaks};
 pub use faults::Faults;
 pub use jwt::{sign_hs256 as sign_jwt_hs256, EVENT_HUBS_AUDIENCE};
 pub use server::idempotent::{GapAnswer, ResumeAnswer};
