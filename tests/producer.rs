@@ -667,3 +667,65 @@ async fn the_in_flight_window_grows_far_from_the_hub_within_its_bound() {
     }
     assert_eq!(hub.events(HUB).len(), sent);
 }
+
+/// Sends a batch of `n` events from a current-thread runtime, then blocks that thread (no
+/// await) for up to `block`: how many events the hub stored meanwhile.
+fn stored_while_the_callers_thread_is_blocked(
+    on_its_own_runtime: bool,
+    n: usize,
+    block: Duration,
+) -> usize {
+    let hub_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let network = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let hub = hub_runtime.block_on(hub());
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stored = caller.block_on(async {
+        let mut builder = Producer::builder().connection_string(hub.connection_string());
+        if on_its_own_runtime {
+            builder = builder.runtime(network.handle().clone());
+        }
+        let producer = builder.connect().await.expect("producer connects");
+        let mut batch = producer.create_batch(BatchOptions::new()).await.unwrap();
+        for i in 0..n {
+            batch.try_add(Event::new(format!("e-{i}"))).unwrap();
+        }
+        let delivery = producer.send_batch(batch).await.unwrap();
+        // Nothing on this thread runs while it sleeps: only another runtime can send.
+        let deadline = std::time::Instant::now() + block;
+        let mut stored = hub.events(HUB).len();
+        while stored < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            stored = hub.events(HUB).len();
+        }
+        delivery.await.expect("the hub accepts the batch");
+        assert_eq!(hub.events(HUB).len(), n);
+        stored
+    });
+    drop(caller);
+    drop(hub);
+    stored
+}
+
+#[test]
+fn a_producer_given_a_runtime_sends_on_it_while_its_callers_thread_is_busy() {
+    assert_eq!(
+        stored_while_the_callers_thread_is_blocked(true, 10, WAIT),
+        10
+    );
+    // The same on the caller's runtime: nothing leaves while its only thread is blocked.
+    assert_eq!(
+        stored_while_the_callers_thread_is_blocked(false, 10, Duration::from_millis(300)),
+        0
+    );
+}

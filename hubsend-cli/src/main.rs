@@ -356,8 +356,10 @@ fn main() -> ExitCode {
     // `send` and `info` run on one thread: the reading side and the buffered producer's lanes
     // hand every event from task to task, and across worker threads each hand-off cost a
     // wake-up and a cross-thread free (1M telemetry lines: ~140k lines/s on two workers,
-    // ~270k on one thread, same machine and sitting). `bench` may run the test hub in-process,
-    // which wants threads of its own.
+    // ~270k on one thread, same machine and sitting). The producer's network work (AMQP
+    // engine, TLS, link tasks) runs beside it on a thread of its own (see
+    // `commands::network_runtime`). `bench` may run the test hub in-process, which wants
+    // threads of its own.
     let mut builder = match &cli.command {
         Command::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
         Command::Send(_) | Command::Info(_) | Command::Iot(_) => {

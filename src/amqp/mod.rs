@@ -143,6 +143,9 @@ impl Routes {
 /// The connection a producer owns.
 pub(crate) struct Engine {
     config: ConnectConfig,
+    /// The runtime the connection was opened on: link tasks and reconnects run there too
+    /// (see [`ProducerBuilder::runtime`](crate::ProducerBuilder::runtime)).
+    runtime: tokio::runtime::Handle,
     connection: Mutex<ConnectionHandle<()>>,
     session: Mutex<SessionHandle<()>>,
     /// The token of every audience on this connection, kept fresh.
@@ -434,6 +437,7 @@ impl Engine {
             let engine = Arc::new(Engine {
                 publishing,
                 config,
+                runtime: tokio::runtime::Handle::current(),
                 connection: Mutex::new(connection),
                 session: Mutex::new(session),
                 authorizer,
@@ -575,7 +579,7 @@ impl Engine {
             queue.clone(),
             self.config.single_window,
         );
-        let task = tokio::spawn(task.run().instrument(span));
+        let task = self.runtime.spawn(task.run().instrument(span));
         let handle = Arc::new(LinkHandle {
             queue,
             task: std::sync::Mutex::new(Some(task)),
@@ -699,10 +703,23 @@ impl Engine {
         }
         tracing::info!("reconnecting");
         let _ = self.events.send(ConnectionEvent::Reconnecting);
+        // Opened on the connection's runtime, whichever task noticed the loss.
+        let config = self.config.clone();
+        let opening = tokio_util::task::AbortOnDropHandle::new(self.runtime.spawn(async move {
+            tokio::time::timeout(config.connect_timeout, open(&config)).await
+        }));
+        let opened = match opening.await {
+            Ok(opened) => opened,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    "the producer's runtime shut down; not reconnecting",
+                ))
+            }
+        };
         let (connection, session, cbs, lost) =
-            tokio::time::timeout(self.config.connect_timeout, open(&self.config))
-                .await
-                .map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
+            opened.map_err(|_| Error::new(ErrorKind::Timeout, "reconnecting timed out"))??;
         *self.management.lock().await = None;
         self.authorizer.set_client(cbs).await;
         // Every audience again; one the hub refuses fails its own links when they attach.
