@@ -161,8 +161,8 @@ impl ProducerOptions {
     /// maximum-size message): a fixed bound.
     ///
     /// Unset, the bound is a window that follows bandwidth × round trip: it starts at 8 MiB
-    /// and, over AMQP, grows toward 16 MiB when twice the best rate the hub accepted
-    /// deliveries at, times the shortest round trip a delivery took, exceeds it. Near the
+    /// and, over AMQP, grows toward 16 MiB when one and a half times the best rate the hub
+    /// accepted deliveries at, times the shortest round trip a delivery took, exceeds it. Near the
     /// hub (a few milliseconds) it stays at its start; 20 ms away it grows to 16 MiB.
     /// [`Producer::stats`] tells its size.
     ///
