@@ -133,14 +133,6 @@ impl FaultShared {
             }
             None => false,
         };
-        let close = match st.close_after.as_mut() {
-            Some((remaining, _)) => {
-                *remaining = remaining.saturating_sub(1);
-                *remaining == 0
-            }
-            None => false,
-        };
-        let close = close.then(|| st.close_after.take()).flatten();
         let detach = fire.then(|| st.detach_after.take()).flatten();
         drop(st);
         if let Some((_, cond, desc)) = detach {
@@ -149,12 +141,33 @@ impl FaultShared {
                 *v = Some((gen, cond, desc));
             });
         }
-        if let Some((_, condition)) = close {
-            self.broadcast(ConnCommand::Close {
-                condition,
-                description: "Closed by fault injection after accepted deliveries.".to_string(),
-            });
-        }
+    }
+
+    /// Counts one delivery stored (to be accepted, its disposition not yet sent); `true` when
+    /// it is the one the close fault waits for: every connection is then being closed, and
+    /// this delivery must never be acknowledged. Counted at the store, not at the
+    /// acknowledgement, so the close always leaves at least this delivery stored but
+    /// unacknowledged, however the client paces its batches.
+    pub(crate) fn on_stored(&self) -> bool {
+        let close = {
+            let mut st = self.state.lock().unwrap();
+            let fire = match st.close_after.as_mut() {
+                Some((remaining, _)) => {
+                    *remaining = remaining.saturating_sub(1);
+                    *remaining == 0
+                }
+                None => false,
+            };
+            fire.then(|| st.close_after.take()).flatten()
+        };
+        let Some((_, condition)) = close else {
+            return false;
+        };
+        self.broadcast(ConnCommand::Close {
+            condition,
+            description: "Closed by fault injection after stored deliveries.".to_string(),
+        });
+        true
     }
 
     pub(crate) fn withheld_until(&self) -> Option<Instant> {
@@ -236,10 +249,11 @@ impl Faults {
         });
     }
 
-    /// After `deliveries` more accepted deliveries (across all producer links), close every
-    /// connection with a CLOSE carrying `condition` (e.g. `amqp:connection:forced`), once.
-    /// Deliveries stored but not yet acknowledged then (see
-    /// [`delay_dispositions`](Self::delay_dispositions)) are never acknowledged: the client
+    /// When the `deliveries`th accepted delivery from now (across all producer links) has been
+    /// stored, close every connection with a CLOSE carrying `condition` (e.g.
+    /// `amqp:connection:forced`) before acknowledging it, once. That delivery, and any others
+    /// stored but not yet acknowledged then (see
+    /// [`delay_dispositions`](Self::delay_dispositions)), are never acknowledged: the client
     /// must resend them, and only an idempotent producer avoids storing them twice. `0`
     /// closes them now.
     pub fn close_connections_after(&self, deliveries: u64, condition: &str) {

@@ -105,8 +105,9 @@ struct Args {
     /// once), so a connection that closes meanwhile leaves stored events unacknowledged.
     #[arg(long, value_name = "MS")]
     disposition_delay_ms: Option<u64>,
-    /// Fault: once, after N accepted producer deliveries, close every connection with
-    /// --close-condition.
+    /// Fault: once, when the Nth accepted producer delivery is stored, close every connection
+    /// with --close-condition before acknowledging it (it, and any held by
+    /// --disposition-delay-ms, stay stored but unacknowledged).
     #[arg(long, value_name = "N")]
     close_connections_after: Option<u64>,
     /// Condition of the close of --close-connections-after.

@@ -158,22 +158,28 @@ async fn each_connection_closes_after_its_first_transfer() {
 }
 
 #[tokio::test]
-async fn connections_close_once_after_n_accepted_deliveries() {
+async fn connections_close_once_when_the_nth_delivery_is_stored_before_acknowledging_it() {
     let hub = hub().await;
     hub.faults()
         .close_connections_after(2, "amqp:connection:forced");
     let (mut conn, mut session) = connect_send(hub.addr()).await;
     let mut sender = producer(&mut session).await;
-    for i in 0..2 {
-        let outcome = sender.send(event(&format!("e{i}"), None)).await.unwrap();
-        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
-    }
+    let outcome = sender.send(event("e0", None)).await.unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    // The second is stored, and the connection closes before it is acknowledged.
+    let fut = sender.send_batchable(event("e1", None)).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.on_close())
         .await
         .unwrap();
     assert!(
         format!("{closed:?}").contains("ConnectionForced"),
         "{closed:?}"
+    );
+    assert_not_settled(fut, Duration::from_millis(100)).await;
+    assert_eq!(
+        hub.events("telemetry").len(),
+        2,
+        "the unacknowledged one is stored"
     );
     // Once: a new connection keeps sending.
     let (_conn, mut session) = connect_send(hub.addr()).await;
@@ -182,7 +188,8 @@ async fn connections_close_once_after_n_accepted_deliveries() {
         let outcome = sender.send(event(&format!("e{i}"), None)).await.unwrap();
         assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
     }
-    assert_eq!(storm_counts(&hub), (2, 2, 5, 5));
+    // Five stored, four acknowledged.
+    assert_eq!(storm_counts(&hub), (2, 2, 5, 4));
     assert_eq!(hub.events("telemetry").len(), 5);
 }
 

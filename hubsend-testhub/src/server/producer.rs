@@ -448,6 +448,10 @@ pub(super) async fn producer_loop(mut receiver: Receiver, link: ProducerLink) {
                     None => {}
                 }
                 let verdict = link.process(format, id, payload);
+                if matches!(verdict, Verdict::Accept) && shared.faults.on_stored() {
+                    // Stored, and never acknowledged: the close fault's CLOSE is on its way.
+                    continue;
+                }
                 let delay = shared.faults.disposition_delay();
                 if !delay.is_zero() || !pending.is_empty() {
                     pending.push_back((Instant::now() + delay, info, verdict));
