@@ -27,11 +27,25 @@ pub(crate) const PARTITION_KEY_ANNOTATION: &str = "x-opt-partition-key";
 pub struct Event {
     body: Vec<u8>,
     content_type: Option<String>,
+    /// The rarer metadata, boxed so that an event with a body and at most a content type (what
+    /// telemetry sends) stays small as it moves through queues and batches. `Some` only when
+    /// one of its fields is set (setters never unset one), so equality stays structural.
+    extra: Option<Box<Extra>>,
+}
+
+/// An [`Event`]'s metadata beyond its content type.
+#[derive(Clone, Default, PartialEq)]
+struct Extra {
     content_encoding: Option<String>,
     message_id: Option<String>,
     correlation_id: Option<String>,
     properties: Vec<(String, PropertyValue)>,
 }
+
+// Events are moved by value through the buffered producer's queue and into batches: keep them
+// at a body, a content type and one pointer.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Event>() == 56);
 
 impl fmt::Debug for Event {
     // Payloads may be sensitive and large: Debug shows their size, never their bytes.
@@ -39,10 +53,10 @@ impl fmt::Debug for Event {
         f.debug_struct("Event")
             .field("body_len", &self.body.len())
             .field("content_type", &self.content_type)
-            .field("content_encoding", &self.content_encoding)
-            .field("message_id", &self.message_id)
-            .field("correlation_id", &self.correlation_id)
-            .field("properties", &self.properties.len())
+            .field("content_encoding", &self.content_encoding())
+            .field("message_id", &self.message_id())
+            .field("correlation_id", &self.correlation_id())
+            .field("properties", &self.property_list().len())
             .finish()
     }
 }
@@ -54,6 +68,16 @@ impl Event {
             body: body.into(),
             ..Event::default()
         }
+    }
+
+    /// The rarer metadata, created on first use.
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// The application properties, empty when there are none.
+    fn property_list(&self) -> &[(String, PropertyValue)] {
+        self.extra.as_deref().map_or(&[], |extra| &extra.properties)
     }
 
     /// An event whose body is `value` serialised as JSON, with content type `application/json`.
@@ -75,13 +99,13 @@ impl Event {
 
     /// Sets the message id (AMQP `message-id`, sent as a string).
     pub fn with_message_id(mut self, id: impl Into<String>) -> Event {
-        self.message_id = Some(id.into());
+        self.extra_mut().message_id = Some(id.into());
         self
     }
 
     /// Sets the correlation id (AMQP `correlation-id`, sent as a string).
     pub fn with_correlation_id(mut self, id: impl Into<String>) -> Event {
-        self.correlation_id = Some(id.into());
+        self.extra_mut().correlation_id = Some(id.into());
         self
     }
 
@@ -93,9 +117,10 @@ impl Event {
     ) -> Event {
         let key = key.into();
         let value = value.into();
-        match self.properties.iter_mut().find(|(k, _)| *k == key) {
+        let properties = &mut self.extra_mut().properties;
+        match properties.iter_mut().find(|(k, _)| *k == key) {
             Some(slot) => slot.1 = value,
-            None => self.properties.push((key, value)),
+            None => properties.push((key, value)),
         }
         self
     }
@@ -113,28 +138,28 @@ impl Event {
     /// Sets the AMQP `content-encoding` (IoT Hub routes on JSON bodies only with `utf-8`,
     /// `utf-16` or `utf-32` here).
     pub fn with_content_encoding(mut self, encoding: impl Into<String>) -> Event {
-        self.content_encoding = Some(encoding.into());
+        self.extra_mut().content_encoding = Some(encoding.into());
         self
     }
 
     /// The `content-encoding`, if set.
     pub fn content_encoding(&self) -> Option<&str> {
-        self.content_encoding.as_deref()
+        self.extra.as_deref()?.content_encoding.as_deref()
     }
 
     /// The message id, if set.
     pub fn message_id(&self) -> Option<&str> {
-        self.message_id.as_deref()
+        self.extra.as_deref()?.message_id.as_deref()
     }
 
     /// The correlation id, if set.
     pub fn correlation_id(&self) -> Option<&str> {
-        self.correlation_id.as_deref()
+        self.extra.as_deref()?.correlation_id.as_deref()
     }
 
     /// The application properties in insertion order.
     pub fn properties(&self) -> impl Iterator<Item = (&str, &PropertyValue)> {
-        self.properties.iter().map(|(k, v)| (k.as_str(), v))
+        self.property_list().iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Builds the AMQP message for this event, with the partition key annotation when given.
@@ -161,11 +186,7 @@ impl Event {
 
     /// Whether the event is a body alone, with no metadata section.
     fn is_bare(&self) -> bool {
-        self.content_type.is_none()
-            && self.content_encoding.is_none()
-            && self.message_id.is_none()
-            && self.correlation_id.is_none()
-            && self.properties.is_empty()
+        self.content_type.is_none() && self.extra.is_none()
     }
 
     /// For a bare event, its exact encoded size with the key annotation of `partition_key`
@@ -179,28 +200,35 @@ impl Event {
     }
 
     fn amqp_properties(&self) -> Option<Properties> {
+        let extra = self.extra.as_deref();
+        let field = |get: fn(&Extra) -> &Option<String>| extra.and_then(|e| get(e).clone());
+        let (message_id, correlation_id, content_encoding) = (
+            field(|e| &e.message_id),
+            field(|e| &e.correlation_id),
+            field(|e| &e.content_encoding),
+        );
         if self.content_type.is_none()
-            && self.content_encoding.is_none()
-            && self.message_id.is_none()
-            && self.correlation_id.is_none()
+            && content_encoding.is_none()
+            && message_id.is_none()
+            && correlation_id.is_none()
         {
             return None;
         }
         Some(Properties {
-            message_id: self.message_id.clone().map(MessageId::String),
-            correlation_id: self.correlation_id.clone().map(MessageId::String),
+            message_id: message_id.map(MessageId::String),
+            correlation_id: correlation_id.map(MessageId::String),
             content_type: self.content_type.clone().map(Symbol::from),
-            content_encoding: self.content_encoding.clone().map(Symbol::from),
+            content_encoding: content_encoding.map(Symbol::from),
             ..Properties::default()
         })
     }
 
     fn application_properties(&self) -> Option<ApplicationProperties> {
-        if self.properties.is_empty() {
+        if self.property_list().is_empty() {
             return None;
         }
         let mut app = ApplicationProperties::builder();
-        for (k, v) in &self.properties {
+        for (k, v) in self.property_list() {
             app = app.insert(k.clone(), v.to_simple_value());
         }
         Some(app.build())
@@ -265,8 +293,9 @@ impl Event {
         }
         if let Some(content) = layout.application {
             out.extend_from_slice(&[0x00, 0x53, 0x74]);
-            write_compound_header(out, MAP, content, 2 * self.properties.len());
-            for (key, value) in &self.properties {
+            let properties = self.property_list();
+            write_compound_header(out, MAP, content, 2 * properties.len());
+            for (key, value) in properties {
                 write_var(out, STR, key.as_bytes());
                 value.write(out);
             }
@@ -295,14 +324,14 @@ impl Event {
     /// between them it never does. The rest are never set.
     fn properties_fields(&self) -> [Option<&str>; 8] {
         [
-            self.message_id.as_deref(),
+            self.message_id(),
             None,
             None,
             None,
             None,
-            self.correlation_id.as_deref(),
-            self.content_type.as_deref(),
-            self.content_encoding.as_deref(),
+            self.correlation_id(),
+            self.content_type(),
+            self.content_encoding(),
         ]
     }
 
@@ -324,11 +353,11 @@ impl Event {
             }
             None => None,
         };
-        let application = match self.properties.is_empty() {
+        let application = match self.property_list().is_empty() {
             true => None,
             false => {
                 let mut content = 0;
-                for (key, value) in &self.properties {
+                for (key, value) in self.property_list() {
                     content += var_len(key.len())? + value.encoded_len()?;
                 }
                 Some(compound_content(content)?)
