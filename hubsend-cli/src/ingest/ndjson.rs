@@ -156,7 +156,10 @@ fn parse_line(
         Ok(text) => {
             let result = parse_ndjson_line_as(text, schema);
             let raw = match &result {
-                Ok(record) if record.line_text() == Some(text) => None,
+                // A record's line text is always `text` or `text` without its byte-order
+                // mark (`parse_ndjson_line_as`), so equal lengths mean equal texts: no
+                // second pass over the line's bytes.
+                Ok(record) if record.line_text().map(str::len) == Some(text.len()) => None,
                 _ => Some(text.to_owned()),
             };
             ParsedLine { line, raw, result }

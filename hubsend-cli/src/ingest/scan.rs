@@ -168,6 +168,37 @@ enum Flat<'a> {
     Unsure,
 }
 
+/// Where a string without escapes or control characters ends: the index in `b` of the first
+/// `"`, `\\` or character below 0x20, if there is one. Eight bytes at a time in a `u64` (the
+/// strings of a telemetry line are short, so a vector search's set-up would cost more than it
+/// saves): a byte is flagged when it equals one of the two or is below 0x20, and a flag can
+/// be wrong only in a byte after a right one, so the lowest flag is the answer.
+fn string_end(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    /// The high bit of each byte of `w` that is below `n` (n <= 0x80), and maybe of bytes after.
+    fn below(w: u64, n: u8) -> u64 {
+        w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH
+    }
+    let mut chunks = b.chunks_exact(8);
+    for (k, chunk) in chunks.by_ref().enumerate() {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let flags = below(w ^ (ONES * u64::from(b'"')), 1)
+            | below(w ^ (ONES * u64::from(b'\\')), 1)
+            | below(w, 0x20);
+        if flags != 0 {
+            return Some(8 * k + flags.trailing_zeros() as usize / 8);
+        }
+    }
+    let rest = chunks.remainder();
+    let tail = rest
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    Some(b.len() - rest.len() + tail)
+}
+
 /// A quick pass by hand over the common shape of a telemetry line: one flat object whose keys
 /// and string values hold no escapes and no control characters, whose numbers have no
 /// exponent and at most 100 characters, and whose other values are `true`, `false` or `null`,
@@ -188,13 +219,8 @@ fn flat(line: &str, telemetry: bool) -> Flat<'_> {
     // A string without escapes or control characters, `i` just after its opening quote.
     let plain = |i: &mut usize| -> Option<Range<usize>> {
         let start = *i;
-        let len = memchr::memchr2(b'"', b'\\', &b[start..])?;
-        let end = start + len;
-        // A fold, not `any`: no early exit, so the check runs over many bytes at a time.
-        let control = b[start..end]
-            .iter()
-            .fold(false, |seen, &c| seen | (c < 0x20));
-        if b[end] != b'"' || control {
+        let end = start + string_end(&b[start..])?;
+        if b[end] != b'"' {
             return None;
         }
         *i = end + 1;
@@ -577,6 +603,49 @@ impl Visitor<'_> for KeyTextVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_end_finds_the_first_quote_backslash_or_control_character() {
+        let naive = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+        // Every stop byte at every position of strings up to 24 bytes long, over fillers next
+        // to the stops in value (0x1f/0x20, 0x21/0x23, 0x5b/0x5d), UTF-8 and 0xff, and a
+        // second stop after the first (which a carried borrow could flag).
+        let fillers = [
+            b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff,
+        ];
+        let stops = [b'"', b'\\', 0x00, 0x01, 0x1f];
+        for len in 0..24 {
+            for &fill in &fillers {
+                let mut b = vec![fill; len];
+                assert_eq!(string_end(&b), None, "{len} bytes of {fill:#x}");
+                for at in 0..len {
+                    for &stop in &stops {
+                        b[at] = stop;
+                        assert_eq!(string_end(&b), Some(at), "{stop:#x} at {at} of {len}");
+                        for second in at + 1..len {
+                            b[second] = 0x00;
+                            assert_eq!(string_end(&b), naive(&b));
+                            b[second] = fill;
+                        }
+                        b[at] = fill;
+                    }
+                }
+            }
+        }
+        // Real text, including multi-byte characters.
+        for text in [
+            "compressor-7:vibe_x\",\"t\"",
+            "Grüße \\n",
+            "温度🌡 ok\"",
+            "no end",
+        ] {
+            assert_eq!(
+                string_end(text.as_bytes()),
+                naive(text.as_bytes()),
+                "{text}"
+            );
+        }
+    }
 
     /// The old check: chrono's RFC 3339 parse, then the canonical form written out and compared.
     fn by_chrono(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
