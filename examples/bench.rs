@@ -793,6 +793,10 @@ fn run_json(label: &str, cmd: &mut Command) -> Option<Value> {
             return None;
         }
     };
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Asked for logs: the child's are shown, not only a failed one's.
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json = stdout
         .lines()
@@ -848,6 +852,12 @@ fn main() {
         return;
     }
     if args.get("child").is_some() {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         if let Err(e) = run_child(&args) {
             eprintln!("error: {e}");
             std::process::exit(1);
@@ -859,9 +869,12 @@ fn main() {
         return;
     }
     // The delay proxies run in this process and warn through `tracing` (an upstream they
-    // cannot reach): to stderr, as the bench's own notes.
+    // cannot reach): to stderr, as the bench's own notes. RUST_LOG, when set, chooses instead
+    // (`hubsend::amqp::window=debug` shows the in-flight window's probes).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("hubsend_testhub=warn"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("hubsend_testhub=warn"))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 
