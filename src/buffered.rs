@@ -523,10 +523,24 @@ impl BufferedProducer {
     /// when both a partition key and id are given; [`ErrorKind::NotFound`] for an unknown
     /// partition (found when its lane first attaches).
     pub async fn enqueue(&self, event: Event, options: SendOptions) -> Result<()> {
-        // A free slot is taken without the waiting future (the common case).
+        self.admit(event, options, true).await
+    }
+
+    /// [`enqueue`](Self::enqueue) when `wait`, else [`try_enqueue`](Self::try_enqueue).
+    async fn admit(&self, event: Event, options: SendOptions, wait: bool) -> Result<()> {
+        // The common case: a round-robin event into the last lane, on a slot it holds.
+        let event = if options.is_round_robin() {
+            match self.add_round_robin_prepaid(event) {
+                Ok(()) => return Ok(()),
+                Err(event) => event,
+            }
+        } else {
+            event
+        };
+        // A free slot is taken without the waiting future.
         let permit = match self.shared.buffer.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => {
+            Err(_) if wait => {
                 self.unblock_full_buffer().await;
                 self.shared
                     .buffer
@@ -534,6 +548,15 @@ impl BufferedProducer {
                     .acquire_owned()
                     .await
                     .map_err(|_| Error::new(ErrorKind::Closed, "the buffered producer is closed"))?
+            }
+            Err(_) => {
+                // Busy only when no lane holds a slot unused either.
+                self.return_spare_slots().await;
+                self.shared
+                    .buffer
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Error::new(ErrorKind::Busy, "the buffer is full"))?
             }
         };
         if options.is_round_robin() {
@@ -545,8 +568,49 @@ impl BufferedProducer {
         self.put(event, options, permit).await
     }
 
-    /// The common case without an await: a round-robin event while the last route was round
-    /// robin too goes straight into that lane. Hands the event back otherwise (closed, another
+    /// The most common case: a round-robin event while the last route was round robin too
+    /// goes into that lane on one of the buffer slots the lane took ahead
+    /// ([`LaneShared::add_prepaid`]), with no atomic operation of its own but the count.
+    /// Hands the event back when that is not the case or the lane holds no slot and none is
+    /// free.
+    fn add_round_robin_prepaid(&self, event: Event) -> std::result::Result<(), Event> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(event);
+        }
+        // The lane is used under the shortcut's lock (recent, then the lane's state: the one
+        // order in which both are taken), which saves cloning it.
+        let recent = self.recent();
+        let Some((key, lane)) = &*recent else {
+            return Err(event);
+        };
+        if !key.is_round_robin() {
+            return Err(event);
+        }
+        lane.add_prepaid(event)?;
+        drop(recent);
+        self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Returns the buffer slots that lanes took ahead and hold unused
+    /// ([`LaneShared::add_prepaid`]), so a caller about to wait for a slot does not wait
+    /// for slots nobody fills.
+    async fn return_spare_slots(&self) {
+        let lanes: Vec<Arc<LaneShared>> = {
+            let lanes = self.shared.lanes.lock().await;
+            lanes
+                .open
+                .values()
+                .map(|lane| lane.shared.clone())
+                .collect()
+        };
+        for lane in lanes {
+            lane.lock().return_spare();
+        }
+    }
+
+    /// Without an await: a round-robin event while the last route was round robin too goes
+    /// straight into that lane, on the slot `permit` holds. Hands the event back otherwise (closed, another
     /// last route, or a lane that ended), for [`put`](Self::put). Called before `put`, not
     /// from it: building `put`'s future (the event, options and permit moved into it) cost
     /// 0.31 -> 0.36 us per event when the shortcut was moved inside.
@@ -578,6 +642,10 @@ impl BufferedProducer {
     /// fullest open batch is sealed and shipped now. While a lane ships, its permits come back
     /// without help, and nothing is sealed early.
     async fn unblock_full_buffer(&self) {
+        self.return_spare_slots().await;
+        if self.shared.buffer.available_permits() > 0 {
+            return;
+        }
         let lanes: Vec<Arc<LaneShared>> = {
             let lanes = self.shared.lanes.lock().await;
             lanes
@@ -619,19 +687,7 @@ impl BufferedProducer {
     /// # Errors
     /// As [`enqueue`](Self::enqueue), plus [`ErrorKind::Busy`].
     pub async fn try_enqueue(&self, event: Event, options: SendOptions) -> Result<()> {
-        let permit = self
-            .shared
-            .buffer
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::new(ErrorKind::Busy, "the buffer is full"))?;
-        if options.is_round_robin() {
-            return match self.add_round_robin(event, permit) {
-                Ok(()) => Ok(()),
-                Err((event, permit)) => self.put(event, options, permit).await,
-            };
-        }
-        self.put(event, options, permit).await
+        self.admit(event, options, false).await
     }
 
     async fn put(
@@ -793,6 +849,7 @@ impl BufferedProducer {
                 keep: failures.keeps_events(),
                 open: first,
                 permits: None,
+                spare: 0,
                 kept: Kept::default(),
                 sealed: VecDeque::new(),
                 closed: false,
@@ -800,6 +857,8 @@ impl BufferedProducer {
             shipping: AtomicBool::new(false),
             wake: Notify::new(),
             failures: failures.clone(),
+            buffer: self.shared.buffer.clone(),
+            take_ahead: take_ahead(options.max_buffered_events),
         });
         let lane = LaneTask {
             producer: self.shared.producer.clone(),
@@ -913,13 +972,27 @@ struct LaneShared {
     shipping: AtomicBool,
     wake: Notify,
     failures: Failures,
+    /// The buffered producer's slots, which [`add_prepaid`](Self::add_prepaid) takes ahead.
+    buffer: Arc<Semaphore>,
+    /// How many slots it takes at once.
+    take_ahead: usize,
+}
+
+/// How many buffer slots a lane takes at once for the events that reach it through the
+/// round-robin shortcut: a 64th of the buffer, at most 256 (so the one atomic operation on
+/// the buffer's semaphore is shared by that many events, and what a lane holds unused stays
+/// a small part of the buffer).
+fn take_ahead(max_buffered_events: usize) -> usize {
+    (max_buffered_events / 64).clamp(1, 256)
 }
 
 struct LaneState {
     open: EventBatch,
-    /// The open batch's buffer permits, merged into one so shipping releases them with one
-    /// call rather than one per event.
+    /// The buffer permits of the open batch's events and the lane's spare slots, merged into
+    /// one so shipping releases a batch's with one call rather than one per event.
     permits: Option<OwnedSemaphorePermit>,
+    /// How many of `permits` are spare: taken ahead, no event's yet.
+    spare: usize,
     /// The open batch's events (only when the failure callback wants them) and body bytes.
     kept: Kept,
     /// Whether to keep the events.
@@ -968,19 +1041,63 @@ impl LaneShared {
         key: Option<String>,
         permit: OwnedSemaphorePermit,
     ) -> std::result::Result<(), (Event, Option<String>, OwnedSemaphorePermit)> {
-        let mut state = self.lock();
+        let state = self.lock();
         if state.closed {
             return Err((event, key, permit));
         }
+        self.add_locked(state, event, key, Some(permit));
+        Ok(())
+    }
+
+    /// Like [`add`](Self::add), on one of the lane's spare slots, taking more ahead when it
+    /// has none ([`take_ahead`]); hands the event back when the lane has ended, or holds no
+    /// slot and none is free.
+    fn add_prepaid(&self, event: Event) -> std::result::Result<(), Event> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(event);
+        }
+        if state.spare == 0 {
+            let want = self.take_ahead.min(self.buffer.available_permits());
+            let Ok(taken) = u32::try_from(want) else {
+                return Err(event);
+            };
+            if taken == 0 {
+                return Err(event);
+            }
+            let Ok(permit) = self.buffer.clone().try_acquire_many_owned(taken) else {
+                return Err(event);
+            };
+            let state = &mut *state;
+            match &mut state.permits {
+                Some(held) => held.merge(permit),
+                None => state.permits = Some(permit),
+            }
+            state.spare = want;
+        }
+        self.add_locked(state, event, None, None);
+        Ok(())
+    }
+
+    /// Encodes `event` into the open batch under `state`'s lock, on `permit`'s slot or (None)
+    /// a spare one.
+    fn add_locked(
+        &self,
+        mut state: std::sync::MutexGuard<'_, LaneState>,
+        event: Event,
+        key: Option<String>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         // A first event starts the linger time: the task arms it.
         let mut wake = state.open.is_empty();
         loop {
             match state.open.add_keyed(&event, key.as_deref()) {
                 Ok(()) => {
                     let state = &mut *state;
-                    match &mut state.permits {
-                        Some(held) => held.merge(permit),
-                        None => state.permits = Some(permit),
+                    match (permit, &mut state.permits) {
+                        (Some(permit), Some(held)) => held.merge(permit),
+                        (Some(permit), None) => state.permits = Some(permit),
+                        (None, _) => state.spare -= 1,
                     }
                     state.kept.body_bytes += event.body().len() as u64;
                     if state.keep {
@@ -995,6 +1112,7 @@ impl LaneShared {
                     wake = true;
                 }
                 Err(Rejection::TooLarge) => {
+                    // Its slot goes back: `permit` dropped, or a spare one left spare.
                     drop(state);
                     let len = event.body().len();
                     let kept = Kept {
@@ -1010,7 +1128,7 @@ impl LaneShared {
                             format!("an event with a {len}-byte body exceeds the batch size limit"),
                         ),
                     );
-                    return Ok(());
+                    return;
                 }
             }
         }
@@ -1018,7 +1136,6 @@ impl LaneShared {
         if wake {
             self.wake.notify_one();
         }
-        Ok(())
     }
 }
 
@@ -1032,12 +1149,41 @@ impl LaneState {
         all
     }
 
+    /// Gives the spare slots back to the buffer.
+    fn return_spare(&mut self) {
+        if self.spare == 0 {
+            return;
+        }
+        if let Some(held) = &mut self.permits {
+            if held.num_permits() == self.spare {
+                self.permits = None;
+            } else {
+                drop(held.split(self.spare));
+            }
+        }
+        self.spare = 0;
+    }
+
+    /// The open batch's permits, split off the spare ones.
+    fn take_open_permits(&mut self) -> Option<OwnedSemaphorePermit> {
+        if self.spare == 0 {
+            return self.permits.take();
+        }
+        let held = self.permits.as_mut()?;
+        let events = held.num_permits() - self.spare;
+        if events == 0 {
+            None
+        } else {
+            held.split(events)
+        }
+    }
+
     /// The open batch and what goes with it, replaced by an empty one.
     fn take_open(&mut self) -> Filled {
         let empty = self.open.empty_like();
         Filled {
+            permits: self.take_open_permits(),
             batch: std::mem::replace(&mut self.open, empty),
-            permits: self.permits.take(),
             kept: std::mem::take(&mut self.kept),
         }
     }
@@ -1193,6 +1339,7 @@ impl LaneTask {
         let last = {
             let mut state = shared.lock();
             state.closed = true;
+            state.return_spare();
             state.take_all()
         };
         for filled in last {

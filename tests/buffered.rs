@@ -216,6 +216,57 @@ async fn the_buffer_is_bounded() {
     assert_eq!(hub.events(HUB).len(), 101);
 }
 
+/// Round-robin events take their buffer slots a few at a time (a lane holds some ahead); a
+/// caller who finds the buffer otherwise full gets the unused ones back at once, rather than
+/// the round-robin batch being shipped early to make room, and `Busy` means every slot holds
+/// an event.
+#[tokio::test]
+async fn slots_a_lane_holds_ahead_go_to_whoever_needs_them() {
+    let (hub, producer) = setup(8).await;
+    let buffered = BufferedProducer::new(
+        producer,
+        BufferedOptions::new()
+            .max_buffered_events(1000)
+            .linger(Duration::from_secs(600)),
+    );
+    for i in 0..995u32 {
+        buffered
+            .try_enqueue(Event::new(i.to_be_bytes().to_vec()), SendOptions::new())
+            .await
+            .unwrap();
+    }
+    for i in 0..5u8 {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            buffered.enqueue(Event::new(vec![i]), SendOptions::new().partition_id("2")),
+        )
+        .await
+        .expect("a free slot, not a wait")
+        .unwrap();
+    }
+    let err = buffered
+        .try_enqueue(Event::new(b"one too many".to_vec()), SendOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert_eq!(
+        hub.events(HUB).len(),
+        0,
+        "nothing shipped before its linger to make room"
+    );
+    let report = buffered.close().await;
+    assert_eq!(report.sent, 1000);
+    let stored = hub.events(HUB);
+    assert_eq!(stored.len(), 1000);
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|e| e.partition == 2 && e.body.len() == 1)
+            .count(),
+        5
+    );
+}
+
 #[tokio::test]
 async fn close_within_a_deadline_reports_what_is_still_pending() {
     let (hub, producer) = setup(8).await;
