@@ -403,8 +403,12 @@ struct PartitionLanes {
 
 impl PartitionLanes {
     fn get(&self, ids: &Arc<[String]>, at: usize) -> Option<Arc<LaneShared>> {
+        self.get_ref(ids, at).cloned()
+    }
+
+    fn get_ref(&self, ids: &Arc<[String]>, at: usize) -> Option<&Arc<LaneShared>> {
         match &self.ids {
-            Some(known) if Arc::ptr_eq(known, ids) => self.lanes.get(at)?.clone(),
+            Some(known) if Arc::ptr_eq(known, ids) => self.lanes.get(at)?.as_ref(),
             _ => None,
         }
     }
@@ -528,14 +532,18 @@ impl BufferedProducer {
 
     /// [`enqueue`](Self::enqueue) when `wait`, else [`try_enqueue`](Self::try_enqueue).
     async fn admit(&self, event: Event, options: SendOptions, wait: bool) -> Result<()> {
-        // The common case: a round-robin event into the last lane, on a slot it holds.
-        let event = if options.is_round_robin() {
+        // The common cases: a round-robin event into the last lane, or a keyed one into its
+        // partition's, on a slot the lane holds.
+        let (event, options) = if options.is_round_robin() {
             match self.add_round_robin_prepaid(event) {
                 Ok(()) => return Ok(()),
-                Err(event) => event,
+                Err(event) => (event, options),
             }
         } else {
-            event
+            match self.add_keyed_prepaid(event, options) {
+                Ok(()) => return Ok(()),
+                Err(handed_back) => handed_back,
+            }
         };
         // A free slot is taken without the waiting future.
         let permit = match self.shared.buffer.clone().try_acquire_owned() {
@@ -586,10 +594,52 @@ impl BufferedProducer {
         if !key.is_round_robin() {
             return Err(event);
         }
-        lane.add_prepaid(event)?;
+        lane.add_prepaid(event, None).map_err(|(event, _)| event)?;
         drop(recent);
         self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Like [`add_round_robin_prepaid`](Self::add_round_robin_prepaid) for an event with a
+    /// partition key resolved on the client, when its partition's lane is known: the event
+    /// and its key go into that lane on a slot it holds. Hands both back otherwise.
+    #[allow(clippy::result_large_err)]
+    fn add_keyed_prepaid(
+        &self,
+        event: Event,
+        options: SendOptions,
+    ) -> std::result::Result<(), (Event, SendOptions)> {
+        if self.shared.closed.load(Ordering::Acquire) || !self.shared.options.resolve_partition_keys
+        {
+            return Err((event, options));
+        }
+        let Some(key) = options.key_only() else {
+            return Err((event, options));
+        };
+        let Resolved::Partition(ids, at) = self.shared.keys.lookup(&self.shared.producer, key)
+        else {
+            return Err((event, options));
+        };
+        // The partition shortcut's lock, then the lane's (the one order both are taken in).
+        let by_partition = self.by_partition();
+        let Some(lane) = by_partition.get_ref(&ids, at) else {
+            return Err((event, options));
+        };
+        let (key, _) = options.into_route();
+        match lane.add_prepaid(event, key) {
+            Ok(()) => {
+                drop(by_partition);
+                self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err((event, key)) => {
+                let options = match key {
+                    Some(key) => SendOptions::new().partition_key(key),
+                    None => SendOptions::new(),
+                };
+                Err((event, options))
+            }
+        }
     }
 
     /// Returns the buffer slots that lanes took ahead and hold unused
@@ -1047,21 +1097,26 @@ impl LaneShared {
     /// Like [`add`](Self::add), on one of the lane's spare slots, taking more ahead when it
     /// has none ([`take_ahead`]); hands the event back when the lane has ended, or holds no
     /// slot and none is free.
-    fn add_prepaid(&self, event: Event) -> std::result::Result<(), Event> {
+    #[allow(clippy::result_large_err)]
+    fn add_prepaid(
+        &self,
+        event: Event,
+        key: Option<String>,
+    ) -> std::result::Result<(), (Event, Option<String>)> {
         let mut state = self.lock();
         if state.closed {
-            return Err(event);
+            return Err((event, key));
         }
         if state.spare == 0 {
             let want = self.take_ahead.min(self.buffer.available_permits());
             let Ok(taken) = u32::try_from(want) else {
-                return Err(event);
+                return Err((event, key));
             };
             if taken == 0 {
-                return Err(event);
+                return Err((event, key));
             }
             let Ok(permit) = self.buffer.clone().try_acquire_many_owned(taken) else {
-                return Err(event);
+                return Err((event, key));
             };
             let state = &mut *state;
             match &mut state.permits {
@@ -1070,7 +1125,7 @@ impl LaneShared {
             }
             state.spare = want;
         }
-        self.add_locked(state, event, None, None);
+        self.add_locked(state, event, key, None);
         Ok(())
     }
 

@@ -259,6 +259,14 @@ impl SendOptions {
         (self.route.partition_key, self.route.partition_id)
     }
 
+    /// The partition key, when it is the only route given.
+    pub(crate) fn key_only(&self) -> Option<&str> {
+        match &self.route.partition_id {
+            Some(_) => None,
+            None => self.route.partition_key.as_deref(),
+        }
+    }
+
     /// Neither a partition key nor a partition id: round robin.
     pub(crate) fn is_round_robin(&self) -> bool {
         self.route.partition_key.is_none() && self.route.partition_id.is_none()
