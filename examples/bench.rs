@@ -842,6 +842,17 @@ fn excl_stalls(j: &Value) -> Option<f64> {
         .filter(|x| x.is_finite() && *x > 0.0 && *x <= raw * 10.0)
 }
 
+/// Logs to stderr: what RUST_LOG chooses when set (`hubsend::amqp::window=debug` shows the
+/// in-flight window's decisions), else `default`.
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() {
     let args = Args::parse();
     if args.get("child") == Some("cli") {
@@ -852,12 +863,8 @@ fn main() {
         return;
     }
     if args.get("child").is_some() {
-        if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::io::stderr)
-                .try_init();
-        }
+        // Silent unless RUST_LOG asks (the parent shows what a child logs).
+        init_logs("off");
         if let Err(e) = run_child(&args) {
             eprintln!("error: {e}");
             std::process::exit(1);
@@ -869,14 +876,8 @@ fn main() {
         return;
     }
     // The delay proxies run in this process and warn through `tracing` (an upstream they
-    // cannot reach): to stderr, as the bench's own notes. RUST_LOG, when set, chooses instead
-    // (`hubsend::amqp::window=debug` shows the in-flight window's probes).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("hubsend_testhub=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    // cannot reach): to stderr, as the bench's own notes.
+    init_logs("hubsend_testhub=warn");
 
     let events = args.num("events", 2_000_000);
     let single_events = args.num("single-events", (events / 4).max(1));

@@ -644,21 +644,20 @@ impl BufferedProducer {
 
     /// Returns the buffer slots that lanes took ahead and hold unused
     /// ([`LaneShared::add_prepaid`]), so a caller about to wait for a slot does not wait
-    /// for slots nobody fills.
-    async fn return_spare_slots(&self) {
-        for lane in self.open_lanes().await {
+    /// for slots nobody fills. Returns the lanes open now.
+    async fn return_spare_slots(&self) -> Vec<Arc<LaneShared>> {
+        let lanes: Vec<Arc<LaneShared>> = {
+            let lanes = self.shared.lanes.lock().await;
+            lanes
+                .open
+                .values()
+                .map(|lane| lane.shared.clone())
+                .collect()
+        };
+        for lane in &lanes {
             lane.lock().return_spare();
         }
-    }
-
-    /// The lanes open now.
-    async fn open_lanes(&self) -> Vec<Arc<LaneShared>> {
-        let lanes = self.shared.lanes.lock().await;
         lanes
-            .open
-            .values()
-            .map(|lane| lane.shared.clone())
-            .collect()
     }
 
     /// Without an await: a round-robin event while the last route was round robin too goes
@@ -694,11 +693,10 @@ impl BufferedProducer {
     /// fullest open batch is sealed and shipped now. While a lane ships, its permits come back
     /// without help, and nothing is sealed early.
     async fn unblock_full_buffer(&self) {
-        self.return_spare_slots().await;
+        let lanes = self.return_spare_slots().await;
         if self.shared.buffer.available_permits() > 0 {
             return;
         }
-        let lanes = self.open_lanes().await;
         let mut open = 0;
         let mut fullest: Option<(usize, &Arc<LaneShared>)> = None;
         for lane in &lanes {
@@ -894,7 +892,6 @@ impl BufferedProducer {
                 keep: failures.keeps_events(),
                 open: first,
                 permits: None,
-                spare: 0,
                 kept: Kept::default(),
                 sealed: VecDeque::new(),
                 closed: false,
@@ -1023,8 +1020,8 @@ struct LaneShared {
     take_ahead: usize,
 }
 
-/// How many buffer slots a lane takes at once for the events that reach it through the
-/// round-robin shortcut: a 64th of the buffer, at most 256 (so the one atomic operation on
+/// How many buffer slots a lane takes at once for the events that reach it through a
+/// shortcut (round robin, or a key resolved to a known partition's lane): a 64th of the buffer, at most 256 (so the one atomic operation on
 /// the buffer's semaphore is shared by that many events, and what a lane holds unused stays
 /// a small part of the buffer).
 fn take_ahead(max_buffered_events: usize) -> usize {
@@ -1033,11 +1030,10 @@ fn take_ahead(max_buffered_events: usize) -> usize {
 
 struct LaneState {
     open: EventBatch,
-    /// The buffer permits of the open batch's events and the lane's spare slots, merged into
-    /// one so shipping releases a batch's with one call rather than one per event.
+    /// The buffer permits of the open batch's events (one each) and the lane's spare slots
+    /// (the rest: taken ahead, no event's yet), merged into one so shipping releases a
+    /// batch's with one call rather than one per event.
     permits: Option<OwnedSemaphorePermit>,
-    /// How many of `permits` are spare: taken ahead, no event's yet.
-    spare: usize,
     /// The open batch's events (only when the failure callback wants them) and body bytes.
     kept: Kept,
     /// Whether to keep the events.
@@ -1107,7 +1103,7 @@ impl LaneShared {
         if state.closed {
             return Err((event, key));
         }
-        if state.spare == 0 {
+        if state.spare() == 0 {
             let want = self.take_ahead.min(self.buffer.available_permits());
             let Ok(taken) = u32::try_from(want) else {
                 return Err((event, key));
@@ -1118,12 +1114,7 @@ impl LaneShared {
             let Ok(permit) = self.buffer.clone().try_acquire_many_owned(taken) else {
                 return Err((event, key));
             };
-            let state = &mut *state;
-            match &mut state.permits {
-                Some(held) => held.merge(permit),
-                None => state.permits = Some(permit),
-            }
-            state.spare = want;
+            state.hold(permit);
         }
         self.add_locked(state, event, key, None);
         Ok(())
@@ -1144,10 +1135,9 @@ impl LaneShared {
             match state.open.add_keyed(&event, key.as_deref()) {
                 Ok(()) => {
                     let state = &mut *state;
-                    match (permit, &mut state.permits) {
-                        (Some(permit), Some(held)) => held.merge(permit),
-                        (Some(permit), None) => state.permits = Some(permit),
-                        (None, _) => state.spare -= 1,
+                    // On a spare slot the event now holds it: nothing to move.
+                    if let Some(permit) = permit {
+                        state.hold(permit);
                     }
                     state.kept.body_bytes += event.body().len() as u64;
                     if state.keep {
@@ -1199,32 +1189,41 @@ impl LaneState {
         all
     }
 
+    /// Adds `permit`'s slots to the lane's.
+    fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.permits {
+            Some(held) => held.merge(permit),
+            None => self.permits = Some(permit),
+        }
+    }
+
+    /// How many slots the lane holds that no event in the open batch does.
+    fn spare(&self) -> usize {
+        self.permits
+            .as_ref()
+            .map_or(0, |held| held.num_permits().saturating_sub(self.open.len()))
+    }
+
     /// Gives the spare slots back to the buffer.
     fn return_spare(&mut self) {
-        if self.spare == 0 {
+        let spare = self.spare();
+        if spare == 0 {
             return;
         }
-        if let Some(held) = &mut self.permits {
-            if held.num_permits() == self.spare {
-                self.permits = None;
-            } else {
-                drop(held.split(self.spare));
-            }
+        match &mut self.permits {
+            Some(held) if held.num_permits() > spare => drop(held.split(spare)),
+            _ => self.permits = None,
         }
-        self.spare = 0;
     }
 
     /// The open batch's permits, split off the spare ones.
     fn take_open_permits(&mut self) -> Option<OwnedSemaphorePermit> {
-        if self.spare == 0 {
+        if self.spare() == 0 {
             return self.permits.take();
         }
-        let held = self.permits.as_mut()?;
-        let events = held.num_permits() - self.spare;
-        if events == 0 {
-            None
-        } else {
-            held.split(events)
+        match self.open.len() {
+            0 => None,
+            events => self.permits.as_mut()?.split(events),
         }
     }
 

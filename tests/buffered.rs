@@ -186,21 +186,33 @@ async fn flush_sends_partial_batches_and_waits() {
     assert_eq!(err.kind(), ErrorKind::Closed);
 }
 
-#[tokio::test]
-async fn the_buffer_is_bounded() {
-    let (hub, producer) = setup(8).await;
+/// A buffered producer holding at most `events`, and `fill` round-robin events (each body
+/// its number, four bytes) put in it with `try_enqueue`.
+async fn bounded(
+    producer: Producer,
+    events: usize,
+    linger: Duration,
+    fill: u32,
+) -> BufferedProducer {
     let buffered = BufferedProducer::new(
         producer,
         BufferedOptions::new()
-            .max_buffered_events(100)
-            .linger(Duration::from_secs(60)),
+            .max_buffered_events(events)
+            .linger(linger),
     );
-    for i in 0..100u8 {
+    for i in 0..fill {
         buffered
-            .try_enqueue(Event::new(vec![i]), SendOptions::new())
+            .try_enqueue(Event::new(i.to_be_bytes().to_vec()), SendOptions::new())
             .await
             .unwrap();
     }
+    buffered
+}
+
+#[tokio::test]
+async fn the_buffer_is_bounded() {
+    let (hub, producer) = setup(8).await;
+    let buffered = bounded(producer, 100, Duration::from_secs(60), 100).await;
     let err = buffered
         .try_enqueue(Event::new(b"one too many".to_vec()), SendOptions::new())
         .await
@@ -223,18 +235,7 @@ async fn the_buffer_is_bounded() {
 #[tokio::test]
 async fn slots_a_lane_holds_ahead_go_to_whoever_needs_them() {
     let (hub, producer) = setup(8).await;
-    let buffered = BufferedProducer::new(
-        producer,
-        BufferedOptions::new()
-            .max_buffered_events(1000)
-            .linger(Duration::from_secs(600)),
-    );
-    for i in 0..995u32 {
-        buffered
-            .try_enqueue(Event::new(i.to_be_bytes().to_vec()), SendOptions::new())
-            .await
-            .unwrap();
-    }
+    let buffered = bounded(producer, 1000, Duration::from_secs(600), 995).await;
     for i in 0..5u8 {
         tokio::time::timeout(
             Duration::from_secs(10),
