@@ -229,6 +229,10 @@ struct KeyRouter {
     refreshing: std::sync::atomic::AtomicBool,
     /// Lookups so far: the ids' age is checked on every [`AGE_CHECK_EVERY`]th, not on each.
     lookups: AtomicU64,
+    /// Bumped (under `known`'s write lock, after it changed) whenever `known` is replaced, so
+    /// [`PartitionLanes`] can tell without a lock whether the ids it holds are still the ones
+    /// keys resolve over.
+    generation: AtomicU64,
 }
 
 /// How many key lookups share one look at the clock for the ids' age.
@@ -268,7 +272,13 @@ impl KeyRouter {
                 read_at: Instant::now(),
                 fixed,
             });
+            self.generation.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// The current [`generation`](Self::generation).
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The partition `key` goes to, or `None` when the partition ids are not available (read
@@ -300,11 +310,23 @@ impl KeyRouter {
         let Some(known) = known.as_ref() else {
             return Resolved::Unknown;
         };
+        if self
+            .lookups
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(AGE_CHECK_EVERY)
+        {
+            self.refresh_if_old(producer, known);
+        }
+        match &known.ids {
+            Some(ids) => Resolved::Partition(ids.clone(), partition_for_key(key, ids.len())),
+            None => Resolved::Hub,
+        }
+    }
+
+    /// Starts a re-read of the ids in the background when they are older than
+    /// [`PARTITION_REFRESH`] (and may change) and none runs yet.
+    fn refresh_if_old(self: &Arc<Self>, producer: &Producer, known: &Known) {
         if !known.fixed
-            && self
-                .lookups
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(AGE_CHECK_EVERY)
             && known.read_at.elapsed() >= PARTITION_REFRESH
             && !self.refreshing.swap(true, Ordering::Relaxed)
         {
@@ -314,9 +336,15 @@ impl KeyRouter {
                 router.refreshing.store(false, Ordering::Relaxed);
             });
         }
-        match &known.ids {
-            Some(ids) => Resolved::Partition(ids.clone(), partition_for_key(key, ids.len())),
-            None => Resolved::Hub,
+    }
+
+    /// [`refresh_if_old`](Self::refresh_if_old) for a caller that resolved a key without
+    /// [`lookup`](Self::lookup).
+    fn check_age(self: &Arc<Self>, producer: &Producer) {
+        if let Ok(known) = self.known.read() {
+            if let Some(known) = known.as_ref() {
+                self.refresh_if_old(producer, known);
+            }
         }
     }
 
@@ -359,6 +387,7 @@ impl KeyRouter {
             read_at: Instant::now(),
             fixed: false,
         });
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -394,26 +423,67 @@ impl RouteKey {
 }
 
 /// The lanes of the partitions keys resolved to, by index into the ids they were resolved
-/// with; new ids (a re-read) start it afresh.
-#[derive(Default)]
-struct PartitionLanes {
+/// with; new ids (a re-read) start it afresh. Generic over the lane only so its tests need
+/// no producer.
+struct PartitionLanes<L = Arc<LaneShared>> {
     ids: Option<Arc<[String]>>,
-    lanes: Vec<Option<Arc<LaneShared>>>,
+    lanes: Vec<Option<L>>,
+    /// The [`KeyRouter`] generation in which `ids` were seen to be the router's: while it is
+    /// still the router's, a key resolves over `ids` here, under this lock, without the
+    /// router's lock or a clone of its ids (`None`: not seen since they were set).
+    verified: Option<u64>,
+    /// Keys resolved here: every [`AGE_CHECK_EVERY`]th checks the ids' age.
+    resolved: u64,
 }
 
-impl PartitionLanes {
-    fn get(&self, ids: &Arc<[String]>, at: usize) -> Option<Arc<LaneShared>> {
+impl<L> Default for PartitionLanes<L> {
+    fn default() -> Self {
+        PartitionLanes {
+            ids: None,
+            lanes: Vec::new(),
+            verified: None,
+            resolved: 0,
+        }
+    }
+}
+
+impl<L: Clone> PartitionLanes<L> {
+    /// The index of the partition `key` goes to, when the ids held here are still the ones
+    /// the router (now at `generation`) resolves over and that partition's lane is known.
+    /// `check_age` is set on every [`AGE_CHECK_EVERY`]th key resolved here.
+    fn resolve(&mut self, key: &str, generation: u64) -> Option<(usize, bool)> {
+        if self.verified != Some(generation) {
+            return None;
+        }
+        let at = partition_for_key(key, self.ids.as_ref()?.len());
+        self.lanes.get(at)?.as_ref()?;
+        self.resolved = self.resolved.wrapping_add(1);
+        Some((at, self.resolved.is_multiple_of(AGE_CHECK_EVERY)))
+    }
+
+    /// Notes that `ids` were the router's in `generation` (read before they were looked up).
+    fn verify(&mut self, ids: &Arc<[String]>, generation: u64) {
+        if self
+            .ids
+            .as_ref()
+            .is_some_and(|known| Arc::ptr_eq(known, ids))
+        {
+            self.verified = Some(generation);
+        }
+    }
+
+    fn get(&self, ids: &Arc<[String]>, at: usize) -> Option<L> {
         self.get_ref(ids, at).cloned()
     }
 
-    fn get_ref(&self, ids: &Arc<[String]>, at: usize) -> Option<&Arc<LaneShared>> {
+    fn get_ref(&self, ids: &Arc<[String]>, at: usize) -> Option<&L> {
         match &self.ids {
             Some(known) if Arc::ptr_eq(known, ids) => self.lanes.get(at)?.as_ref(),
             _ => None,
         }
     }
 
-    fn set(&mut self, ids: &Arc<[String]>, at: usize, lane: Arc<LaneShared>) {
+    fn set(&mut self, ids: &Arc<[String]>, at: usize, lane: L) {
         if !self
             .ids
             .as_ref()
@@ -421,6 +491,7 @@ impl PartitionLanes {
         {
             self.ids = Some(ids.clone());
             self.lanes = vec![None; ids.len()];
+            self.verified = None;
         }
         if let Some(slot) = self.lanes.get_mut(at) {
             *slot = Some(lane);
@@ -616,13 +687,31 @@ impl BufferedProducer {
         let Some(key) = options.key_only() else {
             return Err((event, options));
         };
-        let Resolved::Partition(ids, at) = self.shared.keys.lookup(&self.shared.producer, key)
-        else {
-            return Err((event, options));
-        };
+        let router = &self.shared.keys;
+        let generation = router.generation();
         // The partition shortcut's lock, then the lane's (the one order both are taken in).
-        let by_partition = self.by_partition();
-        let Some(lane) = by_partition.get_ref(&ids, at) else {
+        let mut by_partition = self.by_partition();
+        let at = match by_partition.resolve(key, generation) {
+            Some((at, check_age)) => {
+                if check_age {
+                    router.check_age(&self.shared.producer);
+                }
+                at
+            }
+            None => {
+                drop(by_partition);
+                let Resolved::Partition(ids, at) = router.lookup(&self.shared.producer, key) else {
+                    return Err((event, options));
+                };
+                by_partition = self.by_partition();
+                by_partition.verify(&ids, generation);
+                if by_partition.get_ref(&ids, at).is_none() {
+                    return Err((event, options));
+                }
+                at
+            }
+        };
+        let Some(lane) = by_partition.lanes.get(at).and_then(Option::as_ref) else {
             return Err((event, options));
         };
         let (key, _) = options.into_route();
@@ -1498,4 +1587,61 @@ struct Shipped {
     /// When it was handed to the producer.
     at: Instant,
     flushed: Option<oneshot::Sender<()>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Arc<[String]> {
+        (0..n).map(|i| i.to_string()).collect()
+    }
+
+    /// A key whose partition among `n` is `at`.
+    fn key_for(at: usize, n: usize) -> String {
+        (0..)
+            .map(|i| format!("sensor-{i}"))
+            .find(|k| partition_for_key(k, n) == at)
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_resolve_without_the_router_only_over_ids_verified_in_its_generation() {
+        let mut lanes = PartitionLanes::<&str>::default();
+        let four = ids(4);
+        let key = key_for(2, 4);
+        lanes.set(&four, 2, "lane 2");
+        // Set but never seen to be the router's: the router is asked.
+        assert_eq!(lanes.resolve(&key, 7), None);
+        lanes.verify(&four, 7);
+        assert_eq!(lanes.resolve(&key, 7), Some((2, false)));
+        // A partition without a lane yet.
+        assert_eq!(lanes.resolve(&key_for(1, 4), 7), None);
+        // The router re-read its ids: generation 8.
+        assert_eq!(lanes.resolve(&key, 8), None);
+        // Other ids than those held here verify nothing.
+        let eight = ids(8);
+        lanes.verify(&eight, 8);
+        assert_eq!(lanes.resolve(&key, 8), None);
+        // New ids start afresh, unverified.
+        lanes.set(&eight, partition_for_key(&key, 8), "lane of 8");
+        assert_eq!(lanes.resolve(&key, 8), None);
+        lanes.verify(&eight, 8);
+        assert_eq!(
+            lanes.resolve(&key, 8),
+            Some((partition_for_key(&key, 8), false))
+        );
+    }
+
+    #[test]
+    fn every_256th_key_resolved_without_the_router_checks_the_ids_age() {
+        let mut lanes = PartitionLanes::<&str>::default();
+        let one = ids(1);
+        lanes.set(&one, 0, "lane");
+        lanes.verify(&one, 1);
+        let checks: Vec<usize> = (1..=600)
+            .filter(|_| lanes.resolve("k", 1).unwrap().1)
+            .collect();
+        assert_eq!(checks, [256, 512]);
+    }
 }
