@@ -74,6 +74,36 @@ fn record(i: usize, keys: usize) -> String {
     )
 }
 
+/// CPU seconds (user + system) every thread of process `pid` has had so far, to the
+/// nanosecond: the sum of `/proc/PID/task/*/schedstat`. 0 where that is missing.
+fn task_cpu(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// CPU seconds of this process's waited-for children (`cutime + cstime` of
+/// `/proc/self/stat`, 10 ms clock ticks): what each `hubsend send` run used.
+fn children_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the ")" that closes the command name; cutime and cstime are the 16th and
+    // 17th of proc(5), the 14th and 15th after it.
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0)) / 100.0
+}
+
 /// How [`buffered`] sends each event.
 #[derive(Clone, Copy, PartialEq)]
 enum Sent {
@@ -185,7 +215,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let hub_pid = hub.id();
     let mut best = [0f64; 6];
+    // Per slot, the least client and hub CPU µs per event seen over the rounds.
+    let mut cpu = [(f64::MAX, f64::MAX); 6];
+    let per_event = |seconds: f64| seconds * 1e6 / args.events as f64;
     for round in 0..args.rounds {
         let mut rates = [0f64; 6];
         for (slot, sent) in [
@@ -193,7 +227,13 @@ fn main() {
             (1, Sent::Keyed),
             (4, Sent::SameBytes),
         ] {
+            let (me, hub) = (task_cpu(std::process::id()), task_cpu(hub_pid));
             rates[slot] = runtime.block_on(buffered(&cs, ca.as_deref(), &args, sent));
+            let used = (
+                per_event(task_cpu(std::process::id()) - me),
+                per_event(task_cpu(hub_pid) - hub),
+            );
+            cpu[slot] = (cpu[slot].0.min(used.0), cpu[slot].1.min(used.1));
         }
         if let Some(bin) = &hubsend {
             for (slot, sent) in [
@@ -201,7 +241,13 @@ fn main() {
                 (3, Sent::Keyed),
                 (5, Sent::SameBytes),
             ] {
+                let (me, hub) = (children_cpu(), task_cpu(hub_pid));
                 rates[slot] = cli(bin, &cs, ca_path.as_ref(), &input, sent);
+                let used = (
+                    per_event(children_cpu() - me),
+                    per_event(task_cpu(hub_pid) - hub),
+                );
+                cpu[slot] = (cpu[slot].0.min(used.0), cpu[slot].1.min(used.1));
             }
         }
         println!(
@@ -226,8 +272,11 @@ fn main() {
         if args.tls { "TLS" } else { "plain" },
         args.rounds
     );
-    println!("| mode | round robin | {} keys | ratio |", args.keys);
-    println!("|---|---|---|---|");
+    println!(
+        "| mode | round robin | {} keys | ratio | CPU µs/event, client + hub: rr / keyed / same bytes |",
+        args.keys
+    );
+    println!("|---|---|---|---|---|");
     let rows: &[(&str, usize)] = if hubsend.is_some() {
         &[("BufferedProducer::enqueue", 0), ("hubsend send", 2)]
     } else {
@@ -235,9 +284,14 @@ fn main() {
     };
     for (name, at) in rows {
         let (rr, keyed) = (best[*at], best[at + 1]);
+        let same = if *at == 0 { 4 } else { 5 };
+        let show = |(client, hub): (f64, f64)| format!("{client:.3} + {hub:.3}");
         println!(
-            "| {name} | {rr:.0} | {keyed:.0} | {:.0} % |",
-            100.0 * keyed / rr.max(1.0)
+            "| {name} | {rr:.0} | {keyed:.0} | {:.0} % | {} / {} / {} |",
+            100.0 * keyed / rr.max(1.0),
+            show(cpu[*at]),
+            show(cpu[at + 1]),
+            show(cpu[same])
         );
     }
     // The control: keyed against round robin events of the same size.

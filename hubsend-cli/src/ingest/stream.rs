@@ -195,8 +195,10 @@ struct Run<'a> {
     /// Valid records that never reached the buffer (too large, or refused by it).
     unsent: u64,
     /// The distinct partition keys seen. foldhash, not SipHash: it is looked up once per
-    /// keyed line, and the keys come from the user's own file.
-    keys: HashSet<Box<str>, foldhash::fast::RandomState>,
+    /// keyed line, and the keys come from the user's own file. Keys of up to 24 bytes are
+    /// held in the table itself (`CompactString`), so a look-up reads one place in memory,
+    /// not two.
+    keys: HashSet<compact_str::CompactString, foldhash::fast::RandomState>,
     interrupted: bool,
     /// The input's read error, if reading failed.
     input_error: Option<String>,
@@ -211,19 +213,43 @@ impl Run<'_> {
         });
     }
 
-    /// Where a record goes, or why it has no route.
-    fn route(&mut self, record: &super::record::Record) -> Result<Route, RecordError> {
-        Ok(match &self.options.routing {
-            Routing::RoundRobin => Route::Any,
-            Routing::PartitionKeyField(field) => {
-                let key = record.partition_key(field)?;
-                if !self.keys.contains(key.as_str()) {
-                    self.keys.insert(key.as_str().into());
-                }
-                Route::Key(key)
+    /// Where a record goes, or why it has no route; `key` is its partition key from
+    /// [`partition_keys`](Self::partition_keys) when routing by a field.
+    fn route(&self, key: Option<Result<String, RecordError>>) -> Result<Route, RecordError> {
+        Ok(match (&self.options.routing, key) {
+            (Routing::PartitionKeyField(_), Some(key)) => Route::Key(key?),
+            (Routing::PartitionKeyField(field), None) => {
+                return Err(RecordError::MissingPartitionKey(field.clone()))
             }
-            Routing::PartitionId(id) => Route::Id(id.clone()),
+            (Routing::RoundRobin, _) => Route::Any,
+            (Routing::PartitionId(id), _) => Route::Id(id.clone()),
         })
+    }
+
+    /// When routing by a field: each valid record's partition key (`None` for the other
+    /// lines), with every key not seen before added to [`keys`](Self::keys).
+    ///
+    /// A whole chunk at a time, in two tight loops: a look-up in a set of thousands of keys
+    /// misses the cache, and one per line amid the encoding of its event was the largest
+    /// cost keyed lines had over round robin (~0.08 µs of 0.6 per line with 10,000 keys),
+    /// while a loop of look-ups alone lets the processor wait for several misses at once.
+    fn partition_keys(&mut self, lines: &Lines) -> Vec<Option<Result<String, RecordError>>> {
+        let Routing::PartitionKeyField(field) = &self.options.routing else {
+            return Vec::new();
+        };
+        let keys: Vec<_> = lines
+            .iter()
+            .map(|line| {
+                let record = line.as_ref().ok()?.result.as_ref().ok()?;
+                Some(record.partition_key(field))
+            })
+            .collect();
+        for key in keys.iter().flatten().flatten() {
+            if !self.keys.contains(key.as_str()) {
+                self.keys.insert(compact_str::CompactString::new(key));
+            }
+        }
+        keys
     }
 
     /// Whether `event`'s body is so near the hub's limit that only a real batch can tell if
@@ -259,7 +285,7 @@ impl Run<'_> {
         }
     }
 
-    async fn record(&mut self, parsed: ParsedLine) {
+    async fn record(&mut self, parsed: ParsedLine, key: Option<Result<String, RecordError>>) {
         self.records += 1;
         let ParsedLine { line, raw, result } = parsed;
         let record = match result {
@@ -269,7 +295,7 @@ impl Run<'_> {
                 return self.reject(line, raw.as_deref().unwrap_or_default(), e.to_string());
             }
         };
-        let route = match self.route(&record) {
+        let route = match self.route(key) {
             Ok(route) => route,
             Err(e) => {
                 self.rejected += 1;
@@ -341,9 +367,11 @@ impl Run<'_> {
                 }
                 chunk = input.recv() => {
                     let Some(lines) = chunk else { break };
+                    let mut keys = self.partition_keys(&lines).into_iter();
                     for item in lines {
+                        let key = keys.next().flatten();
                         match item {
-                            Ok(parsed) => self.record(parsed).await,
+                            Ok(parsed) => self.record(parsed, key).await,
                             Err(io) => {
                                 self.interrupted = true;
                                 self.input_error =
