@@ -611,9 +611,9 @@ impl BufferedProducer {
                 Err(event) => (event, options),
             }
         } else {
-            match self.add_keyed_prepaid(event, options) {
+            match self.add_keyed(event, options, ()) {
                 Ok(()) => return Ok(()),
-                Err(handed_back) => handed_back,
+                Err((event, options, ())) => (event, options),
             }
         };
         // A free slot is taken without the waiting future.
@@ -644,7 +644,10 @@ impl BufferedProducer {
                 Err((event, permit)) => self.put(event, options, permit).await,
             };
         }
-        self.put(event, options, permit).await
+        match self.add_keyed(event, options, permit) {
+            Ok(()) => Ok(()),
+            Err((event, options, permit)) => self.put(event, options, permit).await,
+        }
     }
 
     /// The most common case: a round-robin event while the last route was round robin too
@@ -671,21 +674,24 @@ impl BufferedProducer {
         Ok(())
     }
 
-    /// Like [`add_round_robin_prepaid`](Self::add_round_robin_prepaid) for an event with a
-    /// partition key resolved on the client, when its partition's lane is known: the event
-    /// and its key go into that lane on a slot it holds. Hands both back otherwise.
+    /// For an event with a partition key resolved on the client, when its partition's lane is
+    /// known: the event and its key go into that lane, on `slot` (a buffer permit, or `()`
+    /// for one of the slots the lane holds, as
+    /// [`add_round_robin_prepaid`](Self::add_round_robin_prepaid) does). Hands all three
+    /// back otherwise.
     #[allow(clippy::result_large_err)]
-    fn add_keyed_prepaid(
+    fn add_keyed<S: Slot>(
         &self,
         event: Event,
         options: SendOptions,
-    ) -> std::result::Result<(), (Event, SendOptions)> {
+        slot: S,
+    ) -> std::result::Result<(), (Event, SendOptions, S)> {
         if self.shared.closed.load(Ordering::Acquire) || !self.shared.options.resolve_partition_keys
         {
-            return Err((event, options));
+            return Err((event, options, slot));
         }
         let Some(key) = options.key_only() else {
-            return Err((event, options));
+            return Err((event, options, slot));
         };
         let router = &self.shared.keys;
         let generation = router.generation();
@@ -701,32 +707,32 @@ impl BufferedProducer {
             None => {
                 drop(by_partition);
                 let Resolved::Partition(ids, at) = router.lookup(&self.shared.producer, key) else {
-                    return Err((event, options));
+                    return Err((event, options, slot));
                 };
                 by_partition = self.by_partition();
                 by_partition.verify(&ids, generation);
                 if by_partition.get_ref(&ids, at).is_none() {
-                    return Err((event, options));
+                    return Err((event, options, slot));
                 }
                 at
             }
         };
         let Some(lane) = by_partition.lanes.get(at).and_then(Option::as_ref) else {
-            return Err((event, options));
+            return Err((event, options, slot));
         };
         let (key, _) = options.into_route();
-        match lane.add_prepaid(event, key) {
+        match slot.add_to(lane, event, key) {
             Ok(()) => {
                 drop(by_partition);
                 self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err((event, key)) => {
+            Err((event, key, slot)) => {
                 let options = match key {
                     Some(key) => SendOptions::new().partition_key(key),
                     None => SendOptions::new(),
                 };
-                Err((event, options))
+                Err((event, options, slot))
             }
         }
     }
@@ -1090,6 +1096,32 @@ impl BufferedProducer {
         }
         self.shared.buffer.close();
         self.report()
+    }
+}
+
+/// An event and its key that a lane refused, with the slot it came with.
+type Refused<S> = (Event, Option<String>, S);
+
+/// The buffer slot an event takes in a lane: a permit of its own, or `()` for one of the
+/// slots the lane took ahead. Handed back with the event when the lane refuses it.
+trait Slot: Sized {
+    /// Adds `event` with `key` to `lane` on this slot.
+    fn add_to(self, lane: &LaneShared, event: Event, key: Option<String>) -> AddResult<Self>;
+}
+
+/// What [`Slot::add_to`] gives back.
+type AddResult<S> = std::result::Result<(), Refused<S>>;
+
+impl Slot for OwnedSemaphorePermit {
+    fn add_to(self, lane: &LaneShared, event: Event, key: Option<String>) -> AddResult<Self> {
+        lane.add(event, key, self)
+    }
+}
+
+impl Slot for () {
+    fn add_to(self, lane: &LaneShared, event: Event, key: Option<String>) -> AddResult<Self> {
+        let refused = |(event, key)| (event, key, ());
+        lane.add_prepaid(event, key).map_err(refused)
     }
 }
 
