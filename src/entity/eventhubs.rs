@@ -60,12 +60,14 @@ fn lookup3(bytes: &[u8]) -> (u32, u32) {
     (s[2], s[1])
 }
 
-/// Adds up to 12 bytes, little-endian words, missing bytes as zero.
+/// Adds up to 12 bytes, little-endian words, missing bytes as zero: one copy into a zeroed
+/// block, then three fixed-size loads (per-word copies of variable length made resolving a
+/// 12-byte key 11.9 ns instead of 9.3).
 fn absorb(s: &mut [u32; 3], bytes: &[u8]) {
-    for (i, word) in bytes.chunks(4).enumerate() {
-        let mut le = [0u8; 4];
-        le[..word.len()].copy_from_slice(word);
-        s[i] = s[i].wrapping_add(u32::from_le_bytes(le));
+    let mut block = [0u8; 12];
+    block[..bytes.len()].copy_from_slice(bytes);
+    for (word, le) in s.iter_mut().zip(block.chunks_exact(4)) {
+        *word = word.wrapping_add(u32::from_le_bytes([le[0], le[1], le[2], le[3]]));
     }
 }
 
@@ -123,6 +125,30 @@ mod tests {
         assert_eq!(partition_for_key("anything", 1), 0);
         for key in ["", "twelve bytes", "thirteen byte", &"k".repeat(100)] {
             assert!(partition_for_key(key, 7) < 7);
+        }
+    }
+
+    #[test]
+    fn lookup3_matches_its_reference_values() {
+        // lookup3.c's own driver: hashlittle("Four score and seven years ago", 0) =
+        // 0x17770551, which is hashlittle2's first half; the empty key leaves the start.
+        assert_eq!(lookup3(b"Four score and seven years ago").0, 0x1777_0551);
+        assert_eq!(lookup3(b""), (0xdead_beef, 0xdead_beef));
+        // Both halves, over keys of 1 to 100 bytes (across the 12-byte blocks), as
+        // computed before `absorb` was rewritten.
+        let k100 = "k".repeat(100);
+        for (key, halves) in [
+            ("a", (0x58d6_8708, 0x5826_47ac)),
+            ("ünïcödé-kéy", (0xabab_480d, 0x8bcf_56b8)),
+            ("sensor-00042", (0x353f_e92a, 0xdc07_ca7b)),
+            ("twelve bytes", (0x597b_94ce, 0x8dbd_8c80)),
+            ("thirteen byte", (0x4ed7_13f9, 0x3287_d9e6)),
+            ("compressor-7:vibe_x", (0x19bb_4c66, 0x6f6d_8fd5)),
+            ("twenty-four bytes long!!", (0x8fcd_ba5d, 0x9ad3_5926)),
+            ("Four score and seven years ago", (0x1777_0551, 0xce72_26e6)),
+            (k100.as_str(), (0x7685_66c3, 0xc359_deb8)),
+        ] {
+            assert_eq!(lookup3(key.as_bytes()), halves, "{key}");
         }
     }
 
