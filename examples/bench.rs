@@ -132,6 +132,9 @@ impl Args {
 #[path = "common/bodies.rs"]
 mod bodies;
 use bodies::{bodies, closed};
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::{children_cpu_seconds, cpu_seconds, cpu_seconds_precise};
 
 /// `count` distinct NDJSON telemetry lines of `bytes` bytes (longer when the fields alone
 /// are; never cut, so every line stays valid), for `--mode cli`: 291 sensor ids, timestamps
@@ -177,59 +180,6 @@ fn proc_status_kib(field: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process so far.
-fn cpu_seconds() -> f64 {
-    // utime and stime are the 14th and 15th fields.
-    stat_seconds(14, 15)
-}
-
-/// The sum of two clock-tick fields of `/proc/self/stat` (numbered from 1 as in proc(5)), in
-/// seconds (10 ms ticks).
-fn stat_seconds(a: usize, b: usize) -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the ")" that closes the command name, which is the 2nd: the 3rd is first.
-    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(a) + ticks(b)) / 100.0
-}
-
-/// User + system CPU of every thread of this process, in seconds, to the nanosecond: the
-/// sum of `/proc/self/task/*/schedstat` (time on a CPU). [`cpu_seconds`]'s clock ticks
-/// (10 ms) are too coarse for runs of a few hundred ms of CPU. Falls back to it when
-/// schedstat is missing.
-fn cpu_seconds_precise() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return cpu_seconds();
-    };
-    let mut ns = 0u64;
-    let mut any = false;
-    for task in tasks.flatten() {
-        let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue;
-        };
-        if let Some(v) = s
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            ns += v;
-            any = true;
-        }
-    }
-    if any {
-        ns as f64 / 1e9
-    } else {
-        cpu_seconds()
-    }
 }
 
 // Exact, over one timed mode's samples (a bounded run, unlike a `hubsend send` that may go
@@ -495,12 +445,6 @@ async fn child(args: &Args) -> hubsend::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // child: `hubsend send` of an NDJSON file (`--mode cli`)
-
-/// CPU seconds (user + system) of this process's children that have been waited for: the
-/// `cutime` and `cstime` of `/proc/self/stat`, in clock ticks (10 ms).
-fn children_cpu_seconds() -> f64 {
-    stat_seconds(16, 17)
-}
 
 /// `--child cli`: writes `--events` telemetry lines ([`telemetry_lines`], cycled) to a file in
 /// the target directory, runs the release `hubsend send --input FILE --json` on it against

@@ -24,6 +24,15 @@ use std::time::Instant;
 
 use hubsend::{BufferedOptions, BufferedProducer, Event, Producer, SendOptions};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::{children_cpu_seconds, tasks_cpu_seconds};
+
+/// CPU seconds every thread of process `pid` has had so far, 0 where that is unknown.
+fn task_cpu(pid: u32) -> f64 {
+    tasks_cpu_seconds(&pid.to_string()).unwrap_or(0.0)
+}
+
 struct Args {
     events: usize,
     keys: usize,
@@ -72,36 +81,6 @@ fn record(i: usize, keys: usize) -> String {
         i % keys,
         i % 1000
     )
-}
-
-/// CPU seconds (user + system) every thread of process `pid` has had so far, to the
-/// nanosecond: the sum of `/proc/PID/task/*/schedstat`. 0 where that is missing.
-fn task_cpu(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    let ns: u64 = tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    ns as f64 / 1e9
-}
-
-/// CPU seconds of this process's waited-for children (`cutime + cstime` of
-/// `/proc/self/stat`, 10 ms clock ticks): what each `hubsend send` run used.
-fn children_cpu() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the ")" that closes the command name; cutime and cstime are the 16th and
-    // 17th of proc(5), the 14th and 15th after it.
-    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    (f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0)) / 100.0
 }
 
 /// How [`buffered`] sends each event.
@@ -248,10 +227,10 @@ fn main() {
                 (3, Sent::Keyed),
                 (5, Sent::SameBytes),
             ] {
-                let (me, hub) = (children_cpu(), task_cpu(hub_pid));
+                let (me, hub) = (children_cpu_seconds(), task_cpu(hub_pid));
                 rates[slot] = cli(bin, &cs, ca_path.as_ref(), &input, sent);
                 let used = (
-                    per_event(children_cpu() - me),
+                    per_event(children_cpu_seconds() - me),
                     per_event(task_cpu(hub_pid) - hub),
                 );
                 cpu[slot] = (cpu[slot].0.min(used.0), cpu[slot].1.min(used.1));

@@ -461,15 +461,17 @@ impl<L: Clone> PartitionLanes<L> {
         Some((at, self.resolved.is_multiple_of(AGE_CHECK_EVERY)))
     }
 
-    /// Notes that `ids` were the router's in `generation` (read before they were looked up).
-    fn verify(&mut self, ids: &Arc<[String]>, generation: u64) {
-        if self
+    /// Notes that `ids` were the router's in `generation` (read before they were looked up),
+    /// when they are the ones held here; whether they are.
+    fn verify(&mut self, ids: &Arc<[String]>, generation: u64) -> bool {
+        let held = self
             .ids
             .as_ref()
-            .is_some_and(|known| Arc::ptr_eq(known, ids))
-        {
+            .is_some_and(|known| Arc::ptr_eq(known, ids));
+        if held {
             self.verified = Some(generation);
         }
+        held
     }
 
     fn get(&self, ids: &Arc<[String]>, at: usize) -> Option<L> {
@@ -710,8 +712,8 @@ impl BufferedProducer {
                     return Err((event, options, slot));
                 };
                 by_partition = self.by_partition();
-                by_partition.verify(&ids, generation);
-                if by_partition.get_ref(&ids, at).is_none() {
+                // Its lane is looked up below, among these ids' lanes only.
+                if !by_partition.verify(&ids, generation) {
                     return Err((event, options, slot));
                 }
                 at
