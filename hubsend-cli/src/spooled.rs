@@ -311,8 +311,11 @@ pub(crate) async fn send(
             (None, Some(id)) => Route::partition_id(id.clone()),
             (None, None) => Route::Any,
         };
+        // A key seen before is not copied again (most lines' keys are).
         if let Route::PartitionKey(k) = &route {
-            keys.insert(k.clone());
+            if !keys.contains(k.as_str()) {
+                keys.insert(k.clone());
+            }
         }
         Ok((config.style.apply(record.into_event()), route))
     };

@@ -110,6 +110,31 @@ fn bodies(events: &[StoredEvent]) -> Vec<Value> {
     out
 }
 
+/// Asserts that every event carries a partition key and is stored on the partition the
+/// service's hash gives that key.
+fn assert_on_their_keys_partitions(hub: &TestHub, events: &[StoredEvent]) {
+    for e in events {
+        let key = e.partition_key.as_deref().expect("keyed");
+        assert_eq!(e.partition, hub.partition_for_key(HUB, key), "key {key}");
+    }
+}
+
+/// Runs hubsend with `args` (which name `hub`), expects exit 0, and waits for `count` events
+/// on the hub: the run's `--json` report and the stored events.
+async fn run_to_completion(
+    hub: &TestHub,
+    args: &[&str],
+    count: usize,
+) -> (Value, Vec<StoredEvent>) {
+    let run = hubsend(args, &[], None).await;
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    let events = hub
+        .wait_for_events(HUB, count, Duration::from_secs(10))
+        .await;
+    assert_eq!(events.len(), count);
+    (run.json(), events)
+}
+
 fn sorted(mut values: Vec<Value>) -> Vec<Value> {
     values.sort_by_key(|v| v.to_string());
     values
@@ -409,6 +434,34 @@ async fn partition_key_field_routes_each_record_by_its_key() {
     }
     let partitions: std::collections::BTreeSet<u32> = events.iter().map(|e| e.partition).collect();
     assert!(partitions.len() > 1, "40 keys all hashed to one partition?");
+
+    // Through a spool the same: each record on its key's partition, the distinct keys counted.
+    let spooled_hub = TestHub::start(HubConfig::new()).await.unwrap();
+    let spool = dir.join("spool");
+    let (report, events) = run_to_completion(
+        &spooled_hub,
+        &[
+            "send",
+            "--connection-string",
+            &spooled_hub.connection_string(),
+            "--input",
+            &input,
+            "--partition-key-field",
+            "sensor_id",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--json",
+        ],
+        400,
+    )
+    .await;
+    assert_eq!(report["sent"], 400);
+    assert_eq!(report["partition_keys"], 40);
+    assert_on_their_keys_partitions(&spooled_hub, &events);
+    for e in &events {
+        let body: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(e.partition_key.as_deref(), body["sensor_id"].as_str());
+    }
 
     // A numeric field routes by its string form; records without it are rejected.
     let hub2 = TestHub::start(HubConfig::new()).await.unwrap();
@@ -826,7 +879,8 @@ async fn bench_over_https_against_the_local_hub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_against_a_hub_with_partition_keys() {
     let hub = TestHub::start(HubConfig::new()).await.unwrap();
-    let run = hubsend(
+    let (report, events) = run_to_completion(
+        &hub,
         &[
             "bench",
             "--connection-string",
@@ -839,19 +893,12 @@ async fn bench_against_a_hub_with_partition_keys() {
             "8",
             "--json",
         ],
-        &[],
-        None,
+        2000,
     )
     .await;
-    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
-    assert_eq!(run.json()["events"], 2000);
-    let events = hub
-        .wait_for_events(HUB, 2000, Duration::from_secs(10))
-        .await;
-    assert_eq!(events.len(), 2000);
+    assert_eq!(report["events"], 2000);
+    assert_on_their_keys_partitions(&hub, &events);
     for e in &events {
-        let key = e.partition_key.as_deref().expect("keyed");
-        assert_eq!(e.partition, hub.partition_for_key(HUB, key));
         assert!(
             (280..=320).contains(&e.body.len()),
             "body of {} bytes",
