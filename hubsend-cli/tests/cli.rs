@@ -119,6 +119,15 @@ fn assert_on_their_keys_partitions(hub: &TestHub, events: &[StoredEvent]) {
     }
 }
 
+/// [`assert_on_their_keys_partitions`], with each event's key its body's `sensor_id`.
+fn assert_keyed_by_sensor_id(hub: &TestHub, events: &[StoredEvent]) {
+    assert_on_their_keys_partitions(hub, events);
+    for e in events {
+        let body: Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(e.partition_key.as_deref(), body["sensor_id"].as_str());
+    }
+}
+
 /// Runs hubsend with `args` (which name `hub`), expects exit 0, and waits for `count` events
 /// on the hub: the run's `--json` report and the stored events.
 async fn run_to_completion(
@@ -414,12 +423,11 @@ async fn partition_key_field_routes_each_record_by_its_key() {
     assert_eq!(run.json()["partition_keys"], 40);
     let events = hub.wait_for_events(HUB, 400, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 400);
+    assert_keyed_by_sensor_id(&hub, &events);
     let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for e in &events {
         let body: Value = serde_json::from_slice(&e.body).unwrap();
         let key = body["sensor_id"].as_str().unwrap().to_owned();
-        assert_eq!(e.partition_key.as_deref(), Some(key.as_str()));
-        assert_eq!(e.partition, hub.partition_for_key(HUB, &key), "key {key}");
         per_key
             .entry(key)
             .or_default()
@@ -457,11 +465,7 @@ async fn partition_key_field_routes_each_record_by_its_key() {
     .await;
     assert_eq!(report["sent"], 400);
     assert_eq!(report["partition_keys"], 40);
-    assert_on_their_keys_partitions(&spooled_hub, &events);
-    for e in &events {
-        let body: Value = serde_json::from_slice(&e.body).unwrap();
-        assert_eq!(e.partition_key.as_deref(), body["sensor_id"].as_str());
-    }
+    assert_keyed_by_sensor_id(&spooled_hub, &events);
 
     // A numeric field routes by its string form; records without it are rejected.
     let hub2 = TestHub::start(HubConfig::new()).await.unwrap();
@@ -806,12 +810,7 @@ async fn send_over_https_stores_the_records_and_reports_the_transport() {
     assert_eq!(report["sent"], 300, "{report}");
     let events = hub.events(HUB);
     assert_eq!(events.len(), 300);
-    for e in &events {
-        let key = e.partition_key.as_deref().expect("keyed");
-        assert_eq!(e.partition, hub.partition_for_key(HUB, key));
-        let body: Value = serde_json::from_slice(&e.body).unwrap();
-        assert_eq!(body["sensor_id"], key);
-    }
+    assert_keyed_by_sensor_id(&hub, &events);
     assert!(hub.rest_stats().created >= 5, "{:?}", hub.rest_stats());
     assert_eq!(hub.stats().deliveries_accepted, 0, "nothing went over AMQP");
     // The endpoint's scheme implies the transport; a different --transport is a usage error.
