@@ -48,7 +48,7 @@ use crate::retry::RetryOptions;
 /// | setting | default |
 /// |---|---|
 /// | [`max_in_flight`](Self::max_in_flight) | 1024 batches |
-/// | [`max_in_flight_bytes`](Self::max_in_flight_bytes) | a window from 8 MiB to 16 MiB |
+/// | [`max_in_flight_bytes`](Self::max_in_flight_bytes) | a window from 2 MiB to 16 MiB |
 /// | [`max_pending_sends`](Self::max_pending_sends) | 65,536 single sends |
 /// | [`token_lifetime`](Self::token_lifetime) | 1 hour (SAS keys) |
 /// | [`connect_timeout`](Self::connect_timeout) | 30 s |
@@ -79,7 +79,11 @@ pub struct ProducerOptions {
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = crate::entity::eventhubs::MAX_MESSAGE_SIZE;
 
 /// The in-flight byte window's start (see [`ProducerOptions::max_in_flight_bytes`]).
-const START_WINDOW: usize = 8 * 1024 * 1024;
+const START_WINDOW: usize = 2 * 1024 * 1024;
+
+/// The deliveries a link keeps awaiting their outcome before single sends gather, counted in
+/// largest messages (see [`ProducerOptions::max_pending_sends`]).
+const SINGLE_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Default for ProducerOptions {
     fn default() -> Self {
@@ -119,9 +123,12 @@ impl ProducerOptions {
 
     /// How many deliveries a link keeps awaiting their outcome before the single sends behind
     /// them wait and gather into one message: as many full messages of `max_message_size` as
-    /// the byte bound holds (at least 2, so sends still overlap a round trip).
+    /// 8 MiB (or a smaller byte bound) holds, at least 2 so sends still overlap a round trip.
+    /// Not the window's start: single sends' deliveries are mostly small, and their bytes are
+    /// bounded by the window anyway.
     pub(crate) fn single_window(&self, max_message_size: u64) -> usize {
-        let full = self.start_window() as u64 / max_message_size.max(1);
+        let bytes = SINGLE_WINDOW_BYTES.min(self.max_in_flight_bytes as u64);
+        let full = bytes / max_message_size.max(1);
         full.clamp(2, 1024) as usize
     }
 
@@ -142,10 +149,10 @@ impl ProducerOptions {
     ///
     /// The sends queued on a link while it waits for the hub leave together, packed into as
     /// few deliveries as the message size allows; this bound is how many may wait that way.
-    /// A link waits while as many deliveries await their outcome as the in-flight window
-    /// (see [`max_in_flight_bytes`](Self::max_in_flight_bytes)) holds messages of the largest
-    /// size (at least 2; 8 at its start): a lone send leaves at once, and sends under load travel
-    /// together in full messages instead of one small delivery each.
+    /// A link waits while as many deliveries await their outcome as 8 MiB holds messages of
+    /// the largest size (8 of 1 MB; a smaller [`max_in_flight_bytes`](Self::max_in_flight_bytes)
+    /// fewer, at least 2; a window grown past 8 MiB more): a lone send leaves at once, and sends
+    /// under load travel together in full messages instead of one small delivery each.
     ///
     /// An [idempotent](Self::idempotent) producer's single sends count against
     /// [`max_in_flight`](Self::max_in_flight) instead, each send one: on an idempotent link
@@ -160,15 +167,16 @@ impl ProducerOptions {
     /// At most this many encoded bytes await the hub's outcome at once (never less than one
     /// maximum-size message): a fixed bound.
     ///
-    /// Unset, the bound is a window that follows bandwidth × round trip: it starts at 8 MiB
-    /// and, over AMQP, grows toward 16 MiB when one and a half times the best rate the hub
-    /// accepted deliveries at, times the shortest round trip a delivery took, exceeds it. Near the
-    /// hub (a few milliseconds) it stays at its start; 20 ms away it grows to 16 MiB.
+    /// Unset, the bound is a window that follows bandwidth × round trip: it starts at 2 MiB
+    /// and, over AMQP, grows by half, at most once per round trip, toward 16 MiB while it is
+    /// full and deliveries come back within twice the shortest round trip (their bytes on the
+    /// way, not waiting in a queue). Near the hub deliveries queue for the hub's CPU once two or
+    /// three are in flight, so it stays at its start; 20 ms away it grows to 16 MiB.
     /// [`Producer::stats`] tells its size.
     ///
     /// Resident memory grows by about 3 to 4 bytes per byte of the window: the producer keeps
-    /// each unsettled delivery for resending, and fe2o3 keeps its encoding. At 8 MiB a
-    /// full-speed producer holds near 50 MB; at 16 MiB near 75-85 MB. Set this bound to
+    /// each unsettled delivery for resending, and fe2o3 keeps its encoding. At 2 MiB a
+    /// full-speed producer holds near 30-40 MB; at 16 MiB near 75-85 MB. Set this bound to
     /// keep memory where you want it, or to go past 16 MiB where bandwidth × round trip is
     /// larger still (or for large events: 32 MiB took 1 KiB batches from ~0.5M to ~0.9M
     /// events/s near the hub).
@@ -872,10 +880,12 @@ impl Pipeline {
     /// [`ProducerOptions::max_in_flight_bytes`]).
     fn grow_with(&self, engine: &Engine, options: &ProducerOptions, max_message_size: u64) {
         let (start, ceiling) = Self::byte_bounds(options, max_message_size);
-        engine
-            .counters
-            .window
-            .attach(self.bytes.clone(), start as u64, ceiling as u64);
+        engine.counters.window.attach(
+            self.bytes.clone(),
+            start as u64,
+            ceiling as u64,
+            max_message_size,
+        );
     }
 
     /// Queues a caller's batch on `link` as one delivery, as it was built.

@@ -52,8 +52,6 @@ pub(crate) struct Pending {
     /// Its numbers were fixed by the caller (`Producer::send_batch_numbered`): never
     /// renumbered; failed instead where they would have to be.
     fixed: bool,
-    /// The connection's accepted bytes when it was last sent (see `Window::accepted`).
-    delivered_at_send: super::window::Delivered,
 }
 
 impl Pending {
@@ -318,11 +316,9 @@ impl LinkTask {
         if let Some(entry) = self.ledger.settle(id) {
             if result.is_ok() {
                 self.fruitless = 0;
-                self.counters.window.accepted(
-                    entry.payload.sections.size(),
-                    (entry.last_sent, entry.payload.delivered_at_send),
-                    Instant::now(),
-                );
+                self.counters
+                    .window
+                    .accepted(entry.last_sent, Instant::now());
             }
             self.on_settled(id, &entry.payload, result.is_ok());
             self.counters.settle(entry.payload.waiters, result);
@@ -644,9 +640,6 @@ impl LinkTask {
         match result {
             Ok(fut) => {
                 self.ledger.sent(id, Instant::now());
-                if let Some(entry) = self.ledger.get_mut(id) {
-                    entry.payload.delivered_at_send = self.counters.window.delivered();
-                }
                 self.outcomes.push(Tagged { id, fut });
                 Ok(())
             }
@@ -673,7 +666,6 @@ impl LinkTask {
             known_stored: false,
             ticket: 0,
             fixed: fixed.is_some(),
-            delivered_at_send: Default::default(),
         };
         if let Some((seq, _)) = self.idem.as_mut() {
             if pending.sections.is_stamped() {

@@ -1,7 +1,8 @@
-//! The in-flight byte window of one AMQP producer: it starts at a size that keeps a producer
-//! near its hub in a few tens of MB, and grows toward the configured ceiling when the hub is
-//! far, by the bandwidth-delay product its own deliveries show (so a long round trip does not
-//! cap throughput at window / round trip, and a near hub does not pay the memory).
+//! The in-flight byte window of one AMQP producer: it starts small, so a producer near its hub
+//! holds a few MB of deliveries, and grows toward the configured ceiling only while the window
+//! is what limits it: every byte permit in use, and deliveries coming back about as fast as the
+//! fastest one ever did (no queue building anywhere), which is what a far hub looks like and a
+//! hub short of CPU does not.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -11,49 +12,48 @@ use tokio::time::Instant;
 
 use tokio::sync::Semaphore;
 
-/// How much more than the measured bandwidth-delay product the window holds: a delivery's
-/// outcome comes only after its last byte reached the hub and was stored, so the pipe holds
-/// both the bytes on the way and the ones being stored.
+/// How much longer than the shortest round trip a delivery's may be while the window still
+/// grows. A full window whose deliveries come back in about the shortest trip is the limit
+/// (its bytes are on the wire, not in a queue): it grows. Once deliveries wait in a queue (at
+/// the hub, or for a CPU both share) the trips lengthen and it stops, since more bytes in
+/// flight would only queue too.
 ///
-/// With a full window the round trip is about window / rate, so the window grows whenever
-/// the shortest trip is more than 1 / HEADROOM of the typical one. A hub far away keeps its
-/// trips near their shortest and grows it; a near hub short of CPU (sharing two cores with
-/// `hubsend send`'s three busy threads) made trips of 20-40 ms all of queueing, and at 2.0
-/// grew the window to 10-16 MiB in half the runs (peak RSS 60-94 MB) for no gain. At 1.5
-/// it stays at 8 MiB there (52-58 MB over 6 runs), and 20 ms away batches still reach
-/// 89-93 % of their loopback rate (bench, TLS).
-const HEADROOM: f64 = 1.5;
+/// Near a hub that stores one delivery after the other, a delivery's trip is about as many
+/// storing times as deliveries are ahead of it, so the window stops at two or three largest
+/// messages. 20 ms away (TLS, the bench), trips stay near the shortest until about 10 MiB
+/// and reach 1.5 times it there, where batches run at about 75 % of their loopback rate, so
+/// the bound sits past that.
+const QUEUE_FACTOR: f64 = 2.0;
+
+/// How much the window grows at a time: once per round trip, so each decision is made on a
+/// delivery sent after the last growth.
+const GROWTH: f64 = 1.5;
 
 /// See the module docs. One per connection, shared by its link tasks (which report each
 /// accepted delivery) and the producer's pipeline (whose byte budget it grows).
 #[derive(Default)]
 pub(crate) struct Window {
-    /// The pipeline's byte budget and its ceiling, once the producer made it.
-    budget: OnceLock<(Arc<Semaphore>, u64)>,
+    /// The pipeline's byte budget, its ceiling, and the largest message (fewer free permits
+    /// than that means the window is full).
+    budget: OnceLock<Budget>,
     /// Bytes the budget holds now: read on every turn of a link task's loop, so kept out of
     /// the lock (written under it).
     granted: AtomicU64,
     state: Mutex<WindowState>,
 }
 
-/// The bytes of the deliveries a connection's hub accepted so far, and when it accepted the
-/// last of them (a link notes it when it sends a delivery).
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Delivered {
-    bytes: u64,
-    at: Option<Instant>,
+struct Budget {
+    permits: Arc<Semaphore>,
+    ceiling: u64,
+    largest: u64,
 }
 
 #[derive(Default)]
 struct WindowState {
-    /// Bytes of the deliveries accepted so far, and when the last was.
-    delivered: Delivered,
     /// The shortest time a delivery took from being sent to being accepted.
     min_rtt: Option<Duration>,
-    /// The best delivery rate seen, in bytes per second: the bytes accepted while one
-    /// delivery was on its way, over the time from the acceptance before it was sent to its
-    /// own (so a burst of outcomes read at once does not count as bandwidth).
-    best_rate: f64,
+    /// When the window last grew: only deliveries sent after it say whether it should again.
+    grew_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Window {
@@ -65,9 +65,15 @@ impl std::fmt::Debug for Window {
 }
 
 impl Window {
-    /// Takes over `budget`, which holds `start` permits now and may grow to `ceiling`.
-    pub(crate) fn attach(&self, budget: Arc<Semaphore>, start: u64, ceiling: u64) {
-        if self.budget.set((budget, ceiling.max(start))).is_ok() {
+    /// Takes over `budget`, which holds `start` permits now and may grow to `ceiling`; the
+    /// window is full when fewer than `largest` (one message of the largest size) are free.
+    pub(crate) fn attach(&self, budget: Arc<Semaphore>, start: u64, ceiling: u64, largest: u64) {
+        let budget = Budget {
+            permits: budget,
+            ceiling: ceiling.max(start),
+            largest: largest.max(1),
+        };
+        if self.budget.set(budget).is_ok() {
             self.granted.store(start, Ordering::Release);
         }
     }
@@ -77,55 +83,49 @@ impl Window {
         self.granted.load(Ordering::Acquire)
     }
 
-    /// What was accepted so far; a link notes it when it sends a delivery.
-    pub(crate) fn delivered(&self) -> Delivered {
-        self.lock().delivered
-    }
-
-    /// A delivery of `bytes`, sent at `sent` when [`delivered`](Self::delivered) was
-    /// `then`, was accepted `now`: updates the shortest round trip and the best delivery
-    /// rate, and grows the window when they say it is too small.
-    pub(crate) fn accepted(&self, bytes: u64, (sent, then): (Instant, Delivered), now: Instant) {
-        let mut state = self.lock();
-        state.delivered.bytes += bytes;
-        state.delivered.at = Some(now);
-        let Some((budget, ceiling)) = self.budget.get() else {
+    /// A delivery sent at `sent` was accepted `now` (its permits still held): updates the
+    /// shortest round trip, and grows the window by [`GROWTH`] when it is full (fewer free
+    /// permits than one largest message) and this trip was within [`QUEUE_FACTOR`] of the
+    /// shortest, unless the delivery left before the last growth.
+    pub(crate) fn accepted(&self, sent: Instant, now: Instant) {
+        let Some(budget) = self.budget.get() else {
             return;
         };
         let granted = self.granted();
-        if granted >= *ceiling {
+        if granted >= budget.ceiling {
             return;
         }
         let rtt = now.saturating_duration_since(sent);
         if rtt.is_zero() {
             return;
         }
+        let mut state = self.lock();
         let min_rtt = state.min_rtt.map_or(rtt, |min| min.min(rtt));
         state.min_rtt = Some(min_rtt);
-        let since = now.saturating_duration_since(then.at.map_or(sent, |at| at.min(sent)));
-        let rate = state.delivered.bytes.saturating_sub(then.bytes) as f64 / since.as_secs_f64();
-        state.best_rate = state.best_rate.max(rate);
-        let wanted = (HEADROOM * state.best_rate * min_rtt.as_secs_f64()) as u64;
-        if wanted <= granted {
+        if state.grew_at.is_some_and(|at| sent <= at) {
             return;
         }
-        let grown = wanted.min(*ceiling);
-        let more = grown - granted;
-        let Ok(more_permits) = usize::try_from(more) else {
+        let full = (budget.permits.available_permits() as u64) < budget.largest;
+        if !full || rtt.as_secs_f64() > QUEUE_FACTOR * min_rtt.as_secs_f64() {
+            return;
+        }
+        let grown = ((granted as f64 * GROWTH) as u64).min(budget.ceiling);
+        let Ok(more) = usize::try_from(grown.saturating_sub(granted)) else {
             return;
         };
-        if more_permits > Semaphore::MAX_PERMITS - budget.available_permits() {
+        if more == 0 || more > Semaphore::MAX_PERMITS - budget.permits.available_permits() {
             return;
         }
-        budget.add_permits(more_permits);
+        budget.permits.add_permits(more);
+        self.granted.store(grown, Ordering::Release);
+        state.grew_at = Some(now);
         tracing::debug!(
             from = granted,
             to = grown,
-            rate_mb_s = state.best_rate / 1e6,
+            rtt_ms = rtt.as_secs_f64() * 1e3,
             min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
-            "in-flight window grown to the bandwidth-delay product"
+            "in-flight window grown: full, and no queue in its round trip"
         );
-        self.granted.store(grown, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
@@ -136,99 +136,121 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+
+    const MIB: u64 = 1 << 20;
 
     fn attached(start: u64, ceiling: u64) -> (Window, Arc<Semaphore>) {
         let budget = Arc::new(Semaphore::new(start as usize));
         let window = Window::default();
-        window.attach(budget.clone(), start, ceiling);
+        window.attach(budget.clone(), start, ceiling, MIB);
         (window, budget)
     }
 
-    /// 1 MiB deliveries sent every `every`, each accepted `rtt` later.
-    fn run(window: &Window, rtt: Duration, every: Duration, n: u32) {
+    /// A hub `delay` away (round trip) that stores `capacity` bytes per second, one delivery
+    /// after the other; a producer that offers `offered` bytes per second (None: as fast as
+    /// the window lets it) in 1 MiB deliveries, each holding its permits until accepted.
+    /// Runs for `seconds` of simulated time.
+    fn run(
+        window: &Window,
+        budget: &Arc<Semaphore>,
+        delay: Duration,
+        capacity: f64,
+        offered: Option<f64>,
+        seconds: f64,
+    ) {
         let t0 = Instant::now();
-        let mut sent = std::collections::VecDeque::new();
-        for i in 0..n {
-            let now = t0 + every * i;
-            while let Some(&(at, then)) = sent.front() {
-                if at + rtt > now {
-                    break;
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let service = MIB as f64 / capacity;
+        let every = offered.map_or(0.0, |rate| MIB as f64 / rate);
+        let (mut now, mut next_offer, mut hub_free) = (0.0_f64, 0.0_f64, 0.0_f64);
+        let mut flight = VecDeque::new();
+        while now < seconds {
+            if now >= next_offer {
+                if let Ok(permit) = budget.clone().try_acquire_many_owned(MIB as u32) {
+                    let stored = hub_free.max(now + delay.as_secs_f64() / 2.0) + service;
+                    hub_free = stored;
+                    flight.push_back((now, stored + delay.as_secs_f64() / 2.0, permit));
+                    next_offer = now + every;
+                    continue;
                 }
-                sent.pop_front();
-                window.accepted(1 << 20, (at, then), at + rtt);
             }
-            sent.push_back((now, window.delivered()));
+            let Some(&(sent, done, _)) = flight.front() else {
+                now = next_offer;
+                continue;
+            };
+            if offered.is_some() && next_offer < done && budget.available_permits() >= MIB as usize
+            {
+                now = next_offer;
+                continue;
+            }
+            now = done;
+            window.accepted(at(sent), at(done));
+            flight.pop_front();
         }
-    }
-
-    #[test]
-    fn a_burst_of_outcomes_is_not_bandwidth() {
-        // One delivery accepted at 10 ms; ten more sent 3 ms apart from 12 ms on, their
-        // outcomes read at once at 50 ms. Over each one's own flight the last would say
-        // 10 MiB in 11 ms; from the acceptance before it was sent, 10 MiB in 40 ms.
-        let (window, _) = attached(8 << 20, 64 << 20);
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        let first = window.delivered();
-        window.accepted(1 << 20, (t0, first), ms(10));
-        let then = window.delivered();
-        for i in 0..10 {
-            window.accepted(1 << 20, (ms(12 + 3 * i), then), ms(50));
-        }
-        // ~262 MB/s over the 10 ms shortest trip, times 1.5: ~4 MB, below the start.
-        assert_eq!(window.granted(), 8 << 20);
-    }
-
-    #[test]
-    fn a_near_hub_keeps_the_start_window() {
-        // 400 MB/s, 3 ms round trips: 1.5 x 1.2 MB is below the 8 MiB start.
-        let (window, budget) = attached(8 << 20, 16 << 20);
-        run(
-            &window,
-            Duration::from_millis(3),
-            Duration::from_micros(2620),
-            400,
-        );
-        assert_eq!(window.granted(), 8 << 20);
-        assert_eq!(budget.available_permits(), 8 << 20);
     }
 
     #[test]
     fn a_far_hub_grows_it_to_the_ceiling_and_no_further() {
-        // 350 MB/s, 25 ms round trips: 1.5 x 8.7 MB is past the 12 MiB ceiling.
-        let (window, budget) = attached(8 << 20, 12 << 20);
+        // 400 MB/s, 25 ms round trips: bandwidth x round trip is 10 MB, past the 8 MiB
+        // ceiling; the trips stay near their shortest until the window passes it.
+        let (window, budget) = attached(2 * MIB, 8 * MIB);
+        run(&window, &budget, Duration::from_millis(25), 4e8, None, 1.0);
+        assert_eq!(window.granted(), 8 * MIB);
+        assert_eq!(budget.available_permits() as u64, 8 * MIB);
+    }
+
+    #[test]
+    fn a_far_hub_grows_it_as_far_as_bandwidth_times_round_trip_and_a_queue() {
+        // 100 MB/s, 25 ms: 2.5 MB in the pipe, and a 1 MiB delivery takes 10.5 ms to store.
+        // Past the pipe, deliveries queue at the hub; trips reach twice the shortest (71 ms)
+        // with ~7 MB in flight, and the window stops within one growth of that.
+        let (window, budget) = attached(2 * MIB, 64 * MIB);
+        run(&window, &budget, Duration::from_millis(25), 1e8, None, 2.0);
+        let granted = window.granted();
+        assert!(
+            (6 * MIB..=11 * MIB).contains(&granted),
+            "grew to {granted} bytes"
+        );
+    }
+
+    #[test]
+    fn a_near_hub_short_of_cpu_keeps_it_small() {
+        // 300 MB/s, 1 ms round trips, 1 MiB deliveries: each takes 3.5 ms to store, so with
+        // two or three in flight they queue and the trips are 2-3 times the shortest.
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        run(&window, &budget, Duration::from_millis(1), 3e8, None, 2.0);
+        let granted = window.granted();
+        assert!(granted <= 4 * MIB, "grew to {granted} bytes");
+    }
+
+    #[test]
+    fn a_window_that_is_not_full_does_not_grow() {
+        // 25 ms away, but the producer offers only 20 MB/s: one delivery in flight at a time.
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
         run(
             &window,
+            &budget,
             Duration::from_millis(25),
-            Duration::from_millis(3),
-            400,
+            4e8,
+            Some(2e7),
+            2.0,
         );
-        assert_eq!(window.granted(), 12 << 20);
-        assert_eq!(budget.available_permits(), 12 << 20);
+        assert_eq!(window.granted(), 2 * MIB);
     }
 
     #[test]
     fn a_window_at_its_ceiling_stays() {
-        let (window, budget) = attached(8 << 20, 8 << 20);
-        run(
-            &window,
-            Duration::from_millis(50),
-            Duration::from_millis(4),
-            100,
-        );
-        assert_eq!(window.granted(), 8 << 20);
-        assert_eq!(budget.available_permits(), 8 << 20);
+        let (window, budget) = attached(8 * MIB, 8 * MIB);
+        run(&window, &budget, Duration::from_millis(50), 4e8, None, 1.0);
+        assert_eq!(window.granted(), 8 * MIB);
+        assert_eq!(budget.available_permits() as u64, 8 * MIB);
     }
 
     #[test]
     fn nothing_happens_before_a_pipeline_is_attached() {
         let window = Window::default();
-        run(
-            &window,
-            Duration::from_millis(50),
-            Duration::from_millis(4),
-            100,
-        );
+        window.accepted(Instant::now(), Instant::now() + Duration::from_millis(50));
         assert_eq!(window.granted(), 0);
     }
 }
