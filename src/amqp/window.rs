@@ -25,6 +25,11 @@ use tokio::sync::Semaphore;
 /// the bound sits past that.
 const QUEUE_FACTOR: f64 = 2.0;
 
+/// How many deliveries must have come back before the shortest trip is trusted: the first
+/// is its own shortest (and carries the link's warm-up), so on its own it would always grow
+/// a full window.
+const TRIPS_BEFORE_GROWTH: u32 = 4;
+
 /// How much the window grows at a time: once per round trip, so each decision is made on a
 /// delivery sent after the last growth.
 const GROWTH: f64 = 1.5;
@@ -54,6 +59,8 @@ struct WindowState {
     min_rtt: Option<Duration>,
     /// When the window last grew: only deliveries sent after it say whether it should again.
     grew_at: Option<Instant>,
+    /// Deliveries accepted so far (counted up to [`TRIPS_BEFORE_GROWTH`]).
+    trips: u32,
 }
 
 impl std::fmt::Debug for Window {
@@ -86,7 +93,8 @@ impl Window {
     /// A delivery sent at `sent` was accepted `now` (its permits still held): updates the
     /// shortest round trip, and grows the window by [`GROWTH`] when it is full (fewer free
     /// permits than one largest message) and this trip was within [`QUEUE_FACTOR`] of the
-    /// shortest, unless the delivery left before the last growth.
+    /// shortest, unless the delivery left before the last growth (or too few came back yet
+    /// to know the shortest).
     pub(crate) fn accepted(&self, sent: Instant, now: Instant) {
         let Some(budget) = self.budget.get() else {
             return;
@@ -102,6 +110,10 @@ impl Window {
         let mut state = self.lock();
         let min_rtt = state.min_rtt.map_or(rtt, |min| min.min(rtt));
         state.min_rtt = Some(min_rtt);
+        if state.trips < TRIPS_BEFORE_GROWTH {
+            state.trips += 1;
+            return;
+        }
         if state.grew_at.is_some_and(|at| sent <= at) {
             return;
         }
@@ -237,6 +249,26 @@ mod tests {
             2.0,
         );
         assert_eq!(window.granted(), 2 * MIB);
+    }
+
+    #[test]
+    fn the_first_trips_alone_do_not_grow_it() {
+        // A full window, and deliveries coming back in their shortest trip: the first few
+        // are all there is to know the shortest by, so they do not count.
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        let _held = budget
+            .clone()
+            .try_acquire_many_owned(2 * MIB as u32)
+            .unwrap();
+        let t0 = Instant::now();
+        for i in 0..TRIPS_BEFORE_GROWTH {
+            let sent = t0 + Duration::from_millis(u64::from(i));
+            window.accepted(sent, sent + Duration::from_millis(10));
+        }
+        assert_eq!(window.granted(), 2 * MIB);
+        let sent = t0 + Duration::from_millis(20);
+        window.accepted(sent, sent + Duration::from_millis(10));
+        assert_eq!(window.granted(), 3 * MIB);
     }
 
     #[test]
