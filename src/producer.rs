@@ -81,8 +81,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = crate::entity::eventhubs::MAX_MESSAGE_
 /// The in-flight byte window's start (see [`ProducerOptions::max_in_flight_bytes`]).
 const START_WINDOW: usize = 2 * 1024 * 1024;
 
-/// The deliveries a link keeps awaiting their outcome before single sends gather, counted in
-/// largest messages (see [`ProducerOptions::max_pending_sends`]).
+/// How many largest messages' worth of deliveries a link keeps awaiting their outcome before
+/// single sends gather (see [`ProducerOptions::max_pending_sends`]).
 const SINGLE_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Default for ProducerOptions {
@@ -171,7 +171,8 @@ impl ProducerOptions {
     /// and, over AMQP, grows by half, at most once per round trip, toward 16 MiB while it is
     /// full and deliveries come back within twice the shortest round trip (their bytes on the
     /// way, not waiting in a queue). Near the hub deliveries queue for the hub's CPU once two or
-    /// three are in flight, so it stays at its start; 20 ms away it grows to 16 MiB.
+    /// three are in flight, so it stays at its start or a growth or two above it; 5 ms and more
+    /// away it grows to 16 MiB.
     /// [`Producer::stats`] tells its size.
     ///
     /// Resident memory grows by about 3 to 4 bytes per byte of the window: the producer keeps
