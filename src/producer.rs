@@ -170,9 +170,10 @@ impl ProducerOptions {
     /// Unset, the bound is a window that follows bandwidth × round trip: it starts at 2 MiB
     /// and, over AMQP, grows by half, at most once per round trip, toward 16 MiB while it is
     /// full and deliveries come back within twice the shortest round trip (their bytes on the
-    /// way, not waiting in a queue). Near the hub deliveries queue for the hub's CPU once two or
-    /// three are in flight, so it stays at its start or a growth or two above it; 5 ms and more
-    /// away it grows to 16 MiB.
+    /// way, not waiting in a queue), and gives a growth back (never below its start) when a
+    /// delivery's trip is more than three times the shortest, mostly queue. Near the hub
+    /// deliveries queue for the hub's CPU once two or three are in flight, so it stays at its
+    /// start or a growth or two above it; 5 ms and more away it grows to 10-16 MiB.
     /// [`Producer::stats`] tells its size.
     ///
     /// Resident memory grows by about 3 to 4 bytes per byte of the window: the producer keeps

@@ -2,7 +2,8 @@
 //! holds a few MB of deliveries, and grows toward the configured ceiling only while the window
 //! is what limits it: every byte permit in use, and deliveries coming back about as fast as the
 //! fastest one ever did (no queue building anywhere), which is what a far hub looks like and a
-//! hub short of CPU does not.
+//! hub short of CPU does not. Trips that are mostly queue give a growth back, so a window that
+//! grew on a lucky run of short trips does not stay grown (it never goes below its start).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,13 +28,19 @@ use tokio::sync::Semaphore;
 /// and batches 85-90 % (`bench/results/window-20261208.md`).
 const QUEUE_FACTOR: f64 = 2.0;
 
+/// How much longer than the shortest round trip a delivery's may be before the window gives
+/// back a growth: trips that long are mostly queue (near the hub, a window grown on a lucky
+/// sample of short trips). Past [`QUEUE_FACTOR`] so the two do not fight: between them the
+/// window holds still.
+const SHRINK_FACTOR: f64 = 3.0;
+
 /// How many deliveries must have come back before the shortest trip is trusted: the first
 /// is its own shortest (and carries the link's warm-up), so on its own it would always grow
 /// a full window.
 const TRIPS_BEFORE_GROWTH: u32 = 4;
 
-/// How much the window grows at a time: once per round trip, so each decision is made on a
-/// delivery sent after the last growth.
+/// How much the window grows (or, never below its start, shrinks) at a time: once per round
+/// trip, so each decision is made on a delivery sent after the last change.
 const GROWTH: f64 = 1.5;
 
 /// See the module docs. One per connection, shared by its link tasks (which report each
@@ -51,6 +58,7 @@ pub(crate) struct Window {
 
 struct Budget {
     permits: Arc<Semaphore>,
+    start: u64,
     ceiling: u64,
     largest: u64,
 }
@@ -59,8 +67,9 @@ struct Budget {
 struct WindowState {
     /// The shortest time a delivery took from being sent to being accepted.
     min_rtt: Option<Duration>,
-    /// When the window last grew: only deliveries sent after it say whether it should again.
-    grew_at: Option<Instant>,
+    /// When the window last changed: only deliveries sent after it say whether it should
+    /// again.
+    changed_at: Option<Instant>,
     /// Deliveries accepted so far (counted up to [`TRIPS_BEFORE_GROWTH`]).
     trips: u32,
 }
@@ -79,6 +88,7 @@ impl Window {
     pub(crate) fn attach(&self, budget: Arc<Semaphore>, start: u64, ceiling: u64, largest: u64) {
         let budget = Budget {
             permits: budget,
+            start,
             ceiling: ceiling.max(start),
             largest: largest.max(1),
         };
@@ -95,14 +105,14 @@ impl Window {
     /// A delivery sent at `sent` was accepted `now` (its permits still held): updates the
     /// shortest round trip, and grows the window by [`GROWTH`] when it is full (fewer free
     /// permits than one largest message) and this trip was within [`QUEUE_FACTOR`] of the
-    /// shortest, unless the delivery left before the last growth (or too few came back yet
-    /// to know the shortest).
+    /// shortest, or shrinks it back toward its start when the trip was past
+    /// [`SHRINK_FACTOR`]; not for a delivery that left before the last change (or before
+    /// enough came back to know the shortest).
     pub(crate) fn accepted(&self, sent: Instant, now: Instant) {
         let Some(budget) = self.budget.get() else {
             return;
         };
-        let granted = self.granted();
-        if granted >= budget.ceiling {
+        if budget.ceiling <= budget.start {
             return;
         }
         let rtt = now.saturating_duration_since(sent);
@@ -116,11 +126,32 @@ impl Window {
             state.trips += 1;
             return;
         }
-        if state.grew_at.is_some_and(|at| sent <= at) {
+        if state.changed_at.is_some_and(|at| sent <= at) {
+            return;
+        }
+        let granted = self.granted();
+        let ratio = rtt.as_secs_f64() / min_rtt.as_secs_f64();
+        if ratio > SHRINK_FACTOR {
+            if granted > budget.start {
+                let wanted = ((granted as f64 / GROWTH) as u64).max(budget.start);
+                let shrunk = granted - self.take_back(budget, granted - wanted);
+                if shrunk == granted {
+                    return;
+                }
+                self.granted.store(shrunk, Ordering::Release);
+                state.changed_at = Some(now);
+                tracing::debug!(
+                    from = granted,
+                    to = shrunk,
+                    rtt_ms = rtt.as_secs_f64() * 1e3,
+                    min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
+                    "in-flight window shrunk: its round trip was mostly queue"
+                );
+            }
             return;
         }
         let full = (budget.permits.available_permits() as u64) < budget.largest;
-        if !full || rtt.as_secs_f64() > QUEUE_FACTOR * min_rtt.as_secs_f64() {
+        if !full || ratio > QUEUE_FACTOR || granted >= budget.ceiling {
             return;
         }
         let grown = ((granted as f64 * GROWTH) as u64).min(budget.ceiling);
@@ -132,7 +163,7 @@ impl Window {
         }
         budget.permits.add_permits(more);
         self.granted.store(grown, Ordering::Release);
-        state.grew_at = Some(now);
+        state.changed_at = Some(now);
         tracing::debug!(
             from = granted,
             to = grown,
@@ -140,6 +171,32 @@ impl Window {
             min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
             "in-flight window grown: full, and no queue in its round trip"
         );
+    }
+
+    /// Removes `bytes` permits from the budget for good, and says how many: the free ones at
+    /// once, the rest as they come back (a task that waits for them in line with the
+    /// producer's sends, so the window is smaller from the next send on, and no send that
+    /// holds permits already waits).
+    fn take_back(&self, budget: &Budget, bytes: u64) -> u64 {
+        let Ok(bytes) = u32::try_from(bytes) else {
+            return 0;
+        };
+        let forgotten = (budget.permits.forget_permits(bytes as usize) as u32).min(bytes);
+        let rest = bytes - forgotten;
+        if rest == 0 {
+            return u64::from(forgotten);
+        }
+        // Outside a runtime (the unit tests) only the free permits go.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return u64::from(forgotten);
+        };
+        let permits = budget.permits.clone();
+        drop(runtime.spawn(async move {
+            if let Ok(permit) = permits.acquire_many_owned(rest).await {
+                permit.forget();
+            }
+        }));
+        u64::from(bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, WindowState> {
@@ -218,7 +275,7 @@ mod tests {
     fn a_far_hub_grows_it_as_far_as_bandwidth_times_round_trip_and_a_queue() {
         // 100 MB/s, 25 ms: 2.5 MB in the pipe, and a 1 MiB delivery takes 10.5 ms to store.
         // Past the pipe, deliveries queue at the hub; trips reach twice the shortest (71 ms)
-        // with ~7 MB in flight, and the window stops within one growth of that.
+        // with ~7 MB in flight and three times it with ~10 MB, and the window stays between.
         let (window, budget) = attached(2 * MIB, 64 * MIB);
         run(&window, &budget, Duration::from_millis(25), 1e8, None, 2.0);
         let granted = window.granted();
@@ -273,6 +330,78 @@ mod tests {
         assert_eq!(window.granted(), 2 * MIB, "the first four trips grew it");
         trip(20);
         assert_eq!(window.granted(), 3 * MIB);
+    }
+
+    #[test]
+    fn trips_of_mostly_queue_give_a_growth_back() {
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        let _held = budget
+            .clone()
+            .try_acquire_many_owned(2 * MIB as u32)
+            .unwrap();
+        let t0 = Instant::now();
+        let trip = |sent_ms: u64, ms: u64| {
+            let sent = t0 + Duration::from_millis(sent_ms);
+            window.accepted(sent, sent + Duration::from_millis(ms));
+        };
+        (0..4).for_each(|i| trip(i, 10));
+        trip(10, 10);
+        assert_eq!(
+            window.granted(),
+            3 * MIB,
+            "a full window with short trips grows"
+        );
+        // Sent before that growth: says nothing about the grown window.
+        trip(15, 40);
+        assert_eq!(window.granted(), 3 * MIB);
+        // Within three times the shortest: holds still.
+        trip(25, 25);
+        assert_eq!(window.granted(), 3 * MIB);
+        trip(30, 40);
+        assert_eq!(
+            window.granted(),
+            2 * MIB,
+            "four times the shortest is mostly queue"
+        );
+        assert_eq!(
+            budget.available_permits(),
+            0,
+            "the granted permits went back"
+        );
+        // Never below the start.
+        trip(80, 100);
+        assert_eq!(window.granted(), 2 * MIB);
+    }
+
+    #[tokio::test]
+    async fn a_shrink_takes_back_permits_held_by_sends_as_they_return() {
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        let t0 = Instant::now();
+        let trip = |sent_ms: u64, ms: u64| {
+            let sent = t0 + Duration::from_millis(sent_ms);
+            window.accepted(sent, sent + Duration::from_millis(ms));
+        };
+        let held = budget
+            .clone()
+            .try_acquire_many_owned(2 * MIB as u32)
+            .unwrap();
+        (0..4).for_each(|i| trip(i, 10));
+        trip(10, 10);
+        let more = budget.clone().try_acquire_many_owned(MIB as u32).unwrap();
+        assert_eq!(budget.available_permits(), 0, "all 3 MiB in use");
+        trip(30, 40);
+        assert_eq!(window.granted(), 2 * MIB);
+        // The MiB taken back is the first to come back; the rest is free again.
+        drop(more);
+        drop(held);
+        tokio::task::yield_now().await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while budget.available_permits() != 2 * MIB as usize {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the window's permits settle at 2 MiB");
     }
 
     #[test]
