@@ -138,15 +138,7 @@ impl Window {
                 if shrunk == granted {
                     return;
                 }
-                self.granted.store(shrunk, Ordering::Release);
-                state.changed_at = Some(now);
-                tracing::debug!(
-                    from = granted,
-                    to = shrunk,
-                    rtt_ms = rtt.as_secs_f64() * 1e3,
-                    min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
-                    "in-flight window shrunk: its round trip was mostly queue"
-                );
+                self.set(&mut state, (granted, shrunk), (rtt, now));
             }
             return;
         }
@@ -162,14 +154,29 @@ impl Window {
             return;
         }
         budget.permits.add_permits(more);
-        self.granted.store(grown, Ordering::Release);
+        self.set(&mut state, (granted, grown), (rtt, now));
+    }
+
+    /// The window is `to` bytes now (was `from`), decided on a delivery's `rtt` at `now`.
+    fn set(
+        &self,
+        state: &mut WindowState,
+        (from, to): (u64, u64),
+        (rtt, now): (Duration, Instant),
+    ) {
+        self.granted.store(to, Ordering::Release);
         state.changed_at = Some(now);
         tracing::debug!(
-            from = granted,
-            to = grown,
+            from,
+            to,
             rtt_ms = rtt.as_secs_f64() * 1e3,
-            min_rtt_ms = min_rtt.as_secs_f64() * 1e3,
-            "in-flight window grown: full, and no queue in its round trip"
+            min_rtt_ms = state.min_rtt.unwrap_or_default().as_secs_f64() * 1e3,
+            "in-flight window {}",
+            if to > from {
+                "grown: full, and no queue in its round trip"
+            } else {
+                "shrunk: its round trip was mostly queue"
+            }
         );
     }
 
