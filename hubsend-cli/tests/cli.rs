@@ -144,6 +144,28 @@ async fn run_to_completion(
     (run.json(), events)
 }
 
+/// `send` of `input` keyed by `sensor_id` through the spool in `spool`, then `extra`.
+fn keyed_spool_send<'a>(
+    cs: &'a str,
+    input: &'a str,
+    spool: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "send",
+        "--connection-string",
+        cs,
+        "--input",
+        input,
+        "--partition-key-field",
+        "sensor_id",
+        "--spool",
+        spool,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn sorted(mut values: Vec<Value>) -> Vec<Value> {
     values.sort_by_key(|v| v.to_string());
     values
@@ -446,23 +468,9 @@ async fn partition_key_field_routes_each_record_by_its_key() {
     // Through a spool the same: each record on its key's partition, the distinct keys counted.
     let spooled_hub = TestHub::start(HubConfig::new()).await.unwrap();
     let spool = dir.join("spool");
-    let (report, events) = run_to_completion(
-        &spooled_hub,
-        &[
-            "send",
-            "--connection-string",
-            &spooled_hub.connection_string(),
-            "--input",
-            &input,
-            "--partition-key-field",
-            "sensor_id",
-            "--spool",
-            spool.to_str().unwrap(),
-            "--json",
-        ],
-        400,
-    )
-    .await;
+    let cs = spooled_hub.connection_string();
+    let args = keyed_spool_send(&cs, &input, spool.to_str().unwrap(), &["--json"]);
+    let (report, events) = run_to_completion(&spooled_hub, &args, 400).await;
     assert_eq!(report["sent"], 400);
     assert_eq!(report["partition_keys"], 40);
     assert_keyed_by_sensor_id(&spooled_hub, &events);
@@ -1342,18 +1350,7 @@ async fn spool_resumes_a_killed_run_and_sends_each_record_once() {
     let cs = format!(
         "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=send-only;SharedAccessKey={KEY};EntityPath={HUB};UseDevelopmentEmulator=true"
     );
-    let args = [
-        "send",
-        "--connection-string",
-        &cs,
-        "--input",
-        &input,
-        "--partition-key-field",
-        "sensor_id",
-        "--spool",
-        spool.to_str().unwrap(),
-        "--json",
-    ];
+    let args = keyed_spool_send(&cs, &input, spool.to_str().unwrap(), &["--json"]);
 
     // Run 1, hub unreachable: killed with SIGKILL once part of the input is in the spool.
     let mut first = spawn_silent(&args, &[]);
@@ -1568,19 +1565,12 @@ async fn spool_idempotent_resumes_a_run_killed_mid_drain_without_duplicates() {
     let hub = TestHub::start(HubConfig::new()).await.unwrap();
     hub.faults().delay_dispositions(Duration::from_millis(30));
     let cs = hub.connection_string();
-    let args = [
-        "send",
-        "--connection-string",
+    let args = keyed_spool_send(
         &cs,
-        "--input",
         &input,
-        "--partition-key-field",
-        "sensor_id",
-        "--spool",
         spool.to_str().unwrap(),
-        "--idempotent",
-        "--json",
-    ];
+        &["--idempotent", "--json"],
+    );
     let mut first = spawn_silent(&args, &[]);
     // A random moment once the hub holds part of the input.
     let threshold = 2_000 + u64::from(std::process::id()) % 20_000;

@@ -225,6 +225,28 @@ mod tests {
         (window, budget)
     }
 
+    /// A 2 MiB window (ceiling 16 MiB) whose permits are all held, as by sends in flight.
+    fn full() -> (Window, Arc<Semaphore>, tokio::sync::OwnedSemaphorePermit) {
+        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        let held = budget
+            .clone()
+            .try_acquire_many_owned(2 * MIB as u32)
+            .unwrap();
+        (window, budget, held)
+    }
+
+    /// A delivery sent `sent_ms` after `t0` is accepted `ms` later.
+    fn trip(window: &Window, t0: Instant, sent_ms: u64, ms: u64) {
+        let sent = t0 + Duration::from_millis(sent_ms);
+        window.accepted(sent, sent + Duration::from_millis(ms));
+    }
+
+    /// The four trips that set the shortest (10 ms), then one that grows the full window.
+    fn grow_once(window: &Window, t0: Instant) {
+        (0..4).for_each(|i| trip(window, t0, i, 10));
+        trip(window, t0, 10, 10);
+    }
+
     /// A hub `delay` away (round trip) that stores `capacity` bytes per second, one delivery
     /// after the other; a producer that offers `offered` bytes per second (None: as fast as
     /// the window lets it) in 1 MiB deliveries, each holding its permits until accepted.
@@ -321,38 +343,22 @@ mod tests {
     fn the_first_trips_alone_do_not_grow_it() {
         // A full window, and deliveries coming back in their shortest trip: the first few
         // are all there is to know the shortest by, so they do not count.
-        let (window, budget) = attached(2 * MIB, 16 * MIB);
-        let _held = budget
-            .clone()
-            .try_acquire_many_owned(2 * MIB as u32)
-            .unwrap();
+        let (window, _budget, _held) = full();
         let t0 = Instant::now();
-        let trip = |i: u64| {
-            let sent = t0 + Duration::from_millis(i);
-            window.accepted(sent, sent + Duration::from_millis(10));
-        };
-        trip(0);
+        trip(&window, t0, 0, 10);
         assert_eq!(window.granted(), 2 * MIB, "the first trip grew it");
-        (1..4).for_each(trip);
+        (1..4).for_each(|i| trip(&window, t0, i, 10));
         assert_eq!(window.granted(), 2 * MIB, "the first four trips grew it");
-        trip(20);
+        trip(&window, t0, 20, 10);
         assert_eq!(window.granted(), 3 * MIB);
     }
 
     #[test]
     fn trips_of_mostly_queue_give_a_growth_back() {
-        let (window, budget) = attached(2 * MIB, 16 * MIB);
-        let _held = budget
-            .clone()
-            .try_acquire_many_owned(2 * MIB as u32)
-            .unwrap();
+        let (window, budget, _held) = full();
         let t0 = Instant::now();
-        let trip = |sent_ms: u64, ms: u64| {
-            let sent = t0 + Duration::from_millis(sent_ms);
-            window.accepted(sent, sent + Duration::from_millis(ms));
-        };
-        (0..4).for_each(|i| trip(i, 10));
-        trip(10, 10);
+        let trip = |sent_ms, ms| trip(&window, t0, sent_ms, ms);
+        grow_once(&window, t0);
         assert_eq!(
             window.granted(),
             3 * MIB,
@@ -382,21 +388,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_shrink_takes_back_permits_held_by_sends_as_they_return() {
-        let (window, budget) = attached(2 * MIB, 16 * MIB);
+        let (window, budget, held) = full();
         let t0 = Instant::now();
-        let trip = |sent_ms: u64, ms: u64| {
-            let sent = t0 + Duration::from_millis(sent_ms);
-            window.accepted(sent, sent + Duration::from_millis(ms));
-        };
-        let held = budget
-            .clone()
-            .try_acquire_many_owned(2 * MIB as u32)
-            .unwrap();
-        (0..4).for_each(|i| trip(i, 10));
-        trip(10, 10);
+        grow_once(&window, t0);
         let more = budget.clone().try_acquire_many_owned(MIB as u32).unwrap();
         assert_eq!(budget.available_permits(), 0, "all 3 MiB in use");
-        trip(30, 40);
+        trip(&window, t0, 30, 40);
         assert_eq!(window.granted(), 2 * MIB);
         // The MiB taken back is the first to come back; the rest is free again.
         drop(more);
